@@ -1,0 +1,76 @@
+"""Command line: `trainer train|eval|predict`. Parses, loads the config, calls one function.
+
+User mistakes (TrainerError: config, data, paths, model names) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from trainer.errors import TrainerError
+
+USAGE_EXAMPLES = """examples:
+  trainer train configs/quickstart_multiclass.yaml train.epochs=3 optim.lr=0.01
+  accelerate launch --multi_gpu --num_processes 2 -m trainer train configs/quickstart_binary.yaml
+  torchrun --nproc_per_node 2 -m trainer train configs/quickstart_binary.yaml
+  trainer eval --model runs/my-run data.root=/data/images eval.split=test
+  trainer predict --model runs/my-run/model images/ --output preds.csv
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer", description="Distributed CNN image-classification trainer",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE_EXAMPLES)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a model from a recipe plus key=value overrides")
+    t.add_argument("recipe", help="YAML recipe (configs/*.yaml), or - for the defaults")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=0.01 train.epochs=5")
+    e = sub.add_parser("eval", help="evaluate an exported model on a dataset split; writes eval.json")
+    e.add_argument("--model", required=True, help="a run folder or an exported model folder")
+    e.add_argument("--output", help="where to write eval.json (default: the model's run folder)")
+    e.add_argument("overrides", nargs="*", help="key=value for data.* and eval.*, e.g. eval.split=test")
+    r = sub.add_parser("predict", help="write a CSV of predicted labels and class probabilities")
+    r.add_argument("--model", required=True, help="a run folder or an exported model folder")
+    r.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or @list.txt")
+    r.add_argument("--output", required=True, help="CSV file to write")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--threshold", type=float, help="binary: override the model's decision threshold")
+    r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    return p
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            from trainer.config import load_config
+            from trainer.loop import train
+
+            cfg = load_config(None if args.recipe == "-" else args.recipe, args.overrides)
+            train(cfg)
+        elif args.command == "eval":
+            from trainer.evaluate import run_eval
+
+            run_eval(args.model, args.overrides, args.output)
+        elif args.command == "predict":
+            from trainer.predict import predict_files
+
+            n = predict_files(args.model, args.inputs, args.output, args.batch_size, args.threshold, args.device)
+            print(f"[predict] {n} images -> {args.output}")
+    except TrainerError as err:
+        if _is_main_rank():
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The typed config schema, loading (recipe YAML + key=value overrides) and saving the resolved config.
+
+Defaults live here; recipes in configs/ hold only their differences. Every mistake (unknown key, wrong
+type, missing value, a value out of range) becomes a `ConfigError` naming the full key, raised before
+any work is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Literal, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class AugmentCfg:
+    hflip: bool = True  # random horizontal flip, p=0.5
+    crop_padding: int = 4  # pixels of reflect padding before a random crop back to image_size; 0 = off
+    random_resized_crop: bool = False  # ImageNet-style crop instead of pad+crop (min scale below)
+    rrc_min_scale: float = 0.35
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+
+
+@dataclass
+class GeneratedCfg:
+    variant: Literal["binary", "multiclass"] = "multiclass"
+    train_per_class: int = 500
+    val_per_class: int = 150
+    test_per_class: int = 150
+    seed: int = 0  # the data is a pure function of (variant, counts, image_size, seed)
+
+
+@dataclass
+class DataCfg:
+    format: Literal["imagefolder", "cifar10", "cifar100", "generated"] = "generated"
+    # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
+    # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
+    # (default data/generated/<variant>-<size>px-seed<seed> under the current directory).
+    root: Optional[str] = None
+    download: bool = False  # cifar only: fetch from the internet when absent
+    image_size: int = 32  # side in pixels of the square network input
+    val_fraction: float = 0.1  # used when there is no val/ folder: a seeded, stratified split of train
+    split_seed: int = 0
+    mean: Optional[List[float]] = None  # per channel in [0,1]; null = measured on the training images
+    std: Optional[List[float]] = None
+    num_workers: int = 2  # DataLoader workers per process
+    verify_images: bool = True  # decode every file once at start-up to find bad images before training
+    skip_bad_images: bool = False  # with verify_images: drop (and count) unreadable files instead of failing
+    sampler: Literal["random", "weighted"] = "random"  # weighted: class-balanced draw with replacement
+    augment: AugmentCfg = field(default_factory=AugmentCfg)
+    generated: GeneratedCfg = field(default_factory=GeneratedCfg)
+
+
+@dataclass
+class ModelCfg:
+    name: str = "multiclass_cnn"
+    small_input_stem: Optional[bool] = None  # torchvision models: 3x3 stride-1 stem for small images; null = auto (image_size <= 64)
+    pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
+    channels_last: bool = False
+
+
+@dataclass
+class LossCfg:
+    label_smoothing: float = 0.0  # multiclass only
+    pos_weight: Optional[float] = None  # binary only: weight of positive examples in BCEWithLogitsLoss
+    class_weighted: bool = False  # weight each class by N / (C * count_c) from the training counts
+
+
+@dataclass
+class TrainCfg:
+    epochs: int = 10
+    batch_size: int = 64  # per process; global batch = batch_size x processes x grad_accum_steps
+    grad_accum_steps: int = 1
+    clip_grad_norm: Optional[float] = None
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    max_steps: Optional[int] = None  # stop after this many optimizer updates (smoke tests); null = epochs
+    log_every_steps: int = 20  # optimizer updates between metrics.jsonl rows
+    device: Literal["auto", "cpu"] = "auto"  # auto = GPU when available
+    progress_bar: bool = True
+
+
+@dataclass
+class OptimCfg:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.05  # peak lr per optimizer update
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    weight_decay: float = 5e-4  # not applied to norm and bias parameters
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = 0.0  # linear warmup from 0, in epochs of optimizer updates
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    step_milestones: List[float] = field(default_factory=list)  # step schedule: epochs where lr *= step_gamma
+    step_gamma: float = 0.1
+
+
+@dataclass
+class EvalCfg:
+    every_epochs: int = 1  # 0 = only at the end
+    batch_size: Optional[int] = None  # per process; null = 2 x train.batch_size
+    topk: List[int] = field(default_factory=lambda: [5])  # multiclass; each k is clamped to the class count
+    threshold: float = 0.5  # binary decision threshold on the positive-class probability
+    monitor: str = "accuracy"  # metric that picks best/; higher is better except for loss
+    split: Literal["val", "test", "train", "all"] = "val"  # which split `trainer eval` scores; all = every image under data.root/<class>/
+
+
+@dataclass
+class WandbCfg:
+    enabled: bool = False
+    project: str = "cnn-trainer"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RunCfg:
+    dir: Optional[str] = None  # run directory; null = runs/<name>-<timestamp>
+    name: Optional[str] = None  # null = the recipe's file name
+    overwrite: bool = False  # allow writing into an existing run directory (its old contents are removed)
+
+
+@dataclass
+class Config:
+    task: Literal["auto", "binary", "multiclass"] = "auto"  # auto: binary when the data has 2 classes
+    seed: int = 0
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    loss: LossCfg = field(default_factory=LossCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    wandb: WandbCfg = field(default_factory=WandbCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+
+
+def _fix_yaml_booleans(cfg) -> None:
+    # YAML 1.1 reads `no` as False; for train.mixed_precision that means "no", not an error.
+    if OmegaConf.select(cfg, "train.mixed_precision", default=None) is False:
+        OmegaConf.update(cfg, "train.mixed_precision", "no")
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{first} (key: {key})" if key and key not in first else first
+
+
+def load_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = None, base: Optional[dict] = None) -> Config:
+    """Schema defaults <- `base` (e.g. a run's saved config) <- recipe YAML <- key=value overrides."""
+    layers = [OmegaConf.structured(Config)]
+    try:
+        if base is not None:
+            base_cfg = OmegaConf.create(base)
+            _fix_yaml_booleans(base_cfg)
+            layers.append(base_cfg)
+        if recipe is not None:
+            path = Path(recipe)
+            if not path.is_file():
+                raise ConfigError(f"recipe file not found: {recipe}")
+            recipe_cfg = OmegaConf.load(path)
+            if not isinstance(recipe_cfg, dict) and not OmegaConf.is_dict(recipe_cfg):
+                raise ConfigError(f"recipe {recipe} is not a mapping of keys")
+            _fix_yaml_booleans(recipe_cfg)
+            layers.append(recipe_cfg)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}' is not key=value")
+        if overrides:
+            dot = OmegaConf.from_dotlist(list(overrides))
+            _fix_yaml_booleans(dot)
+            layers.append(dot)
+        merged = OmegaConf.merge(*layers)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required value: {missing[0]}")
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    if cfg.run.name is None and recipe is not None:
+        cfg.run.name = Path(recipe).stem
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks OmegaConf's types cannot express; each names its key."""
+    positive = {
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.log_every_steps": cfg.train.log_every_steps,
+        "data.image_size": cfg.data.image_size,
+        "optim.lr": cfg.optim.lr,
+        "data.generated.train_per_class": cfg.data.generated.train_per_class,
+        "data.generated.val_per_class": cfg.data.generated.val_per_class,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if cfg.eval.batch_size is not None and cfg.eval.batch_size <= 0:
+        raise ConfigError(f"eval.batch_size must be > 0, got {cfg.eval.batch_size}")
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be > 0, got {cfg.train.max_steps}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 < cfg.eval.threshold < 1.0:
+        raise ConfigError(f"eval.threshold must be in (0, 1), got {cfg.eval.threshold}")
+    if not 0.0 <= cfg.loss.label_smoothing < 1.0:
+        raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
+    if cfg.loss.pos_weight is not None and cfg.loss.pos_weight <= 0:
+        raise ConfigError(f"loss.pos_weight must be > 0, got {cfg.loss.pos_weight}")
+    if any(k <= 0 for k in cfg.eval.topk):
+        raise ConfigError(f"eval.topk entries must be >= 1, got {cfg.eval.topk}")
+    if cfg.data.format == "imagefolder" and not cfg.data.root:
+        raise ConfigError("missing required value: data.root (the image folder to train on)")
+    if cfg.data.skip_bad_images and not cfg.data.verify_images:
+        raise ConfigError("data.skip_bad_images=true needs data.verify_images=true (bad files are found at start-up)")
+    for key in ("mean", "std"):
+        value = getattr(cfg.data, key)
+        if value is not None and len(value) != 3:
+            raise ConfigError(f"data.{key} must have 3 values (R, G, B), got {value}")
+    if cfg.data.std is not None and min(cfg.data.std) <= 0:
+        raise ConfigError(f"data.std must be > 0, got {cfg.data.std}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,132 @@
+"""Building the splits of any supported source: ImageFolder, CIFAR-10/100, the generated dataset.
+
+`build_data(cfg.data, seed, splits)` is the one entry point; it returns datasets with their transforms, the
+class names, the normalisation and the training class counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from trainer.data import generated
+from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, eval_transform,
+                                   measure_mean_std, train_transform)
+from trainer.data.folders import find_classes, imagefolder_splits, scan_split, stratified_split, verify_images
+from trainer.errors import DataError
+
+# Published CIFAR statistics (per channel, [0,1] scale) as used by most CIFAR recipes.
+CIFAR_STATS = {
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+}
+
+
+@dataclass
+class Data:
+    classes: List[str]
+    datasets: Dict[str, object]  # split name -> dataset (train has the augmenting transform)
+    mean: List[float]
+    std: List[float]
+    train_counts: List[int]  # images per class in the training split
+    skipped: List[str] = field(default_factory=list)  # unreadable files dropped (data.skip_bad_images)
+    source: str = ""
+
+
+def _load_cifar(fmt: str, root: Optional[str], download: bool):
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if fmt == "cifar10" else torchvision.datasets.CIFAR100
+    root = root or "data/cifar"
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise DataError(f"{fmt} not found under data.root={root} ({err}); set data.download=true on a machine "
+                        f"with internet, or point data.root at a folder holding it") from None
+    return train, test, root
+
+
+def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), verbose=print) -> Data:
+    """Datasets for `splits` (any of train/val/test); errors name the path or key at fault."""
+    fmt = data_cfg.format
+    size = data_cfg.image_size
+    if fmt in ("cifar10", "cifar100"):
+        train_set, test_set, root = _load_cifar(fmt, data_cfg.root, data_cfg.download)
+        classes = list(train_set.classes)
+        labels = np.asarray(train_set.targets)
+        samples = list(zip(range(len(labels)), labels.tolist()))  # (row, label) pairs, split like files
+        if data_cfg.val_fraction > 0:
+            tr, va = stratified_split(samples, data_cfg.val_fraction, data_cfg.split_seed)
+            parts = {"train": [i for i, _ in tr], "val": [i for i, _ in va]}
+        else:  # no held-out part: validate on the test set, as the classic CIFAR tutorials do
+            parts = {"train": list(range(len(labels))), "val": None}
+        arrays = {"train": (train_set.data, labels), "test": (test_set.data, np.asarray(test_set.targets))}
+        mean, std = (data_cfg.mean, data_cfg.std) if data_cfg.mean and data_cfg.std else CIFAR_STATS[fmt]
+        counts = np.bincount(labels[parts["train"]], minlength=len(classes)).tolist()
+        made = {}
+        for split in splits:
+            if split == "all":
+                raise DataError("eval.split=all is for image folders; CIFAR has the splits train, val and test")
+            if split == "test" or (split == "val" and parts["val"] is None):
+                images, labs = arrays["test"]
+            else:
+                images, labs = arrays["train"][0][parts[split]], arrays["train"][1][parts[split]]
+            made[split] = ArrayDataset(images, labs, seed=seed)
+        source = f"{fmt} at {root}"
+        skipped: List[str] = []
+    else:
+        if fmt == "generated":
+            g = data_cfg.generated
+            root = Path(data_cfg.root) if data_cfg.root else generated.default_root(g.variant, size, g.seed)
+            counts_per_split = {"train": g.train_per_class, "val": g.val_per_class, "test": g.test_per_class}
+            counts_per_split = {k: v for k, v in counts_per_split.items() if v > 0}
+            generated.ensure_generated(root, g.variant, size, g.seed, counts_per_split)
+        else:
+            root = Path(data_cfg.root)
+        if "all" in splits:  # evaluation of a plain folder of class folders, unsplit
+            classes = find_classes(Path(root))
+            found = {"all": scan_split(Path(root), classes)}
+        else:
+            classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed)
+        missing = [s for s in splits if s not in found]
+        if missing:
+            raise DataError(f"{root} has no {missing[0]}/ split (found: {sorted(found)})")
+        skipped = []
+        made = {}
+        for split in splits:
+            samples = found[split]
+            if data_cfg.verify_images and fmt == "imagefolder":  # generated files are known to be good
+                samples, bad = verify_images(samples, data_cfg.skip_bad_images)
+                skipped += bad
+                if not samples:
+                    raise DataError(f"no readable images left in the {split} split of {root}")
+            made[split] = FileDataset(samples, seed=seed)
+        train_samples = list(zip(made["train"].paths, made["train"].labels)) if "train" in made else found.get("train", [])
+        counts = np.bincount([label for _, label in train_samples], minlength=len(classes)).tolist()
+        if data_cfg.mean and data_cfg.std:
+            mean, std = list(data_cfg.mean), list(data_cfg.std)
+        else:
+            stats_set = made["train"] if "train" in made else FileDataset(found["train"])
+            mean, std = measure_mean_std(stats_set, size, seed=data_cfg.split_seed)
+        source = f"{fmt} at {root}"
+    if len(classes) < 2:
+        raise DataError(f"need at least 2 classes, found {len(classes)} ({classes}) in {source}")
+    aug = data_cfg.augment
+    for split, ds in made.items():
+        ds.transform = (train_transform(size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
+                                        aug.rrc_min_scale, aug.color_jitter)
+                        if split == "train" else eval_transform(size, mean, std))
+    if skipped:
+        verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
+    return Data(classes=classes, datasets=made, mean=list(mean), std=list(std), train_counts=counts,
+                skipped=skipped, source=source)
+
+
+def class_balanced_sampler(labels: Sequence[int], num_classes: int, seed: int) -> EpochWeightedSampler:
+    """Each class drawn equally often in expectation: weight of a sample = 1 / count of its class."""
+    counts = np.bincount(labels, minlength=num_classes)
+    weights = 1.0 / counts[np.asarray(labels)]
+    return EpochWeightedSampler(weights.tolist(), num_samples=len(labels), seed=seed)

@@ -1,0 +1,149 @@
+"""Datasets, transforms and samplers.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index): each `__getitem__` seeds its own
+torch RNG, so what a sample looks like never depends on which worker loaded it or how far the loader
+prefetched. That is what lets an interrupted run resume bit-for-bit.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+from trainer.data.folders import Sample, load_rgb
+from trainer.errors import DataError
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    # a fixed mixing of the three numbers into 63 bits (numpy's SeedSequence hashes them well)
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class _SeededDataset(Dataset):
+    def __init__(self, transform, seed: int):
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        image = self.load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            x = self.transform(image) if self.transform is not None else image
+        return x, self.labels[index]
+
+
+class FileDataset(_SeededDataset):
+    """Images listed as (path, label) pairs; any image mode is converted to RGB."""
+
+    def __init__(self, samples: List[Sample], transform=None, seed: int = 0):
+        super().__init__(transform, seed)
+        self.paths = [p for p, _ in samples]
+        self.labels = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        path = self.paths[index]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return load_rgb(path)
+        except Exception as err:  # name the file: a bare PIL error says nothing about which one
+            raise DataError(f"cannot read image {path}: {type(err).__name__}: {err} "
+                            f"(set data.verify_images=true to find bad files at start-up)") from None
+
+
+class ArrayDataset(_SeededDataset):
+    """Images held in memory as a uint8 (N, H, W, 3) array (CIFAR)."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], transform=None, seed: int = 0):
+        super().__init__(transform, seed)
+        self.images = images
+        self.labels = [int(v) for v in labels]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+
+class EpochWeightedSampler(Sampler):
+    """Draws `num_samples` indices with replacement by weight, from a generator seeded by (seed, epoch).
+
+    Every process draws the same list; accelerate's batch-sampler sharding then gives each rank its own
+    batches of that one draw, so the weighting holds however many processes there are.
+    """
+
+    def __init__(self, weights: Sequence[float], num_samples: int, seed: int):
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 & 0xFFFFFFFF))
+        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+# ---- transforms ----
+
+def _to_normalised_tensor(mean, std) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+
+
+def eval_transform(image_size: int, mean, std):
+    """Resize to the square network input and normalise; the same for eval, predict and the exported model."""
+    return v2.Compose([v2.Resize((image_size, image_size), antialias=True)] + _to_normalised_tensor(mean, std))
+
+
+def train_transform(image_size: int, mean, std, hflip: bool, crop_padding: int, random_resized_crop: bool,
+                    rrc_min_scale: float, color_jitter: float):
+    steps = []
+    if random_resized_crop:
+        steps.append(v2.RandomResizedCrop(image_size, scale=(rrc_min_scale, 1.0), antialias=True))
+    else:
+        steps.append(v2.Resize((image_size, image_size), antialias=True))
+        if crop_padding > 0:
+            steps.append(v2.RandomCrop(image_size, padding=crop_padding, padding_mode="reflect"))
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if color_jitter > 0:
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    return v2.Compose(steps + _to_normalised_tensor(mean, std))
+
+
+def measure_mean_std(dataset: _SeededDataset, image_size: int, max_images: int = 2000, seed: int = 0):
+    """Per-channel mean and std in [0,1] over up to `max_images` training images (a seeded subset)."""
+    n = len(dataset)
+    idx = np.random.default_rng(seed).permutation(n)[:max_images] if n > max_images else np.arange(n)
+    resize = v2.Compose([v2.Resize((image_size, image_size), antialias=True), v2.ToImage(),
+                         v2.ToDtype(torch.float64, scale=True)])
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for i in idx:
+        x = resize(dataset.load(int(i)))
+        total += x.mean(dim=(1, 2))
+        total_sq += (x ** 2).mean(dim=(1, 2))
+    mean = total / len(idx)
+    std = (total_sq / len(idx) - mean ** 2).clamp_min(1e-12).sqrt()
+    return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]

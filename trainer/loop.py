@@ -1,0 +1,267 @@
+"""`train(cfg)`: the one training loop, top to bottom.
+
+setup (accelerator, data, task, model, optimizer, run directory) -> step loop (forward, backward, clip,
+step with lr from `lr_at`) -> periodic blocks (log, evaluate, export best) -> export the final model.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from trainer.config import Config, to_dict, to_yaml
+from trainer.data import build_data, class_balanced_sampler
+from trainer.errors import ConfigError, TrainerError
+from trainer.export import export_model
+from trainer.metrics import collect_outputs, compute_metrics, format_metrics, higher_is_better
+from trainer.models import build_model
+from trainer.optim import build_optimizer, lr_at
+from trainer.tasks import Task, class_weights, resolve_task
+from trainer.tracking import (Tracker, check_run_dir_free, create_run_dir, default_run_dir, environment,
+                              write_json)
+
+
+def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 1, timeout_s: int = 900,
+                     log_with=None) -> Accelerator:
+    """An Accelerator that really runs every launched process, on GPU or (gloo) CPU."""
+    use_cpu = device == "cpu" or not torch.cuda.is_available()
+    if mixed_precision == "fp16" and use_cpu:
+        # accelerate would accept this and silently train in fp32
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+    acc = Accelerator(
+        cpu=use_cpu,  # without it, CPU processes under torchrun each believe they are alone (world 1)
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=grad_accum_steps,
+        # the shuffle order becomes a pure function of (seed, epoch): what exact resume needs
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
+        log_with=log_with,
+    )
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes != expected:
+        raise TrainerError(f"launched {expected} processes but accelerate sees {acc.num_processes}; "
+                           f"on CPU use `accelerate launch --multi_gpu` or torchrun, not `--cpu`")
+    return acc
+
+
+def model_meta(cfg: Config, task: Task, classes, mean, std, small_input_stem: bool) -> dict:
+    """What `trainer predict` needs besides the weights (model.json)."""
+    return {
+        "architecture": cfg.model.name, "task": task.kind, "num_outputs": task.num_outputs,
+        "classes": list(classes), "class_to_idx": {c: i for i, c in enumerate(classes)},
+        "image_size": cfg.data.image_size, "small_input_stem": small_input_stem,
+        "mean": list(mean), "std": list(std),
+        "threshold": cfg.eval.threshold if task.kind == "binary" else None,
+        "positive_class": classes[1] if task.kind == "binary" else None,
+    }
+
+
+def train(cfg: Config) -> dict:
+    t_start = time.time()
+    # ---- setup: processes, seeds ----
+    acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
+                           log_with="wandb" if cfg.wandb.enabled else None)
+    say = acc.print  # main process only
+    set_seed(cfg.seed)  # same on every rank: identical initial weights, one shuffle order
+
+    # ---- data ----
+    with acc.main_process_first():  # the main process writes the generated dataset; the others then read it
+        data = build_data(cfg.data, cfg.seed, ("train", "val"), verbose=say)
+    train_set, val_set = data.datasets["train"], data.datasets["val"]
+    num_classes = len(data.classes)
+
+    # ---- task ----
+    kind = resolve_task(cfg.task, num_classes)
+    if kind == "binary" and cfg.loss.label_smoothing > 0:
+        raise ConfigError("loss.label_smoothing applies to multiclass tasks only")
+    if kind == "multiclass" and cfg.loss.pos_weight is not None:
+        raise ConfigError("loss.pos_weight applies to binary tasks only (use loss.class_weighted for multiclass)")
+    task = Task(kind, num_classes, label_smoothing=cfg.loss.label_smoothing, pos_weight=cfg.loss.pos_weight,
+                weights=class_weights(data.train_counts) if cfg.loss.class_weighted else None)
+    probe = compute_metrics(np.eye(num_classes, dtype=np.float32), np.arange(num_classes),
+                            np.zeros(num_classes), task, cfg.eval.threshold, cfg.eval.topk)
+    if cfg.eval.monitor not in probe or cfg.eval.monitor == "num_samples":
+        raise ConfigError(f"eval.monitor '{cfg.eval.monitor}' is not a {kind} metric; choose one of "
+                          f"{sorted(k for k in probe if k not in ('num_samples', 'threshold'))}")
+
+    # ---- batch sizes and loaders ----
+    global_batch = cfg.train.batch_size * acc.num_processes
+    if global_batch > len(train_set):
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {acc.num_processes} process(es) = "
+                          f"{global_batch} is larger than the training split ({len(train_set)} images)")
+    sampler = (class_balanced_sampler(train_set.labels, num_classes, cfg.seed)
+               if cfg.data.sampler == "weighted" else None)
+    loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available() and not acc.device.type == "cpu",
+                     persistent_workers=False)  # workers restart each epoch so they see the new set_epoch
+    train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                          generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None,
+                          drop_last=False, **loader_kw)
+    eval_batch = cfg.eval.batch_size or 2 * cfg.train.batch_size
+    val_dl = DataLoader(val_set, batch_size=eval_batch, shuffle=False, **loader_kw)
+
+    # ---- model and optimizer ----
+    small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
+    model = build_model(cfg.model.name, task.num_outputs, image_size=cfg.data.image_size,
+                        small_input_stem=small_stem, pretrained_path=cfg.model.pretrained_path, verbose=say)
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    opt = build_optimizer(model, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum,
+                          cfg.optim.nesterov, cfg.optim.betas)
+    model, opt, train_dl, val_dl = acc.prepare(model, opt, train_dl, val_dl)
+
+    # ---- derived numbers (all in optimizer updates, so the schedule ignores the process count) ----
+    steps_per_epoch = len(train_dl)  # per-process micro-batches
+    updates_per_epoch = math.ceil(steps_per_epoch / cfg.train.grad_accum_steps)
+    total_updates = cfg.train.epochs * updates_per_epoch
+    if cfg.train.max_steps is not None:
+        total_updates = min(total_updates, cfg.train.max_steps)
+    warmup_updates = round(cfg.optim.warmup_epochs * updates_per_epoch)
+    milestones = [round(e * updates_per_epoch) for e in cfg.optim.step_milestones]
+
+    def lr_for(update: int) -> float:
+        return lr_at(update, total_updates, cfg.optim.lr, warmup_updates, cfg.optim.schedule,
+                     cfg.optim.min_lr_ratio, milestones, cfg.optim.step_gamma)
+
+    # ---- run directory (only now: bad input above has written nothing) ----
+    run_dir = [str(Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.run.name))]
+    broadcast_object_list(run_dir)  # one name for all ranks, even with timestamps
+    run_dir = Path(run_dir[0])
+    cfg.run.dir = str(run_dir)
+    check_run_dir_free(run_dir, cfg.run.overwrite)  # every rank checks before anyone creates it
+    acc.wait_for_everyone()
+    meta = model_meta(cfg, task, data.classes, data.mean, data.std, small_stem)
+    derived = {"processes": acc.num_processes, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
+               "per_device_batch": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+               "global_batch": global_batch * cfg.train.grad_accum_steps, "steps_per_epoch": steps_per_epoch,
+               "updates_per_epoch": updates_per_epoch, "total_updates": total_updates,
+               "warmup_updates": warmup_updates, "peak_lr": cfg.optim.lr, "task": kind, "classes": data.classes,
+               "train_samples": len(train_set), "val_samples": len(val_set), "train_class_counts": data.train_counts,
+               "skipped_images": data.skipped, "data": data.source, "mean": data.mean, "std": data.std}
+    if acc.is_main_process:
+        create_run_dir(run_dir, cfg.run.overwrite)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        write_json(run_dir / "run.json", {"derived": derived, "environment": environment(
+            acc.num_processes, str(acc.device), acc.mixed_precision)})
+    acc.wait_for_everyone()
+    tracker = Tracker(acc, run_dir, cfg.wandb.enabled)
+    if cfg.wandb.enabled:
+        acc.init_trackers(cfg.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": {
+            "name": run_dir.name, "dir": str(run_dir), "tags": list(cfg.wandb.tags), "entity": cfg.wandb.entity}})
+    say(f"[trainer] {kind} | {num_classes} classes | {len(train_set)} train / {len(val_set)} val images | "
+        f"model {cfg.model.name}")
+    say(f"[trainer] processes={acc.num_processes} device={acc.device} mixed_precision={acc.mixed_precision} "
+        f"per_device_batch={cfg.train.batch_size} grad_accum={cfg.train.grad_accum_steps} "
+        f"global_batch={derived['global_batch']} steps_per_epoch={steps_per_epoch} "
+        f"updates_per_epoch={updates_per_epoch} total_updates={total_updates} peak_lr={cfg.optim.lr}")
+    say(f"[trainer] run directory: {run_dir}")
+
+    # ---- the step loop ----
+    update, samples_seen = 0, 0
+    best_value, best_metrics, last_metrics = None, None, None
+    loss_sum = torch.zeros((), device=acc.device)  # on device: .item() would sync every step
+    loss_count, log_from_update, t_log, samples_at_log = 0, 0, time.time(), 0
+    sign = 1 if higher_is_better(cfg.eval.monitor) else -1
+
+    def log_train(epoch_float: float) -> float:
+        nonlocal loss_sum, loss_count, log_from_update, t_log, samples_at_log
+        totals = acc.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(loss_count))]), reduction="sum")
+        mean_loss = (totals[0] / totals[1].clamp_min(1)).item()
+        if not math.isfinite(mean_loss):
+            raise TrainerError(f"non-finite training loss ({mean_loss}) between updates {log_from_update} and "
+                               f"{update}; lower optim.lr, set train.clip_grad_norm, or check the data")
+        now = time.time()
+        tracker.log({"type": "train", "step": update, "epoch": round(epoch_float, 4), "samples_seen": samples_seen,
+                     "lr": lr_for(max(update - 1, 0)), "loss": mean_loss,
+                     "throughput": (samples_seen - samples_at_log) / max(now - t_log, 1e-9)})
+        if not show_bar:
+            say(f"[train] step {update} epoch {epoch_float:.2f} loss {mean_loss:.4f} lr {lr_for(max(update - 1, 0)):.3g} "
+                f"{(samples_seen - samples_at_log) / max(now - t_log, 1e-9):.0f} img/s")
+        loss_sum, loss_count, log_from_update, t_log, samples_at_log = loss_sum * 0, 0, update, now, samples_seen
+        return mean_loss
+
+    def evaluate(epoch_float: float) -> dict:
+        nonlocal best_value, best_metrics
+        out = collect_outputs(model, val_dl, task, acc)
+        metrics = compute_metrics(out["probs"], out["labels"], out["losses"], task, cfg.eval.threshold,
+                                  cfg.eval.topk)
+        tracker.log({"type": "eval", "split": "val", "step": update, "epoch": round(epoch_float, 4),
+                     "samples_seen": samples_seen, **metrics})
+        value = metrics[cfg.eval.monitor]
+        if best_value is None or sign * value > sign * best_value:
+            best_value, best_metrics = value, metrics
+            if acc.is_main_process:
+                export_model(acc.unwrap_model(model), run_dir / "best",
+                             {**meta, "step": update, "metrics": metrics})
+        say(f"[eval] step {update} epoch {epoch_float:.2f}: {format_metrics(metrics)}")
+        return metrics
+
+    # a bar on a terminal; in a log file (SLURM, CI) a plain line per log step instead
+    show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
+    done = False
+    for epoch in range(cfg.train.epochs):
+        train_set.set_epoch(epoch)  # per-sample augmentation seeds
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_dl.set_epoch(epoch)  # seedable shuffle order
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                   disable=not show_bar, dynamic_ncols=True)
+        for step_in_epoch, (x, y) in enumerate(train_dl):
+            x = x.to(memory_format=memory_format)
+            with acc.accumulate(model):
+                loss = task.loss(model(x), y)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    if cfg.train.clip_grad_norm is not None:
+                        acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+                    for group in opt.param_groups:
+                        group["lr"] = lr_for(update)
+                opt.step()  # a no-op on accumulation micro-steps (accelerate skips it)
+                opt.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_count += 1
+            samples_seen += x.shape[0] * acc.num_processes
+            bar.update(1)
+            if acc.sync_gradients:
+                update += 1
+                if update % cfg.train.log_every_steps == 0:
+                    bar.set_postfix(loss=f"{log_train(epoch + (step_in_epoch + 1) / steps_per_epoch):.4f}")
+                if update >= total_updates:
+                    done = True
+                    break
+        bar.close()
+        epoch_float = epoch + (step_in_epoch + 1) / steps_per_epoch
+        if loss_count:
+            log_train(epoch_float)
+        last_epoch = done or epoch == cfg.train.epochs - 1
+        if last_epoch or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0):
+            last_metrics = evaluate(epoch_float)
+        if done:
+            break
+
+    # ---- export and summary ----
+    if acc.is_main_process:
+        export_model(acc.unwrap_model(model), run_dir / "model", {**meta, "step": update, "metrics": last_metrics})
+    summary = {"run_dir": str(run_dir), "task": kind, "updates": update, "samples_seen": samples_seen,
+               "final": last_metrics, "best": best_metrics, "monitor": cfg.eval.monitor,
+               "seconds": round(time.time() - t_start, 1)}
+    if acc.is_main_process:
+        write_json(run_dir / "summary.json", summary)
+    say(f"[trainer] done in {summary['seconds']} s: val accuracy {last_metrics['accuracy']:.4f} "
+        f"(best {cfg.eval.monitor} {best_value:.4f}) on {last_metrics['num_samples']} images")
+    say(f"[trainer] run directory: {run_dir}  (final model: {run_dir / 'model'}, best: {run_dir / 'best'})")
+    # release DDP and the process group in this order: avoids gloo's abort at interpreter exit
+    tracker.close()
+    del model, opt, train_dl, val_dl
+    acc.free_memory()
+    acc.end_training()
+    return summary

@@ -1,0 +1,162 @@
+"""Model builders: a plain dict from name to builder. Every model returns raw logits (no sigmoid/softmax layer:
+the loss applies its own, numerically stable, one).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from trainer.errors import ConfigError
+
+
+class TutorialNet(nn.Module):
+    """The PyTorch CIFAR-10 tutorial network (two 5x5 convs, three linear layers), for any square input size."""
+
+    def __init__(self, num_outputs: int, image_size: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2, 2),
+        )
+        side = ((image_size - 4) // 2 - 4) // 2  # 32 -> 28 -> 14 -> 10 -> 5
+        if side < 1:
+            raise ConfigError(f"model tutorial_cnn needs data.image_size >= 16, got {image_size}")
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_outputs),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class SingleConvCNN(nn.Module):
+    """`BinaryCNN` / `MultiClassCNN`: conv 3->16 (k3 s1 p1), ReLU, 2x2 max-pool, flatten, linear."""
+
+    def __init__(self, num_outputs: int, image_size: int = 32):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.fc = nn.Linear(16 * (image_size // 2) ** 2, num_outputs)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks (32/64/128 channels) and a global max-pool: small, fast on CPU, and
+    position-invariant enough for the generated shapes."""
+
+    def __init__(self, num_outputs: int, image_size: int = 32, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout, pool):
+            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return layers + ([nn.MaxPool2d(2)] if pool else [])
+
+        self.features = nn.Sequential(*block(3, width, True), *block(width, 2 * width, True),
+                                      *block(2 * width, 4 * width, False))
+        self.head = nn.Linear(4 * width, num_outputs)
+
+    def forward(self, x):
+        return self.head(torch.amax(self.features(x), dim=(2, 3)))
+
+
+class LinearModel(nn.Module):
+    """A linear classifier on raw pixels: the baseline the generated dataset is meant to defeat."""
+
+    def __init__(self, num_outputs: int, image_size: int = 32):
+        super().__init__()
+        self.fc = nn.Linear(3 * image_size * image_size, num_outputs)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(x, 1))
+
+
+def _small_stem(model: nn.Module, name: str) -> None:
+    """Keep full resolution in the first layer for 32x32-class inputs (the usual CIFAR adaptation)."""
+    if name.startswith("resnet"):
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif name.startswith(("mobilenet", "efficientnet")):
+        model.features[0][0].stride = (1, 1)
+    elif name.startswith("convnext"):
+        old = model.features[0][0]  # 4x4 stride-4 patchify conv -> 3x3 stride-1
+        model.features[0][0] = nn.Conv2d(3, old.out_channels, kernel_size=3, stride=1, padding=1)
+
+
+def _torchvision(name: str) -> Callable:
+    def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None) -> nn.Module:
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_outputs)
+        if small_input_stem if small_input_stem is not None else image_size <= 64:
+            _small_stem(model, name)
+        return model
+
+    return build
+
+
+def _ours(cls) -> Callable:
+    def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None) -> nn.Module:
+        return cls(num_outputs, image_size)
+
+    return build
+
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "tutorial_cnn": _ours(TutorialNet),
+    "binary_cnn": _ours(SingleConvCNN),  # BinaryCNN: the same net with one output
+    "multiclass_cnn": _ours(SingleConvCNN),  # MultiClassCNN
+    "small_cnn": _ours(SmallCNN),
+    "linear": _ours(LinearModel),
+    **{name: _torchvision(name) for name in (
+        "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+        "convnext_tiny")},
+}
+
+
+def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
+                pretrained_path: Optional[str] = None, verbose=print) -> nn.Module:
+    if name not in MODELS:
+        raise ConfigError(f"unknown model.name '{name}'; valid names: {', '.join(sorted(MODELS))}")
+    model = MODELS[name](num_outputs, image_size=image_size, small_input_stem=small_input_stem)
+    if pretrained_path:
+        load_pretrained(model, pretrained_path, verbose)
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str, verbose=print) -> None:
+    """Load a local state dict without running code: .safetensors, or a .pth read with weights_only=True.
+
+    Tensors whose shape differs (the classifier head for another class count, a changed stem) are left
+    at their fresh initialisation and listed; any other missing or unexpected key is an error.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model.pretrained_path does not exist: {path}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(f"model.pretrained_path {path} is not a plain state dict: {err}".splitlines()[0]) from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    own = model.state_dict()
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    reinit = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    if missing or unexpected:
+        raise ConfigError(f"model.pretrained_path {path} does not fit model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    model.load_state_dict({**own, **kept})
+    verbose(f"loaded {len(kept)} pretrained tensors from {path}; re-initialised (shape differs): {reinit or 'none'}")

@@ -29,7 +29,7 @@ class AugmentCfg:
 @dataclass
 class GeneratedCfg:
     variant: Literal["binary", "multiclass"] = "multiclass"
-    train_per_class: int = 500
+    train_per_class: int = 1000
     val_per_class: int = 150
     test_per_class: int = 150
     seed: int = 0  # the data is a pure function of (variant, counts, image_size, seed)
@@ -40,7 +40,7 @@ class DataCfg:
     format: Literal["imagefolder", "cifar10", "cifar100", "generated"] = "generated"
     # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
     # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
-    # (default data/generated/<variant>-<size>px-seed<seed> under the current directory).
+    # (default data/generated/<variant>-<size>px-seed<seed>-v<format> under the current directory).
     root: Optional[str] = None
     download: bool = False  # cifar only: fetch from the internet when absent
     image_size: int = 32  # side in pixels of the square network input

@@ -17,6 +17,10 @@ from trainer.tasks import Task
 from trainer.tracking import write_json
 
 
+def print_main(acc, *args) -> None:
+    acc.print(*args, flush=True)
+
+
 def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None) -> dict:
     model_dir = find_model_dir(model_path)
     # a model inside a run folder: start from that run's config, so the data keys need not be repeated
@@ -29,7 +33,7 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
     split = cfg.eval.split
     with acc.main_process_first():
-        data = build_data(cfg.data, cfg.seed, (split,), verbose=acc.print)
+        data = build_data(cfg.data, cfg.seed, (split,), verbose=lambda *a: print_main(acc, *a))
     dataset = data.datasets[split]
     classes = meta["classes"]
     if data.classes != classes:  # same names in another order, or a subset: map labels by name
@@ -51,8 +55,8 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     if acc.is_main_process:
         target.parent.mkdir(parents=True, exist_ok=True)
         write_json(target, report)
-    acc.print(f"[eval] {split} of {data.source}: {format_metrics(metrics)}")
-    acc.print(f"[eval] written: {target}")
+    print_main(acc, f"[eval] {split} of {data.source}: {format_metrics(metrics)}")
+    print_main(acc, f"[eval] written: {target}")
     del model, loader
     acc.free_memory()
     acc.end_training()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,6 +36,9 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 
                      log_with=None) -> Accelerator:
     """An Accelerator that really runs every launched process, on GPU or (gloo) CPU."""
     use_cpu = device == "cpu" or not torch.cuda.is_available()
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if expected == 1:  # a single process may train several times (tests, notebooks): forget the last settings
+        AcceleratorState._reset_state(reset_partial_state=True)
     if mixed_precision == "fp16" and use_cpu:
         # accelerate would accept this and silently train in fp32
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
@@ -47,7 +51,6 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
         log_with=log_with,
     )
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != expected:
         raise TrainerError(f"launched {expected} processes but accelerate sees {acc.num_processes}; "
                            f"on CPU use `accelerate launch --multi_gpu` or torchrun, not `--cpu`")
@@ -71,8 +74,16 @@ def train(cfg: Config) -> dict:
     # ---- setup: processes, seeds ----
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
                            log_with="wandb" if cfg.wandb.enabled else None)
-    say = acc.print  # main process only
+    def say(*args) -> None:  # main process only; flushed so SLURM/CI logs show progress as it happens
+        acc.print(*args, flush=True)
+
     set_seed(cfg.seed)  # same on every rank: identical initial weights, one shuffle order
+    run_dir = [str(Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.run.name))]
+    broadcast_object_list(run_dir)  # one name for all ranks, even with timestamps
+    run_dir = Path(run_dir[0])
+    cfg.run.dir = str(run_dir)
+    check_run_dir_free(run_dir, cfg.run.overwrite)  # every rank checks before anyone creates it
+    acc.wait_for_everyone()
 
     # ---- data ----
     with acc.main_process_first():  # the main process writes the generated dataset; the others then read it
@@ -132,13 +143,7 @@ def train(cfg: Config) -> dict:
         return lr_at(update, total_updates, cfg.optim.lr, warmup_updates, cfg.optim.schedule,
                      cfg.optim.min_lr_ratio, milestones, cfg.optim.step_gamma)
 
-    # ---- run directory (only now: bad input above has written nothing) ----
-    run_dir = [str(Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.run.name))]
-    broadcast_object_list(run_dir)  # one name for all ranks, even with timestamps
-    run_dir = Path(run_dir[0])
-    cfg.run.dir = str(run_dir)
-    check_run_dir_free(run_dir, cfg.run.overwrite)  # every rank checks before anyone creates it
-    acc.wait_for_everyone()
+    # ---- run directory (created only now: bad input above has written nothing) ----
     meta = model_meta(cfg, task, data.classes, data.mean, data.std, small_stem)
     derived = {"processes": acc.num_processes, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                "per_device_batch": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,

@@ -20,16 +20,16 @@ from PIL import Image, ImageDraw
 from trainer.errors import DataError
 
 CLASSES = {
-    "binary": ["circle", "square"],
+    "binary": ["cross", "square"],
     "multiclass": ["circle", "cross", "square", "triangle"],
 }
 SPLITS = {"train": 0, "val": 1, "test": 2}
 SUPERSAMPLE = 4  # drawn at 4x then downsampled with a Lanczos filter, for anti-aliased edges
-FORMAT_VERSION = 1  # bump when the drawing changes, so old folders are not silently reused
+FORMAT_VERSION = 2  # bump when the drawing changes, so old folders are not silently reused
 
 
 def default_root(variant: str, image_size: int, seed: int) -> Path:
-    return Path("data") / "generated" / f"{variant}-{image_size}px-seed{seed}"
+    return Path("data") / "generated" / f"{variant}-{image_size}px-seed{seed}-v{FORMAT_VERSION}"
 
 
 def _polygon(cx: float, cy: float, radius: float, angle: float, kind: str) -> list:

@@ -1,0 +1,57 @@
+"""Shared test helpers: tiny generated datasets, image folders with chosen defects, quick configs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: keep test processes from oversubscribing
+os.environ.setdefault("WANDB_MODE", "disabled")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, size=(16, 16), mode="RGB", seed=0, fmt=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_folder(root: Path, classes=("cat", "dog"), per_class=6, ext=".png", size=(16, 16)) -> Path:
+    for c_idx, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / name / f"{i}{ext}", size=size, seed=c_idx * 1000 + i)
+    return root
+
+
+def tiny_overrides(tmp_path: Path, variant="multiclass", **extra) -> list:
+    """A generated dataset small enough for seconds-long runs, in tmp_path."""
+    base = {
+        "data.format": "generated", "data.generated.variant": variant,
+        "data.generated.train_per_class": 40, "data.generated.val_per_class": 13,
+        "data.generated.test_per_class": 5, "data.root": str(tmp_path / f"gen-{variant}"),
+        "data.num_workers": 0, "model.name": "small_cnn", "train.epochs": 1, "train.batch_size": 16,
+        "train.progress_bar": False, "run.dir": str(tmp_path / "run"), "optim.name": "adamw", "optim.lr": 0.003,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def run_cli(*args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return lambda variant="multiclass", **extra: tiny_overrides(tmp_path, variant, **extra)

@@ -1,0 +1,61 @@
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from trainer.config import load_config
+from trainer.errors import ConfigError
+
+
+def test_recipes_all_load():
+    recipes = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        overrides = ["data.root=/somewhere"] if "imagefolder" in recipe.name else []
+        cfg = load_config(str(recipe), overrides)
+        assert cfg.run.name == recipe.stem
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lrr=0.1", "train.lrr"),
+    ("lr=0.1", "lr"),
+    ("optim.lr=abc", "optim.lr"),
+    ("train.epochs=2.5", "train.epochs"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("data.format=parquet", "data.format"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("eval.threshold=1.5", "eval.threshold"),
+])
+def test_bad_values_name_the_full_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_the_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        load_config(str(recipe))
+
+
+def test_missing_required_value():
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(None, ["data.format=imagefolder"])
+
+
+def test_yaml_no_means_no_and_overrides_win(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  mixed_precision: no\n  epochs: 3\n")
+    cfg = load_config(str(recipe), ["train.epochs=5", "optim.lr=1e-3"])
+    assert cfg.train.mixed_precision == "no"
+    assert cfg.train.epochs == 5 and cfg.optim.lr == 0.001
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli("train", "configs/quickstart_multiclass.yaml", "optim.lrr=1", f"run.dir={run_dir}")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim.lrr" in lines[0], res.stderr
+    assert not run_dir.exists()

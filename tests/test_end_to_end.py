@@ -1,0 +1,147 @@
+"""Whole runs through the CLI, as a user runs them: train, then eval and predict from the exported model."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, run_cli, tiny_overrides
+from trainer.config import load_config
+from trainer.data.folders import imagefolder_splits
+from trainer.loop import train
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def binary_run(tmp_path_factory):
+    """One short binary run (in-process) shared by the checks below."""
+    tmp = tmp_path_factory.mktemp("binary")
+    overrides = tiny_overrides(tmp, "binary", **{
+        "data.generated.train_per_class": 400, "data.generated.val_per_class": 31, "train.epochs": 6,
+        "train.batch_size": 32, "optim.lr": 0.005, "train.log_every_steps": 5})
+    summary = train(load_config(str(ROOT / "configs/quickstart_binary.yaml"), overrides))
+    return tmp, Path(summary["run_dir"]), summary
+
+
+def test_training_beats_chance_and_run_dir_describes_itself(binary_run):
+    _, run_dir, summary = binary_run
+    assert summary["final"]["accuracy"] >= 0.8, summary  # chance is 0.5
+    assert summary["final"]["num_samples"] == 62
+    for name in ("config.yaml", "metrics.jsonl", "run.json", "summary.json", "model/model.safetensors",
+                 "model/model.json", "best/model.safetensors", "best/model.json"):
+        assert (run_dir / name).is_file(), name
+    assert load_config(None, base=__import__("omegaconf").OmegaConf.to_container(
+        __import__("omegaconf").OmegaConf.load(run_dir / "config.yaml"))).train.epochs == 6
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if r["type"] == "train"]
+    eval_rows = [r for r in rows if r["type"] == "eval"]
+    assert len(eval_rows) == 6 and all(r["num_samples"] == 62 for r in eval_rows)
+    steps = [r["step"] for r in train_rows]
+    assert steps == sorted(set(steps)) and steps[-1] == summary["updates"]
+    for r in train_rows:
+        assert {"step", "epoch", "samples_seen", "lr", "loss", "throughput"} <= set(r)
+    meta = json.loads((run_dir / "model" / "model.json").read_text())
+    assert meta["task"] == "binary" and meta["num_outputs"] == 1 and meta["classes"] == ["cross", "square"]
+    assert meta["threshold"] == 0.5 and len(meta["mean"]) == 3 and meta["image_size"] == 32
+
+
+def test_predict_and_eval_reproduce_the_in_memory_model(binary_run, tmp_path):
+    tmp, run_dir, summary = binary_run
+    data_root = tmp / "gen-binary"
+    _, splits = imagefolder_splits(data_root, 0.1, 0)
+    val_paths = {p: label for p, label in splits["val"]}
+    out = tmp_path / "preds.csv"
+    res = run_cli("predict", "--model", str(run_dir), str(data_root / "val"), "--output", str(out))
+    assert res.returncode == 0, res.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "label", "prob_cross", "prob_square"]
+    assert len(rows) == 62 and {r["path"] for r in rows} == set(val_paths)
+    p1 = np.array([float(r["prob_square"]) for r in rows])
+    labels = np.array([val_paths[r["path"]] for r in rows])
+    assert np.allclose(p1 + np.array([float(r["prob_cross"]) for r in rows]), 1.0)
+    assert [r["label"] for r in rows] == [["cross", "square"][int(p >= 0.5)] for p in p1]
+    accuracy = float(((p1 >= 0.5) == labels).mean())
+    log_loss = float(-np.mean(np.log(np.where(labels == 1, p1, 1 - p1))))
+    final = summary["final"]  # measured on the in-memory model at the end of training
+    assert accuracy == final["accuracy"]
+    assert log_loss == pytest.approx(final["loss"], abs=1e-5)
+    res = run_cli("eval", "--model", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["num_samples"] == 62 and report["accuracy"] == final["accuracy"]
+    assert report["loss"] == pytest.approx(final["loss"], abs=1e-5)
+
+
+def test_refuses_to_overwrite_a_run(binary_run):
+    tmp, run_dir, _ = binary_run
+    res = run_cli("train", "configs/quickstart_binary.yaml", *tiny_overrides(tmp, "binary"), f"run.dir={run_dir}")
+    assert res.returncode == 2 and "already exists" in res.stderr
+    assert (run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_multiclass_run_with_accumulation_and_bf16(tmp_path):
+    overrides = tiny_overrides(tmp_path, "multiclass", **{"train.grad_accum_steps": 2, "train.mixed_precision": "bf16",
+                                                          "train.clip_grad_norm": 1.0, "optim.name": "sgd",
+                                                          "optim.nesterov": "true", "eval.topk": "[2,5]",
+                                                          "loss.label_smoothing": 0.1, "data.sampler": "weighted",
+                                                          "loss.class_weighted": "true"})
+    summary = train(load_config(None, overrides))
+    final = summary["final"]
+    assert final["num_samples"] == 52 and "top2_accuracy" in final and "top4_accuracy" in final
+    assert final["top4_accuracy"] == 1.0  # k=5 clamped to the 4 classes
+    assert summary["updates"] == 5  # 160 images / 16 per step = 10 micro-steps, 2 per update
+
+
+def test_fp16_on_cpu_is_refused(tiny):
+    res = run_cli("train", "-", *tiny(**{"train.mixed_precision": "fp16"}))
+    assert res.returncode == 2 and "fp16" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"model.name": "resnet19"}, "resnet19"),
+    ({"train.batch_size": 1000}, "larger than the training split"),
+    ({"data.format": "imagefolder", "data.root": "/nonexistent/images"}, "does not exist"),
+    ({"eval.monitor": "f1"}, "eval.monitor"),
+])
+def test_bad_input_one_line_nothing_written(tiny, tmp_path, extra, message):
+    overrides = tiny(**extra)
+    res = run_cli("train", "-", *overrides)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_cpu_processes_really_run_and_evaluate_every_sample_once(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path, "binary", **{"data.generated.val_per_class": 13, "eval.batch_size": 4})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer",
+           "train", "-", *overrides]
+    import os
+    import subprocess
+
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "processes=2" in res.stdout
+    assert res.stdout.count("[trainer] done") == 1  # one main process prints
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["derived"]["processes"] == 2 and run["derived"]["global_batch"] == 32
+    evals = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals and all(r["num_samples"] == 26 for r in evals)  # 26 = len(val), not a multiple of 2 x 4
+    # the same exported model scored on 1 and on 2 processes gives the same numbers
+    one = run_cli("eval", "--model", str(run_dir), "--output", str(tmp_path / "one.json"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "trainer", "eval", "--model", str(run_dir), "--output", str(tmp_path / "two.json"),
+                          "eval.batch_size=3"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert b["processes"] == 2 and a["num_samples"] == b["num_samples"] == 26
+    assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)

@@ -77,6 +77,30 @@ def test_predict_and_eval_reproduce_the_in_memory_model(binary_run, tmp_path):
     assert report["loss"] == pytest.approx(final["loss"], abs=1e-5)
 
 
+def test_linear_baseline_does_clearly_worse_on_the_generated_data(binary_run):
+    """The generated set is meant to need a CNN: a linear model on pixels, same data and budget, stays near chance."""
+    tmp, _, summary = binary_run
+    overrides = tiny_overrides(tmp, "binary", **{
+        "data.generated.train_per_class": 400, "data.generated.val_per_class": 31, "train.epochs": 6,
+        "train.batch_size": 32, "optim.lr": 0.005, "model.name": "linear", "run.dir": str(tmp / "linear")})
+    linear = train(load_config(str(ROOT / "configs/quickstart_binary.yaml"), overrides))
+    assert linear["best"]["accuracy"] <= 0.7 < summary["final"]["accuracy"] - 0.1
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny):
+    res = run_cli("train", "-", *tiny(**{"optim.name": "sgd", "optim.lr": 1e12, "train.log_every_steps": 2}))
+    assert res.returncode == 2
+    assert "non-finite training loss" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_wandb_offline_logs_through_accelerate(tiny, tmp_path):
+    res = run_cli("train", "-", *tiny(**{"wandb.enabled": "true", "train.max_steps": 2}),
+                  env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_CACHE_DIR": str(tmp_path / "wbc"),
+                       "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg")})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert list((tmp_path / "run").rglob("*.wandb")), "no offline W&B run file"
+
+
 def test_refuses_to_overwrite_a_run(binary_run):
     tmp, run_dir, _ = binary_run
     res = run_cli("train", "configs/quickstart_binary.yaml", *tiny_overrides(tmp, "binary"), f"run.dir={run_dir}")
@@ -145,3 +169,20 @@ def test_two_cpu_processes_really_run_and_evaluate_every_sample_once(tmp_path):
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert b["processes"] == 2 and a["num_samples"] == b["num_samples"] == 26
     assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_accelerate_launch_multi_gpu_flag_runs_two_cpu_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU box: two real processes (not one, as --cpu gives)."""
+    import os
+    import subprocess
+
+    overrides = tiny_overrides(tmp_path, "binary", **{"train.max_steps": 2})
+    accelerate = Path(sys.executable).with_name("accelerate")
+    res = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "train", "-",
+                          *overrides], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "processes=2" in res.stdout
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["derived"]["processes"] == 2

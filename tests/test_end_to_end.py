@@ -186,3 +186,5 @@ def test_accelerate_launch_multi_gpu_flag_runs_two_cpu_processes(tmp_path):
     assert "processes=2" in res.stdout
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["derived"]["processes"] == 2
+    evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "eval"]
+    assert len(evals) == 1 and evals[0]["num_samples"] == 26  # stopped mid-epoch, then every val sample once

@@ -74,6 +74,7 @@ def train(cfg: Config) -> dict:
     # ---- setup: processes, seeds ----
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
                            log_with="wandb" if cfg.wandb.enabled else None)
+
     def say(*args) -> None:  # main process only; flushed so SLURM/CI logs show progress as it happens
         acc.print(*args, flush=True)
 
@@ -99,6 +100,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError("loss.pos_weight applies to binary tasks only (use loss.class_weighted for multiclass)")
     task = Task(kind, num_classes, label_smoothing=cfg.loss.label_smoothing, pos_weight=cfg.loss.pos_weight,
                 weights=class_weights(data.train_counts) if cfg.loss.class_weighted else None)
+    eval_task = Task(kind, num_classes)  # metrics use the plain log loss: no smoothing, no class weights
     probe = compute_metrics(np.eye(num_classes, dtype=np.float32), np.arange(num_classes),
                             np.zeros(num_classes), task, cfg.eval.threshold, cfg.eval.topk)
     if cfg.eval.monitor not in probe or cfg.eval.monitor == "num_samples":
@@ -112,7 +114,7 @@ def train(cfg: Config) -> dict:
                           f"{global_batch} is larger than the training split ({len(train_set)} images)")
     sampler = (class_balanced_sampler(train_set.labels, num_classes, cfg.seed)
                if cfg.data.sampler == "weighted" else None)
-    loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available() and not acc.device.type == "cpu",
+    loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
                      persistent_workers=False)  # workers restart each epoch so they see the new set_epoch
     train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                           generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None,
@@ -196,8 +198,8 @@ def train(cfg: Config) -> dict:
 
     def evaluate(epoch_float: float) -> dict:
         nonlocal best_value, best_metrics
-        out = collect_outputs(model, val_dl, task, acc)
-        metrics = compute_metrics(out["probs"], out["labels"], out["losses"], task, cfg.eval.threshold,
+        out = collect_outputs(model, val_dl, eval_task, acc)
+        metrics = compute_metrics(out["probs"], out["labels"], out["losses"], eval_task, cfg.eval.threshold,
                                   cfg.eval.topk)
         tracker.log({"type": "eval", "split": "val", "step": update, "epoch": round(epoch_float, 4),
                      "samples_seen": samples_seen, **metrics})

@@ -75,6 +75,25 @@ def test_predict_and_eval_reproduce_the_in_memory_model(binary_run, tmp_path):
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["num_samples"] == 62 and report["accuracy"] == final["accuracy"]
     assert report["loss"] == pytest.approx(final["loss"], abs=1e-5)
+    # every metric of eval.json equals scikit-learn computed from predict's probabilities
+    from sklearn import metrics as skm
+
+    pred = (p1 >= 0.5).astype(int)
+    expected = {"accuracy": skm.accuracy_score(labels, pred), "balanced_accuracy": skm.balanced_accuracy_score(labels, pred),
+                "precision": skm.precision_score(labels, pred, zero_division=0),
+                "recall": skm.recall_score(labels, pred, zero_division=0),
+                "specificity": skm.recall_score(labels, pred, pos_label=0, zero_division=0),
+                "f1": skm.f1_score(labels, pred, zero_division=0), "roc_auc": skm.roc_auc_score(labels, p1),
+                "pr_auc": skm.average_precision_score(labels, p1), "log_loss": skm.log_loss(labels, p1)}
+    for key, value in expected.items():
+        assert report[key] == pytest.approx(value, abs=1e-6), key
+    assert report["confusion_matrix"] == skm.confusion_matrix(labels, pred).tolist()
+    for plot in ("confusion_matrix", "roc_curve", "pr_curve"):
+        assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 5000
+    for model_dir in ("model", "best"):
+        assert json.loads((run_dir / model_dir / "eval.json").read_text())["num_samples"] == 62
+        assert (run_dir / model_dir / "plots" / "roc_curve.png").is_file()
+    assert (run_dir / "plots" / "training_curves.png").is_file()
 
 
 def test_linear_baseline_does_clearly_worse_on_the_generated_data(binary_run):

@@ -105,6 +105,9 @@ class EvalCfg:
     batch_size: Optional[int] = None  # per process; null = 2 x train.batch_size
     topk: List[int] = field(default_factory=lambda: [5])  # multiclass; each k is clamped to the class count
     threshold: float = 0.5  # binary decision threshold on the positive-class probability
+    positive_class: Optional[str] = None  # binary: the class name counted as positive; null = the class with index 1
+    threshold_tuning: Optional[Literal["max_f1", "youden", "target_recall"]] = None  # binary: choose the threshold on val
+    target_recall: float = 0.9  # for threshold_tuning=target_recall: the highest threshold keeping this recall
     monitor: str = "accuracy"  # metric that picks best/; higher is better except for loss
     split: Literal["val", "test", "train", "all"] = "val"  # which split `trainer eval` scores; all = every image under data.root/<class>/
 
@@ -214,6 +217,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
     if cfg.loss.pos_weight is not None and cfg.loss.pos_weight <= 0:
         raise ConfigError(f"loss.pos_weight must be > 0, got {cfg.loss.pos_weight}")
+    if not 0.0 < cfg.eval.target_recall <= 1.0:
+        raise ConfigError(f"eval.target_recall must be in (0, 1], got {cfg.eval.target_recall}")
     if any(k <= 0 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be >= 1, got {cfg.eval.topk}")
     if cfg.data.format == "imagefolder" and not cfg.data.root:

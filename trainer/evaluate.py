@@ -4,17 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from accelerate.utils import broadcast_object_list
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
 
 from trainer.config import load_config
 from trainer.data import build_data
 from trainer.errors import DataError
 from trainer.export import find_model_dir, load_exported
-from trainer.loop import make_accelerator
-from trainer.metrics import collect_outputs, compute_metrics, format_metrics
+from trainer.distributed import make_accelerator
+from trainer.metrics import collect_outputs, score_outputs
+from trainer.reports import format_summary, write_eval_report
 from trainer.tasks import Task
-from trainer.tracking import write_json
 
 
 def print_main(acc, *args) -> None:
@@ -30,7 +30,9 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     model, meta = load_exported(str(model_dir))
     # the input pipeline is the model's, not re-measured on the new data
     cfg.data.image_size, cfg.data.mean, cfg.data.std = meta["image_size"], meta["mean"], meta["std"]
-    acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision)
+    # fp32 unless asked: the same arithmetic as `trainer predict`, so both give the same probabilities
+    said = lambda key: any(o.startswith(f"{key}=") for o in overrides)  # noqa: E731
+    acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision if said("train.mixed_precision") else "no")
     split = cfg.eval.split
     with acc.main_process_first():
         data = build_data(cfg.data, cfg.seed, (split,), verbose=lambda *a: print_main(acc, *a))
@@ -43,21 +45,25 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
                             f"(model classes: {classes})")
         dataset.labels = [classes.index(data.classes[label]) for label in dataset.labels]
     task = Task(meta["task"], len(classes))
-    threshold = meta.get("threshold") or 0.5
-    loader = DataLoader(dataset, batch_size=cfg.eval.batch_size or 2 * cfg.train.batch_size, shuffle=False,
-                        num_workers=cfg.data.num_workers)
-    model, loader = acc.prepare(model, loader)
-    out = collect_outputs(model, loader, task, acc)
-    metrics = compute_metrics(out["probs"], out["labels"], out["losses"], task, threshold, cfg.eval.topk)
-    report = {"model": str(model_dir), "architecture": meta["architecture"], "task": meta["task"],
-              "split": split, "data": data.source, "processes": acc.num_processes, **metrics}
+    positive_index = classes.index(meta["positive_class"]) if meta.get("positive_class") else 1
+    # the model's own (possibly tuned) threshold, unless this command says eval.threshold=...
+    threshold = cfg.eval.threshold if said("eval.threshold") else (meta.get("threshold") or 0.5)
+    model.to(acc.device)
+    outputs = collect_outputs(model, dataset, task, acc, cfg.eval.batch_size or 2 * cfg.train.batch_size,
+                              cfg.data.num_workers)
     target = Path(output) if output else (run_dir or model_dir) / "eval.json"
+    result = [None]
     if acc.is_main_process:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_json(target, report)
-    print_main(acc, f"[eval] {split} of {data.source}: {format_metrics(metrics)}")
-    print_main(acc, f"[eval] written: {target}")
-    del model, loader
+        metrics = score_outputs(outputs, task, classes, threshold, cfg.eval.topk, positive_index)
+        report = {"model": str(model_dir), "architecture": meta["architecture"], "task": meta["task"],
+                  "split": split, "data": data.source, "processes": acc.num_processes, **metrics}
+        write_eval_report(target.parent, report, outputs["probs"], outputs["labels"], classes, meta["task"],
+                          positive_index, name=target.name)
+        print(f"[eval] {split} of {data.source}:\n{format_summary(metrics, classes, meta['task'])}", flush=True)
+        print(f"[eval] written: {target} (plots in {target.parent / 'plots'})", flush=True)
+        result = [report]
+    broadcast_object_list(result)  # every rank returns the same report
+    del model
     acc.free_memory()
     acc.end_training()
-    return report
+    return result[0]

@@ -14,50 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from trainer.config import Config, to_dict, to_yaml
 from trainer.data import build_data, class_balanced_sampler
+from trainer.distributed import make_accelerator
 from trainer.errors import ConfigError, TrainerError
 from trainer.export import export_model
-from trainer.metrics import collect_outputs, compute_metrics, format_metrics, higher_is_better
+from trainer.metrics import (collect_outputs, compute_metrics, headline, higher_is_better, scalar_metrics,
+                             score_outputs)
 from trainer.models import build_model
 from trainer.optim import build_optimizer, lr_at
 from trainer.tasks import Task, class_weights, resolve_task
+from trainer.reports import format_summary, plot_training_curves, write_eval_report
 from trainer.tracking import (Tracker, check_run_dir_free, create_run_dir, default_run_dir, environment,
                               write_json)
 
 
-def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 1, timeout_s: int = 900,
-                     log_with=None) -> Accelerator:
-    """An Accelerator that really runs every launched process, on GPU or (gloo) CPU."""
-    use_cpu = device == "cpu" or not torch.cuda.is_available()
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if expected == 1:  # a single process may train several times (tests, notebooks): forget the last settings
-        AcceleratorState._reset_state(reset_partial_state=True)
-    if mixed_precision == "fp16" and use_cpu:
-        # accelerate would accept this and silently train in fp32
-        raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
-    acc = Accelerator(
-        cpu=use_cpu,  # without it, CPU processes under torchrun each believe they are alone (world 1)
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum_steps,
-        # the shuffle order becomes a pure function of (seed, epoch): what exact resume needs
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
-        log_with=log_with,
-    )
-    if acc.num_processes != expected:
-        raise TrainerError(f"launched {expected} processes but accelerate sees {acc.num_processes}; "
-                           f"on CPU use `accelerate launch --multi_gpu` or torchrun, not `--cpu`")
-    return acc
-
-
-def model_meta(cfg: Config, task: Task, classes, mean, std, small_input_stem: bool) -> dict:
+def model_meta(cfg: Config, task: Task, classes, mean, std, small_input_stem: bool, positive_index: int) -> dict:
     """What `trainer predict` needs besides the weights (model.json)."""
     return {
         "architecture": cfg.model.name, "task": task.kind, "num_outputs": task.num_outputs,
@@ -65,7 +41,7 @@ def model_meta(cfg: Config, task: Task, classes, mean, std, small_input_stem: bo
         "image_size": cfg.data.image_size, "small_input_stem": small_input_stem,
         "mean": list(mean), "std": list(std),
         "threshold": cfg.eval.threshold if task.kind == "binary" else None,
-        "positive_class": classes[1] if task.kind == "binary" else None,
+        "positive_class": classes[positive_index] if task.kind == "binary" else None,
     }
 
 
@@ -101,9 +77,16 @@ def train(cfg: Config) -> dict:
     task = Task(kind, num_classes, label_smoothing=cfg.loss.label_smoothing, pos_weight=cfg.loss.pos_weight,
                 weights=class_weights(data.train_counts) if cfg.loss.class_weighted else None)
     eval_task = Task(kind, num_classes)  # metrics use the plain log loss: no smoothing, no class weights
-    probe = compute_metrics(np.eye(num_classes, dtype=np.float32), np.arange(num_classes),
-                            np.zeros(num_classes), task, cfg.eval.threshold, cfg.eval.topk)
-    if cfg.eval.monitor not in probe or cfg.eval.monitor == "num_samples":
+    positive_index = 1  # binary: the class whose probability the threshold applies to
+    if cfg.eval.positive_class is not None:
+        if kind != "binary":
+            raise ConfigError("eval.positive_class applies to binary tasks only")
+        if cfg.eval.positive_class not in data.classes:
+            raise ConfigError(f"eval.positive_class '{cfg.eval.positive_class}' is not a class; classes: {data.classes}")
+        positive_index = data.classes.index(cfg.eval.positive_class)
+    probe = scalar_metrics(compute_metrics(np.eye(num_classes, dtype=np.float32), np.arange(num_classes),
+                                           np.zeros(num_classes), eval_task, data.classes, topk=cfg.eval.topk))
+    if cfg.eval.monitor not in probe or cfg.eval.monitor in ("num_samples", "threshold"):
         raise ConfigError(f"eval.monitor '{cfg.eval.monitor}' is not a {kind} metric; choose one of "
                           f"{sorted(k for k in probe if k not in ('num_samples', 'threshold'))}")
 
@@ -119,8 +102,7 @@ def train(cfg: Config) -> dict:
     train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                           generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None,
                           drop_last=False, **loader_kw)
-    eval_batch = cfg.eval.batch_size or 2 * cfg.train.batch_size
-    val_dl = DataLoader(val_set, batch_size=eval_batch, shuffle=False, **loader_kw)
+    eval_batch = cfg.eval.batch_size or 2 * cfg.train.batch_size  # per process; no gradients, so larger
 
     # ---- model and optimizer ----
     small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
@@ -130,7 +112,7 @@ def train(cfg: Config) -> dict:
     model = model.to(memory_format=memory_format)
     opt = build_optimizer(model, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum,
                           cfg.optim.nesterov, cfg.optim.betas)
-    model, opt, train_dl, val_dl = acc.prepare(model, opt, train_dl, val_dl)
+    model, opt, train_dl = acc.prepare(model, opt, train_dl)
 
     # ---- derived numbers (all in optimizer updates, so the schedule ignores the process count) ----
     steps_per_epoch = len(train_dl)  # per-process micro-batches
@@ -146,7 +128,7 @@ def train(cfg: Config) -> dict:
                      cfg.optim.min_lr_ratio, milestones, cfg.optim.step_gamma)
 
     # ---- run directory (created only now: bad input above has written nothing) ----
-    meta = model_meta(cfg, task, data.classes, data.mean, data.std, small_stem)
+    meta = model_meta(cfg, task, data.classes, data.mean, data.std, small_stem, positive_index)
     derived = {"processes": acc.num_processes, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                "per_device_batch": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
                "global_batch": global_batch * cfg.train.grad_accum_steps, "steps_per_epoch": steps_per_epoch,
@@ -174,7 +156,7 @@ def train(cfg: Config) -> dict:
 
     # ---- the step loop ----
     update, samples_seen = 0, 0
-    best_value, best_metrics, last_metrics = None, None, None
+    best_value, best_metrics, last_metrics, last_outputs = None, None, None, None
     loss_sum = torch.zeros((), device=acc.device)  # on device: .item() would sync every step
     loss_count, log_from_update, t_log, samples_at_log = 0, 0, time.time(), 0
     sign = 1 if higher_is_better(cfg.eval.monitor) else -1
@@ -196,21 +178,36 @@ def train(cfg: Config) -> dict:
         loss_sum, loss_count, log_from_update, t_log, samples_at_log = loss_sum * 0, 0, update, now, samples_seen
         return mean_loss
 
-    def evaluate(epoch_float: float) -> dict:
+    def save_model(target: Path, metrics: dict, outputs: dict) -> None:
+        """Main process: export weights + model.json (with the threshold used), then its eval report and plots."""
+        export_model(acc.unwrap_model(model), target, {**meta, "threshold": metrics.get("threshold"), "step": update,
+                                                       "metrics": scalar_metrics(metrics)})
+        write_eval_report(target, metrics, outputs["probs"], outputs["labels"], data.classes, kind, positive_index)
+
+    def evaluate(epoch_float: float) -> tuple:
+        """Score the whole val split; every rank gets the same metrics; a new best is exported to best/."""
         nonlocal best_value, best_metrics
-        out = collect_outputs(model, val_dl, eval_task, acc)
-        metrics = compute_metrics(out["probs"], out["labels"], out["losses"], eval_task, cfg.eval.threshold,
-                                  cfg.eval.topk)
+        outputs = collect_outputs(model, val_set, eval_task, acc, eval_batch, cfg.data.num_workers, memory_format)
+        result = [None]
+        if acc.is_main_process:
+            try:
+                result = [score_outputs(outputs, eval_task, data.classes, cfg.eval.threshold, cfg.eval.topk,
+                                        positive_index, cfg.eval.threshold_tuning, cfg.eval.target_recall)]
+            except TrainerError as err:  # raised on every rank below, so none waits for the others
+                result = [str(err)]
+        broadcast_object_list(result)
+        if isinstance(result[0], str):
+            raise TrainerError(result[0])
+        metrics = result[0]
         tracker.log({"type": "eval", "split": "val", "step": update, "epoch": round(epoch_float, 4),
-                     "samples_seen": samples_seen, **metrics})
-        value = metrics[cfg.eval.monitor]
-        if best_value is None or sign * value > sign * best_value:
+                     "samples_seen": samples_seen, **scalar_metrics(metrics)})
+        value = metrics.get(cfg.eval.monitor)
+        if value is not None and (best_value is None or sign * value > sign * best_value):
             best_value, best_metrics = value, metrics
             if acc.is_main_process:
-                export_model(acc.unwrap_model(model), run_dir / "best",
-                             {**meta, "step": update, "metrics": metrics})
-        say(f"[eval] step {update} epoch {epoch_float:.2f}: {format_metrics(metrics)}")
-        return metrics
+                save_model(run_dir / "best", metrics, outputs)
+        say(f"[eval] step {update} epoch {epoch_float:.2f}: {headline(metrics)}")
+        return metrics, outputs
 
     # a bar on a terminal; in a log file (SLURM, CI) a plain line per log step instead
     show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
@@ -251,24 +248,31 @@ def train(cfg: Config) -> dict:
             log_train(epoch_float)
         last_epoch = done or epoch == cfg.train.epochs - 1
         if last_epoch or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0):
-            last_metrics = evaluate(epoch_float)
+            last_metrics, last_outputs = evaluate(epoch_float)
         if done:
             break
 
-    # ---- export and summary ----
+    # ---- export, reports and summary ----
     if acc.is_main_process:
-        export_model(acc.unwrap_model(model), run_dir / "model", {**meta, "step": update, "metrics": last_metrics})
+        save_model(run_dir / "model", last_metrics, last_outputs)
+        curves = run_dir / "plots" / "training_curves.png"
+        plot_training_curves(run_dir / "metrics.jsonl", curves)
+        tracker.log_images({"plots/training_curves": curves,
+                            **{f"plots/{p.stem}": p for p in sorted((run_dir / "model" / "plots").glob("*.png"))}},
+                           step=update)
     summary = {"run_dir": str(run_dir), "task": kind, "updates": update, "samples_seen": samples_seen,
-               "final": last_metrics, "best": best_metrics, "monitor": cfg.eval.monitor,
-               "seconds": round(time.time() - t_start, 1)}
+               "final": scalar_metrics(last_metrics), "best": scalar_metrics(best_metrics or {}),
+               "monitor": cfg.eval.monitor, "seconds": round(time.time() - t_start, 1)}
     if acc.is_main_process:
         write_json(run_dir / "summary.json", summary)
+    say(f"[trainer] final model on the val split:\n{format_summary(last_metrics, data.classes, kind)}")
+    best_text = "n/a" if best_value is None else f"{best_value:.4f}"
     say(f"[trainer] done in {summary['seconds']} s: val accuracy {last_metrics['accuracy']:.4f} "
-        f"(best {cfg.eval.monitor} {best_value:.4f}) on {last_metrics['num_samples']} images")
+        f"(best {cfg.eval.monitor} {best_text}) on {last_metrics['num_samples']} images")
     say(f"[trainer] run directory: {run_dir}  (final model: {run_dir / 'model'}, best: {run_dir / 'best'})")
     # release DDP and the process group in this order: avoids gloo's abort at interpreter exit
     tracker.close()
-    del model, opt, train_dl, val_dl
+    del model, opt, train_dl
     acc.free_memory()
     acc.end_training()
     return summary

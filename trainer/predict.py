@@ -50,6 +50,7 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
     classes = meta["classes"]
     task = Task(meta["task"], len(classes))
     threshold = (meta.get("threshold") or 0.5) if threshold is None else threshold
+    positive_index = classes.index(meta["positive_class"]) if meta.get("positive_class") else 1
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
     paths = list_images(inputs)
     rows = []
@@ -64,9 +65,9 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
             except Exception as err:
                 raise TrainerError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
         probs = task.probabilities(model(torch.stack(images).to(device))).cpu()
-        labels = task.predict(probs, threshold)
+        labels = task.predict(probs, threshold, positive_index)
         for path, p, label in zip(chunk, probs.tolist(), labels.tolist()):
-            rows.append([path, classes[label]] + [f"{v:.8g}" for v in p])
+            rows.append([path, classes[label]] + [f"{v:.9g}" for v in p])  # 9 digits: float32 round-trips exactly
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

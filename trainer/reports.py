@@ -46,23 +46,23 @@ def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path) -
     counts = np.asarray(cm, dtype=float).reshape(len(classes), len(classes))
     n = len(classes)
     side = min(max(4.5, 0.28 * n + 2.5), 16.0)  # inches per panel: grows with the class count, then caps
-    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2, side + 1))
-    _draw_matrix(axes[0], counts, classes, "Counts", "{:.0f}")
-    _draw_matrix(axes[1], row_normalise(counts), classes, "Row-normalised (fraction of true class)", "{:.2f}",
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2, side + 1), layout="constrained")
+    _draw_matrix(axes[0], counts, classes, side, "Counts", "{:.0f}")
+    _draw_matrix(axes[1], row_normalise(counts), classes, side, "Row-normalised (fraction of true class)", "{:.2f}",
                  vmax=1.0)
     _save(fig, path)
 
 
-def _draw_matrix(ax, values: np.ndarray, classes: list[str], title: str, fmt: str,
+def _draw_matrix(ax, values: np.ndarray, classes: list[str], side: float, title: str, fmt: str,
                  vmax: Optional[float] = None) -> None:
     n = len(classes)
     top = vmax if vmax is not None else max(float(values.max(initial=0)), 1.0)
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=top, interpolation="nearest")
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.figure.colorbar(image, ax=ax, shrink=0.8)
     ax.set_title(title)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
-    _set_class_ticks(ax, classes)
+    _set_class_ticks(ax, classes, side)
     if n <= CM_NUMBERS_MAX_CLASSES:
         size = 10 if n <= 10 else 7
         for (i, j), v in np.ndenumerate(values):
@@ -71,12 +71,12 @@ def _draw_matrix(ax, values: np.ndarray, classes: list[str], title: str, fmt: st
                     color="white" if v > top / 2 else "black")
 
 
-def _set_class_ticks(ax, classes: list[str]) -> None:
+def _set_class_ticks(ax, classes: list[str], side: float) -> None:
     n = len(classes)
     step = max(1, math.ceil(n / 80))  # past ~80 labels they overlap even at the smallest font: label every k-th
     ticks = np.arange(0, n, step)
     names = [_short(classes[i]) for i in ticks]
-    size = 10 if n <= 10 else 8 if n <= 24 else max(5, int(240 / n))
+    size = float(np.clip(0.4 * side * 72 / len(ticks), 5, 10))  # a fraction of the row height, in points
     longest = max((len(s) for s in names), default=0)
     rotation = 0 if n <= 4 and longest <= 8 else 90 if n > 30 else 45
     ax.set_xticks(ticks, names, rotation=rotation, ha="right" if rotation == 45 else "center",
@@ -157,7 +157,7 @@ def _plot_curves(style: _CurveStyle, probs, labels, classes: list[str], kind: st
     curves, skipped = _one_vs_rest(probs, labels, classes, kind, positive_index)
     many = len(curves) > CURVE_LEGEND_MAX_CLASSES
     legend_outside = not many and len(curves) > 8
-    fig, ax = plt.subplots(figsize=(9.5 if legend_outside else 6.5, 5.5))
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))  # an outside legend widens the saved image (bbox_inches="tight")
     colors = _curve_colors(len(curves))
     scores = []
     for (name, y, score), color in zip(curves, colors):
@@ -213,7 +213,7 @@ def plot_training_curves(metrics_jsonl: Path, path: Path) -> bool:
     if not train and not evals:
         return False
     splits = sorted({str(r.get("split", "eval")) for r in evals})
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True, layout="constrained")
     _plot_series(ax_loss, train, "loss", "train loss", lw=1.0)
     for split in splits:
         split_rows = [r for r in evals if str(r.get("split", "eval")) == split]

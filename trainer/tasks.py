@@ -64,7 +64,9 @@ class Task:
             return torch.stack([1 - p, p], dim=1)
         return torch.softmax(logits, dim=1)
 
-    def predict(self, probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    def predict(self, probs: torch.Tensor, threshold: float = 0.5, positive_index: int = 1) -> torch.Tensor:
+        """Class indices: binary = the positive class when P(positive) >= threshold; multiclass = argmax."""
         if self.kind == "binary":
-            return (probs[:, 1] >= threshold).long()
+            positive = probs[:, positive_index] >= threshold
+            return torch.where(positive, positive_index, 1 - positive_index).long()
         return probs.argmax(dim=1)

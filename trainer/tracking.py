@@ -93,6 +93,15 @@ class Tracker:
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
             self.accelerator.log(numbers, step=row["step"])
 
+    def log_images(self, images: dict, step: int) -> None:
+        """PNG files as W&B images (main process, W&B on); metrics.jsonl keeps only numbers."""
+        if not (self.is_main and self.use_wandb):
+            return
+        import wandb
+
+        self.accelerator.log({name: wandb.Image(str(path)) for name, path in images.items() if Path(path).is_file()},
+                             step=step)
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()

@@ -1,0 +1,242 @@
+"""trainer.reports: eval.json round-trips, every plot is a real, readable PNG, training curves from
+metrics.jsonl, and the terminal summary. Metrics dicts are built by hand so these tests do not depend on
+trainer.metrics."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer.reports import (format_summary, plot_confusion_matrix, plot_pr, plot_roc, plot_training_curves,
+                             row_normalise, write_eval_report)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), path
+    assert 5_000 <= len(data) <= 2_000_000, (path, len(data))
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:  # verify() leaves the image unusable; reopen for the size
+        assert img.format == "PNG"
+        assert img.width >= 200 and img.height >= 200, img.size
+
+
+def random_probs(rng: np.random.Generator, n: int, c: int) -> np.ndarray:
+    raw = rng.random((n, c)) + 1e-3
+    return raw / raw.sum(axis=1, keepdims=True)
+
+
+def per_class_rows(classes, roc_auc=True):
+    rows = []
+    for i, name in enumerate(classes):
+        row = {"class": name, "precision": 0.5 + i / 100, "recall": 0.25, "f1": 1 / 3, "support": 10 + i}
+        if roc_auc:
+            row["roc_auc"] = None if i == 0 else 0.75
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def binary_case():
+    rng = np.random.default_rng(0)
+    classes = ["cat", "dog"]
+    labels = rng.integers(0, 2, 60)
+    probs = random_probs(rng, 60, 2)
+    metrics = {
+        "num_samples": np.int64(60), "loss": 0.69, "log_loss": np.float64(0.6931), "accuracy": 0.5,
+        "balanced_accuracy": 0.51, "precision": 0.48, "recall": 0.52, "specificity": 0.49, "f1": 0.5,
+        "roc_auc": np.float32(0.5), "pr_auc": None, "threshold": 0.5, "positive_class": "dog",
+        "confusion_matrix": np.array([[15, 14], [16, 15]]), "per_class": per_class_rows(classes, roc_auc=False),
+    }
+    return metrics, probs, labels, classes
+
+
+@pytest.fixture
+def multiclass_case():
+    rng = np.random.default_rng(1)
+    classes = ["apple", "banana", "cherry", "durian"]
+    labels = rng.choice([0, 1, 3], 80)  # cherry never occurs
+    probs = random_probs(rng, 80, 4)
+    cm = np.zeros((4, 4), dtype=int)
+    np.add.at(cm, (labels, probs.argmax(axis=1)), 1)
+    metrics = {
+        "num_samples": 80, "loss": 1.4, "log_loss": 1.39, "accuracy": 0.25, "top5_accuracy": 1.0,
+        "top2_accuracy": 0.5, "balanced_accuracy": 0.26, "precision_macro": 0.2, "recall_macro": 0.2,
+        "f1_macro": 0.2, "precision_weighted": 0.24, "recall_weighted": 0.25, "f1_weighted": 0.24,
+        "roc_auc": None, "roc_auc_absent_classes": ["cherry"], "confusion_matrix": cm.tolist(),
+        "per_class": per_class_rows(classes),
+    }
+    return metrics, probs, labels, classes
+
+
+def plain(obj):
+    """What a JSON round-trip of obj should give: numpy values as Python values."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else o.item()))
+
+
+@pytest.mark.parametrize("case, kind", [("binary_case", "binary"), ("multiclass_case", "multiclass")])
+def test_write_eval_report_writes_json_and_valid_plots(case, kind, tmp_path, request):
+    metrics, probs, labels, classes = request.getfixturevalue(case)
+    out = tmp_path / "report" / "nested"  # the folder does not exist yet
+    paths = write_eval_report(out, metrics, probs, labels, classes, kind)
+    assert set(paths) == {"eval", "confusion_matrix", "roc_curve", "pr_curve"}
+    assert paths["eval"] == out / "eval.json"
+    loaded = json.loads(paths["eval"].read_text())
+    assert loaded == plain(metrics)
+    assert isinstance(loaded["num_samples"], int)
+    assert loaded["confusion_matrix"] == np.asarray(metrics["confusion_matrix"]).tolist()
+    for key in ("confusion_matrix", "roc_curve", "pr_curve"):
+        assert paths[key].parent == out / "plots"
+        assert_valid_png(paths[key])
+    assert not list(out.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_custom_name_and_positive_index_zero(binary_case, tmp_path):
+    metrics, probs, labels, classes = binary_case
+    paths = write_eval_report(tmp_path, metrics, probs, labels, classes, "binary", positive_index=0,
+                              name="test.json")
+    assert paths["eval"] == tmp_path / "test.json"
+    assert json.loads(paths["eval"].read_text())["accuracy"] == 0.5
+    assert_valid_png(paths["roc_curve"])
+
+
+def test_empty_split_writes_only_json(multiclass_case, tmp_path):
+    metrics, _, _, classes = multiclass_case
+    empty = {**metrics, "num_samples": 0, "confusion_matrix": [[0] * 4 for _ in range(4)]}
+    paths = write_eval_report(tmp_path, empty, np.zeros((0, 4)), np.zeros(0, dtype=int), classes, "multiclass")
+    assert paths == {"eval": tmp_path / "eval.json"}
+    assert json.loads(paths["eval"].read_text())["num_samples"] == 0
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["eval.json"]
+
+
+def test_empty_split_removes_plots_of_an_earlier_eval(multiclass_case, tmp_path):
+    metrics, probs, labels, classes = multiclass_case
+    write_eval_report(tmp_path, metrics, probs, labels, classes, "multiclass")
+    assert (tmp_path / "plots" / "roc_curve.png").is_file()
+    write_eval_report(tmp_path, {**metrics, "num_samples": 0}, probs[:0], labels[:0], classes, "multiclass")
+    assert not list((tmp_path / "plots").glob("*.png"))
+
+
+def test_curves_skip_absent_class_without_warnings(multiclass_case, tmp_path):
+    _, probs, labels, classes = multiclass_case
+    # sklearn warns (and returns NaN) when a one-vs-rest target has no positives: the absent class must be skipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_roc(probs, labels, classes, "multiclass", tmp_path / "roc.png")
+        plot_pr(probs, labels, classes, "multiclass", tmp_path / "pr.png")
+    assert_valid_png(tmp_path / "roc.png")
+    assert_valid_png(tmp_path / "pr.png")
+
+
+def test_binary_curves_with_one_class_only_do_not_fail(tmp_path):
+    probs = random_probs(np.random.default_rng(2), 20, 2)
+    labels = np.zeros(20, dtype=int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_roc(probs, labels, ["cat", "dog"], "binary", tmp_path / "roc.png")
+        plot_pr(probs, labels, ["cat", "dog"], "binary", tmp_path / "pr.png")
+    assert_valid_png(tmp_path / "roc.png")
+    assert (tmp_path / "pr.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_row_normalise_keeps_zero_row_zero_without_warnings(tmp_path):
+    cm = [[3, 1, 0], [0, 0, 0], [2, 2, 4]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        norm = row_normalise(cm)
+        plot_confusion_matrix(cm, ["a", "b", "c"], tmp_path / "cm.png")
+    np.testing.assert_allclose(norm, [[0.75, 0.25, 0], [0, 0, 0], [0.25, 0.25, 0.5]])
+    assert np.isfinite(norm).all()
+    assert_valid_png(tmp_path / "cm.png")
+
+
+def test_many_classes_report_and_summary(tmp_path):
+    rng = np.random.default_rng(3)
+    classes = [f"class_{i:02d}_with_a_rather_long_name" for i in range(60)]
+    labels = rng.integers(0, 59, 600)  # the last class is absent
+    probs = random_probs(rng, 600, 60)
+    cm = np.zeros((60, 60), dtype=int)
+    np.add.at(cm, (labels, probs.argmax(axis=1)), 1)
+    metrics = {"num_samples": 600, "accuracy": 0.02, "confusion_matrix": cm, "per_class": per_class_rows(classes)}
+    paths = write_eval_report(tmp_path, metrics, probs, labels, classes, "multiclass")
+    for key in ("confusion_matrix", "roc_curve", "pr_curve"):
+        assert_valid_png(paths[key])
+    text = format_summary(metrics, classes, "multiclass")
+    assert "class_49_with_a_rather_long_name"[:29] in text
+    assert "class_50" not in text
+    assert "10 more classes omitted" in text
+
+
+def write_metrics_jsonl(path: Path) -> None:
+    lines = []
+    for step in range(1, 21):
+        lines.append(json.dumps({"type": "train", "step": step, "epoch": step / 10, "samples_seen": step * 32,
+                                 "lr": 0.001 * min(1.0, step / 5), "loss": 2.0 / step, "throughput": 500.0}))
+        if step % 10 == 0:
+            lines.append(json.dumps({"type": "eval", "split": "val", "step": step, "epoch": step / 10,
+                                     "samples_seen": step * 32, "num_samples": 50, "loss": 1.5 / step,
+                                     "accuracy": step / 25, "per_class": []}))
+    lines.insert(3, "{not json")  # malformed lines are ignored
+    lines.append('{"type": "train", "step": 21, "loss"')  # a torn last line
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_plot_training_curves(tmp_path):
+    jsonl = tmp_path / "metrics.jsonl"
+    write_metrics_jsonl(jsonl)
+    out = tmp_path / "plots" / "training_curves.png"
+    assert plot_training_curves(jsonl, out) is True
+    assert_valid_png(out)
+
+
+def test_plot_training_curves_without_data_writes_nothing(tmp_path):
+    out = tmp_path / "curves.png"
+    assert plot_training_curves(tmp_path / "missing.jsonl", out) is False
+    (tmp_path / "empty.jsonl").write_text("")
+    assert plot_training_curves(tmp_path / "empty.jsonl", out) is False
+    (tmp_path / "junk.jsonl").write_text("not json\n[1, 2]\n")
+    assert plot_training_curves(tmp_path / "junk.jsonl", out) is False
+    assert not out.exists()
+
+
+def test_format_summary_binary(binary_case):
+    metrics, _, _, classes = binary_case
+    text = format_summary(metrics, classes, "binary")
+    headline = text.split("\npositive class")[0]
+    for key in ("num_samples=60", "accuracy=0.5000", "specificity=0.4900", "roc_auc=0.5000", "pr_auc=n/a",
+                "log_loss=0.6931", "threshold=0.5000"):
+        assert key in headline
+    assert "positive class: dog" in text
+    for name in classes:
+        assert name in text
+    header = next(line for line in text.splitlines() if line.startswith("class"))
+    assert header.split() == ["class", "precision", "recall", "f1", "support"]
+
+
+def test_format_summary_multiclass(multiclass_case):
+    metrics, _, _, classes = multiclass_case
+    text = format_summary(metrics, classes, "multiclass")
+    assert "roc_auc=n/a" in text
+    assert text.index("top2_accuracy") < text.index("top5_accuracy") < text.index("balanced_accuracy")
+    assert "precision_macro" not in text  # not a headline metric
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("class"))
+    table = lines[header:header + 1 + len(classes)]
+    assert [line.split()[0] for line in table[1:]] == classes
+    assert table[1].split()[-1] == "n/a"  # apple's per-class roc_auc is None
+    assert table[2].split()[1:] == ["0.5100", "0.2500", "0.3333", "11", "0.7500"]
+    assert len({len(line) for line in table}) == 1, "columns are not aligned"
+
+
+def test_format_summary_tolerates_missing_keys():
+    assert format_summary({}, ["a", "b"], "multiclass")
+    text = format_summary({"accuracy": 0.9}, ["a", "b"], "binary")
+    assert "accuracy=0.9000" in text and "roc_auc" not in text

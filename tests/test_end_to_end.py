@@ -120,6 +120,22 @@ def test_wandb_offline_logs_through_accelerate(tiny, tmp_path):
     assert list((tmp_path / "run").rglob("*.wandb")), "no offline W&B run file"
 
 
+def test_tuned_threshold_is_stored_and_used_by_eval_and_predict(tiny, tmp_path):
+    overrides = tiny("binary", **{"eval.threshold_tuning": "max_f1", "train.max_steps": 6})
+    summary = train(load_config(None, overrides))
+    run_dir = Path(summary["run_dir"])
+    meta = json.loads((run_dir / "model" / "model.json").read_text())
+    tuned = meta["threshold"]
+    assert tuned != 0.5 and json.loads((run_dir / "model" / "eval.json").read_text())["threshold"] == tuned
+    res = run_cli("eval", "--model", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((run_dir / "eval.json").read_text())["threshold"] == tuned
+    out = tmp_path / "p.csv"
+    assert run_cli("predict", "--model", str(run_dir), str(tmp_path / "gen-binary" / "val"), "--output", str(out)).returncode == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["label"] for r in rows] == [meta["classes"][int(float(r["prob_square"]) >= tuned)] for r in rows]
+
+
 def test_refuses_to_overwrite_a_run(binary_run):
     tmp, run_dir, _ = binary_run
     res = run_cli("train", "configs/quickstart_binary.yaml", *tiny_overrides(tmp, "binary"), f"run.dir={run_dir}")

@@ -177,21 +177,32 @@ def tune_threshold(score: np.ndarray, y: np.ndarray, criterion: str, target_reca
     """
     if not 0 < y.sum() < len(y):
         raise TrainerError("threshold tuning needs both classes in the validation split")
-    score = score.astype(np.float64)
+    score64 = score.astype(np.float64)
     if criterion == "youden":
-        fpr, tpr, thr = skm.roc_curve(y, score)
-        finite = np.isfinite(thr)
-        j = np.where(finite, tpr - fpr, -np.inf)
-        return float(thr[int(np.argmax(j))])
-    precision, recall, thr = skm.precision_recall_curve(y, score)
-    precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
-    if criterion == "max_f1":
-        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0)
-        return float(thr[int(np.argmax(f1))])
-    if criterion == "target_recall":
-        ok = recall >= target_recall
-        return float(thr[ok].max())  # recall(min threshold) = 1, so ok is never empty
-    raise ValueError(f"unknown threshold criterion {criterion}; valid: {THRESHOLD_CRITERIA}")
+        fpr, tpr, thr = skm.roc_curve(y, score64)
+        j = np.where(np.isfinite(thr), tpr - fpr, -np.inf)
+        chosen = thr[int(np.argmax(j))]
+    elif criterion in ("max_f1", "target_recall"):
+        precision, recall, thr = skm.precision_recall_curve(y, score64)
+        precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
+        if criterion == "max_f1":
+            f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-300), 0)
+            chosen = thr[int(np.argmax(f1))]
+        else:
+            chosen = thr[recall >= target_recall].max()  # recall at the lowest threshold is 1: never empty
+    else:
+        raise ValueError(f"unknown threshold criterion {criterion}; valid: {THRESHOLD_CRITERIA}")
+    return _between_scores(score, float(chosen))
+
+
+def _between_scores(score: np.ndarray, chosen: float) -> float:
+    """A threshold that classifies the split exactly as `chosen` (one of the scores) does, but sits halfway to
+    the next lower score and is a float32 number: no sample lies on it, so predictions do not depend on how
+    probabilities were rounded or printed (float32 on device, float64 in a CSV)."""
+    below = score[score < chosen]
+    lower = float(below.max()) if below.size else 0.0
+    mid = float(np.float32((lower + chosen) / 2))
+    return mid if lower < mid < chosen else chosen
 
 
 def higher_is_better(metric: str) -> bool:

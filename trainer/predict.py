@@ -67,7 +67,7 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
         probs = task.probabilities(model(torch.stack(images).to(device))).cpu()
         labels = task.predict(probs, threshold, positive_index)
         for path, p, label in zip(chunk, probs.tolist(), labels.tolist()):
-            rows.append([path, classes[label]] + [f"{v:.9g}" for v in p])  # 9 digits: float32 round-trips exactly
+            rows.append([path, classes[label]] + [repr(v) for v in p])  # exact: parses back to the same number
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -136,11 +136,22 @@ def test_tuned_threshold_is_stored_and_used_by_eval_and_predict(tiny, tmp_path):
     assert [r["label"] for r in rows] == [meta["classes"][int(float(r["prob_square"]) >= tuned)] for r in rows]
 
 
-def test_refuses_to_overwrite_a_run(binary_run):
+def test_same_command_on_a_finished_run_changes_nothing(binary_run):
     tmp, run_dir, _ = binary_run
-    res = run_cli("train", "configs/quickstart_binary.yaml", *tiny_overrides(tmp, "binary"), f"run.dir={run_dir}")
+    before = (run_dir / "model" / "model.safetensors").stat().st_mtime_ns
+    res = run_cli("train", "configs/quickstart_binary.yaml", *tiny_overrides(tmp, "binary", **{
+        "data.generated.train_per_class": 400, "data.generated.val_per_class": 31}), f"run.dir={run_dir}")
+    assert res.returncode == 0 and "already complete" in res.stdout, res.stdout + res.stderr
+    assert (run_dir / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_refuses_a_non_empty_folder_that_is_not_a_run(tiny, tmp_path):
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    res = run_cli("train", "-", *tiny(**{"run.dir": str(other)}))
     assert res.returncode == 2 and "already exists" in res.stderr
-    assert (run_dir / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
 def test_multiclass_run_with_accumulation_and_bf16(tmp_path):

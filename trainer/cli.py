@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from trainer.errors import TrainerError
 
+EXIT_STOPPED = 3  # stopped on request (signal) after saving a checkpoint: run the same command to resume
 USAGE_EXAMPLES = """examples:
   trainer train configs/quickstart_multiclass.yaml train.epochs=3 optim.lr=0.01
   accelerate launch --multi_gpu --num_processes 2 -m trainer train configs/quickstart_binary.yaml
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model from a recipe plus key=value overrides")
     t.add_argument("recipe", help="YAML recipe (configs/*.yaml), or - for the defaults")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=0.01 train.epochs=5")
+    t.add_argument("--resume", metavar="PATH", help="resume from this checkpoint folder or run folder "
+                   "(same as run.resume=PATH; by default an existing run.dir resumes from its latest checkpoint)")
     e = sub.add_parser("eval", help="evaluate an exported model on a dataset split; writes eval.json")
     e.add_argument("--model", required=True, help="a run folder or an exported model folder")
     e.add_argument("--output", help="where to write eval.json (default: the model's run folder)")
@@ -49,11 +52,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
+            from trainer import requests
+
+            # first thing: from here on SIGTERM/SIGUSR1 mean "save at the next step and stop", never a lost run
+            requests.install_signal_handlers()
             from trainer.config import load_config
             from trainer.loop import train
 
-            cfg = load_config(None if args.recipe == "-" else args.recipe, args.overrides)
-            train(cfg)
+            overrides = args.overrides + ([f"run.resume={args.resume}"] if args.resume else [])
+            cfg = load_config(None if args.recipe == "-" else args.recipe, overrides)
+            if train(cfg).get("stopped"):
+                sys.exit(EXIT_STOPPED)
         elif args.command == "eval":
             from trainer.evaluate import run_eval
 

@@ -121,10 +121,21 @@ class WandbCfg:
 
 
 @dataclass
+class CheckpointCfg:
+    every_steps: int = 0  # optimizer updates between checkpoints; 0 = only per epoch / at the end / on request
+    every_epochs: int = 1  # epochs between checkpoints; 0 = none per epoch
+    keep_last: int = 2  # newest checkpoints kept; the one latest.json names and the best are never deleted
+    keep_best: bool = True  # also keep the checkpoint taken at the best eval.monitor value
+
+
+@dataclass
 class RunCfg:
     dir: Optional[str] = None  # run directory; null = runs/<name>-<timestamp>
     name: Optional[str] = None  # null = the recipe's file name
-    overwrite: bool = False  # allow writing into an existing run directory (its old contents are removed)
+    # An existing run directory with a checkpoint is resumed from its latest one (the same command continues
+    # the run); overwrite=true deletes it and starts over; anything else refuses to touch it.
+    overwrite: bool = False
+    resume: Optional[str] = None  # a checkpoint folder (or a run directory) to resume from instead
 
 
 @dataclass
@@ -137,6 +148,7 @@ class Config:
     train: TrainCfg = field(default_factory=TrainCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
@@ -205,6 +217,11 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
+    for key in ("every_steps", "every_epochs", "keep_last"):
+        if getattr(cfg.checkpoint, key) < 0:
+            raise ConfigError(f"checkpoint.{key} must be >= 0, got {getattr(cfg.checkpoint, key)}")
+    if cfg.run.resume and cfg.run.overwrite:
+        raise ConfigError("run.resume and run.overwrite=true contradict each other: choose one")
     if cfg.eval.batch_size is not None and cfg.eval.batch_size <= 0:
         raise ConfigError(f"eval.batch_size must be > 0, got {cfg.eval.batch_size}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:

@@ -1,23 +1,30 @@
 """`train(cfg)`: the one training loop, top to bottom.
 
-setup (accelerator, data, task, model, optimizer, run directory) -> step loop (forward, backward, clip,
-step with lr from `lr_at`) -> periodic blocks (log, evaluate, export best) -> export the final model.
+setup (accelerator, data, task, model, optimizer) -> run directory, new or resumed from its latest
+checkpoint -> step loop (forward, backward, clip, step with lr from `lr_at`) -> periodic blocks (log,
+checkpoint, evaluate, export best) -> export the final model and its reports.
+
+Resuming is exact: the shuffle order is a pure function of (seed, epoch), augmentation of (seed, epoch,
+sample), and the checkpoint holds everything else (weights, optimizer, every rank's RNG, the position in
+the epoch, the logging accumulators), so a resumed run continues bit for bit.
 """
 from __future__ import annotations
 
+import json
 import math
-import os
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from trainer import requests
+from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, find_resume, read_checkpoint,
+                                restore_rng, rotate, write_checkpoint)
 from trainer.config import Config, to_dict, to_yaml
 from trainer.data import build_data, class_balanced_sampler
 from trainer.distributed import make_accelerator
@@ -30,7 +37,7 @@ from trainer.optim import build_optimizer, lr_at
 from trainer.tasks import Task, class_weights, resolve_task
 from trainer.reports import format_summary, plot_training_curves, write_eval_report
 from trainer.tracking import (Tracker, check_run_dir_free, create_run_dir, default_run_dir, environment,
-                              write_json)
+                              new_run_id, truncate_rows, write_json)
 
 
 def model_meta(cfg: Config, task: Task, classes, mean, std, small_input_stem: bool, positive_index: int) -> dict:
@@ -59,7 +66,10 @@ def train(cfg: Config) -> dict:
     broadcast_object_list(run_dir)  # one name for all ranks, even with timestamps
     run_dir = Path(run_dir[0])
     cfg.run.dir = str(run_dir)
-    check_run_dir_free(run_dir, cfg.run.overwrite)  # every rank checks before anyone creates it
+    resume_from = find_resume(run_dir, cfg.run.resume, cfg.run.overwrite)
+    in_place = resume_from is not None and run_dir.resolve() in resume_from.resolve().parents
+    if not in_place:
+        check_run_dir_free(run_dir, cfg.run.overwrite)  # every rank checks before anyone creates it
     acc.wait_for_everyone()
 
     # ---- data ----
@@ -127,6 +137,32 @@ def train(cfg: Config) -> dict:
         return lr_at(update, total_updates, cfg.optim.lr, warmup_updates, cfg.optim.schedule,
                      cfg.optim.min_lr_ratio, milestones, cfg.optim.step_gamma)
 
+    # ---- resume: weights, optimizer, RNG, position (read and checked before anything is written) ----
+    pos = {"epoch": 0, "step_in_epoch": 0, "update": 0, "samples_seen": 0, "metrics_rows": 0,
+           "best": None, "log": None, "wandb_run_id": None, "done": False}
+    if resume_from is not None:
+        ckpt = read_checkpoint(resume_from)
+        check_compatible(ckpt, cfg.model.name, kind, data.classes, acc.unwrap_model(model))
+        acc.unwrap_model(model).load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt["state"].get("scaler") and acc.scaler is not None:
+            acc.scaler.load_state_dict(ckpt["state"]["scaler"])
+        saved_world = len(ckpt["state"]["rng"])
+        if saved_world == acc.num_processes:
+            restore_rng(ckpt["rng_tensors"][acc.process_index], ckpt["state"]["rng"][acc.process_index])
+        else:
+            say(f"[trainer] warning: checkpoint written by {saved_world} process(es), resuming on "
+                f"{acc.num_processes}: the data order holds, but random draws (dropout) will differ")
+        pos.update({k: ckpt["state"][k] for k in pos if k in ckpt["state"]})
+        say(f"[trainer] resuming from {resume_from} (update {pos['update']}, epoch {pos['epoch']}, "
+            f"batch {pos['step_in_epoch']} of the epoch)")
+        del ckpt
+    if pos["done"]:
+        say(f"[trainer] {run_dir} is already complete (update {pos['update']}); nothing to do. "
+            f"Pass run.overwrite=true to train it again from scratch")
+        acc.end_training()
+        return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+
     # ---- run directory (created only now: bad input above has written nothing) ----
     meta = model_meta(cfg, task, data.classes, data.mean, data.std, small_stem, positive_index)
     derived = {"processes": acc.num_processes, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
@@ -136,16 +172,27 @@ def train(cfg: Config) -> dict:
                "warmup_updates": warmup_updates, "peak_lr": cfg.optim.lr, "task": kind, "classes": data.classes,
                "train_samples": len(train_set), "val_samples": len(val_set), "train_class_counts": data.train_counts,
                "skipped_images": data.skipped, "data": data.source, "mean": data.mean, "std": data.std}
+    wandb_id = [pos["wandb_run_id"] or new_run_id()]
+    broadcast_object_list(wandb_id)  # one W&B run for the whole training, across restarts
+    wandb_id = wandb_id[0]
+    wandb_seen_step = -1  # W&B already holds the rows up to this step (written before an interruption)
     if acc.is_main_process:
-        create_run_dir(run_dir, cfg.run.overwrite)
+        if in_place:
+            wandb_seen_step = truncate_rows(run_dir / "metrics.jsonl", pos["metrics_rows"])
+        else:
+            create_run_dir(run_dir, cfg.run.overwrite)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        history = json.loads((run_dir / "run.json").read_text()).get("starts", []) if in_place else []
         write_json(run_dir / "run.json", {"derived": derived, "environment": environment(
-            acc.num_processes, str(acc.device), acc.mixed_precision)})
+            acc.num_processes, str(acc.device), acc.mixed_precision), "wandb_run_id": wandb_id,
+            "starts": history + [{"update": pos["update"], "resumed_from": str(resume_from) if resume_from else None,
+                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
     acc.wait_for_everyone()
-    tracker = Tracker(acc, run_dir, cfg.wandb.enabled)
+    tracker = Tracker(acc, run_dir, cfg.wandb.enabled, rows=pos["metrics_rows"], wandb_after_step=wandb_seen_step)
     if cfg.wandb.enabled:
         acc.init_trackers(cfg.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": {
-            "name": run_dir.name, "dir": str(run_dir), "tags": list(cfg.wandb.tags), "entity": cfg.wandb.entity}})
+            "name": run_dir.name, "dir": str(run_dir), "tags": list(cfg.wandb.tags), "entity": cfg.wandb.entity,
+            "id": wandb_id, "resume": "allow"}})
     say(f"[trainer] {kind} | {num_classes} classes | {len(train_set)} train / {len(val_set)} val images | "
         f"model {cfg.model.name}")
     say(f"[trainer] processes={acc.num_processes} device={acc.device} mixed_precision={acc.mixed_precision} "
@@ -155,11 +202,36 @@ def train(cfg: Config) -> dict:
     say(f"[trainer] run directory: {run_dir}")
 
     # ---- the step loop ----
-    update, samples_seen = 0, 0
-    best_value, best_metrics, last_metrics, last_outputs = None, None, None, None
-    loss_sum = torch.zeros((), device=acc.device)  # on device: .item() would sync every step
-    loss_count, log_from_update, t_log, samples_at_log = 0, 0, time.time(), 0
+    update, samples_seen = pos["update"], pos["samples_seen"]
+    best = pos["best"] or {"value": None, "update": None, "metrics": None}
+    last_metrics, last_outputs = None, None
+    log_state = pos["log"] or {"loss_sum": [0.0] * acc.num_processes, "loss_count": 0, "from_update": update}
+    own_sum = log_state["loss_sum"][acc.process_index] if len(log_state["loss_sum"]) == acc.num_processes \
+        else sum(log_state["loss_sum"]) / acc.num_processes  # another process count: keep the mean right
+    # on device: .item() would sync every step; float64 so a resumed sum equals the uninterrupted one exactly
+    loss_sum = torch.tensor(own_sum, dtype=torch.float64, device=acc.device)
+    loss_count, log_from_update = log_state["loss_count"], log_state["from_update"]
+    t_log, samples_at_log = time.time(), samples_seen
     sign = 1 if higher_is_better(cfg.eval.monitor) else -1
+    ckpt_root = run_dir / "checkpoints"
+
+    def save_checkpoint(epoch: int, step_in_epoch: int, done: bool = False) -> None:
+        """Every rank calls this (RNG states are gathered); the main process writes."""
+        per_rank = gather_object([(capture_rng(), loss_sum.item())])  # each rank's RNG and loss accumulator
+        rng = [r for r, _ in per_rank]
+        if acc.is_main_process:
+            state = {"architecture": cfg.model.name, "task": kind, "classes": data.classes,
+                     "epoch": epoch, "step_in_epoch": step_in_epoch, "samples_seen": samples_seen,
+                     "metrics_rows": tracker.rows, "wandb_run_id": wandb_id, "done": done,
+                     "best": {k: (scalar_metrics(v) if k == "metrics" and v else v) for k, v in best.items()},
+                     "log": {"loss_sum": [v for _, v in per_rank], "loss_count": loss_count,
+                             "from_update": log_from_update},
+                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                     "world_size": acc.num_processes}
+            write_checkpoint(ckpt_root, update, acc.unwrap_model(model).state_dict(), opt.state_dict(), rng, state)
+            keep = checkpoint_name(best["update"]) if cfg.checkpoint.keep_best and best["update"] is not None else None
+            rotate(ckpt_root, cfg.checkpoint.keep_last, keep)
+        acc.wait_for_everyone()  # nobody runs ahead (or exits) before the checkpoint is complete
 
     def log_train(epoch_float: float) -> float:
         nonlocal loss_sum, loss_count, log_from_update, t_log, samples_at_log
@@ -186,7 +258,6 @@ def train(cfg: Config) -> dict:
 
     def evaluate(epoch_float: float) -> tuple:
         """Score the whole val split; every rank gets the same metrics; a new best is exported to best/."""
-        nonlocal best_value, best_metrics
         outputs = collect_outputs(model, val_set, eval_task, acc, eval_batch, cfg.data.num_workers, memory_format)
         result = [None]
         if acc.is_main_process:
@@ -202,24 +273,37 @@ def train(cfg: Config) -> dict:
         tracker.log({"type": "eval", "split": "val", "step": update, "epoch": round(epoch_float, 4),
                      "samples_seen": samples_seen, **scalar_metrics(metrics)})
         value = metrics.get(cfg.eval.monitor)
-        if value is not None and (best_value is None or sign * value > sign * best_value):
-            best_value, best_metrics = value, metrics
+        if value is not None and (best["value"] is None or sign * value > sign * best["value"]):
+            best.update(value=value, update=update, metrics=scalar_metrics(metrics))
             if acc.is_main_process:
                 save_model(run_dir / "best", metrics, outputs)
         say(f"[eval] step {update} epoch {epoch_float:.2f}: {headline(metrics)}")
         return metrics, outputs
 
+    def agree_on_requests() -> tuple:
+        """(save, stop) requested on any rank; every rank gets the same answer at the same step."""
+        flags = torch.tensor([float(f) for f in requests.pending()], device=acc.device)
+        if acc.num_processes > 1:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
     # a bar on a terminal; in a log file (SLURM, CI) a plain line per log step instead
     show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
-    done = False
-    for epoch in range(cfg.train.epochs):
+    done, stopped = update >= total_updates, False
+    epoch, step_in_epoch = pos["epoch"], pos["step_in_epoch"]
+    for epoch in range(pos["epoch"], cfg.train.epochs):
+        if done:
+            break
         train_set.set_epoch(epoch)  # per-sample augmentation seeds
         if sampler is not None:
             sampler.set_epoch(epoch)
         train_dl.set_epoch(epoch)  # seedable shuffle order
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+        skip = pos["step_in_epoch"] if epoch == pos["epoch"] else 0  # batches this epoch already trained on
+        loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
+        bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not show_bar, dynamic_ncols=True)
-        for step_in_epoch, (x, y) in enumerate(train_dl):
+        step_in_epoch = skip
+        for x, y in loader:
             x = x.to(memory_format=memory_format)
             with acc.accumulate(model):
                 loss = task.loss(model(x), y)
@@ -234,25 +318,46 @@ def train(cfg: Config) -> dict:
             loss_sum += loss.detach()
             loss_count += 1
             samples_seen += x.shape[0] * acc.num_processes
+            step_in_epoch += 1
             bar.update(1)
-            if acc.sync_gradients:
-                update += 1
-                if update % cfg.train.log_every_steps == 0:
-                    bar.set_postfix(loss=f"{log_train(epoch + (step_in_epoch + 1) / steps_per_epoch):.4f}")
-                if update >= total_updates:
-                    done = True
-                    break
+            if not acc.sync_gradients:
+                continue
+            # ---- an optimizer update is complete: the only place where the run may be saved or stopped ----
+            update += 1
+            if update % cfg.train.log_every_steps == 0:
+                bar.set_postfix(loss=f"{log_train(epoch + step_in_epoch / steps_per_epoch):.4f}")
+            done = update >= total_updates
+            save_now, stopped = agree_on_requests()
+            if not done and (save_now or stopped or (cfg.checkpoint.every_steps
+                                                     and update % cfg.checkpoint.every_steps == 0)):
+                save_checkpoint(epoch, step_in_epoch)
+                requests.clear()
+            if done or stopped:
+                break
         bar.close()
-        epoch_float = epoch + (step_in_epoch + 1) / steps_per_epoch
+        if stopped and not done:
+            break
+        epoch_float = epoch + step_in_epoch / steps_per_epoch
         if loss_count:
             log_train(epoch_float)
         last_epoch = done or epoch == cfg.train.epochs - 1
         if last_epoch or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0):
             last_metrics, last_outputs = evaluate(epoch_float)
-        if done:
-            break
+        if not last_epoch and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
+            save_checkpoint(epoch + 1, 0)
+        done = done or last_epoch
+
+    if stopped and not done:
+        say(f"[trainer] stopped on request at update {update}; checkpoint saved. Run the same command to resume.")
+        tracker.close()
+        del model, opt, train_dl
+        acc.free_memory()
+        acc.end_training()
+        return {"run_dir": str(run_dir), "stopped": True, "updates": update}
 
     # ---- export, reports and summary ----
+    if last_metrics is None:  # resumed after the last evaluation, before the end was saved
+        last_metrics, last_outputs = evaluate(epoch + step_in_epoch / steps_per_epoch)
     if acc.is_main_process:
         save_model(run_dir / "model", last_metrics, last_outputs)
         curves = run_dir / "plots" / "training_curves.png"
@@ -261,12 +366,13 @@ def train(cfg: Config) -> dict:
                             **{f"plots/{p.stem}": p for p in sorted((run_dir / "model" / "plots").glob("*.png"))}},
                            step=update)
     summary = {"run_dir": str(run_dir), "task": kind, "updates": update, "samples_seen": samples_seen,
-               "final": scalar_metrics(last_metrics), "best": scalar_metrics(best_metrics or {}),
-               "monitor": cfg.eval.monitor, "seconds": round(time.time() - t_start, 1)}
+               "final": scalar_metrics(last_metrics), "best": best["metrics"], "monitor": cfg.eval.monitor,
+               "seconds": round(time.time() - t_start, 1)}
     if acc.is_main_process:
         write_json(run_dir / "summary.json", summary)
+    save_checkpoint(cfg.train.epochs, 0, done=True)  # the same command run again now says "complete"
     say(f"[trainer] final model on the val split:\n{format_summary(last_metrics, data.classes, kind)}")
-    best_text = "n/a" if best_value is None else f"{best_value:.4f}"
+    best_text = "n/a" if best["value"] is None else f"{best['value']:.4f}"
     say(f"[trainer] done in {summary['seconds']} s: val accuracy {last_metrics['accuracy']:.4f} "
         f"(best {cfg.eval.monitor} {best_text}) on {last_metrics['num_samples']} images")
     say(f"[trainer] run directory: {run_dir}  (final model: {run_dir / 'model'}, best: {run_dir / 'best'})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import shutil
 import socket
 import subprocess
@@ -73,21 +74,48 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def new_run_id() -> str:
+    """An id for the W&B run, made once per training run and kept across restarts."""
+    return secrets.token_hex(4)
+
+
+def truncate_rows(path: Path, keep: int) -> int:
+    """Cut metrics.jsonl back to its first `keep` rows (those a checkpoint knows of), so a resumed run neither
+    repeats nor skips a step. Returns the highest step in the file before cutting (-1 if none): W&B already
+    has the rows up to there from before the interruption."""
+    if not path.is_file():
+        return -1
+    lines = path.read_text().splitlines()
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut by a crash mid-write
+            pass
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines[:keep]))
+    os.replace(tmp, path)
+    return max(steps, default=-1)
+
+
 class Tracker:
     """metrics.jsonl on the main process, plus W&B through accelerate when enabled."""
 
-    def __init__(self, accelerator, run_dir: Path, use_wandb: bool):
+    def __init__(self, accelerator, run_dir: Path, use_wandb: bool, rows: int = 0, wandb_after_step: int = -1):
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.use_wandb = use_wandb
+        self.rows = rows  # rows in metrics.jsonl so far (checkpoints record it)
+        self.wandb_after_step = wandb_after_step  # rows up to this step reached W&B before a restart
         self.path = run_dir / "metrics.jsonl"
         self._fh = open(self.path, "a", buffering=1) if self.is_main else None  # line-buffered: each row lands whole
 
     def log(self, row: dict) -> None:
+        self.rows += 1  # counted on every rank, so any rank's checkpoint state agrees
         if not self.is_main:
             return
         self._fh.write(json.dumps(row) + "\n")
-        if self.use_wandb:
+        if self.use_wandb and row["step"] > self.wandb_after_step:
             prefix = f"{row['split']}/" if row.get("type") == "eval" else "train/"
             numbers = {prefix + k: v for k, v in row.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}

@@ -68,8 +68,12 @@ def train(cfg: Config) -> dict:
     cfg.run.dir = str(run_dir)
     resume_from = find_resume(run_dir, cfg.run.resume, cfg.run.overwrite)
     in_place = resume_from is not None and run_dir.resolve() in resume_from.resolve().parents
+    # one of our runs that died before its first checkpoint: nothing was saved, so it starts again in place
+    restart = resume_from is None and not cfg.run.overwrite and (run_dir / "run.json").is_file()
+    if restart:
+        say(f"[trainer] {run_dir} has no complete checkpoint yet: starting it again from the beginning")
     if not in_place:
-        check_run_dir_free(run_dir, cfg.run.overwrite)  # every rank checks before anyone creates it
+        check_run_dir_free(run_dir, cfg.run.overwrite or restart)  # every rank checks before anyone creates it
     acc.wait_for_everyone()
 
     # ---- data ----
@@ -180,7 +184,7 @@ def train(cfg: Config) -> dict:
         if in_place:
             wandb_seen_step = truncate_rows(run_dir / "metrics.jsonl", pos["metrics_rows"])
         else:
-            create_run_dir(run_dir, cfg.run.overwrite)
+            create_run_dir(run_dir, cfg.run.overwrite or restart)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         history = json.loads((run_dir / "run.json").read_text()).get("starts", []) if in_place else []
         write_json(run_dir / "run.json", {"derived": derived, "environment": environment(

@@ -34,6 +34,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="a run folder or an exported model folder")
     e.add_argument("--output", help="where to write eval.json (default: the model's run folder)")
     e.add_argument("overrides", nargs="*", help="key=value for data.* and eval.*, e.g. eval.split=test")
+    w = sub.add_parser("sweep", help="expand a sweep file into runs: a SLURM job array or local runs")
+    w.add_argument("sweep_file")
+    w.add_argument("--dir", help="sweep folder (default sweeps/<name>)")
+    how = w.add_mutually_exclusive_group(required=True)
+    how.add_argument("--slurm", metavar="SCRIPT", help="submit as a job array of this sbatch script, "
+                     "e.g. slurm/train.sbatch or slurm/train_cpu.sbatch")
+    how.add_argument("--local", action="store_true", help="run the tasks here, one after another")
+    w.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch argument (repeatable)")
+    a = sub.add_parser("sweep-args", help=argparse.SUPPRESS)  # used by slurm/lib.sh: one task's arguments
+    a.add_argument("sweep_dir")
+    a.add_argument("index", type=int)
+    c = sub.add_parser("collect", help="table of a sweep's runs (best metric, values, status), best first")
+    c.add_argument("sweep_dir")
+    c.add_argument("--metric", help="rank by this metric (default: each run's eval.monitor)")
     r = sub.add_parser("predict", help="write a CSV of predicted labels and class probabilities")
     r.add_argument("--model", required=True, help="a run folder or an exported model folder")
     r.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or @list.txt")
@@ -67,6 +81,23 @@ def main(argv: Optional[List[str]] = None) -> None:
             from trainer.evaluate import run_eval
 
             run_eval(args.model, args.overrides, args.output)
+        elif args.command == "sweep":
+            from trainer import sweep
+
+            folder = sweep.prepare(args.sweep_file, args.dir)
+            if args.local:
+                sweep.run_local(folder)
+                sweep.collect(str(folder))
+            else:
+                sweep.submit_slurm(folder, args.slurm, args.sbatch_arg)
+        elif args.command == "sweep-args":
+            from trainer.sweep import task_args
+
+            print("\n".join(task_args(args.sweep_dir, args.index)))
+        elif args.command == "collect":
+            from trainer.sweep import collect
+
+            collect(args.sweep_dir, args.metric)
         elif args.command == "predict":
             from trainer.predict import predict_files
 

@@ -82,6 +82,7 @@ class TrainCfg:
     log_every_steps: int = 20  # optimizer updates between metrics.jsonl rows
     device: Literal["auto", "cpu"] = "auto"  # auto = GPU when available
     progress_bar: bool = True
+    dist_timeout_s: int = 300  # longest wait for a peer in any collective (start-up included) before failing
 
 
 @dataclass
@@ -209,6 +210,7 @@ def validate(cfg: Config) -> None:
         "train.batch_size": cfg.train.batch_size,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.log_every_steps": cfg.train.log_every_steps,
+        "train.dist_timeout_s": cfg.train.dist_timeout_s,
         "data.image_size": cfg.data.image_size,
         "optim.lr": cfg.optim.lr,
         "data.generated.train_per_class": cfg.data.generated.train_per_class,

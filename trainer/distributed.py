@@ -3,6 +3,7 @@ results to the main process."""
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 from typing import Optional
 
@@ -10,11 +11,12 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import gather_object
 
 from trainer.errors import ConfigError, TrainerError
 
 
-def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 1, timeout_s: int = 900,
+def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 1, timeout_s: int = 300,
                      log_with=None) -> Accelerator:
     """An Accelerator that really runs every launched process, on GPU or (gloo) CPU."""
     use_cpu = device == "cpu" or not torch.cuda.is_available()
@@ -27,19 +29,53 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 
     if mixed_precision == "fp16" and use_cpu:
         # accelerate would accept this and silently train in fp32
         raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
-    acc = Accelerator(
-        cpu=use_cpu,  # without it, CPU processes under torchrun each believe they are alone (world 1)
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=grad_accum_steps,
-        # the shuffle order becomes a pure function of (seed, epoch): what exact resume needs
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
-        log_with=log_with,
-    )
+    try:
+        acc = Accelerator(
+            cpu=use_cpu,  # without it, CPU processes under torchrun each believe they are alone (world 1)
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=grad_accum_steps,
+            # the shuffle order becomes a pure function of (seed, epoch): what exact resume needs
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # a finite wait for every collective: a lost peer fails the run instead of hanging for 30 minutes
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
+            log_with=log_with,
+        )
+    except (RuntimeError, ValueError) as err:  # DistNetworkError / DistStoreError subclass RuntimeError
+        if expected == 1:
+            raise
+        raise TrainerError(f"could not join the process group at {rendezvous_address()} within {timeout_s} s "
+                           f"(rank {os.environ.get('RANK')} of {expected}): {str(err).splitlines()[0]}") from None
     if acc.num_processes != expected:
         raise TrainerError(f"launched {expected} processes but accelerate sees {acc.num_processes}; "
                            f"on CPU use `accelerate launch --multi_gpu` or torchrun, not `--cpu`")
     return acc
+
+
+def rendezvous_address() -> str:
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+def check_processes(acc: Accelerator, say, timeout_s: int) -> None:
+    """Print who is who (global rank, local rank, host, device) and prove every rank can talk to every
+    other one with a barrier and a tiny all-reduce, before any real work."""
+    if acc.num_processes == 1:
+        return
+    me = {"rank": acc.process_index, "local_rank": acc.local_process_index, "host": socket.gethostname(),
+          "device": str(acc.device), "pid": os.getpid()}
+    try:
+        table = gather_object([me])
+        acc.wait_for_everyone()
+        total = torch.ones(1, device=acc.device)
+        dist.all_reduce(total)
+    except (RuntimeError, ValueError) as err:
+        raise TrainerError(f"processes could not reach each other through {rendezvous_address()} within "
+                           f"{timeout_s} s: {str(err).splitlines()[0]}") from None
+    if int(total.item()) != acc.num_processes:
+        raise TrainerError(f"all-reduce over {acc.num_processes} processes gave {int(total.item())}")
+    say(f"[trainer] {acc.num_processes} processes, rendezvous {rendezvous_address()}, backend {dist.get_backend()}")
+    say("  rank  local  host                  device     pid")
+    for row in table:
+        say(f"  {row['rank']:>4}  {row['local_rank']:>5}  {row['host'][:20]:<20}  {row['device']:<9}  {row['pid']}")
 
 
 def gather_to_main(local: torch.Tensor, accelerator) -> Optional[torch.Tensor]:

@@ -18,7 +18,8 @@ from trainer.tasks import Task
 
 
 def print_main(acc, *args) -> None:
-    acc.print(*args, flush=True)
+    if acc.is_main_process:  # global rank 0 (acc.print would print once per node)
+        print(*args, flush=True)
 
 
 def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None) -> dict:

@@ -27,7 +27,7 @@ from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, 
                                 restore_rng, rotate, write_checkpoint)
 from trainer.config import Config, to_dict, to_yaml
 from trainer.data import build_data, class_balanced_sampler
-from trainer.distributed import make_accelerator
+from trainer.distributed import check_processes, make_accelerator
 from trainer.errors import ConfigError, TrainerError
 from trainer.export import export_model
 from trainer.metrics import (collect_outputs, compute_metrics, headline, higher_is_better, scalar_metrics,
@@ -56,10 +56,13 @@ def train(cfg: Config) -> dict:
     t_start = time.time()
     # ---- setup: processes, seeds ----
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
-                           log_with="wandb" if cfg.wandb.enabled else None)
+                           cfg.train.dist_timeout_s, log_with="wandb" if cfg.wandb.enabled else None)
 
-    def say(*args) -> None:  # main process only; flushed so SLURM/CI logs show progress as it happens
-        acc.print(*args, flush=True)
+    def say(*args) -> None:  # global rank 0 only (acc.print prints once per node); flushed for SLURM/CI logs
+        if acc.is_main_process:
+            print(*args, flush=True)
+
+    check_processes(acc, say, cfg.train.dist_timeout_s)
 
     set_seed(cfg.seed)  # same on every rank: identical initial weights, one shuffle order
     run_dir = [str(Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.run.name))]

@@ -5,11 +5,15 @@ agree on them (an all-reduce), and only then does it save. Nothing heavy ever ru
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Iterable, Tuple
 
 _flags = {"save": False, "stop": False}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # scheduler preemption / SLURM's --signal warning
+# A file whose existence also means "save and stop": the SLURM batch scripts touch it from their signal trap,
+# which reaches the trainer whatever launcher sits between (accelerate launch, torchrun, srun).
+STOP_FILE_ENV = "TRAINER_STOP_FILE"
 
 
 def request_save() -> None:
@@ -32,6 +36,10 @@ def install_signal_handlers(signals: Iterable[int] = STOP_SIGNALS) -> None:
 
 
 def pending() -> Tuple[bool, bool]:
+    """(save, stop) asked of this process; the stop file is looked at here (one stat per update)."""
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if stop_file and os.path.exists(stop_file):
+        _flags["stop"] = True
     return _flags["save"], _flags["stop"]
 
 

@@ -1,0 +1,181 @@
+"""Launching: a 2-machine launch on loopback, the project's sbatch scripts on a real local SLURM cluster
+(one controller, two simulated nodes), preemption with requeue and exact resume, sweeps as job arrays."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, tiny_overrides
+from tests.slurm_cluster import SlurmCluster, unavailable_reason
+from trainer.errors import ConfigError
+from trainer.sweep import collect, expand, load_sweep, prepare
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_on_loopback(tmp_path):
+    """accelerate launch --num_machines 2, one launcher per "machine", as on two hosts."""
+    port = free_port()
+    args = tiny_overrides(tmp_path, "binary")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/multinode.yaml",
+         "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), "-m", "trainer", "train", "-", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}) for rank in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "2 processes, rendezvous 127.0.0.1" in outs[0]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["derived"]["processes"] == 2
+
+
+# ---- sweeps (no cluster needed) ----
+
+def write_sweep(tmp_path: Path, body: str) -> Path:
+    f = tmp_path / "sweep.yaml"
+    f.write_text(body)
+    return f
+
+
+def test_grid_and_random_expansion(tmp_path):
+    grid = load_sweep(str(write_sweep(tmp_path, "recipe: configs/quickstart_binary.yaml\nparameters:\n"
+                                                "  optim.lr: [0.1, 0.01]\n  model.name: [small_cnn, linear, tutorial_cnn]\n")))
+    runs = expand(grid)
+    assert len(runs) == 6 and {r["model.name"] for r in runs} == {"small_cnn", "linear", "tutorial_cnn"}
+    rnd = load_sweep(str(write_sweep(tmp_path, "recipe: configs/quickstart_binary.yaml\nmethod: random\nsamples: 5\n"
+                                               "parameters:\n  optim.lr: {distribution: log_uniform, min: 1.0e-4, max: 1.0e-1}\n"
+                                               "  optim.name: [sgd, adamw]\n")))
+    a, b = expand(rnd), expand(rnd)
+    assert a == b and len(a) == 5 and all(1e-4 <= r["optim.lr"] <= 1e-1 for r in a)
+
+
+def test_a_typo_in_a_sweep_fails_before_any_run(tmp_path):
+    f = write_sweep(tmp_path, "recipe: configs/quickstart_binary.yaml\nparameters:\n  optim.lrr: [0.1]\n")
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        prepare(str(f), str(tmp_path / "sw"))
+    assert not (tmp_path / "sw").exists()
+
+
+def test_local_sweep_and_collect_lists_failures(tmp_path):
+    extra = " ".join(f'"{o}"' for o in tiny_overrides(tmp_path, "binary", **{"train.max_steps": 2}) if not o.startswith("run.dir"))
+    f = write_sweep(tmp_path, f"recipe: configs/quickstart_binary.yaml\noverrides: [{', '.join(extra.split())}]\n"
+                              "parameters:\n  optim.lr: [0.01, 0.003]\n  train.batch_size: [16, 1000]\n")
+    res = subprocess.run([sys.executable, "-m", "trainer", "sweep", str(f), "--local", "--dir", str(tmp_path / "sw")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = collect(str(tmp_path / "sw"))
+    assert len(rows) == 4
+    assert [r["status"] for r in rows[:2]] == ["done", "done"]  # done first, sorted by the metric
+    assert rows[0]["value"] >= rows[1]["value"]
+    assert all(r["status"].startswith("failed") for r in rows[2:])  # batch 1000 > the training split
+    assert (tmp_path / "sw" / "results.md").read_text().count("\n") == 6
+
+
+# ---- a real SLURM cluster ----
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"SLURM tests must run under CI, but: {reason}")
+        pytest.skip(reason)
+    c = SlurmCluster().start()
+    yield c
+    c.stop()
+
+
+def slurm_args(tmp_path: Path, run: str, **extra) -> list:
+    base = {"data.image_size": 48, "train.epochs": 12, "train.log_every_steps": 1, "checkpoint.every_epochs": 0,
+            "run.dir": str(tmp_path / run)}
+    base.update(extra)
+    return ["configs/quickstart_binary.yaml", *tiny_overrides(tmp_path, "binary", **base)]
+
+
+def job_output(tmp_path: Path, job: str) -> str:
+    files = list(tmp_path.glob(f"*-{job}.out"))
+    return files[0].read_text() if files else "(no output file)"
+
+
+@pytest.fixture(scope="module")
+def reference_job(cluster, tmp_path_factory):
+    """The project's single-node CPU sbatch script, 2 processes, run to the end."""
+    tmp = tmp_path_factory.mktemp("slurm-ref")
+    job = cluster.sbatch(f"--output={tmp}/%x-%j.out", "slurm/train_cpu.sbatch", *slurm_args(tmp, "run"), cwd=ROOT)
+    info = cluster.wait(job)
+    assert info["JobState"] == "COMPLETED", job_output(tmp, job)
+    return tmp / "run"
+
+
+def test_single_node_two_process_job(reference_job):
+    run = json.loads((reference_job / "run.json").read_text())
+    assert run["derived"]["processes"] == 2 and run["environment"]["slurm_job_id"]
+    evals = [json.loads(l) for l in (reference_job / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+    assert evals and evals[-1]["num_samples"] == 26
+    assert (reference_job / "model" / "model.safetensors").is_file()
+
+
+def test_two_node_job(cluster, tmp_path):
+    job = cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/multinode_cpu.sbatch",
+                         *slurm_args(tmp_path, "run", **{"train.epochs": 2}), cwd=ROOT)
+    info = cluster.wait(job)
+    out = job_output(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", out
+    assert info["NodeList"] in ("n[1-2]", "n1,n2"), info["NodeList"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["derived"]["processes"] == 2
+    assert out.count("[trainer] done") == 1  # one main process speaks, not one per node
+
+
+def test_usr1_requeues_resumes_and_ends_bitwise_identical(cluster, reference_job, tmp_path):
+    job = cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/train_cpu.sbatch", *slurm_args(tmp_path, "run"),
+                         cwd=ROOT)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training is under way, then preempt it
+        if metrics.is_file() and sum(1 for _ in metrics.open()) >= 3:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("training never started: " + job_output(tmp_path, job))
+    cluster.signal_batch(job, "USR1")
+    info = cluster.wait(job, timeout_s=300)
+    out = job_output(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", out
+    assert info["Restarts"] == "1", out  # requeued once, same job id
+    assert "stopped on request" in out and "resuming from" in out
+    a, b = load_file(str(reference_job / "model" / "model.safetensors")), load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"train"' in l]
+    assert steps == sorted(set(steps))
+
+
+def test_sweep_as_a_job_array(cluster, tmp_path):
+    overrides = [o for o in tiny_overrides(tmp_path, "binary", **{"train.max_steps": 2}) if not o.startswith("run.dir")]
+    f = write_sweep(tmp_path, "recipe: configs/quickstart_binary.yaml\nmax_parallel: 2\noverrides: ["
+                    + ", ".join(f'"{o}"' for o in overrides) + "]\nparameters:\n  optim.lr: [0.01, 0.003, 0.001]\n")
+    res = subprocess.run([sys.executable, "-m", "trainer", "sweep", str(f), "--dir", str(tmp_path / "sw"),
+                          "--slurm", "slurm/train_cpu.sbatch"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=cluster.env)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().splitlines()[-1].split("array job ")[1].split()[0]
+    assert "--array=0-2%2" in res.stdout
+    for i in range(3):
+        info = cluster.wait(f"{job}_{i}")
+        assert info["JobState"] == "COMPLETED", (tmp_path / "sw" / f"slurm-{job}_{i}.out").read_text()[-2000:]
+    rows = collect(str(tmp_path / "sw"))
+    assert len(rows) == 3 and all(r["status"] == "done" for r in rows)

@@ -117,8 +117,8 @@ def train(cfg: Config) -> dict:
     loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
                      persistent_workers=False)  # workers restart each epoch so they see the new set_epoch
     train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
-                          generator=torch.Generator().manual_seed(cfg.seed) if sampler is None else None,
-                          drop_last=False, **loader_kw)
+                          # its own generator: worker seeds never draw from the global RNG (exact resume)
+                          generator=torch.Generator().manual_seed(cfg.seed), drop_last=False, **loader_kw)
     eval_batch = cfg.eval.batch_size or 2 * cfg.train.batch_size  # per process; no gradients, so larger
 
     # ---- model and optimizer ----
@@ -161,6 +161,8 @@ def train(cfg: Config) -> dict:
             say(f"[trainer] warning: checkpoint written by {saved_world} process(es), resuming on "
                 f"{acc.num_processes}: the data order holds, but random draws (dropout) will differ")
         pos.update({k: ckpt["state"][k] for k in pos if k in ckpt["state"]})
+        if not in_place:  # weights and position from another run; this run keeps its own log and W&B run
+            pos.update(metrics_rows=0, wandb_run_id=None, done=False)
         say(f"[trainer] resuming from {resume_from} (update {pos['update']}, epoch {pos['epoch']}, "
             f"batch {pos['step_in_epoch']} of the epoch)")
         del ckpt

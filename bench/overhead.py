@@ -1,0 +1,123 @@
+"""Trainer overhead: the same model, data, batch, optimizer and precision through `trainer.loop.train` and
+through a minimal hand-written PyTorch loop, alternating in one process, several repeats; prints the median
+training throughput of each and their ratio, and writes JSON + a Markdown row.
+
+    .venv/bin/python bench/overhead.py --model small_cnn --repeats 3 --out bench/results
+    .venv/bin/python bench/overhead.py --smoke          # tiny sizes: checks that it runs (CI)
+
+Throughput is measured over the training steps only (the trainer's evaluation and exports are excluded):
+each side times its own steps between the end of warm-up and the last step, with the same DataLoader
+settings (in-process, 0 workers by default, so the comparison is of the loops, not of worker scheduling).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.config import load_config  # noqa: E402
+from trainer.data import build_data  # noqa: E402
+from trainer.loop import train  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+
+
+def overrides(args, data_root: Path, run_dir: Path) -> list:
+    return [f"data.root={data_root}", "data.format=generated", "data.generated.variant=multiclass",
+            f"data.generated.train_per_class={args.per_class}", "data.generated.val_per_class=10",
+            "data.generated.test_per_class=0", f"data.num_workers={args.workers}", f"model.name={args.model}",
+            f"train.batch_size={args.batch}", f"train.epochs={args.epochs}", f"train.mixed_precision={args.precision}",
+            "train.progress_bar=false", "train.log_every_steps=1000000", "optim.name=sgd", "optim.lr=0.01",
+            "optim.schedule=constant", "checkpoint.every_epochs=0", "eval.every_epochs=0", f"run.dir={run_dir}",
+            "run.overwrite=true"]
+
+
+def trainer_side(args, data_root: Path, tmp: Path) -> float:
+    """img/s of the trainer's training steps: from its own metrics.jsonl rows (one per epoch end)."""
+    run_dir = tmp / "trainer-run"
+    train(load_config(None, overrides(args, data_root, run_dir)))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = [r["throughput"] for r in rows if r["type"] == "train"]
+    return statistics.median(per_epoch[1:] or per_epoch)  # epoch 1 includes warm-up
+
+
+def plain_side(args, data_root: Path) -> float:
+    """The same steps in a bare loop: forward, cross-entropy, backward, SGD step."""
+    cfg = load_config(None, overrides(args, data_root, Path("unused")))
+    torch.manual_seed(0)
+    data = build_data(cfg.data, 0, ("train",), verbose=lambda *a: None)
+    loader = torch.utils.data.DataLoader(data.datasets["train"], batch_size=args.batch, shuffle=True,
+                                         num_workers=args.workers, generator=torch.Generator().manual_seed(0))
+    model = build_model(args.model, len(data.classes), image_size=cfg.data.image_size)
+    opt = build_optimizer(model, "sgd", 0.01, cfg.optim.weight_decay, cfg.optim.momentum)
+    rates = []
+    for epoch in range(args.epochs):
+        data.datasets["train"].set_epoch(epoch)
+        seen, start = 0, time.perf_counter()
+        for x, y in loader:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += x.shape[0]
+        rates.append(seen / (time.perf_counter() - start))
+    return statistics.median(rates[1:] or rates)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--per-class", type=int, default=400)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: a check that it runs")
+    args = p.parse_args()
+    if args.smoke:
+        args.per_class, args.epochs, args.repeats, args.batch = 20, 2, 1, 16
+    torch.set_num_threads(torch.get_num_threads())
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data_root = tmp / "data"
+        plain, ours = [], []
+        for i in range(args.repeats):  # alternate, so drift in machine speed hits both sides alike
+            plain.append(plain_side(args, data_root))
+            ours.append(trainer_side(args, data_root, tmp))
+            print(f"repeat {i + 1}: plain {plain[-1]:.1f} img/s, trainer {ours[-1]:.1f} img/s", flush=True)
+    result = {
+        "benchmark": "trainer_overhead", "model": args.model, "batch": args.batch, "precision": args.precision,
+        "workers": args.workers, "images_per_epoch": args.per_class * 4, "epochs": args.epochs,
+        "repeats": args.repeats, "plain_img_s": plain, "trainer_img_s": ours,
+        "plain_median": statistics.median(plain), "trainer_median": statistics.median(ours),
+        "overhead_pct": 100 * (statistics.median(plain) / statistics.median(ours) - 1),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.platform(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"overhead-{args.model}-{args.precision}{'-smoke' if args.smoke else ''}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    row = (f"| {args.model} | {args.batch} | {args.precision} | {result['plain_median']:.1f} | "
+           f"{result['trainer_median']:.1f} | {result['overhead_pct']:+.1f}% |")
+    (out / f"{name}.md").write_text("| model | batch | precision | plain img/s | trainer img/s | overhead |\n"
+                                    "|---|---|---|---|---|---|\n" + row + "\n")
+    print(row)
+
+
+if __name__ == "__main__":
+    main()

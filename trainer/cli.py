@@ -58,8 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def _error_prefix() -> str:
+    """"error:" on rank 0 (or a lone process); other ranks say who they are, so an error seen by one rank
+    only is never silent."""
+    rank = os.environ.get("RANK", "0")
+    return "error:" if rank == "0" else f"[rank {rank}] error:"
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -104,8 +107,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             n = predict_files(args.model, args.inputs, args.output, args.batch_size, args.threshold, args.device)
             print(f"[predict] {n} images -> {args.output}")
     except TrainerError as err:
-        if _is_main_rank():
-            print(f"error: {err}", file=sys.stderr)
+        print(f"{_error_prefix()} {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -38,6 +38,26 @@ def test_generated_dataset_is_deterministic_and_a_real_imagefolder(tmp_path, var
         ensure_generated(a, variant, 32, seed=9, counts=counts)
 
 
+def _generate(root):
+    ensure_generated(root, "binary", 32, seed=1, counts={"train": 30, "val": 5})
+
+
+def test_concurrent_generation_of_one_dataset_all_succeed(tmp_path):
+    """Sweep tasks on several nodes may draw the same dataset at once: all must end with the same good copy."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_generate, args=(tmp_path / "shared",)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    ensure_generated(tmp_path / "single", "binary", 32, seed=1, counts={"train": 30, "val": 5})
+    assert _digest(tmp_path / "shared") == _digest(tmp_path / "single")
+    assert not list(tmp_path.glob(".shared.tmp-*"))  # no temporary folder left behind
+
+
 def test_single_folder_split_is_seeded_and_stratified(tmp_path):
     make_folder(tmp_path / "d", classes=("a", "b", "c"), per_class=10)
     classes, splits = imagefolder_splits(tmp_path / "d", 0.2, split_seed=1)

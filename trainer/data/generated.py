@@ -116,9 +116,9 @@ def ensure_generated(root: Path, variant: str, image_size: int, seed: int, count
                 draw_image(kind, image_size, rng).save(folder / f"{i:05d}.png", optimize=False)
     (tmp / "dataset.json").write_text(json.dumps(params, indent=1))
     root.parent.mkdir(parents=True, exist_ok=True)
-    if root.exists():
-        root.rmdir()  # empty folder left by a user: replace it
     try:
+        if root.exists():
+            root.rmdir()  # an empty folder left by a user (fails if another process has just filled it)
         os.rename(tmp, root)
     except OSError:
         # another process finished the same dataset first: use theirs if it is identical

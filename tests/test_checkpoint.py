@@ -30,11 +30,14 @@ import trainer.loop as L
 from trainer.cli import main
 
 mode, n = os.environ["FAULT"], int(os.environ["FAULT_AT"])
-if mode == "kill_at_update":  # SIGKILL when the learning rate of update n is asked for: mid-step
+# kill_at_update: SIGKILL when the learning rate of update n is asked for (mid-step);
+# sigterm_at_update: a real preemption signal at the same point, handled by the trainer
+at_update = {"kill_at_update": signal.SIGKILL, "sigterm_at_update": signal.SIGTERM}
+if mode in at_update:
     original = L.lr_at
     def lr_at(update, *a, **k):
         if update == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), at_update[mode])
         return original(update, *a, **k)
     L.lr_at = lr_at
 elif mode == "kill_during_save":  # SIGKILL after writing part of the n-th checkpoint
@@ -45,13 +48,6 @@ elif mode == "kill_during_save":  # SIGKILL after writing part of the n-th check
         if len(calls) == 3 * n - 1:  # model + optimizer of checkpoint n written, rng and state not yet
             os.kill(os.getpid(), signal.SIGKILL)
     C.save_file = save_file
-elif mode == "sigterm_at_update":  # a real preemption signal, handled by the trainer
-    original = L.lr_at
-    def lr_at(update, *a, **k):
-        if update == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(update, *a, **k)
-    L.lr_at = lr_at
 main(sys.argv[1:])
 '''
 

@@ -32,7 +32,9 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     # the input pipeline is the model's, not re-measured on the new data
     cfg.data.image_size, cfg.data.mean, cfg.data.std = meta["image_size"], meta["mean"], meta["std"]
     # fp32 unless asked: the same arithmetic as `trainer predict`, so both give the same probabilities
-    said = lambda key: any(o.startswith(f"{key}=") for o in overrides)  # noqa: E731
+    def said(key: str) -> bool:  # did this command set the key itself?
+        return any(o.startswith(f"{key}=") for o in overrides)
+
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision if said("train.mixed_precision") else "no")
     split = cfg.eval.split
     with acc.main_process_first():

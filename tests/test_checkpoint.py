@@ -141,6 +141,28 @@ def test_sigkill_then_same_command_is_bitwise_identical_one_process(reference, t
     assert_same_run(ref, tmp_path / "run")
 
 
+# the fast path: device-resident data with batched augmentation, alternating flips, lookahead (its slow
+# weights are part of the checkpoint) and the airbench net
+DEVICE_PATH = {"data.loader": "device", "data.augment.flip_mode": "alternating", "model.name": "airbench",
+               "optim.name": "sgd", "optim.lr": 0.2, "optim.nesterov": True, "optim.lookahead_every": 2,
+               "optim.bias_lr_scale": 4.0, "eval.tta": "flip"}
+
+
+@pytest.mark.parametrize("processes, at", [(1, 7), (2, 5)])
+def test_sigkill_on_the_device_data_path_resumes_bitwise(reference, tmp_path, processes, at):
+    ref = reference(processes, **DEVICE_PATH)
+    args = overrides(tmp_path, "run", **DEVICE_PATH)
+    killed = run_driver(tmp_path, args, "kill_at_update", at, processes=processes)
+    assert killed.returncode != 0
+    assert not (tmp_path / "run" / "model").exists()
+    resumed = run_train(args, processes=processes)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert_same_run(ref, tmp_path / "run")
+    assert (ref / "checkpoints" / json.loads((ref / "checkpoints" / POINTER).read_text())["checkpoint"]
+            / "lookahead.safetensors").is_file()
+
+
 @pytest.mark.parametrize("fault, at", [("kill_at_update", 5), ("kill_during_save", 2)])
 def test_sigkill_then_same_command_is_bitwise_identical_two_processes(reference, tmp_path, fault, at):
     ref = reference(2)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from tests.conftest import ROOT, run_cli, tiny_overrides
@@ -234,3 +235,69 @@ def test_accelerate_launch_multi_gpu_flag_runs_two_cpu_processes(tmp_path):
     assert run["derived"]["processes"] == 2
     evals = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "eval"]
     assert len(evals) == 1 and evals[0]["num_samples"] == 26  # stopped mid-epoch, then every val sample once
+
+
+def test_device_loader_with_accumulation_syncs_on_the_last_batch_of_each_epoch(tmp_path):
+    # 160 images / 32 per step = 5 micro-steps per epoch; with 2 per update that is 3 updates (2 + 2 + the last 1)
+    overrides = tiny_overrides(tmp_path, "multiclass", **{"data.loader": "device", "train.batch_size": 32,
+                                                          "train.grad_accum_steps": 2, "train.epochs": 2})
+    summary = train(load_config(None, overrides))
+    assert summary["updates"] == 6 and summary["samples_seen"] == 320
+    assert summary["final"]["num_samples"] == 52
+
+
+def test_two_processes_on_the_device_loader_train_like_one_with_twice_the_batch(tmp_path):
+    """Each rank takes its half of every global batch, so (no batch norm, fp32) the weights match the
+    1-process run up to float summation order."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    common = {"data.loader": "device", "model.name": "tutorial_cnn", "optim.name": "sgd", "optim.lr": 0.05,
+              "train.epochs": 2, "eval.every_epochs": 0, "checkpoint.every_epochs": 0}
+    one = train(load_config(None, tiny_overrides(tmp_path, "multiclass", **common, **{
+        "train.batch_size": 32, "run.dir": str(tmp_path / "one")})))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "trainer", "train", "-", *tiny_overrides(tmp_path, "multiclass", **common, **{
+                              "train.batch_size": 16, "run.dir": str(tmp_path / "two")})],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("one", "two"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["updates"] == one["updates"] == 10 and two["samples_seen"] == one["samples_seen"]
+
+
+def test_flip_tta_is_recorded_and_applied_by_eval_and_predict(tmp_path):
+    from trainer.export import load_exported
+    from trainer.models import forward_tta
+    from trainer.tasks import Task
+
+    summary = train(load_config(None, tiny_overrides(tmp_path, "multiclass", **{"eval.tta": "flip"})))
+    run_dir = Path(summary["run_dir"])
+    meta = json.loads((run_dir / "model" / "model.json").read_text())
+    assert meta["tta"] == "flip"
+    res = run_cli("eval", "--model", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["tta"] == "flip" and report["accuracy"] == summary["final"]["accuracy"]
+    assert report["loss"] == pytest.approx(summary["final"]["loss"], abs=1e-5)
+    plain = run_cli("eval", "--model", str(run_dir), "eval.tta=none", "--output", str(tmp_path / "plain.json"))
+    assert plain.returncode == 0, plain.stderr
+    assert json.loads((tmp_path / "plain.json").read_text())["loss"] != pytest.approx(report["loss"], abs=1e-7)
+    # predict: the probabilities of the mean of the image's and its mirror's logits
+    image = sorted((tmp_path / "gen-multiclass" / "val" / "circle").iterdir())[0]
+    out = tmp_path / "pred.csv"
+    assert run_cli("predict", "--model", str(run_dir), str(image), "--output", str(out)).returncode == 0
+    row = next(csv.DictReader(out.open()))
+    model, _ = load_exported(str(run_dir))
+    from trainer.data.datasets import eval_transform
+    from trainer.data.folders import load_rgb
+
+    x = eval_transform(32, meta["mean"], meta["std"])(load_rgb(str(image)))[None]
+    with torch.no_grad():
+        expected = Task("multiclass", 4).probabilities(forward_tta(model, x, "flip"))[0]
+    got = torch.tensor([float(row[f"prob_{c}"]) for c in meta["classes"]])
+    assert torch.allclose(got, expected, atol=1e-6)

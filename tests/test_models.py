@@ -57,3 +57,29 @@ def test_pretrained_wrong_architecture_is_clear(tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
     with pytest.raises(ConfigError, match="does not fit"):
         build_model("resnet18", 2, pretrained_path=str(tmp_path / "w.safetensors"))
+
+
+def test_airbench_whitening_decorrelates_the_training_patches():
+    torch.manual_seed(0)
+    base = torch.randn(64, 3, 12, 12)
+    images = base + 0.8 * torch.roll(base, 1, dims=3)  # neighbouring pixels correlated, like photos
+    model = build_model("airbench", 10)
+    model.init_from_data(images)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images, model.whiten.weight[:12])  # no bias
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1).double()
+    cov = flat @ flat.T / flat.shape[1]
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=0.02)  # eigenvalues >> eps here
+    assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+    assert not model.whiten.weight.requires_grad
+
+
+def test_flip_tta_is_the_mean_of_both_mirrors():
+    from trainer.models import forward_tta
+
+    model = build_model("small_cnn", 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = (model(x) + model(x.flip(3))) / 2
+        assert torch.allclose(forward_tta(model, x, "flip"), expected)
+        assert torch.equal(forward_tta(model, x, "none"), model(x))

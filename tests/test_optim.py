@@ -31,3 +31,39 @@ def test_warmup_then_cosine():
 
 def test_step_schedule():
     assert [lr_at(u, 30, 1.0, schedule="step", milestones=[10, 20]) for u in (0, 10, 25)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_linear_schedule_with_warmup_from_a_fraction():
+    # airbench's shape: 0.2 -> 1 over the first 23% of updates, then linearly down to 0.07
+    lrs = [lr_at(u, 100, 2.0, warmup_updates=23, schedule="linear", min_lr_ratio=0.07, warmup_start_ratio=0.2)
+           for u in range(100)]
+    assert lrs[0] == pytest.approx(0.4) and lrs[23] == pytest.approx(2.0)
+    assert all(a < b for a, b in zip(lrs[:23], lrs[1:24]))
+    assert lrs[23 + 77 // 2] == pytest.approx(2.0 + (0.14 - 2.0) * (77 // 2) / 77)
+    assert all(a > b for a, b in zip(lrs[23:], lrs[24:])) and lrs[-1] == pytest.approx(0.14, abs=0.03)
+
+
+def test_bias_lr_scale_and_fused():
+    model = build_model("small_cnn", 3)
+    opt = build_optimizer(model, "sgd", 0.1, 5e-4, bias_lr_scale=64.0, fused=True)
+    scales = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert all(scales[id(p)] == (64.0 if p.ndim <= 1 else 1.0) for p in model.parameters())
+    assert opt.defaults["fused"]
+
+
+def test_lookahead_pulls_weights_back_and_restores():
+    from trainer.optim import Lookahead
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    model.weight.data[:] = 1.0
+    la = Lookahead(model)
+    model.weight.data[:] = 3.0
+    la.step(model, decay=0.75)  # slow = 1 + 0.25 x (3 - 1) = 1.5, and the weights go back to it
+    assert torch.equal(model.weight.data, torch.full((1, 2), 1.5))
+    saved = {k: v.clone() for k, v in la.state_dict().items()}
+    other = Lookahead(torch.nn.Linear(2, 1, bias=False))
+    other.load_state_dict(saved)
+    assert torch.equal(other.state_dict()["weight"], saved["weight"])
+    model.weight.data[:] = 9.0
+    la.step(model, decay=1.0)  # the final step: the weights become the slow copy
+    assert torch.equal(model.weight.data, torch.full((1, 2), 1.5))

@@ -4,6 +4,7 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
   model.safetensors      the unwrapped model's state dict
   optimizer.safetensors  the optimizer state flattened to `state.<param index>.<name>` tensors
   rng.safetensors        every rank's torch (and CUDA) RNG state, `rank<r>.torch` / `rank<r>.cuda<i>`
+  lookahead.safetensors  (only with optim.lookahead_every) the slow copy of the weights
   state.json             the rest: position in the data (epoch, batch within it), update count, samples seen,
                          best metric, W&B run id, optimizer param groups, grad-scaler state, python/numpy RNG
                          states of every rank, what the model is (architecture, task, classes, shapes)
@@ -104,8 +105,10 @@ def checkpoint_name(update: int) -> str:
 
 
 def write_checkpoint(ckpt_root: Path, update: int, model_state: dict, optimizer_state: dict,
-                     rng_per_rank: List[Tuple[Dict[str, torch.Tensor], dict]], state: dict) -> Path:
-    """Main process only. Returns the checkpoint folder; `latest.json` names it once it is complete."""
+                     rng_per_rank: List[Tuple[Dict[str, torch.Tensor], dict]], state: dict,
+                     extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
+    """Main process only. Returns the checkpoint folder; `latest.json` names it once it is complete.
+    `extra`: more named tensor sets (e.g. lookahead), each written as <name>.safetensors."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     target = ckpt_root / checkpoint_name(update)
     tmp = ckpt_root / f".{target.name}.tmp-{os.getpid()}"
@@ -117,11 +120,13 @@ def write_checkpoint(ckpt_root: Path, update: int, model_state: dict, optimizer_
     rng_tensors = {f"rank{r}.{k}": v.contiguous() for r, (tensors, _) in enumerate(rng_per_rank)
                    for k, v in tensors.items()}
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    for name, tensors in (extra or {}).items():
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
     full_state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state, "update": update,
-                  "optimizer": opt_meta, "rng": [states for _, states in rng_per_rank],
+                  "optimizer": opt_meta, "rng": [states for _, states in rng_per_rank], "extra": sorted(extra or {}),
                   "model_shapes": {k: list(v.shape) for k, v in model_state.items()}}
     _write_json(tmp / "state.json", full_state)
-    for name in FILES[:3]:  # safetensors' writer does not fsync
+    for name in list(FILES[:3]) + [f"{n}.safetensors" for n in extra or {}]:  # safetensors' writer does not fsync
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
@@ -214,9 +219,14 @@ def read_checkpoint(path: Path) -> dict:
     for key, value in rng_all.items():
         rank, name = key.split(".", 1)
         rng.setdefault(int(rank.removeprefix("rank")), {})[name] = value
+    extra = {}
+    for name in state.get("extra", []):
+        if not (path / f"{name}.safetensors").is_file():
+            raise TrainerError(f"{path} is not a complete checkpoint (missing {name}.safetensors)")
+        extra[name] = load_file(str(path / f"{name}.safetensors"))
     return {"path": path, "state": state, "model": load_file(str(path / "model.safetensors")),
             "optimizer": unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]),
-            "rng_tensors": rng}
+            "rng_tensors": rng, "extra": extra}
 
 
 def check_compatible(ckpt: dict, architecture: str, task: str, classes: List[str], model: torch.nn.Module) -> None:

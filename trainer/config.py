@@ -24,6 +24,9 @@ class AugmentCfg:
     random_resized_crop: bool = False  # ImageNet-style crop instead of pad+crop (min scale below)
     rrc_min_scale: float = 0.35
     color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+    # random: each sample flipped with p=0.5 per epoch; alternating (data.loader=device only): a random half in
+    # the first epoch, then every image flips on alternate epochs, so each sees both sides equally (airbench)
+    flip_mode: Literal["random", "alternating"] = "random"
 
 
 @dataclass
@@ -44,11 +47,18 @@ class DataCfg:
     root: Optional[str] = None
     download: bool = False  # cifar only: fetch from the internet when absent
     image_size: int = 32  # side in pixels of the square network input
-    val_fraction: float = 0.1  # used when there is no val/ folder: a seeded, stratified split of train
+    # used when there is no val/ folder: a seeded, stratified split of train. 0 = train on all of train and
+    # validate on test/ (CIFAR: the test set), as the classic recipes do; then evaluate only at the end
+    # (eval.every_epochs=0) so the test split never steers training
+    val_fraction: float = 0.1
     split_seed: int = 0
     mean: Optional[List[float]] = None  # per channel in [0,1]; null = measured on the training images
     std: Optional[List[float]] = None
     num_workers: int = 2  # DataLoader workers per process
+    # workers: per-sample decode + augment in DataLoader workers (any dataset size, any augmentation).
+    # device: the whole training split decoded once into one uint8 tensor on the device (GPU, or CPU), and
+    # pad-crop/flip done as batched tensor ops there: no workers, for datasets that fit (CIFAR-10: 150 MB)
+    loader: Literal["workers", "device"] = "workers"
     verify_images: bool = True  # decode every file once at start-up to find bad images before training
     skip_bad_images: bool = False  # with verify_images: drop (and count) unreadable files instead of failing
     sampler: Literal["random", "weighted"] = "random"  # weighted: class-balanced draw with replacement
@@ -62,6 +72,7 @@ class ModelCfg:
     small_input_stem: Optional[bool] = None  # torchvision models: 3x3 stride-1 stem for small images; null = auto (image_size <= 64)
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
     channels_last: bool = False
+    compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
 
 
 @dataclass
@@ -83,6 +94,9 @@ class TrainCfg:
     device: Literal["auto", "cpu"] = "auto"  # auto = GPU when available
     progress_bar: bool = True
     dist_timeout_s: int = 300  # longest wait for a peer in any collective (start-up included) before failing
+    # GPU only: let cuDNN time its algorithms per shape (faster convolutions; results are then not bitwise
+    # reproducible across runs, so set false when a resumed GPU run must match an uninterrupted one exactly)
+    cudnn_benchmark: bool = True
 
 
 @dataclass
@@ -93,11 +107,19 @@ class OptimCfg:
     nesterov: bool = False
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
     weight_decay: float = 5e-4  # not applied to norm and bias parameters
-    schedule: Literal["cosine", "step", "constant"] = "cosine"
-    warmup_epochs: float = 0.0  # linear warmup from 0, in epochs of optimizer updates
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    warmup_epochs: float = 0.0  # linear warmup, in epochs of optimizer updates
+    warmup_start_ratio: float = 0.0  # warmup starts at this fraction of lr (0: from ~0)
+    min_lr_ratio: float = 0.0  # cosine / linear floor at the last update, as a fraction of lr
     step_milestones: List[float] = field(default_factory=list)  # step schedule: epochs where lr *= step_gamma
     step_gamma: float = 0.1
+    bias_lr_scale: float = 1.0  # lr multiplier for biases and norm parameters (airbench: 64 for BN biases)
+    fused: Optional[bool] = None  # fused optimizer kernel; null = on for CUDA, off on CPU
+    # Lookahead / EMA of the weights: every `lookahead_every` updates the slow copy moves towards the weights,
+    # slow += (1 - d) x (weights - slow) with d = lookahead_decay x (update / total)^3, and the weights are set
+    # back to it; the final model is the slow copy. 0 = off. (airbench: every 5 updates, decay 0.95^5)
+    lookahead_every: int = 0
+    lookahead_decay: float = 0.7738
 
 
 @dataclass
@@ -110,6 +132,9 @@ class EvalCfg:
     threshold_tuning: Optional[Literal["max_f1", "youden", "target_recall"]] = None  # binary: choose the threshold on val
     target_recall: float = 0.9  # for threshold_tuning=target_recall: the highest threshold keeping this recall
     monitor: str = "accuracy"  # metric that picks best/; higher is better except for loss
+    # test-time augmentation: flip = mean of the logits of the image and its mirror; recorded in model.json,
+    # so `trainer eval` and `trainer predict` apply the same
+    tta: Literal["none", "flip"] = "none"
     split: Literal["val", "test", "train", "all"] = "val"  # which split `trainer eval` scores; all = every image under data.root/<class>/
 
 
@@ -250,6 +275,21 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key} must have 3 values (R, G, B), got {value}")
     if cfg.data.std is not None and min(cfg.data.std) <= 0:
         raise ConfigError(f"data.std must be > 0, got {cfg.data.std}")
+    if not 0.0 <= cfg.optim.warmup_start_ratio <= 1.0:
+        raise ConfigError(f"optim.warmup_start_ratio must be in [0, 1], got {cfg.optim.warmup_start_ratio}")
+    if cfg.optim.bias_lr_scale <= 0:
+        raise ConfigError(f"optim.bias_lr_scale must be > 0, got {cfg.optim.bias_lr_scale}")
+    if cfg.optim.lookahead_every < 0:
+        raise ConfigError(f"optim.lookahead_every must be >= 0, got {cfg.optim.lookahead_every}")
+    if not 0.0 <= cfg.optim.lookahead_decay < 1.0:
+        raise ConfigError(f"optim.lookahead_decay must be in [0, 1), got {cfg.optim.lookahead_decay}")
+    if cfg.data.augment.flip_mode == "alternating" and cfg.data.loader != "device":
+        raise ConfigError("data.augment.flip_mode=alternating needs data.loader=device")
+    if cfg.data.loader == "device" and (cfg.data.augment.random_resized_crop or cfg.data.augment.color_jitter > 0):
+        raise ConfigError("data.loader=device does pad-crop and flip only; turn off data.augment.random_resized_crop "
+                          "and data.augment.color_jitter, or use data.loader=workers")
+    if cfg.data.loader == "device" and cfg.data.sampler == "weighted":
+        raise ConfigError("data.sampler=weighted needs data.loader=workers")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
 

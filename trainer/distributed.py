@@ -35,7 +35,8 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=grad_accum_steps,
             # the shuffle order becomes a pure function of (seed, epoch): what exact resume needs
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # non_blocking: host-to-GPU copies of pinned batches overlap with compute
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=not use_cpu),
             # a finite wait for every collective: a lost peer fails the run instead of hanging for 30 minutes
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
             log_with=log_with,
@@ -95,3 +96,16 @@ def gather_to_main(local: torch.Tensor, accelerator) -> Optional[torch.Tensor]:
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).cpu()
     dist.gather(padded, dst=0)
     return None
+
+
+def sync_buffers(model: torch.nn.Module, accelerator) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics).
+
+    DDP copies them from rank 0 only at the start of each forward, and each rank's own training forward then
+    updates its copy from its own batch, so after a step the ranks disagree. Before anything that reads them
+    on every rank (evaluating each rank's shard, the lookahead average) they are made equal again: rank 0's
+    are the ones in checkpoints and exports."""
+    if accelerator.num_processes == 1:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)

@@ -52,14 +52,16 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     # the model's own (possibly tuned) threshold, unless this command says eval.threshold=...
     threshold = cfg.eval.threshold if said("eval.threshold") else (meta.get("threshold") or 0.5)
     model.to(acc.device)
+    # the model's own test-time augmentation (model.json), unless this command says eval.tta=...
+    tta = cfg.eval.tta if said("eval.tta") else meta.get("tta", "none")
     outputs = collect_outputs(model, dataset, task, acc, cfg.eval.batch_size or 2 * cfg.train.batch_size,
-                              cfg.data.num_workers)
+                              cfg.data.num_workers, tta=tta)
     target = Path(output) if output else (run_dir or model_dir) / "eval.json"
     result = [None]
     if acc.is_main_process:
         metrics = score_outputs(outputs, task, classes, threshold, cfg.eval.topk, positive_index)
         report = {"model": str(model_dir), "architecture": meta["architecture"], "task": meta["task"],
-                  "split": split, "data": data.source, "processes": acc.num_processes, **metrics}
+                  "split": split, "data": data.source, "processes": acc.num_processes, "tta": tta, **metrics}
         write_eval_report(target.parent, report, outputs["probs"], outputs["labels"], classes, meta["task"],
                           positive_index, name=target.name)
         print(f"[eval] {split} of {data.source}:\n{format_summary(metrics, classes, meta['task'])}", flush=True)

@@ -27,13 +27,14 @@ from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, 
                                 restore_rng, rotate, write_checkpoint)
 from trainer.config import Config, to_dict, to_yaml
 from trainer.data import build_data, class_balanced_sampler
-from trainer.distributed import check_processes, make_accelerator
+from trainer.data.device import first_images, to_device_loader
+from trainer.distributed import check_processes, make_accelerator, sync_buffers
 from trainer.errors import ConfigError, TrainerError
 from trainer.export import export_model
 from trainer.metrics import (collect_outputs, compute_metrics, headline, higher_is_better, scalar_metrics,
                              score_outputs)
 from trainer.models import build_model
-from trainer.optim import build_optimizer, lr_at
+from trainer.optim import Lookahead, build_optimizer, lr_at
 from trainer.tasks import Task, class_weights, resolve_task
 from trainer.reports import format_summary, plot_training_curves, write_eval_report
 from trainer.tracking import (Tracker, check_run_dir_free, create_run_dir, default_run_dir, environment,
@@ -49,6 +50,7 @@ def model_meta(cfg: Config, task: Task, classes, mean, std, small_input_stem: bo
         "mean": list(mean), "std": list(std),
         "threshold": cfg.eval.threshold if task.kind == "binary" else None,
         "positive_class": classes[positive_index] if task.kind == "binary" else None,
+        "tta": cfg.eval.tta,  # applied by `trainer eval` and `trainer predict` too
     }
 
 
@@ -114,22 +116,44 @@ def train(cfg: Config) -> dict:
                           f"{global_batch} is larger than the training split ({len(train_set)} images)")
     sampler = (class_balanced_sampler(train_set.labels, num_classes, cfg.seed)
                if cfg.data.sampler == "weighted" else None)
-    loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
-                     persistent_workers=False)  # workers restart each epoch so they see the new set_epoch
-    train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
-                          # its own generator: worker seeds never draw from the global RNG (exact resume)
-                          generator=torch.Generator().manual_seed(cfg.seed), drop_last=False, **loader_kw)
+    aug = cfg.data.augment
+    if cfg.data.loader == "device":  # the whole split decoded once onto the device; batched augmentation there
+        t_decode = time.time()
+        train_dl = to_device_loader(train_set, cfg.data.image_size, acc.device, cfg.train.batch_size, data.mean,
+                                    data.std, cfg.seed, acc.process_index, acc.num_processes, aug.crop_padding,
+                                    aug.flip_mode, aug.hflip, cfg.model.channels_last)
+        say(f"[trainer] data.loader=device: {len(train_set)} training images decoded to a uint8 tensor on "
+            f"{acc.device} ({train_dl.images.numel() / 2**20:.0f} MiB) in {time.time() - t_decode:.1f} s")
+    else:
+        loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
+                         persistent_workers=False)  # workers restart each epoch so they see the new set_epoch
+        train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                              # its own generator: worker seeds never draw from the global RNG (exact resume)
+                              generator=torch.Generator().manual_seed(cfg.seed), drop_last=False, **loader_kw)
     eval_batch = cfg.eval.batch_size or 2 * cfg.train.batch_size  # per process; no gradients, so larger
 
     # ---- model and optimizer ----
     small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
     model = build_model(cfg.model.name, task.num_outputs, image_size=cfg.data.image_size,
                         small_input_stem=small_stem, pretrained_path=cfg.model.pretrained_path, verbose=say)
+    if hasattr(model, "init_from_data") and not cfg.model.pretrained_path:  # e.g. airbench's whitening filters
+        model.init_from_data(train_dl.first(5000) if cfg.data.loader == "device" else
+                             first_images(train_set, cfg.data.image_size, data.mean, data.std, 5000))
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if acc.device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    if cfg.model.compile:  # in place: parameter names (checkpoints, exports) stay those of the plain model
+        model.compile()
+    fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
     opt = build_optimizer(model, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.momentum,
-                          cfg.optim.nesterov, cfg.optim.betas)
-    model, opt, train_dl = acc.prepare(model, opt, train_dl)
+                          cfg.optim.nesterov, cfg.optim.betas, cfg.optim.bias_lr_scale, fused)
+    if cfg.data.loader == "device":  # not a DataLoader: nothing for accelerate to wrap (it is already sharded)
+        model, opt = acc.prepare(model, opt)
+    else:
+        model, opt, train_dl = acc.prepare(model, opt, train_dl)
+    # the slow weights of Lookahead/EMA, the same on every rank (it follows the synchronised weights)
+    lookahead = Lookahead(acc.unwrap_model(model)) if cfg.optim.lookahead_every else None
 
     # ---- derived numbers (all in optimizer updates, so the schedule ignores the process count) ----
     steps_per_epoch = len(train_dl)  # per-process micro-batches
@@ -142,7 +166,7 @@ def train(cfg: Config) -> dict:
 
     def lr_for(update: int) -> float:
         return lr_at(update, total_updates, cfg.optim.lr, warmup_updates, cfg.optim.schedule,
-                     cfg.optim.min_lr_ratio, milestones, cfg.optim.step_gamma)
+                     cfg.optim.min_lr_ratio, milestones, cfg.optim.step_gamma, cfg.optim.warmup_start_ratio)
 
     # ---- resume: weights, optimizer, RNG, position (read and checked before anything is written) ----
     pos = {"epoch": 0, "step_in_epoch": 0, "update": 0, "samples_seen": 0, "metrics_rows": 0,
@@ -152,6 +176,12 @@ def train(cfg: Config) -> dict:
         check_compatible(ckpt, cfg.model.name, kind, data.classes, acc.unwrap_model(model))
         acc.unwrap_model(model).load_state_dict(ckpt["model"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
+        if lookahead is not None:
+            if "lookahead" in ckpt["extra"]:
+                lookahead.load_state_dict(ckpt["extra"]["lookahead"])
+            else:  # e.g. weights from a run without it: start the slow copy from them
+                lookahead = Lookahead(acc.unwrap_model(model))
+                say(f"[trainer] {resume_from} has no lookahead state: the slow weights start from its weights")
         if ckpt["state"].get("scaler") and acc.scaler is not None:
             acc.scaler.load_state_dict(ckpt["state"]["scaler"])
         saved_world = len(ckpt["state"]["rng"])
@@ -237,7 +267,8 @@ def train(cfg: Config) -> dict:
                              "from_update": log_from_update},
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                      "world_size": acc.num_processes}
-            write_checkpoint(ckpt_root, update, acc.unwrap_model(model).state_dict(), opt.state_dict(), rng, state)
+            write_checkpoint(ckpt_root, update, acc.unwrap_model(model).state_dict(), opt.state_dict(), rng, state,
+                             extra={"lookahead": lookahead.state_dict()} if lookahead is not None else None)
             keep = checkpoint_name(best["update"]) if cfg.checkpoint.keep_best and best["update"] is not None else None
             rotate(ckpt_root, cfg.checkpoint.keep_last, keep)
         acc.wait_for_everyone()  # nobody runs ahead (or exits) before the checkpoint is complete
@@ -267,7 +298,9 @@ def train(cfg: Config) -> dict:
 
     def evaluate(epoch_float: float) -> tuple:
         """Score the whole val split; every rank gets the same metrics; a new best is exported to best/."""
-        outputs = collect_outputs(model, val_set, eval_task, acc, eval_batch, cfg.data.num_workers, memory_format)
+        sync_buffers(acc.unwrap_model(model), acc)  # every rank scores its shard with rank 0's BN statistics
+        outputs = collect_outputs(model, val_set, eval_task, acc, eval_batch, cfg.data.num_workers, memory_format,
+                                  cfg.eval.tta)
         result = [None]
         if acc.is_main_process:
             try:
@@ -291,6 +324,8 @@ def train(cfg: Config) -> dict:
 
     def agree_on_requests() -> tuple:
         """(save, stop) requested on any rank; every rank gets the same answer at the same step."""
+        if acc.num_processes == 1:  # nothing to agree on: no device tensor, so no GPU sync per update
+            return requests.pending()
         flags = torch.tensor([float(f) for f in requests.pending()], device=acc.device)
         if acc.num_processes > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -308,7 +343,10 @@ def train(cfg: Config) -> dict:
             sampler.set_epoch(epoch)
         train_dl.set_epoch(epoch)  # seedable shuffle order
         skip = pos["step_in_epoch"] if epoch == pos["epoch"] else 0  # batches this epoch already trained on
-        loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
+        if cfg.data.loader == "device":
+            loader = train_dl.batches(skip)
+        else:
+            loader = acc.skip_first_batches(train_dl, skip) if skip else train_dl
         bar = tqdm(total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                    disable=not show_bar, dynamic_ncols=True)
         step_in_epoch = skip
@@ -321,7 +359,7 @@ def train(cfg: Config) -> dict:
                     if cfg.train.clip_grad_norm is not None:
                         acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
                     for group in opt.param_groups:
-                        group["lr"] = lr_for(update)
+                        group["lr"] = lr_for(update) * group.get("lr_scale", 1.0)
                 opt.step()  # a no-op on accumulation micro-steps (accelerate skips it)
                 opt.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
@@ -333,6 +371,9 @@ def train(cfg: Config) -> dict:
                 continue
             # ---- an optimizer update is complete: the only place where the run may be saved or stopped ----
             update += 1
+            if lookahead is not None and update % cfg.optim.lookahead_every == 0:
+                sync_buffers(acc.unwrap_model(model), acc)  # the same slow copy on every rank
+                lookahead.step(acc.unwrap_model(model), cfg.optim.lookahead_decay * (update / total_updates) ** 3)
             if update % cfg.train.log_every_steps == 0:
                 bar.set_postfix(loss=f"{log_train(epoch + step_in_epoch / steps_per_epoch):.4f}")
             done = update >= total_updates
@@ -350,6 +391,9 @@ def train(cfg: Config) -> dict:
         if loss_count:
             log_train(epoch_float)
         last_epoch = done or epoch == cfg.train.epochs - 1
+        if last_epoch and lookahead is not None:  # the final model is the slow copy
+            sync_buffers(acc.unwrap_model(model), acc)
+            lookahead.step(acc.unwrap_model(model), 1.0)
         if last_epoch or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0):
             last_metrics, last_outputs = evaluate(epoch_float)
         if not last_epoch and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0:

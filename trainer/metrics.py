@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from trainer.distributed import gather_to_main
 from trainer.errors import TrainerError
+from trainer.models import forward_tta
 from trainer.tasks import Task
 
 THRESHOLD_CRITERIA = ("max_f1", "youden", "target_recall")
@@ -42,8 +43,9 @@ def shard_bounds(n: int, rank: int, world: int) -> range:
 
 @torch.no_grad()
 def collect_outputs(model, dataset, task: Task, accelerator, batch_size: int, num_workers: int = 0,
-                    memory_format=torch.contiguous_format) -> Optional[Dict[str, np.ndarray]]:
-    """Per-sample probabilities (N, C), labels (N,) and losses (N,) of the whole split, on the main process.
+                    memory_format=torch.contiguous_format, tta: str = "none") -> Optional[Dict[str, np.ndarray]]:
+    """Per-sample probabilities (N, C), labels (N,) and losses (N,) of the whole split, on the main process
+    (with test-time augmentation `tta`, see `forward_tta`).
 
     `model` may be wrapped (DDP): its unwrapped module runs, so no collective happens per batch.
     Returns None on the other processes.
@@ -59,7 +61,7 @@ def collect_outputs(model, dataset, task: Task, accelerator, batch_size: int, nu
         x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
         y = y.to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
-            logits = net(x)
+            logits = forward_tta(net, x, tta)
         losses = task.loss(logits, y, reduction="none")
         rows.append(torch.cat([task.probabilities(logits), y[:, None].float(), losses[:, None]], dim=1).cpu())
     net.train(was_training)

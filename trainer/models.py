@@ -76,6 +76,75 @@ class LinearModel(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+class AirbenchNet(nn.Module):
+    """A fast CIFAR net in the style of airbench94 (Keller Jordan, arXiv 2404.00498), written from the paper's
+    description: ~2 M parameters, ~0.24 GFLOP per 32 px image.
+
+    A frozen 2x2 patch-whitening conv (3 -> 24: the 12 eigenvectors of the training patches' covariance,
+    scaled by 1/sqrt(eigenvalue), and their negatives; set by `init_from_data`), GELU, then three groups
+    [conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU] of widths 64/256/256, a global max-pool and
+    a bias-free linear head whose logits are scaled by 1/9. Convs are bias-free with a partial identity
+    (dirac) init; BN scales are frozen at 1 (only the shifts train), eps 1e-12, momentum 0.4.
+    The whitening conv runs in fp32 even under bf16 autocast: rounding its input to bf16, amplified by the
+    whitening, costs ~10% relative error on the highest-frequency channels.
+    """
+
+    def __init__(self, num_outputs: int, image_size: int = 32, widths=(64, 256, 256)):
+        super().__init__()
+        if image_size < 16:
+            raise ConfigError(f"model airbench needs data.image_size >= 16, got {image_size}")
+        self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)  # set from the data, never trained
+
+        def bn(c):
+            norm = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
+            norm.weight.requires_grad_(False)
+            return norm
+
+        def conv(cin, cout):
+            layer = nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False)
+            nn.init.dirac_(layer.weight.data[:cin])  # the first cin filters start as the identity
+            return layer
+
+        groups, cin = [], 24
+        for width in widths:
+            groups += [conv(cin, width), nn.MaxPool2d(2), bn(width), nn.GELU(),
+                       conv(width, width), bn(width), nn.GELU()]
+            cin = width
+        self.features = nn.Sequential(*groups)
+        self.head = nn.Linear(cin, num_outputs, bias=False)
+        self.logit_scale = 1 / 9
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Whitening filters from the 2x2 patches of normalised training images (N, 3, H, W)."""
+        cov, count = torch.zeros(12, 12, dtype=torch.float64), 0
+        for chunk in images.split(256):  # chunks: all patches of 5,000 images at once would be ~0.5 GB
+            patches = torch.nn.functional.unfold(chunk.detach().cpu().double(), kernel_size=2)  # (n, 12, positions)
+            patches = patches.transpose(1, 2).reshape(-1, 12)
+            cov += patches.T @ patches
+            count += patches.shape[0]
+        cov /= count
+        values, vectors = torch.linalg.eigh(cov)  # ascending
+        filters = (vectors.T / torch.sqrt(values.clamp_min(0) + eps)[:, None]).flip(0).reshape(12, 3, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+    def forward(self, x):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = self.whiten(x.float())
+        x = self.features(nn.functional.gelu(x))
+        return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale
+
+
+def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Logits with test-time augmentation: flip = the mean of the logits of the image and its mirror."""
+    if tta == "none":
+        return model(x)
+    if tta == "flip":
+        return (model(x).float() + model(torch.flip(x, dims=[3])).float()) / 2
+    raise ConfigError(f"unknown test-time augmentation '{tta}' (none, flip)")
+
+
 def _small_stem(model: nn.Module, name: str) -> None:
     """Keep full resolution in the first layer for 32x32-class inputs (the usual CIFAR adaptation)."""
     if name.startswith("resnet"):
@@ -112,6 +181,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "binary_cnn": _ours(SingleConvCNN),  # BinaryCNN: the same net with one output
     "multiclass_cnn": _ours(SingleConvCNN),  # MultiClassCNN
     "small_cnn": _ours(SmallCNN),
+    "airbench": _ours(AirbenchNet),  # the CIFAR speed-recipe net (configs/airbench_cifar10.yaml)
     "linear": _ours(LinearModel),
     **{name: _torchvision(name) for name in (
         "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",

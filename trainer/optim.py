@@ -13,33 +13,67 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list:
-    """Weight decay on conv/linear weights only; none on biases and norm parameters (every tensor with ndim <= 1)."""
+def param_groups(model: nn.Module, weight_decay: float, bias_lr_scale: float = 1.0) -> list:
+    """Weight decay on conv/linear weights only; none on biases and norm parameters (every tensor with ndim <= 1),
+    which may also take a larger lr. Each group's `lr_scale` multiplies the scheduled lr."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_scale": bias_lr_scale}]
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
-                    nesterov: bool = False, betas: Sequence[float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+                    nesterov: bool = False, betas: Sequence[float] = (0.9, 0.999), bias_lr_scale: float = 1.0,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """`fused`: one kernel for the whole update (CUDA; CPU too on recent torch) instead of a loop of ops."""
+    groups = [g for g in param_groups(model, weight_decay, bias_lr_scale) if g["params"]]
+    extra = {"fused": True} if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **extra)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **extra)
     raise ValueError(f"unknown optimizer {name}")
 
 
+class Lookahead:
+    """A slow copy of the weights (float parameters and buffers) that the weights are pulled back to every few
+    updates: slow += (1 - decay) x (weights - slow); weights = slow. `decay` 0 keeps the weights as they are,
+    1 replaces them by the slow copy (the final step). Its tensors go into every checkpoint (exact resume)."""
+
+    def __init__(self, model: nn.Module):
+        self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, decay: float) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.slow:
+                self.slow[k].lerp_(v, 1.0 - decay)
+                v.copy_(self.slow[k])
+
+    def state_dict(self) -> dict:
+        return dict(self.slow)
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.slow) - set(state))
+        if missing:
+            raise ValueError(f"lookahead state lacks {missing[:3]}")
+        for k in self.slow:
+            self.slow[k].copy_(state[k])
+
+
 def lr_at(update: int, total_updates: int, peak_lr: float, warmup_updates: int = 0, schedule: str = "cosine",
-          min_lr_ratio: float = 0.0, milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+          min_lr_ratio: float = 0.0, milestones: Sequence[int] = (), gamma: float = 0.1,
+          warmup_start_ratio: float = 0.0) -> float:
     """Learning rate for optimizer update number `update` (0-based) of `total_updates`.
 
-    Linear warmup from ~0 over `warmup_updates`, then cosine to `min_lr_ratio x peak`, step decay at the
-    update `milestones`, or constant.
+    Linear warmup from `warmup_start_ratio x peak` (0: from ~0) over `warmup_updates`, then cosine or linear
+    to `min_lr_ratio x peak` at the last update, step decay at the update `milestones`, or constant.
     """
     if warmup_updates > 0 and update < warmup_updates:
+        if warmup_start_ratio > 0:
+            return peak_lr * (warmup_start_ratio + (1 - warmup_start_ratio) * update / warmup_updates)
         return peak_lr * (update + 1) / warmup_updates
     if schedule == "constant":
         return peak_lr
@@ -48,4 +82,6 @@ def lr_at(update: int, total_updates: int, peak_lr: float, warmup_updates: int =
     span = max(total_updates - warmup_updates, 1)
     progress = min(max(update - warmup_updates, 0) / span, 1.0)
     floor = peak_lr * min_lr_ratio
+    if schedule == "linear":
+        return peak_lr + (floor - peak_lr) * progress
     return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

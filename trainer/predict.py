@@ -13,6 +13,7 @@ from trainer.data.datasets import eval_transform
 from trainer.data.folders import is_image_file, load_rgb
 from trainer.errors import TrainerError
 from trainer.export import load_exported
+from trainer.models import forward_tta
 from trainer.tasks import Task
 
 
@@ -64,7 +65,8 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
                     images.append(transform(load_rgb(path)))
             except Exception as err:
                 raise TrainerError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
-        probs = task.probabilities(model(torch.stack(images).to(device))).cpu()
+        # the model's test-time augmentation (model.json), as in training's evaluation and `trainer eval`
+        probs = task.probabilities(forward_tta(model, torch.stack(images).to(device), meta.get("tta", "none"))).cpu()
         labels = task.predict(probs, threshold, positive_index)
         for path, p, label in zip(chunk, probs.tolist(), labels.tolist()):
             rows.append([path, classes[label]] + [repr(v) for v in p])  # exact: parses back to the same number

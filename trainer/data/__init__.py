@@ -91,6 +91,8 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
             found = {"all": scan_split(Path(root), classes)}
         else:
             classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed)
+            if found.get("val") is not None and found.get("val") is found.get("test"):
+                verbose(f"data.val_fraction=0 and no val/ folder: validating on {root}/test")
         missing = [s for s in splits if s not in found]
         if missing:
             raise DataError(f"{root} has no {missing[0]}/ split (found: {sorted(found)})")

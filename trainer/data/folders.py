@@ -120,9 +120,11 @@ def imagefolder_splits(root: Path, val_fraction: float, split_seed: int) -> Tupl
     else:
         classes = find_classes(root)
         splits = {"train": scan_split(root, classes)}
+    if "val" not in splits and val_fraction <= 0:
+        if "test" not in splits:
+            raise DataError(f"{root} has no val/ or test/ folder and data.val_fraction is 0: nothing to validate on")
+        splits["val"] = splits["test"]  # all of train trains; validation is the test split (see data.val_fraction)
     if "val" not in splits:
-        if val_fraction <= 0:
-            raise DataError(f"{root} has no val/ folder and data.val_fraction is 0: nothing to validate on")
         splits["train"], splits["val"] = stratified_split(splits["train"], val_fraction, split_seed)
     return classes, splits
 

@@ -1,0 +1,204 @@
+"""Device-resident training data: the whole split as one uint8 tensor on the training device, augmented in
+batches there, with no DataLoader workers (the airbench / hlb-CIFAR10 data path).
+
+Why: for CIFAR-size data the per-sample path (decode, pad, crop, flip, collate in workers) costs more than
+the model on a fast GPU, and on this 2-core CPU it competes with the model for the same cores. Decoding
+once (CIFAR-10 train: 50,000 JPEGs in ~3 s, 150 MB as uint8) and augmenting a whole batch with one gather
+removes that cost.
+
+Order and augmentation are pure functions of (seed, epoch): one permutation and one set of crop offsets
+and flips per epoch, drawn by a generator seeded from them, indexed by position in the epoch. Every rank
+holds the whole uint8 split and takes its own slice of each global batch (rank r gets positions
+[r x B, (r + 1) x B) of it), so the batches seen are the same on 1 process with batch 2B as on 2 processes
+with batch B, and resuming at batch k of an epoch needs nothing but k.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.data_loader import DataLoaderStateMixin
+from accelerate.state import GradientState
+
+from trainer.data.datasets import ArrayDataset, FileDataset, sample_seed
+from trainer.data.folders import load_rgb
+from trainer.errors import DataError
+
+DECODE_CHUNK = 1024  # files per batched decode_jpeg call (a list call is ~10x faster than one file at a time)
+
+
+def _decode_one(path: str, image_size: int) -> torch.Tensor:
+    """One file through PIL (any format); (3, S, S) uint8."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = load_rgb(path)
+    except Exception as err:
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+    return _resized(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), image_size)
+
+
+def _resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == (image_size, image_size):
+        return x
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(x, [image_size, image_size], antialias=True)
+
+
+def decode_split(dataset, image_size: int) -> torch.Tensor:
+    """The whole split as a (N, 3, S, S) uint8 tensor on the CPU, in dataset order.
+
+    JPEGs go through torchvision's batched decode_jpeg; other formats, and any JPEG it refuses (CMYK,
+    progressive oddities), through PIL, which also names a file that nothing can read.
+    """
+    if isinstance(dataset, ArrayDataset):  # CIFAR arrays: (N, H, W, 3) uint8 already in memory
+        x = torch.from_numpy(np.ascontiguousarray(dataset.images)).permute(0, 3, 1, 2)
+        return _resized(x, image_size).contiguous()
+    if not isinstance(dataset, FileDataset):
+        raise DataError(f"data.loader=device cannot load a {type(dataset).__name__}")
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    out = torch.empty((len(dataset.paths), 3, image_size, image_size), dtype=torch.uint8)
+    jpegs = [i for i, p in enumerate(dataset.paths) if p.lower().endswith((".jpg", ".jpeg"))]
+    others = sorted(set(range(len(dataset.paths))) - set(jpegs))
+    for start in range(0, len(jpegs), DECODE_CHUNK):
+        idx = jpegs[start:start + DECODE_CHUNK]
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to torchcodec
+                warnings.simplefilter("ignore", DeprecationWarning)
+                images = decode_jpeg([read_file(dataset.paths[i]) for i in idx], mode=ImageReadMode.RGB)
+        except RuntimeError:  # one bad file fails the whole call: redo this chunk file by file
+            others += idx
+            continue
+        for i, image in zip(idx, images):
+            out[i] = _resized(image, image_size)
+    for i in others:
+        out[i] = _decode_one(dataset.paths[i], image_size)
+    return out
+
+
+class DeviceLoader(DataLoaderStateMixin):
+    """Batches of (normalised float images, labels) from a uint8 split held on `device`.
+
+    Per epoch: a permutation, a crop offset in [0, 2 x padding] per axis and a flip bit per image, all drawn
+    at once from a generator seeded by (seed, epoch). A batch is one gather from the uint8 tensor whose row
+    and column indices already include the reflect padding, the crop and the flip; then it is converted to
+    float and normalised. The last global batch is kept when every rank gets at least one image from it.
+
+    It is an accelerate `DataLoaderStateMixin` so that `accelerator.accumulate` knows where the epoch ends
+    (gradient accumulation then syncs on the last batch, as with a prepared DataLoader).
+    """
+
+    def __init__(self, images: torch.Tensor, labels, batch_size: int, mean, std, seed: int, rank: int = 0,
+                 world: int = 1, padding: int = 0, flip: str = "random", hflip: bool = True,
+                 channels_last: bool = False):
+        if padding >= images.shape[-1]:
+            raise DataError(f"data.augment.crop_padding={padding} must be smaller than the image side {images.shape[-1]}")
+        self.images = images  # (N, 3, S, S) uint8, on the training device
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long, device=images.device)
+        self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
+        self.padding, self.flip, self.hflip = padding, flip, hflip
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        scale = torch.tensor([255.0], device=images.device)
+        self.mean = (torch.tensor(mean, dtype=torch.float32, device=images.device) * scale).view(1, 3, 1, 1)
+        self.std = (torch.tensor(std, dtype=torch.float32, device=images.device) * scale).view(1, 3, 1, 1)
+        self.epoch = 0
+        self.gradient_state = GradientState()
+        self._drop_last = True  # accelerate reads this; the remainder bookkeeping is for gather_for_metrics
+        n, g = len(self.labels), batch_size * world
+        self.num_batches = n // g + (1 if n % g >= world else 0)  # per process, the same on every rank
+        # alternating flip: which images start mirrored, fixed for the whole run (not per epoch)
+        base = torch.Generator().manual_seed(sample_seed(seed, -1 & 0xFFFFFFFF, 0))
+        self.flip_base = torch.rand(n, generator=base) < 0.5
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def first(self, count: int) -> torch.Tensor:
+        """The first `count` images of the split, normalised, unaugmented (data-dependent initialisation)."""
+        return (self.images[:count].float() - self.mean) / self.std
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_plan(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, offsets (N, 2), flips (N,)) of this epoch; offsets and flips are per dataset index."""
+        n = len(self.labels)
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0))
+        order = torch.randperm(n, generator=gen)
+        offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=gen)
+        coin = torch.rand(n, generator=gen) < 0.5
+        if not self.hflip:
+            flips = torch.zeros(n, dtype=torch.bool)
+        elif self.flip == "alternating":  # airbench: a random half in epoch 0, then every image on alternate epochs
+            flips = self.flip_base ^ bool(self.epoch % 2)
+        else:
+            flips = coin
+        return order, offsets, flips
+
+    def _indices(self, index: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor):
+        """Row (B, S) and column (B, S) source indices: crop offset minus padding, reflected at the border,
+        columns reversed for flipped images."""
+        side = self.images.shape[-1]
+        pos = torch.arange(side)
+        rows = pos[None, :] + offsets[index, 0:1] - self.padding
+        cols = pos[None, :] + offsets[index, 1:2] - self.padding
+        cols = torch.where(flips[index, None], cols.flip(1), cols)
+
+        def reflect(v):  # -1 -> 1, side -> side - 2 (numpy/torch "reflect" padding, edge not repeated)
+            v = v.abs()
+            return torch.where(v >= side, 2 * (side - 1) - v, v)
+
+        return reflect(rows), reflect(cols)
+
+    def batches(self, skip: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of the epoch, starting after `skip` of them (resume)."""
+        order, offsets, flips = self.epoch_plan()
+        n, g = len(self.labels), self.batch_size * self.world
+        self.begin()
+        try:
+            for b in range(skip, self.num_batches):
+                start = b * g
+                size = min(g, n - start)
+                lo, hi = (self.rank * self.batch_size, (self.rank + 1) * self.batch_size) if size == g else \
+                    _even_part(size, self.rank, self.world)
+                index = order[start + lo:start + hi]
+                rows, cols = self._indices(index, offsets, flips)
+                dev = self.images.device
+                index_d, rows_d, cols_d = (t.to(dev, non_blocking=True) for t in (index, rows, cols))
+                x = self.images[index_d[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
+                                rows_d[:, None, :, None], cols_d[:, None, None, :]]
+                x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+                self.end_of_dataloader = b == self.num_batches - 1
+                yield x, self.labels[index_d]
+        finally:
+            self.end()
+
+    def __iter__(self):
+        return self.batches()
+
+
+def _even_part(size: int, rank: int, world: int) -> Tuple[int, int]:
+    base, extra = divmod(size, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def to_device_loader(dataset, image_size: int, device, batch_size: int, mean, std, seed: int, rank: int,
+                     world: int, padding: int, flip: str, hflip: bool, channels_last: bool) -> DeviceLoader:
+    images = decode_split(dataset, image_size).to(device)
+    return DeviceLoader(images, dataset.labels, batch_size, mean, std, seed, rank, world, padding, flip, hflip,
+                        channels_last)
+
+
+def first_images(dataset, image_size: int, mean, std, count: int) -> torch.Tensor:
+    """Up to `count` training images, normalised, in dataset order (data-dependent initialisation)."""
+    from trainer.data.datasets import eval_transform
+
+    transform = eval_transform(image_size, mean, std)
+    return torch.stack([transform(dataset.load(i)) for i in range(min(count, len(dataset)))])
+

@@ -327,8 +327,7 @@ def train(cfg: Config) -> dict:
         if acc.num_processes == 1:  # nothing to agree on: no device tensor, so no GPU sync per update
             return requests.pending()
         flags = torch.tensor([float(f) for f in requests.pending()], device=acc.device)
-        if acc.num_processes > 1:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
     # a bar on a terminal; in a log file (SLURM, CI) a plain line per log step instead

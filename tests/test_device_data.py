@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.conftest import make_folder, write_image
 from trainer.data.datasets import ArrayDataset, FileDataset
@@ -146,3 +145,11 @@ def test_an_unreadable_file_is_named(tmp_path):
 def test_padding_must_be_smaller_than_the_image():
     with pytest.raises(DataError, match="crop_padding"):
         loader(side=4, padding=4)
+
+
+def test_a_file_removed_after_the_scan_is_named(tmp_path):
+    root = make_folder(tmp_path / "gone", per_class=2, ext=".jpg")
+    ds = FileDataset(scan_split(root, ["cat", "dog"]))
+    (root / "dog" / "0.jpg").unlink()
+    with pytest.raises(DataError, match="dog/0.jpg"):
+        decode_split(ds, 16)

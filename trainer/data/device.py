@@ -44,6 +44,8 @@ def _decode_one(path: str, image_size: int) -> torch.Tensor:
 
 
 def _resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    # antialiased resize of the uint8 tensor; evaluation resizes the PIL image: the same filter family, pixel
+    # values may differ by rounding for images not already at image_size
     if tuple(x.shape[-2:]) == (image_size, image_size):
         return x
     from torchvision.transforms.v2 import functional as TF
@@ -93,8 +95,11 @@ def _read_files(paths) -> list:
     """Several files per task: one future per file costs more than reading a cached 1 KB file."""
     out = []
     for path in paths:
-        with open(path, "rb") as fh:
-            out.append(torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8))
+        try:
+            with open(path, "rb") as fh:
+                out.append(torch.frombuffer(bytearray(fh.read()), dtype=torch.uint8))
+        except OSError as err:  # removed or unreadable since the folder was scanned
+            raise DataError(f"cannot read image {path}: {err.strerror or err}") from None
     return out
 
 

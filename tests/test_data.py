@@ -211,3 +211,22 @@ def test_cifar_read_offline_from_existing_copy(tmp_path, monkeypatch):
     assert [len(data.datasets[s]) for s in ("train", "val", "test")] == [90, 10, 20]
     x, y = data.datasets["train"][0]
     assert x.shape == (3, 32, 32)
+
+
+def test_persistent_workers_see_each_new_epoch():
+    """Workers are started once per run; the epoch set in the main process reaches them (shared memory), so
+    every epoch's augmentation equals what the dataset gives in-process for that epoch."""
+    from torch.utils.data import DataLoader
+
+    from trainer.data.datasets import ArrayDataset, PadCropFlip
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    ds = ArrayDataset(images, list(range(6)), PadCropFlip(8, 2, True, [0.5] * 3, [0.25] * 3), seed=1)
+    loader = DataLoader(ds, batch_size=6, num_workers=1, persistent_workers=True)
+    seen = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        (x, _), = list(loader)
+        assert torch.equal(x, torch.stack([ds[i][0] for i in range(6)])), epoch
+        seen.append(x)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])

@@ -54,7 +54,8 @@ class DataCfg:
     split_seed: int = 0
     mean: Optional[List[float]] = None  # per channel in [0,1]; null = measured on the training images
     std: Optional[List[float]] = None
-    num_workers: int = 2  # DataLoader workers per process
+    num_workers: int = 2  # DataLoader workers per process (persistent: started once per run)
+    prefetch_factor: int = 2  # batches each worker loads ahead
     # workers: per-sample decode + augment in DataLoader workers (any dataset size, any augmentation).
     # device: the whole training split decoded once into one uint8 tensor on the device (GPU, or CPU), and
     # pad-crop/flip done as batched tensor ops there: no workers, for datasets that fit (CIFAR-10: 150 MB)
@@ -237,6 +238,7 @@ def validate(cfg: Config) -> None:
         "train.log_every_steps": cfg.train.log_every_steps,
         "train.dist_timeout_s": cfg.train.dist_timeout_s,
         "data.image_size": cfg.data.image_size,
+        "data.prefetch_factor": cfg.data.prefetch_factor,
         "optim.lr": cfg.optim.lr,
         "data.generated.train_per_class": cfg.data.generated.train_per_class,
         "data.generated.val_per_class": cfg.data.generated.val_per_class,

@@ -125,8 +125,10 @@ def train(cfg: Config) -> dict:
         say(f"[trainer] data.loader=device: {len(train_set)} training images decoded to a uint8 tensor on "
             f"{acc.device} ({train_dl.images.numel() / 2**20:.0f} MiB) in {time.time() - t_decode:.1f} s")
     else:
-        loader_kw = dict(num_workers=cfg.data.num_workers, pin_memory=acc.device.type == "cuda",
-                         persistent_workers=False)  # workers restart each epoch so they see the new set_epoch
+        workers = cfg.data.num_workers
+        # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
+        loader_kw = dict(num_workers=workers, pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,
+                         prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None)
         train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
                               # its own generator: worker seeds never draw from the global RNG (exact resume)
                               generator=torch.Generator().manual_seed(cfg.seed), drop_last=False, **loader_kw)

@@ -28,10 +28,16 @@ class _SeededDataset(Dataset):
     def __init__(self, transform, seed: int):
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        # in shared memory: persistent DataLoader workers (forked once) read the epoch the main process sets
+        # before each epoch's first index reaches them, so they need not be started again every epoch
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch[0] = epoch
 
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError

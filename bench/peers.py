@@ -37,9 +37,9 @@ evaluation, checkpointing and process start-up are not in it. How each side's ti
               line, and times each epoch from the model.train() call at the epoch's start to the
               model.eval() call after its last step; images are counted in a forward pre-hook.
 The reported number is the median over --repeats of the steady img/s, with min-max; ratio = side / ours.
-Each epoch's first step carries that side's per-epoch start cost (our loader forks its workers again every
-epoch; timm keeps its workers), so short epochs magnify it: give each epoch enough steps (--per-class, or a
-real --data) for the number to mean what a long run sees. On a shared machine the spread between repeats
+Each epoch's first step carries that side's per-epoch start cost (the accelerate example forks its loader
+workers again every epoch), so short epochs magnify it: give each epoch enough steps (--per-class, or a real
+--data) for the number to mean what a long run sees. On a shared machine the spread between repeats
 shows how much of a difference is noise.
 
 Settings that make the sides do the same work, and what cannot be made equal (also in the table's notes):
@@ -61,8 +61,8 @@ Settings that make the sides do the same work, and what cannot be made equal (al
               --peer-model without pretrained weights, unfreezes the backbone (so backward runs through the
               whole network, as on the other sides) and sets the workers to --workers. The example's own
               loop, data set class, transforms, optimizer and evaluation are run unchanged.
-  loaders     --workers on every side; our loader restarts its workers each epoch (persistent_workers=False,
-              so they see set_epoch), timm keeps them (persistent_workers=True), the example restarts them.
+  loaders     --workers on every side; ours and timm keep their workers across epochs (persistent_workers),
+              the example starts them again every epoch.
               timm needs at least 1 worker (its loader always asks for persistent workers).
 """
 from __future__ import annotations
@@ -332,7 +332,7 @@ def notes_for(side: str, args, flat_count: int) -> str:
 def _notes(side: str, args, flat_count: int) -> str:
     if side == "ours":
         return (f"torchvision {args.model}, small_input_stem=false; RRC(0.08-1)+flip; SGD+cosine; "
-                f"workers restart each epoch")
+                f"persistent workers")
     if side == "timm":
         return (f"timm {args.peer_model}; RRC(0.08-1)+flip, prefetcher normalises on device; SGD+cosine; "
                 f"persistent workers; drops the last partial batch")

@@ -230,3 +230,43 @@ def test_persistent_workers_see_each_new_epoch():
         assert torch.equal(x, torch.stack([ds[i][0] for i in range(6)])), epoch
         seen.append(x)
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+
+
+def test_decode_rgb_reads_every_format_like_pil(tmp_path):
+    """The per-sample, evaluation and predict paths decode JPEGs with torchvision and the rest with PIL: the
+    pixels are PIL's (libjpeg-turbo either way, so at most 1 apart for JPEG), always 3-channel uint8."""
+    from trainer.data.folders import decode_rgb, load_rgb
+
+    files = [write_image(tmp_path / "rgb.jpg", size=(20, 12)), write_image(tmp_path / "gray.jpg", mode="L"),
+             write_image(tmp_path / "rgba.png", mode="RGBA"), write_image(tmp_path / "palette.png", mode="P"),
+             write_image(tmp_path / "png-named.jpg", fmt="PNG"),  # chosen by content, not by name
+             write_image(tmp_path / "rgb.bmp")]
+    for path in files:
+        got = decode_rgb(str(path))
+        expected = torch.from_numpy(np.array(load_rgb(str(path)))).permute(2, 0, 1)
+        assert got.dtype == torch.uint8 and got.shape == expected.shape, path
+        assert (got.int() - expected.int()).abs().max() <= 1, path
+    cmyk = decode_rgb(str(write_image(tmp_path / "cmyk.jpg", mode="CMYK", fmt="JPEG")))
+    assert cmyk.shape == (3, 16, 16) and cmyk.dtype == torch.uint8
+
+
+def test_pad_crop_flip_is_a_reflect_padded_crop_and_covers_every_offset():
+    """Each output is one crop of the reflect-padded image, mirrored or not; over many samples every one of
+    the (2p+1)^2 offsets and both flips occur (the index arithmetic against torch's own padding)."""
+    from trainer.data.datasets import ArrayDataset, PadCropFlip
+
+    side, pad = 6, 2
+    image = np.random.default_rng(0).integers(0, 256, (1, side, side, 3), dtype=np.uint8)
+    ds = ArrayDataset(np.repeat(image, 1000, axis=0), [0] * 1000, PadCropFlip(side, pad, True, [0.0] * 3, [1 / 255] * 3))
+    padded = torch.nn.functional.pad(torch.from_numpy(image[0]).permute(2, 0, 1).float()[None], [pad] * 4,
+                                     mode="reflect")[0]
+    candidates = {(top, left, flip): (padded[:, top:top + side, left:left + side].flip(2) if flip
+                                      else padded[:, top:top + side, left:left + side])
+                  for top in range(2 * pad + 1) for left in range(2 * pad + 1) for flip in (False, True)}
+    seen = set()
+    for i in range(len(ds)):
+        x = ds[i][0]
+        match = [key for key, c in candidates.items() if torch.allclose(x, c, atol=1e-3)]
+        assert match, i
+        seen.update(match)
+    assert len(seen) == len(candidates)

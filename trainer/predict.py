@@ -10,7 +10,7 @@ from typing import Iterable, List, Optional
 import torch
 
 from trainer.data.datasets import eval_transform
-from trainer.data.folders import is_image_file, load_rgb
+from trainer.data.folders import decode_rgb, is_image_file
 from trainer.errors import TrainerError
 from trainer.export import load_exported
 from trainer.models import forward_tta
@@ -62,7 +62,7 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    images.append(transform(load_rgb(path)))
+                    images.append(transform(decode_rgb(path)))  # as training's evaluation reads it
             except Exception as err:
                 raise TrainerError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
         # the model's test-time augmentation (model.json), as in training's evaluation and `trainer eval`

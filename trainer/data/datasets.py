@@ -11,11 +11,11 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.folders import Sample, load_rgb
+from trainer.data.folders import Sample, decode_rgb
 from trainer.errors import DataError
 
 
@@ -39,7 +39,8 @@ class _SeededDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = epoch
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int) -> torch.Tensor:
+        """The image as a (3, H, W) uint8 RGB tensor; every transform below takes that."""
         raise NotImplementedError
 
     def __getitem__(self, index: int):
@@ -63,12 +64,12 @@ class FileDataset(_SeededDataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return load_rgb(path)
+                return decode_rgb(path)
         except Exception as err:  # name the file: a bare PIL error says nothing about which one
             raise DataError(f"cannot read image {path}: {type(err).__name__}: {err} "
                             f"(set data.verify_images=true to find bad files at start-up)") from None
@@ -85,8 +86,8 @@ class ArrayDataset(_SeededDataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
+    def load(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.images[index]).permute(2, 0, 1)
 
 
 class EpochWeightedSampler(Sampler):
@@ -126,8 +127,9 @@ def eval_transform(image_size: int, mean, std):
 
 class PadCropFlip:
     """The usual small-image augmentation (resize if needed, reflect-pad, random crop, random horizontal flip,
-    normalise) on a uint8 array with a per-sample numpy generator. The same operations as the torchvision v2
-    chain, about 4x cheaper per image here (bench/input_pipeline.py), which is what limited the loader."""
+    normalise) on a uint8 image tensor with a per-sample numpy generator. The same operations as the
+    torchvision v2 chain, about 4x cheaper per image here (bench/input_pipeline.py), which is what limited the
+    loader. The pad, crop and flip are one pair of index selections: no padded copy is built."""
 
     takes_rng = True
 
@@ -135,19 +137,25 @@ class PadCropFlip:
         self.size, self.padding, self.hflip = image_size, padding, hflip
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # reflect padding as indices: position j of the padded axis reads source row/column reflect[j]
+        # (torch's and numpy's "reflect": the edge pixel is not repeated)
+        s, p = image_size, padding
+        if p >= s:
+            raise DataError(f"data.augment.crop_padding={p} must be smaller than the image side {s}")
+        j = np.abs(np.arange(-p, s + p))
+        self.reflect = torch.from_numpy(np.where(j > s - 1, 2 * (s - 1) - j, j))
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> torch.Tensor:
-        if image.size != (self.size, self.size):
-            image = image.resize((self.size, self.size), Image.BILINEAR)
-        a = np.asarray(image)
-        p = self.padding
-        if p > 0:
-            a = np.pad(a, ((p, p), (p, p), (0, 0)), mode="reflect")
-            top, left = rng.integers(0, 2 * p + 1, size=2)
-            a = a[top:top + self.size, left:left + self.size]
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if tuple(image.shape[-2:]) != (self.size, self.size):
+            image = TF.resize(image, [self.size, self.size], antialias=True)
+        rows = cols = self.reflect[self.padding:self.padding + self.size]
+        if self.padding > 0:
+            top, left = (int(v) for v in rng.integers(0, 2 * self.padding + 1, size=2))
+            rows = self.reflect[top:top + self.size]
+            cols = self.reflect[left:left + self.size]
         if self.hflip and rng.random() < 0.5:
-            a = a[:, ::-1]
-        x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255)
+            cols = cols.flip(0)
+        x = image.index_select(1, rows).index_select(2, cols).float().div_(255)
         return x.sub_(self.mean).div_(self.std)
 
 

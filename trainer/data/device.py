@@ -25,7 +25,7 @@ from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
 from trainer.data.datasets import ArrayDataset, FileDataset, sample_seed
-from trainer.data.folders import load_rgb
+from trainer.data.folders import decode_jpeg_rgb, decode_rgb
 from trainer.errors import DataError
 
 DECODE_CHUNK = 1024  # files per batched decode_jpeg call (a list call is ~10x faster than one file at a time)
@@ -33,19 +33,18 @@ READ_THREADS = 4  # concurrent file reads while decoding; more only adds GIL con
 
 
 def _decode_one(path: str, image_size: int) -> torch.Tensor:
-    """One file through PIL (any format); (3, S, S) uint8."""
+    """One file, any format, as the per-sample path reads it; (3, S, S) uint8."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = load_rgb(path)
+            image = decode_rgb(path)
     except Exception as err:
         raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
-    return _resized(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), image_size)
+    return _resized(image, image_size)
 
 
 def _resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
-    # antialiased resize of the uint8 tensor; evaluation resizes the PIL image: the same filter family, pixel
-    # values may differ by rounding for images not already at image_size
+    # the antialiased uint8 tensor resize that evaluation's transform (eval_transform) applies too
     if tuple(x.shape[-2:]) == (image_size, image_size):
         return x
     from torchvision.transforms.v2 import functional as TF
@@ -56,16 +55,15 @@ def _resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
 def decode_split(dataset, image_size: int) -> torch.Tensor:
     """The whole split as a (N, 3, S, S) uint8 tensor on the CPU, in dataset order.
 
-    JPEGs go through torchvision's batched decode_jpeg; other formats, and any JPEG it refuses (CMYK,
-    progressive oddities), through PIL, which also names a file that nothing can read.
+    JPEGs go through torchvision's batched decode_jpeg; other formats, and any chunk holding a JPEG it
+    refuses, file by file through `decode_rgb` (PIL for what decode_jpeg refuses), which also names a file
+    that nothing can read.
     """
     if isinstance(dataset, ArrayDataset):  # CIFAR arrays: (N, H, W, 3) uint8 already in memory
         x = torch.from_numpy(np.ascontiguousarray(dataset.images)).permute(0, 3, 1, 2)
         return _resized(x, image_size).contiguous()
     if not isinstance(dataset, FileDataset):
         raise DataError(f"data.loader=device cannot load a {type(dataset).__name__}")
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     out = torch.empty((len(dataset.paths), 3, image_size, image_size), dtype=torch.uint8)
     jpegs = [i for i, p in enumerate(dataset.paths) if p.lower().endswith((".jpg", ".jpeg"))]
     others = sorted(set(range(len(dataset.paths))) - set(jpegs))
@@ -78,9 +76,7 @@ def decode_split(dataset, image_size: int) -> torch.Tensor:
             raw = [b for part in pool.map(_read_files, [paths[k:k + 64] for k in range(0, len(paths), 64)])
                    for b in part]
             try:
-                with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to torchcodec
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    images = decode_jpeg(raw, mode=ImageReadMode.RGB)
+                images = decode_jpeg_rgb(raw)  # a list: one batched call
             except RuntimeError:  # one bad file fails the whole call: redo this chunk file by file
                 others += idx
                 continue

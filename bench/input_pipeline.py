@@ -4,6 +4,9 @@ For a folder of JPEGs it measures, on the same files and in one run:
   read        bytes from disk (page cache warm)
   decode_pil  PIL decode + convert to RGB
   decode_tv   torchvision.io.decode_jpeg on the file bytes (uint8 tensor)
+  decode      the trainer's decode, file read included (trainer.data.folders.decode_rgb: decode_jpeg for JPEGs)
+  sample_pil  the training sample as it was with PIL decoding: PIL image -> the same augmentation (the
+              torchvision v2 chain then resizes the PIL image, as before)
   sample      the trainer's training sample: decode + crop/flip augmentation + normalise (FileDataset[i])
   loader_wN   the trainer's DataLoader with N workers (collate included), img/s for the whole loader
 Each number is the median of --repeats passes. Photo-sized JPEGs are generated when no folder is given for
@@ -29,8 +32,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.data.datasets import FileDataset, train_transform  # noqa: E402
-from trainer.data.folders import is_image_file, load_rgb  # noqa: E402
+from trainer.data.datasets import FileDataset, sample_seed, train_transform  # noqa: E402
+from trainer.data.folders import decode_rgb, is_image_file, load_rgb  # noqa: E402
 
 
 def files_under(folder: Path, limit: int) -> list:
@@ -63,16 +66,30 @@ def rate(fn, items, repeats: int) -> float:
     return len(items) / statistics.median(times)
 
 
+def pil_sample(dataset: FileDataset, index: int) -> torch.Tensor:
+    """One training sample with PIL decoding: the same augmentation and random draws as dataset[index]."""
+    image = load_rgb(dataset.paths[index])
+    transform = dataset.transform
+    if getattr(transform, "takes_rng", False):  # PadCropFlip takes a uint8 tensor
+        return transform(torch.from_numpy(np.array(image)).permute(2, 0, 1),
+                         np.random.default_rng([dataset.seed, dataset.epoch, index]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(dataset.seed, dataset.epoch, index))
+        return transform(image)  # the v2 chain on the PIL image: PIL's resize
+
+
 def measure(paths: list, image_size: int, repeats: int, workers: list) -> dict:
     from torchvision.io import decode_jpeg, read_file
 
     blobs = [read_file(p) for p in paths]
     out = {"files": len(paths), "read": rate(lambda p: open(p, "rb").read(), paths, repeats),
            "decode_pil": rate(load_rgb, paths, repeats),
-           "decode_tv": rate(lambda b: decode_jpeg(b), blobs, repeats)}
+           "decode_tv": rate(lambda b: decode_jpeg(b), blobs, repeats),
+           "decode": rate(decode_rgb, paths, repeats)}
     transform = train_transform(image_size, [0.5] * 3, [0.25] * 3, hflip=True, crop_padding=4,
                                 random_resized_crop=image_size > 64, rrc_min_scale=0.35, color_jitter=0.0)
     dataset = FileDataset([(p, 0) for p in paths], transform, seed=0)
+    out["sample_pil"] = rate(lambda i: pil_sample(dataset, i), range(len(dataset)), repeats)
     out["sample"] = rate(dataset.__getitem__, range(len(dataset)), repeats)
     for w in workers:
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, num_workers=w,
@@ -107,7 +124,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "input-pipeline" + ("-smoke" if args.smoke else "")
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
-    cols = ["files", "read", "decode_pil", "decode_tv", "sample"] + [f"loader_w{w}" for w in workers]
+    cols = ["files", "read", "decode_pil", "decode_tv", "decode", "sample_pil", "sample"] + [f"loader_w{w}" for w in workers]
     lines = ["| images | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for key, r in results.items():
         if isinstance(r, dict):

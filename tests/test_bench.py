@@ -10,10 +10,13 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("script, name", [("overhead.py", "overhead-small_cnn-no-smoke"),
-                                          ("input_pipeline.py", "input-pipeline-smoke")])
-def test_benchmark_smoke(tmp_path, script, name):
-    res = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path)],
+@pytest.mark.parametrize("script, extra, name", [
+    ("overhead.py", [], "overhead-small_cnn-no-smoke"),
+    ("overhead.py", ["--loader", "device"], "overhead-small_cnn-no-device-smoke"),
+    ("input_pipeline.py", [], "input-pipeline-smoke"),
+    ("accelerate_wrappers.py", [], "accelerate-wrappers-smoke")])
+def test_benchmark_smoke(tmp_path, script, extra, name):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path), *extra],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]

@@ -127,11 +127,11 @@ def test_bad_image_at_load_time_names_the_file(tmp_path):
     bad = _with_bad_files(tmp_path / "d")
     data = build_data(_data_cfg(tmp_path / "d", **{"data.verify_images": "false", "data.val_fraction": 0.2,
                                                     "data.mean": "[0.5,0.5,0.5]", "data.std": "[0.2,0.2,0.2]"}), seed=0)
-    ds = data.datasets["train"]
-    idx = [i for i, p in enumerate(ds.paths) if p in bad]
-    assert idx
-    with pytest.raises(DataError, match="cannot read image .*(fake|truncated)"):
-        ds[idx[0]]
+    found = [(ds, i, p) for ds in data.datasets.values() for i, p in enumerate(ds.paths) if p in bad]
+    assert sorted(p for _, _, p in found) == sorted(bad)
+    for ds, i, path in found:  # not-an-image and truncated JPEG: both fall through decode_jpeg to PIL's error
+        with pytest.raises(DataError, match=f"cannot read image {path}"):
+            ds[i]
 
 
 def test_mixed_modes_are_converted_to_rgb(tmp_path):

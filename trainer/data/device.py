@@ -14,7 +14,6 @@ with batch B, and resuming at batch k of an epoch needs nothing but k.
 """
 from __future__ import annotations
 
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Tuple
 
@@ -25,24 +24,13 @@ from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
 from trainer.data.datasets import ArrayDataset, FileDataset, sample_seed
-from trainer.data.folders import decode_jpeg_rgb, decode_rgb
+from trainer.data.folders import decode_jpeg_rgb
 from trainer.errors import DataError
 
 DECODE_CHUNK = 1024  # files per batched decode_jpeg call (a list call is ~10x faster than one file at a time)
 # concurrent file reads while decoding: uncached reads are latency-bound (5,000 uncached CIFAR files: 2.4 s with
 # 4 threads, 0.7 s with 16, 0.6 s with 64 on this VM's disk); cached ones take ~0.3 s per 10,000 either way
 READ_THREADS = 16
-
-
-def _decode_one(path: str, image_size: int) -> torch.Tensor:
-    """One file, any format, as the per-sample path reads it; (3, S, S) uint8."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image = decode_rgb(path)
-    except Exception as err:
-        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
-    return _resized(image, image_size)
 
 
 def _resized(x: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -58,8 +46,8 @@ def decode_split(dataset, image_size: int) -> torch.Tensor:
     """The whole split as a (N, 3, S, S) uint8 tensor on the CPU, in dataset order.
 
     JPEGs go through torchvision's batched decode_jpeg; other formats, and any chunk holding a JPEG it
-    refuses, file by file through `decode_rgb` (PIL for what decode_jpeg refuses), which also names a file
-    that nothing can read.
+    refuses, file by file through the dataset's own reader (`FileDataset.load`: PIL for what decode_jpeg
+    refuses), which also names a file that nothing can read.
     """
     if isinstance(dataset, ArrayDataset):  # CIFAR arrays: (N, H, W, 3) uint8 already in memory
         x = torch.from_numpy(np.ascontiguousarray(dataset.images)).permute(0, 3, 1, 2)
@@ -85,7 +73,7 @@ def decode_split(dataset, image_size: int) -> torch.Tensor:
             for i, image in zip(idx, images):
                 out[i] = _resized(image, image_size)
     for i in others:
-        out[i] = _decode_one(dataset.paths[i], image_size)
+        out[i] = _resized(dataset.load(i), image_size)  # the per-sample path's reader: names a bad file
     return out
 
 

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny generated datasets, image folders with chosen defects, quick configs."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: keep test processes from oversubscribing
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -50,6 +53,32 @@ def run_cli(*args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProce
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def weights(run_dir: Path) -> dict:
+    """A run's final exported weights."""
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def rows(run_dir: Path) -> list:
+    """metrics.jsonl without the wall-clock fields."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        row.pop("throughput", None)
+        out.append(row)
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bitwise the same final weights and the same metrics rows: what a resumed run must end with."""
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"weights differ: {k}"
+    ra, rb = rows(a), rows(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]  # no step repeated or missing
+    assert ra == rb  # same losses, lr, metrics at every step
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, run_cli, tiny_overrides
+from tests.conftest import ROOT, assert_same_run, rows, run_cli, tiny_overrides, weights
 from trainer.checkpoint import POINTER, read_checkpoint, rotate
 from trainer.errors import TrainerError
 
@@ -77,30 +77,6 @@ def run_train(args: list, processes: int = 1, env=None):
                           timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def weights(run_dir: Path) -> dict:
-    return load_file(str(run_dir / "model" / "model.safetensors"))
-
-
-def rows(run_dir: Path) -> list:
-    """metrics.jsonl without the wall-clock fields."""
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        row.pop("throughput", None)
-        out.append(row)
-    return out
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"weights differ: {k}"
-    ra, rb = rows(a), rows(b)
-    assert [r["step"] for r in ra] == [r["step"] for r in rb]  # no step repeated or missing
-    assert ra == rb  # same losses, lr, metrics at every step
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Uninterrupted runs, one per configuration, to compare resumed runs with."""
@@ -123,6 +99,7 @@ def reference(tmp_path_factory):
 ONE_PROCESS = {"model.name": "mobilenet_v3_small", "data.num_workers": 2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, at", [
     ("kill_at_update", 1),   # before the first checkpoint: the same command starts it again
     ("kill_at_update", 7),   # mid-epoch (10 updates per epoch), one update after a checkpoint
@@ -148,6 +125,7 @@ DEVICE_PATH = {"data.loader": "device", "data.augment.flip_mode": "alternating",
                "optim.bias_lr_scale": 4.0, "eval.tta": "flip"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes, at", [(1, 7), (2, 5)])
 def test_sigkill_on_the_device_data_path_resumes_bitwise(reference, tmp_path, processes, at):
     ref = reference(processes, **DEVICE_PATH)
@@ -163,6 +141,7 @@ def test_sigkill_on_the_device_data_path_resumes_bitwise(reference, tmp_path, pr
             / "lookahead.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault, at", [("kill_at_update", 5), ("kill_during_save", 2)])
 def test_sigkill_then_same_command_is_bitwise_identical_two_processes(reference, tmp_path, fault, at):
     ref = reference(2)
@@ -202,6 +181,7 @@ def test_resume_from_explicit_checkpoint_into_a_new_run(reference, tmp_path):
         assert torch.equal(v, weights(tmp_path / "other")[k])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_stops_and_w_and_b_continues_the_same_run(tmp_path):
     """Preemption: SIGTERM -> checkpoint at the next step -> exit 3; the same command finishes the run, and
     the offline W&B run read back has every step exactly once, under one run id."""

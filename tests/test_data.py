@@ -188,8 +188,8 @@ def test_cifar_missing_offline_is_clear(tmp_path):
         build_data(cfg, seed=0)
 
 
-def test_cifar_read_offline_from_existing_copy(tmp_path, monkeypatch):
-    """A copy in torchvision's layout is read without a download (integrity check stubbed for fake files)."""
+def _fake_cifar10(tmp_path, monkeypatch) -> None:
+    """20 images per batch in torchvision's CIFAR-10 layout under tmp_path (integrity check stubbed)."""
     import pickle
 
     import torchvision
@@ -205,6 +205,11 @@ def test_cifar_read_offline_from_existing_copy(tmp_path, monkeypatch):
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+
+
+def test_cifar_read_offline_from_existing_copy(tmp_path, monkeypatch):
+    """A copy in torchvision's layout is read without a download (integrity check stubbed for fake files)."""
+    _fake_cifar10(tmp_path, monkeypatch)
     cfg = load_config(None, ["data.format=cifar10", f"data.root={tmp_path}", "data.val_fraction=0.1"]).data
     data = build_data(cfg, seed=0, splits=("train", "val", "test"))
     assert data.classes == [f"c{i}" for i in range(10)]
@@ -270,3 +275,307 @@ def test_pad_crop_flip_is_a_reflect_padded_crop_and_covers_every_offset():
         assert match, i
         seen.update(match)
     assert len(seen) == len(candidates)
+
+
+# ---- image modes ----
+
+def _rgb_of(img: Image.Image) -> np.ndarray:
+    from trainer.data.folders import to_rgb
+
+    out = to_rgb(img)
+    assert out.mode == "RGB"
+    return np.asarray(out)
+
+
+def _gray(values) -> np.ndarray:
+    """The RGB image a grayscale one must become: the value in all three channels."""
+    return np.repeat(np.asarray(values, dtype=np.uint8)[..., None], 3, axis=-1)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped_to_white(tmp_path):
+    from trainer.data.folders import decode_rgb
+
+    v = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)  # a full-range gradient
+    Image.fromarray(v).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")  # what the Pillow in use opens it as
+    got = decode_rgb(str(tmp_path / "g16.png")).permute(1, 2, 0).numpy()
+    assert np.array_equal(got, _gray(np.rint(v / 257)))
+    assert (got == 255).mean() < 0.01 and got.min() == 0  # PIL's convert("RGB") gives 99% white here
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I;16L", "I;16N"])
+def test_sixteen_bit_byte_orders(mode):
+    v = np.array([[0, 128, 129, 257, 385, 386], [32767, 32896, 65278, 65534, 65535, 1000]], np.uint16)
+    order = ">u2" if mode == "I;16B" else "<u2"  # I;16 and I;16L are little-endian; I;16N native (x86: little)
+    if mode == "I;16N":
+        order = "=u2"
+    img = Image.frombytes(mode, (6, 2), v.astype(order).tobytes())
+    # v / 257 rounded: 128 -> 0.498 -> 0, 129 -> 0.502 -> 1, 385 -> 1.498 -> 1, 386 -> 2
+    expected = [[0, 0, 1, 1, 1, 2], [127, 128, 254, 255, 255, 4]]
+    assert np.array_equal(_rgb_of(img), _gray(expected))
+
+
+def test_thirty_two_bit_int_is_read_as_sixteen_bit_and_clipped(tmp_path):
+    from trainer.data.folders import load_rgb
+
+    v = np.array([[-5, 0, 257, 65535, 70000, 2 ** 31 - 1]], np.int32)
+    img = Image.fromarray(v)
+    assert img.mode == "I"
+    assert np.array_equal(_rgb_of(img), _gray([[0, 0, 1, 255, 255, 255]]))
+    img.save(tmp_path / "i32.tif")  # and from a file
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "i32.tif")), _gray([[0, 0, 1, 255, 255, 255]]))
+
+
+@pytest.mark.parametrize("values, expected", [
+    ([0.0, 0.25, 0.5, 1.0, float("nan")], [0, 64, 128, 255, 0]),  # within [0,1]: x 255 (63.75 -> 64)
+    ([0.0, 1.5, 100.4, 255.0, float("nan")], [0, 2, 100, 255, 0]),  # within [0,255]: as is, rounded
+    ([0.0, 257.0, 32896.0, 65535.0, float("nan")], [0, 1, 128, 255, 0]),  # 16-bit range: / 257
+    ([-1000.0, 0.5, 1e9, float("inf"), float("-inf")], [0, 0, 255, 255, 0]),  # beyond: / 257, clipped
+])
+def test_float_images_by_range(values, expected):
+    img = Image.fromarray(np.array([values], np.float32))
+    assert img.mode == "F"
+    assert np.array_equal(_rgb_of(img), _gray([expected]))
+
+
+def test_low_bit_depth_and_colour_modes():
+    pal = [10, 20, 30, 200, 100, 50] + [0] * 762
+    p = Image.new("P", (2, 1))
+    p.putpalette(pal)
+    p.putpixel((1, 0), 1)
+    assert np.array_equal(_rgb_of(p), [[[10, 20, 30], [200, 100, 50]]])  # palette looked up
+    p.info["transparency"] = 0
+    assert np.array_equal(_rgb_of(p), [[[10, 20, 30], [200, 100, 50]]])  # transparency dropped, colour kept
+    assert np.array_equal(_rgb_of(p.convert("PA")), [[[10, 20, 30], [200, 100, 50]]])
+    assert np.array_equal(_rgb_of(Image.new("LA", (1, 1), (77, 10))), _gray([[77]]))
+    assert np.array_equal(_rgb_of(Image.new("L", (1, 1), 77)), _gray([[77]]))
+    assert np.array_equal(_rgb_of(Image.new("RGBA", (1, 1), (1, 2, 3, 0))), [[[1, 2, 3]]])
+    one = Image.new("1", (2, 1))
+    one.putpixel((1, 0), 1)
+    assert np.array_equal(_rgb_of(one), _gray([[0, 255]]))
+    assert np.array_equal(_rgb_of(Image.new("CMYK", (1, 1), (255, 0, 55, 0))), [[[0, 255, 200]]])
+    hsv = Image.new("HSV", (1, 1), (0, 0, 90))  # anything else: PIL's own convert
+    assert np.array_equal(_rgb_of(hsv), np.asarray(hsv.convert("RGB")))
+
+
+def test_modes_read_from_files_through_decode_rgb(tmp_path):
+    from trainer.data.folders import decode_rgb
+
+    v = np.array([[0, 257, 65535]], np.uint16)
+    Image.frombytes("I;16B", (3, 1), v.astype(">u2").tobytes()).save(tmp_path / "be16.tif")
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(tmp_path / "float.tif")
+    Image.new("LA", (1, 1), (77, 10)).save(tmp_path / "la.png")
+    cases = {"be16.tif": _gray([[0, 1, 255]]), "float.tif": _gray([[0, 128, 255]]), "la.png": _gray([[77]])}
+    for name, expected in cases.items():
+        assert np.array_equal(decode_rgb(str(tmp_path / name)).permute(1, 2, 0).numpy(), expected), name
+
+
+# ---- EXIF orientation ----
+
+def _oriented(path: Path, orientation: int, fmt: str, size=(24, 16)) -> Path:
+    """A non-square image saved with an EXIF Orientation tag, as phone cameras store photos."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(_pixels(orientation, size)).save(path, format=fmt, exif=exif,
+                                                     **({"quality": 95} if fmt == "JPEG" else {}))
+    return path
+
+
+def _pixels(seed: int, size=(24, 16)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+
+
+def _pil_pixels(path, upright: bool) -> torch.Tensor:
+    from PIL import ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img) if upright else img.copy()
+    return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("fmt, orientation", [("JPEG", o) for o in range(1, 9)] + [("PNG", 6), ("TIFF", 6), ("TIFF", 3)])
+def test_exif_orientation_is_applied_by_default_and_can_be_turned_off(tmp_path, fmt, orientation):
+    from trainer.data.folders import decode_rgb
+
+    path = str(_oriented(tmp_path / f"photo.{fmt.lower()}", orientation, fmt))
+    upright, raw = decode_rgb(path), decode_rgb(path, exif_orientation=False)
+    assert tuple(raw.shape) == (3, 16, 24)
+    assert tuple(upright.shape) == ((3, 24, 16) if orientation >= 5 else (3, 16, 24))  # 5-8 swap the sides
+    assert (upright.int() - _pil_pixels(path, True).int()).abs().max() <= 1  # libjpeg-turbo either way
+    # the stored pixels: PIL's plain decode of the JPEG; for lossless files the array written (Pillow 13 turns
+    # TIFFs upright on load whatever it is asked, which decode_rgb then undoes)
+    stored = (_pil_pixels(path, False) if fmt == "JPEG" else
+              torch.from_numpy(_pixels(orientation)).permute(2, 0, 1))
+    assert (raw.int() - stored.int()).abs().max() <= 1
+    assert torch.equal(upright, raw) == (orientation == 1)
+
+
+@pytest.mark.parametrize("exif_orientation", [True, False])
+def test_device_decode_applies_exif_orientation_like_the_per_sample_path(tmp_path, exif_orientation):
+    from torchvision.transforms.v2 import functional as TF
+
+    from trainer.data.datasets import FileDataset
+    from trainer.data.device import decode_split
+
+    paths = [_oriented(tmp_path / f"{o}.jpg", o, "JPEG") for o in (1, 3, 6, 8)] + [
+        _oriented(tmp_path / "6.png", 6, "PNG")]  # the file-by-file path of decode_split too
+    ds = FileDataset([(str(p), 0) for p in paths], exif_orientation=exif_orientation)
+    out = decode_split(ds, 16)
+    for i, path in enumerate(paths):
+        expected = TF.resize(_pil_pixels(path, exif_orientation), [16, 16], antialias=True)
+        assert (out[i].int() - expected.int()).abs().max() <= 2, path  # decode within 1, then the same resize
+        assert torch.equal(out[i], TF.resize(ds.load(i), [16, 16], antialias=True)), path
+    rotated = FileDataset([(str(paths[2]), 0)], exif_orientation=not exif_orientation)
+    assert not torch.equal(decode_split(rotated, 16)[0], out[2])
+
+
+def test_build_data_passes_exif_orientation_to_every_split(tmp_path):
+    make_folder(tmp_path / "d", ("a", "b"), 4)
+    for flag in (True, False):
+        data = build_data(_data_cfg(tmp_path / "d", **{"data.val_fraction": 0.25, "data.exif_orientation": flag}),
+                          seed=0, splits=("train", "val"), verbose=lambda *_: None)
+        assert [ds.exif_orientation for ds in data.datasets.values()] == [flag, flag]
+
+
+# ---- folder walks: symlinks ----
+
+def _linked_tree(tmp_path: Path) -> Path:
+    """Class folders with every kind of link a user can make: loops, a second path to a folder and to a
+    file, a link into the other class, a broken link, and a real dataset linked in from outside."""
+    root = make_folder(tmp_path / "d", ("a", "b"), 3)
+    make_folder(tmp_path / "outside", ("more",), 2)
+    a = root / "a"
+    (a / "self").symlink_to(".")  # a loop: a/self/self/self/...
+    (a / "up").symlink_to("..")  # a loop through the split folder, which holds b too
+    (a / "sib").symlink_to("../b")  # the other class: its files must stay b's, once
+    (a / "broken").symlink_to("../nowhere")
+    (a / "more").symlink_to(tmp_path / "outside" / "more")  # a linked-in folder: followed
+    (a / "again").symlink_to(tmp_path / "outside" / "more")  # a second path to it: not counted again
+    (a / "0-copy.png").symlink_to("0.png")  # a second path to a file
+    (a / "z.png").symlink_to("../b/0.png")  # a file of class b: stays b's (its real path wins)
+    return root
+
+
+@pytest.mark.timeout(30)
+def test_scan_follows_linked_folders_once_and_never_loops(tmp_path):
+    from trainer.data.folders import scan_split
+
+    root = _linked_tree(tmp_path)
+    skipped = []
+    samples = scan_split(root, ["a", "b"], skipped)
+    a_files = [Path(p).relative_to(root).as_posix() for p, label in samples if label == 0]
+    b_files = [Path(p).relative_to(root).as_posix() for p, label in samples if label == 1]
+    assert a_files == ["a/0.png", "a/1.png", "a/2.png", "a/again/0.png", "a/again/1.png"]  # 'again' < 'more'
+    assert b_files == ["b/0.png", "b/1.png", "b/2.png"]
+    assert len({Path(p).resolve() for p, _ in samples}) == len(samples)  # every real file once
+    assert sorted((Path(s.path).name, s.why) for s in skipped) == [
+        ("0-copy.png", "file_seen"), ("broken", "broken"), ("more", "folder_seen"), ("self", "folder_seen"),
+        ("sib", "folder_seen"), ("up", "folder_seen"), ("z.png", "file_seen")]
+    assert scan_split(root, ["a", "b"]) == samples  # deterministic
+
+
+@pytest.mark.timeout(30)
+def test_build_data_reports_skipped_links_in_one_line(tmp_path):
+    root = _linked_tree(tmp_path)
+    lines = []
+    data = build_data(_data_cfg(root, **{"data.val_fraction": 0.2}), seed=0, verbose=lines.append)
+    assert len(data.datasets["train"]) + len(data.datasets["val"]) == 8
+    notes = [line for line in lines if "skipped" in line]
+    assert len(notes) == 1 and "\n" not in notes[0]
+    assert "skipped 7 path(s)" in notes[0] and "4 symlinked folder(s) already visited" in notes[0]
+    assert "1 broken link(s)" in notes[0] and " -> " in notes[0]
+
+
+@pytest.mark.timeout(30)
+def test_predict_lists_linked_folders_once_and_says_what_it_skipped(tmp_path, capsys):
+    from trainer.predict import list_images
+
+    root = _linked_tree(tmp_path)
+    files = list_images([str(root)])
+    assert len(files) == 8 and len({Path(p).resolve() for p in files}) == 8
+    assert files == sorted(files) == list_images([str(root)])
+    err = capsys.readouterr().err
+    assert err.count("skipped") == 2 and err.count("\n") == 2  # one line per call, two calls
+    (tmp_path / "loop").mkdir()
+    (tmp_path / "loop" / "x.jpg").write_bytes(b"")
+    (tmp_path / "loop" / "me").symlink_to("../loop")
+    assert list_images([str(tmp_path / "loop")]) == [str(tmp_path / "loop" / "x.jpg")]
+
+
+def test_two_class_folders_that_are_one_folder_fail(tmp_path):
+    root = make_folder(tmp_path / "d", ("a",), 2)
+    (root / "b").symlink_to("a")
+    with pytest.raises(DataError, match="same folder"):
+        build_data(_data_cfg(root), seed=0)
+
+
+# ---- splits that cannot be empty or lose a class ----
+
+def test_empty_held_out_val_split_fails_naming_it(tmp_path):
+    make_folder(tmp_path / "d", ("a", "b"), 3)
+    with pytest.raises(DataError, match=r"the val split of .* is empty: data.val_fraction=0.01 holds out 0 of "
+                                        r"every class; raise data.val_fraction or add a val/ folder") as err:
+        build_data(_data_cfg(tmp_path / "d", **{"data.val_fraction": 0.01}), seed=0)
+    assert "\n" not in str(err.value)
+
+
+def test_skipping_bad_images_never_drops_a_class_silently(tmp_path):
+    root = tmp_path / "d"
+    make_folder(root / "train", ("a",), 3)
+    make_folder(root / "val", ("a", "b"), 1)
+    bad = [root / "train" / "b" / f"{i}.png" for i in range(2)]
+    for path in bad:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=rf"class 'b' has no readable training image left.*{bad[0]}"):
+        build_data(_data_cfg(root, **{"data.skip_bad_images": "true"}), seed=0, verbose=lambda *_: None)
+
+
+def _with_bad_val_file(root: Path) -> Path:
+    make_folder(root / "train", ("a", "b"), 3, ext=".jpg")
+    make_folder(root / "val", ("a", "b"), 2, ext=".jpg")
+    truncated = root / "val" / "b" / "truncated.jpg"
+    write_image(truncated, size=(64, 64), fmt="JPEG")
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    return truncated
+
+
+def test_bad_eval_image_fails_at_start_even_without_verify_images(tmp_path):
+    truncated = _with_bad_val_file(tmp_path / "d")
+    bad_train = tmp_path / "d" / "train" / "a" / "bad.jpg"
+    bad_train.write_text("not an image")  # the training split stays governed by data.verify_images
+    cfg = _data_cfg(tmp_path / "d", **{"data.verify_images": "false", "data.mean": "[0.5,0.5,0.5]",
+                                        "data.std": "[0.2,0.2,0.2]"})
+    with pytest.raises(DataError, match=f"cannot read image {truncated}"):
+        build_data(cfg, seed=0)
+    data = build_data(cfg, seed=0, splits=("train",))  # not checked: found only when loaded
+    assert str(bad_train) in data.datasets["train"].paths
+    with pytest.raises(DataError, match=f"cannot read image {truncated}"):
+        build_data(cfg, seed=0, splits=("val",))  # `trainer eval` on val: checked too
+
+
+def test_bad_eval_image_is_skipped_and_counted_with_skip_bad_images(tmp_path):
+    truncated = _with_bad_val_file(tmp_path / "d")
+    data = build_data(_data_cfg(tmp_path / "d", **{"data.skip_bad_images": "true"}), seed=0, verbose=lambda *_: None)
+    assert data.skipped == [str(truncated)] and len(data.datasets["val"]) == 4
+
+
+def test_generated_data_is_not_verified(tmp_path, monkeypatch):
+    import trainer.data
+
+    def fail(*_, **__):
+        raise AssertionError("generated files were verified")
+
+    monkeypatch.setattr(trainer.data, "verify_images", fail)
+    cfg = load_config(None, ["data.format=generated", f"data.root={tmp_path / 'g'}", "data.generated.train_per_class=3",
+                             "data.generated.val_per_class=1", "data.generated.test_per_class=0"]).data
+    data = build_data(cfg, seed=0, verbose=lambda *_: None)
+    assert len(data.datasets["val"]) > 0
+
+
+def test_empty_cifar_val_split_fails_naming_it(tmp_path, monkeypatch):
+    _fake_cifar10(tmp_path, monkeypatch)  # 10 training images per class: 0.01 of them rounds to none
+    cfg = load_config(None, ["data.format=cifar10", f"data.root={tmp_path}", "data.val_fraction=0.01"]).data
+    with pytest.raises(DataError, match="the val split of cifar10 is empty: data.val_fraction=0.01 holds out 0"):
+        build_data(cfg, seed=0)

@@ -188,6 +188,7 @@ def test_bad_input_one_line_nothing_written(tiny, tmp_path, extra, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_really_run_and_evaluate_every_sample_once(tmp_path):
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(tmp_path, "binary", **{"data.generated.val_per_class": 13, "eval.batch_size": 4})
@@ -218,6 +219,7 @@ def test_two_cpu_processes_really_run_and_evaluate_every_sample_once(tmp_path):
     assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_multi_gpu_flag_runs_two_cpu_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU box: two real processes (not one, as --cpu gives)."""
     import os
@@ -246,6 +248,7 @@ def test_device_loader_with_accumulation_syncs_on_the_last_batch_of_each_epoch(t
     assert summary["final"]["num_samples"] == 52
 
 
+@pytest.mark.slow
 def test_two_processes_on_the_device_loader_train_like_one_with_twice_the_batch(tmp_path):
     """Each rank takes its half of every global batch, so (no batch norm, fp32) the weights match the
     1-process run up to float summation order."""

@@ -26,6 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback(tmp_path):
     """accelerate launch --num_machines 2, one launcher per "machine", as on two hosts."""
     port = free_port()
@@ -70,6 +71,7 @@ def test_a_typo_in_a_sweep_fails_before_any_run(tmp_path):
     assert not (tmp_path / "sw").exists()
 
 
+@pytest.mark.slow
 def test_local_sweep_and_collect_lists_failures(tmp_path):
     extra = " ".join(f'"{o}"' for o in tiny_overrides(tmp_path, "binary", **{"train.max_steps": 2}) if not o.startswith("run.dir"))
     f = write_sweep(tmp_path, f"recipe: configs/quickstart_binary.yaml\noverrides: [{', '.join(extra.split())}]\n"
@@ -121,6 +123,7 @@ def reference_job(cluster, tmp_path_factory):
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_single_node_two_process_job(reference_job):
     run = json.loads((reference_job / "run.json").read_text())
     assert run["derived"]["processes"] == 2 and run["environment"]["slurm_job_id"]
@@ -129,6 +132,7 @@ def test_single_node_two_process_job(reference_job):
     assert (reference_job / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_two_node_job(cluster, tmp_path):
     job = cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/multinode_cpu.sbatch",
                          *slurm_args(tmp_path, "run", **{"train.epochs": 2}), cwd=ROOT)
@@ -140,6 +144,7 @@ def test_two_node_job(cluster, tmp_path):
     assert out.count("[trainer] done") == 1  # one main process speaks, not one per node
 
 
+@pytest.mark.slow
 def test_usr1_requeues_resumes_and_ends_bitwise_identical(cluster, reference_job, tmp_path):
     job = cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/train_cpu.sbatch", *slurm_args(tmp_path, "run"),
                          cwd=ROOT)
@@ -164,6 +169,7 @@ def test_usr1_requeues_resumes_and_ends_bitwise_identical(cluster, reference_job
     assert steps == sorted(set(steps))
 
 
+@pytest.mark.slow
 def test_sweep_as_a_job_array(cluster, tmp_path):
     overrides = [o for o in tiny_overrides(tmp_path, "binary", **{"train.max_steps": 2}) if not o.startswith("run.dir")]
     f = write_sweep(tmp_path, "recipe: configs/quickstart_binary.yaml\nmax_parallel: 2\noverrides: ["

@@ -10,8 +10,10 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
                          states of every rank, what the model is (architecture, task, classes, shapes)
 It is written into a temporary sibling folder, flushed, renamed into place, and only then does
 `checkpoints/latest.json` (also replaced atomically) point at it: a crash at any moment leaves the previous
-checkpoint loadable. The learning-rate schedule is a pure function of the update count, so the count is
-its whole state.
+checkpoint loadable. state.json holds the checksum (XXH3-128) of every other file and of itself; a resume
+takes the newest checkpoint that verifies, and moves a damaged newer one aside (`step-N.corrupt`), never
+deleting it. The learning-rate schedule is a pure function of the update count, so the count is its whole
+state.
 """
 from __future__ import annotations
 
@@ -25,16 +27,20 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.errors import TrainerError
+from trainer.files import CHECKSUM, atomic_dir, atomic_write_json, checksum_bytes, checksum_file, is_pickle
 
 FORMAT = "cnn-trainer-checkpoint"
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+# what a resume reads from state.json; a checkpoint lacking one is damaged, not a KeyError later
+REQUIRED_STATE_KEYS = ("update", "epoch", "step_in_epoch", "samples_seen", "metrics_rows", "optimizer", "rng",
+                       "architecture", "task", "classes", "model_shapes", "done")
 POINTER = "latest.json"
 NAME = re.compile(r"^step-(\d{8})$")
-PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip container
 
 
 # ---- flattening to tensors + JSON ----
@@ -85,120 +91,205 @@ def restore_rng(tensors: Dict[str, torch.Tensor], states: dict) -> None:
 
 # ---- writing ----
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def checkpoint_name(update: int) -> str:
     return f"step-{update:08d}"
+
+
+def _state_digest(state: dict) -> str:
+    """The checksum state.json carries of itself: of its canonical JSON without this field."""
+    body = {k: v for k, v in state.items() if k != "state_checksum"}
+    return checksum_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
 def write_checkpoint(ckpt_root: Path, update: int, model_state: dict, optimizer_state: dict,
                      rng_per_rank: List[Tuple[Dict[str, torch.Tensor], dict]], state: dict,
                      extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
     """Main process only. Returns the checkpoint folder; `latest.json` names it once it is complete.
-    `extra`: more named tensor sets (e.g. lookahead), each written as <name>.safetensors."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    `extra`: more named tensor sets (e.g. lookahead), each written as <name>.safetensors.
+
+    Every file's checksum goes into state.json (and state.json carries its own), so bit rot is found on load
+    instead of surfacing later as a diverging loss. A failure (a full disk) removes the temporary folder
+    and leaves every earlier checkpoint and the pointer as they were."""
     target = ckpt_root / checkpoint_name(update)
-    tmp = ckpt_root / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    tensor_files = {"model.safetensors": {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}}
     opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors = {f"rank{r}.{k}": v.contiguous() for r, (tensors, _) in enumerate(rng_per_rank)
-                   for k, v in tensors.items()}
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    tensor_files["optimizer.safetensors"] = opt_tensors
+    tensor_files["rng.safetensors"] = {f"rank{r}.{k}": v.contiguous() for r, (tensors, _) in enumerate(rng_per_rank)
+                                       for k, v in tensors.items()}
     for name, tensors in (extra or {}).items():
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
-    full_state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state, "update": update,
-                  "optimizer": opt_meta, "rng": [states for _, states in rng_per_rank], "extra": sorted(extra or {}),
-                  "model_shapes": {k: list(v.shape) for k, v in model_state.items()}}
-    _write_json(tmp / "state.json", full_state)
-    for name in list(FILES[:3]) + [f"{n}.safetensors" for n in extra or {}]:  # safetensors' writer does not fsync
-        with open(tmp / name, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if target.exists():  # the same step saved again (e.g. the end of training right after a periodic save)
-        shutil.rmtree(target)
-    os.rename(tmp, target)
-    _fsync_dir(ckpt_root)
-    pointer_tmp = ckpt_root / f".{POINTER}.tmp-{os.getpid()}"
-    _write_json(pointer_tmp, {"checkpoint": target.name, "update": update})
-    os.replace(pointer_tmp, ckpt_root / POINTER)  # the pointer moves last
-    _fsync_dir(ckpt_root)
+        tensor_files[f"{name}.safetensors"] = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(target, fsync=True) as tmp:  # fsynced: safetensors' writer does not
+            digests = {}
+            for name, tensors in tensor_files.items():
+                save_file(tensors, str(tmp / name))
+                digests[name] = checksum_file(tmp / name)  # read back from the page cache
+            full_state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state, "update": update,
+                          "optimizer": opt_meta, "rng": [states for _, states in rng_per_rank],
+                          "extra": sorted(extra or {}),
+                          "model_shapes": {k: list(v.shape) for k, v in model_state.items()},
+                          "checksums": {"algorithm": CHECKSUM, "files": digests}}
+            full_state["state_checksum"] = _state_digest(full_state)
+            (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
+        atomic_write_json(ckpt_root / POINTER, {"checkpoint": target.name, "update": update}, fsync=True)
+    except TrainerError as err:  # a file-system error, already one line
+        previous = read_pointer(ckpt_root)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise TrainerError(f"checkpoint at update {update} not saved ({err}); {kept}") from None
     return target
 
 
 def rotate(ckpt_root: Path, keep_last: int, keep: Optional[str] = None) -> List[str]:
     """Delete all but the newest `keep_last` checkpoints, never the one `latest.json` names nor `keep`
-    (the best). Leftover temporary folders of interrupted saves go too. Returns the names deleted."""
+    (the best). Leftover temporary folders of interrupted saves go too; checkpoints moved aside as damaged
+    (`step-N.corrupt`) are never touched. Returns the names deleted."""
     latest = read_pointer(ckpt_root)
     names = sorted(p.name for p in ckpt_root.iterdir() if NAME.match(p.name))
     protected = set(names[-keep_last:] if keep_last > 0 else []) | {latest, keep}
     deleted = [n for n in names if n not in protected]
     for name in deleted:
         shutil.rmtree(ckpt_root / name, ignore_errors=True)
-    for leftover in ckpt_root.glob(".step-*.tmp-*"):
+    for leftover in list(ckpt_root.glob(".step-*.tmp-*")) + list(ckpt_root.glob(".step-*.old-*")):
         shutil.rmtree(leftover, ignore_errors=True)
     return deleted
 
 
-# ---- reading ----
+# ---- finding and verifying ----
 
 def read_pointer(ckpt_root: Path) -> Optional[str]:
-    pointer = ckpt_root / POINTER
-    if not pointer.is_file():
+    """The checkpoint `latest.json` names, if that file is readable and the folder exists; None otherwise
+    (the pointer is a hint: `find_checkpoint` looks at every folder)."""
+    try:
+        name = json.loads((ckpt_root / POINTER).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    name = json.loads(pointer.read_text())["checkpoint"]
-    return name if (ckpt_root / name).is_dir() else None
+    return name if isinstance(name, str) and NAME.match(name) and (ckpt_root / name).is_dir() else None
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    name = read_pointer(run_dir / "checkpoints")
-    return run_dir / "checkpoints" / name if name else None
+def checkpoint_folders(ckpt_root: Path) -> List[Path]:
+    """Every complete-looking checkpoint folder, newest update first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted((p for p in ckpt_root.iterdir() if NAME.match(p.name) and p.is_dir()), key=lambda p: p.name,
+                  reverse=True)
 
 
-def find_resume(run_dir: Path, resume: Optional[str], overwrite: bool) -> Optional[Path]:
-    """The checkpoint to resume from: `resume` (a checkpoint folder, or a run folder meaning its latest), else
-    the run directory's latest unless starting over was asked for, else None."""
-    if resume:
-        p = Path(resume)
-        if (p / "checkpoints").is_dir():
-            latest = latest_checkpoint(p)
-            if latest is None:
-                raise TrainerError(f"run.resume: {p} has no complete checkpoint")
-            return latest
-        if p.is_file():
-            _refuse_pickle(p)
-            raise TrainerError(f"run.resume: {p} is a file; give a checkpoint folder (checkpoints/step-...) or a run folder")
-        if not p.is_dir():
-            raise TrainerError(f"run.resume: {p} does not exist")
-        return p
-    return None if overwrite else latest_checkpoint(Path(run_dir))
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint folder, in a few words, or None when every file is there, no file
+    is a pickle, state.json has every key it needs and every file matches its stored checksum."""
+    try:
+        for f in path.iterdir():
+            if f.is_file() and is_pickle(f):
+                return f"{f.name} is a pickle"
+        missing = [f for f in FILES if not (path / f).is_file()]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except ValueError:
+            return "state.json is not valid JSON"
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            return f"state.json is not a {FORMAT} state"
+        absent = [k for k in REQUIRED_STATE_KEYS if k not in state]
+        if absent:
+            return f"state.json lacks {', '.join(absent)}"
+        if "state_checksum" in state and state["state_checksum"] != _state_digest(state):
+            return "state.json does not match its checksum"
+        sums = state.get("checksums") or {}
+        if sums and sums.get("algorithm") != CHECKSUM:
+            return f"unknown checksum algorithm {sums.get('algorithm')}"
+        names = list(FILES[:3]) + [f"{n}.safetensors" for n in state.get("extra", [])]
+        for name in names:
+            if not (path / name).is_file():
+                return f"missing {name}"
+            expected = sums.get("files", {}).get(name)
+            if expected is not None:
+                if checksum_file(path / name) != expected:
+                    return f"{name} does not match its checksum"
+            else:  # written before checksums existed: at least its header and size must be right
+                problem = _safetensors_problem(path / name)
+                if problem:
+                    return f"{name}: {problem}"
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    return None
+
+
+def find_checkpoint(ckpt_root: Path) -> Tuple[Optional[Path], List[Tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones that did not with what is wrong with each.
+    `latest.json` is not trusted: a folder only gets its final name once complete, so the newest folder that
+    verifies is the one to resume from, whatever the pointer says (missing, garbage, or naming a deleted
+    folder)."""
+    damaged = []
+    for folder in checkpoint_folders(ckpt_root):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder, damaged
+        damaged.append((folder, problem))
+    return None, damaged
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename a damaged checkpoint to `step-N.corrupt` (`.corrupt-2`, ... if taken): never deleted, never
+    resumed from, never rotated away."""
+    for i in range(1, 1000):
+        target = folder.with_name(folder.name + (".corrupt" if i == 1 else f".corrupt-{i}"))
+        if not target.exists():
+            os.rename(folder, target)
+            return target
+    raise TrainerError(f"cannot move {folder} aside: too many damaged copies beside it")
+
+
+def resolve_resume(resume: str) -> Path:
+    """`run.resume`: a checkpoint folder, or a run folder meaning its newest checkpoint that verifies."""
+    p = Path(resume)
+    if (p / "checkpoints").is_dir():
+        found, damaged = find_checkpoint(p / "checkpoints")
+        if found is None:
+            why = "; ".join(f"{f.name}: {problem}" for f, problem in damaged) or "no checkpoint folders"
+            raise TrainerError(f"run.resume: {p} has no loadable checkpoint ({why})")
+        return found
+    if p.is_file():
+        _refuse_pickle(p)
+        raise TrainerError(f"run.resume: {p} is a file; give a checkpoint folder (checkpoints/step-...) or a run folder")
+    if not p.is_dir():
+        raise TrainerError(f"run.resume: {p} does not exist")
+    problem = verify_checkpoint(p)
+    if problem is not None:
+        raise TrainerError(f"run.resume: {p} is not a loadable checkpoint: {problem}")
+    return p
 
 
 def _refuse_pickle(path: Path) -> None:
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    if any(head.startswith(m) for m in PICKLE_MAGIC):
+    if is_pickle(path):
         raise TrainerError(f"{path} is a pickle (torch.save) file; loading it could run code, so it is refused. "
                            f"Checkpoints here are safetensors + JSON only")
 
 
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """A safetensors file's header parses and the file is as long as the header says (truncation check)."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "truncated"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return "truncated or not a safetensors file"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            return "not a safetensors file"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if 8 + n + max(ends, default=0) > size:
+        return "truncated"
+    return None
+
+
 def read_checkpoint(path: Path) -> dict:
-    """Load a checkpoint folder without executing anything; every file is checked for pickle first."""
+    """Load a checkpoint folder without executing anything (see `verify_checkpoint` for the checks; the
+    caller has verified it, or reads one it wrote itself)."""
     path = Path(path)
     if not path.is_dir():
         raise TrainerError(f"checkpoint not found: {path}")
@@ -214,19 +305,25 @@ def read_checkpoint(path: Path) -> dict:
         raise TrainerError(f"{path / 'state.json'} is not valid JSON: {err}") from None
     if state.get("format") != FORMAT:
         raise TrainerError(f"{path} is not a {FORMAT} checkpoint")
-    rng_all = load_file(str(path / "rng.safetensors"))
-    rng = {}
-    for key, value in rng_all.items():
-        rank, name = key.split(".", 1)
-        rng.setdefault(int(rank.removeprefix("rank")), {})[name] = value
-    extra = {}
-    for name in state.get("extra", []):
-        if not (path / f"{name}.safetensors").is_file():
-            raise TrainerError(f"{path} is not a complete checkpoint (missing {name}.safetensors)")
-        extra[name] = load_file(str(path / f"{name}.safetensors"))
-    return {"path": path, "state": state, "model": load_file(str(path / "model.safetensors")),
-            "optimizer": unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]),
-            "rng_tensors": rng, "extra": extra}
+    absent = [k for k in REQUIRED_STATE_KEYS if k not in state]
+    if absent:
+        raise TrainerError(f"{path / 'state.json'} lacks {', '.join(absent)}")
+    try:
+        rng_all = load_file(str(path / "rng.safetensors"))
+        rng = {}
+        for key, value in rng_all.items():
+            rank, name = key.split(".", 1)
+            rng.setdefault(int(rank.removeprefix("rank")), {})[name] = value
+        extra = {}
+        for name in state.get("extra", []):
+            if not (path / f"{name}.safetensors").is_file():
+                raise TrainerError(f"{path} is not a complete checkpoint (missing {name}.safetensors)")
+            extra[name] = load_file(str(path / f"{name}.safetensors"))
+        return {"path": path, "state": state, "model": load_file(str(path / "model.safetensors")),
+                "optimizer": unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]),
+                "rng_tensors": rng, "extra": extra}
+    except SafetensorError as err:
+        raise TrainerError(f"{path}: a file is damaged ({err})") from None
 
 
 def check_compatible(ckpt: dict, architecture: str, task: str, classes: List[str], model: torch.nn.Module) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Literal, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -60,8 +61,12 @@ class DataCfg:
     # device: the whole training split decoded once into one uint8 tensor on the device (GPU, or CPU), and
     # pad-crop/flip done as batched tensor ops there: no workers, for datasets that fit (CIFAR-10: 150 MB)
     loader: Literal["workers", "device"] = "workers"
-    verify_images: bool = True  # decode every file once at start-up to find bad images before training
+    # decode every training file once at start-up; image-folder eval splits (val/test) are always checked
+    verify_images: bool = True
     skip_bad_images: bool = False  # with verify_images: drop (and count) unreadable files instead of failing
+    # rotate/flip images by their EXIF Orientation tag (phone photos), in training, eval and predict alike
+    # (recorded in model.json)
+    exif_orientation: bool = True
     sampler: Literal["random", "weighted"] = "random"  # weighted: class-balanced draw with replacement
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     generated: GeneratedCfg = field(default_factory=GeneratedCfg)
@@ -163,6 +168,10 @@ class RunCfg:
     # the run); overwrite=true deletes it and starts over; anything else refuses to touch it.
     overwrite: bool = False
     resume: Optional[str] = None  # a checkpoint folder (or a run directory) to resume from instead
+    # A resume compares this config with the checkpoint's: keys that change which batches come next or the
+    # learning rate of the next update (batch size, accumulation, epochs, schedule, data, model) are refused,
+    # listed old -> new, unless this says the change is meant. Keys in RESUME_SAFE_KEYS always pass.
+    allow_config_change: bool = False
 
 
 @dataclass
@@ -180,10 +189,58 @@ class Config:
     run: RunCfg = field(default_factory=RunCfg)
 
 
+# Keys that may differ between a checkpoint and the run resuming it: they change how the run is watched,
+# evaluated, saved, launched or read from disk, not which batches it sees or which lr each update gets.
+# (data.root may move, e.g. a node-local copy: the data's identity is checked by its fingerprint instead.)
+RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_steps", "train.progress_bar",
+                    "train.dist_timeout_s", "train.cudnn_benchmark", "train.device", "data.num_workers",
+                    "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> List[str]:
+    """`key: old -> new` for every key that differs and is not resume-safe (a key one side lacks counts
+    as changed only if the other side does not hold its default)."""
+    defaults = _flatten(to_dict(Config()))
+    a, b = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUME_SAFE_KEYS):
+            continue
+        before, after = a.get(key, defaults.get(key)), b.get(key, defaults.get(key))
+        if before != after:
+            changes.append(f"{key}: {before} -> {after}")
+    return changes
+
+
 def _fix_yaml_booleans(cfg) -> None:
     # YAML 1.1 reads `no` as False; for train.mixed_precision that means "no", not an error.
     if OmegaConf.select(cfg, "train.mixed_precision", default=None) is False:
         OmegaConf.update(cfg, "train.mixed_precision", "no")
+
+
+def load_yaml(path: Path, what: str):
+    """A YAML file through OmegaConf, with a syntax error as one line naming the file and position."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a YAML file") from None
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -204,7 +261,7 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = N
             path = Path(recipe)
             if not path.is_file():
                 raise ConfigError(f"recipe file not found: {recipe}")
-            recipe_cfg = OmegaConf.load(path)
+            recipe_cfg = load_yaml(path, "recipe")
             if not isinstance(recipe_cfg, dict) and not OmegaConf.is_dict(recipe_cfg):
                 raise ConfigError(f"recipe {recipe} is not a mapping of keys")
             _fix_yaml_booleans(recipe_cfg)

@@ -109,3 +109,103 @@ def sync_buffers(model: torch.nn.Module, accelerator) -> None:
         return
     for buf in model.buffers():
         dist.broadcast(buf.data, src=0)
+
+
+# ---- agreeing on failures: one rank's error ends every rank the same way, never a hang ----
+
+class SharedError(TrainerError):
+    """An error every rank raises together, agreed through a collective: rank 0 prints it, the others exit
+    quietly with the same code (`exit_code`: 2 for a user's mistake, 1 for a bug on some rank)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def agree(accelerator, fn, main_only: bool = False, share: bool = False):
+    """Run `fn` on every rank (on the main rank only with `main_only`), then one all-gather of how it went.
+
+    If any rank raised, every rank raises: a user error (TrainerError) as the same SharedError on all ranks;
+    a stop request as StopRequested; a bug re-raised with its traceback on its own rank and as a one-line
+    SharedError elsewhere. Otherwise returns `fn`'s result: the main rank's on every rank with `share` (it
+    must pickle), each rank's own without. `fn` must run no collective itself: the all-gather here is the
+    one every rank reaches whatever happened, which is what keeps a failure on one rank from hanging the
+    others."""
+    from trainer.requests import StopRequested
+
+    if accelerator.num_processes == 1:
+        return fn()
+    result, failure, original = None, None, None
+    try:
+        if not main_only or accelerator.is_main_process:
+            result = fn()
+    except StopRequested as err:
+        failure, original = ("stop", str(err)), err
+    except TrainerError as err:
+        failure, original = ("user", str(err)), err
+    except Exception as err:  # a bug: its rank keeps the traceback
+        failure, original = ("bug", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"), err
+    mine = (accelerator.process_index, failure, result if share and accelerator.is_main_process else None)
+    everyone = [None] * accelerator.num_processes
+    dist.all_gather_object(everyone, mine)
+    failed = [(rank, f) for rank, f, _ in everyone if f is not None]
+    if failed:
+        rank, (kind, message) = failed[0]
+        if kind == "stop":
+            raise StopRequested(message)
+        if original is not None and kind == "bug" and rank == accelerator.process_index:
+            raise original
+        if kind == "bug":
+            raise SharedError(f"rank {rank} failed: {message}", exit_code=1) from None
+        raise SharedError(message) from None
+    if not share:
+        return result
+    return result if accelerator.is_main_process else everyone[0][2]
+
+
+def main_first(accelerator, fn):
+    """`fn` on the main rank, then on the others (e.g. the main rank writes a generated dataset that the
+    others then read); errors agreed as in `agree`; each rank gets its own result."""
+    mine = agree(accelerator, fn, main_only=True)
+    theirs = agree(accelerator, lambda: None if accelerator.is_main_process else fn())
+    return mine if accelerator.is_main_process else theirs
+
+
+def peer_failure(err: BaseException) -> Optional[str]:
+    """One line for a collective that failed because another process of the run died, froze or became
+    unreachable (gloo: "Connection closed by peer" at once; a frozen peer: a timeout after
+    train.dist_timeout_s); None for any other error."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    kinds = {c.__name__ for c in type(err).__mro__}
+    text = str(err).strip()
+    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timed out",
+               "NCCL", "gloo", "Socket Timeout")
+    if not (kinds & {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
+            or any(m in text for m in markers)):
+        return None
+    first = next((line for line in text.splitlines() if line.strip()), type(err).__name__)
+    return (f"lost contact with another process of this run (it died, froze or was stopped); the latest "
+            f"checkpoint is intact, run the same command to resume. ({type(err).__name__}: {first[:300]})")
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes and got one: `accelerate launch --cpu
+    --num_processes N` (or a MULTI_CPU config) runs a single process without a word (accelerate-on-cpu.md).
+    That launcher gives no process count to the child, but it sets MASTER_ADDR for N > 1, so a child of
+    accelerate (ACCELERATE_* variables) with MASTER_ADDR, without WORLD_SIZE, and whose parent (the
+    launcher) did not have MASTER_ADDR itself, was asked to be one of several."""
+    env = os.environ
+    if "WORLD_SIZE" in env or "MASTER_ADDR" not in env:
+        return
+    if "ACCELERATE_MIXED_PRECISION" not in env and "ACCELERATE_DYNAMO_BACKEND" not in env:
+        return
+    try:
+        parent = open(f"/proc/{os.getppid()}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return  # not Linux, or not allowed to look: no check rather than a false alarm
+    if any(v.startswith(b"MASTER_ADDR=") for v in parent):
+        return  # inherited from the user's shell, not set by the launcher
+    raise ConfigError("accelerate launch started one process although several were asked for (its --cpu flag and "
+                      "MULTI_CPU configs run a single process); on CPU use `accelerate launch --multi_gpu "
+                      "--num_processes N` (gloo) or `torchrun --nproc_per_node N`")

@@ -4,14 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from accelerate.utils import broadcast_object_list
 from omegaconf import OmegaConf
 
-from trainer.config import load_config
-from trainer.data import build_data
-from trainer.errors import DataError
+from trainer.config import load_config, load_yaml
+from trainer.data import build_data, data_roots
+from trainer.errors import ConfigError, DataError
 from trainer.export import find_model_dir, load_exported
-from trainer.distributed import make_accelerator
+from trainer.distributed import agree, main_first, make_accelerator
+from trainer.rundir import check_output_location
 from trainer.metrics import collect_outputs, score_outputs
 from trainer.reports import format_summary, write_eval_report
 from trainer.tasks import Task
@@ -23,30 +23,39 @@ def print_main(acc, *args) -> None:
 
 
 def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None) -> dict:
+    def said(key: str) -> bool:  # did this command set the key itself?
+        return any(o.startswith(f"{key}=") for o in overrides)
+
     model_dir = find_model_dir(model_path)
     # a model inside a run folder: start from that run's config, so the data keys need not be repeated
     run_dir = model_dir.parent if (model_dir.parent / "config.yaml").is_file() else None
-    base = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) if run_dir else None
+    if run_dir is None and not said("data.root") and not said("data.format"):
+        raise ConfigError(f"{model_dir} is an exported model without its run's config: say which data to score, "
+                          f"e.g. trainer eval --model {model_path} data.root=/path/to/images")
+    base = OmegaConf.to_container(load_yaml(run_dir / "config.yaml", "run config")) if run_dir else None
     cfg = load_config(None, overrides, base=base)
     model, meta = load_exported(str(model_dir))
     # the input pipeline is the model's, not re-measured on the new data
     cfg.data.image_size, cfg.data.mean, cfg.data.std = meta["image_size"], meta["mean"], meta["std"]
+    cfg.data.exif_orientation = meta.get("exif_orientation", False)
+    target = Path(output) if output else (run_dir or model_dir) / "eval.json"
+    check_output_location(target, data_roots(cfg.data))
     # fp32 unless asked: the same arithmetic as `trainer predict`, so both give the same probabilities
-    def said(key: str) -> bool:  # did this command set the key itself?
-        return any(o.startswith(f"{key}=") for o in overrides)
-
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision if said("train.mixed_precision") else "no")
     split = cfg.eval.split
-    with acc.main_process_first():
-        data = build_data(cfg.data, cfg.seed, (split,), verbose=lambda *a: print_main(acc, *a))
+    data = main_first(acc, lambda: build_data(cfg.data, cfg.seed, (split,), verbose=lambda *a: print_main(acc, *a)))
     dataset = data.datasets[split]
     classes = meta["classes"]
-    if data.classes != classes:  # same names in another order, or a subset: map labels by name
-        unknown = sorted(set(data.classes) - set(classes))
-        if unknown:
-            raise DataError(f"classes in {data.source} that the model does not know: {unknown} "
-                            f"(model classes: {classes})")
-        dataset.labels = [classes.index(data.classes[label]) for label in dataset.labels]
+
+    def match_classes() -> None:
+        if data.classes != classes:  # same names in another order, or a subset: map labels by name
+            unknown = sorted(set(data.classes) - set(classes))
+            if unknown:
+                raise DataError(f"classes in {data.source} that the model does not know: {unknown} "
+                                f"(model classes: {classes})")
+            dataset.labels = [classes.index(data.classes[label]) for label in dataset.labels]
+
+    agree(acc, match_classes)
     task = Task(meta["task"], len(classes))
     positive_index = classes.index(meta["positive_class"]) if meta.get("positive_class") else 1
     # the model's own (possibly tuned) threshold, unless this command says eval.threshold=...
@@ -56,9 +65,8 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     tta = cfg.eval.tta if said("eval.tta") else meta.get("tta", "none")
     outputs = collect_outputs(model, dataset, task, acc, cfg.eval.batch_size or 2 * cfg.train.batch_size,
                               cfg.data.num_workers, tta=tta)
-    target = Path(output) if output else (run_dir or model_dir) / "eval.json"
-    result = [None]
-    if acc.is_main_process:
+
+    def score() -> dict:
         metrics = score_outputs(outputs, task, classes, threshold, cfg.eval.topk, positive_index)
         report = {"model": str(model_dir), "architecture": meta["architecture"], "task": meta["task"],
                   "split": split, "data": data.source, "processes": acc.num_processes, "tta": tta, **metrics}
@@ -66,9 +74,10 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
                           positive_index, name=target.name)
         print(f"[eval] {split} of {data.source}:\n{format_summary(metrics, classes, meta['task'])}", flush=True)
         print(f"[eval] written: {target} (plots in {target.parent / 'plots'})", flush=True)
-        result = [report]
-    broadcast_object_list(result)  # every rank returns the same report
+        return report
+
+    report = agree(acc, score, main_only=True, share=True)  # every rank returns the same report
     del model
     acc.free_memory()
     acc.end_training()
-    return result[0]
+    return report

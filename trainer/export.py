@@ -1,53 +1,33 @@
 """The exported model: `model.safetensors` (weights) + `model.json` (everything needed to predict), no pickle.
 
 Written into a temporary sibling folder and renamed into place, so a reader never sees a half-written model.
+Reading checks model.json field by field and refuses anything but safetensors as weights.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import math
 from pathlib import Path
 from typing import Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from trainer.errors import TrainerError
+from trainer.files import atomic_dir, load_safetensors
 from trainer.models import build_model
 
 FORMAT = "cnn-trainer-model"
 FORMAT_VERSION = 1
 
 
-def write_dir_atomically(target: Path, write) -> None:
-    """Call write(tmp_dir), then swap tmp_dir into `target` (replacing an older version)."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_model(model: torch.nn.Module, target: Path, meta: dict) -> None:
     """`model` must be unwrapped (no DDP); `meta` holds architecture, task, classes, input and normalisation."""
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-
-    def write(tmp: Path) -> None:
+    with atomic_dir(target, fsync=True) as tmp:  # a reader never sees half a model; a failure leaves the old one
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "model.json").write_text(json.dumps(info, indent=1))
-
-    write_dir_atomically(target, write)
 
 
 def find_model_dir(path: str) -> Path:
@@ -61,14 +41,62 @@ def find_model_dir(path: str) -> Path:
     raise TrainerError(f"no exported model in {path} (expected model.json + model.safetensors, or a run folder with model/)")
 
 
+REQUIRED = {"architecture": str, "task": str, "num_outputs": int, "classes": list, "image_size": int,
+            "mean": list, "std": list}
+
+
+def read_meta(model_dir: Path) -> dict:
+    """model.json, checked: every field `load_exported` and predict rely on, with one line for what is off."""
+    path = model_dir / "model.json"
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as err:
+        raise TrainerError(f"{path} is not valid JSON: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise TrainerError(f"cannot read {path}: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TrainerError(f"{path} is not a {FORMAT} file")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise TrainerError(f"{path} is incomplete: missing {', '.join(missing)}")
+    wrong = [k for k, t in REQUIRED.items() if not isinstance(meta[k], t) or isinstance(meta[k], bool)]
+    if wrong:
+        raise TrainerError(f"{path}: {', '.join(f'{k} is not a {REQUIRED[k].__name__}' for k in wrong)}")
+    classes, kind = meta["classes"], meta["task"]
+    if kind not in ("binary", "multiclass"):
+        raise TrainerError(f"{path}: task '{kind}' is not binary or multiclass")
+    if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        raise TrainerError(f"{path}: classes must be 2 or more distinct names, got {classes}")
+    outputs = 1 if kind == "binary" else len(classes)
+    if meta["num_outputs"] != outputs or (kind == "binary" and len(classes) != 2):
+        raise TrainerError(f"{path}: {len(classes)} classes do not fit {meta['num_outputs']} output(s) of a "
+                           f"{kind} model")
+    if meta["image_size"] <= 0:
+        raise TrainerError(f"{path}: image_size must be > 0, got {meta['image_size']}")
+    for key in ("mean", "std"):
+        if len(meta[key]) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in meta[key]):
+            raise TrainerError(f"{path}: {key} must be 3 numbers, got {meta[key]}")
+    if min(meta["std"]) <= 0:
+        raise TrainerError(f"{path}: std must be > 0, got {meta['std']}")
+    threshold = meta.get("threshold")
+    if kind == "binary" and threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
+        raise TrainerError(f"{path}: threshold must be in (0, 1), got {threshold}")
+    if meta.get("positive_class") is not None and meta["positive_class"] not in classes:
+        raise TrainerError(f"{path}: positive_class '{meta['positive_class']}' is not one of {classes}")
+    if meta.get("tta", "none") not in ("none", "flip"):
+        raise TrainerError(f"{path}: tta '{meta['tta']}' is not none or flip")
+    return meta
+
+
 def load_exported(path: str) -> Tuple[torch.nn.Module, dict]:
     model_dir = find_model_dir(path)
-    meta = json.loads((model_dir / "model.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise TrainerError(f"{model_dir / 'model.json'} is not a {FORMAT} file")
-    model = build_model(meta["architecture"], meta["num_outputs"], image_size=meta["image_size"],
-                        small_input_stem=meta.get("small_input_stem"), verbose=lambda *_: None)
-    state = load_file(str(model_dir / "model.safetensors"))
+    meta = read_meta(model_dir)
+    try:
+        model = build_model(meta["architecture"], meta["num_outputs"], image_size=meta["image_size"],
+                            small_input_stem=meta.get("small_input_stem"), verbose=lambda *_: None)
+    except TrainerError as err:
+        raise TrainerError(f"{model_dir / 'model.json'}: {err}") from None
+    state = load_safetensors(model_dir / "model.safetensors", "model weights")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

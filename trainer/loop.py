@@ -1,7 +1,8 @@
 """`train(cfg)`: the one training loop, top to bottom.
 
-setup (accelerator, data, task, model, optimizer) -> run directory, new or resumed from its latest
-checkpoint -> step loop (forward, backward, clip, step with lr from `lr_at`) -> periodic blocks (log,
+setup (accelerator; the run directory checked and locked, new or resumed from its newest checkpoint that
+verifies; data, task, model, optimizer; every start-up step agreed by all ranks) -> the run directory
+written -> step loop (forward, backward, clip, step with lr from `lr_at`) -> periodic blocks (log,
 checkpoint, evaluate, export best) -> export the final model and its reports.
 
 Resuming is exact: the shuffle order is a pure function of (seed, epoch), augmentation of (seed, epoch,
@@ -18,27 +19,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from trainer import requests
-from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, find_resume, read_checkpoint,
-                                restore_rng, rotate, write_checkpoint)
-from trainer.config import Config, to_dict, to_yaml
-from trainer.data import build_data, class_balanced_sampler
+from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, read_checkpoint, restore_rng, rotate,
+                                write_checkpoint)
+from trainer.config import Config, config_changes, to_dict, to_yaml
+from trainer.data import build_data, class_balanced_sampler, data_fingerprint, data_roots
 from trainer.data.device import first_images, to_device_loader
-from trainer.distributed import check_processes, make_accelerator, sync_buffers
-from trainer.errors import ConfigError, TrainerError
+from trainer.distributed import SharedError, agree, check_processes, main_first, make_accelerator, sync_buffers
+from trainer.errors import ConfigError
 from trainer.export import export_model
+from trainer.files import atomic_write, atomic_write_json, read_json
 from trainer.metrics import (collect_outputs, compute_metrics, headline, higher_is_better, scalar_metrics,
                              score_outputs)
-from trainer.models import build_model
+from trainer.models import build_model, check_input_size
 from trainer.optim import Lookahead, build_optimizer, lr_at
+from trainer.rundir import commit, open_run
 from trainer.tasks import Task, class_weights, resolve_task
 from trainer.reports import format_summary, plot_training_curves, write_eval_report
-from trainer.tracking import (Tracker, check_run_dir_free, create_run_dir, default_run_dir, environment,
-                              new_run_id, truncate_rows, write_json)
+from trainer.tracking import Tracker, default_run_dir, environment, new_run_id, truncate_rows
 
 
 def model_meta(cfg: Config, task: Task, classes, mean, std, small_input_stem: bool, positive_index: int) -> dict:
@@ -51,96 +53,142 @@ def model_meta(cfg: Config, task: Task, classes, mean, std, small_input_stem: bo
         "threshold": cfg.eval.threshold if task.kind == "binary" else None,
         "positive_class": classes[positive_index] if task.kind == "binary" else None,
         "tta": cfg.eval.tta,  # applied by `trainer eval` and `trainer predict` too
+        "exif_orientation": cfg.data.exif_orientation,  # read images as training did
     }
 
 
 def train(cfg: Config) -> dict:
     t_start = time.time()
-    # ---- setup: processes, seeds ----
-    acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
-                           cfg.train.dist_timeout_s, log_with="wandb" if cfg.wandb.enabled else None)
+    requests.begin_startup()  # until the step loop: a stop request leaves at once (nothing worth saving yet)
+    try:
+        # ---- setup: processes, seeds ----
+        acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
+                               cfg.train.dist_timeout_s, log_with="wandb" if cfg.wandb.enabled else None)
 
-    def say(*args) -> None:  # global rank 0 only (acc.print prints once per node); flushed for SLURM/CI logs
-        if acc.is_main_process:
-            print(*args, flush=True)
+        def say(*args) -> None:  # global rank 0 only (acc.print prints once per node); flushed for SLURM/CI logs
+            if acc.is_main_process:
+                print(*args, flush=True)
 
-    check_processes(acc, say, cfg.train.dist_timeout_s)
+        check_processes(acc, say, cfg.train.dist_timeout_s)
+        set_seed(cfg.seed)  # same on every rank: identical initial weights, one shuffle order
 
-    set_seed(cfg.seed)  # same on every rank: identical initial weights, one shuffle order
-    run_dir = [str(Path(cfg.run.dir) if cfg.run.dir else default_run_dir(cfg.run.name))]
-    broadcast_object_list(run_dir)  # one name for all ranks, even with timestamps
-    run_dir = Path(run_dir[0])
-    cfg.run.dir = str(run_dir)
-    resume_from = find_resume(run_dir, cfg.run.resume, cfg.run.overwrite)
-    in_place = resume_from is not None and run_dir.resolve() in resume_from.resolve().parents
-    # one of our runs that died before its first checkpoint: nothing was saved, so it starts again in place
-    restart = resume_from is None and not cfg.run.overwrite and (run_dir / "run.json").is_file()
-    if restart:
-        say(f"[trainer] {run_dir} has no complete checkpoint yet: starting it again from the beginning")
-    if not in_place:
-        check_run_dir_free(run_dir, cfg.run.overwrite or restart)  # every rank checks before anyone creates it
-    acc.wait_for_everyone()
+        # ---- run directory: checked and locked by the main process; nothing is written before every check ----
+        # Each start-up step runs through `agree`: an error on any rank ends every rank with the same one line.
+        cfg.run.dir = agree(acc, lambda: str(cfg.run.dir or default_run_dir(cfg.run.name)), main_only=True,
+                            share=True)
+        run_dir = Path(cfg.run.dir)
+        plan = agree(acc, lambda: open_run(run_dir, cfg.run.resume, cfg.run.overwrite, data_roots(cfg.data)),
+                     main_only=True, share=True)
+        with plan:  # the main process holds the run's lock until the end; a failed start leaves nothing behind
+            seen = agree(acc, lambda: compare_with_checkpoint(plan, cfg), main_only=True, share=True)
+            if plan.kind == "complete":
+                say(f"[trainer] {run_dir} is already complete (update {seen.get('update', '?')}); nothing to do. "
+                    f"Pass run.overwrite=true to train it again from scratch")
+                if seen.get("changes"):
+                    say(f"[trainer] not applied, this config differs from the run's: {'; '.join(seen['changes'])} "
+                        f"(run.allow_config_change=true continues training it under them)")
+                acc.end_training()
+                summary = run_dir / "summary.json"
+                return json.loads(summary.read_text()) if summary.is_file() else {}
+            return run_training(cfg, acc, plan, say, t_start)
+    finally:
+        requests.end_startup()
 
-    # ---- data ----
-    with acc.main_process_first():  # the main process writes the generated dataset; the others then read it
-        data = build_data(cfg.data, cfg.seed, ("train", "val"), verbose=say)
+
+def compare_with_checkpoint(plan, cfg: Config) -> dict:
+    """Main process: the checkpoint this run resumes from (its own) against this config, before any data is
+    read. Keys that change the data order or the schedule are refused (unless run.allow_config_change); for
+    a complete run they are only reported (nothing is trained or written). Returns {changes, update}.
+    (A checkpoint of another run, run.resume=, is compared once the model is built: that it fits the model
+    at all is said first.)"""
+    if plan.checkpoint is None or not plan.in_place:
+        return {}
+    state = json.loads((plan.checkpoint / "state.json").read_text())
+    changes = config_changes(state["config"], to_dict(cfg)) if "config" in state else []
+    if changes and not cfg.run.allow_config_change and plan.kind != "complete":
+        raise ConfigError(changed_config_message(plan.checkpoint, changes))
+    if changes and plan.kind == "complete" and cfg.run.allow_config_change:
+        plan.kind = "resume"  # meant: a finished run continues from its final checkpoint
+        changes = []
+    return {"changes": changes, "update": state["update"]}
+
+
+def changed_config_message(checkpoint: Path, changes: list) -> str:
+    return (f"resuming {checkpoint}, but this config changes what the run trains ({'; '.join(changes)}); pass "
+            f"run.allow_config_change=true if you mean it, or choose a new run.dir")
+
+
+def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
+    """The run itself, once its directory is decided and locked: data, model, resume, the step loop, export."""
+    run_dir = plan.dir
+    resume_from, in_place = plan.checkpoint if plan.kind == "resume" else None, plan.in_place
+    small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
+
+    # the network against the input size, before any data is read (a throwaway model; its outputs do not matter)
+    agree(acc, lambda: check_input_size(build_model(cfg.model.name, 2, image_size=cfg.data.image_size,
+                                                    small_input_stem=small_stem, verbose=lambda *_: None),
+                                        cfg.model.name, cfg.data.image_size))
+    # ---- data (the main process first: it writes the generated dataset; the others then read it) ----
+    data = main_first(acc, lambda: build_data(cfg.data, cfg.seed, ("train", "val"), verbose=say))
     train_set, val_set = data.datasets["train"], data.datasets["val"]
     num_classes = len(data.classes)
 
-    # ---- task ----
-    kind = resolve_task(cfg.task, num_classes)
-    if kind == "binary" and cfg.loss.label_smoothing > 0:
-        raise ConfigError("loss.label_smoothing applies to multiclass tasks only")
-    if kind == "multiclass" and cfg.loss.pos_weight is not None:
-        raise ConfigError("loss.pos_weight applies to binary tasks only (use loss.class_weighted for multiclass)")
-    task = Task(kind, num_classes, label_smoothing=cfg.loss.label_smoothing, pos_weight=cfg.loss.pos_weight,
-                weights=class_weights(data.train_counts) if cfg.loss.class_weighted else None)
-    eval_task = Task(kind, num_classes)  # metrics use the plain log loss: no smoothing, no class weights
-    positive_index = 1  # binary: the class whose probability the threshold applies to
-    if cfg.eval.positive_class is not None:
-        if kind != "binary":
-            raise ConfigError("eval.positive_class applies to binary tasks only")
-        if cfg.eval.positive_class not in data.classes:
-            raise ConfigError(f"eval.positive_class '{cfg.eval.positive_class}' is not a class; classes: {data.classes}")
-        positive_index = data.classes.index(cfg.eval.positive_class)
-    probe = scalar_metrics(compute_metrics(np.eye(num_classes, dtype=np.float32), np.arange(num_classes),
-                                           np.zeros(num_classes), eval_task, data.classes, topk=cfg.eval.topk))
-    if cfg.eval.monitor not in probe or cfg.eval.monitor in ("num_samples", "threshold"):
-        raise ConfigError(f"eval.monitor '{cfg.eval.monitor}' is not a {kind} metric; choose one of "
-                          f"{sorted(k for k in probe if k not in ('num_samples', 'threshold'))}")
+    def build() -> tuple:
+        """Task, training loader and model; every check of the config against the data."""
+        kind = resolve_task(cfg.task, num_classes)
+        if kind == "binary" and cfg.loss.label_smoothing > 0:
+            raise ConfigError("loss.label_smoothing applies to multiclass tasks only")
+        if kind == "multiclass" and cfg.loss.pos_weight is not None:
+            raise ConfigError("loss.pos_weight applies to binary tasks only (use loss.class_weighted for multiclass)")
+        task = Task(kind, num_classes, label_smoothing=cfg.loss.label_smoothing, pos_weight=cfg.loss.pos_weight,
+                    weights=class_weights(data.train_counts) if cfg.loss.class_weighted else None)
+        positive_index = 1  # binary: the class whose probability the threshold applies to
+        if cfg.eval.positive_class is not None:
+            if kind != "binary":
+                raise ConfigError("eval.positive_class applies to binary tasks only")
+            if cfg.eval.positive_class not in data.classes:
+                raise ConfigError(f"eval.positive_class '{cfg.eval.positive_class}' is not a class; classes: {data.classes}")
+            positive_index = data.classes.index(cfg.eval.positive_class)
+        probe = scalar_metrics(compute_metrics(np.eye(num_classes, dtype=np.float32), np.arange(num_classes),
+                                               np.zeros(num_classes), Task(kind, num_classes), data.classes,
+                                               topk=cfg.eval.topk))
+        if cfg.eval.monitor not in probe or cfg.eval.monitor in ("num_samples", "threshold"):
+            raise ConfigError(f"eval.monitor '{cfg.eval.monitor}' is not a {kind} metric; choose one of "
+                              f"{sorted(k for k in probe if k not in ('num_samples', 'threshold'))}")
+        global_batch = cfg.train.batch_size * acc.num_processes
+        if global_batch > len(train_set):
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {acc.num_processes} process(es) = "
+                              f"{global_batch} is larger than the training split ({len(train_set)} images)")
+        model = build_model(cfg.model.name, task.num_outputs, image_size=cfg.data.image_size,
+                            small_input_stem=small_stem, pretrained_path=cfg.model.pretrained_path, verbose=say)
+        sampler = (class_balanced_sampler(train_set.labels, num_classes, cfg.seed)
+                   if cfg.data.sampler == "weighted" else None)
+        aug = cfg.data.augment
+        if cfg.data.loader == "device":  # the whole split decoded once onto the device; batched augmentation there
+            t_decode = time.time()
+            train_dl = to_device_loader(train_set, cfg.data.image_size, acc.device, cfg.train.batch_size, data.mean,
+                                        data.std, cfg.seed, acc.process_index, acc.num_processes, aug.crop_padding,
+                                        aug.flip_mode, aug.hflip, cfg.model.channels_last)
+            say(f"[trainer] data.loader=device: {len(train_set)} training images decoded to a uint8 tensor on "
+                f"{acc.device} ({train_dl.images.numel() / 2**20:.0f} MiB) in {time.time() - t_decode:.1f} s")
+        else:
+            workers = cfg.data.num_workers
+            # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
+            loader_kw = dict(num_workers=workers, pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,
+                             prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None)
+            train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                                  # its own generator: worker seeds never draw from the global RNG (exact resume)
+                                  generator=torch.Generator().manual_seed(cfg.seed), drop_last=False, **loader_kw)
+        if hasattr(model, "init_from_data") and not cfg.model.pretrained_path:  # e.g. airbench's whitening filters
+            model.init_from_data(train_dl.first(5000) if cfg.data.loader == "device" else
+                                 first_images(train_set, cfg.data.image_size, data.mean, data.std, 5000))
+        return kind, task, positive_index, global_batch, model, sampler, train_dl
 
-    # ---- batch sizes and loaders ----
-    global_batch = cfg.train.batch_size * acc.num_processes
-    if global_batch > len(train_set):
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {acc.num_processes} process(es) = "
-                          f"{global_batch} is larger than the training split ({len(train_set)} images)")
-    sampler = (class_balanced_sampler(train_set.labels, num_classes, cfg.seed)
-               if cfg.data.sampler == "weighted" else None)
-    aug = cfg.data.augment
-    if cfg.data.loader == "device":  # the whole split decoded once onto the device; batched augmentation there
-        t_decode = time.time()
-        train_dl = to_device_loader(train_set, cfg.data.image_size, acc.device, cfg.train.batch_size, data.mean,
-                                    data.std, cfg.seed, acc.process_index, acc.num_processes, aug.crop_padding,
-                                    aug.flip_mode, aug.hflip, cfg.model.channels_last)
-        say(f"[trainer] data.loader=device: {len(train_set)} training images decoded to a uint8 tensor on "
-            f"{acc.device} ({train_dl.images.numel() / 2**20:.0f} MiB) in {time.time() - t_decode:.1f} s")
-    else:
-        workers = cfg.data.num_workers
-        # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
-        loader_kw = dict(num_workers=workers, pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,
-                         prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None)
-        train_dl = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=sampler is None, sampler=sampler,
-                              # its own generator: worker seeds never draw from the global RNG (exact resume)
-                              generator=torch.Generator().manual_seed(cfg.seed), drop_last=False, **loader_kw)
+    kind, task, positive_index, global_batch, model, sampler, train_dl = agree(acc, build)
+    eval_task = Task(kind, num_classes)  # metrics use the plain log loss: no smoothing, no class weights
     eval_batch = cfg.eval.batch_size or 2 * cfg.train.batch_size  # per process; no gradients, so larger
 
     # ---- model and optimizer ----
-    small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
-    model = build_model(cfg.model.name, task.num_outputs, image_size=cfg.data.image_size,
-                        small_input_stem=small_stem, pretrained_path=cfg.model.pretrained_path, verbose=say)
-    if hasattr(model, "init_from_data") and not cfg.model.pretrained_path:  # e.g. airbench's whitening filters
-        model.init_from_data(train_dl.first(5000) if cfg.data.loader == "device" else
-                             first_images(train_set, cfg.data.image_size, data.mean, data.std, 5000))
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if acc.device.type == "cuda":
@@ -171,11 +219,25 @@ def train(cfg: Config) -> dict:
                      cfg.optim.min_lr_ratio, milestones, cfg.optim.step_gamma, cfg.optim.warmup_start_ratio)
 
     # ---- resume: weights, optimizer, RNG, position (read and checked before anything is written) ----
+    fingerprint = data_fingerprint(train_set, data.classes)
     pos = {"epoch": 0, "step_in_epoch": 0, "update": 0, "samples_seen": 0, "metrics_rows": 0,
            "best": None, "log": None, "wandb_run_id": None, "done": False}
-    if resume_from is not None:
+
+    def load_resume() -> list:
+        """Every rank: the checkpoint into the model, optimizer, scaler, RNG and position; returns notes."""
+        nonlocal lookahead
+        notes = []
         ckpt = read_checkpoint(resume_from)
         check_compatible(ckpt, cfg.model.name, kind, data.classes, acc.unwrap_model(model))
+        if not in_place and "config" in ckpt["state"] and not cfg.run.allow_config_change:
+            changes = config_changes(ckpt["state"]["config"], to_dict(cfg))
+            if changes:
+                raise ConfigError(changed_config_message(resume_from, changes))
+        saved_print = ckpt["state"].get("data_fingerprint")
+        if saved_print is not None and saved_print != fingerprint and not cfg.run.allow_config_change:
+            raise ConfigError(f"resuming {resume_from}: the training data differ from the checkpoint's (another "
+                              f"file list, order or classes), so the position in the epoch would mean other "
+                              f"images; pass run.allow_config_change=true if you mean it")
         acc.unwrap_model(model).load_state_dict(ckpt["model"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         if lookahead is not None:
@@ -183,28 +245,34 @@ def train(cfg: Config) -> dict:
                 lookahead.load_state_dict(ckpt["extra"]["lookahead"])
             else:  # e.g. weights from a run without it: start the slow copy from them
                 lookahead = Lookahead(acc.unwrap_model(model))
-                say(f"[trainer] {resume_from} has no lookahead state: the slow weights start from its weights")
+                notes.append(f"{resume_from} has no lookahead state: the slow weights start from its weights")
         if ckpt["state"].get("scaler") and acc.scaler is not None:
             acc.scaler.load_state_dict(ckpt["state"]["scaler"])
         saved_world = len(ckpt["state"]["rng"])
         if saved_world == acc.num_processes:
             restore_rng(ckpt["rng_tensors"][acc.process_index], ckpt["state"]["rng"][acc.process_index])
         else:
-            say(f"[trainer] warning: checkpoint written by {saved_world} process(es), resuming on "
-                f"{acc.num_processes}: the data order holds, but random draws (dropout) will differ")
+            notes.append(f"warning: checkpoint written by {saved_world} process(es), resuming on "
+                         f"{acc.num_processes}: the data order holds, but random draws (dropout) will differ")
         pos.update({k: ckpt["state"][k] for k in pos if k in ckpt["state"]})
         if not in_place:  # weights and position from another run; this run keeps its own log and W&B run
             pos.update(metrics_rows=0, wandb_run_id=None, done=False)
+        if pos["done"] and cfg.run.allow_config_change:  # a finished run continued under a changed config
+            pos["done"] = False
+        return notes
+
+    if resume_from is not None:
+        for note in agree(acc, load_resume):
+            say(f"[trainer] {note}")
         say(f"[trainer] resuming from {resume_from} (update {pos['update']}, epoch {pos['epoch']}, "
             f"batch {pos['step_in_epoch']} of the epoch)")
-        del ckpt
     if pos["done"]:
         say(f"[trainer] {run_dir} is already complete (update {pos['update']}); nothing to do. "
             f"Pass run.overwrite=true to train it again from scratch")
         acc.end_training()
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
 
-    # ---- run directory (created only now: bad input above has written nothing) ----
+    # ---- the run directory is written now that every check has passed ----
     meta = model_meta(cfg, task, data.classes, data.mean, data.std, small_stem, positive_index)
     derived = {"processes": acc.num_processes, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                "per_device_batch": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
@@ -213,22 +281,28 @@ def train(cfg: Config) -> dict:
                "warmup_updates": warmup_updates, "peak_lr": cfg.optim.lr, "task": kind, "classes": data.classes,
                "train_samples": len(train_set), "val_samples": len(val_set), "train_class_counts": data.train_counts,
                "skipped_images": data.skipped, "data": data.source, "mean": data.mean, "std": data.std}
-    wandb_id = [pos["wandb_run_id"] or new_run_id()]
-    broadcast_object_list(wandb_id)  # one W&B run for the whole training, across restarts
-    wandb_id = wandb_id[0]
-    wandb_seen_step = -1  # W&B already holds the rows up to this step (written before an interruption)
-    if acc.is_main_process:
-        if in_place:
-            wandb_seen_step = truncate_rows(run_dir / "metrics.jsonl", pos["metrics_rows"])
-        else:
-            create_run_dir(run_dir, cfg.run.overwrite or restart)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        history = json.loads((run_dir / "run.json").read_text()).get("starts", []) if in_place else []
-        write_json(run_dir / "run.json", {"derived": derived, "environment": environment(
+    wandb_id = agree(acc, lambda: pos["wandb_run_id"] or new_run_id(), main_only=True, share=True)
+
+    def start_run() -> int:
+        """Main process: commit the plan (marker, damaged checkpoints moved aside, an overwrite's deletions),
+        then config.yaml (+ its history), run.json and metrics.jsonl cut back to the checkpoint's rows.
+        Returns the last step W&B already holds (-1: none)."""
+        for line in commit(plan):
+            say(f"[trainer] {line}")
+        seen_step = truncate_rows(run_dir / "metrics.jsonl", pos["metrics_rows"]) if in_place or plan.kind == "restart" else -1
+        previous = read_json(run_dir / "run.json").get("starts", [])  # deleted by an overwrite; none if new
+        history = run_dir / "config_history" / f"start-{len(previous) + 1:03d}.yaml"
+        history.parent.mkdir(exist_ok=True)
+        atomic_write(history, to_yaml(cfg))
+        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_json(run_dir / "run.json", {"derived": derived, "environment": environment(
             acc.num_processes, str(acc.device), acc.mixed_precision), "wandb_run_id": wandb_id,
-            "starts": history + [{"update": pos["update"], "resumed_from": str(resume_from) if resume_from else None,
-                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
-    acc.wait_for_everyone()
+            "starts": previous + [{"update": pos["update"], "kind": plan.kind, "config": str(history.relative_to(run_dir)),
+                                   "resumed_from": str(resume_from) if resume_from else None,
+                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
+        return seen_step
+
+    wandb_seen_step = agree(acc, start_run, main_only=True, share=True)
     tracker = Tracker(acc, run_dir, cfg.wandb.enabled, rows=pos["metrics_rows"], wandb_after_step=wandb_seen_step)
     if cfg.wandb.enabled:
         acc.init_trackers(cfg.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": {
@@ -241,6 +315,7 @@ def train(cfg: Config) -> dict:
         f"global_batch={derived['global_batch']} steps_per_epoch={steps_per_epoch} "
         f"updates_per_epoch={updates_per_epoch} total_updates={total_updates} peak_lr={cfg.optim.lr}")
     say(f"[trainer] run directory: {run_dir}")
+    requests.end_startup()  # from here a stop request is acted on at the next step boundary, after a save
 
     # ---- the step loop ----
     update, samples_seen = pos["update"], pos["samples_seen"]
@@ -260,7 +335,8 @@ def train(cfg: Config) -> dict:
         """Every rank calls this (RNG states are gathered); the main process writes."""
         per_rank = gather_object([(capture_rng(), loss_sum.item())])  # each rank's RNG and loss accumulator
         rng = [r for r, _ in per_rank]
-        if acc.is_main_process:
+
+        def write() -> None:
             state = {"architecture": cfg.model.name, "task": kind, "classes": data.classes,
                      "epoch": epoch, "step_in_epoch": step_in_epoch, "samples_seen": samples_seen,
                      "metrics_rows": tracker.rows, "wandb_run_id": wandb_id, "done": done,
@@ -268,19 +344,23 @@ def train(cfg: Config) -> dict:
                      "log": {"loss_sum": [v for _, v in per_rank], "loss_count": loss_count,
                              "from_update": log_from_update},
                      "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                     "world_size": acc.num_processes}
+                     "world_size": acc.num_processes,
+                     # what a resume compares itself with: the config and the training data's identity
+                     "config": to_dict(cfg), "data_fingerprint": fingerprint}
             write_checkpoint(ckpt_root, update, acc.unwrap_model(model).state_dict(), opt.state_dict(), rng, state,
                              extra={"lookahead": lookahead.state_dict()} if lookahead is not None else None)
             keep = checkpoint_name(best["update"]) if cfg.checkpoint.keep_best and best["update"] is not None else None
             rotate(ckpt_root, cfg.checkpoint.keep_last, keep)
-        acc.wait_for_everyone()  # nobody runs ahead (or exits) before the checkpoint is complete
+
+        # nobody runs ahead (or exits) before the checkpoint is complete; a failed write (full disk) ends all
+        agree(acc, write, main_only=True)
 
     def log_train(epoch_float: float) -> float:
         nonlocal loss_sum, loss_count, log_from_update, t_log, samples_at_log
         totals = acc.reduce(torch.stack([loss_sum, loss_sum.new_tensor(float(loss_count))]), reduction="sum")
         mean_loss = (totals[0] / totals[1].clamp_min(1)).item()
         if not math.isfinite(mean_loss):
-            raise TrainerError(f"non-finite training loss ({mean_loss}) between updates {log_from_update} and "
+            raise SharedError(f"non-finite training loss ({mean_loss}) between updates {log_from_update} and "
                                f"{update}; lower optim.lr, set train.clip_grad_norm, or check the data")
         now = time.time()
         tracker.log({"type": "train", "step": update, "epoch": round(epoch_float, 4), "samples_seen": samples_seen,
@@ -303,24 +383,15 @@ def train(cfg: Config) -> dict:
         sync_buffers(acc.unwrap_model(model), acc)  # every rank scores its shard with rank 0's BN statistics
         outputs = collect_outputs(model, val_set, eval_task, acc, eval_batch, cfg.data.num_workers, memory_format,
                                   cfg.eval.tta)
-        result = [None]
-        if acc.is_main_process:
-            try:
-                result = [score_outputs(outputs, eval_task, data.classes, cfg.eval.threshold, cfg.eval.topk,
-                                        positive_index, cfg.eval.threshold_tuning, cfg.eval.target_recall)]
-            except TrainerError as err:  # raised on every rank below, so none waits for the others
-                result = [str(err)]
-        broadcast_object_list(result)
-        if isinstance(result[0], str):
-            raise TrainerError(result[0])
-        metrics = result[0]
+        metrics = agree(acc, lambda: score_outputs(outputs, eval_task, data.classes, cfg.eval.threshold, cfg.eval.topk,
+                                                   positive_index, cfg.eval.threshold_tuning, cfg.eval.target_recall),
+                        main_only=True, share=True)
         tracker.log({"type": "eval", "split": "val", "step": update, "epoch": round(epoch_float, 4),
                      "samples_seen": samples_seen, **scalar_metrics(metrics)})
         value = metrics.get(cfg.eval.monitor)
         if value is not None and (best["value"] is None or sign * value > sign * best["value"]):
             best.update(value=value, update=update, metrics=scalar_metrics(metrics))
-            if acc.is_main_process:
-                save_model(run_dir / "best", metrics, outputs)
+            agree(acc, lambda: save_model(run_dir / "best", metrics, outputs), main_only=True)
         say(f"[eval] step {update} epoch {epoch_float:.2f}: {headline(metrics)}")
         return metrics, outputs
 
@@ -412,18 +483,20 @@ def train(cfg: Config) -> dict:
     # ---- export, reports and summary ----
     if last_metrics is None:  # resumed after the last evaluation, before the end was saved
         last_metrics, last_outputs = evaluate(epoch + step_in_epoch / steps_per_epoch)
-    if acc.is_main_process:
+    summary = {"run_dir": str(run_dir), "task": kind, "updates": update, "samples_seen": samples_seen,
+               "final": scalar_metrics(last_metrics), "best": best["metrics"], "monitor": cfg.eval.monitor,
+               "seconds": round(time.time() - t_start, 1)}
+
+    def finish() -> None:
         save_model(run_dir / "model", last_metrics, last_outputs)
         curves = run_dir / "plots" / "training_curves.png"
         plot_training_curves(run_dir / "metrics.jsonl", curves)
         tracker.log_images({"plots/training_curves": curves,
                             **{f"plots/{p.stem}": p for p in sorted((run_dir / "model" / "plots").glob("*.png"))}},
                            step=update)
-    summary = {"run_dir": str(run_dir), "task": kind, "updates": update, "samples_seen": samples_seen,
-               "final": scalar_metrics(last_metrics), "best": best["metrics"], "monitor": cfg.eval.monitor,
-               "seconds": round(time.time() - t_start, 1)}
-    if acc.is_main_process:
-        write_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / "summary.json", summary)  # from now on the same command says "complete"
+
+    agree(acc, finish, main_only=True)
     save_checkpoint(cfg.train.epochs, 0, done=True)  # the same command run again now says "complete"
     say(f"[trainer] final model on the val split:\n{format_summary(last_metrics, data.classes, kind)}")
     best_text = "n/a" if best["value"] is None else f"{best['value']:.4f}"

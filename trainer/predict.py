@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional
@@ -13,13 +13,20 @@ from trainer.data.datasets import eval_transform
 from trainer.data.folders import decode_rgb, is_image_file
 from trainer.errors import TrainerError
 from trainer.export import load_exported
+from trainer.files import atomic_write, disk_error
 from trainer.models import forward_tta
 from trainer.tasks import Task
 
 
 def list_images(inputs: Iterable[str]) -> List[str]:
-    """Files as given, folders searched recursively for image files (sorted); `@list.txt` reads one path per line."""
+    """Files as given, folders searched recursively for image files (sorted; symlinked folders followed, each
+    real folder and file once: walk_image_files); `@list.txt` reads one path per line."""
+    import sys
+
+    from trainer.data.folders import describe_skipped, walk_image_files
+
     found: List[str] = []
+    skipped = []
     for item in inputs:
         if item.startswith("@"):
             listing = Path(item[1:])
@@ -29,8 +36,8 @@ def list_images(inputs: Iterable[str]) -> List[str]:
             continue
         p = Path(item)
         if p.is_dir():
-            files = sorted(str(Path(d) / f) for d, _, names in os.walk(p, followlinks=True) for f in names
-                           if is_image_file(f))
+            files, passed = walk_image_files([p])
+            skipped += passed
             if not files:
                 raise TrainerError(f"no image files in folder {p}")
             found += files
@@ -38,21 +45,53 @@ def list_images(inputs: Iterable[str]) -> List[str]:
             found.append(str(p))
         else:
             raise TrainerError(f"input does not exist: {p}")
+    if skipped:  # once per call, not once per link: a loop must not pass silently, nor flood the terminal
+        print(f"predict: {describe_skipped(skipped)}", file=sys.stderr)
     if not found:
         raise TrainerError("no input images given")
     return found
 
 
+def check_predict_args(output: str, batch_size: int, threshold: Optional[float], device: str, inputs: List[str]) -> Path:
+    """Every argument checked before a model is loaded or an image read; returns the output path."""
+    if batch_size < 1:
+        raise TrainerError(f"--batch-size must be >= 1, got {batch_size}")
+    if threshold is not None and not 0.0 < threshold < 1.0:  # NaN fails this too
+        raise TrainerError(f"--threshold must be in (0, 1), got {threshold}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TrainerError(f"--device {device} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainerError(f"--device {device}: no CUDA GPU is available here; use --device cpu")
+    out = Path(output)
+    if out.is_dir():
+        raise TrainerError(f"--output {output} is a folder; give a CSV file path, e.g. {out / 'preds.csv'}")
+    if is_image_file(out) or any(Path(i).resolve() == out.resolve() for i in inputs if not i.startswith("@")):
+        raise TrainerError(f"--output {output} would overwrite an input image; give a CSV file path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise TrainerError(f"--output {output}: {parent} is a file, not a folder")
+            break
+    return out
+
+
 @torch.no_grad()
 def predict_files(model_path: str, inputs: List[str], output: str, batch_size: int = 64,
                   threshold: Optional[float] = None, device: str = "cpu") -> int:
+    out = check_predict_args(output, batch_size, threshold, device, inputs)
     model, meta = load_exported(model_path)
     model.to(device)
     classes = meta["classes"]
+    if threshold is not None and meta["task"] != "binary":
+        raise TrainerError(f"--threshold applies to binary models only; this one is {meta['task']} "
+                           f"({len(classes)} classes, predicted by the highest probability)")
     task = Task(meta["task"], len(classes))
     threshold = (meta.get("threshold") or 0.5) if threshold is None else threshold
     positive_index = classes.index(meta["positive_class"]) if meta.get("positive_class") else 1
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+    exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
     paths = list_images(inputs)
     rows = []
     for start in range(0, len(paths), batch_size):
@@ -62,7 +101,7 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    images.append(transform(decode_rgb(path)))  # as training's evaluation reads it
+                    images.append(transform(decode_rgb(path, exif_orientation=exif)))  # as training's eval reads it
             except Exception as err:
                 raise TrainerError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
         # the model's test-time augmentation (model.json), as in training's evaluation and `trainer eval`
@@ -70,12 +109,13 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
         labels = task.predict(probs, threshold, positive_index)
         for path, p, label in zip(chunk, probs.tolist(), labels.tolist()):
             rows.append([path, classes[label]] + [repr(v) for v in p])  # exact: parses back to the same number
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:  # written whole, then renamed: never half a CSV
-        writer = csv.writer(fh)
-        writer.writerow(["path", "label"] + [f"prob_{c}" for c in classes])
-        writer.writerows(rows)
-    os.replace(tmp, out)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["path", "label"] + [f"prob_{c}" for c in classes])
+    writer.writerows(rows)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise disk_error(err, out.parent) from None
+    atomic_write(out, text.getvalue())  # written whole, then renamed: never half a CSV, no temporary left
     return len(rows)

@@ -5,9 +5,9 @@ Everything here only reads what it is given and writes files; computing metrics 
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,8 @@ matplotlib.use("Agg")  # reports are written on headless nodes; never try to ope
 import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
+
+from trainer.files import atomic_write, atomic_write_json  # noqa: E402
 from sklearn.metrics import (average_precision_score, precision_recall_curve, roc_auc_score,  # noqa: E402
                              roc_curve)
 
@@ -284,7 +286,7 @@ def write_eval_report(out_dir: Path, metrics: dict, probs: np.ndarray, labels: n
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"eval": out_dir / name}
     # the JSON goes first: if a plot fails, the numbers, which took the whole eval to compute, are kept
-    _write_json_atomic(written["eval"], _to_plain(metrics))
+    atomic_write_json(written["eval"], _to_plain(metrics))
     plots = out_dir / "plots"
     for filename in PLOT_FILES.values():
         # plots left from an earlier eval into this folder would contradict the new eval.json
@@ -323,23 +325,15 @@ def _to_plain(obj):
     return obj
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    """Write beside the target and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save(fig, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
     try:
-        fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
+        fig.savefig(png, dpi=DPI, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)  # pyplot keeps every open figure alive; long eval loops would leak memory otherwise
+    atomic_write(path, png.getvalue())  # never half a PNG
 
 
 # ------------------------------------------------------------------------------------------ terminal summary

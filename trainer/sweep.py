@@ -27,11 +27,12 @@ from typing import List, Optional
 
 import numpy as np
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import load_config
+from trainer.config import load_config, load_yaml
 from trainer.errors import ConfigError, TrainerError
 from trainer.metrics import higher_is_better
-from trainer.tracking import write_json
+from trainer.files import atomic_write_json as write_json
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 SWEEP_KEYS = {"name", "recipe", "overrides", "method", "samples", "seed", "max_parallel", "parameters"}
@@ -41,13 +42,23 @@ def load_sweep(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {path}")
-    spec = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+    loaded = load_yaml(p, "sweep file")
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"sweep file {path} is not a mapping of keys (name, recipe, parameters, ...)")
+    try:
+        spec = OmegaConf.to_container(loaded, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"sweep file {path}: {str(err).splitlines()[0]}") from None
     unknown = sorted(set(spec) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"unknown sweep key '{unknown[0]}' in {path}; valid: {sorted(SWEEP_KEYS)}")
     for key in ("recipe", "parameters"):
         if key not in spec:
             raise ConfigError(f"sweep file {path} needs '{key}'")
+    if not isinstance(spec["parameters"], dict) or not spec["parameters"]:
+        raise ConfigError(f"sweep file {path}: 'parameters' must map config keys to values, got {spec['parameters']!r}")
+    if not isinstance(spec.get("overrides", []), list):
+        raise ConfigError(f"sweep file {path}: 'overrides' must be a list of key=value")
     spec.setdefault("name", p.stem)
     spec.setdefault("overrides", [])
     spec.setdefault("method", "grid")

@@ -1,5 +1,5 @@
-"""The run directory and what is logged into it: metrics.jsonl (the source of truth) and, when enabled, W&B
-through accelerate's tracker. Only the main process writes; other ranks get no-ops, so call sites never
+"""What is logged into a run directory: metrics.jsonl (the source of truth) and, when enabled, W&B
+through accelerate's tracker; the environment a run records (trainer.rundir owns the folder itself). Only the main process writes; other ranks get no-ops, so call sites never
 branch on rank.
 """
 from __future__ import annotations
@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,26 +15,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from trainer.errors import TrainerError
+from trainer.distributed import agree
+from trainer.files import atomic_write, disk_error
 
 
 def default_run_dir(name: Optional[str]) -> Path:
     return Path("runs") / f"{name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_run_dir_free(run_dir: Path, overwrite: bool) -> None:
-    """An existing, non-empty run directory is never written into unless the user said run.overwrite=true."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainerError(f"run.dir {run_dir} exists and is not a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise TrainerError(f"run.dir {run_dir} already exists and is not empty; choose another run.dir "
-                           f"or pass run.overwrite=true to replace it")
-
-
-def create_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if run_dir.is_dir() and overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def git_revision() -> Optional[str]:
@@ -67,13 +52,6 @@ def environment(num_processes: int, device: str, mixed_precision: str) -> dict:
     }
 
 
-def write_json(path: Path, obj) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def new_run_id() -> str:
     """An id for the W&B run, made once per training run and kept across restarts."""
     return secrets.token_hex(4)
@@ -92,9 +70,7 @@ def truncate_rows(path: Path, keep: int) -> int:
             steps.append(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):  # a line cut by a crash mid-write
             pass
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines[:keep]))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in lines[:keep]))
     return max(steps, default=-1)
 
 
@@ -111,10 +87,16 @@ class Tracker:
         self._fh = open(self.path, "a", buffering=1) if self.is_main else None  # line-buffered: each row lands whole
 
     def log(self, row: dict) -> None:
+        """Every rank calls it; the main process writes (a failed write, e.g. a full disk, ends every rank
+        with the same one line: the only collective here, once per logged row)."""
         self.rows += 1  # counted on every rank, so any rank's checkpoint state agrees
-        if not self.is_main:
-            return
-        self._fh.write(json.dumps(row) + "\n")
+        agree(self.accelerator, lambda: self._write(row), main_only=True)
+
+    def _write(self, row: dict) -> None:
+        try:
+            self._fh.write(json.dumps(row) + "\n")
+        except OSError as err:
+            raise disk_error(err, self.path) from None
         if self.use_wandb and row["step"] > self.wandb_after_step:
             prefix = f"{row['split']}/" if row.get("type") == "eval" else "train/"
             numbers = {prefix + k: v for k, v in row.items()

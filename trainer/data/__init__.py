@@ -5,6 +5,9 @@ class names, the normalisation and the training class counts.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -14,7 +17,8 @@ import numpy as np
 from trainer.data import generated
 from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, eval_transform,
                                    measure_mean_std, train_transform)
-from trainer.data.folders import find_classes, imagefolder_splits, scan_split, stratified_split, verify_images
+from trainer.data.folders import (SkippedPath, describe_skipped, find_classes, imagefolder_splits, scan_split,
+                                  stratified_split, verify_images)
 from trainer.errors import DataError
 
 # Published CIFAR statistics (per channel, [0,1] scale) as used by most CIFAR recipes.
@@ -63,6 +67,9 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
             parts = {"train": [i for i, _ in tr], "val": [i for i, _ in va]}
         else:  # no held-out part: validate on the test set, as the classic CIFAR tutorials do
             parts = {"train": list(range(len(labels))), "val": None}
+        if "val" in splits and parts["val"] == []:
+            raise DataError(f"the val split of {fmt} is empty: data.val_fraction={data_cfg.val_fraction} holds out 0 "
+                            f"of every class; raise data.val_fraction, or set it to 0 to validate on the test set")
         arrays = {"train": (train_set.data, labels), "test": (test_set.data, np.asarray(test_set.targets))}
         mean, std = (data_cfg.mean, data_cfg.std) if data_cfg.mean and data_cfg.std else CIFAR_STATS[fmt]
         counts = np.bincount(labels[parts["train"]], minlength=len(classes)).tolist()
@@ -86,36 +93,58 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
             generated.ensure_generated(root, g.variant, size, g.seed, counts_per_split)
         else:
             root = Path(data_cfg.root)
+        walk_skipped: List[SkippedPath] = []  # links not followed, second paths to a file: reported below
         if "all" in splits:  # evaluation of a plain folder of class folders, unsplit
             classes = find_classes(Path(root))
-            found = {"all": scan_split(Path(root), classes)}
+            found = {"all": scan_split(Path(root), classes, walk_skipped)}
         else:
-            classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed)
+            classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, walk_skipped)
             if found.get("val") is not None and found.get("val") is found.get("test"):
                 verbose(f"data.val_fraction=0 and no val/ folder: validating on {root}/test")
+        if walk_skipped:
+            verbose(f"{describe_skipped(walk_skipped)} (under {root})")
         missing = [s for s in splits if s not in found]
         if missing:
             raise DataError(f"{root} has no {missing[0]}/ split (found: {sorted(found)})")
+        for split in splits:
+            if not found[split]:
+                why = _why_empty(split, root, data_cfg.val_fraction)
+                raise DataError(f"the {split} split of {root} is empty: {why}")
         skipped = []
         made = {}
+        checked = {}  # id of a sample list -> its readable samples: val and test may be one list (val_fraction=0)
         for split in splits:
             samples = found[split]
-            if data_cfg.verify_images and fmt == "imagefolder":  # generated files are known to be good
-                samples, bad = verify_images(samples, data_cfg.skip_bad_images)
-                skipped += bad
-                if not samples:
-                    raise DataError(f"no readable images left in the {split} split of {root}")
-            made[split] = FileDataset(samples, seed=seed)
+            # Evaluation splits are always checked: with data.verify_images=false (the speed recipe) a bad file
+            # there would only fail after all of training. Cost: CIFAR-10's 10,000-image JPEG test split (32 px,
+            # /work/shared/data) took 1.9-2.1 s (3 runs; PIL decode in 4 threads on this 2-core VM, files in the
+            # page cache; the folder walk 0.03 s). Generated files are written by us: never checked.
+            if fmt == "imagefolder" and (split != "train" or data_cfg.verify_images):
+                if id(samples) not in checked:
+                    good, bad = verify_images(samples, data_cfg.skip_bad_images)
+                    skipped += bad
+                    if not good:
+                        raise DataError(f"the {split} split of {root} is empty: all {len(samples)} of its files are "
+                                        f"unreadable (data.skip_bad_images=true skipped them), e.g. {bad[0]}")
+                    if split == "train" and bad:
+                        _check_every_class_kept(samples, good, bad, classes)
+                    checked[id(samples)] = good
+                samples = checked[id(samples)]
+            made[split] = FileDataset(samples, seed=seed, exif_orientation=data_cfg.exif_orientation)
         train_samples = list(zip(made["train"].paths, made["train"].labels)) if "train" in made else found.get("train", [])
         counts = np.bincount([label for _, label in train_samples], minlength=len(classes)).tolist()
         if data_cfg.mean and data_cfg.std:
             mean, std = list(data_cfg.mean), list(data_cfg.std)
         else:
-            stats_set = made["train"] if "train" in made else FileDataset(found["train"])
+            stats_set = (made["train"] if "train" in made
+                         else FileDataset(found["train"], exif_orientation=data_cfg.exif_orientation))
             mean, std = measure_mean_std(stats_set, size, seed=data_cfg.split_seed)
         source = f"{fmt} at {root}"
     if len(classes) < 2:
         raise DataError(f"need at least 2 classes, found {len(classes)} ({classes}) in {source}")
+    for split, ds in made.items():  # whatever the path above: never train or evaluate on nothing
+        if len(ds) == 0:
+            raise DataError(f"the {split} split of {source} is empty")
     aug = data_cfg.augment
     for split, ds in made.items():
         ds.transform = (train_transform(size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
@@ -127,8 +156,56 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
                 skipped=skipped, source=source)
 
 
+def _why_empty(split: str, root, val_fraction: float) -> str:
+    """Why an image-folder split came out empty, with the fix: the one way is a held-out val part too small."""
+    root = Path(root)
+    held_out = split == "val" and val_fraction > 0 and not ((root / "train").is_dir() and (root / "val").is_dir())
+    if held_out:  # as imagefolder_splits decides: val is a stratified part of train unless there is a val/ folder
+        return (f"data.val_fraction={val_fraction} holds out 0 of every class; raise data.val_fraction or add a "
+                f"val/ folder")
+    return "no image files found in it"
+
+
+def _check_every_class_kept(samples, good, bad: List[str], classes: List[str]) -> None:
+    """data.skip_bad_images must not drop a class from training without a word: fail naming it."""
+    kept = {label for _, label in good}
+    label_of = dict(samples)
+    lost = sorted({label_of[p] for p in bad} - kept)
+    if lost:
+        name = classes[lost[0]]
+        dropped = [p for p in bad if label_of[p] == lost[0]]
+        more = f" (and {len(lost) - 1} more class(es) likewise)" if len(lost) > 1 else ""
+        raise DataError(f"class '{name}' has no readable training image left: data.skip_bad_images=true dropped all "
+                        f"{len(dropped)} of its files, e.g. {dropped[0]}{more}; fix or remove them")
+
+
 def class_balanced_sampler(labels: Sequence[int], num_classes: int, seed: int) -> EpochWeightedSampler:
     """Each class drawn equally often in expectation: weight of a sample = 1 / count of its class."""
     counts = np.bincount(labels, minlength=num_classes)
     weights = 1.0 / counts[np.asarray(labels)]
     return EpochWeightedSampler(weights.tolist(), num_samples=len(labels), seed=seed)
+
+
+def data_roots(data_cfg) -> Dict[str, Path]:
+    """The folders a run reads its data from (given or default), by the key that names them: a run
+    directory or a report may not be written into them (trainer.rundir)."""
+    fmt = data_cfg.format
+    if fmt in ("cifar10", "cifar100"):
+        return {"data.root": Path(data_cfg.root or "data/cifar")}
+    if fmt == "generated" and not data_cfg.root:
+        g = data_cfg.generated
+        return {"the generated data folder": generated.default_root(g.variant, data_cfg.image_size, g.seed)}
+    return {"data.root": Path(data_cfg.root)} if data_cfg.root else {}
+
+
+def data_fingerprint(dataset, classes: Sequence[str]) -> str:
+    """The sha256 of what decides the batches of a run: the class names and, in order, each training sample's
+    file path (relative to the common folder, so a moved copy matches) or array index, and label. A resume
+    whose data differ would put the same position in the epoch on other images."""
+    if hasattr(dataset, "paths"):
+        common = os.path.commonpath(dataset.paths) if dataset.paths else ""
+        items = [os.path.relpath(p, common) for p in dataset.paths]
+    else:
+        items = list(range(len(dataset)))
+    body = json.dumps([list(classes), items, [int(v) for v in dataset.labels]])
+    return hashlib.sha256(body.encode()).hexdigest()

@@ -7,7 +7,7 @@ prefetched. That is what lets an interrupted run resume bit-for-bit.
 from __future__ import annotations
 
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -54,12 +54,14 @@ class _SeededDataset(Dataset):
 
 
 class FileDataset(_SeededDataset):
-    """Images listed as (path, label) pairs; any image mode is converted to RGB."""
+    """Images listed as (path, label) pairs; any image mode is converted to RGB, and the EXIF orientation
+    applied when `exif_orientation` (data.exif_orientation; the device loader's batched decode reads it too)."""
 
-    def __init__(self, samples: List[Sample], transform=None, seed: int = 0):
+    def __init__(self, samples: List[Sample], transform=None, seed: int = 0, exif_orientation: bool = True):
         super().__init__(transform, seed)
         self.paths = [p for p, _ in samples]
         self.labels = [label for _, label in samples]
+        self.exif_orientation = exif_orientation
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,7 +71,7 @@ class FileDataset(_SeededDataset):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return decode_rgb(path)
+                return decode_rgb(path, self.exif_orientation)
         except Exception as err:  # name the file: a bare PIL error says nothing about which one
             raise DataError(f"cannot read image {path}: {type(err).__name__}: {err} "
                             f"(set data.verify_images=true to find bad files at start-up)") from None

@@ -19,7 +19,6 @@ from typing import Iterator, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
@@ -47,7 +46,8 @@ def decode_split(dataset, image_size: int) -> torch.Tensor:
 
     JPEGs go through torchvision's batched decode_jpeg; other formats, and any chunk holding a JPEG it
     refuses, file by file through the dataset's own reader (`FileDataset.load`: PIL for what decode_jpeg
-    refuses), which also names a file that nothing can read.
+    refuses), which also names a file that nothing can read. Both apply the EXIF orientation as the
+    dataset says (`dataset.exif_orientation`), so the images are those the per-sample path gives.
     """
     if isinstance(dataset, ArrayDataset):  # CIFAR arrays: (N, H, W, 3) uint8 already in memory
         x = torch.from_numpy(np.ascontiguousarray(dataset.images)).permute(0, 3, 1, 2)
@@ -66,7 +66,7 @@ def decode_split(dataset, image_size: int) -> torch.Tensor:
             raw = [b for part in pool.map(_read_files, [paths[k:k + 64] for k in range(0, len(paths), 64)])
                    for b in part]
             try:
-                images = decode_jpeg_rgb(raw)  # a list: one batched call
+                images = decode_jpeg_rgb(raw, dataset.exif_orientation)  # a list: one batched call
             except RuntimeError:  # one bad file fails the whole call: redo this chunk file by file
                 others += idx
                 continue

@@ -1,19 +1,22 @@
 """Reading ImageFolder trees: finding classes and files, splitting, checking that every file decodes.
 
-Errors name the folder or file at fault. Images of any mode (grayscale, RGBA, palette) are converted to RGB.
+Errors name the folder or file at fault. Images of any mode (grayscale, 16-bit, float, RGBA, palette, CMYK)
+become 8-bit RGB (`to_rgb`), turned upright by their EXIF orientation unless told not to.
 """
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from trainer.errors import DataError
 
@@ -25,44 +28,200 @@ def is_image_file(path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def load_rgb(path) -> Image.Image:
-    """A file path or object, decoded fully by PIL and converted to RGB; palette images with transparency go
-    through RGBA first."""
+def scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """One channel of a 16-bit, 32-bit integer or float image (PIL modes I;16*, I, F) as uint8.
+
+    PIL's own convert("RGB") clips these instead of scaling: a 16-bit gradient comes out 99% white. Rules:
+    - integers (I;16, I;16B/L/N, I): 16-bit data, v / 257 rounded (65535 -> 255, 257 -> 1), clipped to
+      [0, 255]. Mode I (32-bit) is read the same way: it is what 16-bit PNGs open as on some Pillow versions.
+    - floats (F): NaN -> 0; then if every value is in [0, 1], x 255; elif every value is in [0, 255], as is;
+      else the 16-bit range, / 257; rounded (half to even) and clipped to [0, 255].
+    """
+    x = values.astype(np.float64)  # float32 would round 16-bit values; float64 holds every int32 exactly
+    if values.dtype.kind == "f":
+        x = np.nan_to_num(x, nan=0.0)  # +-inf stay huge and are clipped below
+        lo, hi = (x.min(), x.max()) if x.size else (0.0, 0.0)
+        if lo >= 0 and hi <= 1:
+            x = x * 255
+        elif not (lo >= 0 and hi <= 255):
+            x = x / 257
+    else:
+        x = x / 257
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit, 32-bit and float grayscale scaled (`scale_to_uint8`), alpha
+    dropped (LA, PA, RGBA, palette transparency: the colour under it is kept), palettes looked up, 1-bit as
+    0/255, CMYK and anything else through PIL's convert."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return Image.fromarray(scale_to_uint8(np.asarray(img)), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:  # via RGBA: PIL warns on a direct P -> RGB here
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 2-8 say how the stored pixels are turned
+# what undoes each orientation (the inverse of PIL's exif_transpose; 6 and 8 are the two 90-degree turns)
+UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+                    7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def load_rgb(path, exif_orientation: bool = True) -> Image.Image:
+    """A file path or object, decoded fully by PIL as 8-bit RGB (`to_rgb`), turned upright by its EXIF
+    Orientation tag (JPEG, TIFF, PNG, WebP) unless `exif_orientation` is false; then the stored pixels."""
     with Image.open(path) as img:
-        if img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        return img.convert("RGB")
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+        img.load()
+        if exif_orientation:
+            ImageOps.exif_transpose(img, in_place=True)  # no copy when there is no tag
+        elif orientation in UNDO_ORIENTATION and img.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            # the tag went on load: PIL turned the image itself (Pillow 13 does for TIFFs, whatever we ask)
+            img = img.transpose(UNDO_ORIENTATION[orientation])
+        return to_rgb(img)
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # how a JPEG starts, whatever its file name says
 
 
-def decode_jpeg_rgb(data: torch.Tensor) -> torch.Tensor:
-    """torchvision's libjpeg-turbo decoder, always to 3-channel RGB (grayscale and CMYK converted)."""
+def decode_jpeg_rgb(data, exif_orientation: bool):
+    """torchvision's libjpeg-turbo decoder, always to 3-channel RGB (grayscale and CMYK converted); `data`
+    is one uint8 tensor of file bytes or a list of them (one batched call). With `exif_orientation` the
+    EXIF Orientation tag is applied, as PIL's `ImageOps.exif_transpose` does (equal pixels, tested)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(data, mode=ImageReadMode.RGB)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
 
 
-def decode_rgb(path: str) -> torch.Tensor:
+def decode_rgb(path: str, exif_orientation: bool = True) -> torch.Tensor:
     """One image file as a (3, H, W) uint8 RGB tensor: what the training, evaluation and predict paths read.
 
     JPEGs go through torchvision's `decode_jpeg`: with the file read, 2.2x PIL per CIFAR-size image and on
     par for photo-sized ones, and the uint8 tensor then feeds torchvision's vectorised uint8 resize (a
     224-px RandomResizedCrop sample 1.5-1.9x faster than from a PIL image; bench/input_pipeline.py). Other
     formats, and any JPEG that decoder refuses (a truncated one too), go through PIL (`load_rgb`), whose
-    error then says what is wrong. EXIF orientation is not applied on either path, as before.
+    error then says what is wrong. Both paths apply the EXIF orientation (phone photos are stored sideways
+    with a tag saying so) unless `exif_orientation` is false (data.exif_orientation).
     """
     with open(path, "rb") as fh:
         data = fh.read()
     if data[:3] == JPEG_MAGIC:
         try:
-            return decode_jpeg_rgb(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            return decode_jpeg_rgb(torch.frombuffer(bytearray(data), dtype=torch.uint8), exif_orientation)
         except RuntimeError:  # a JPEG variant libjpeg-turbo in torchvision does not take: PIL may
             pass
-    return torch.from_numpy(np.array(load_rgb(io.BytesIO(data)))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(load_rgb(io.BytesIO(data), exif_orientation))).permute(2, 0, 1)
+
+
+# ---- walking folders ----
+
+class SkippedPath(NamedTuple):
+    """A path the folder walk did not list (walk_image_files), kept so that it can be reported."""
+    path: str
+    target: str  # what a link points at (its text, as `ls -l` shows it); for a second path to a file, the first
+    why: str  # a key of SKIP_REASONS
+
+
+SKIP_REASONS = {
+    "folder_seen": "symlinked folder(s) already visited (a loop or a second path to one folder)",
+    "broken": "broken link(s)",
+    "file_seen": "second path(s) to a file already listed",
+}
+
+
+def _inode(st: os.stat_result) -> Tuple[int, int]:
+    return st.st_dev, st.st_ino  # what a real folder or file is, whatever path reached it
+
+
+def _link_text(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # not a link (a bind-mounted folder seen twice)
+        return ""
+
+
+def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = None
+                     ) -> Tuple[List[str], List[SkippedPath]]:
+    """Image files under each of `folders`, recursively: one sorted list of paths, and the paths skipped.
+
+    Symlinked folders are followed (datasets are often linked in), but each real folder is entered once
+    and each real file listed once, so a link to a folder itself or to a parent ends instead of looping,
+    and a second path to a folder or file does not count its images twice; broken links are skipped too.
+    A folder or file is known by its (st_dev, st_ino), whatever path reached it. `seen` holds those of
+    folders not to enter (scan_split: the split folder, so that a link up to it does not list its classes a
+    second time); it is updated with what this walk enters and lists. Each of `folders` is entered.
+
+    Where one folder or file has several paths, the one with no symlink on the way wins, then the first in
+    sorted order: real subfolders are listed depth-first in name order, symlinked ones after all the real
+    folders under every one of `folders`, in the order met. The result is the same on every run.
+    """
+    seen = set() if seen is None else seen
+    roots = [os.fspath(f) for f in folders]
+    seen.update(_inode(os.stat(r)) for r in roots)
+    skipped: List[SkippedPath] = []
+    found = []  # (reached through a link, path, inode) of every image file met
+    # folders to list (a stack: depth-first): path, whether a link led there, its device
+    todo = [(r, False, os.stat(r).st_dev) for r in reversed(roots)]
+    links: List[Tuple[str, Tuple[int, int]]] = []  # symlinked folders met, entered after the real ones
+    while todo or links:
+        if not todo:
+            link, inode = links.pop(0)
+            if inode in seen:
+                skipped.append(SkippedPath(link, _link_text(link), "folder_seen"))
+            else:
+                seen.add(inode)
+                todo.append((link, True, inode[0]))
+            continue
+        path, through_link, dev = todo.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:  # os.walk would skip it silently: a class would lose files unnoticed
+            raise DataError(f"cannot list folder {path}: {err.strerror or err}") from None
+        subfolders = []
+        for entry in entries:
+            if entry.is_symlink():
+                try:
+                    st = entry.stat()  # follows the link
+                except OSError:  # dangling, or a loop of links (ELOOP)
+                    skipped.append(SkippedPath(entry.path, _link_text(entry.path), "broken"))
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    links.append((entry.path, _inode(st)))
+                elif is_image_file(entry.name):
+                    found.append((True, entry.path, _inode(st)))
+            elif entry.is_dir(follow_symlinks=False):
+                inode = _inode(entry.stat(follow_symlinks=False))
+                if inode in seen:  # a bind mount of a folder already entered
+                    skipped.append(SkippedPath(entry.path, "", "folder_seen"))
+                    continue
+                seen.add(inode)
+                subfolders.append((entry.path, inode[0]))
+            elif is_image_file(entry.name):
+                # the inode comes with the directory listing and a file lives on its folder's device: no stat
+                # per file (a million files on a network file system)
+                found.append((through_link, entry.path, (dev, entry.inode())))
+        todo.extend((sub, through_link, sub_dev) for sub, sub_dev in reversed(subfolders))  # popped in name order
+    listed: Dict[Tuple[int, int], str] = {}
+    for _, path, inode in sorted(found):  # paths with no link on the way first, then by path
+        if inode in listed or inode in seen:  # a second path to it (seen: listed by an earlier walk)
+            skipped.append(SkippedPath(path, listed.get(inode, ""), "file_seen"))
+            continue
+        listed[inode] = path
+    seen.update(listed)
+    return sorted(listed.values()), skipped
+
+
+def describe_skipped(skipped: Sequence[SkippedPath]) -> str:
+    """One line for a log: how many paths the walk skipped, of which kinds, and one example."""
+    counts = Counter(s.why for s in skipped)
+    kinds = ", ".join(f"{counts[why]} {text}" for why, text in SKIP_REASONS.items() if counts[why])
+    first = skipped[0]
+    example = f"{first.path} -> {first.target}" if first.target else first.path
+    return f"skipped {len(skipped)} path(s) while listing image files: {kinds}; e.g. {example}"
 
 
 def find_classes(folder: Path) -> List[str]:
@@ -76,19 +235,40 @@ def find_classes(folder: Path) -> List[str]:
     return classes
 
 
-def scan_split(folder: Path, classes: Sequence[str]) -> List[Sample]:
-    """All image files under folder/<class>/ (recursively), sorted, labelled by class index."""
-    samples: List[Sample] = []
-    for idx, name in enumerate(classes):
+def scan_split(folder: Path, classes: Sequence[str], skipped: Optional[List[SkippedPath]] = None) -> List[Sample]:
+    """All image files under folder/<class>/ (recursively, symlinked folders followed), sorted within each
+    class, labelled by class index.
+
+    One walk over all class folders (walk_image_files), with the split folder held as seen: no folder or
+    file is listed twice, nor under two classes, and a link from one class into another or up to the split
+    folder is skipped rather than followed. The paths skipped are appended to `skipped` when it is given
+    (build_data reports them in one line).
+    """
+    folder = Path(folder)
+    owner = {_inode(os.stat(folder)): str(folder)}  # real folder -> the path that claimed it
+    for name in classes:
         class_dir = folder / name
         if not class_dir.is_dir():
             raise DataError(f"class folder missing: {class_dir} (the training split has class '{name}')")
-        files = sorted(str(Path(dirpath) / f) for dirpath, _, names in os.walk(class_dir, followlinks=True)
-                       for f in names if is_image_file(f))
-        if not files:
-            raise DataError(f"empty class folder: {class_dir} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        samples.extend((f, idx) for f in files)
-    return samples
+        inode = _inode(os.stat(class_dir))
+        if inode in owner:
+            raise DataError(f"class folder {class_dir} is the same folder as {owner[inode]} (a symlink): "
+                            f"each class needs its own folder")
+        owner[inode] = str(class_dir)
+    files, passed = walk_image_files([folder / name for name in classes], seen={_inode(os.stat(folder))})
+    if skipped is not None:
+        skipped.extend(passed)
+    start = len(str(folder / "_")) - 1  # where the class name begins in every path (pathlib drops a "./" root)
+    per_class: Dict[str, List[str]] = {name: [] for name in classes}
+    for f in files:  # every path the walk gives is folder/<class>/...
+        per_class[f[start:].split(os.sep, 1)[0]].append(f)
+    for name in classes:
+        if not per_class[name]:
+            class_dir = folder / name
+            passed_here = [s for s in passed if s.path.startswith(os.path.join(str(class_dir), ""))]
+            why = f"; {describe_skipped(passed_here)}" if passed_here else ""
+            raise DataError(f"empty class folder: {class_dir} has no image files ({', '.join(IMAGE_EXTENSIONS)}){why}")
+    return [(f, idx) for idx, name in enumerate(classes) for f in per_class[name]]
 
 
 def stratified_split(samples: List[Sample], fraction: float, seed: int) -> Tuple[List[Sample], List[Sample]]:
@@ -110,7 +290,7 @@ def _check_one(path: str) -> str:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's "palette images with transparency" note; we convert anyway
-            load_rgb(path)
+            load_rgb(path, exif_orientation=False)  # decodability only; orientation cannot make a file bad
         return ""
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
         return f"{type(err).__name__}: {err}"
@@ -121,8 +301,13 @@ def verify_images(samples: List[Sample], skip_bad: bool, workers: int = 4) -> Tu
 
     Returns the good samples and the bad paths; raises on the first bad file unless `skip_bad`.
     """
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         problems = list(pool.map(_check_one, [p for p, _ in samples], chunksize=64))
+    except BaseException:  # a stop request mid-way: drop the queued files instead of decoding them all first
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     bad = [(p, why) for (p, _), why in zip(samples, problems) if why]
     if bad and not skip_bad:
         path, why = bad[0]
@@ -132,8 +317,10 @@ def verify_images(samples: List[Sample], skip_bad: bool, workers: int = 4) -> Tu
     return [s for s in samples if s[0] not in bad_paths], sorted(bad_paths)
 
 
-def imagefolder_splits(root: Path, val_fraction: float, split_seed: int) -> Tuple[List[str], Dict[str, List[Sample]]]:
-    """Class names and samples per split for either layout.
+def imagefolder_splits(root: Path, val_fraction: float, split_seed: int,
+                       skipped: Optional[List[SkippedPath]] = None) -> Tuple[List[str], Dict[str, List[Sample]]]:
+    """Class names and samples per split for either layout; the paths the folder walks skipped are appended
+    to `skipped` when it is given (see scan_split).
 
     - root/train/<class>/... (+ root/val/, + root/test/): val is split from train when there is no val/.
     - root/<class>/...: train and val are a stratified split of it.
@@ -144,16 +331,16 @@ def imagefolder_splits(root: Path, val_fraction: float, split_seed: int) -> Tupl
     train_dir = root / "train"
     if train_dir.is_dir():
         classes = find_classes(train_dir)
-        splits = {"train": scan_split(train_dir, classes)}
+        splits = {"train": scan_split(train_dir, classes, skipped)}
         for split in ("val", "test"):
             if (root / split).is_dir():
                 extra = set(find_classes(root / split)) - set(classes)
                 if extra:
                     raise DataError(f"{root / split} has classes not in train/: {sorted(extra)}")
-                splits[split] = scan_split_allow_missing(root / split, classes)
+                splits[split] = scan_split_allow_missing(root / split, classes, skipped)
     else:
         classes = find_classes(root)
-        splits = {"train": scan_split(root, classes)}
+        splits = {"train": scan_split(root, classes, skipped)}
     if "val" not in splits and val_fraction <= 0:
         if "test" not in splits:
             raise DataError(f"{root} has no val/ or test/ folder and data.val_fraction is 0: nothing to validate on")
@@ -163,9 +350,10 @@ def imagefolder_splits(root: Path, val_fraction: float, split_seed: int) -> Tupl
     return classes, splits
 
 
-def scan_split_allow_missing(folder: Path, classes: Sequence[str]) -> List[Sample]:
+def scan_split_allow_missing(folder: Path, classes: Sequence[str],
+                             skipped: Optional[List[SkippedPath]] = None) -> List[Sample]:
     """Like scan_split for val/test, where a class may be absent (its folder missing); empty folders still fail."""
     present = [c for c in classes if (folder / c).is_dir()]
-    samples = scan_split(folder, present)
+    samples = scan_split(folder, present, skipped)
     remap = {i: classes.index(c) for i, c in enumerate(present)}
     return [(p, remap[label]) for p, label in samples]

@@ -1,0 +1,115 @@
+"""Runs the trainer's CLI with one fault injected at a chosen moment, by wrapping a trainer function (no hook
+in the product). Usage: FAULT=kind FAULT_AT=n python tests/fault_driver.py train - key=value ...
+
+kinds (n = the update counted from 1, as in metrics.jsonl's "step"):
+  kill_at_update      SIGKILL while update n is being computed (when its learning rate is asked for)
+  kill_during_save    SIGKILL after the first file of the checkpoint of update n is written
+  kill_during_eval    SIGKILL in the middle of the evaluation that follows update n
+  kill_during_export  SIGKILL after model.safetensors of the final export is written (n unused)
+  sigterm_at_update   a real preemption signal (SIGTERM) during update n
+  fill_disk_at_save   fill the run directory's file system just before the checkpoint of update n
+  sigterm_in_startup  SIGTERM to itself while the data are being read (start-up)
+  stop_file_in_startup  create $TRAINER_STOP_FILE, then keep "scanning" until stopped (start-up)
+  kill_rank1_at_update / stop_rank1_at_update   rank 1 SIGKILLs / SIGSTOPs itself during update n
+"""
+import os
+import signal
+import sys
+import time
+
+import trainer.checkpoint as C
+import trainer.export as E
+import trainer.loop as L
+from trainer.cli import main
+
+KIND, AT = os.environ["FAULT"], int(os.environ.get("FAULT_AT", "0"))
+RANK = int(os.environ.get("RANK", "0"))
+seen = {"update": 0}  # the update being computed: lr_at(u - 1) is asked for during update u
+
+
+def die(sig=signal.SIGKILL) -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), sig)
+
+
+original_lr_at = L.lr_at
+
+
+def lr_at(update, *a, **k):
+    seen["update"] = max(seen["update"], update + 1)
+    if update + 1 == AT:
+        if KIND == "kill_at_update":
+            die()
+        elif KIND == "sigterm_at_update":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif KIND == "kill_rank1_at_update" and RANK == 1:
+            die()
+        elif KIND == "stop_rank1_at_update" and RANK == 1:
+            die(signal.SIGSTOP)
+    return original_lr_at(update, *a, **k)
+
+
+L.lr_at = lr_at
+original_save_file = C.save_file
+
+
+def save_file(tensors, path, *a, **k):
+    in_target = f".step-{AT:08d}.tmp-" in str(path)
+    if KIND == "fill_disk_at_save" and in_target:
+        filler = os.path.join(os.environ["FAULT_DISK"], "filler.bin")
+        with open(filler, "ab") as fh:  # until the file system refuses: then it is full
+            try:
+                while True:
+                    fh.write(b"\0" * (1 << 20))
+                    fh.flush()
+            except OSError:
+                pass
+            try:
+                while True:  # the last partial block too
+                    fh.write(b"\0" * 4096)
+                    fh.flush()
+            except OSError:
+                pass
+    original_save_file(tensors, path, *a, **k)
+    if KIND == "kill_during_save" and in_target:
+        die()
+
+
+C.save_file = save_file
+original_collect = L.collect_outputs
+
+
+def collect_outputs(*a, **k):
+    if KIND == "kill_during_eval" and seen["update"] == AT:
+        die()
+    return original_collect(*a, **k)
+
+
+L.collect_outputs = collect_outputs
+original_export_save = E.save_file
+
+
+def export_save(tensors, path, *a, **k):
+    original_export_save(tensors, path, *a, **k)
+    if KIND == "kill_during_export" and "/.model.tmp-" in str(path):
+        die()
+
+
+E.save_file = export_save
+original_build_data = L.build_data
+
+
+def build_data(*a, **k):
+    if KIND == "sigterm_in_startup":
+        os.kill(os.getpid(), signal.SIGTERM)
+    if KIND == "stop_file_in_startup":
+        open(os.environ["TRAINER_STOP_FILE"], "w").close()
+        deadline = time.time() + 60  # a long scan, as of a million files; a stop must end it within seconds
+        while time.time() < deadline:
+            time.sleep(0.01)
+        print("start-up was not stopped", file=sys.stderr)
+    return original_build_data(*a, **k)
+
+
+L.build_data = build_data
+main(sys.argv[1:])

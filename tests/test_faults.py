@@ -1,0 +1,748 @@
+"""The fault-injection suite: real processes, real signals, real file systems.
+
+Each interrupted run is the plain CLI wrapped by tests/fault_driver.py, which injects one fault at a chosen
+moment (no hook in the product); each recovery is the same command run again. What is checked is what a
+user relies on: final weights and metrics rows bitwise equal to an uninterrupted run, every user and data
+file byte for byte as it was, one clear line for every refusal, and no hang.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, assert_same_run, make_folder, run_cli, tiny_overrides, write_image
+from trainer.checkpoint import POINTER, verify_checkpoint
+
+pytestmark = pytest.mark.slow  # every test here starts real processes: `-m "not slow"` leaves them out
+DRIVER = str(ROOT / "tests" / "fault_driver.py")
+IN_CI = os.environ.get("CI") == "true"
+
+# 160 training images / global batch 16 = 10 updates per epoch, 3 epochs; a checkpoint every 2 updates
+RUN = {"train.epochs": 3, "checkpoint.every_steps": 2, "checkpoint.keep_last": 2, "train.log_every_steps": 2}
+UPDATES, EPOCH = 30, 10
+
+
+def args_for(tmp: Path, run: str, processes: int = 1, **extra) -> list:
+    """The run above; on several processes the same global batch (so the same updates), split among them."""
+    return tiny_overrides(tmp, "multiclass", **{**RUN, "train.batch_size": 16 // processes, "run.dir": str(tmp / run),
+                                                **extra})
+
+
+def launcher(processes: int) -> list:
+    return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+            if processes > 1 else [sys.executable])
+
+
+def run_driver(args: list, fault: str, at: int = 0, processes: int = 1, env=None, timeout=300):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": str(ROOT),
+                **(env or {})}
+    return subprocess.run(launcher(processes) + [DRIVER, "train", "-", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def run_train(args: list, processes: int = 1, env=None, timeout=300):
+    return subprocess.run(launcher(processes) + ["-m", "trainer", "train", "-", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def digest(root: Path) -> dict:
+    """Every file below `root` by relative path -> sha256 (symlinks -> their target): a tree to compare."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "-> " + os.readlink(path)
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs to compare recovered runs with, one per process count."""
+    tmp = tmp_path_factory.mktemp("ref")
+    made = {}
+
+    def get(processes: int = 1) -> Path:
+        if processes not in made:
+            res = run_train(args_for(tmp, f"ref{processes}", processes), processes)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+            made[processes] = tmp / f"ref{processes}"
+        return made[processes]
+
+    return get
+
+
+# ---- kill -9 at seeded random moments over one run ----
+
+def kill_moments(seed: int, count: int = 20) -> list:
+    """`count` (fault, update) pairs at distinct, increasing updates: SIGKILL mid-update, while writing a
+    checkpoint, or during an evaluation. Increasing, because a resume restarts from a checkpoint at or
+    before the previous kill, so every later moment is reached again. The two epoch ends are among them,
+    one killed during its evaluation and one during its save, so every kind occurs whatever the seed."""
+    rng = random.Random(seed)
+    ends = {EPOCH: "kill_during_eval", 2 * EPOCH: "kill_during_save"}
+    updates = sorted(rng.sample([u for u in range(1, UPDATES) if u not in ends], count - len(ends)) + list(ends))
+    moments = []
+    for update in updates:
+        kinds = ["kill_at_update"] + (["kill_during_save"] if update % RUN["checkpoint.every_steps"] == 0 else [])
+        moments.append((ends.get(update) or rng.choice(kinds), update))
+    return moments
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_twenty_seeded_sigkills_over_one_run_end_bitwise_identical(reference, tmp_path, processes):
+    ref = reference(processes)
+    args = args_for(tmp_path, "run", processes)
+    moments = kill_moments(seed=11 + processes)
+    for fault, update in moments:
+        killed = run_driver(args, fault, update, processes)
+        assert killed.returncode != 0, f"{fault} at {update} never happened:\n{killed.stdout[-1500:]}"
+        assert not (tmp_path / "run" / "summary.json").exists()
+    done = run_train(args, processes)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(ref, tmp_path / "run")
+    assert not list((tmp_path / "run").rglob("*.tmp-*")), "a temporary file survived"
+    assert not (tmp_path / "run" / ".lock").exists()
+    assert {f for f, _ in moments} == {"kill_at_update", "kill_during_save", "kill_during_eval"}
+
+
+def test_kill_during_the_final_export_then_the_same_command_completes_it(reference, tmp_path):
+    args = args_for(tmp_path, "run")
+    killed = run_driver(args, "kill_during_export")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "run" / "model" / "model.json").exists()
+    done = run_train(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(reference(1), tmp_path / "run")
+    assert not list((tmp_path / "run").rglob("*.tmp-*"))
+
+
+# ---- damaged checkpoints and pointers: fall back to the newest that verifies, delete nothing ----
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A run killed during update 9: checkpoints at updates 6 and 8 (keep_last=2), no final model."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    args = args_for(tmp, "run")
+    killed = run_driver(args, "kill_at_update", 9)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    names = sorted(p.name for p in (tmp / "run" / "checkpoints").glob("step-*"))
+    assert names == ["step-00000006", "step-00000008"], names
+    return tmp / "run"
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - 100] ^= 0x10  # in the tensor data, past the header: the file still parses
+    path.write_bytes(bytes(data))
+
+
+def drop_key(path: Path, key: str = "samples_seen") -> None:
+    state = json.loads(path.read_text())
+    del state[key]
+    path.write_text(json.dumps(state))
+
+
+NEWEST = "checkpoints/step-00000008"
+CASES = {  # name: (damage to the interrupted run, checkpoint resumed from, damaged folder moved aside)
+    "truncated model.safetensors": (lambda r: truncate(r / NEWEST / "model.safetensors"), 6, True),
+    "truncated optimizer.safetensors": (lambda r: truncate(r / NEWEST / "optimizer.safetensors"), 6, True),
+    "bit flip in model.safetensors": (lambda r: flip_a_bit(r / NEWEST / "model.safetensors"), 6, True),
+    "state.json missing a key": (lambda r: drop_key(r / NEWEST / "state.json"), 6, True),
+    "state.json garbage": (lambda r: (r / NEWEST / "state.json").write_text("{not json"), 6, True),
+    "rng.safetensors missing": (lambda r: (r / NEWEST / "rng.safetensors").unlink(), 6, True),
+    "latest.json garbage": (lambda r: (r / "checkpoints" / POINTER).write_text("\x00garbage"), 8, False),
+    "latest.json empty": (lambda r: (r / "checkpoints" / POINTER).write_text(""), 8, False),
+    "latest.json missing": (lambda r: (r / "checkpoints" / POINTER).unlink(), 8, False),
+    "latest.json names a missing folder": (lambda r: (r / "checkpoints" / POINTER).write_text(
+        json.dumps({"checkpoint": "step-00000099", "update": 99})), 8, False),
+    "newest checkpoint folder deleted": (lambda r: shutil.rmtree(r / NEWEST), 6, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_damaged_checkpoint_or_pointer_falls_back_and_deletes_nothing(reference, interrupted, tmp_path, case):
+    damage, expected, moved = CASES[case]
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted, run_dir)
+    (run_dir / "notes.txt").write_text("a user's file")
+    damage(run_dir)
+    before = digest(run_dir)
+    res = run_train(args_for(tmp_path, "run"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"resuming from {run_dir}/checkpoints/step-{expected:08d}" in res.stdout, res.stdout[-2000:]
+    assert "Traceback" not in res.stderr
+    after = digest(run_dir)
+    if moved:  # the damaged folder is kept, renamed, every byte as it was
+        assert "is damaged" in res.stdout and "moved aside" in res.stdout
+        for rel, sha in before.items():
+            if rel.startswith(NEWEST + "/"):
+                assert after[rel.replace(NEWEST, NEWEST + ".corrupt")] == sha, rel
+    assert after["notes.txt"] == before["notes.txt"]
+    assert_same_run(reference(1), run_dir)
+
+
+def test_no_loadable_checkpoint_with_outputs_is_refused_and_nothing_changes(interrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(interrupted, run_dir)
+    for ckpt in (run_dir / "checkpoints").glob("step-*"):
+        truncate(ckpt / "model.safetensors")
+    (run_dir / ".lock").unlink()  # the killed run's stale lock: taken over and released, not user data
+    before = digest(run_dir)
+    res = run_train(args_for(tmp_path, "run"))
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert "no loadable checkpoint" in line and "run.overwrite=true" in line
+    assert digest(run_dir) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_and_keeps_user_files(reference, tmp_path):
+    args = args_for(tmp_path, "run")
+    assert run_driver(args, "kill_at_update", 1).returncode == -signal.SIGKILL
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    res = run_train(args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "starting it again from the beginning" in res.stdout
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert_same_run(reference(1), tmp_path / "run")
+    starts = json.loads((tmp_path / "run" / "run.json").read_text())["starts"]
+    assert [s["kind"] for s in starts] == ["new", "restart"]
+
+
+# ---- overwrite and the places a run directory may not be ----
+
+@pytest.fixture
+def data_and_user_files(tmp_path):
+    """A generated dataset (as data.root) and a folder of a user's files, with their digests."""
+    args = tiny_overrides(tmp_path, "multiclass", **{"train.max_steps": 1, "run.dir": str(tmp_path / "warm")})
+    assert run_train(args).returncode == 0  # writes the generated data once
+    shutil.rmtree(tmp_path / "warm")
+    user = tmp_path / "precious"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("keep me")
+    (user / "sub" / "results.json").write_text("{}")
+    (user / "config.yaml").write_text("mine: true")  # a name the trainer also uses
+    return tmp_path / "gen-multiclass", user
+
+
+@pytest.mark.parametrize("where, overwrite, expect", [
+    ("user", True, "not a trainer run"),
+    ("user", False, "not a trainer run"),
+    ("data", True, "lies inside"),
+    ("data_class", True, "lies inside"),
+    ("above_data", True, "contains"),
+    ("inside_data", False, "lies inside"),
+])
+def test_a_run_dir_on_user_files_or_data_is_refused_and_every_file_stays(data_and_user_files, tmp_path, where,
+                                                                          overwrite, expect):
+    data, user = data_and_user_files
+    run_dir = {"user": user, "data": data, "data_class": data / "train" / "circle", "above_data": tmp_path,
+               "inside_data": data / "runs" / "x"}[where]
+    before = digest(tmp_path)
+    res = run_cli("train", "-", *tiny_overrides(tmp_path, "multiclass", **{
+        "run.dir": str(run_dir), "run.overwrite": str(overwrite).lower()}))
+    assert res.returncode == 2
+    assert expect in one_error_line(res.stderr)
+    assert digest(tmp_path) == before
+
+
+def test_overwrite_deletes_only_the_trainers_own_files(tmp_path):
+    args = tiny_overrides(tmp_path, "multiclass", **{"train.max_steps": 3})
+    assert run_train(args).returncode == 0
+    run_dir = tmp_path / "run"
+    mine = {run_dir / "notes.txt": "top", run_dir / "model" / "README.md": "about this model",
+            run_dir / "checkpoints" / "keep.txt": "x", run_dir / "plots" / "extra.txt": "y"}
+    for path, text in mine.items():
+        path.write_text(text)
+    res = run_train(args + ["run.overwrite=true"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "kept 4 other file(s)" in res.stdout
+    for path, text in mine.items():
+        assert path.read_text() == text, path
+    assert len(json.loads((run_dir / "run.json").read_text())["starts"]) == 1  # the old run is gone
+
+
+# ---- one training per run directory ----
+
+def test_a_second_training_on_a_run_dir_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    args = tiny_overrides(tmp_path, "multiclass", **{"train.epochs": 200, "checkpoint.every_steps": 5})
+    first = subprocess.Popen([sys.executable, "-m", "trainer", "train", "-", *args], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in first.stdout:  # the lock is taken before the first step; the first log line is after it
+            if line.startswith("[train]"):
+                break
+        lock = json.loads((tmp_path / "run" / ".lock").read_text())
+        assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
+        second = run_cli("train", "-", *args)
+        assert second.returncode == 2
+        line = one_error_line(second.stderr)
+        assert "in use by another training" in line and str(first.pid) in line
+    finally:
+        first.kill()  # SIGKILL: the lock stays behind, its holder gone
+        first.communicate()
+    assert (tmp_path / "run" / ".lock").exists()
+    third = run_train(args + ["train.epochs=1", "run.allow_config_change=true"])
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+# ---- a full disk ----
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs (root only): a real file system that fills up."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        reason = "mounting a tmpfs needs root"
+        if IN_CI:
+            pytest.fail(f"{reason}, and under CI=true this test must run")
+        pytest.skip(reason)
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if res.returncode != 0:
+        if IN_CI:
+            pytest.fail(f"cannot mount a tmpfs: {res.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_is_intact(reference, tmp_path, small_disk):
+    args = args_for(tmp_path, "run", **{"run.dir": str(small_disk / "run")})
+    res = run_driver(args, "fill_disk_at_save", 8, env={"FAULT_DISK": str(small_disk)})
+    assert res.returncode == 2, res.stdout[-1500:] + res.stderr[-1500:]
+    line = one_error_line(res.stderr)
+    assert "no space left" in line and "step-00000006 is intact" in line
+    ckpts = small_disk / "run" / "checkpoints"
+    assert not list(ckpts.glob(".*tmp*")), "the temporary checkpoint folder was left behind"
+    assert verify_checkpoint(ckpts / "step-00000006") is None
+    (small_disk / "filler.bin").unlink()
+    done = run_train(args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(reference(1), small_disk / "run")
+
+
+# ---- dead and frozen processes: the others leave within seconds, never hang ----
+
+def start_ranks(args: list, fault: str, at: int, timeout_s: int) -> list:
+    """Two processes started without a launcher (a launcher would add its own 30 s grace period), rendezvous
+    on loopback, as two nodes would."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FAULT": fault, "FAULT_AT": str(at),
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, DRIVER, "train", "-", *args, f"train.dist_timeout_s={timeout_s}"],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.parametrize("fault, limit_s", [("kill_rank1_at_update", 10), ("stop_rank1_at_update", 10 + 15)])
+def test_a_dead_or_frozen_rank_ends_the_others_with_one_line(tmp_path, fault, limit_s):
+    """Dead (SIGKILL): gloo sees the closed connection at once. Frozen (SIGSTOP): the collective times out
+    after train.dist_timeout_s (10 s here); the margin (15 s) covers process exit on a loaded 2-core VM."""
+    procs = start_ranks(args_for(tmp_path, "run"), fault, 5, timeout_s=10)
+    try:
+        for line in procs[0].stdout:  # rank 0 reaches the loop; rank 1 is then at most one update behind
+            if line.startswith("[train]") or "run directory:" in line:
+                break
+        start = time.time()
+        procs[0].wait(timeout=limit_s + 30)
+        waited = time.time() - start
+        err = procs[0].stderr.read()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode not in (0, None)
+    assert waited < limit_s, f"rank 0 took {waited:.1f} s"
+    line = one_error_line(err)
+    assert "lost contact with another process" in line
+    assert (tmp_path / "run" / "checkpoints" / "step-00000004").is_dir()  # the latest checkpoint is intact
+
+
+# ---- inputs ----
+
+@pytest.mark.timeout(120)
+def test_a_symlink_loop_in_the_data_neither_hangs_nor_counts_a_file_twice(tmp_path):
+    data = make_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=8)
+    (data / "cat" / "again").symlink_to(data / "cat", target_is_directory=True)  # a loop
+    (data / "dog" / "up").symlink_to(data, target_is_directory=True)  # a loop through the parent
+    (data / "dog" / "cats").symlink_to(data / "cat", target_is_directory=True)  # a second path to a folder
+    res = run_cli("train", "-", "data.format=imagefolder", f"data.root={data}", "data.val_fraction=0.25",
+                  "data.num_workers=0", "model.name=small_cnn", "data.image_size=16", "train.epochs=1",
+                  "train.batch_size=4", "train.progress_bar=false", f"run.dir={tmp_path / 'run'}", timeout=100)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())["derived"]
+    assert run["train_samples"] + run["val_samples"] == 16  # each image once
+    assert "symlink" in res.stdout
+
+
+@pytest.mark.parametrize("fault", ["sigterm_in_startup", "stop_file_in_startup"])
+def test_a_stop_request_during_start_up_leaves_at_once_with_nothing_written(tmp_path, fault):
+    args = tiny_overrides(tmp_path, "multiclass")
+    assert run_train(args + ["train.max_steps=1", f"run.dir={tmp_path / 'warm'}"]).returncode == 0
+    shutil.rmtree(tmp_path / "warm")  # the data exist now; what follows reads them
+    before = digest(tmp_path)
+    start = time.time()
+    res = run_driver(args, fault, env={"TRAINER_STOP_FILE": str(tmp_path / "run.stop")}, timeout=60)
+    took = time.time() - start
+    assert res.returncode == 3, res.stdout[-1500:] + res.stderr[-1500:]
+    assert "stopped on request during start-up" in res.stderr
+    assert "start-up was not stopped" not in res.stderr
+    assert took < 30, f"{took:.1f} s"  # process start and imports included; the stop itself is within 0.5 s
+    (tmp_path / "run.stop").unlink(missing_ok=True)
+    assert digest(tmp_path) == before  # no run directory, no lock, no temporary file
+
+
+# ---- the catalogue of bad input ----
+# Every mistake a user can make on the command line, in a recipe, a sweep file, a data folder, a run
+# directory, a checkpoint or an exported model. For each: exit code 2, exactly one line on stderr that starts
+# with "error:" and names the culprit, and nothing written anywhere (the whole workspace, data and run
+# directories included, compared file by file before and after). Every case is a real `python -m trainer`
+# process; they run two at a time (2 cores).
+
+RUN_NAMES = itertools.count()
+
+
+def gen_args(w: Path, variant: str = "multiclass", **extra) -> list:
+    """A tiny generated dataset (already written) and a run directory of its own that must never appear."""
+    return tiny_overrides(w, variant, **{"run.dir": str(w / "runs" / f"run{next(RUN_NAMES)}"), **extra})
+
+
+def folder_args(root: Path, run: str = "", **extra) -> list:
+    """An image folder to train on; each call its own run directory (which must never appear)."""
+    run = run or f"run{next(RUN_NAMES)}"
+    base = {"data.format": "imagefolder", "data.root": str(root), "data.image_size": 16, "data.num_workers": 0,
+            "data.val_fraction": 0.5,
+            "model.name": "small_cnn", "train.epochs": 1, "train.batch_size": 2, "train.progress_bar": False}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()] + [f"run.dir={root.parent / 'runs' / run}"]
+
+
+def build_workspace(w: Path) -> dict:
+    """Everything the cases read: datasets, finished runs, damaged files. Built once, then never written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(args):
+        res = subprocess.run([sys.executable, "-m", "trainer", "train", "-", *args], capture_output=True, text=True,
+                             timeout=300, cwd=ROOT, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+    train(tiny_overrides(w, "multiclass", **{"train.max_steps": 2, "run.dir": str(w / "done")}))
+    train(tiny_overrides(w, "binary", **{"train.max_steps": 2, "run.dir": str(w / "done_binary")}))
+    shutil.rmtree(w / "done_binary")  # only its data are needed
+    p = {}
+    ckpt = sorted((w / "done" / "checkpoints").glob("step-*"))[-1]
+    p["ckpt"] = ckpt
+    # a resumable run (its final checkpoint, not yet complete)
+    shutil.copytree(w / "done", w / "unfinished")
+    (w / "unfinished" / "summary.json").unlink()
+    state = json.loads(next((w / "unfinished" / "checkpoints").glob("step-*/state.json")).read_text())
+    assert state["done"] is True
+    # exported models: intact (without a run around it), and damaged in each way
+    def exported(name: str) -> Path:
+        target = w / "models" / name
+        shutil.copytree(w / "done" / "model", target)
+        return target
+    exported("alone")
+    (exported("garbage_json") / "model.json").write_text("{nope")
+    meta = json.loads((w / "done" / "model" / "model.json").read_text())
+    (exported("incomplete_json") / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "mean"}))
+    (exported("few_classes") / "model.json").write_text(json.dumps({**meta, "classes": meta["classes"][:3]}))
+    weights = exported("truncated_weights") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    torch.save({"w": torch.zeros(1)}, exported("pickled_weights") / "model.safetensors")
+    # image folders
+    good = make_folder(w / "imgs" / "images", per_class=6)
+    p["good"] = good
+    (w / "nocls" / "images").mkdir(parents=True)
+    write_image(w / "nocls" / "images" / "loose.png")  # images, but no class folders
+    make_folder(w / "empty_class" / "images", per_class=3)
+    shutil.rmtree(w / "empty_class" / "images" / "dog")
+    (w / "empty_class" / "images" / "dog").mkdir()
+    (w / "empty_class" / "images" / "dog" / "readme.txt").write_text("no images")
+    make_folder(w / "not_image" / "images", per_class=4)
+    (w / "not_image" / "images" / "cat" / "oops.png").write_text("this is text")
+    make_folder(w / "truncated" / "images", per_class=4)
+    jpg = write_image(w / "truncated" / "images" / "dog" / "cut.jpg", size=(64, 64), fmt="JPEG")
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    make_folder(w / "extra_val" / "images" / "train", per_class=4)
+    make_folder(w / "extra_val" / "images" / "val", classes=("cat", "dog", "bird"), per_class=2)
+    make_folder(w / "one_class" / "images", classes=("cat",), per_class=4)
+    make_folder(w / "bad_val" / "images" / "train", per_class=4)
+    make_folder(w / "bad_val" / "images" / "val", per_class=2)
+    (w / "bad_val" / "images" / "val" / "dog" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    make_folder(w / "all_bad_dog" / "images", per_class=4)
+    for f in (w / "all_bad_dog" / "images" / "dog").iterdir():
+        f.write_text("not an image")
+    make_folder(w / "same_class" / "images", per_class=3)
+    (w / "same_class" / "images" / "puppy").symlink_to(w / "same_class" / "images" / "dog", target_is_directory=True)
+    make_folder(w / "other_classes" / "images", classes=("cat", "dog", "zebra"), per_class=3)
+    make_folder(w / "flat" / "images", per_class=3)
+    # files standing in for other things
+    (w / "a_file").write_text("not a folder")
+    (w / "precious").mkdir()
+    (w / "precious" / "notes.txt").write_text("a user's notes")
+    (w / "pickle0.pth").write_bytes(pickle.dumps({"w": [1, 2]}, protocol=0))
+    torch.save({"w": torch.zeros(1)}, w / "pickle.safetensors")
+    (w / "garbage.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{abc}")
+    (w / "ckpt.pt").write_bytes(pickle.dumps({"w": 1}, protocol=4))
+    bad_ckpt = w / "bad_ckpt"
+    shutil.copytree(ckpt, bad_ckpt)
+    (bad_ckpt / "model.safetensors").write_bytes((bad_ckpt / "model.safetensors").read_bytes()[:500])
+    # recipes and sweep files
+    (w / "recipes").mkdir()
+    (w / "recipes" / "bad.yaml").write_text("train:\n  epochs: [1\n")
+    (w / "recipes" / "list.yaml").write_text("- a\n- b\n")
+    (w / "recipes" / "typo.yaml").write_text("optim:\n  learning_rate: 0.1\n")
+    (w / "recipes" / "folder.yaml").mkdir()
+    (w / "sweeps").mkdir()
+    (w / "sweeps" / "bad.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparameters: {optim.lr: [0.1\n")
+    (w / "sweeps" / "noparams.yaml").write_text("recipe: configs/quickstart_binary.yaml\n")
+    (w / "sweeps" / "unknown.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparams: {}\nparameters: {optim.lr: [1]}\n")
+    (w / "sweeps" / "typo.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparameters: {optim.lrr: [0.1]}\n")
+    (w / "sweeps" / "list.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparameters: [optim.lr]\n")
+    (w / "list.txt").write_text(str(w / "missing.png") + "\n")
+    return p
+
+
+def cases(w: Path, p: dict) -> list:
+    """(name, argv after `python -m trainer`, what the one error line must contain)."""
+    g, done, m = gen_args, w / "done", w / "models"
+    pred = ["predict", "--model", str(done), str(w / "gen-multiclass" / "val"), "--output", str(w / "out" / "p.csv")]
+    ev = ["eval", "--model", str(done)]
+    c = [
+        # -- config: keys, types, values --
+        ("unknown key", ["train", "-", *g(w), "train.lrr=0.1"], "train.lrr"),
+        ("key at the wrong level", ["train", "-", *g(w), "lr=0.1"], "lr"),
+        ("not a number", ["train", "-", *g(w), "optim.lr=abc"], "optim.lr"),
+        ("float for an int", ["train", "-", *g(w), "train.epochs=2.5"], "train.epochs"),
+        ("unknown precision", ["train", "-", *g(w), "train.mixed_precision=fp8"], "train.mixed_precision"),
+        ("unknown data format", ["train", "-", *g(w), "data.format=parquet"], "data.format"),
+        ("zero batch", ["train", "-", *g(w), "train.batch_size=0"], "train.batch_size"),
+        ("threshold out of range", ["train", "-", *g(w), "eval.threshold=1.5"], "eval.threshold"),
+        ("alternating flip without device data", ["train", "-", *g(w), "data.augment.flip_mode=alternating"], "data.loader=device"),
+        ("unknown loader", ["train", "-", *g(w), "data.loader=gpu"], "data.loader"),
+        ("unknown tta", ["train", "-", *g(w), "eval.tta=five_crop"], "eval.tta"),
+        ("lookahead decay 1", ["train", "-", *g(w), "optim.lookahead_decay=1.0"], "optim.lookahead_decay"),
+        ("warmup ratio 2", ["train", "-", *g(w), "optim.warmup_start_ratio=2"], "optim.warmup_start_ratio"),
+        ("override without =", ["train", "-", *g(w), "train.epochs"], "key=value"),
+        ("negative checkpoint cadence", ["train", "-", *g(w), "checkpoint.every_steps=-1"], "checkpoint.every_steps"),
+        ("resume and overwrite", ["train", "-", *g(w), f"run.resume={p['ckpt']}", "run.overwrite=true"], "contradict"),
+        ("imagefolder without root", ["train", "-", "data.format=imagefolder", f"run.dir={w / 'runs' / 'x'}"], "data.root"),
+        ("skip without verify", ["train", "-", *g(w), "data.skip_bad_images=true", "data.verify_images=false"], "skip_bad_images"),
+        ("mean of 2 values", ["train", "-", *g(w), "data.mean=[0.5,0.5]"], "data.mean"),
+        ("std of 0", ["train", "-", *g(w), "data.std=[0,1,1]"], "data.std"),
+        ("fp16 on cpu", ["train", "-", *g(w), "train.mixed_precision=fp16"], "fp16"),
+        # -- recipes --
+        ("recipe missing", ["train", str(w / "recipes" / "nope.yaml")], "recipe file not found"),
+        ("recipe invalid yaml", ["train", str(w / "recipes" / "bad.yaml")], "not valid YAML"),
+        ("recipe a list", ["train", str(w / "recipes" / "list.yaml")], "not a mapping"),
+        ("recipe a folder", ["train", str(w / "recipes" / "folder.yaml")], "folder.yaml"),
+        ("recipe key typo", ["train", str(w / "recipes" / "typo.yaml"), *g(w)], "learning_rate"),
+        # -- config against the data --
+        ("label smoothing on binary", ["train", "-", *g(w, "binary"), "loss.label_smoothing=0.1"], "label_smoothing"),
+        ("pos_weight on multiclass", ["train", "-", *g(w), "loss.pos_weight=2"], "pos_weight"),
+        ("positive class on multiclass", ["train", "-", *g(w), "eval.positive_class=circle"], "positive_class"),
+        ("positive class unknown", ["train", "-", *g(w, "binary"), "eval.positive_class=blob"], "blob"),
+        ("monitor not a metric", ["train", "-", *g(w), "eval.monitor=f1"], "eval.monitor"),
+        ("batch larger than the data", ["train", "-", *g(w), "train.batch_size=1000"], "larger than the training split"),
+        ("unknown model", ["train", "-", *g(w), "model.name=resnet19"], "resnet19"),
+        ("image too small for the model", ["train", "-", *folder_args(w / "imgs" / "images", **{
+            "model.name": "convnext_tiny", "model.small_input_stem": "false"})], "too small"),
+        ("crop padding too large", ["train", "-", *g(w), "data.augment.crop_padding=40"], "crop_padding"),
+        ("pretrained missing", ["train", "-", *g(w), f"model.pretrained_path={w / 'nope.safetensors'}"], "pretrained_path"),
+        ("pretrained pickle named safetensors", ["train", "-", *g(w), f"model.pretrained_path={w / 'pickle.safetensors'}"], "pickle"),
+        ("pretrained protocol-0 pickle", ["train", "-", *g(w), f"model.pretrained_path={w / 'pickle0.pth'}"], "pickle0.pth"),
+        ("pretrained garbage", ["train", "-", *g(w), f"model.pretrained_path={w / 'garbage.safetensors'}"], "garbage.safetensors"),
+        # -- data folders --
+        ("data root missing", ["train", "-", *folder_args(w / "nowhere" / "images")], "does not exist"),
+        ("data root a file", ["train", "-", *folder_args(w / "a_file")], "not a folder"),
+        ("no class folders", ["train", "-", *folder_args(w / "nocls" / "images")], "no class folders"),
+        ("empty class folder", ["train", "-", *folder_args(w / "empty_class" / "images")], "empty class folder"),
+        ("a file that is not an image", ["train", "-", *folder_args(w / "not_image" / "images")], "oops.png"),
+        ("a truncated image", ["train", "-", *folder_args(w / "truncated" / "images")], "cut.jpg"),
+        ("val class not in train", ["train", "-", *folder_args(w / "extra_val" / "images")], "bird"),
+        ("one class", ["train", "-", *folder_args(w / "one_class" / "images")], "at least 2 classes"),
+        ("bad val image, no verify", ["train", "-", *folder_args(w / "bad_val" / "images", **{"data.verify_images": "false"})], "bad.png"),
+        ("empty val split", ["train", "-", *folder_args(w / "imgs" / "images", **{"data.val_fraction": 0.01})], "val"),
+        ("skipping drops a class", ["train", "-", *folder_args(w / "all_bad_dog" / "images", **{"data.skip_bad_images": "true"})], "dog"),
+        ("two class folders one folder", ["train", "-", *folder_args(w / "same_class" / "images")], "same folder"),
+        ("cifar missing offline", ["train", "-", *g(w), "data.format=cifar10", f"data.root={w / 'nocifar'}"], "cifar10"),
+        # -- run directories --
+        ("run dir a file", ["train", "-", *g(w), f"run.dir={w / 'a_file'}"], "not a folder"),
+        ("run dir below a file", ["train", "-", *g(w), f"run.dir={w / 'a_file' / 'run'}"], "a_file"),
+        ("run dir is the data", ["train", "-", *g(w), f"run.dir={w / 'gen-multiclass'}", "run.overwrite=true"], "lies inside"),
+        ("run dir inside the data", ["train", "-", *g(w), f"run.dir={w / 'gen-multiclass' / 'runs' / 'a'}"], "lies inside"),
+        ("run dir holds the data", ["train", "-", *g(w), f"run.dir={w}", "run.overwrite=true"], "contains"),
+        ("run dir the current folder", ["train", "-", *g(w), "run.dir=."], "current directory"),
+        ("run dir home", ["train", "-", *g(w), f"run.dir={Path.home()}"], "home directory"),
+        ("run dir root", ["train", "-", *g(w), "run.dir=/", "run.overwrite=true"], "root"),
+        ("run dir a user's folder", ["train", "-", *g(w), f"run.dir={w / 'precious'}"], "not a trainer run"),
+        ("overwrite a user's folder", ["train", "-", *g(w), f"run.dir={w / 'precious'}", "run.overwrite=true"], "not a trainer run"),
+        ("resume from nowhere", ["train", "-", *g(w), f"run.resume={w / 'nope'}"], "does not exist"),
+        ("resume from a pickle", ["train", "-", *g(w), f"run.resume={w / 'ckpt.pt'}"], "pickle"),
+        ("resume another task", ["train", "-", *g(w, "binary"), f"run.resume={p['ckpt']}"], "does not match"),
+        ("resume another run's schedule", ["train", "-", *g(w), f"run.resume={p['ckpt']}"], "train.max_steps: 2 -> None"),
+        ("resume a damaged checkpoint", ["train", "-", *g(w), f"run.resume={w / 'bad_ckpt'}"], "not a loadable checkpoint"),
+        ("resume with another batch size", ["train", "-", *tiny_overrides(w, "multiclass", **{
+            "run.dir": str(w / "unfinished"), "train.max_steps": 2, "train.batch_size": 8})], "train.batch_size: 16 -> 8"),
+        ("resume into a run", ["train", "-", *g(w), f"run.dir={done}", f"run.resume={p['ckpt']}"], "already holds a run"),
+        # -- eval --
+        ("eval model missing", ["eval", "--model", str(w / "nope")], "does not exist"),
+        ("eval folder without a model", ["eval", "--model", str(w / "precious")], "no exported model"),
+        ("eval exported model without data", ["eval", "--model", str(m / "alone")], "data.root"),
+        ("eval garbage model.json", ["eval", "--model", str(m / "garbage_json"), f"data.root={w / 'gen-multiclass'}"], "not valid JSON"),
+        ("eval incomplete model.json", ["eval", "--model", str(m / "incomplete_json"), f"data.root={w / 'gen-multiclass'}"], "mean"),
+        ("eval fewer classes than outputs", ["eval", "--model", str(m / "few_classes"), f"data.root={w / 'gen-multiclass'}"], "do not fit"),
+        ("eval truncated weights", ["eval", "--model", str(m / "truncated_weights"), f"data.root={w / 'gen-multiclass'}"], "safetensors"),
+        ("eval pickled weights", ["eval", "--model", str(m / "pickled_weights"), f"data.root={w / 'gen-multiclass'}"], "pickle"),
+        ("eval unknown classes", [*ev, "data.format=imagefolder", f"data.root={w / 'other_classes' / 'images'}", "eval.split=all"], "zebra"),
+        ("eval output inside the data", [*ev, "--output", str(w / "gen-multiclass" / "eval.json")], "lies inside"),
+        ("eval split missing", [*ev, "data.format=imagefolder", f"data.root={w / 'flat' / 'images'}", "eval.split=test"], "test"),
+        ("eval unknown split", [*ev, "eval.split=holdout"], "eval.split"),
+        # -- predict --
+        ("predict batch 0", [*pred, "--batch-size", "0"], "--batch-size"),
+        ("predict output a folder", ["predict", "--model", str(done), str(w / "gen-multiclass" / "val"), "--output", str(w / "precious")], "is a folder"),
+        ("predict threshold 1.5", [*pred, "--threshold", "1.5"], "--threshold"),
+        ("predict threshold -1", [*pred, "--threshold", "-1"], "--threshold"),
+        ("predict threshold nan", [*pred, "--threshold", "nan"], "--threshold"),
+        ("predict threshold on multiclass", [*pred, "--threshold", "0.3"], "binary models only"),
+        ("predict input missing", ["predict", "--model", str(done), str(w / "nope.png"), "--output", str(w / "out" / "p.csv")], "nope.png"),
+        ("predict folder without images", ["predict", "--model", str(done), str(w / "precious"), "--output", str(w / "out" / "p.csv")], "no image files"),
+        ("predict unreadable image", ["predict", "--model", str(done), str(w / "not_image" / "images" / "cat" / "oops.png"), "--output", str(w / "out" / "p.csv")], "oops.png"),
+        ("predict on a missing GPU", [*pred, "--device", "cuda"], "cuda"),
+        ("predict over an input image", ["predict", "--model", str(done), str(p["good"] / "cat"), "--output", str(p["good"] / "cat" / "0.png")], "input image"),
+        ("predict list missing", ["predict", "--model", str(done), "@" + str(w / "nolist.txt"), "--output", str(w / "out" / "p.csv")], "nolist.txt"),
+        ("predict list naming a missing file", ["predict", "--model", str(done), "@" + str(w / "list.txt"), "--output", str(w / "out" / "p.csv")], "missing.png"),
+        ("predict garbage model.json", ["predict", "--model", str(m / "garbage_json"), str(w / "gen-multiclass" / "val"), "--output", str(w / "out" / "p.csv")], "not valid JSON"),
+        # -- sweeps --
+        ("sweep invalid yaml", ["sweep", str(w / "sweeps" / "bad.yaml"), "--local", "--dir", str(w / "sw")], "not valid YAML"),
+        ("sweep without parameters", ["sweep", str(w / "sweeps" / "noparams.yaml"), "--local", "--dir", str(w / "sw")], "parameters"),
+        ("sweep unknown key", ["sweep", str(w / "sweeps" / "unknown.yaml"), "--local", "--dir", str(w / "sw")], "params"),
+        ("sweep key typo", ["sweep", str(w / "sweeps" / "typo.yaml"), "--local", "--dir", str(w / "sw")], "optim.lrr"),
+        ("sweep parameters a list", ["sweep", str(w / "sweeps" / "list.yaml"), "--local", "--dir", str(w / "sw")], "parameters"),
+        ("sweep file missing", ["sweep", str(w / "sweeps" / "nope.yaml"), "--local", "--dir", str(w / "sw")], "nope.yaml"),
+        ("collect a non-sweep", ["collect", str(w / "precious")], "not a sweep folder"),
+    ]
+    return c
+
+
+def run_case(argv: list, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *argv], capture_output=True, text=True, timeout=180,
+                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+
+
+def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    w = tmp_path / "w"
+    w.mkdir()
+    p = build_workspace(w)
+    catalogue = cases(w, p)
+    assert len(catalogue) >= 60
+    assert len({name for name, _, _ in catalogue}) == len(catalogue)
+    before = digest(tmp_path)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the project folder is the current directory, as for a user
+        results = list(pool.map(lambda case: run_case(case[1], ROOT), catalogue))
+    failures = []
+    for (name, argv, expected), res in zip(catalogue, results):
+        lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+        ok = res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0]
+        if not ok:
+            failures.append(f"{name}: exit {res.returncode}, stderr:\n  " + "\n  ".join(lines[-8:]))
+    assert not failures, f"{len(failures)} of {len(catalogue)} cases:\n" + "\n".join(failures)
+    after = digest(tmp_path)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"written by a refused command: {changed[:10]}"
+    assert not (ROOT / "runs").exists() or not any((ROOT / "runs").iterdir())
+
+
+def test_a_read_only_run_dir_is_one_line_before_any_data_is_read(tmp_path):
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("a read-only mount needs root, and under CI=true this test must run")
+        pytest.skip("a read-only mount needs root (root ignores file permissions, so a mode bit would not do)")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    if res.returncode != 0:
+        (pytest.fail if IN_CI else pytest.skip)(f"cannot mount a read-only tmpfs: {res.stderr.strip()}")
+    try:
+        # data.root does not exist either: the run directory is checked first, before any data is read
+        res = run_case(["train", "-", *folder_args(tmp_path / "nodata"), f"run.dir={ro / 'run'}"], ROOT)
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "read-only" in lines[0], res.stderr
+
+
+def test_accelerate_cpu_flag_with_two_processes_stops_with_the_message(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process without a word; the trainer says so."""
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "trainer", "train", "-", *gen_args(tmp_path)], capture_output=True, text=True,
+                         timeout=180, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert res.returncode != 0
+    assert "error: accelerate launch started one process although several were asked for" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_processes_one_user_error_is_one_line_from_the_trainer(tmp_path):
+    """A mistake found after the processes have met (the monitor metric, checked against the data) is
+    printed once, by rank 0; the other rank leaves quietly with the same code (the launcher's own failure
+    report, torchrun's ~40 lines, follows it)."""
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "trainer", "train", "-", *gen_args(tmp_path), "eval.monitor=f1"], capture_output=True,
+                         text=True, timeout=180, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    ours = [line for line in res.stderr.splitlines() if "error:" in line and "eval.monitor" in line]
+    assert len(ours) == 1 and ours[0].startswith("error:"), res.stderr[-3000:]
+    assert not [line for line in res.stderr.splitlines() if line.startswith(("[rank0]", "[rank1]", "[rank 1]"))]
+    assert "exitcode  : 2" in res.stderr  # both ranks left with the user-error code
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_image_met_by_a_loader_worker_during_training_is_one_line(tmp_path):
+    """With data.verify_images=false a bad training file is met in a DataLoader worker, whose exception torch
+    re-raises wrapped in the worker's traceback: the user still gets the one line naming the file."""
+    data = tmp_path / "imgs"
+    make_folder(data / "train", per_class=6)
+    make_folder(data / "val", per_class=2)
+    (data / "train" / "dog" / "broken.png").write_text("not an image")
+    res = run_cli("train", "-", *folder_args(data, **{"data.verify_images": "false", "data.num_workers": 2}))
+    assert res.returncode == 2
+    line = one_error_line(res.stderr)
+    assert "cannot read image" in line and "broken.png" in line

@@ -8,6 +8,7 @@ kinds (n = the update counted from 1, as in metrics.jsonl's "step"):
   kill_during_export  SIGKILL after model.safetensors of the final export is written (n unused)
   sigterm_at_update   a real preemption signal (SIGTERM) during update n
   fill_disk_at_save   fill the run directory's file system just before the checkpoint of update n
+  kill_in_startup     SIGKILL while the data are being read (start-up)
   sigterm_in_startup  SIGTERM to itself while the data are being read (start-up)
   stop_file_in_startup  create $TRAINER_STOP_FILE, then keep "scanning" until stopped (start-up)
   kill_rank1_at_update / stop_rank1_at_update   rank 1 SIGKILLs / SIGSTOPs itself during update n
@@ -100,6 +101,8 @@ original_build_data = L.build_data
 
 
 def build_data(*a, **k):
+    if KIND == "kill_in_startup":
+        die()
     if KIND == "sigterm_in_startup":
         os.kill(os.getpid(), signal.SIGTERM)
     if KIND == "stop_file_in_startup":

@@ -238,6 +238,17 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_and_keeps_user_files(
     assert [s["kind"] for s in starts] == ["new", "restart"]
 
 
+def test_a_first_start_killed_before_writing_anything_is_started_again(reference, tmp_path):
+    """SIGKILL while the data are read: the new folder holds only the dead start's lock; the same command
+    takes it over and trains."""
+    args = args_for(tmp_path, "run")
+    assert run_driver(args, "kill_in_startup").returncode == -signal.SIGKILL
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+    res = run_train(args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_run(reference(1), tmp_path / "run")
+
+
 # ---- overwrite and the places a run directory may not be ----
 
 @pytest.fixture

@@ -188,3 +188,23 @@ def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_a_pickle
     assert is_pickle(tmp_path / "p.safetensors")
     with pytest.raises(TrainerError, match="pickle"):
         load_safetensors(tmp_path / "p.safetensors", "weights")
+
+
+def test_an_overwrite_cut_half_way_still_leaves_a_run(tmp_path, monkeypatch):
+    """The marker goes last: an overwrite killed mid-way leaves a folder the next start still knows as a run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    a_run(run)
+    calls = {"n": 0}
+    real_unlink = type(run).unlink
+
+    def unlink(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # as a kill would stop it
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(type(run), "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        remove_owned(run)
+    assert is_run(run)

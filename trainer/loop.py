@@ -25,12 +25,12 @@ from tqdm.auto import tqdm
 
 from trainer import requests
 from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, read_checkpoint, restore_rng, rotate,
-                                write_checkpoint)
+                                verify_checkpoint, write_checkpoint)
 from trainer.config import Config, config_changes, to_dict, to_yaml
 from trainer.data import build_data, class_balanced_sampler, data_fingerprint, data_roots
 from trainer.data.device import first_images, to_device_loader
 from trainer.distributed import SharedError, agree, check_processes, main_first, make_accelerator, sync_buffers
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, TrainerError
 from trainer.export import export_model
 from trainer.files import atomic_write, atomic_write_json, read_json
 from trainer.metrics import (collect_outputs, compute_metrics, headline, higher_is_better, scalar_metrics,
@@ -147,7 +147,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
             if kind != "binary":
                 raise ConfigError("eval.positive_class applies to binary tasks only")
             if cfg.eval.positive_class not in data.classes:
-                raise ConfigError(f"eval.positive_class '{cfg.eval.positive_class}' is not a class; classes: {data.classes}")
+                raise ConfigError(f"eval.positive_class '{cfg.eval.positive_class}' is not a class; "
+                                  f"classes: {data.classes}")
             positive_index = data.classes.index(cfg.eval.positive_class)
         probe = scalar_metrics(compute_metrics(np.eye(num_classes, dtype=np.float32), np.arange(num_classes),
                                                np.zeros(num_classes), Task(kind, num_classes), data.classes,
@@ -289,7 +290,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         Returns the last step W&B already holds (-1: none)."""
         for line in commit(plan):
             say(f"[trainer] {line}")
-        seen_step = truncate_rows(run_dir / "metrics.jsonl", pos["metrics_rows"]) if in_place or plan.kind == "restart" else -1
+        continues = in_place or plan.kind == "restart"  # this run's own log: cut back to the checkpoint's rows
+        seen_step = truncate_rows(run_dir / "metrics.jsonl", pos["metrics_rows"]) if continues else -1
         previous = read_json(run_dir / "run.json").get("starts", [])  # deleted by an overwrite; none if new
         history = run_dir / "config_history" / f"start-{len(previous) + 1:03d}.yaml"
         history.parent.mkdir(exist_ok=True)
@@ -297,7 +299,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         atomic_write(run_dir / "config.yaml", to_yaml(cfg))
         atomic_write_json(run_dir / "run.json", {"derived": derived, "environment": environment(
             acc.num_processes, str(acc.device), acc.mixed_precision), "wandb_run_id": wandb_id,
-            "starts": previous + [{"update": pos["update"], "kind": plan.kind, "config": str(history.relative_to(run_dir)),
+            "starts": previous + [{"update": pos["update"], "kind": plan.kind,
+                                   "config": str(history.relative_to(run_dir)),
                                    "resumed_from": str(resume_from) if resume_from else None,
                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
         return seen_step
@@ -347,8 +350,12 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                      "world_size": acc.num_processes,
                      # what a resume compares itself with: the config and the training data's identity
                      "config": to_dict(cfg), "data_fingerprint": fingerprint}
-            write_checkpoint(ckpt_root, update, acc.unwrap_model(model).state_dict(), opt.state_dict(), rng, state,
-                             extra={"lookahead": lookahead.state_dict()} if lookahead is not None else None)
+            extra = {"lookahead": lookahead.state_dict()} if lookahead is not None else None
+            written = write_checkpoint(ckpt_root, update, acc.unwrap_model(model).state_dict(), opt.state_dict(), rng,
+                                       state, extra=extra)
+            problem = verify_checkpoint(written)  # read back before older ones are rotated away (~0.03 s / 300 MB)
+            if problem is not None:
+                raise TrainerError(f"checkpoint {written} did not read back ({problem}); older checkpoints kept")
             keep = checkpoint_name(best["update"]) if cfg.checkpoint.keep_best and best["update"] is not None else None
             rotate(ckpt_root, cfg.checkpoint.keep_last, keep)
 

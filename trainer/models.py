@@ -251,8 +251,8 @@ def check_input_size(model: nn.Module, name: str, image_size: int) -> None:
     try:
         if runs(image_size):
             return
-        works = next((s for s in (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256) if s > image_size and runs(s)),
-                     None)
+        sizes = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+        works = next((s for s in sizes if s > image_size and runs(s)), None)
     finally:
         model.train(was_training)
     need = f"at least {works}" if works else "a larger size"

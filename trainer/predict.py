@@ -52,7 +52,8 @@ def list_images(inputs: Iterable[str]) -> List[str]:
     return found
 
 
-def check_predict_args(output: str, batch_size: int, threshold: Optional[float], device: str, inputs: List[str]) -> Path:
+def check_predict_args(output: str, batch_size: int, threshold: Optional[float], device: str,
+                       inputs: List[str]) -> Path:
     """Every argument checked before a model is loaded or an image read; returns the output path."""
     if batch_size < 1:
         raise TrainerError(f"--batch-size must be >= 1, got {batch_size}")

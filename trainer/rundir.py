@@ -74,7 +74,8 @@ def is_run(run_dir: Path) -> bool:
 
 
 def _is_empty(folder: Path) -> bool:
-    return folder.is_dir() and not any(folder.iterdir())
+    """No entry but a lock: a first start killed before it wrote anything leaves only that."""
+    return folder.is_dir() and all(p.name == LOCK for p in folder.iterdir())
 
 
 def owned_and_foreign(run_dir: Path) -> Tuple[List[Path], List[Path]]:
@@ -104,6 +105,9 @@ def remove_owned(run_dir: Path, spare: Tuple[str, ...] = (LOCK,)) -> Tuple[int, 
     (the lock of the start doing it); returns (number deleted, files kept)."""
     owned, foreign = owned_and_foreign(run_dir)
     owned = [p for p in owned if not (p.parent == run_dir and p.name in spare)]
+    # the marker last: an overwrite killed half-way leaves a run (which the next overwrite finishes), not a
+    # folder of leftovers that looks like someone else's
+    owned.sort(key=lambda p: p == run_dir / MARKER)
     for path in owned:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -126,7 +130,8 @@ def check_location(run_dir: Path, data_roots: Dict[str, Path]) -> None:
     if here == Path(here.anchor):
         raise TrainerError(f"run.dir {run_dir} is the file-system root; give a folder of its own, e.g. runs/NAME")
     if here == home or here in home.parents:
-        raise TrainerError(f"run.dir {run_dir} is a home directory or above one; give a folder of its own, e.g. runs/NAME")
+        raise TrainerError(f"run.dir {run_dir} is a home directory or above one; give a folder of its own, "
+                           f"e.g. runs/NAME")
     if here == cwd or here in cwd.parents:
         raise TrainerError(f"run.dir {run_dir} is the current directory or one of its parents; give a folder of "
                            f"its own, e.g. runs/NAME")
@@ -342,7 +347,8 @@ def commit(plan: RunPlan) -> List[str]:
                      + (f"; resuming from {plan.checkpoint.name}" if plan.checkpoint else ""))
     lines += clean_leftovers(plan.dir)
     if not (plan.dir / MARKER).is_file():
-        atomic_write_json(plan.dir / MARKER, {"format": "cnn-trainer-run", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        atomic_write_json(plan.dir / MARKER, {"format": "cnn-trainer-run",
+                                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     plan.created, plan.committed = [], True  # from here on the folder is a run: a failure keeps it
     return lines
 

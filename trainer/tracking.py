@@ -1,6 +1,6 @@
 """What is logged into a run directory: metrics.jsonl (the source of truth) and, when enabled, W&B
-through accelerate's tracker; the environment a run records (trainer.rundir owns the folder itself). Only the main process writes; other ranks get no-ops, so call sites never
-branch on rank.
+through accelerate's tracker; the environment a run records (trainer.rundir owns the folder itself). Only the
+main process writes; other ranks get no-ops, so call sites never branch on rank.
 """
 from __future__ import annotations
 

@@ -124,10 +124,15 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     resume_from, in_place = plan.checkpoint if plan.kind == "resume" else None, plan.in_place
     small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
 
-    # the network against the input size, before any data is read (a throwaway model; its outputs do not matter)
-    agree(acc, lambda: check_input_size(build_model(cfg.model.name, 2, image_size=cfg.data.image_size,
-                                                    small_input_stem=small_stem, verbose=lambda *_: None),
-                                        cfg.model.name, cfg.data.image_size))
+    # the network against the input size, before any data is read: a throwaway model, built under a forked RNG
+    # so that the real model's initial weights stay those of the seed
+    def probe_input_size() -> None:
+        with torch.random.fork_rng(devices=[]):
+            check_input_size(build_model(cfg.model.name, 2, image_size=cfg.data.image_size,
+                                         small_input_stem=small_stem, verbose=lambda *_: None),
+                             cfg.model.name, cfg.data.image_size)
+
+    agree(acc, probe_input_size)
     # ---- data (the main process first: it writes the generated dataset; the others then read it) ----
     data = main_first(acc, lambda: build_data(cfg.data, cfg.seed, ("train", "val"), verbose=say))
     train_set, val_set = data.datasets["train"], data.datasets["val"]

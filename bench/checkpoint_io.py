@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # the loop's fields a checkpoint must hold (their values do not matter here)
-LOOP_STATE = {"epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "metrics_rows": 0, "architecture": "bench",
+LOOP_STATE = {"epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "metrics_rows": 0, "architecture": "bench",
               "task": "multiclass", "classes": [], "done": False}
 
 

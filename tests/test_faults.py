@@ -685,6 +685,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     catalogue = cases(w, p)
     assert len(catalogue) >= 60
     assert len({name for name, _, _ in catalogue}) == len(catalogue)
+    (w / "runs").mkdir()  # the parent of every case's run directory (two at a time could race to make it)
     before = digest(tmp_path)
     with ThreadPoolExecutor(max_workers=2) as pool:  # the project folder is the current directory, as for a user
         results = list(pool.map(lambda case: run_case(case[1], ROOT), catalogue))

@@ -44,3 +44,59 @@ def test_resolve_task():
     assert resolve_task("multiclass", 2) == "multiclass"
     with pytest.raises(ConfigError):
         resolve_task("binary", 3)
+
+
+# ---- the task protocol: one contract, checked for every entry of TASKS ----
+
+def _tiny_batch(task, n=6, side=16):
+    torch.manual_seed(0)
+    return torch.randn(n, 3, side, side), torch.randint(0, len(task.classes), (n,))
+
+
+@pytest.mark.parametrize("name", sorted(__import__("trainer.tasks", fromlist=["TASKS"]).TASKS))
+def test_every_task_keeps_the_contract(name, tmp_path):
+    """Built from classes, counts and its config sections; a loss to backpropagate; an evaluator whose finish
+    gives metrics naming what eval.monitor may name; a report and model.json fields; rebuilt from model.json."""
+    from trainer.config import Config
+    from trainer.distributed import make_accelerator
+    from trainer.evaluation import evaluate
+    from trainer.models import build_model
+    from trainer.tasks import build_task, task_from_meta
+
+    cfg = Config()
+    classes = ["a", "b"] if name == "binary" else ["a", "b", "c"]
+    task = build_task(name, classes, [4] * len(classes), cfg.loss, cfg.eval)
+    assert task.name == name and task.classes == classes
+    model = build_model("small_cnn", task.num_outputs, image_size=16)
+    batch = _tiny_batch(task)
+    loss, n = task.train_loss(model, batch)
+    assert loss.ndim == 0 and n == 6
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    dataset = list(zip(*_tiny_batch(task, n=7)))  # (image, label) pairs: an odd-sized split
+    acc = make_accelerator("cpu", "no")
+    metrics, outputs = evaluate(model, dataset, task, acc, batch_size=3)
+    assert metrics["num_samples"] == 7
+    assert cfg.eval.monitor in task.metric_names() and set(task.metric_names()) <= set(metrics)
+    task.write_report(tmp_path, metrics, outputs)
+    assert (tmp_path / "eval.json").is_file()
+    meta = task.export_meta(metrics)
+    assert meta["task"] == name and meta["classes"] == classes and meta["num_outputs"] == task.num_outputs
+    again = task_from_meta(meta)
+    assert again.name == name and again.classes == classes and again.num_outputs == task.num_outputs
+    assert isinstance(task.summary(metrics), str) and task.higher_is_better("accuracy")
+    acc.end_training()
+
+
+def test_task_options_are_checked_against_the_data():
+    from trainer.config import Config
+    from trainer.tasks import build_task
+
+    cfg = Config()
+    cfg.loss.label_smoothing = 0.1
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        build_task("auto", ["a", "b"], [1, 1], cfg.loss, cfg.eval)
+    cfg = Config()
+    cfg.eval.monitor = "f1"
+    with pytest.raises(ConfigError, match="eval.monitor"):
+        build_task("auto", ["a", "b", "c"], [1, 1, 1], cfg.loss, cfg.eval)

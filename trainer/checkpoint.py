@@ -37,8 +37,14 @@ FORMAT = "cnn-trainer-checkpoint"
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 # what a resume reads from state.json; a checkpoint lacking one is damaged, not a KeyError later
-REQUIRED_STATE_KEYS = ("update", "epoch", "step_in_epoch", "samples_seen", "metrics_rows", "optimizer", "rng",
-                       "architecture", "task", "classes", "model_shapes", "done")
+REQUIRED_STATE_KEYS = ("update", "epoch", "samples_seen", "metrics_rows", "optimizer", "rng", "architecture", "task",
+                       "classes", "model_shapes", "done")
+POSITION_KEYS = ("batch_in_epoch", "step_in_epoch")  # the batch within the epoch (its name before "step" meant updates)
+
+
+def _absent(state: dict) -> List[str]:
+    absent = [k for k in REQUIRED_STATE_KEYS if k not in state]
+    return absent + ([POSITION_KEYS[0]] if not any(k in state for k in POSITION_KEYS) else [])
 POINTER = "latest.json"
 NAME = re.compile(r"^step-(\d{8})$")
 
@@ -191,7 +197,7 @@ def verify_checkpoint(path: Path) -> Optional[str]:
             return "state.json is not valid JSON"
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             return f"state.json is not a {FORMAT} state"
-        absent = [k for k in REQUIRED_STATE_KEYS if k not in state]
+        absent = _absent(state)
         if absent:
             return f"state.json lacks {', '.join(absent)}"
         if "state_checksum" in state and state["state_checksum"] != _state_digest(state):
@@ -305,7 +311,7 @@ def read_checkpoint(path: Path) -> dict:
         raise TrainerError(f"{path / 'state.json'} is not valid JSON: {err}") from None
     if state.get("format") != FORMAT:
         raise TrainerError(f"{path} is not a {FORMAT} checkpoint")
-    absent = [k for k in REQUIRED_STATE_KEYS if k not in state]
+    absent = _absent(state)
     if absent:
         raise TrainerError(f"{path / 'state.json'} lacks {', '.join(absent)}")
     try:

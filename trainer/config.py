@@ -353,6 +353,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
 
 
+def eval_batch_size(cfg: Config) -> int:
+    """Per process; no gradients are kept, so twice the training batch unless eval.batch_size says."""
+    return cfg.eval.batch_size or 2 * cfg.train.batch_size
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 

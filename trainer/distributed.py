@@ -79,6 +79,13 @@ def check_processes(acc: Accelerator, say, timeout_s: int) -> None:
         say(f"  {row['rank']:>4}  {row['local_rank']:>5}  {row['host'][:20]:<20}  {row['device']:<9}  {row['pid']}")
 
 
+def shard_bounds(n: int, rank: int, world: int) -> range:
+    """Contiguous shard of range(n) for `rank`: sizes differ by at most one, nothing repeated or dropped."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
 def gather_to_main(local: torch.Tensor, accelerator) -> Optional[torch.Tensor]:
     """Concatenate every rank's rows (in rank order) on the main process; None elsewhere."""
     if accelerator.num_processes == 1:

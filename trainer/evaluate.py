@@ -6,15 +6,14 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.config import load_config, load_yaml
+from trainer.config import eval_batch_size, load_config, load_yaml
 from trainer.data import build_data, data_roots
-from trainer.errors import ConfigError, DataError
-from trainer.export import find_model_dir, load_exported
 from trainer.distributed import agree, main_first, make_accelerator
+from trainer.errors import ConfigError, DataError
+from trainer.evaluation import evaluate
+from trainer.export import find_model_dir, load_exported
 from trainer.rundir import check_output_location
-from trainer.metrics import collect_outputs, score_outputs
-from trainer.reports import format_summary, write_eval_report
-from trainer.tasks import Task
+from trainer.tasks import task_from_meta
 
 
 def print_main(acc, *args) -> None:
@@ -56,27 +55,24 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
             dataset.labels = [classes.index(data.classes[label]) for label in dataset.labels]
 
     agree(acc, match_classes)
-    task = Task(meta["task"], len(classes))
-    positive_index = classes.index(meta["positive_class"]) if meta.get("positive_class") else 1
-    # the model's own (possibly tuned) threshold, unless this command says eval.threshold=...
-    threshold = cfg.eval.threshold if said("eval.threshold") else (meta.get("threshold") or 0.5)
+    task = task_from_meta(meta)
+    if said("eval.threshold"):  # else the model's own (possibly tuned) threshold
+        task.threshold = cfg.eval.threshold
+    task.topk = tuple(cfg.eval.topk)
     model.to(acc.device)
     # the model's own test-time augmentation (model.json), unless this command says eval.tta=...
     tta = cfg.eval.tta if said("eval.tta") else meta.get("tta", "none")
-    outputs = collect_outputs(model, dataset, task, acc, cfg.eval.batch_size or 2 * cfg.train.batch_size,
-                              cfg.data.num_workers, tta=tta)
+    metrics, outputs = evaluate(model, dataset, task, acc, eval_batch_size(cfg), cfg.data.num_workers, tta=tta)
 
-    def score() -> dict:
-        metrics = score_outputs(outputs, task, classes, threshold, cfg.eval.topk, positive_index)
+    def write() -> dict:
         report = {"model": str(model_dir), "architecture": meta["architecture"], "task": meta["task"],
                   "split": split, "data": data.source, "processes": acc.num_processes, "tta": tta, **metrics}
-        write_eval_report(target.parent, report, outputs["probs"], outputs["labels"], classes, meta["task"],
-                          positive_index, name=target.name)
-        print(f"[eval] {split} of {data.source}:\n{format_summary(metrics, classes, meta['task'])}", flush=True)
+        task.write_report(target.parent, report, outputs, name=target.name)
+        print(f"[eval] {split} of {data.source}:\n{task.summary(metrics)}", flush=True)
         print(f"[eval] written: {target} (plots in {target.parent / 'plots'})", flush=True)
         return report
 
-    report = agree(acc, score, main_only=True, share=True)  # every rank returns the same report
+    report = agree(acc, write, main_only=True, share=True)  # every rank returns the same report
     del model
     acc.free_memory()
     acc.end_training()

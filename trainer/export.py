@@ -21,6 +21,16 @@ FORMAT = "cnn-trainer-model"
 FORMAT_VERSION = 1
 
 
+def model_card(cfg, mean, std, small_input_stem: bool) -> dict:
+    """The fields of model.json that are not the task's (trainer/tasks: `export_meta`): what the network is
+    and how images are read and normalised, so that `trainer eval` and `trainer predict` read them as the
+    training did."""
+    return {"architecture": cfg.model.name, "image_size": cfg.data.image_size, "small_input_stem": small_input_stem,
+            "mean": list(mean), "std": list(std),
+            "tta": cfg.eval.tta,  # applied by `trainer eval` and `trainer predict` too
+            "exif_orientation": cfg.data.exif_orientation}
+
+
 def export_model(model: torch.nn.Module, target: Path, meta: dict) -> None:
     """`model` must be unwrapped (no DDP); `meta` holds architecture, task, classes, input and normalisation."""
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}

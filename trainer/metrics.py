@@ -1,10 +1,10 @@
-"""Evaluation: collect per-sample outputs from every process, then compute every metric once from them.
+"""Classification metrics: computed once, on the main process, from every sample's outputs.
 
-How samples are collected: the split is cut into contiguous, non-overlapping shards, one per process (no
-padding, so no duplicates), each process runs its shard through the unwrapped model (no collective inside the
-loop, so uneven shards cannot deadlock), then the shards are gathered to the main process only. The main
-process checks that it holds exactly len(split) samples, computes the metrics and broadcasts the (small)
-metrics dict, so every rank agrees on what it saw.
+How samples are collected (trainer.evaluation and the classification evaluator in trainer/tasks/classify.py):
+the split is cut into contiguous, non-overlapping shards, one per process (no padding, so no duplicates),
+each process runs its shard through the unwrapped model, then the shards are gathered to the main process
+only. The main process checks that it holds exactly len(split) samples, computes the metrics and broadcasts
+the (small) metrics dict, so every rank agrees on what it saw.
 
 Memory: the main process holds the split's (N, C) float32 probabilities, N x C x 4 bytes (50,000 images x
 1,000 classes = 200 MB; 500,000 x 1,000 = 2 GB); every other process holds only its own shard,
@@ -17,63 +17,35 @@ to differ from it by ~7e-8 (float32 states) and would add a dependency for no ga
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from sklearn import metrics as skm
-from torch.utils.data import DataLoader, Subset
 
-from trainer.distributed import gather_to_main
+from trainer.distributed import shard_bounds  # noqa: F401  (re-exported: where tests and older code look)
 from trainer.errors import TrainerError
-from trainer.models import forward_tta
-from trainer.tasks import Task
+
+if TYPE_CHECKING:
+    from trainer.tasks.classify import Task
 
 THRESHOLD_CRITERIA = ("max_f1", "youden", "target_recall")
 
 
 # ---- collecting outputs ----
 
-def shard_bounds(n: int, rank: int, world: int) -> range:
-    """Contiguous shard of range(n) for `rank`: sizes differ by at most one, nothing repeated or dropped."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (rank < extra))
-
-
-@torch.no_grad()
-def collect_outputs(model, dataset, task: Task, accelerator, batch_size: int, num_workers: int = 0,
+def collect_outputs(model, dataset, task: "Task", accelerator, batch_size: int, num_workers: int = 0,
                     memory_format=torch.contiguous_format, tta: str = "none") -> Optional[Dict[str, np.ndarray]]:
     """Per-sample probabilities (N, C), labels (N,) and losses (N,) of the whole split, on the main process
-    (with test-time augmentation `tta`, see `forward_tta`).
+    (None on the others): the rows the classification evaluator gathers, through the one evaluation
+    (trainer.evaluation), without scoring them."""
+    from trainer.evaluation import evaluate
+    from trainer.tasks.classify import Classification, ClassificationEvaluator
 
-    `model` may be wrapped (DDP): its unwrapped module runs, so no collective happens per batch.
-    Returns None on the other processes.
-    """
-    net = accelerator.unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    mine = shard_bounds(len(dataset), accelerator.process_index, accelerator.num_processes)
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=accelerator.device.type == "cuda")
-    rows = []
-    for x, y in loader:
-        x = x.to(accelerator.device, non_blocking=True, memory_format=memory_format)
-        y = y.to(accelerator.device, non_blocking=True)
-        with accelerator.autocast():
-            logits = forward_tta(net, x, tta)
-        losses = task.loss(logits, y, reduction="none")
-        rows.append(torch.cat([task.probabilities(logits), y[:, None].float(), losses[:, None]], dim=1).cpu())
-    net.train(was_training)
-    local = torch.cat(rows) if rows else torch.zeros((0, task.num_classes + 2))
-    table = gather_to_main(local.float(), accelerator)
-    if table is None:
-        return None
-    if table.shape[0] != len(dataset):  # by construction impossible; a loud check, never a silent miscount
-        raise TrainerError(f"evaluation gathered {table.shape[0]} samples for a split of {len(dataset)}")
-    c = task.num_classes
-    return {"probs": table[:, :c].numpy(), "labels": table[:, c].round().long().numpy(),
-            "losses": table[:, c + 1].numpy()}
+    classify = Classification(task.kind, [str(i) for i in range(task.num_classes)], task)
+    rows = ClassificationEvaluator(classify, len(dataset), score=False)
+    return evaluate(model, dataset, classify, accelerator, batch_size, num_workers, memory_format, tta,
+                    evaluator=rows)[1]
 
 
 # ---- metrics ----

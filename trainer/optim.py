@@ -85,3 +85,19 @@ def lr_at(update: int, total_updates: int, peak_lr: float, warmup_updates: int =
     if schedule == "linear":
         return peak_lr + (floor - peak_lr) * progress
     return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- from the config section (the builders' boundary: only these two read `optim`) ----
+
+def optimizer_from(model: nn.Module, optim_cfg, fused: bool) -> torch.optim.Optimizer:
+    return build_optimizer(model, optim_cfg.name, optim_cfg.lr, optim_cfg.weight_decay, optim_cfg.momentum,
+                           optim_cfg.nesterov, optim_cfg.betas, optim_cfg.bias_lr_scale, fused)
+
+
+def schedule_from(optim_cfg, total_updates: int, updates_per_epoch: int) -> dict:
+    """The keyword arguments of `lr_at` after `update` (epochs in the config become updates here)."""
+    return {"total_updates": total_updates, "peak_lr": optim_cfg.lr,
+            "warmup_updates": round(optim_cfg.warmup_epochs * updates_per_epoch), "schedule": optim_cfg.schedule,
+            "min_lr_ratio": optim_cfg.min_lr_ratio,
+            "milestones": [round(e * updates_per_epoch) for e in optim_cfg.step_milestones],
+            "gamma": optim_cfg.step_gamma, "warmup_start_ratio": optim_cfg.warmup_start_ratio}

@@ -1,8 +1,7 @@
-"""`trainer predict`: class probabilities for image files, from an exported model alone (no config, no pickle)."""
+"""`trainer predict`: predictions for image files, from an exported model alone (no config, no pickle); what
+is written (classification: a CSV of labels and probabilities) is the model's task's."""
 from __future__ import annotations
 
-import csv
-import io
 import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional
@@ -13,9 +12,9 @@ from trainer.data.datasets import eval_transform
 from trainer.data.folders import decode_rgb, is_image_file
 from trainer.errors import TrainerError
 from trainer.export import load_exported
-from trainer.files import atomic_write, disk_error
+from trainer.files import disk_error
 from trainer.models import forward_tta
-from trainer.tasks import Task
+from trainer.tasks import task_from_meta
 
 
 def list_images(inputs: Iterable[str]) -> List[str]:
@@ -88,9 +87,9 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
     if threshold is not None and meta["task"] != "binary":
         raise TrainerError(f"--threshold applies to binary models only; this one is {meta['task']} "
                            f"({len(classes)} classes, predicted by the highest probability)")
-    task = Task(meta["task"], len(classes))
-    threshold = (meta.get("threshold") or 0.5) if threshold is None else threshold
-    positive_index = classes.index(meta["positive_class"]) if meta.get("positive_class") else 1
+    task = task_from_meta(meta)
+    if threshold is not None:
+        task.threshold = threshold
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
     exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
     paths = list_images(inputs)
@@ -106,17 +105,10 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
             except Exception as err:
                 raise TrainerError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
         # the model's test-time augmentation (model.json), as in training's evaluation and `trainer eval`
-        probs = task.probabilities(forward_tta(model, torch.stack(images).to(device), meta.get("tta", "none"))).cpu()
-        labels = task.predict(probs, threshold, positive_index)
-        for path, p, label in zip(chunk, probs.tolist(), labels.tolist()):
-            rows.append([path, classes[label]] + [repr(v) for v in p])  # exact: parses back to the same number
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["path", "label"] + [f"prob_{c}" for c in classes])
-    writer.writerows(rows)
+        rows += task.prediction_rows(chunk, forward_tta(model, torch.stack(images).to(device), meta.get("tta", "none")))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise disk_error(err, out.parent) from None
-    atomic_write(out, text.getvalue())  # written whole, then renamed: never half a CSV, no temporary left
+    task.write_predictions(out, rows)  # written whole, then renamed: never half a file, no temporary left
     return len(rows)

@@ -5,6 +5,7 @@ main process writes; other ranks get no-ops, so call sites never branch on rank.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import secrets
@@ -15,7 +16,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from trainer.distributed import agree
+import torch
+
+from trainer.distributed import SharedError, agree
 from trainer.files import atomic_write, disk_error
 
 
@@ -116,3 +119,37 @@ class Tracker:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+class LossLog:
+    """The training loss between two log rows: summed on the device (`.item()` would sync the GPU every
+    update), in float64 so a resumed sum equals the uninterrupted one exactly, averaged over all ranks when a
+    row is written. Its state goes into every checkpoint (each rank's sum), so a resumed run writes the same
+    rows."""
+
+    def __init__(self, accelerator, saved: Optional[dict], update: int):
+        self.accelerator = accelerator
+        saved = saved or {"loss_sum": [0.0] * accelerator.num_processes, "loss_count": 0, "from_update": update}
+        sums = saved["loss_sum"]
+        own = sums[accelerator.process_index] if len(sums) == accelerator.num_processes \
+            else sum(sums) / accelerator.num_processes  # another process count: keep the mean right
+        self.sum = torch.tensor(own, dtype=torch.float64, device=accelerator.device)
+        self.count, self.from_update = saved["loss_count"], saved["from_update"]
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.sum += loss.detach()
+        self.count += 1
+
+    def state(self, per_rank_sums: list) -> dict:
+        return {"loss_sum": per_rank_sums, "loss_count": self.count, "from_update": self.from_update}
+
+    def mean_and_reset(self, update: int) -> float:
+        """The mean loss over every rank since the last row (a collective: every rank calls it)."""
+        totals = self.accelerator.reduce(torch.stack([self.sum, self.sum.new_tensor(float(self.count))]),
+                                         reduction="sum")
+        mean = (totals[0] / totals[1].clamp_min(1)).item()
+        if not math.isfinite(mean):  # all-reduced: the same on every rank, so raised by all alike
+            raise SharedError(f"non-finite training loss ({mean}) between updates {self.from_update} and {update}; "
+                              f"lower optim.lr, set train.clip_grad_norm, or check the data")
+        self.sum, self.count, self.from_update = self.sum * 0, 0, update
+        return mean

@@ -23,6 +23,7 @@ from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
 from trainer.data.datasets import ArrayDataset, FileDataset, sample_seed
+from trainer.distributed import shard_bounds
 from trainer.data.folders import decode_jpeg_rgb
 from trainer.errors import DataError
 
@@ -126,6 +127,9 @@ class DeviceLoader(DataLoaderStateMixin):
     def __len__(self) -> int:
         return self.num_batches
 
+    def prepare(self, accelerator) -> None:
+        """Nothing for accelerate to wrap: already on the device and sharded (trainer.data.loaders)."""
+
     def first(self, count: int) -> torch.Tensor:
         """The first `count` images of the split, normalised, unaugmented (data-dependent initialisation)."""
         return (self.images[:count].float() - self.mean) / self.std
@@ -172,8 +176,11 @@ class DeviceLoader(DataLoaderStateMixin):
             for b in range(skip, self.num_batches):
                 start = b * g
                 size = min(g, n - start)
-                lo, hi = (self.rank * self.batch_size, (self.rank + 1) * self.batch_size) if size == g else \
-                    _even_part(size, self.rank, self.world)
+                if size == g:
+                    lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+                else:  # the last, smaller global batch, split as evenly as possible
+                    part = shard_bounds(size, self.rank, self.world)
+                    lo, hi = part.start, part.stop
                 index = order[start + lo:start + hi]
                 rows, cols = self._indices(index, offsets, flips)
                 dev = self.images.device
@@ -190,23 +197,8 @@ class DeviceLoader(DataLoaderStateMixin):
         return self.batches()
 
 
-def _even_part(size: int, rank: int, world: int) -> Tuple[int, int]:
-    base, extra = divmod(size, world)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (rank < extra)
-
-
 def to_device_loader(dataset, image_size: int, device, batch_size: int, mean, std, seed: int, rank: int,
                      world: int, padding: int, flip: str, hflip: bool, channels_last: bool) -> DeviceLoader:
     images = decode_split(dataset, image_size).to(device)
     return DeviceLoader(images, dataset.labels, batch_size, mean, std, seed, rank, world, padding, flip, hflip,
                         channels_last)
-
-
-def first_images(dataset, image_size: int, mean, std, count: int) -> torch.Tensor:
-    """Up to `count` training images, normalised, in dataset order (data-dependent initialisation)."""
-    from trainer.data.datasets import eval_transform
-
-    transform = eval_transform(image_size, mean, std)
-    return torch.stack([transform(dataset.load(i)) for i in range(min(count, len(dataset)))])
-

@@ -1,0 +1,77 @@
+"""The training loader behind one face, whichever path feeds it: per-sample decoding in DataLoader workers
+(`WorkerLoader`, any data and augmentation), or the whole split held on the device and augmented in batches
+(`trainer.data.device.DeviceLoader`). Both offer:
+
+    set_epoch(epoch)   the shuffle order and augmentation of that epoch (pure functions of seed and epoch)
+    batches(skip)      this process's batches of the epoch, after the first `skip` (an exact resume)
+    len(loader)        batches per epoch, per process
+    first(count)       the first `count` training images, normalised, unaugmented (data-dependent init)
+    prepare(acc)       what accelerate must wrap (the DataLoader: sharding, seeding, device placement)
+
+`build_train_loader` chooses from `data.loader`; the loop never asks which it got.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from trainer.data import class_balanced_sampler
+from trainer.data.datasets import eval_transform
+from trainer.data.device import to_device_loader
+
+
+class WorkerLoader:
+    """A DataLoader over the training split, prepared by accelerate (its batch sampler sharded across
+    processes, seeded by (seed, epoch)), with the dataset's per-sample augmentation seeds and an optional
+    class-balanced sampler moved to each epoch."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
+                 first_transform, sampler=None):
+        self.dataset, self.sampler, self.first_transform = dataset, sampler, first_transform
+        # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
+        self.dl = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                             # its own generator: worker seeds never draw from the global RNG (exact resume)
+                             generator=torch.Generator().manual_seed(seed), drop_last=False,
+                             num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                             prefetch_factor=prefetch_factor if num_workers > 0 else None)
+        self.accelerator = None
+
+    def prepare(self, accelerator) -> None:
+        self.dl, self.accelerator = accelerator.prepare(self.dl), accelerator
+
+    def __len__(self) -> int:
+        return len(self.dl)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)  # per-sample augmentation seeds
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        self.dl.set_epoch(epoch)  # seedable shuffle order
+
+    def batches(self, skip: int = 0):
+        return self.accelerator.skip_first_batches(self.dl, skip) if skip else self.dl
+
+    def first(self, count: int) -> torch.Tensor:
+        """Up to `count` training images, normalised as for evaluation, in dataset order."""
+        n = min(count, len(self.dataset))
+        return torch.stack([self.first_transform(self.dataset.load(i)) for i in range(n)])
+
+
+def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerator, mean, std, num_classes: int,
+                       channels_last: bool, say=print):
+    """The loader `data.loader` asks for (`data_cfg` is the `data` section)."""
+    aug = data_cfg.augment
+    if data_cfg.loader == "device":  # the whole split decoded once onto the device; batched augmentation there
+        start = time.time()
+        loader = to_device_loader(dataset, data_cfg.image_size, accelerator.device, batch_size, mean, std, seed,
+                                  accelerator.process_index, accelerator.num_processes, aug.crop_padding,
+                                  aug.flip_mode, aug.hflip, channels_last)
+        say(f"[trainer] data.loader=device: {len(dataset)} training images decoded to a uint8 tensor on "
+            f"{accelerator.device} ({loader.images.numel() / 2**20:.0f} MiB) in {time.time() - start:.1f} s")
+        return loader
+    sampler = class_balanced_sampler(dataset.labels, num_classes, seed) if data_cfg.sampler == "weighted" else None
+    return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
+                        pin_memory=accelerator.device.type == "cuda",
+                        first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler)

@@ -1,0 +1,54 @@
+"""What a task means, behind one small protocol; the loop never looks inside a batch.
+
+A task module (classify.py: binary and multi-class; segment.py and detect.py next) offers an object with:
+
+    name, classes, num_outputs          what it is
+    collate                             the DataLoader collate function (None: the default)
+    metric_names(), higher_is_better(m) what eval.monitor may name, and which way is better
+    train_loss(model, batch, memory_format) -> (loss, samples in this process's batch)
+    to_device(batch, device, memory_format), forward(net, batch, tta) -> outputs
+    evaluator(num_samples)              .add(batch, outputs) on every rank for each batch of its shard;
+                                        .finish(accelerator) -> (metrics, outputs): the one collective, the same
+                                        metrics on every rank, the gathered outputs on the main rank
+    write_report(dir, metrics, outputs, name), summary(metrics)   eval.json, plots, the printed table
+    export_meta(metrics)                its fields of model.json
+    from_meta(meta)                     (a classmethod) the task of an exported model, for eval and predict
+
+It is built from the data's class names and counts plus its own config sections, and checks its options
+against them there. Tasks are chosen by the plain dict TASKS (no registration decorators); the one
+contract test in tests/test_tasks.py runs over every entry.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Sequence
+
+from trainer.errors import ConfigError
+from trainer.tasks.classify import Classification, Task, class_weights, resolve_task
+
+__all__ = ["TASKS", "build_task", "task_from_meta", "Classification", "Task", "class_weights", "resolve_task"]
+
+# name -> builder(task name, classes, train class counts, loss config, eval config)
+TASKS: Dict[str, Callable] = {
+    "binary": Classification.build,
+    "multiclass": Classification.build,
+}
+# the task of an exported model, by model.json's "task"
+FROM_META: Dict[str, Callable[[dict], object]] = {
+    "binary": Classification.from_meta,
+    "multiclass": Classification.from_meta,
+}
+
+
+def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg):
+    """The task a run trains (`task=auto`: binary for 2 classes, else multiclass), its options checked."""
+    name = resolve_task(task, len(classes)) if task in ("auto", "binary", "multiclass") else task
+    if name not in TASKS:
+        raise ConfigError(f"unknown task '{task}'; valid: auto, {', '.join(sorted(TASKS))}")
+    return TASKS[name](task, classes, train_counts, loss_cfg, eval_cfg)
+
+
+def task_from_meta(meta: dict):
+    if meta["task"] not in FROM_META:
+        raise ConfigError(f"model.json names task '{meta['task']}', which this trainer does not know "
+                          f"({', '.join(sorted(FROM_META))})")
+    return FROM_META[meta["task"]](meta)

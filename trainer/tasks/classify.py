@@ -1,0 +1,257 @@
+"""Binary and multi-class image classification: everything these two tasks mean, in one place.
+
+Binary: one logit, BCEWithLogitsLoss (optional pos_weight), sigmoid + threshold when predicting.
+Multi-class: C logits, CrossEntropyLoss (optional label smoothing and class weights), softmax when predicting.
+The loss always receives raw logits: no sigmoid/softmax layer sits in front of it.
+
+`Task` is that loss-and-prediction head; `Classification` is the task behind the protocol of trainer/tasks
+(options checked against the data, training loss, evaluator, reports, model.json fields, predictions).
+"""
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.distributed import agree, gather_to_main
+from trainer.errors import ConfigError, TrainerError
+from trainer.files import atomic_write
+from trainer.metrics import compute_metrics, higher_is_better, scalar_metrics, score_outputs
+from trainer.models import forward_tta
+from trainer.reports import format_summary, write_eval_report
+
+
+def resolve_task(task: str, num_classes: int) -> str:
+    if task == "auto":
+        return "binary" if num_classes == 2 else "multiclass"
+    if task == "binary" and num_classes != 2:
+        raise ConfigError(f"task=binary needs exactly 2 classes, the data has {num_classes}")
+    return task
+
+
+def class_weights(counts: Sequence[int]) -> List[float]:
+    """N / (C x count_c): 1.0 for every class when balanced; a class with no images gets weight 0."""
+    total, c = sum(counts), len(counts)
+    return [total / (c * n) if n > 0 else 0.0 for n in counts]
+
+
+@dataclass
+class Task:
+    kind: str  # "binary" or "multiclass"
+    num_classes: int
+    label_smoothing: float = 0.0
+    pos_weight: Optional[float] = None
+    weights: Optional[List[float]] = None  # per class, from training counts
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.kind == "binary" else self.num_classes
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Per-sample losses, or their mean; with class weights, a sample counts by its true class's weight
+        and the mean divides by the total weight (CrossEntropyLoss's weighted mean)."""
+        logits = logits.float()  # the loss in fp32 whatever the autocast dtype
+        if self.kind == "binary":
+            pos_weight = None if self.pos_weight is None else logits.new_tensor(self.pos_weight)
+            per_sample = F.binary_cross_entropy_with_logits(logits.view(-1), labels.float(), reduction="none",
+                                                            pos_weight=pos_weight)
+        else:
+            per_sample = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="none")
+        if self.weights is None:
+            return per_sample if reduction == "none" else per_sample.mean()
+        w = logits.new_tensor(self.weights)[labels]
+        return per_sample * w if reduction == "none" else (per_sample * w).sum() / w.sum().clamp_min(1e-12)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, num_classes) probabilities; for binary, columns are [P(class 0), P(class 1)]."""
+        logits = logits.float()
+        if self.kind == "binary":
+            p = torch.sigmoid(logits.view(-1))
+            return torch.stack([1 - p, p], dim=1)
+        return torch.softmax(logits, dim=1)
+
+    def predict(self, probs: torch.Tensor, threshold: float = 0.5, positive_index: int = 1) -> torch.Tensor:
+        """Class indices: binary = the positive class when P(positive) >= threshold; multiclass = argmax."""
+        if self.kind == "binary":
+            positive = probs[:, positive_index] >= threshold
+            return torch.where(positive, positive_index, 1 - positive_index).long()
+        return probs.argmax(dim=1)
+
+
+# ---- the task protocol for binary and multi-class classification (see trainer/tasks/__init__.py) ----
+
+@dataclass
+class Classification:
+    """Binary or multi-class image classification behind the task protocol: batches are (images, labels),
+    the training loss is `head`'s, evaluation gathers every sample's probabilities to the main rank and scores
+    them once with scikit-learn (exact on any process count), reports are eval.json + confusion/ROC/PR plots,
+    predictions are a CSV of probabilities."""
+
+    kind: str  # binary | multiclass
+    classes: List[str]
+    head: Task  # the training loss (label smoothing, pos_weight, class weights)
+    positive_index: int = 1  # binary: the class whose probability the threshold applies to
+    threshold: float = 0.5
+    threshold_tuning: Optional[str] = None
+    target_recall: float = 0.9
+    topk: Sequence[int] = (5,)
+    collate = None  # the default collate: (images, labels) batches
+
+    @property
+    def name(self) -> str:
+        return self.kind
+
+    @property
+    def num_outputs(self) -> int:
+        return self.head.num_outputs
+
+    @property
+    def eval_head(self) -> Task:
+        """Metrics use the plain log loss: no smoothing, no class weights."""
+        return Task(self.kind, len(self.classes))
+
+    # -- construction: every option checked against the data --
+
+    @classmethod
+    def build(cls, task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg) -> "Classification":
+        classes = list(classes)
+        kind = resolve_task(task, len(classes))
+        if kind == "binary" and loss_cfg.label_smoothing > 0:
+            raise ConfigError("loss.label_smoothing applies to multiclass tasks only")
+        if kind == "multiclass" and loss_cfg.pos_weight is not None:
+            raise ConfigError("loss.pos_weight applies to binary tasks only (use loss.class_weighted for multiclass)")
+        head = Task(kind, len(classes), label_smoothing=loss_cfg.label_smoothing, pos_weight=loss_cfg.pos_weight,
+                    weights=class_weights(train_counts) if loss_cfg.class_weighted else None)
+        positive_index = 1
+        if eval_cfg.positive_class is not None:
+            if kind != "binary":
+                raise ConfigError("eval.positive_class applies to binary tasks only")
+            if eval_cfg.positive_class not in classes:
+                raise ConfigError(f"eval.positive_class '{eval_cfg.positive_class}' is not a class; classes: {classes}")
+            positive_index = classes.index(eval_cfg.positive_class)
+        made = cls(kind, classes, head, positive_index, eval_cfg.threshold, eval_cfg.threshold_tuning,
+                   eval_cfg.target_recall, tuple(eval_cfg.topk))
+        made.check_monitor(eval_cfg.monitor)
+        return made
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Classification":
+        """The task of an exported model (model.json), for `trainer eval` and `trainer predict`."""
+        classes = meta["classes"]
+        positive_index = classes.index(meta["positive_class"]) if meta.get("positive_class") else 1
+        return cls(meta["task"], classes, Task(meta["task"], len(classes)), positive_index,
+                   meta.get("threshold") or 0.5)
+
+    def metric_names(self) -> List[str]:
+        """The scalar metrics an evaluation reports (what eval.monitor may name)."""
+        c = len(self.classes)
+        probe = compute_metrics(np.eye(c, dtype=np.float32), np.arange(c), np.zeros(c), self.eval_head,
+                                self.classes, topk=self.topk)
+        return [k for k in scalar_metrics(probe) if k not in ("num_samples", "threshold")]
+
+    def check_monitor(self, monitor: str) -> None:
+        names = self.metric_names()
+        if monitor not in names:
+            raise ConfigError(f"eval.monitor '{monitor}' is not a {self.kind} metric; choose one of {sorted(names)}")
+
+    @staticmethod
+    def higher_is_better(metric: str) -> bool:
+        return higher_is_better(metric)
+
+    # -- training --
+
+    def train_loss(self, model, batch, memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, int]:
+        """The loss to backpropagate and the number of samples in this process's batch."""
+        x, y = batch
+        x = x.to(memory_format=memory_format)
+        return self.head.loss(model(x), y), x.shape[0]
+
+    # -- evaluation --
+
+    def to_device(self, batch, device, memory_format=torch.contiguous_format):
+        x, y = batch
+        return (x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True))
+
+    @staticmethod
+    def forward(net, batch, tta: str = "none") -> torch.Tensor:
+        return forward_tta(net, batch[0], tta)
+
+    def evaluator(self, num_samples: int) -> "ClassificationEvaluator":
+        return ClassificationEvaluator(self, num_samples)
+
+    # -- reports, export, predictions --
+
+    def write_report(self, out_dir, metrics: dict, outputs: dict, name: str = "eval.json") -> None:
+        """Main rank: eval.json and the confusion matrix, ROC and precision-recall plots beside it."""
+        write_eval_report(out_dir, metrics, outputs["probs"], outputs["labels"], self.classes, self.kind,
+                          self.positive_index, name=name)
+
+    def summary(self, metrics: dict) -> str:
+        return format_summary(metrics, self.classes, self.kind)
+
+    def export_meta(self, metrics: dict) -> dict:
+        """This task's fields of model.json (with the threshold the evaluation used, tuned or not)."""
+        binary = self.kind == "binary"
+        return {"task": self.kind, "num_outputs": self.num_outputs, "classes": list(self.classes),
+                "class_to_idx": {c: i for i, c in enumerate(self.classes)},
+                "threshold": metrics.get("threshold", self.threshold) if binary else None,
+                "positive_class": self.classes[self.positive_index] if binary else None}
+
+    def prediction_rows(self, paths: Sequence[str], logits: torch.Tensor) -> list:
+        """`trainer predict`: one CSV row per image: path, predicted class, every class's probability."""
+        probs = self.head.probabilities(logits).cpu()
+        labels = self.head.predict(probs, self.threshold, self.positive_index)
+        # repr: exact, parses back to the same number
+        return [[path, self.classes[label]] + [repr(v) for v in p] for path, p, label in
+                zip(paths, probs.tolist(), labels.tolist())]
+
+    def write_predictions(self, out, rows: list) -> None:
+        text = io.StringIO()
+        writer = csv.writer(text)
+        writer.writerow(["path", "label"] + [f"prob_{c}" for c in self.classes])
+        writer.writerows(rows)
+        atomic_write(out, text.getvalue())
+
+
+class ClassificationEvaluator:
+    """Per-sample rows (probabilities, label, loss) of this rank's shard; `finish` gathers them to the main rank
+    (the one collective), checks that every sample of the split is there exactly once, scores them once
+    there and gives every rank the same metrics."""
+
+    def __init__(self, task: Classification, num_samples: int, score: bool = True):
+        self.task, self.num_samples, self.score, self.rows = task, num_samples, score, []
+        self.head = task.eval_head
+
+    def add(self, batch, logits: torch.Tensor) -> None:
+        y = batch[1]
+        losses = self.head.loss(logits, y, reduction="none")
+        self.rows.append(torch.cat([self.head.probabilities(logits), y[:, None].float(), losses[:, None]], dim=1).cpu())
+
+    def gather(self, accelerator) -> Optional[dict]:
+        """Every rank's rows on the main rank, in rank order (so in split order); None elsewhere."""
+        c = self.head.num_classes
+        local = torch.cat(self.rows) if self.rows else torch.zeros((0, c + 2))
+        table = gather_to_main(local.float(), accelerator)
+        if table is None:
+            return None
+        if table.shape[0] != self.num_samples:  # by construction impossible; a loud check, never a silent miscount
+            raise TrainerError(f"evaluation gathered {table.shape[0]} samples for a split of {self.num_samples}")
+        return {"probs": table[:, :c].numpy(), "labels": table[:, c].round().long().numpy(),
+                "losses": table[:, c + 1].numpy()}
+
+    def finish(self, accelerator) -> Tuple[Optional[dict], Optional[dict]]:
+        """(metrics on every rank, the gathered outputs on the main rank for its reports); without `score`,
+        (None, outputs): the rows alone (metrics.collect_outputs)."""
+        outputs = self.gather(accelerator)
+        if not self.score:
+            return None, outputs
+        t = self.task
+        metrics = agree(accelerator, lambda: score_outputs(outputs, self.head, t.classes, t.threshold, t.topk,
+                                                           t.positive_index, t.threshold_tuning, t.target_recall),
+                        main_only=True, share=True)
+        return metrics, outputs

@@ -17,6 +17,8 @@ import numpy as np
 from trainer.data import generated
 from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, eval_transform,
                                    measure_mean_std, train_transform)
+from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_masks, mask_eval_transform, mask_train_transform,
+                                scan_mask_folder, voc_pairs)
 from trainer.data.folders import (SkippedPath, describe_skipped, find_classes, imagefolder_splits, scan_split,
                                   stratified_split, verify_images)
 from trainer.errors import DataError
@@ -57,6 +59,8 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     """Datasets for `splits` (any of train/val/test); errors name the path or key at fault."""
     fmt = data_cfg.format
     size = data_cfg.image_size
+    if fmt in ("masks", "voc") or (fmt == "generated" and data_cfg.generated.variant == "segmentation"):
+        return build_mask_data(data_cfg, seed, splits, verbose)
     if fmt in ("cifar10", "cifar100"):
         train_set, test_set, root = _load_cifar(fmt, data_cfg.root, data_cfg.download)
         classes = list(train_set.classes)
@@ -156,6 +160,53 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
                 skipped=skipped, source=source)
 
 
+def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -> Data:
+    """Images with masks of class indices (segmentation): a masks folder, Pascal VOC, or the generated
+    segmentation variant. Every mask of every requested split is checked at start-up (sizes, values, mode:
+    ~0.3 ms per 64-px mask); `train_counts` are the training split's pixels per class (loss.class_weighted)."""
+    fmt, size, aug = data_cfg.format, data_cfg.image_size, data_cfg.augment
+    if "all" in splits:
+        raise DataError("eval.split=all is for image folders of classes; score a segmentation split (val or test)")
+    if fmt == "voc":
+        root = data_cfg.root or "data/voc"
+        classes = list(VOC_CLASSES)
+        found = {split: voc_pairs(root, data_cfg.voc_year, split) for split in ("train", "val") if split in splits}
+        if "test" in splits:
+            raise DataError("Pascal VOC's segmentation test split has no public masks; score val")
+    else:
+        if fmt == "generated":
+            g = data_cfg.generated
+            root = data_cfg.root or generated.default_root(g.variant, size, g.seed)
+            per_split = {"train": g.train_per_class, "val": g.val_per_class, "test": g.test_per_class}
+            generated.ensure_generated(root, g.variant, size, g.seed, {k: v for k, v in per_split.items() if v > 0})
+        else:
+            root = data_cfg.root
+        classes, found = scan_mask_folder(root, data_cfg.val_fraction, data_cfg.split_seed, data_cfg.class_names,
+                                          data_cfg.ignore_index)
+    missing = [s for s in splits if s not in found]
+    if missing:
+        raise DataError(f"{root} has no {missing[0]} split (found: {sorted(found)})")
+    made, counts = {}, []
+    for split in splits:
+        if not found[split]:
+            raise DataError(f"the {split} split of {root} is empty")
+        pixels = check_masks(found[split], len(classes), data_cfg.ignore_index)  # every mask, before training
+        if split == "train":
+            counts = pixels
+        made[split] = MaskDataset(found[split], seed=seed, exif_orientation=data_cfg.exif_orientation)
+    if data_cfg.mean and data_cfg.std:
+        mean, std = list(data_cfg.mean), list(data_cfg.std)
+    else:
+        stats = made.get("train") or MaskDataset(found["train"], exif_orientation=data_cfg.exif_orientation)
+        mean, std = measure_mean_std(stats, size, seed=data_cfg.split_seed)
+    for split, ds in made.items():
+        ds.transform = (mask_train_transform(size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
+                                             aug.rrc_min_scale, aug.color_jitter, data_cfg.ignore_index)
+                        if split == "train" else mask_eval_transform(size, mean, std))
+    return Data(classes=list(classes), datasets=made, mean=list(mean), std=list(std), train_counts=counts,
+                source=f"{fmt} at {root}")
+
+
 def _why_empty(split: str, root, val_fraction: float) -> str:
     """Why an image-folder split came out empty, with the fix: the one way is a held-out val part too small."""
     root = Path(root)
@@ -192,6 +243,8 @@ def data_roots(data_cfg) -> Dict[str, Path]:
     fmt = data_cfg.format
     if fmt in ("cifar10", "cifar100"):
         return {"data.root": Path(data_cfg.root or "data/cifar")}
+    if fmt == "voc":
+        return {"data.root": Path(data_cfg.root or "data/voc")}
     if fmt == "generated" and not data_cfg.root:
         g = data_cfg.generated
         return {"the generated data folder": generated.default_root(g.variant, data_cfg.image_size, g.seed)}
@@ -200,12 +253,14 @@ def data_roots(data_cfg) -> Dict[str, Path]:
 
 def data_fingerprint(dataset, classes: Sequence[str]) -> str:
     """The sha256 of what decides the batches of a run: the class names and, in order, each training sample's
-    file path (relative to the common folder, so a moved copy matches) or array index, and label. A resume
-    whose data differ would put the same position in the epoch on other images."""
-    if hasattr(dataset, "paths"):
-        common = os.path.commonpath(dataset.paths) if dataset.paths else ""
-        items = [os.path.relpath(p, common) for p in dataset.paths]
-    else:
-        items = list(range(len(dataset)))
-    body = json.dumps([list(classes), items, [int(v) for v in dataset.labels]])
+    file path (relative to the common folder, so a moved copy matches) or array index, and its label (or mask
+    file). A resume whose data differ would put the same position in the epoch on other images."""
+    def relative(paths):
+        common = os.path.commonpath(paths) if paths else ""
+        return [os.path.relpath(p, common) for p in paths]
+
+    items = relative(dataset.paths) if hasattr(dataset, "paths") else list(range(len(dataset)))
+    targets = (relative(dataset.mask_paths) if hasattr(dataset, "mask_paths")  # segmentation: the masks
+               else [int(v) for v in dataset.labels])
+    body = json.dumps([list(classes), items, targets])
     return hashlib.sha256(body.encode()).hexdigest()

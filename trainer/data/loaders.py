@@ -28,12 +28,12 @@ class WorkerLoader:
     class-balanced sampler moved to each epoch."""
 
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
-                 first_transform, sampler=None):
+                 first_transform, sampler=None, drop_last: bool = False):
         self.dataset, self.sampler, self.first_transform = dataset, sampler, first_transform
         # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
         self.dl = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                              # its own generator: worker seeds never draw from the global RNG (exact resume)
-                             generator=torch.Generator().manual_seed(seed), drop_last=False,
+                             generator=torch.Generator().manual_seed(seed), drop_last=drop_last,
                              num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                              prefetch_factor=prefetch_factor if num_workers > 0 else None)
         self.accelerator = None
@@ -60,8 +60,9 @@ class WorkerLoader:
 
 
 def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerator, mean, std, num_classes: int,
-                       channels_last: bool, say=print):
-    """The loader `data.loader` asks for (`data_cfg` is the `data` section)."""
+                       channels_last: bool, say=print, drop_last: bool = False):
+    """The loader `data.loader` asks for (`data_cfg` is the `data` section). `drop_last`: the task's choice
+    (segmentation: a last batch of one image would break BatchNorm in DeepLabV3's pooling branch)."""
     aug = data_cfg.augment
     if data_cfg.loader == "device":  # the whole split decoded once onto the device; batched augmentation there
         start = time.time()
@@ -74,4 +75,5 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
     sampler = class_balanced_sampler(dataset.labels, num_classes, seed) if data_cfg.sampler == "weighted" else None
     return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
                         pin_memory=accelerator.device.type == "cuda",
-                        first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler)
+                        first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler,
+                        drop_last=drop_last)

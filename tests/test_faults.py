@@ -22,8 +22,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import ROOT, assert_same_run, make_folder, run_cli, tiny_overrides, write_image
 from trainer.checkpoint import POINTER, verify_checkpoint
@@ -449,6 +451,15 @@ def test_a_stop_request_during_start_up_leaves_at_once_with_nothing_written(tmp_
 RUN_NAMES = itertools.count()
 
 
+def seg_args(root: Path, **extra) -> list:
+    """A segmentation folder to train on, and a run directory of its own (which must never appear)."""
+    base = {"data.format": "masks", "data.root": str(root), "data.image_size": 16, "data.num_workers": 0,
+            "model.name": "unet", "train.epochs": 1, "train.batch_size": 2, "train.progress_bar": False,
+            "run.dir": str(root.parent / "runs" / f"run{next(RUN_NAMES)}")}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
 def gen_args(w: Path, variant: str = "multiclass", **extra) -> list:
     """A tiny generated dataset (already written) and a run directory of its own that must never appear."""
     return tiny_overrides(w, variant, **{"run.dir": str(w / "runs" / f"run{next(RUN_NAMES)}"), **extra})
@@ -548,7 +559,28 @@ def build_workspace(w: Path) -> dict:
     (w / "sweeps" / "typo.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparameters: {optim.lrr: [0.1]}\n")
     (w / "sweeps" / "list.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparameters: [optim.lr]\n")
     (w / "list.txt").write_text(str(w / "missing.png") + "\n")
+    # segmentation folders, each with one defect
+    for name in ("seg_ok", "seg_nomask", "seg_size", "seg_value", "seg_rgb", "seg_noclasses"):
+        mask_folder(w / name)
+    (w / "seg_nomask" / "train" / "masks" / "m001.png").unlink()
+    Image.fromarray(np.zeros((9, 9), np.uint8), "L").save(w / "seg_size" / "train" / "masks" / "m002.png")
+    Image.fromarray(np.full((16, 16), 7, np.uint8), "L").save(w / "seg_value" / "train" / "masks" / "m003.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8), "RGB").save(w / "seg_rgb" / "train" / "masks" / "m000.png")
+    (w / "seg_noclasses" / "classes.txt").unlink()
     return p
+
+
+def mask_folder(root: Path, n: int = 6, side: int = 16) -> Path:
+    """A tiny segmentation folder: train/ and val/ with images/ and masks/ (3 classes), and classes.txt."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(n):
+            write_image(root / split / "images" / f"m{i:03d}.png", size=(side, side), seed=i)
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 3, (side, side)).astype(np.uint8), "L").save(
+                root / split / "masks" / f"m{i:03d}.png")
+    (root / "classes.txt").write_text("background\nleaf\nstem\n")
+    return root
 
 
 def cases(w: Path, p: dict) -> list:
@@ -660,6 +692,19 @@ def cases(w: Path, p: dict) -> list:
         ("predict over an input image", ["predict", "--model", str(done), str(p["good"] / "cat"), "--output", str(p["good"] / "cat" / "0.png")], "input image"),
         ("predict list missing", ["predict", "--model", str(done), "@" + str(w / "nolist.txt"), "--output", str(w / "out" / "p.csv")], "nolist.txt"),
         ("predict list naming a missing file", ["predict", "--model", str(done), "@" + str(w / "list.txt"), "--output", str(w / "out" / "p.csv")], "missing.png"),
+        # -- segmentation --
+        ("seg: an image without its mask", ["train", "-", *seg_args(w / "seg_nomask")], "m001"),
+        ("seg: a mask of another size", ["train", "-", *seg_args(w / "seg_size")], "m002.png"),
+        ("seg: a mask value that is no class", ["train", "-", *seg_args(w / "seg_value")], "m003.png"),
+        ("seg: an RGB mask", ["train", "-", *seg_args(w / "seg_rgb")], "m000.png"),
+        ("seg: classes.txt missing", ["train", "-", *seg_args(w / "seg_noclasses")], "classes.txt"),
+        ("seg: a classification model", ["train", "-", *seg_args(w / "seg_ok", **{"model.name": "resnet18"})], "resnet18"),
+        ("seg: a segmentation model on classes", ["train", "-", *g(w), "model.name=unet"], "unet"),
+        ("seg: classification on masks", ["train", "-", *seg_args(w / "seg_ok", task="multiclass")], "task=segmentation"),
+        ("seg: the device loader", ["train", "-", *seg_args(w / "seg_ok", **{"data.loader": "device"})], "data.loader=device"),
+        ("seg: a classification monitor", ["train", "-", *seg_args(w / "seg_ok", **{"eval.monitor": "accuracy"})], "eval.monitor"),
+        ("seg: ignore index is a class", ["train", "-", *seg_args(w / "seg_ok", **{"data.ignore_index": 1})], "ignore_index"),
+        ("seg: dice loss for classes", ["train", "-", *g(w), "loss.name=dice"], "loss.name=dice"),
         ("predict garbage model.json", ["predict", "--model", str(m / "garbage_json"), str(w / "gen-multiclass" / "val"), "--output", str(w / "out" / "p.csv")], "not valid JSON"),
         # -- sweeps --
         ("sweep invalid yaml", ["sweep", str(w / "sweeps" / "bad.yaml"), "--local", "--dir", str(w / "sw")], "not valid YAML"),

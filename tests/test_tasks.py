@@ -48,43 +48,62 @@ def test_resolve_task():
 
 # ---- the task protocol: one contract, checked for every entry of TASKS ----
 
-def _tiny_batch(task, n=6, side=16):
-    torch.manual_seed(0)
-    return torch.randn(n, 3, side, side), torch.randint(0, len(task.classes), (n,))
+def _tiny_batch(task, n=6, side=16, seed=0):
+    """A batch of the task's kind: (images, labels) for classification, (images, masks) for segmentation."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, side, side, generator=g)
+    if task.name == "segmentation":
+        return x, torch.randint(0, len(task.classes), (n, side, side), generator=g)
+    return x, torch.randint(0, len(task.classes), (n,), generator=g)
+
+
+CONTRACT = {"binary": (["a", "b"], "small_cnn", "generated"),
+            "multiclass": (["a", "b", "c"], "small_cnn", "generated"),
+            "segmentation": (["background", "a", "b"], "unet", "masks")}
 
 
 @pytest.mark.parametrize("name", sorted(__import__("trainer.tasks", fromlist=["TASKS"]).TASKS))
 def test_every_task_keeps_the_contract(name, tmp_path):
-    """Built from classes, counts and its config sections; a loss to backpropagate; an evaluator whose finish
-    gives metrics naming what eval.monitor may name; a report and model.json fields; rebuilt from model.json."""
+    """Built from classes, counts and its config sections; a model of its own; a loss to backpropagate; an
+    evaluator whose finish gives metrics naming what eval.monitor may name; a report and model.json fields;
+    rebuilt from model.json; a writer of predictions."""
     from trainer.config import Config
     from trainer.distributed import make_accelerator
     from trainer.evaluation import evaluate
-    from trainer.models import build_model
     from trainer.tasks import build_task, task_from_meta
 
+    assert name in CONTRACT, f"add {name} to CONTRACT: every task is held to the contract"
+    classes, model_name, data_format = CONTRACT[name]
     cfg = Config()
-    classes = ["a", "b"] if name == "binary" else ["a", "b", "c"]
-    task = build_task(name, classes, [4] * len(classes), cfg.loss, cfg.eval)
+    cfg.data.format = data_format
+    task = build_task(name, classes, [4] * len(classes), cfg.loss, cfg.eval, cfg.data)
     assert task.name == name and task.classes == classes
-    model = build_model("small_cnn", task.num_outputs, image_size=16)
-    batch = _tiny_batch(task)
-    loss, n = task.train_loss(model, batch)
+    model = task.build_model(model_name, 16)
+    loss, n = task.train_loss(model, _tiny_batch(task))
     assert loss.ndim == 0 and n == 6
     loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
-    dataset = list(zip(*_tiny_batch(task, n=7)))  # (image, label) pairs: an odd-sized split
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    x, y = _tiny_batch(task, n=7, seed=1)
+    dataset = list(zip(x, y))  # an odd-sized split
     acc = make_accelerator("cpu", "no")
     metrics, outputs = evaluate(model, dataset, task, acc, batch_size=3)
-    assert metrics["num_samples"] == 7
-    assert cfg.eval.monitor in task.metric_names() and set(task.metric_names()) <= set(metrics)
+    assert metrics.get("num_samples", metrics.get("num_images")) == 7
+    monitor = cfg.eval.monitor or task.default_monitor
+    assert monitor in task.metric_names() and set(task.metric_names()) <= set(metrics)
     task.write_report(tmp_path, metrics, outputs)
     assert (tmp_path / "eval.json").is_file()
     meta = task.export_meta(metrics)
     assert meta["task"] == name and meta["classes"] == classes and meta["num_outputs"] == task.num_outputs
     again = task_from_meta(meta)
     assert again.name == name and again.classes == classes and again.num_outputs == task.num_outputs
-    assert isinstance(task.summary(metrics), str) and task.higher_is_better("accuracy")
+    assert isinstance(task.summary(metrics), str)
+    assert task.higher_is_better(monitor) and not task.higher_is_better("loss")
+    writer = task.prediction_writer(str(tmp_path / ("preds.csv" if name != "segmentation" else "masks")), [])
+    images = [torch.zeros(3, 10, 12, dtype=torch.uint8), torch.zeros(3, 9, 9, dtype=torch.uint8)]
+    writer.add([(str(tmp_path / "in" / "p.png"), str(tmp_path / "in")), (str(tmp_path / "in" / "q.png"),
+                                                                        str(tmp_path / "in"))],
+               task.forward(model.eval(), (x[:2],)), [(10, 12), (9, 9)], images)
+    assert writer.close() == 2
     acc.end_training()
 
 
@@ -95,8 +114,19 @@ def test_task_options_are_checked_against_the_data():
     cfg = Config()
     cfg.loss.label_smoothing = 0.1
     with pytest.raises(ConfigError, match="label_smoothing"):
-        build_task("auto", ["a", "b"], [1, 1], cfg.loss, cfg.eval)
+        build_task("auto", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data)
     cfg = Config()
     cfg.eval.monitor = "f1"
     with pytest.raises(ConfigError, match="eval.monitor"):
-        build_task("auto", ["a", "b", "c"], [1, 1, 1], cfg.loss, cfg.eval)
+        build_task("auto", ["a", "b", "c"], [1, 1, 1], cfg.loss, cfg.eval, cfg.data)
+    cfg = Config()
+    cfg.data.format = "masks"
+    with pytest.raises(ConfigError, match="task=segmentation"):
+        build_task("multiclass", ["a", "b", "c"], [1, 1, 1], cfg.loss, cfg.eval, cfg.data)
+    cfg.eval.monitor = "accuracy"
+    with pytest.raises(ConfigError, match="not a segmentation metric"):
+        build_task("auto", ["a", "b", "c"], [1, 1, 1], cfg.loss, cfg.eval, cfg.data)
+    cfg = Config()
+    cfg.loss.name = "dice"
+    with pytest.raises(ConfigError, match="loss.name=dice is for segmentation"):
+        build_task("auto", ["a", "b", "c"], [1, 1, 1], cfg.loss, cfg.eval, cfg.data)

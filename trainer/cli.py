@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="write a CSV of predicted labels and class probabilities")
     r.add_argument("--model", required=True, help="a run folder or an exported model folder")
     r.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or @list.txt")
-    r.add_argument("--output", required=True, help="CSV file to write")
+    r.add_argument("--output", required=True, help="classification: the CSV file to write; segmentation: the "
+                   "folder for one PNG of class indices per image")
+    r.add_argument("--overlay", action="store_true", help="segmentation: also a colour overlay beside each mask")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--threshold", type=float, help="binary: override the model's decision threshold")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -148,7 +150,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "predict":
             from trainer.predict import predict_files
 
-            n = predict_files(args.model, args.inputs, args.output, args.batch_size, args.threshold, args.device)
+            n = predict_files(args.model, args.inputs, args.output, args.batch_size, args.threshold, args.device,
+                              overlay=args.overlay)
             print(f"[predict] {n} images -> {args.output}")
     except TrainerError as err:
         if not (_rank() != 0 and _same_on_every_rank(err)):

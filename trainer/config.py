@@ -32,7 +32,8 @@ class AugmentCfg:
 
 @dataclass
 class GeneratedCfg:
-    variant: Literal["binary", "multiclass"] = "multiclass"
+    # segmentation: several shapes per image with their pixel masks, written as a `masks` folder
+    variant: Literal["binary", "multiclass", "segmentation"] = "multiclass"
     train_per_class: int = 1000
     val_per_class: int = 150
     test_per_class: int = 150
@@ -41,11 +42,16 @@ class GeneratedCfg:
 
 @dataclass
 class DataCfg:
-    format: Literal["imagefolder", "cifar10", "cifar100", "generated"] = "generated"
+    format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc"] = "generated"
     # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
     # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
-    # (default data/generated/<variant>-<size>px-seed<seed>-v<format> under the current directory).
+    # (default data/generated/<variant>-<size>px-seed<seed>-v<format> under the current directory);
+    # masks (segmentation): ROOT/<split>/images/<name>.<ext> + ROOT/<split>/masks/<name>.png (class indices)
+    # with ROOT/classes.txt; voc: torchvision's VOC root (holds VOCdevkit/VOC2012/), read offline.
     root: Optional[str] = None
+    ignore_index: int = 255  # segmentation: mask value that counts nowhere (void borders; the VOC convention)
+    class_names: Optional[List[str]] = None  # masks: class names by index (instead of ROOT/classes.txt)
+    voc_year: str = "2012"
     download: bool = False  # cifar only: fetch from the internet when absent
     image_size: int = 32  # side in pixels of the square network input
     # used when there is no val/ folder: a seeded, stratified split of train. 0 = train on all of train and
@@ -83,9 +89,15 @@ class ModelCfg:
 
 @dataclass
 class LossCfg:
-    label_smoothing: float = 0.0  # multiclass only
+    # segmentation: pixel cross-entropy, soft Dice (ignored pixels left out), or their weighted sum
+    name: Literal["ce", "dice", "ce+dice"] = "ce"
+    dice_weight: float = 1.0  # ce+dice: loss = ce + dice_weight x dice
+    aux_weight: float = 0.5  # segmentation models with an auxiliary head (FCN, DeepLabV3): its loss's weight
+    label_smoothing: float = 0.0  # multiclass and segmentation
     pos_weight: Optional[float] = None  # binary only: weight of positive examples in BCEWithLogitsLoss
-    class_weighted: bool = False  # weight each class by N / (C * count_c) from the training counts
+    # weight each class by N / (C * count_c) from the training counts (images; pixels for segmentation,
+    # where class imbalance is the rule: background often holds most pixels)
+    class_weighted: bool = False
 
 
 @dataclass
@@ -137,7 +149,9 @@ class EvalCfg:
     positive_class: Optional[str] = None  # binary: the class name counted as positive; null = the class with index 1
     threshold_tuning: Optional[Literal["max_f1", "youden", "target_recall"]] = None  # binary: choose the threshold on val
     target_recall: float = 0.9  # for threshold_tuning=target_recall: the highest threshold keeping this recall
-    monitor: str = "accuracy"  # metric that picks best/; higher is better except for loss
+    # the metric that picks best/; null = the task's headline (accuracy; miou for segmentation); higher is
+    # better except for losses
+    monitor: Optional[str] = None
     # test-time augmentation: flip = mean of the logits of the image and its mirror; recorded in model.json,
     # so `trainer eval` and `trainer predict` apply the same
     tta: Literal["none", "flip"] = "none"
@@ -176,7 +190,9 @@ class RunCfg:
 
 @dataclass
 class Config:
-    task: Literal["auto", "binary", "multiclass"] = "auto"  # auto: binary when the data has 2 classes
+    # auto: segmentation for mask data (data.format masks/voc, the generated segmentation variant), else binary
+    # when the data has 2 classes, else multiclass
+    task: Literal["auto", "binary", "multiclass", "segmentation"] = "auto"
     seed: int = 0
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -195,6 +211,23 @@ class Config:
 RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_steps", "train.progress_bar",
                     "train.dist_timeout_s", "train.cudnn_benchmark", "train.device", "data.num_workers",
                     "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile")
+
+
+def mask_data(data_cfg) -> bool:
+    """Data whose targets are per-pixel masks (segmentation)."""
+    return data_cfg.format in ("masks", "voc") or (data_cfg.format == "generated"
+                                                    and data_cfg.generated.variant == "segmentation")
+
+
+def task_data_mismatch(task: str, data_cfg) -> Optional[str]:
+    """Why `task` cannot train on this data (None when it can)."""
+    if task == "segmentation" and not mask_data(data_cfg):
+        return ("task=segmentation needs mask data: data.format=masks or voc, or "
+                "data.generated.variant=segmentation")
+    if task in ("binary", "multiclass") and mask_data(data_cfg):
+        return (f"task={task} trains on class labels, but data.format={data_cfg.format} holds masks: use "
+                f"task=segmentation (or task=auto)")
+    return None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -324,8 +357,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.target_recall must be in (0, 1], got {cfg.eval.target_recall}")
     if any(k <= 0 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be >= 1, got {cfg.eval.topk}")
-    if cfg.data.format == "imagefolder" and not cfg.data.root:
-        raise ConfigError("missing required value: data.root (the image folder to train on)")
+    if cfg.data.format in ("imagefolder", "masks") and not cfg.data.root:
+        raise ConfigError(f"missing required value: data.root (the {'image' if cfg.data.format == 'imagefolder' else 'masks'} "
+                          f"folder to train on)")
+    masks = mask_data(cfg.data)
+    mismatch = task_data_mismatch(cfg.task, cfg.data)
+    if mismatch:
+        raise ConfigError(mismatch)
+    if cfg.data.loader == "device" and (masks or cfg.task == "segmentation"):
+        raise ConfigError("data.loader=device is for classification; segmentation reads images and masks through "
+                          "data.loader=workers")
+    if cfg.loss.dice_weight < 0 or cfg.loss.aux_weight < 0:
+        raise ConfigError(f"loss.dice_weight and loss.aux_weight must be >= 0, got {cfg.loss.dice_weight}, "
+                          f"{cfg.loss.aux_weight}")
     if cfg.data.skip_bad_images and not cfg.data.verify_images:
         raise ConfigError("data.skip_bad_images=true needs data.verify_images=true (bad files are found at start-up)")
     for key in ("mean", "std"):

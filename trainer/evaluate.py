@@ -47,6 +47,9 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     classes = meta["classes"]
 
     def match_classes() -> None:
+        if data.classes != classes and meta["task"] == "segmentation":  # mask values are class indices
+            raise DataError(f"{data.source} has the classes {data.classes}; the model was trained on {classes} "
+                            f"(mask values are class indices, so the lists must be the same, in the same order)")
         if data.classes != classes:  # same names in another order, or a subset: map labels by name
             unknown = sorted(set(data.classes) - set(classes))
             if unknown:

@@ -1,8 +1,11 @@
-"""The one evaluation, used by training and by `trainer eval`: the split is cut into contiguous shards
-without padding (sizes differ by at most one; trainer.distributed.shard_bounds), each process runs its shard
-through the unwrapped model (no collective per batch, so uneven shards cannot hang) and hands each batch's
-outputs to the task's evaluator; the evaluator's `finish` is the one collective, and every rank gets the
-same metrics. What is gathered and how it is scored is the task's (trainer/tasks).
+"""The one evaluation, used by training and by `trainer eval`: the split is cut into batches at fixed
+positions (images [kB, (k+1)B)), and process r takes batches r, r + W, r + 2W, ...: nothing padded or
+repeated, and every batch holds the same images on any number of processes, so each image's logits are the
+same floats whether 1 or 8 processes evaluate (a network's arithmetic can depend on what else is in the batch).
+Each process runs its batches through the unwrapped model (no collective per batch, so uneven shares cannot
+hang) and hands each batch's outputs to the task's evaluator, which knows the split index of every image it
+is given (`indices`); the evaluator's `finish` is the one collective, puts everything back in split order
+and gives every rank the same metrics. What is gathered and how it is scored is the task's (trainer/tasks).
 """
 from __future__ import annotations
 
@@ -11,7 +14,29 @@ from typing import Optional, Tuple
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from trainer.distributed import shard_bounds
+from trainer.errors import TrainerError
+
+from trainer.distributed import gather_to_main
+
+
+def batch_share(n: int, batch_size: int, rank: int, world: int) -> list:
+    """The split indices process `rank` of `world` evaluates: whole batches k = rank, rank + world, ..."""
+    return [i for start in range(rank * batch_size, n, world * batch_size)
+            for i in range(start, min(start + batch_size, n))]
+
+
+def split_order(indices: torch.Tensor, num_samples: int, accelerator) -> "torch.Tensor | None":
+    """On the main rank, the permutation that puts the gathered (rank-ordered) rows back in split order, after
+    checking that every image of the split is there exactly once; None elsewhere."""
+    gathered = gather_to_main(indices, accelerator)
+    if gathered is None:
+        return None
+    order = torch.argsort(gathered)
+    if gathered.numel() != num_samples or not torch.equal(gathered[order], torch.arange(num_samples)):
+        # by construction impossible; a loud check, never a silent miscount
+        raise TrainerError(f"evaluation gathered {gathered.numel()} samples for a split of {num_samples} "
+                           f"(each must come exactly once)")
+    return order
 
 
 @torch.no_grad()
@@ -23,9 +48,16 @@ def evaluate(model, dataset, task, accelerator, batch_size: int, num_workers: in
     was_training = net.training
     net.eval()
     evaluator = evaluator or task.evaluator(len(dataset))
-    mine = shard_bounds(len(dataset), accelerator.process_index, accelerator.num_processes)
+    mine = batch_share(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
+    evaluator.indices = torch.tensor(mine, dtype=torch.int64)  # the split index of each image, in the order given
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=accelerator.device.type == "cuda", collate_fn=task.collate)
+    threads = torch.get_num_threads()
+    if accelerator.device.type == "cpu":
+        # one thread per process while evaluating: a CPU convolution's float rounding depends on how many
+        # threads split it (measured: a segmentation loss differed in the 11th digit between 2 threads and 1),
+        # and an evaluation must give the same numbers whether 1 process with all cores or N with one each
+        torch.set_num_threads(1)
     try:
         for batch in loader:
             batch = task.to_device(batch, accelerator.device, memory_format)
@@ -34,4 +66,5 @@ def evaluate(model, dataset, task, accelerator, batch_size: int, num_workers: in
             evaluator.add(batch, outputs)
     finally:
         net.train(was_training)
+        torch.set_num_threads(threads)
     return evaluator.finish(accelerator)

@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from trainer.errors import TrainerError
 from trainer.files import atomic_dir, load_safetensors
-from trainer.models import build_model
 
 FORMAT = "cnn-trainer-model"
 FORMAT_VERSION = 1
@@ -73,8 +72,8 @@ def read_meta(model_dir: Path) -> dict:
     if wrong:
         raise TrainerError(f"{path}: {', '.join(f'{k} is not a {REQUIRED[k].__name__}' for k in wrong)}")
     classes, kind = meta["classes"], meta["task"]
-    if kind not in ("binary", "multiclass"):
-        raise TrainerError(f"{path}: task '{kind}' is not binary or multiclass")
+    if kind not in ("binary", "multiclass", "segmentation"):
+        raise TrainerError(f"{path}: task '{kind}' is not binary, multiclass or segmentation")
     if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise TrainerError(f"{path}: classes must be 2 or more distinct names, got {classes}")
     outputs = 1 if kind == "binary" else len(classes)
@@ -101,9 +100,11 @@ def read_meta(model_dir: Path) -> dict:
 def load_exported(path: str) -> Tuple[torch.nn.Module, dict]:
     model_dir = find_model_dir(path)
     meta = read_meta(model_dir)
+    from trainer.tasks import task_from_meta  # the task builds its own kind of network
+
     try:
-        model = build_model(meta["architecture"], meta["num_outputs"], image_size=meta["image_size"],
-                            small_input_stem=meta.get("small_input_stem"), verbose=lambda *_: None)
+        model = task_from_meta(meta).build_model(meta["architecture"], meta["image_size"],
+                                                 meta.get("small_input_stem"), verbose=lambda *_: None)
     except TrainerError as err:
         raise TrainerError(f"{model_dir / 'model.json'}: {err}") from None
     state = load_safetensors(model_dir / "model.safetensors", "model weights")

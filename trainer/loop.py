@@ -42,7 +42,7 @@ from trainer.models import build_model, check_input_size
 from trainer.optim import Lookahead, lr_at, optimizer_from, schedule_from
 from trainer.reports import plot_training_curves
 from trainer.rundir import commit, open_run
-from trainer.tasks import build_task
+from trainer.tasks import build_task, task_kind
 from trainer.tracking import LossLog, Tracker, default_run_dir, environment, new_run_id, truncate_rows
 
 
@@ -153,12 +153,13 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                                          small_input_stem=small_stem, verbose=lambda *_: None),
                              cfg.model.name, cfg.data.image_size)
 
-    agree(acc, probe_input_size)
+    if task_kind(cfg.task, cfg.data) == "classification":  # segmentation models take any size (they pad)
+        agree(acc, probe_input_size)
 
     # ---- data and task (the main process first: it writes the generated dataset; the others then read it) ----
     data = main_first(acc, lambda: build_data(cfg.data, cfg.seed, ("train", "val"), verbose=say))
     train_set, val_set = data.datasets["train"], data.datasets["val"]
-    task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, cfg.eval))
+    task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, cfg.eval, cfg.data))
 
     # ---- model and training loader ----
     def build() -> tuple:
@@ -166,10 +167,10 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         if global_batch > len(train_set):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {acc.num_processes} process(es) = "
                               f"{global_batch} is larger than the training split ({len(train_set)} images)")
-        model = build_model(cfg.model.name, task.num_outputs, image_size=cfg.data.image_size,
-                            small_input_stem=small_stem, pretrained_path=cfg.model.pretrained_path, verbose=say)
+        model = task.build_model(cfg.model.name, cfg.data.image_size, small_stem, cfg.model.pretrained_path, verbose=say)
         loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, acc, data.mean, data.std,
-                                    len(data.classes), cfg.model.channels_last, say)
+                                    len(data.classes), cfg.model.channels_last, say,
+                                    drop_last=getattr(task, "drop_last", False))
         if hasattr(model, "init_from_data") and not cfg.model.pretrained_path:  # e.g. airbench's whitening filters
             model.init_from_data(loader.first(5000))
         return model, loader
@@ -303,7 +304,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     # ---- what the periodic blocks do ----
     loss_log = LossLog(acc, state.log, state.update)
     t_log, samples_at_log = time.time(), state.samples_seen
-    sign = 1 if task.higher_is_better(cfg.eval.monitor) else -1
+    monitor = cfg.eval.monitor or task.default_monitor
+    sign = 1 if task.higher_is_better(monitor) else -1
     ckpt_root = run_dir / "checkpoints"
     # a bar on a terminal; in a log file (SLURM, CI) a plain line per log step instead
     show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
@@ -428,7 +430,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                                         cfg.eval.tta)
             tracker.log({"type": "eval", "split": "val", "step": state.update, "epoch": round(epoch_float, 4),
                          "samples_seen": state.samples_seen, **scalar_metrics(metrics)})
-            value = metrics.get(cfg.eval.monitor)
+            value = metrics.get(monitor)
             if value is not None and (state.best["value"] is None or sign * value > sign * state.best["value"]):
                 state.best = {"value": value, "update": state.update, "metrics": scalar_metrics(metrics)}
                 agree(acc, lambda: export(run_dir / "best", metrics, outputs), main_only=True)
@@ -441,7 +443,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     # ---- the end: the final model, its reports, the summary, a final checkpoint ----
     summary = {"run_dir": str(run_dir), "task": task.name, "updates": state.update,
                "samples_seen": state.samples_seen, "final": scalar_metrics(metrics), "best": state.best["metrics"],
-               "monitor": cfg.eval.monitor, "seconds": round(time.time() - t_start, 1)}
+               "monitor": monitor, "seconds": round(time.time() - t_start, 1)}
 
     def finish() -> None:
         export(run_dir / "model", metrics, outputs)
@@ -455,9 +457,9 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     agree(acc, finish, main_only=True)
     save_checkpoint(cfg.train.epochs, 0, done=True)  # the same command run again now says "complete"
     say(f"[trainer] final model on the val split:\n{task.summary(metrics)}")
-    final, best = (f"{v:.4f}" if v is not None else "n/a" for v in (metrics.get(cfg.eval.monitor), state.best["value"]))
-    say(f"[trainer] done in {summary['seconds']} s: val {cfg.eval.monitor} {final} (best {best}) on "
-        f"{metrics['num_samples']} images")
+    final, best = (f"{v:.4f}" if v is not None else "n/a" for v in (metrics.get(monitor), state.best["value"]))
+    say(f"[trainer] done in {summary['seconds']} s: val {monitor} {final} (best {best}) on "
+        f"{metrics.get('num_samples', metrics.get('num_images'))} images")
     say(f"[trainer] run directory: {run_dir}  (final model: {run_dir / 'model'}, best: {run_dir / 'best'})")
     # release DDP and the process group in this order: avoids gloo's abort at interpreter exit
     tracker.close()

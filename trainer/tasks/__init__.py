@@ -22,28 +22,45 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Sequence
 
+from trainer.config import mask_data, task_data_mismatch
 from trainer.errors import ConfigError
 from trainer.tasks.classify import Classification, Task, class_weights, resolve_task
+from trainer.tasks.segment import Segmentation
 
-__all__ = ["TASKS", "build_task", "task_from_meta", "Classification", "Task", "class_weights", "resolve_task"]
+__all__ = ["TASKS", "build_task", "task_from_meta", "task_kind", "Classification", "Segmentation", "Task",
+           "class_weights", "resolve_task"]
 
-# name -> builder(task name, classes, train class counts, loss config, eval config)
+# name -> builder(task name, classes, train counts (images; pixels for segmentation), loss config, eval config,
+# **options of the data the task needs, such as ignore_index)
 TASKS: Dict[str, Callable] = {
     "binary": Classification.build,
     "multiclass": Classification.build,
+    "segmentation": Segmentation.build,
 }
 # the task of an exported model, by model.json's "task"
 FROM_META: Dict[str, Callable[[dict], object]] = {
     "binary": Classification.from_meta,
     "multiclass": Classification.from_meta,
+    "segmentation": Segmentation.from_meta,
 }
 
 
-def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg):
-    """The task a run trains (`task=auto`: binary for 2 classes, else multiclass), its options checked."""
-    name = resolve_task(task, len(classes)) if task in ("auto", "binary", "multiclass") else task
-    if name not in TASKS:
-        raise ConfigError(f"unknown task '{task}'; valid: auto, {', '.join(sorted(TASKS))}")
+def task_kind(task: str, data_cfg) -> str:
+    """segmentation or classification, from the config alone (before any data is read)."""
+    return "segmentation" if task == "segmentation" or (task == "auto" and mask_data(data_cfg)) else "classification"
+
+
+def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg, data_cfg):
+    """The task a run trains (`task=auto`: segmentation for mask data, else binary for 2 classes, else
+    multiclass), its options checked against the data."""
+    mismatch = task_data_mismatch(task, data_cfg)
+    if mismatch:
+        raise ConfigError(mismatch)
+    if task_kind(task, data_cfg) == "segmentation":
+        return Segmentation.build(task, classes, train_counts, loss_cfg, eval_cfg, ignore_index=data_cfg.ignore_index)
+    if loss_cfg.name != "ce":
+        raise ConfigError(f"loss.name={loss_cfg.name} is for segmentation; classification trains with ce")
+    name = resolve_task(task, len(classes))
     return TASKS[name](task, classes, train_counts, loss_cfg, eval_cfg)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -19,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from trainer.distributed import agree, gather_to_main
+from trainer.evaluation import split_order
+from trainer.data.folders import is_image_file
 from trainer.errors import ConfigError, TrainerError
 from trainer.files import atomic_write
 from trainer.metrics import compute_metrics, higher_is_better, scalar_metrics, score_outputs
-from trainer.models import forward_tta
+from trainer.models import build_model, forward_tta
 from trainer.reports import format_summary, write_eval_report
 
 
@@ -101,6 +104,7 @@ class Classification:
     target_recall: float = 0.9
     topk: Sequence[int] = (5,)
     collate = None  # the default collate: (images, labels) batches
+    default_monitor = "accuracy"  # what picks best/ unless eval.monitor says
 
     @property
     def name(self) -> str:
@@ -136,7 +140,7 @@ class Classification:
             positive_index = classes.index(eval_cfg.positive_class)
         made = cls(kind, classes, head, positive_index, eval_cfg.threshold, eval_cfg.threshold_tuning,
                    eval_cfg.target_recall, tuple(eval_cfg.topk))
-        made.check_monitor(eval_cfg.monitor)
+        made.check_monitor(eval_cfg.monitor or made.default_monitor)
         return made
 
     @classmethod
@@ -146,6 +150,11 @@ class Classification:
         positive_index = classes.index(meta["positive_class"]) if meta.get("positive_class") else 1
         return cls(meta["task"], classes, Task(meta["task"], len(classes)), positive_index,
                    meta.get("threshold") or 0.5)
+
+    def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
+                    pretrained_path: Optional[str] = None, verbose=print):
+        return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
+                           pretrained_path=pretrained_path, verbose=verbose)
 
     def metric_names(self) -> List[str]:
         """The scalar metrics an evaluation reports (what eval.monitor may name)."""
@@ -202,20 +211,46 @@ class Classification:
                 "threshold": metrics.get("threshold", self.threshold) if binary else None,
                 "positive_class": self.classes[self.positive_index] if binary else None}
 
-    def prediction_rows(self, paths: Sequence[str], logits: torch.Tensor) -> list:
-        """`trainer predict`: one CSV row per image: path, predicted class, every class's probability."""
-        probs = self.head.probabilities(logits).cpu()
-        labels = self.head.predict(probs, self.threshold, self.positive_index)
-        # repr: exact, parses back to the same number
-        return [[path, self.classes[label]] + [repr(v) for v in p] for path, p, label in
-                zip(paths, probs.tolist(), labels.tolist())]
+    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False) -> "CsvPredictions":
+        """`trainer predict`: a CSV of labels and probabilities (`output` is its path)."""
+        if overlay:
+            raise TrainerError("--overlay is for segmentation models; this one classifies")
+        return CsvPredictions(self, check_csv_output(output, inputs))
 
-    def write_predictions(self, out, rows: list) -> None:
+
+def check_csv_output(output: str, inputs: Sequence[str]) -> Path:
+    out = Path(output)
+    if out.is_dir():
+        raise TrainerError(f"--output {output} is a folder; give a CSV file path, e.g. {out / 'preds.csv'}")
+    if is_image_file(out) or any(Path(i).resolve() == out.resolve() for i in inputs if not i.startswith("@")):
+        raise TrainerError(f"--output {output} would overwrite an input image; give a CSV file path")
+    return out
+
+
+class CsvPredictions:
+    """One row per image (path, predicted class, every class's probability), written whole at the end."""
+
+    def __init__(self, task: Classification, out: Path):
+        self.task, self.out, self.rows = task, out, []
+
+    def add(self, inputs: Sequence[Tuple[str, str]], logits: torch.Tensor, sizes, images=None) -> None:
+        """`inputs`: (image path, the folder it was found under) per image of the batch."""
+        paths = [path for path, _ in inputs]
+        probs = self.task.head.probabilities(logits).cpu()
+        labels = self.task.head.predict(probs, self.task.threshold, self.task.positive_index)
+        self.rows += [[path, self.task.classes[label]] + [repr(v) for v in p]  # repr: parses back exactly
+                      for path, p, label in zip(paths, probs.tolist(), labels.tolist())]
+
+    def abort(self) -> None:
+        """Nothing was written yet: the CSV is written whole in `close`."""
+
+    def close(self) -> int:
         text = io.StringIO()
         writer = csv.writer(text)
-        writer.writerow(["path", "label"] + [f"prob_{c}" for c in self.classes])
-        writer.writerows(rows)
-        atomic_write(out, text.getvalue())
+        writer.writerow(["path", "label"] + [f"prob_{c}" for c in self.task.classes])
+        writer.writerows(self.rows)
+        atomic_write(self.out, text.getvalue())  # written whole, then renamed: never half a CSV
+        return len(self.rows)
 
 
 class ClassificationEvaluator:
@@ -225,6 +260,7 @@ class ClassificationEvaluator:
 
     def __init__(self, task: Classification, num_samples: int, score: bool = True):
         self.task, self.num_samples, self.score, self.rows = task, num_samples, score, []
+        self.indices = torch.arange(num_samples)  # the split index of each row added (set by trainer.evaluation)
         self.head = task.eval_head
 
     def add(self, batch, logits: torch.Tensor) -> None:
@@ -233,14 +269,14 @@ class ClassificationEvaluator:
         self.rows.append(torch.cat([self.head.probabilities(logits), y[:, None].float(), losses[:, None]], dim=1).cpu())
 
     def gather(self, accelerator) -> Optional[dict]:
-        """Every rank's rows on the main rank, in rank order (so in split order); None elsewhere."""
+        """Every rank's rows on the main rank, in split order; None elsewhere."""
         c = self.head.num_classes
         local = torch.cat(self.rows) if self.rows else torch.zeros((0, c + 2))
         table = gather_to_main(local.float(), accelerator)
+        order = split_order(self.indices, self.num_samples, accelerator)
         if table is None:
             return None
-        if table.shape[0] != self.num_samples:  # by construction impossible; a loud check, never a silent miscount
-            raise TrainerError(f"evaluation gathered {table.shape[0]} samples for a split of {self.num_samples}")
+        table = table[order]
         return {"probs": table[:, :c].numpy(), "labels": table[:, c].round().long().numpy(),
                 "losses": table[:, c + 1].numpy()}
 

@@ -1,0 +1,109 @@
+"""Segmentation reports: eval.json, the confusion matrix (counts and row-normalised), a per-class IoU bar
+chart and a grid of validation images with their ground truth and prediction overlaid; the printed summary.
+The JSON writer, the confusion-matrix drawing and the training curves are the shared ones of trainer.reports.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from trainer.files import atomic_write_json
+from trainer.reports import _fmt, _save, _to_plain, plot_confusion_matrix, plt
+
+PLOTS = ("confusion_matrix.png", "iou_per_class.png", "overlays.png")
+OVERLAY_ALPHA = 0.5
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(C + 1, 3) uint8 colours: the Pascal VOC colour map (bit-interleaved, distinct for hundreds of
+    classes); the last row is for ignored pixels (white)."""
+    colours = np.zeros((num_classes + 1, 3), dtype=np.uint8)
+    for k in range(num_classes):
+        c, r, g, b = k, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        colours[k] = (r, g, b)
+    colours[num_classes] = (255, 255, 255)
+    return colours
+
+
+def colourise(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """(H, W) class indices (anything >= C, the ignore index, in white) as (H, W, 3) uint8 colours."""
+    return palette(num_classes)[np.clip(mask, 0, num_classes)]
+
+
+def overlay(image_rgb: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """The image with the mask's colours blended over it (uint8 RGB)."""
+    blended = (1 - alpha) * image_rgb.astype(np.float64) + alpha * colourise(mask, num_classes).astype(np.float64)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def plot_iou_per_class(metrics: dict, classes: list, path: Path) -> None:
+    per = metrics.get("per_class", {})
+    values = [per.get(c, {}).get("iou") for c in classes]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * len(classes) + 2), 4), layout="constrained")
+    ax.bar(range(len(classes)), [v if v is not None else 0 for v in values],
+           color=[("tab:blue" if v is not None else "lightgrey") for v in values])
+    ax.set_xticks(range(len(classes)), [c[:20] for c in classes], rotation=90 if len(classes) > 8 else 0)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU")
+    miou = metrics.get("miou")
+    ax.set_title(f"IoU per class (mIoU {_fmt(miou)}; grey: absent from the split)")
+    if miou is not None:
+        ax.axhline(miou, color="tab:red", lw=1, ls="--")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+
+
+def plot_overlays(samples: list, classes: list, path: Path) -> None:
+    """One row per image: the image, its ground truth over it, the prediction over it (original size)."""
+    rows = len(samples)
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False, layout="constrained")
+    for r, (image, target, pred) in enumerate(samples):
+        rgb = image.permute(1, 2, 0).numpy()  # normalised: stretched back to [0, 255] for display
+        rgb = ((rgb - rgb.min()) / max(float(rgb.max() - rgb.min()), 1e-6) * 255).astype(np.uint8)
+        h, w = target.shape
+        from PIL import Image
+
+        rgb = np.asarray(Image.fromarray(rgb).resize((w, h)))
+        for c, (title, panel) in enumerate((("image", rgb), ("ground truth", overlay(rgb, target.numpy(), len(classes))),
+                                            ("prediction", overlay(rgb, pred.numpy(), len(classes))))):
+            axes[r][c].imshow(panel)
+            axes[r][c].set_title(title, fontsize=9)
+            axes[r][c].axis("off")
+    _save(fig, path)
+
+
+def write_segmentation_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:
+    """eval.json first (the numbers survive a failing plot), then the plots, replacing older ones."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / name, _to_plain(metrics))
+    plots = out_dir / "plots"
+    for filename in PLOTS:
+        (plots / filename).unlink(missing_ok=True)  # an earlier eval's plots would contradict this eval.json
+    if not metrics.get("num_pixels"):
+        return
+    plots.mkdir(exist_ok=True)
+    plot_confusion_matrix(metrics["confusion_matrix"], list(classes), plots / "confusion_matrix.png")
+    plot_iou_per_class(metrics, list(classes), plots / "iou_per_class.png")
+    if outputs and outputs.get("samples"):
+        plot_overlays(outputs["samples"], list(classes), plots / "overlays.png")
+
+
+def format_segmentation_summary(metrics: dict, classes: list) -> str:
+    head = "  ".join(f"{k}={_fmt(metrics.get(k))}" for k in
+                     ("num_images", "num_pixels", "miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice",
+                      "fwiou", "loss"))
+    lines = [head, "", f"{'class':<20} {'iou':>8} {'dice':>8} {'acc':>8} {'pixels':>12}"]
+    for c in classes:
+        row = metrics.get("per_class", {}).get(c, {})
+        lines.append(f"{c[:20]:<20} {_fmt(row.get('iou')):>8} {_fmt(row.get('dice')):>8} "
+                     f"{_fmt(row.get('accuracy')):>8} {row.get('pixels', 0):>12}")
+    if metrics.get("absent_classes"):
+        lines.append(f"absent from the split (not in the means): {', '.join(metrics['absent_classes'])}")
+    return "\n".join(lines)

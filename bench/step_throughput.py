@@ -1,6 +1,7 @@
 """Training-step throughput and peak memory of every registered model, per precision x memory format x compile.
 
-For each model in `trainer.models.MODELS` and each combination of
+For each model in `trainer.models.MODELS` and `trainer.tasks.segment_models.SEGMENTATION_MODELS` (whose loss is
+pixel cross-entropy over the whole input, plus 0.5 x the auxiliary head's) and each combination of
   precision      fp32 | bf16 (torch.autocast, dtype bfloat16, on the device type)
   memory format  nchw | channels_last (model and input)
   compile        off | on (torch.compile(model); the optimizer step stays eager)
@@ -46,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.models import MODELS, build_model  # noqa: E402
+from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model  # noqa: E402
+
+ALL_MODELS = {**MODELS, **SEGMENTATION_MODELS}
 
 
 def sync(device: torch.device) -> None:
@@ -96,11 +100,16 @@ def measure_one(args, row: dict) -> None:
     torch.backends.cudnn.benchmark = True  # as the trainer does on GPU (train.cudnn_benchmark)
     row["baseline_rss_mib"] = status_mib("VmRSS")  # the process before the model: interpreter + torch
     torch.manual_seed(0)
-    model = build_model(row["model"], args.num_classes, image_size=args.image_size, small_input_stem=None,
-                        verbose=lambda *a: None).to(device)
+    segmentation = row["model"] in SEGMENTATION_MODELS
+    if segmentation:  # pixel cross-entropy on every pixel (+ 0.5 x the auxiliary head's, as trained)
+        model = build_segmentation_model(row["model"], args.num_classes, verbose=lambda *a: None).to(device)
+    else:
+        model = build_model(row["model"], args.num_classes, image_size=args.image_size, small_input_stem=None,
+                            verbose=lambda *a: None).to(device)
     row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,) + ((args.image_size,) * 2 if segmentation else ()),
+                      device=device)
     if row["format"] == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -110,7 +119,11 @@ def measure_one(args, row: dict) -> None:
 
     def train_step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(net(x), y)
+            out = net(x)
+            if segmentation:
+                loss = F.cross_entropy(out["out"], y) + (0.5 * F.cross_entropy(out["aux"], y) if "aux" in out else 0)
+            else:
+                loss = F.cross_entropy(out, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -191,7 +204,8 @@ def table(rows: list, device: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--models", default=",".join(MODELS), help="comma list (default: all of MODELS)")
+    p.add_argument("--models", default=",".join(ALL_MODELS),
+                   help="comma list (default: every classification and segmentation model)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--num-classes", type=int, default=10)
@@ -221,7 +235,7 @@ def main() -> None:
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
     models, precisions, formats, compiles = (split(args.models), split(args.precisions), split(args.formats),
                                              split(args.compile))
-    for values, valid in ((models, MODELS), (precisions, ("fp32", "bf16")),
+    for values, valid in ((models, ALL_MODELS), (precisions, ("fp32", "bf16")),
                           (formats, ("nchw", "channels_last")), (compiles, ("off", "on"))):
         if not values or set(values) - set(valid):
             p.error(f"expected a comma list of {', '.join(valid)}; got {','.join(values) or 'nothing'}")

@@ -15,7 +15,8 @@ from tests.conftest import ROOT
     ("overhead.py", ["--loader", "device"], "overhead-small_cnn-no-device-smoke"),
     ("input_pipeline.py", [], "input-pipeline-smoke"),
     ("accelerate_wrappers.py", [], "accelerate-wrappers-smoke"),
-    ("checkpoint_io.py", [], "checkpoint-io-smoke")])
+    ("checkpoint_io.py", [], "checkpoint-io-smoke"),
+    ("seg_eval.py", [], "seg-eval-smoke")])
 def test_benchmark_smoke(tmp_path, script, extra, name):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path), *extra],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path,

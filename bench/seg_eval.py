@@ -40,7 +40,7 @@ def one(args) -> None:
             for _ in range(args.images)]
     totals, finishes = [], []
     for _ in range(args.repeats):
-        evaluator = task.evaluator(len(data))
+        evaluator = task.evaluator(data)
         inner = evaluator.finish
 
         def timed_finish(accelerator):

@@ -59,7 +59,18 @@ def _tiny_batch(task, n=6, side=16, seed=0):
 
 CONTRACT = {"binary": (["a", "b"], "small_cnn", "generated"),
             "multiclass": (["a", "b", "c"], "small_cnn", "generated"),
-            "segmentation": (["background", "a", "b"], "unet", "masks")}
+            "segmentation": (["background", "a", "b"], "unet", "masks"),
+            "detection": (["circle", "cross", "square", "triangle"], "retinanet_small", "coco")}
+
+
+def _detection_data(tmp_path, n: int):
+    """A real (generated) COCO split of n 32-px images: its training batch and the dataset evaluation reads."""
+    from trainer.data.coco import DetectionDataset, collate_detection, read_coco, write_generated_coco
+
+    write_generated_coco(tmp_path / "coco", 32, 0, {"val": n})
+    dataset = DetectionDataset(read_coco(tmp_path / "coco" / "val" / "annotations.json", tmp_path / "coco" / "val",
+                                         verbose=lambda *_: None))
+    return collate_detection([dataset[i] for i in range(min(n, 6))]), dataset
 
 
 @pytest.mark.parametrize("name", sorted(__import__("trainer.tasks", fromlist=["TASKS"]).TASKS))
@@ -76,15 +87,23 @@ def test_every_task_keeps_the_contract(name, tmp_path):
     classes, model_name, data_format = CONTRACT[name]
     cfg = Config()
     cfg.data.format = data_format
-    task = build_task(name, classes, [4] * len(classes), cfg.loss, cfg.eval, cfg.data)
+    if name == "detection":
+        cfg.data.image_size = 32
+        cfg.model.name = model_name
+    task = build_task(name, classes, [4] * len(classes), cfg.loss, cfg.eval, cfg.data, cfg.model, [2, 3, 5, 7])
     assert task.name == name and task.classes == classes
     model = task.build_model(model_name, 16)
-    loss, n = task.train_loss(model, _tiny_batch(task))
-    assert loss.ndim == 0 and n == 6
+    if name == "detection":
+        batch, dataset = _detection_data(tmp_path, 7)  # an odd-sized split
+        x = [image for image, _ in (dataset[0], dataset[1])]
+    else:
+        batch = _tiny_batch(task)
+        x, y = _tiny_batch(task, n=7, seed=1)
+        dataset = list(zip(x, y))  # an odd-sized split
+    loss, n, parts = task.train_loss(model, batch)
+    assert loss.ndim == 0 and n == 6 and set(parts) == set(task.loss_parts(model_name))
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    x, y = _tiny_batch(task, n=7, seed=1)
-    dataset = list(zip(x, y))  # an odd-sized split
     acc = make_accelerator("cpu", "no")
     metrics, outputs = evaluate(model, dataset, task, acc, batch_size=3)
     assert metrics.get("num_samples", metrics.get("num_images")) == 7
@@ -98,7 +117,8 @@ def test_every_task_keeps_the_contract(name, tmp_path):
     assert again.name == name and again.classes == classes and again.num_outputs == task.num_outputs
     assert isinstance(task.summary(metrics), str)
     assert task.higher_is_better(monitor) and not task.higher_is_better("loss")
-    writer = task.prediction_writer(str(tmp_path / ("preds.csv" if name != "segmentation" else "masks")), [])
+    output = {"segmentation": "masks", "detection": "preds.json"}.get(name, "preds.csv")
+    writer = task.prediction_writer(str(tmp_path / output), [])
     images = [torch.zeros(3, 10, 12, dtype=torch.uint8), torch.zeros(3, 9, 9, dtype=torch.uint8)]
     writer.add([(str(tmp_path / "in" / "p.png"), str(tmp_path / "in")), (str(tmp_path / "in" / "q.png"),
                                                                         str(tmp_path / "in"))],

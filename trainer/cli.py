@@ -49,12 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="table of a sweep's runs (best metric, values, status), best first")
     c.add_argument("sweep_dir")
     c.add_argument("--metric", help="rank by this metric (default: each run's eval.monitor)")
-    r = sub.add_parser("predict", help="write a CSV of predicted labels and class probabilities")
+    r = sub.add_parser("predict", help="predictions for image files: a CSV (classification), index PNGs "
+                       "(segmentation) or a JSON of boxes (detection)")
     r.add_argument("--model", required=True, help="a run folder or an exported model folder")
     r.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or @list.txt")
     r.add_argument("--output", required=True, help="classification: the CSV file to write; segmentation: the "
-                   "folder for one PNG of class indices per image")
+                   "folder for one PNG of class indices per image; detection: the JSON file of detections")
     r.add_argument("--overlay", action="store_true", help="segmentation: also a colour overlay beside each mask")
+    r.add_argument("--draw", help="detection: also each image with its boxes drawn, as a JPEG in this folder")
+    r.add_argument("--score-threshold", type=float, help="detection: override the model's score threshold")
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--threshold", type=float, help="binary: override the model's decision threshold")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -151,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             from trainer.predict import predict_files
 
             n = predict_files(args.model, args.inputs, args.output, args.batch_size, args.threshold, args.device,
-                              overlay=args.overlay)
+                              overlay=args.overlay, draw=args.draw, score_threshold=args.score_threshold)
             print(f"[predict] {n} images -> {args.output}")
     except TrainerError as err:
         if not (_rank() != 0 and _same_on_every_rank(err)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -28,12 +28,17 @@ class AugmentCfg:
     # random: each sample flipped with p=0.5 per epoch; alternating (data.loader=device only): a random half in
     # the first epoch, then every image flips on alternate epochs, so each sees both sides equally (airbench)
     flip_mode: Literal["random", "alternating"] = "random"
+    # detection: each image rescaled by a factor drawn from [min, max] of its own size before the detector's
+    # own resize (null = off), and SSD's random IoU crop (a zoom that keeps objects whole)
+    scale_jitter: Optional[List[float]] = None
+    iou_crop: bool = False
 
 
 @dataclass
 class GeneratedCfg:
-    # segmentation: several shapes per image with their pixel masks, written as a `masks` folder
-    variant: Literal["binary", "multiclass", "segmentation"] = "multiclass"
+    # segmentation: several shapes per image with their pixel masks, written as a `masks` folder;
+    # detection: the same scenes with a tight box per shape, written as a COCO folder
+    variant: Literal["binary", "multiclass", "segmentation", "detection"] = "multiclass"
     train_per_class: int = 1000
     val_per_class: int = 150
     test_per_class: int = 150
@@ -42,13 +47,19 @@ class GeneratedCfg:
 
 @dataclass
 class DataCfg:
-    format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc"] = "generated"
+    format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc", "coco", "voc_detection"] = \
+        "generated"
     # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
     # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
     # (default data/generated/<variant>-<size>px-seed<seed>-v<format> under the current directory);
     # masks (segmentation): ROOT/<split>/images/<name>.<ext> + ROOT/<split>/masks/<name>.png (class indices)
-    # with ROOT/classes.txt; voc: torchvision's VOC root (holds VOCdevkit/VOC2012/), read offline.
+    # with ROOT/classes.txt; voc: torchvision's VOC root (holds VOCdevkit/VOC2012/), read offline;
+    # coco (detection): ROOT/<split>/annotations.json (or Roboflow's _annotations.coco.json) beside the images,
+    # or the standard ROOT/annotations/instances_<split>2017.json + ROOT/<split>2017/; voc_detection: VOC's
+    # Annotations/ XML boxes from the same VOC root.
     root: Optional[str] = None
+    # coco: explicit files per split, winning over the layouts above: {train: {annotations: FILE, images: DIR}}
+    coco_files: Optional[Dict[str, Any]] = None
     ignore_index: int = 255  # segmentation: mask value that counts nowhere (void borders; the VOC convention)
     class_names: Optional[List[str]] = None  # masks: class names by index (instead of ROOT/classes.txt)
     voc_year: str = "2012"
@@ -79,12 +90,26 @@ class DataCfg:
 
 
 @dataclass
+class DetectionModelCfg:
+    """What users tune on a detector (trainer/tasks/detect_models.py says which model takes which)."""
+    min_size: Optional[int] = None  # the detector resizes each image's short side to this; null = data.image_size
+    max_size: Optional[int] = None  # ... and its long side to at most this; null = min_size x 1333 / 800
+    anchor_sizes: Optional[List[Any]] = None  # pixels, one entry (a number or a list) per feature level; null = the model's
+    aspect_ratios: Optional[List[Any]] = None  # height / width, for every level or one list per level
+    trainable_backbone_layers: Optional[int] = None  # with a pretrained backbone: stages left trainable
+    score_thresh: Optional[float] = None  # detections below this score are dropped; null = the model's (0.05)
+    nms_thresh: Optional[float] = None  # non-maximum suppression IoU per class; null = the model's (0.5)
+    detections_per_img: Optional[int] = None  # kept after NMS; null = the model's (100; COCO scores 100)
+
+
+@dataclass
 class ModelCfg:
     name: str = "multiclass_cnn"
     small_input_stem: Optional[bool] = None  # torchvision models: 3x3 stride-1 stem for small images; null = auto (image_size <= 64)
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
     channels_last: bool = False
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
+    detection: DetectionModelCfg = field(default_factory=DetectionModelCfg)
 
 
 @dataclass
@@ -190,9 +215,10 @@ class RunCfg:
 
 @dataclass
 class Config:
-    # auto: segmentation for mask data (data.format masks/voc, the generated segmentation variant), else binary
+    # auto: segmentation for mask data (data.format masks/voc, the generated segmentation variant), detection
+    # for box data (coco, voc_detection, the generated detection variant), else binary
     # when the data has 2 classes, else multiclass
-    task: Literal["auto", "binary", "multiclass", "segmentation"] = "auto"
+    task: Literal["auto", "binary", "multiclass", "segmentation", "detection"] = "auto"
     seed: int = 0
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -213,20 +239,41 @@ RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_s
                     "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile")
 
 
+def data_targets(data_cfg) -> str:
+    """What the data's targets are: "masks" (segmentation), "boxes" (detection) or "labels" (classification)."""
+    generated = data_cfg.generated.variant if data_cfg.format == "generated" else None
+    if data_cfg.format in ("masks", "voc") or generated == "segmentation":
+        return "masks"
+    if data_cfg.format in ("coco", "voc_detection") or generated == "detection":
+        return "boxes"
+    return "labels"
+
+
 def mask_data(data_cfg) -> bool:
     """Data whose targets are per-pixel masks (segmentation)."""
-    return data_cfg.format in ("masks", "voc") or (data_cfg.format == "generated"
-                                                    and data_cfg.generated.variant == "segmentation")
+    return data_targets(data_cfg) == "masks"
+
+
+# the targets each explicit task trains on, and how to get such data
+_TASK_TARGETS = {"segmentation": ("masks", "data.format=masks or voc, or data.generated.variant=segmentation"),
+                 "detection": ("boxes", "data.format=coco or voc_detection, or data.generated.variant=detection"),
+                 "binary": ("labels", "an image folder of class folders, cifar, or a generated classification variant"),
+                 "multiclass": ("labels", "an image folder of class folders, cifar, or a generated classification "
+                                          "variant")}
+_TASK_OF_TARGETS = {"masks": "segmentation", "boxes": "detection", "labels": "binary or multiclass"}
 
 
 def task_data_mismatch(task: str, data_cfg) -> Optional[str]:
     """Why `task` cannot train on this data (None when it can)."""
-    if task == "segmentation" and not mask_data(data_cfg):
-        return ("task=segmentation needs mask data: data.format=masks or voc, or "
-                "data.generated.variant=segmentation")
-    if task in ("binary", "multiclass") and mask_data(data_cfg):
-        return (f"task={task} trains on class labels, but data.format={data_cfg.format} holds masks: use "
-                f"task=segmentation (or task=auto)")
+    if task not in _TASK_TARGETS:
+        return None
+    wanted, how = _TASK_TARGETS[task]
+    found = data_targets(data_cfg)
+    if found != wanted:
+        source = (f"data.generated.variant={data_cfg.generated.variant}" if data_cfg.format == "generated"
+                  else f"data.format={data_cfg.format}")
+        return (f"task={task} trains on {wanted} ({how}), but {source} holds {found}: use "
+                f"task={_TASK_OF_TARGETS[found]} (or task=auto)")
     return None
 
 
@@ -302,6 +349,12 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = N
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not key=value")
+        for item in overrides or []:
+            try:  # a value OmegaConf cannot parse (e.g. `{a:b}` without a space) names its override
+                OmegaConf.from_dotlist([item])
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override '{item}': its value is not valid YAML "
+                                  f"({str(err).splitlines()[0]}; a mapping needs a space after each colon)") from None
         if overrides:
             dot = OmegaConf.from_dotlist(list(overrides))
             _fix_yaml_booleans(dot)
@@ -357,16 +410,30 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.target_recall must be in (0, 1], got {cfg.eval.target_recall}")
     if any(k <= 0 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be >= 1, got {cfg.eval.topk}")
-    if cfg.data.format in ("imagefolder", "masks") and not cfg.data.root:
-        raise ConfigError(f"missing required value: data.root (the {'image' if cfg.data.format == 'imagefolder' else 'masks'} "
-                          f"folder to train on)")
-    masks = mask_data(cfg.data)
+    needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO"}
+    if cfg.data.format in needs_root and not cfg.data.root:
+        raise ConfigError(f"missing required value: data.root (the {needs_root[cfg.data.format]} folder to train on)")
     mismatch = task_data_mismatch(cfg.task, cfg.data)
     if mismatch:
         raise ConfigError(mismatch)
-    if cfg.data.loader == "device" and (masks or cfg.task == "segmentation"):
-        raise ConfigError("data.loader=device is for classification; segmentation reads images and masks through "
-                          "data.loader=workers")
+    targets = data_targets(cfg.data)
+    if cfg.data.loader == "device" and targets != "labels":
+        raise ConfigError(f"data.loader=device is for classification; {_TASK_OF_TARGETS[targets]} reads images and "
+                          f"their {targets} through data.loader=workers")
+    if cfg.data.sampler == "weighted" and targets != "labels":
+        raise ConfigError(f"data.sampler=weighted draws images by class label; {_TASK_OF_TARGETS[targets]} data has "
+                          f"no one label per image (segmentation: try loss.class_weighted=true)")
+    if cfg.data.coco_files is not None and cfg.data.format != "coco":
+        raise ConfigError(f"data.coco_files is for data.format=coco (it is {cfg.data.format})")
+    jitter = cfg.data.augment.scale_jitter
+    if jitter is not None and (len(jitter) != 2 or not 0 < jitter[0] <= jitter[1]):
+        raise ConfigError(f"data.augment.scale_jitter must be [min, max] with 0 < min <= max, got {list(jitter)}")
+    if targets != "boxes" and (jitter is not None or cfg.data.augment.iou_crop):
+        raise ConfigError("data.augment.scale_jitter and data.augment.iou_crop are for detection; classification "
+                          "and segmentation crop with data.augment.random_resized_crop")
+    if targets == "boxes" and cfg.eval.tta != "none":
+        raise ConfigError("eval.tta=flip averages logits; a detector's boxes are not averaged that way: use "
+                          "eval.tta=none for detection")
     if cfg.loss.dice_weight < 0 or cfg.loss.aux_weight < 0:
         raise ConfigError(f"loss.dice_weight and loss.aux_weight must be >= 0, got {cfg.loss.dice_weight}, "
                           f"{cfg.loss.aux_weight}")

@@ -47,6 +47,10 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     classes = meta["classes"]
 
     def match_classes() -> None:
+        if meta["task"] == "detection" and (data.classes, data.category_ids) != (classes, meta["category_ids"]):
+            raise DataError(f"{data.source} has the categories {list(zip(data.category_ids, data.classes))}; the "
+                            f"model was trained on {list(zip(meta['category_ids'], classes))} (id, name): the "
+                            f"annotation file must use the same ones")
         if data.classes != classes and meta["task"] == "segmentation":  # mask values are class indices
             raise DataError(f"{data.source} has the classes {data.classes}; the model was trained on {classes} "
                             f"(mask values are class indices, so the lists must be the same, in the same order)")

@@ -9,6 +9,7 @@ and gives every rank the same metrics. What is gathered and how it is scored is 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Optional, Tuple
 
 import torch
@@ -47,24 +48,33 @@ def evaluate(model, dataset, task, accelerator, batch_size: int, num_workers: in
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    evaluator = evaluator or task.evaluator(len(dataset))
+    evaluator = evaluator or task.evaluator(dataset)
     mine = batch_share(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
     evaluator.indices = torch.tensor(mine, dtype=torch.int64)  # the split index of each image, in the order given
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=accelerator.device.type == "cuda", collate_fn=task.collate)
-    threads = torch.get_num_threads()
-    if accelerator.device.type == "cpu":
-        # one thread per process while evaluating: a CPU convolution's float rounding depends on how many
-        # threads split it (measured: a segmentation loss differed in the 11th digit between 2 threads and 1),
-        # and an evaluation must give the same numbers whether 1 process with all cores or N with one each
-        torch.set_num_threads(1)
     try:
-        for batch in loader:
-            batch = task.to_device(batch, accelerator.device, memory_format)
-            with accelerator.autocast():
-                outputs = task.forward(net, batch, tta)
-            evaluator.add(batch, outputs)
+        with evaluation_threads(accelerator.device):
+            for batch in loader:
+                batch = task.to_device(batch, accelerator.device, memory_format)
+                with accelerator.autocast():
+                    outputs = task.forward(net, batch, tta)
+                evaluator.add(batch, outputs)
     finally:
         net.train(was_training)
-        torch.set_num_threads(threads)
     return evaluator.finish(accelerator)
+
+
+@contextmanager
+def evaluation_threads(device):
+    """One thread per process while evaluating (and predicting) on a CPU: a CPU convolution's float rounding
+    depends on how many threads split it (measured: a segmentation loss differed in the 11th digit between 2
+    threads and 1), and an evaluation must give the same numbers whether 1 process with all cores or N with one
+    each, and `trainer predict` the same as `trainer eval`."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -72,11 +72,18 @@ def read_meta(model_dir: Path) -> dict:
     if wrong:
         raise TrainerError(f"{path}: {', '.join(f'{k} is not a {REQUIRED[k].__name__}' for k in wrong)}")
     classes, kind = meta["classes"], meta["task"]
-    if kind not in ("binary", "multiclass", "segmentation"):
-        raise TrainerError(f"{path}: task '{kind}' is not binary, multiclass or segmentation")
+    if kind not in ("binary", "multiclass", "segmentation", "detection"):
+        raise TrainerError(f"{path}: task '{kind}' is not binary, multiclass, segmentation or detection")
     if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise TrainerError(f"{path}: classes must be 2 or more distinct names, got {classes}")
-    outputs = 1 if kind == "binary" else len(classes)
+    if kind == "detection":
+        ids, kwargs = meta.get("category_ids"), meta.get("model_kwargs")
+        if not isinstance(ids, list) or len(ids) != len(classes) or not all(isinstance(c, int) for c in ids) \
+                or len(set(ids)) != len(ids):
+            raise TrainerError(f"{path}: category_ids must be one distinct integer per class, got {ids}")
+        if not isinstance(kwargs, dict):
+            raise TrainerError(f"{path}: a detection model needs model_kwargs (a mapping), got {kwargs!r}")
+    outputs = {"binary": 1, "detection": len(classes) + 1}.get(kind, len(classes))  # detection: + background
     if meta["num_outputs"] != outputs or (kind == "binary" and len(classes) != 2):
         raise TrainerError(f"{path}: {len(classes)} classes do not fit {meta['num_outputs']} output(s) of a "
                            f"{kind} model")
@@ -97,11 +104,14 @@ def read_meta(model_dir: Path) -> dict:
     return meta
 
 
-def load_exported(path: str) -> Tuple[torch.nn.Module, dict]:
+def load_exported(path: str, detection_options: Optional[dict] = None) -> Tuple[torch.nn.Module, dict]:
+    """The model and its model.json; `detection_options` override a detector's own (e.g. its score threshold)."""
     model_dir = find_model_dir(path)
     meta = read_meta(model_dir)
     from trainer.tasks import task_from_meta  # the task builds its own kind of network
 
+    if detection_options:
+        meta = {**meta, "model_kwargs": {**meta["model_kwargs"], **detection_options}}
     try:
         model = task_from_meta(meta).build_model(meta["architecture"], meta["image_size"],
                                                  meta.get("small_input_stem"), verbose=lambda *_: None)

@@ -159,7 +159,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     # ---- data and task (the main process first: it writes the generated dataset; the others then read it) ----
     data = main_first(acc, lambda: build_data(cfg.data, cfg.seed, ("train", "val"), verbose=say))
     train_set, val_set = data.datasets["train"], data.datasets["val"]
-    task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, cfg.eval, cfg.data))
+    task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, cfg.eval, cfg.data,
+                                         cfg.model, data.category_ids))
 
     # ---- model and training loader ----
     def build() -> tuple:
@@ -170,7 +171,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         model = task.build_model(cfg.model.name, cfg.data.image_size, small_stem, cfg.model.pretrained_path, verbose=say)
         loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, acc, data.mean, data.std,
                                     len(data.classes), cfg.model.channels_last, say,
-                                    drop_last=getattr(task, "drop_last", False))
+                                    drop_last=task.drop_last, collate=task.collate)
         if hasattr(model, "init_from_data") and not cfg.model.pretrained_path:  # e.g. airbench's whitening filters
             model.init_from_data(loader.first(5000))
         return model, loader
@@ -302,7 +303,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     requests.end_startup()  # from here a stop request is acted on at the next step boundary, after a save
 
     # ---- what the periodic blocks do ----
-    loss_log = LossLog(acc, state.log, state.update)
+    loss_log = LossLog(acc, state.log, state.update, task.loss_parts(cfg.model.name))
     t_log, samples_at_log = time.time(), state.samples_seen
     monitor = cfg.eval.monitor or task.default_monitor
     sign = 1 if task.higher_is_better(monitor) else -1
@@ -312,7 +313,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
 
     def save_checkpoint(epoch: int, batch_in_epoch: int, done: bool = False) -> None:
         """Every rank calls this (RNG states and loss sums are gathered); the main process writes."""
-        per_rank = gather_object([(capture_rng(), loss_log.sum.item())])  # each rank's RNG and loss accumulator
+        per_rank = gather_object([(capture_rng(), loss_log.mine())])  # each rank's RNG and loss accumulator
         rng = [r for r, _ in per_rank]
 
         def write() -> None:
@@ -339,11 +340,11 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     def log_train(epoch_float: float) -> float:
         """Every rank (the mean loss is all-reduced); the main process writes the row."""
         nonlocal t_log, samples_at_log
-        mean_loss = loss_log.mean_and_reset(state.update)
+        mean_loss, parts = loss_log.mean_and_reset(state.update)
         now = time.time()
         lr, throughput = lr_for(max(state.update - 1, 0)), (state.samples_seen - samples_at_log) / max(now - t_log, 1e-9)
         tracker.log({"type": "train", "step": state.update, "epoch": round(epoch_float, 4),
-                     "samples_seen": state.samples_seen, "lr": lr, "loss": mean_loss, "throughput": throughput})
+                     "samples_seen": state.samples_seen, "lr": lr, "loss": mean_loss, **parts, "throughput": throughput})
         if not show_bar:
             say(f"[train] step {state.update} epoch {epoch_float:.2f} loss {mean_loss:.4f} lr {lr:.3g} "
                 f"{throughput:.0f} img/s")
@@ -376,7 +377,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         stop = False
         for batch in ([] if last else loader.batches(skip)):
             with acc.accumulate(model):
-                loss, batch_size = task.train_loss(model, batch, memory_format)
+                loss, batch_size, parts = task.train_loss(model, batch, memory_format)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     if cfg.train.clip_grad_norm is not None:
@@ -385,7 +386,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                         group["lr"] = lr_for(state.update) * group.get("lr_scale", 1.0)
                 opt.step()  # a no-op on accumulation micro-batches (accelerate skips it)
                 opt.zero_grad(set_to_none=True)
-            loss_log.add(loss)
+            loss_log.add(loss, parts)
             state.samples_seen += batch_size * acc.num_processes
             state.batch_in_epoch += 1
             bar.update(1)

@@ -13,9 +13,14 @@ import torch
 from trainer.data.datasets import eval_transform
 from trainer.data.folders import decode_rgb, describe_skipped, walk_image_files
 from trainer.errors import TrainerError
-from trainer.export import load_exported
+from trainer.evaluation import evaluation_threads
+from trainer.export import find_model_dir, load_exported, read_meta
 from trainer.files import disk_error
 from trainer.tasks import task_from_meta
+
+
+def detection_image(image: torch.Tensor) -> torch.Tensor:
+    return image.float() / 255  # uint8 -> [0, 1], as detection_eval_transform (ToDtype with scale)
 
 
 def list_images(inputs: Iterable[str]) -> List[str]:
@@ -76,19 +81,30 @@ def check_predict_args(output: str, batch_size: int, threshold: Optional[float],
 
 @torch.no_grad()
 def predict_files(model_path: str, inputs: List[str], output: str, batch_size: int = 64,
-                  threshold: Optional[float] = None, device: str = "cpu", overlay: bool = False) -> int:
+                  threshold: Optional[float] = None, device: str = "cpu", overlay: bool = False,
+                  draw: Optional[str] = None, score_threshold: Optional[float] = None) -> int:
     """Predictions for every input image, written as the model's task writes them; returns the image count."""
     check_predict_args(output, batch_size, threshold, device)
-    model, meta = load_exported(model_path)
+    if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:  # NaN fails this too
+        raise TrainerError(f"--score-threshold must be in [0, 1], got {score_threshold}")
+    meta = read_meta(find_model_dir(model_path))
+    detection = meta["task"] == "detection"
+    if (draw is not None or score_threshold is not None) and not detection:
+        raise TrainerError(f"--draw and --score-threshold are for detection models; this one is {meta['task']}")
+    if threshold is not None and meta["task"] != "binary":
+        raise TrainerError(f"--threshold applies to binary models only; this one is {meta['task']}"
+                           + ("" if detection else f" ({len(meta['classes'])} classes, predicted by the highest "
+                                                   f"probability)") + ("; use --score-threshold" if detection else ""))
     task = task_from_meta(meta)
+    writer = task.prediction_writer(output, inputs, overlay, draw) if detection else \
+        task.prediction_writer(output, inputs, overlay)
+    model, meta = load_exported(model_path,
+                                {"score_thresh": score_threshold} if score_threshold is not None else None)
     if threshold is not None:
-        if meta["task"] != "binary":
-            raise TrainerError(f"--threshold applies to binary models only; this one is {meta['task']} "
-                               f"({len(meta['classes'])} classes, predicted by the highest probability)")
         task.threshold = threshold
-    writer = task.prediction_writer(output, inputs, overlay)
     model.to(device)
-    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+    # a detector takes each image as it is (it resizes and normalises inside, and maps its boxes back)
+    transform = (detection_image if detection else eval_transform(meta["image_size"], meta["mean"], meta["std"]))
     exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
     tta = meta.get("tta", "none")  # the model's test-time augmentation, as in training's evaluation
     found = list_inputs(inputs)
@@ -103,8 +119,10 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
                         raw.append(decode_rgb(path, exif_orientation=exif))  # as training's evaluation reads it
                 except Exception as err:
                     raise TrainerError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
-            x = torch.stack([transform(image) for image in raw]).to(device)
-            writer.add(chunk, task.forward(model, (x,), tta), [tuple(image.shape[-2:]) for image in raw], raw)
+            x = [transform(image).to(device) for image in raw]
+            with evaluation_threads(device):  # as evaluation computes, so predictions reproduce eval.json
+                outputs = task.forward(model, (x if detection else torch.stack(x),), tta)
+            writer.add(chunk, outputs, [tuple(image.shape[-2:]) for image in raw], raw)
         return writer.close()
     except OSError as err:
         writer.abort()

@@ -207,8 +207,15 @@ def _curve_title(style: _CurveStyle, kind: str, classes: list[str], positive_ind
 
 # ------------------------------------------------------------------------------------------- training curves
 
+# keys of a train row that are not the loss or one of its parts
+_TRAIN_BOOKKEEPING = {"type", "step", "epoch", "samples_seen", "lr", "throughput", "loss"}
+# the eval metric drawn in the middle panel: the first a row has (classification, segmentation, detection)
+_HEADLINE = ("accuracy", "miou", "map")
+
+
 def plot_training_curves(metrics_jsonl: Path, path: Path) -> bool:
-    """Loss, eval accuracy and learning rate against samples seen; False (nothing written) if there is no data."""
+    """Loss (and every logged part of it), the eval headline metric and the learning rate against samples seen;
+    False (nothing written) if there is no data."""
     rows = _read_jsonl(Path(metrics_jsonl))
     train = [r for r in rows if r.get("type") == "train"]
     evals = [r for r in rows if r.get("type") == "eval"]
@@ -217,12 +224,16 @@ def plot_training_curves(metrics_jsonl: Path, path: Path) -> bool:
     splits = sorted({str(r.get("split", "eval")) for r in evals})
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True, layout="constrained")
     _plot_series(ax_loss, train, "loss", "train loss", lw=1.0)
+    parts = sorted({k for r in train for k, v in r.items() if k not in _TRAIN_BOOKKEEPING and isinstance(v, float)})
+    for part in parts:  # e.g. a detector's loss_classifier, loss_box_reg, ...
+        _plot_series(ax_loss, train, part, part, lw=0.8)
+    headline = next((m for m in _HEADLINE if any(m in r for r in evals)), "accuracy")
     for split in splits:
         split_rows = [r for r in evals if str(r.get("split", "eval")) == split]
         _plot_series(ax_loss, split_rows, "loss", f"{split} loss", marker="o")
-        _plot_series(ax_acc, split_rows, "accuracy", f"{split} accuracy", marker="o")
+        _plot_series(ax_acc, split_rows, headline, f"{split} {headline}", marker="o")
     _plot_series(ax_lr, train, "lr", "learning rate", lw=1.0)
-    for ax, title in ((ax_loss, "Loss"), (ax_acc, "Eval accuracy"), (ax_lr, "Learning rate")):
+    for ax, title in ((ax_loss, "Loss"), (ax_acc, f"Eval {headline}"), (ax_lr, "Learning rate")):
         _finish_axis(ax, title)
     _save(fig, path)
     return True

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -122,34 +122,46 @@ class Tracker:
 
 
 class LossLog:
-    """The training loss between two log rows: summed on the device (`.item()` would sync the GPU every
-    update), in float64 so a resumed sum equals the uninterrupted one exactly, averaged over all ranks when a
-    row is written. Its state goes into every checkpoint (each rank's sum), so a resumed run writes the same
-    rows."""
+    """The training loss (and its named parts, e.g. a detector's box and class losses) between two log rows:
+    summed on the device (`.item()` would sync the GPU every update), in float64 so a resumed sum equals the
+    uninterrupted one exactly, averaged over all ranks when a row is written. Its state goes into every
+    checkpoint (each rank's sums), so a resumed run writes the same rows."""
 
-    def __init__(self, accelerator, saved: Optional[dict], update: int):
-        self.accelerator = accelerator
-        saved = saved or {"loss_sum": [0.0] * accelerator.num_processes, "loss_count": 0, "from_update": update}
-        sums = saved["loss_sum"]
+    def __init__(self, accelerator, saved: Optional[dict], update: int, parts: Sequence[str] = ()):
+        self.accelerator, self.parts = accelerator, list(parts)
+        width = 1 + len(self.parts)
+        saved = saved or {"loss_sum": [[0.0] * width] * accelerator.num_processes, "loss_count": 0,
+                          "from_update": update}
+        sums = [v if isinstance(v, list) else [v] for v in saved["loss_sum"]]  # older checkpoints: the loss only
+        sums = [v + [0.0] * (width - len(v)) for v in sums]
         own = sums[accelerator.process_index] if len(sums) == accelerator.num_processes \
-            else sum(sums) / accelerator.num_processes  # another process count: keep the mean right
-        self.sum = torch.tensor(own, dtype=torch.float64, device=accelerator.device)
+            else [sum(col) / accelerator.num_processes for col in zip(*sums)]  # another process count: keep the mean
+        self.sum = torch.tensor(own[:width], dtype=torch.float64, device=accelerator.device)
         self.count, self.from_update = saved["loss_count"], saved["from_update"]
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.sum += loss.detach()
+    def add(self, loss: torch.Tensor, parts: Optional[dict] = None) -> None:
+        if self.parts:
+            values = [loss.detach().reshape(())] + [parts[name].detach().reshape(()) for name in self.parts]
+            self.sum += torch.stack(values).to(self.sum.dtype)
+        else:
+            self.sum += loss.detach()
         self.count += 1
+
+    def mine(self) -> list:
+        """This rank's sums, for the checkpoint (one collective gathers every rank's)."""
+        return self.sum.tolist()
 
     def state(self, per_rank_sums: list) -> dict:
         return {"loss_sum": per_rank_sums, "loss_count": self.count, "from_update": self.from_update}
 
-    def mean_and_reset(self, update: int) -> float:
-        """The mean loss over every rank since the last row (a collective: every rank calls it)."""
-        totals = self.accelerator.reduce(torch.stack([self.sum, self.sum.new_tensor(float(self.count))]),
+    def mean_and_reset(self, update: int) -> Tuple[float, dict]:
+        """The mean loss and parts over every rank since the last row (a collective: every rank calls it)."""
+        totals = self.accelerator.reduce(torch.cat([self.sum, self.sum.new_tensor([float(self.count)])]),
                                          reduction="sum")
-        mean = (totals[0] / totals[1].clamp_min(1)).item()
+        means = (totals[:-1] / totals[-1].clamp_min(1)).tolist()
+        mean = means[0]
         if not math.isfinite(mean):  # all-reduced: the same on every rank, so raised by all alike
             raise SharedError(f"non-finite training loss ({mean}) between updates {self.from_update} and {update}; "
                               f"lower optim.lr, set train.clip_grad_norm, or check the data")
         self.sum, self.count, self.from_update = self.sum * 0, 0, update
-        return mean
+        return mean, dict(zip(self.parts, means[1:]))

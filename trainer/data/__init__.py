@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from trainer.data import generated
+from trainer.data.coco import (DetectionDataset, check_same_categories, detection_eval_transform,
+                               detection_train_transform, read_coco_splits, voc_detection_split)
 from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, eval_transform,
                                    measure_mean_std, train_transform)
 from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_masks, mask_eval_transform, mask_train_transform,
@@ -39,6 +41,7 @@ class Data:
     train_counts: List[int]  # images per class in the training split
     skipped: List[str] = field(default_factory=list)  # unreadable files dropped (data.skip_bad_images)
     source: str = ""
+    category_ids: List[int] = field(default_factory=list)  # detection: the annotation file's id of each class
 
 
 def _load_cifar(fmt: str, root: Optional[str], download: bool):
@@ -61,6 +64,8 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     size = data_cfg.image_size
     if fmt in ("masks", "voc") or (fmt == "generated" and data_cfg.generated.variant == "segmentation"):
         return build_mask_data(data_cfg, seed, splits, verbose)
+    if fmt in ("coco", "voc_detection") or (fmt == "generated" and data_cfg.generated.variant == "detection"):
+        return build_box_data(data_cfg, seed, splits, verbose)
     if fmt in ("cifar10", "cifar100"):
         train_set, test_set, root = _load_cifar(fmt, data_cfg.root, data_cfg.download)
         classes = list(train_set.classes)
@@ -207,6 +212,52 @@ def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -
                 source=f"{fmt} at {root}")
 
 
+# torchvision's detectors normalise inside the model (GeneralizedRCNNTransform: these ImageNet statistics); the
+# data pipeline hands them images in [0, 1], and model.json records the numbers the model uses
+DETECTOR_MEAN, DETECTOR_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -> Data:
+    """Images with boxes (detection): a COCO folder, Pascal VOC's XML boxes, or the generated detection variant.
+    Every annotation and every image header of each requested split is checked at start-up (one line naming the
+    file and annotation at fault); `train_counts` are the training split's boxes per class (crowd left out)."""
+    fmt, aug = data_cfg.format, data_cfg.augment
+    if "all" in splits:
+        raise DataError("eval.split=all is for image folders of classes; score a detection split (val or test)")
+    exif = data_cfg.exif_orientation
+    if fmt == "voc_detection":
+        root = data_cfg.root or "data/voc"
+        found = {split: voc_detection_split(root, data_cfg.voc_year, split, verbose=verbose, exif_orientation=exif)
+                 for split in splits}
+        check_same_categories(found)
+    else:
+        if fmt == "generated":
+            g = data_cfg.generated
+            root = data_cfg.root or generated.default_root(g.variant, data_cfg.image_size, g.seed)
+            per_split = {"train": g.train_per_class, "val": g.val_per_class, "test": g.test_per_class}
+            generated.ensure_generated(root, g.variant, data_cfg.image_size, g.seed,
+                                       {k: v for k, v in per_split.items() if v > 0})
+        else:
+            root = data_cfg.root
+        found = read_coco_splits(root, list(splits), files=data_cfg.coco_files, verbose=verbose, exif_orientation=exif)
+    made, counts = {}, []
+    for split in splits:
+        coco = found[split]
+        if len(coco) == 0:
+            raise DataError(f"the {split} split ({coco.source}) has no images")
+        if split == "train":
+            if not (~coco.iscrowd).any():
+                raise DataError(f"the train split ({coco.source}) has no (non-crowd) boxes: nothing to learn")
+            counts = np.bincount(coco.labels[~coco.iscrowd], minlength=coco.num_classes + 1)[1:].tolist()
+        transform = (detection_train_transform(aug.hflip, tuple(aug.scale_jitter) if aug.scale_jitter else None,
+                                               aug.iou_crop, aug.color_jitter)
+                     if split == "train" else detection_eval_transform())
+        made[split] = DetectionDataset(coco, transform, seed=seed)
+    first = found[splits[0]]
+    return Data(classes=first.class_names, datasets=made, mean=list(DETECTOR_MEAN), std=list(DETECTOR_STD),
+                train_counts=counts, source=f"{fmt} at {root}", category_ids=[cid for cid, _ in first.categories])
+
+
 def _why_empty(split: str, root, val_fraction: float) -> str:
     """Why an image-folder split came out empty, with the fix: the one way is a held-out val part too small."""
     root = Path(root)
@@ -243,7 +294,7 @@ def data_roots(data_cfg) -> Dict[str, Path]:
     fmt = data_cfg.format
     if fmt in ("cifar10", "cifar100"):
         return {"data.root": Path(data_cfg.root or "data/cifar")}
-    if fmt == "voc":
+    if fmt in ("voc", "voc_detection"):
         return {"data.root": Path(data_cfg.root or "data/voc")}
     if fmt == "generated" and not data_cfg.root:
         g = data_cfg.generated
@@ -260,7 +311,13 @@ def data_fingerprint(dataset, classes: Sequence[str]) -> str:
         return [os.path.relpath(p, common) for p in paths]
 
     items = relative(dataset.paths) if hasattr(dataset, "paths") else list(range(len(dataset)))
-    targets = (relative(dataset.mask_paths) if hasattr(dataset, "mask_paths")  # segmentation: the masks
-               else [int(v) for v in dataset.labels])
+    if hasattr(dataset, "mask_paths"):  # segmentation: the masks
+        targets = relative(dataset.mask_paths)
+    elif hasattr(dataset, "split"):  # detection: every box and label, as read
+        coco = dataset.split
+        targets = [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+                   for a in (coco.boxes, coco.labels, coco.iscrowd, coco.starts)]
+    else:
+        targets = [int(v) for v in dataset.labels]
     body = json.dumps([list(classes), items, targets])
     return hashlib.sha256(body.encode()).hexdigest()

@@ -29,6 +29,7 @@ CLASSES = {
     "binary": ["cross", "square"],
     "multiclass": ["circle", "cross", "square", "triangle"],
     "segmentation": ["background", "circle", "cross", "square", "triangle"],  # mask value = list index
+    "detection": ["circle", "cross", "square", "triangle"],  # COCO category ids: trainer/data/coco.py
 }
 SHAPES = CLASSES["multiclass"]  # the kinds a segmentation image draws from; mask value of SHAPES[k] is k + 1
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -199,7 +200,7 @@ SEGMENTATION_IMAGES_PER_COUNT = len(SHAPES)
 def _params(variant: str, image_size: int, seed: int, counts: dict) -> dict:
     params = {"format_version": FORMAT_VERSION, "variant": variant, "image_size": image_size, "seed": seed,
               "classes": CLASSES[variant], "per_class": counts}
-    if variant == "segmentation":  # a key of its own: the classification markers stay as they were
+    if variant in ("segmentation", "detection"):  # a key of its own: the classification markers stay as they were
         params["images_per_split"] = {k: n * SEGMENTATION_IMAGES_PER_COUNT for k, n in counts.items()}
     return params
 
@@ -220,6 +221,11 @@ def _write_segmentation(tmp: Path, image_size: int, seed: int, counts: dict) -> 
 def _write_variant(tmp: Path, variant: str, image_size: int, seed: int, counts: dict) -> None:
     if variant == "segmentation":
         _write_segmentation(tmp, image_size, seed, counts)
+        return
+    if variant == "detection":  # the same scenes, a tight box per shape, as a COCO folder
+        from trainer.data.coco import write_generated_coco  # coco imports this module's drawing
+
+        write_generated_coco(tmp, image_size, seed, {k: n * SEGMENTATION_IMAGES_PER_COUNT for k, n in counts.items()})
         return
     for split, n in counts.items():
         for class_idx, kind in enumerate(CLASSES[variant]):

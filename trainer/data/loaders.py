@@ -28,12 +28,12 @@ class WorkerLoader:
     class-balanced sampler moved to each epoch."""
 
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
-                 first_transform, sampler=None, drop_last: bool = False):
+                 first_transform, sampler=None, drop_last: bool = False, collate=None):
         self.dataset, self.sampler, self.first_transform = dataset, sampler, first_transform
         # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
         self.dl = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                              # its own generator: worker seeds never draw from the global RNG (exact resume)
-                             generator=torch.Generator().manual_seed(seed), drop_last=drop_last,
+                             generator=torch.Generator().manual_seed(seed), drop_last=drop_last, collate_fn=collate,
                              num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                              prefetch_factor=prefetch_factor if num_workers > 0 else None)
         self.accelerator = None
@@ -60,9 +60,10 @@ class WorkerLoader:
 
 
 def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerator, mean, std, num_classes: int,
-                       channels_last: bool, say=print, drop_last: bool = False):
-    """The loader `data.loader` asks for (`data_cfg` is the `data` section). `drop_last`: the task's choice
-    (segmentation: a last batch of one image would break BatchNorm in DeepLabV3's pooling branch)."""
+                       channels_last: bool, say=print, drop_last: bool = False, collate=None):
+    """The loader `data.loader` asks for (`data_cfg` is the `data` section). `drop_last`, `collate`: the task's
+    (segmentation drops a last batch of one image, which would break BatchNorm in DeepLabV3's pooling branch;
+    detection batches lists of images of different sizes)."""
     aug = data_cfg.augment
     if data_cfg.loader == "device":  # the whole split decoded once onto the device; batched augmentation there
         start = time.time()
@@ -76,4 +77,4 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
     return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
                         pin_memory=accelerator.device.type == "cuda",
                         first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler,
-                        drop_last=drop_last)
+                        drop_last=drop_last, collate=collate)

@@ -1,13 +1,14 @@
 """What a task means, behind one small protocol; the loop never looks inside a batch.
 
-A task module (classify.py: binary and multi-class; segment.py and detect.py next) offers an object with:
+A task module (classify.py: binary and multi-class; segment.py; detect.py) offers an object with:
 
     name, classes, num_outputs          what it is
     collate                             the DataLoader collate function (None: the default)
     metric_names(), higher_is_better(m) what eval.monitor may name, and which way is better
-    train_loss(model, batch, memory_format) -> (loss, samples in this process's batch)
+    train_loss(model, batch, memory_format) -> (loss, samples in this process's batch, {part name: loss part})
+    loss_parts(model name)              the names of those parts (logged beside the loss; [] for none)
     to_device(batch, device, memory_format), forward(net, batch, tta) -> outputs
-    evaluator(num_samples)              .add(batch, outputs) on every rank for each batch of its shard;
+    evaluator(dataset)                  .add(batch, outputs) on every rank for each batch of its shard;
                                         .finish(accelerator) -> (metrics, outputs): the one collective, the same
                                         metrics on every rank, the gathered outputs on the main rank
     write_report(dir, metrics, outputs, name), summary(metrics)   eval.json, plots, the printed table
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Sequence
 
-from trainer.config import mask_data, task_data_mismatch
+from trainer.config import data_targets, task_data_mismatch
 from trainer.errors import ConfigError
 from trainer.tasks.classify import Classification, Task, class_weights, resolve_task
+from trainer.tasks.detect import Detection, detector_options
 from trainer.tasks.segment import Segmentation
 
-__all__ = ["TASKS", "build_task", "task_from_meta", "task_kind", "Classification", "Segmentation", "Task",
+__all__ = ["TASKS", "build_task", "task_from_meta", "task_kind", "Classification", "Detection", "Segmentation", "Task",
            "class_weights", "resolve_task"]
 
 # name -> builder(task name, classes, train counts (images; pixels for segmentation), loss config, eval config,
@@ -36,28 +38,41 @@ TASKS: Dict[str, Callable] = {
     "binary": Classification.build,
     "multiclass": Classification.build,
     "segmentation": Segmentation.build,
+    "detection": Detection.build,
 }
 # the task of an exported model, by model.json's "task"
 FROM_META: Dict[str, Callable[[dict], object]] = {
     "binary": Classification.from_meta,
     "multiclass": Classification.from_meta,
     "segmentation": Segmentation.from_meta,
+    "detection": Detection.from_meta,
 }
 
 
+_KIND_OF_TARGETS = {"masks": "segmentation", "boxes": "detection", "labels": "classification"}
+
+
 def task_kind(task: str, data_cfg) -> str:
-    """segmentation or classification, from the config alone (before any data is read)."""
-    return "segmentation" if task == "segmentation" or (task == "auto" and mask_data(data_cfg)) else "classification"
+    """classification, segmentation or detection, from the config alone (before any data is read)."""
+    return _KIND_OF_TARGETS[data_targets(data_cfg)]  # an explicit task must match its data (task_data_mismatch)
 
 
-def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg, data_cfg):
-    """The task a run trains (`task=auto`: segmentation for mask data, else binary for 2 classes, else
-    multiclass), its options checked against the data."""
+def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg, data_cfg,
+               model_cfg=None, category_ids: Sequence[int] = ()):
+    """The task a run trains (`task=auto`: segmentation for mask data, detection for box data, else binary for
+    2 classes, else multiclass), its options checked against the data. `model_cfg`: the model section (a
+    detector's options); `category_ids`: detection data's own id of each class."""
     mismatch = task_data_mismatch(task, data_cfg)
     if mismatch:
         raise ConfigError(mismatch)
-    if task_kind(task, data_cfg) == "segmentation":
+    kind = task_kind(task, data_cfg)
+    if kind == "segmentation":
         return Segmentation.build(task, classes, train_counts, loss_cfg, eval_cfg, ignore_index=data_cfg.ignore_index)
+    if kind == "detection":
+        made = Detection.build(task, classes, category_ids, loss_cfg, eval_cfg,
+                               detector_options(model_cfg, data_cfg.image_size))
+        made.check_model(model_cfg.name)
+        return made
     if loss_cfg.name != "ce":
         raise ConfigError(f"loss.name={loss_cfg.name} is for segmentation; classification trains with ce")
     name = resolve_task(task, len(classes))

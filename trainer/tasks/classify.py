@@ -104,6 +104,7 @@ class Classification:
     target_recall: float = 0.9
     topk: Sequence[int] = (5,)
     collate = None  # the default collate: (images, labels) batches
+    drop_last = False  # every training image counts, the last batch too
     default_monitor = "accuracy"  # what picks best/ unless eval.monitor says
 
     @property
@@ -174,11 +175,15 @@ class Classification:
 
     # -- training --
 
-    def train_loss(self, model, batch, memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, int]:
-        """The loss to backpropagate and the number of samples in this process's batch."""
+    def train_loss(self, model, batch, memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, int, dict]:
+        """The loss to backpropagate, the number of samples in this process's batch, no parts."""
         x, y = batch
         x = x.to(memory_format=memory_format)
-        return self.head.loss(model(x), y), x.shape[0]
+        return self.head.loss(model(x), y), x.shape[0], {}
+
+    @staticmethod
+    def loss_parts(model_name: str) -> List[str]:
+        return []
 
     # -- evaluation --
 
@@ -190,8 +195,8 @@ class Classification:
     def forward(net, batch, tta: str = "none") -> torch.Tensor:
         return forward_tta(net, batch[0], tta)
 
-    def evaluator(self, num_samples: int) -> "ClassificationEvaluator":
-        return ClassificationEvaluator(self, num_samples)
+    def evaluator(self, dataset) -> "ClassificationEvaluator":
+        return ClassificationEvaluator(self, len(dataset))
 
     # -- reports, export, predictions --
 

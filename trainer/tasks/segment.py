@@ -103,13 +103,17 @@ class Segmentation:
                 dice_loss(logits, target, self.ignore_index)
         return loss
 
-    def train_loss(self, model, batch, memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, int]:
+    def train_loss(self, model, batch, memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, int, dict]:
         x, y = batch
         out = model(x.to(memory_format=memory_format))
         loss = self.pixel_loss(out["out"], y.long())
         if "aux" in out and self.aux_weight > 0:
             loss = loss + self.aux_weight * self.pixel_loss(out["aux"], y.long())
-        return loss, x.shape[0]
+        return loss, x.shape[0], {}
+
+    @staticmethod
+    def loss_parts(model_name: str) -> List[str]:
+        return []
 
     # -- evaluation --
 
@@ -127,8 +131,8 @@ class Segmentation:
             logits = (logits + net(torch.flip(x, dims=[3]))["out"].float().flip(3)) / 2
         return logits
 
-    def evaluator(self, num_samples: int) -> "SegmentationEvaluator":
-        return SegmentationEvaluator(self, num_samples)
+    def evaluator(self, dataset) -> "SegmentationEvaluator":
+        return SegmentationEvaluator(self, len(dataset))
 
     # -- reports, export, predictions --
 

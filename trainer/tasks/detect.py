@@ -1,0 +1,266 @@
+"""Object detection behind the task protocol of trainer/tasks: batches are (list of images float [3, H, W] in
+[0, 1], each its own size; list of targets {"boxes" xyxy, "labels" 1..K}), the loss is the torchvision
+detector's own loss dict (its sum is optimised, every part logged), and evaluation keeps each image's
+detections (boxes in the image's own pixels, scores, labels), gathers them once to the main rank, checks that
+every image of the split came exactly once, and scores them with pycocotools' COCOeval against the split's
+annotations as the file gives them (trainer/tasks/detect_metrics.py): exact on any number of processes.
+
+Labels are contiguous inside (1..K in the order of the file's category ids; 0 is background) and the file's
+own category ids in everything written: eval.json's per-class table (by name), model.json, predictions.
+
+Each image goes through the detector on its own in evaluation and in `trainer predict`: a detector pads the
+images of one forward to a common size, and the float rounding of a convolution depends on its tensor's
+shape, so one image per forward is what makes eval on 1 or N processes and `trainer predict` give the same
+boxes and scores to the bit. Memory: the main rank holds every detection of the split at the end
+(<= detections_per_img per image, ~450 bytes each as Python COCO records: 5,000 images x 100 = ~225 MB).
+
+Models: trainer/tasks/detect_models.py; metrics: detect_metrics.py; plots: detect_reports.py; predictions:
+one JSON list of COCO-style records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from trainer.data.coco import collate_detection
+from trainer.distributed import agree, gather_object
+from trainer.errors import ConfigError, TrainerError
+from trainer.evaluation import split_order
+from trainer.files import atomic_write
+from trainer.tasks.detect_metrics import evaluate_coco, metrics_from_cocoeval, precision_recall_curves, to_coco_records
+from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
+
+SAMPLE_IMAGES = 8  # validation images kept (main rank: the first of its share) for the boxes grid
+METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
+
+
+def detector_options(model_cfg, image_size: int) -> dict:
+    """The `model.detection` section as detect_models options; the input size defaults to data.image_size
+    (the short side) and max_size to it x 1333 / 800 (torchvision's ratio)."""
+    d = model_cfg.detection
+    min_size = d.min_size or image_size
+    return {"min_size": min_size, "max_size": d.max_size or int(round(min_size * 1333 / 800)),
+            "anchor_sizes": d.anchor_sizes, "aspect_ratios": d.aspect_ratios,
+            "trainable_backbone_layers": d.trainable_backbone_layers, "score_thresh": d.score_thresh,
+            "nms_thresh": d.nms_thresh, "detections_per_img": d.detections_per_img}
+
+
+@dataclass
+class Detection:
+    classes: List[str]  # names, in the order of the file's category ids; label k + 1 is classes[k]
+    category_ids: List[int]  # the file's id of each class
+    options: dict = field(default_factory=dict)  # detect_models options (resolved when the model is built)
+    architecture: Optional[str] = None
+    name = "detection"
+    default_monitor = "map"
+    drop_last = False
+    collate = staticmethod(collate_detection)
+    exact_predict = True  # `trainer predict` runs as evaluation does (one image per forward, one CPU thread)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes) + 1  # + background
+
+    # -- construction --
+
+    @classmethod
+    def build(cls, task: str, classes: Sequence[str], category_ids: Sequence[int], loss_cfg, eval_cfg,
+              options: dict) -> "Detection":
+        if eval_cfg.positive_class is not None or eval_cfg.threshold_tuning:
+            raise ConfigError("eval.positive_class and eval.threshold_tuning apply to binary classification only")
+        if loss_cfg.name != "ce" or loss_cfg.class_weighted or loss_cfg.label_smoothing or loss_cfg.pos_weight:
+            raise ConfigError("loss.* options are for classification and segmentation; a detector trains with its "
+                              "own loss (tune it through model.detection.*)")
+        made = cls(list(classes), [int(c) for c in category_ids], dict(options))
+        monitor = eval_cfg.monitor or made.default_monitor
+        if monitor not in made.metric_names():
+            raise ConfigError(f"eval.monitor '{monitor}' is not a detection metric; choose one of "
+                              f"{sorted(made.metric_names())}")
+        return made
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Detection":
+        return cls(list(meta["classes"]), [int(c) for c in meta["category_ids"]], dict(meta["model_kwargs"]),
+                   meta.get("architecture"))
+
+    def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
+                    pretrained_path: Optional[str] = None, verbose=print):
+        if name not in DETECTION_MODELS:
+            raise ConfigError(f"model.name '{name}' is not a detection model; valid: "
+                              f"{', '.join(sorted(DETECTION_MODELS))}")
+        self.options, self.architecture = model_kwargs(name, self.options), name  # what model.json records
+        return build_detection_model(name, self.num_outputs, self.options, pretrained_path, verbose=verbose)
+
+    def check_model(self, name: str) -> None:
+        """At start-up, before any data is read: the model exists and takes every option given."""
+        if name not in DETECTION_MODELS:
+            raise ConfigError(f"model.name '{name}' is not a detection model; valid: "
+                              f"{', '.join(sorted(DETECTION_MODELS))}")
+        model_kwargs(name, self.options)
+
+    def metric_names(self) -> List[str]:
+        return list(METRICS)
+
+    @staticmethod
+    def higher_is_better(metric: str) -> bool:
+        return metric != "loss"  # every detection metric is a precision or a recall
+
+    def loss_parts(self, model_name: str) -> List[str]:
+        return loss_part_names(model_name)
+
+    # -- training --
+
+    def train_loss(self, model, batch, memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, int, dict]:
+        images, targets = batch
+        parts = model(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        parts = {k: v.float() for k, v in parts.items()}  # summed in fp32 whatever the autocast dtype
+        return sum(parts.values()), len(images), parts
+
+    # -- evaluation --
+
+    def to_device(self, batch, device, memory_format=torch.contiguous_format):
+        images, targets = batch
+        moved = []
+        for t in targets:
+            t = dict(t)
+            t["boxes"], t["labels"] = t["boxes"].to(device), t["labels"].to(device)
+            moved.append(t)
+        return [x.to(device, non_blocking=True) for x in images], moved
+
+    @staticmethod
+    def forward(net, batch, tta: str = "none") -> List[Dict[str, torch.Tensor]]:
+        """The detections of each image, one image per forward (see the module docstring)."""
+        return [net([x])[0] for x in batch[0]]
+
+    def evaluator(self, dataset) -> "DetectionEvaluator":
+        return DetectionEvaluator(self, dataset)
+
+    # -- reports, export, predictions --
+
+    def write_report(self, out_dir, metrics: dict, outputs: dict, name: str = "eval.json") -> None:
+        from trainer.tasks.detect_reports import write_detection_report
+
+        write_detection_report(out_dir, metrics, outputs, self.classes, name=name)
+
+    def summary(self, metrics: dict) -> str:
+        from trainer.tasks.detect_reports import format_detection_summary
+
+        return format_detection_summary(metrics)
+
+    def export_meta(self, metrics: dict) -> dict:
+        return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
+                "category_ids": list(self.category_ids), "model_kwargs": dict(self.options)}
+
+    def set_score_threshold(self, value: float) -> None:
+        """`trainer predict --score-threshold`: the model's own threshold, before it is built."""
+        self.options["score_thresh"] = float(value)
+
+    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False,
+                          draw: Optional[str] = None) -> "BoxPredictions":
+        out = Path(output)
+        if out.is_dir():
+            raise TrainerError(f"--output {output} is a folder; a detection model writes one JSON file of "
+                               f"detections (e.g. --output preds.json)")
+        if overlay:
+            raise TrainerError("--overlay is for segmentation; a detection model draws its boxes with --draw DIR")
+        return BoxPredictions(self, out, Path(draw) if draw else None)
+
+    def records(self, image_id, detection: Dict[str, torch.Tensor]) -> List[dict]:
+        """One image's detections as COCO result records in the file's category ids."""
+        return to_coco_records(image_id, detection["boxes"].cpu().double(), detection["scores"].cpu(),
+                               detection["labels"].cpu(), self.category_ids)
+
+
+class DetectionEvaluator:
+    """This rank's detections per image (COCO records, keyed by the image's split index); `finish` gathers them
+    once to the main rank, checks every image came exactly once, scores them with COCOeval against the split's
+    ground truth as the file states it, and shares the metrics with every rank."""
+
+    def __init__(self, task: Detection, dataset):
+        self.task, self.dataset = task, dataset
+        self.num_images = len(dataset)
+        self.records: List[List[dict]] = []  # per image added, in the order added
+        self.samples: list = []  # (image, detection) for the boxes grid
+        self.indices = torch.arange(self.num_images)  # the split index of each image added (set by trainer.evaluation)
+        self._seen = 0
+
+    def add(self, batch, outputs: List[Dict[str, torch.Tensor]]) -> None:
+        images, _ = batch
+        for image, det in zip(images, outputs):
+            index = int(self.indices[self._seen])
+            self._seen += 1
+            self.records.append(self.task.records(index, det))
+            if len(self.samples) < SAMPLE_IMAGES:
+                self.samples.append((index, image.cpu(), {k: v.cpu() for k, v in det.items()}))
+
+    def finish(self, accelerator) -> Tuple[dict, Optional[dict]]:
+        gathered = gather_object(self.records) if accelerator.num_processes > 1 else self.records
+        order = split_order(self.indices, self.num_images, accelerator)  # checks: each image exactly once
+        outputs = None
+
+        def score() -> dict:
+            nonlocal outputs
+            per_image = [gathered[int(i)] for i in order]
+            detections = [r for image in per_image for r in image]
+            evaluator = evaluate_coco(self.dataset.split.to_coco_gt(), detections)
+            metrics = metrics_from_cocoeval(evaluator)
+            outputs = {"samples": self.samples, "curves": precision_recall_curves(evaluator),
+                       "split": self.dataset.split}
+            return metrics
+
+        metrics = agree(accelerator, score, main_only=True, share=True)
+        return metrics, outputs
+
+
+class BoxPredictions:
+    """`trainer predict` for a detector: one JSON list of {"file", "category", "category_id", "bbox" [x, y, w, h]
+    in the input image's pixels, "score"}, written atomically when every image is done (a failure part-way
+    leaves --output as it was); with --draw DIR, each image with its boxes as DIR/<path below the folder
+    given>.jpg, written into a temporary sibling folder and moved into place at the end."""
+
+    def __init__(self, task: Detection, out: Path, draw: Optional[Path]):
+        self.task, self.out, self.draw, self.rows, self.names, self.count = task, out, draw, [], {}, 0
+        self.tmp = None
+        if draw is not None:
+            self.tmp = draw.parent / f".{draw.name}.tmp-{os.getpid()}"
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+
+    def add(self, inputs: Sequence[Tuple[str, str]], detections, sizes, images) -> None:
+        names = dict(zip(self.task.category_ids, self.task.classes))
+        for (path, base), det, image in zip(inputs, detections, images):
+            self.count += 1
+            for r in self.task.records(0, det):
+                self.rows.append({"file": path, "category": names[r["category_id"]], "category_id": r["category_id"],
+                                  "bbox": r["bbox"], "score": r["score"]})
+            if self.tmp is not None:
+                from trainer.tasks.detect_reports import draw_boxes
+
+                rel = Path(os.path.relpath(path, base)).with_suffix(".jpg")
+                if rel in self.names:
+                    raise TrainerError(f"{path} and {self.names[rel]} would both be drawn as {rel}; give them in "
+                                       f"separate runs or from one common folder")
+                self.names[rel] = path
+                target = self.tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                draw_boxes(image, det, self.task.classes, target)
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def close(self) -> int:
+        atomic_write(self.out, json.dumps(self.rows).encode())
+        if self.tmp is not None:
+            for source in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
+                target = self.draw / source.relative_to(self.tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, target)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.count

@@ -1,0 +1,202 @@
+"""COCO box metrics, computed by pycocotools' COCOeval itself (the reference implementation).
+
+Why pycocotools and not a re-implementation or torchmetrics: the acceptance check re-scores our predictions with
+pycocotools, and only the same code gives the same numbers to the last bit (torchmetrics' float32 recall
+thresholds drift by up to 8e-4; see docs/anchors-dense.md 4.2). COCOeval runs with its default parameters, on
+purpose: IoU thresholds .50:.05:.95, 101 recall points, maxDets (1, 10, 100) and the area ranges small < 32^2 <=
+medium < 96^2 <= large (px^2). `summarize()` is only valid with those, and a model's detections beyond the 100
+best-scored per image never count.
+
+Inputs, both plain JSON-able Python (what a COCO annotation file and a results file hold):
+- `gt`: a COCO ground-truth dict: `images` [{id, width, height, ...}], `annotations` [{id >= 1, image_id,
+  category_id (the file's own ids: need not be contiguous), bbox [x, y, w, h] px, area, iscrowd}], `categories`
+  [{id, name}]. Crowd boxes (iscrowd 1) are "ignore" regions: a detection on one is neither right nor wrong.
+- `detections`: result records [{image_id, category_id, bbox [x, y, w, h] px, score}] (see `to_coco_records`).
+
+Areas: for ground truth, COCOeval files a box under small/medium/large by its annotation's `area` field, not by
+w x h (in COCO proper, `area` is the mask area); a detection's area is always w x h, computed by `loadRes`. A
+box-only data set should write area = w x h. Metrics with no ground truth in their range come out of COCOeval
+as -1 and are None here (JSON null), never -1 or NaN: e.g. map_large on 64 px images.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections import Counter
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from trainer.errors import TrainerError
+
+# COCOeval.stats, in the order summarize() fills it (default params only)
+_STATS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+          "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
+
+# ---- conversions ----
+
+
+def to_xywh(boxes_xyxy):
+    """[N, 4] boxes (x1, y1, x2, y2) -> (x, y, w, h), the COCO layout; a torch tensor or numpy array in, the
+    same type out (a list or tuple comes back as a numpy array)."""
+    if not torch.is_tensor(boxes_xyxy):
+        boxes_xyxy = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    out = boxes_xyxy.clone() if torch.is_tensor(boxes_xyxy) else boxes_xyxy.copy()
+    out[:, 2:] = boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]
+    return out
+
+
+def to_coco_records(image_id: int, boxes_xyxy, scores, labels, category_ids: Sequence[int]) -> List[dict]:
+    """One image's detections (a torchvision detector's eval output: boxes xyxy in the original image's pixels,
+    scores, labels 1..K) as COCO result records; label k is the file's category `category_ids[k - 1]`. Plain
+    Python numbers at full float precision: score exactly the records you store, and a re-score matches."""
+    boxes = to_xywh(torch.as_tensor(boxes_xyxy, dtype=torch.float64).reshape(-1, 4)).tolist()
+    scores = torch.as_tensor(scores).reshape(-1).tolist()
+    labels = torch.as_tensor(labels).reshape(-1).tolist()
+    if any(not 1 <= k <= len(category_ids) for k in labels):
+        raise TrainerError(f"detection labels must lie in 1..{len(category_ids)} (0 is background); "
+                           f"got {sorted(set(labels))[:10]}")
+    return [{"image_id": int(image_id), "category_id": int(category_ids[k - 1]), "bbox": box, "score": float(s)}
+            for box, s, k in zip(boxes, scores, labels)]
+
+
+# ---- evaluation ----
+
+
+def _check_gt(gt: dict) -> None:
+    """What pycocotools would get wrong silently or crash on with a KeyError deep inside."""
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise TrainerError(f"COCO ground truth needs a list under '{key}'")
+    image_ids = {img["id"] for img in gt["images"]}
+    names = Counter(c["name"] for c in gt["categories"])
+    if [n for n, c in names.items() if c > 1]:
+        raise TrainerError(f"category names repeat: {sorted(n for n, c in names.items() if c > 1)}")
+    cat_ids = {c["id"] for c in gt["categories"]}
+    ann_ids = Counter()
+    for ann in gt["annotations"]:
+        missing = [k for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd") if k not in ann]
+        if missing:
+            raise TrainerError(f"COCO annotation {ann.get('id')} lacks {missing}")
+        ann_ids[ann["id"]] += 1
+        if ann["image_id"] not in image_ids or ann["category_id"] not in cat_ids:
+            raise TrainerError(f"COCO annotation {ann['id']} names image {ann['image_id']} / category "
+                               f"{ann['category_id']}, not both in the ground truth's images and categories")
+    # an annotation id of 0 reads as "unmatched" inside COCOeval (pytorch/vision#1530): an extra miss
+    bad = sorted(i for i, n in ann_ids.items() if n > 1 or not (isinstance(i, int) and i >= 1))
+    if bad:
+        raise TrainerError(f"COCO annotation ids must be unique ints >= 1; bad: {bad[:10]}")
+
+
+def evaluate_coco(gt: dict, detections: List[dict]) -> COCOeval:
+    """pycocotools' COCOeval for boxes, run through evaluate(), accumulate() and summarize() with its default
+    params and its prints silenced; the printed 12-line summary is kept as `.summary_text` for a report.
+
+    No detections at all is legal (every AP is then 0 where there is ground truth): pycocotools' `loadRes([])`
+    crashes (cocodataset/cocoapi#450), so an empty result set is built here with the same images and categories.
+    Neither input is modified (`loadRes` writes id, area, iscrowd, segmentation into the records it gets, and
+    COCOeval writes ignore flags into the ground truth: they get copies)."""
+    _check_gt(gt)
+    image_ids = {img["id"] for img in gt["images"]}
+    cat_ids = {c["id"] for c in gt["categories"]}
+    foreign = sorted({d["image_id"] for d in detections} - image_ids)
+    if foreign:
+        raise TrainerError(f"detections for image ids not in the ground truth: {foreign[:10]}")
+    foreign = sorted({d["category_id"] for d in detections} - cat_ids)
+    if foreign:  # COCOeval would skip them without a word
+        raise TrainerError(f"detections with category ids not in the ground truth: {foreign[:10]}")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        coco_gt = COCO()
+        # a copy: COCOeval writes "ignore" and "_ignore" into the ground truth's annotations;
+        # 2.0.9/2.0.10 need an info key (pytorch/vision#9092)
+        coco_gt.dataset = {"info": {}, **copy.deepcopy(gt)}
+        coco_gt.createIndex()
+        if detections:
+            coco_dt = coco_gt.loadRes(copy.deepcopy(list(detections)))
+        else:
+            coco_dt = COCO()
+            coco_dt.dataset = {"info": {}, "images": list(gt["images"]), "categories": list(gt["categories"]),
+                               "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        summary = io.StringIO()
+        with contextlib.redirect_stdout(summary):
+            evaluator.summarize()
+    evaluator.summary_text = summary.getvalue()
+    return evaluator
+
+
+def _opt(value: float) -> Optional[float]:
+    """COCOeval's -1 ("no ground truth here") as None."""
+    return None if value < 0 else float(value)
+
+
+def _mean_defined(values: np.ndarray) -> Optional[float]:
+    """The mean over entries > -1, as COCOeval.summarize averages; None when there are none."""
+    defined = values[values > -1]
+    return float(defined.mean()) if defined.size else None
+
+
+def _absent_categories(gt: dict) -> List[int]:
+    """Category ids with no non-crowd box in the ground truth: their AP is undefined (COCOeval: -1)."""
+    present = {a["category_id"] for a in gt["annotations"] if not a["iscrowd"]}
+    return [c["id"] for c in gt["categories"] if c["id"] not in present]
+
+
+def metrics_from_cocoeval(evaluator: COCOeval) -> dict:
+    """The summary numbers (COCOeval.stats as they are, -1 -> None) plus per-class AP and AP50.
+
+    Per class k: precision[T, R, k, area all, maxDets 100] averaged over the IoU thresholds and recall points
+    whose entry is > -1 (how summarize() averages), and the same at IoU 0.5 only. A class without non-crowd
+    ground truth in this split has AP None and is listed in `absent_classes`."""
+    params = evaluator.params
+    precision = evaluator.eval["precision"]  # [T iou, R recall, K class, A area, M maxDets], -1 = undefined
+    area_all = params.areaRngLbl.index("all")
+    iou_50 = np.where(params.iouThrs == 0.5)[0]  # exact, as summarize() compares
+    names = {c["id"]: c["name"] for c in evaluator.cocoGt.dataset["categories"]}
+    absent = set(_absent_categories(evaluator.cocoGt.dataset))
+    per_class = {}
+    for k, cat_id in enumerate(params.catIds):
+        p = precision[:, :, k, area_all, -1]
+        per_class[names[cat_id]] = {"ap": None if cat_id in absent else _mean_defined(p),
+                                    "ap50": None if cat_id in absent else _mean_defined(p[iou_50])}
+    out = {key: _opt(v) for key, v in zip(_STATS, evaluator.stats)}
+    out.update(per_class=per_class, absent_classes=[names[c] for c in params.catIds if c in absent],
+               num_images=len(params.imgIds), num_detections=len(evaluator.cocoDt.dataset["annotations"]))
+    return out
+
+
+def coco_metrics(gt: dict, detections: List[dict]) -> dict:
+    """COCO box metrics of `detections` against `gt` (see the module docstring): map (AP@[.50:.95]), map_50,
+    map_75, map_small/medium/large, mar_1/10/100, mar_small/medium/large, per_class {name: {ap, ap50}},
+    absent_classes, num_images, num_detections. Undefined numbers are None. For the printed summary or PR
+    curves, call `evaluate_coco` and `metrics_from_cocoeval` yourself and keep the evaluator."""
+    return metrics_from_cocoeval(evaluate_coco(gt, detections))
+
+
+def precision_recall_curves(evaluator: COCOeval) -> Dict[str, Optional[dict]]:
+    """Per class name: {"recall": the 101 recall points, "precision": interpolated precision there, "score":
+    the detection score at which that recall is reached}, at IoU 0.5, area all, maxDets 100 (COCOeval's own
+    accumulated arrays). Precision is 0 beyond the highest recall reached. None for a class without ground truth."""
+    params = evaluator.params
+    t = int(np.where(params.iouThrs == 0.5)[0][0])
+    a = params.areaRngLbl.index("all")
+    names = {c["id"]: c["name"] for c in evaluator.cocoGt.dataset["categories"]}
+    absent = set(_absent_categories(evaluator.cocoGt.dataset))
+    recall = params.recThrs.tolist()
+    curves: Dict[str, Optional[dict]] = {}
+    for k, cat_id in enumerate(params.catIds):
+        if cat_id in absent:
+            curves[names[cat_id]] = None
+            continue
+        curves[names[cat_id]] = {"recall": recall,
+                                 "precision": evaluator.eval["precision"][t, :, k, a, -1].tolist(),
+                                 "score": evaluator.eval["scores"][t, :, k, a, -1].tolist()}
+    return curves

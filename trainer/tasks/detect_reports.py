@@ -1,0 +1,102 @@
+"""Detection reports: eval.json, per-class precision-recall curves (IoU 0.5, COCOeval's own accumulated
+arrays), a grid of validation images with ground-truth and predicted boxes (labels and scores), and the
+printed summary; `draw_boxes` for `trainer predict --draw`. The JSON writer and figure saving are the
+shared ones of trainer.reports.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from trainer.files import atomic_write, atomic_write_json
+from trainer.reports import _fmt, _save, _to_plain, plt
+
+PLOTS = ("pr_curves.png", "boxes.png")
+DRAW_MIN_SCORE = 0.3  # boxes drawn in pictures (not scored): the model keeps low scores for mAP, too many to see
+GT_COLOUR, PRED_COLOUR = (0, 200, 0), (230, 30, 30)
+
+
+def plot_pr_curves(curves: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
+    for name, curve in curves.items():
+        if curve is not None:
+            ax.plot(curve["recall"], curve["precision"], label=name)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title="precision-recall per class (IoU 0.5, COCOeval)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _draw(image_rgb: np.ndarray, boxes, colour, labels=None) -> Image.Image:
+    img = Image.fromarray(image_rgb)
+    draw = ImageDraw.Draw(img)
+    for k, box in enumerate(boxes):
+        draw.rectangle([float(v) for v in box], outline=colour, width=max(1, min(img.size) // 150))
+        if labels is not None:
+            draw.text((float(box[0]) + 2, float(box[1]) + 1), labels[k], fill=colour)
+    return img
+
+
+def _rgb(image) -> np.ndarray:
+    return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)  # float [0, 1] -> uint8
+
+
+def _predicted(det: dict, classes: list):
+    keep = det["scores"] >= DRAW_MIN_SCORE
+    labels = [f"{classes[int(k) - 1]} {float(s):.2f}" for k, s in zip(det["labels"][keep], det["scores"][keep])]
+    return det["boxes"][keep], labels
+
+
+def plot_boxes(samples: list, split, classes: list, path: Path) -> None:
+    """One row per image: ground truth (green; crowd/difficult boxes too), predictions scoring >= 0.3 (red)."""
+    fig, axes = plt.subplots(len(samples), 2, figsize=(8, 4 * len(samples)), squeeze=False, layout="constrained")
+    for r, (index, image, det) in enumerate(samples):
+        rgb = _rgb(image)
+        ann = split.annotations(index)
+        truth = _draw(rgb, ann.boxes, GT_COLOUR, [classes[int(k) - 1] for k in ann.labels])
+        boxes, labels = _predicted(det, classes)
+        for c, (title, panel) in enumerate((("ground truth", truth), ("prediction (score >= 0.3)",
+                                                                      _draw(rgb, boxes, PRED_COLOUR, labels)))):
+            axes[r][c].imshow(panel)
+            axes[r][c].set_title(title, fontsize=9)
+            axes[r][c].axis("off")
+    _save(fig, path)
+
+
+def draw_boxes(image, det: dict, classes: list, path: Path) -> None:
+    """`trainer predict --draw`: the image (uint8 [3, H, W]) with its predicted boxes, as a JPEG."""
+    rgb = image.permute(1, 2, 0).numpy() if image.dtype != np.uint8 else image
+    boxes, labels = _predicted({k: v.cpu() for k, v in det.items()}, classes)
+    out = io.BytesIO()
+    _draw(np.ascontiguousarray(rgb), boxes, PRED_COLOUR, labels).save(out, format="JPEG", quality=90)
+    atomic_write(path, out.getvalue())
+
+
+def write_detection_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:
+    """eval.json first (the numbers survive a failing plot), then the plots, replacing older ones."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / name, _to_plain(metrics))
+    plots = out_dir / "plots"
+    for filename in PLOTS:
+        (plots / filename).unlink(missing_ok=True)  # an earlier eval's plots would contradict this eval.json
+    if not outputs:
+        return
+    plots.mkdir(exist_ok=True)
+    plot_pr_curves(outputs["curves"], plots / "pr_curves.png")
+    if outputs.get("samples"):
+        plot_boxes(outputs["samples"], outputs["split"], list(classes), plots / "boxes.png")
+
+
+def format_detection_summary(metrics: dict) -> str:
+    head = "  ".join(f"{k}={_fmt(metrics.get(k))}" for k in
+                     ("num_images", "num_detections", "map", "map_50", "map_75", "mar_100"))
+    lines = [head, "", f"{'class':<20} {'ap':>8} {'ap50':>8}"]
+    for name, row in metrics.get("per_class", {}).items():
+        lines.append(f"{name[:20]:<20} {_fmt(row.get('ap')):>8} {_fmt(row.get('ap50')):>8}")
+    if metrics.get("absent_classes"):
+        lines.append(f"absent from the split (AP undefined): {', '.join(metrics['absent_classes'])}")
+    return "\n".join(lines)

@@ -1,7 +1,10 @@
 """Training-step throughput and peak memory of every registered model, per precision x memory format x compile.
 
-For each model in `trainer.models.MODELS` and `trainer.tasks.segment_models.SEGMENTATION_MODELS` (whose loss is
-pixel cross-entropy over the whole input, plus 0.5 x the auxiliary head's) and each combination of
+For each model in `trainer.models.MODELS`, `trainer.tasks.segment_models.SEGMENTATION_MODELS` (whose loss is
+pixel cross-entropy over the whole input, plus 0.5 x the auxiliary head's) and
+`trainer.tasks.detect_models.DETECTION_MODELS` (a list of --batch images with 3 random boxes each; the loss is the
+sum of the detector's own loss dict; the detector resizes to --image-size itself where it takes a size: SSDlite
+is fixed at 320) and each combination of
   precision      fp32 | bf16 (torch.autocast, dtype bfloat16, on the device type)
   memory format  nchw | channels_last (model and input)
   compile        off | on (torch.compile(model); the optimizer step stays eager)
@@ -47,9 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.models import MODELS, build_model  # noqa: E402
+from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, model_kwargs  # noqa: E402
 from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model  # noqa: E402
 
-ALL_MODELS = {**MODELS, **SEGMENTATION_MODELS}
+ALL_MODELS = {**MODELS, **SEGMENTATION_MODELS, **DETECTION_MODELS}
 
 
 def sync(device: torch.device) -> None:
@@ -94,6 +98,17 @@ def rates(img_s: list, prefix: str) -> dict:
             f"{prefix}_img_s_min": min(img_s), f"{prefix}_img_s_max": max(img_s)}
 
 
+def time_steps(args, row: dict, model, train_step, eval_step, device) -> None:
+    """Warm-up, then --repeats timings of --steps training steps, then the same for the eval forward."""
+    images = args.batch * args.steps
+    model.train()
+    row["warmup_s"] = timed(train_step, args.warmup, device)  # includes compilation (and first-call costs)
+    row.update(rates([images / timed(train_step, args.steps, device) for _ in range(args.repeats)], "train"))
+    model.eval()  # a new graph for compile (BatchNorm, dropout change): its own warm-up
+    row["eval_warmup_s"] = timed(eval_step, args.warmup, device)
+    row.update(rates([images / timed(eval_step, args.steps, device) for _ in range(args.repeats)], "eval"))
+
+
 def measure_one(args, row: dict) -> None:
     """One (model, precision, format, compile) combination in this process; fills row as it goes."""
     device = torch.device(args.device)
@@ -101,6 +116,9 @@ def measure_one(args, row: dict) -> None:
     row["baseline_rss_mib"] = status_mib("VmRSS")  # the process before the model: interpreter + torch
     torch.manual_seed(0)
     segmentation = row["model"] in SEGMENTATION_MODELS
+    detection = row["model"] in DETECTION_MODELS
+    if detection:
+        return measure_detector(args, row, device)
     if segmentation:  # pixel cross-entropy on every pixel (+ 0.5 x the auxiliary head's, as trained)
         model = build_segmentation_model(row["model"], args.num_classes, verbose=lambda *a: None).to(device)
     else:
@@ -132,13 +150,45 @@ def measure_one(args, row: dict) -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             net(x)
 
-    images = args.batch * args.steps
-    model.train()
-    row["warmup_s"] = timed(train_step, args.warmup, device)  # includes compilation (and first-call costs)
-    row.update(rates([images / timed(train_step, args.steps, device) for _ in range(args.repeats)], "train"))
-    model.eval()  # a new graph for compile (BatchNorm, dropout change): its own warm-up
-    row["eval_warmup_s"] = timed(eval_step, args.warmup, device)
-    row.update(rates([images / timed(eval_step, args.steps, device) for _ in range(args.repeats)], "eval"))
+    time_steps(args, row, model, train_step, eval_step, device)
+
+
+def measure_detector(args, row: dict, device) -> None:
+    """A detector's training step (its loss dict summed) and eval forward on a list of --batch images."""
+    size = {"min_size": args.image_size, "max_size": args.image_size}
+    try:
+        model_kwargs(row["model"], size)
+    except Exception:  # a fixed input size (SSDlite 320)
+        size = {}
+    model = build_detection_model(row["model"], args.num_classes + 1, size, verbose=lambda *a: None).to(device)
+    row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    g = torch.Generator().manual_seed(0)
+    s = args.image_size
+    x = [torch.rand(3, s, s, generator=g).to(device) for _ in range(args.batch)]
+    targets = []
+    for _ in x:
+        xy = torch.rand(3, 2, generator=g) * s * 0.6
+        wh = (torch.rand(3, 2, generator=g) * 0.3 + 0.1) * s
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, args.num_classes + 1, (3,), generator=g).to(device)})
+    if row["format"] == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    net = torch.compile(model) if row["compile"] == "on" else model
+    bf16 = row["precision"] == "bf16"
+
+    def train_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = sum(net(x, targets).values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def eval_step():
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            net(x)
+
+    time_steps(args, row, model, train_step, eval_step, device)
 
 
 def child(args) -> None:

@@ -567,7 +567,62 @@ def build_workspace(w: Path) -> dict:
     Image.fromarray(np.full((16, 16), 7, np.uint8), "L").save(w / "seg_value" / "train" / "masks" / "m003.png")
     Image.fromarray(np.zeros((16, 16, 3), np.uint8), "RGB").save(w / "seg_rgb" / "train" / "masks" / "m000.png")
     (w / "seg_noclasses" / "classes.txt").unlink()
+    # detection COCO folders, each with one defect
+    for name, defect in DETECTION_DEFECTS.items():
+        coco_folder(w / name, defect)
     return p
+
+
+def _drop_annotations_key(coco, root):
+    del coco["annotations"]
+
+
+def _unknown_image(coco, root):
+    coco["annotations"][3]["image_id"] = 999
+
+
+def _unknown_category(coco, root):
+    coco["annotations"][3]["category_id"] = 42
+
+
+def _zero_width(coco, root):
+    coco["annotations"][3]["bbox"][2] = 0
+
+
+def _far_outside(coco, root):
+    coco["annotations"][3]["bbox"][0] = 500
+
+
+def _missing_image(coco, root):
+    (root / coco["images"][2]["file_name"]).unlink()
+
+
+# folder name -> what breaks it (in its train split); det_ok is whole
+DETECTION_DEFECTS = {"det_ok": None, "det_notcoco": _drop_annotations_key, "det_image": _unknown_image,
+                     "det_category": _unknown_category, "det_zero": _zero_width, "det_far": _far_outside,
+                     "det_file": _missing_image}
+
+
+def coco_folder(root: Path, defect=None) -> Path:
+    """A tiny generated COCO folder (train/ and val/, 32 px), `defect` applied to train/annotations.json."""
+    from trainer.data.coco import write_generated_coco
+
+    write_generated_coco(root, 32, 0, {"train": 8, "val": 4})
+    if defect is not None:
+        path = root / "train" / "annotations.json"
+        coco = json.loads(path.read_text())
+        defect(coco, root / "train")
+        path.write_text(json.dumps(coco))
+    return root
+
+
+def det_args(root: Path, **extra) -> list:
+    """A detection folder to train on, and a run directory of its own (which must never appear)."""
+    base = {"data.format": "coco", "data.root": str(root), "data.image_size": 32, "data.num_workers": 0,
+            "model.name": "retinanet_small", "train.epochs": 1, "train.batch_size": 2, "train.progress_bar": False,
+            "run.dir": str(root.parent / "runs" / f"run{next(RUN_NAMES)}")}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
 
 
 def mask_folder(root: Path, n: int = 6, side: int = 16) -> Path:
@@ -705,6 +760,21 @@ def cases(w: Path, p: dict) -> list:
         ("seg: a classification monitor", ["train", "-", *seg_args(w / "seg_ok", **{"eval.monitor": "accuracy"})], "eval.monitor"),
         ("seg: ignore index is a class", ["train", "-", *seg_args(w / "seg_ok", **{"data.ignore_index": 1})], "ignore_index"),
         ("seg: dice loss for classes", ["train", "-", *g(w), "loss.name=dice"], "loss.name=dice"),
+        # -- detection --
+        ("det: a JSON that is not COCO", ["train", "-", *det_args(w / "det_notcoco")], "annotations"),
+        ("det: an annotation of an unknown image", ["train", "-", *det_args(w / "det_image")], "999"),
+        ("det: an unknown category", ["train", "-", *det_args(w / "det_category")], "42"),
+        ("det: a box of zero width", ["train", "-", *det_args(w / "det_zero")], "annotations.json"),
+        ("det: a box far outside its image", ["train", "-", *det_args(w / "det_far")], "annotations.json"),
+        ("det: a missing image file", ["train", "-", *det_args(w / "det_file")], "00002.png"),
+        ("det: a classification model", ["train", "-", *det_args(w / "det_ok", **{"model.name": "resnet18"})], "resnet18"),
+        ("det: an option the model cannot take", ["train", "-", *det_args(w / "det_ok", **{
+            "model.name": "fcos_resnet50_fpn", "model.detection.anchor_sizes": "[32]"})], "anchor_sizes"),
+        ("det: flip TTA", ["train", "-", *det_args(w / "det_ok", **{"eval.tta": "flip"})], "eval.tta"),
+        ("det: a segmentation monitor", ["train", "-", *det_args(w / "det_ok", **{"eval.monitor": "miou"})], "eval.monitor"),
+        ("det: box augmentation for classes", ["train", "-", *g(w), "data.augment.iou_crop=true"], "iou_crop"),
+        ("det: classification on boxes", ["train", "-", *det_args(w / "det_ok", task="multiclass")], "task=detection"),
+        ("det: --draw for a classifier", [*pred, "--draw", str(w / "out" / "drawn")], "--draw"),
         ("predict garbage model.json", ["predict", "--model", str(m / "garbage_json"), str(w / "gen-multiclass" / "val"), "--output", str(w / "out" / "p.csv")], "not valid JSON"),
         # -- sweeps --
         ("sweep invalid yaml", ["sweep", str(w / "sweeps" / "bad.yaml"), "--local", "--dir", str(w / "sw")], "not valid YAML"),

@@ -321,6 +321,19 @@ def _matrix_classes(classes: list[str], kind: str, positive_index: int) -> list[
     return [classes[1 - positive_index], classes[positive_index]] if kind == "binary" else list(classes)
 
 
+def start_report(out_dir, metrics: dict, name: str, plot_names) -> Path:
+    """A task's report, first step: eval.json (atomically, before any plot: the numbers survive a failing plot)
+    and the task's older plots removed (an earlier eval's plots would contradict this eval.json); returns the
+    plots folder (not yet made)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / name, _to_plain(metrics))
+    plots = out_dir / "plots"
+    for filename in plot_names:
+        (plots / filename).unlink(missing_ok=True)
+    return plots
+
+
 def _to_plain(obj):
     """numpy scalars and arrays (and tuples) as plain Python, so json writes numbers rather than strings."""
     if isinstance(obj, dict):

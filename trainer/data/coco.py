@@ -19,7 +19,6 @@ import glob
 import json
 import os
 import re
-import warnings
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,8 +32,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.datasets import _SeededDataset, sample_seed
-from trainer.data.folders import decode_rgb
+from trainer.data.datasets import _SeededDataset, read_image, sample_seed
 from trainer.data.generated import SHAPES, SPLITS, SUPERSAMPLE, _draw_shape, plan_scene, render_scene
 from trainer.data.masks import VOC_CLASSES, image_orientation, stored_size
 from trainer.errors import DataError
@@ -537,13 +535,7 @@ class DetectionDataset(_SeededDataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The image as a (3, H, W) uint8 RGB tensor, turned by its EXIF orientation when the split's sizes are."""
-        path = self.paths[index]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return decode_rgb(path, self.exif_orientation)
-        except Exception as err:  # name the file: a bare PIL error says nothing about which one
-            raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+        return read_image(self.paths[index], self.exif_orientation)
 
     def __getitem__(self, index: int):
         image = self.load(index)

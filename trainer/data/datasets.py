@@ -24,6 +24,17 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def read_image(path: str, exif_orientation: bool, hint: str = "") -> torch.Tensor:
+    """An image file as a (3, H, W) uint8 RGB tensor (decode_rgb), or a DataError naming the file: a bare PIL
+    error says nothing about which one. PIL's warnings (e.g. a large or odd file) stay quiet here."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return decode_rgb(path, exif_orientation)
+    except Exception as err:
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}{hint}") from None
+
+
 class _SeededDataset(Dataset):
     def __init__(self, transform, seed: int):
         self.transform = transform
@@ -67,14 +78,8 @@ class FileDataset(_SeededDataset):
         return len(self.paths)
 
     def load(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return decode_rgb(path, self.exif_orientation)
-        except Exception as err:  # name the file: a bare PIL error says nothing about which one
-            raise DataError(f"cannot read image {path}: {type(err).__name__}: {err} "
-                            f"(set data.verify_images=true to find bad files at start-up)") from None
+        return read_image(self.paths[index], self.exif_orientation,
+                          hint=" (set data.verify_images=true to find bad files at start-up)")
 
 
 class ArrayDataset(_SeededDataset):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import struct
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -23,8 +22,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainer.data.datasets import _SeededDataset, sample_seed
-from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, decode_rgb
+from trainer.data.datasets import _SeededDataset, read_image, sample_seed
+from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC
 from trainer.errors import DataError
 
 Pair = Tuple[str, str]  # (image path, mask path)
@@ -339,13 +338,7 @@ class MaskDataset(_SeededDataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The image as a (3, H, W) uint8 RGB tensor, turned by its EXIF orientation when exif_orientation."""
-        path = self.paths[index]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return decode_rgb(path, self.exif_orientation)
-        except Exception as err:  # name the file: a bare PIL error says nothing about which one
-            raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+        return read_image(self.paths[index], self.exif_orientation)
 
     def load_mask(self, index: int) -> torch.Tensor:
         """The mask as an int64 (H, W) tensor of class indices, turned by its IMAGE's EXIF orientation exactly as

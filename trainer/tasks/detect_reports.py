@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.files import atomic_write, atomic_write_json
-from trainer.reports import _fmt, _save, _to_plain, plt
+from trainer.files import atomic_write
+from trainer.reports import _fmt, _save, plt, start_report
 
 PLOTS = ("pr_curves.png", "boxes.png")
 DRAW_MIN_SCORE = 0.3  # boxes drawn in pictures (not scored): the model keeps low scores for mAP, too many to see
@@ -77,12 +77,7 @@ def draw_boxes(image, det: dict, classes: list, path: Path) -> None:
 
 def write_detection_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:
     """eval.json first (the numbers survive a failing plot), then the plots, replacing older ones."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / name, _to_plain(metrics))
-    plots = out_dir / "plots"
-    for filename in PLOTS:
-        (plots / filename).unlink(missing_ok=True)  # an earlier eval's plots would contradict this eval.json
+    plots = start_report(out_dir, metrics, name, PLOTS)
     if not outputs:
         return
     plots.mkdir(exist_ok=True)

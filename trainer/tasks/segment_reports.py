@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.files import atomic_write_json
-from trainer.reports import _fmt, _save, _to_plain, plot_confusion_matrix, plt
+from trainer.reports import _fmt, _save, plot_confusion_matrix, plt, start_report
 
 PLOTS = ("confusion_matrix.png", "iou_per_class.png", "overlays.png")
 OVERLAY_ALPHA = 0.5
@@ -80,12 +79,7 @@ def plot_overlays(samples: list, classes: list, path: Path) -> None:
 
 def write_segmentation_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:
     """eval.json first (the numbers survive a failing plot), then the plots, replacing older ones."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / name, _to_plain(metrics))
-    plots = out_dir / "plots"
-    for filename in PLOTS:
-        (plots / filename).unlink(missing_ok=True)  # an earlier eval's plots would contradict this eval.json
+    plots = start_report(out_dir, metrics, name, PLOTS)
     if not metrics.get("num_pixels"):
         return
     plots.mkdir(exist_ok=True)

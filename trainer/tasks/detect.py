@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from trainer.data.coco import collate_detection
 from trainer.distributed import agree, gather_object
@@ -37,7 +40,7 @@ from trainer.tasks.detect_metrics import evaluate_coco, metrics_from_cocoeval, p
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
 
 SAMPLE_IMAGES = 8  # validation images kept (main rank: the first of its share) for the boxes grid
-METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
+METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100", "loss")
 
 
 def detector_options(model_cfg, image_size: int) -> dict:
@@ -135,8 +138,14 @@ class Detection:
 
     @staticmethod
     def forward(net, batch, tta: str = "none") -> List[Dict[str, torch.Tensor]]:
-        """The detections of each image, one image per forward (see the module docstring)."""
-        return [net([x])[0] for x in batch[0]]
+        """The detections of each image, one image per forward (see the module docstring); where the batch has
+        targets (evaluation), each image's validation loss parts too, under "losses" (validation_losses)."""
+        images, targets = (batch[0], batch[1]) if len(batch) > 1 else (batch[0], None)
+        out = [net([x])[0] for x in images]
+        if targets is not None:
+            for det, x, t in zip(out, images, targets):
+                det["losses"] = validation_losses(net, x, t)
+        return out
 
     def evaluator(self, dataset) -> "DetectionEvaluator":
         return DetectionEvaluator(self, dataset)
@@ -177,6 +186,27 @@ class Detection:
                                detection["labels"].cpu(), self.category_ids)
 
 
+def validation_losses(net, image: torch.Tensor, target: dict) -> Dict[str, float]:
+    """One image's loss parts as training computes them, without changing the model: a torchvision detector
+    returns losses only in training mode, so the detector is put in it with every normalisation and dropout
+    layer left in eval mode (BatchNorm uses, and does not update, its running statistics), and the random
+    sampling of proposals and RoIs (R-CNN) runs under a torch RNG seeded by the image's split index, forked so
+    the training RNG is untouched: the same numbers on any number of processes, and an exact resume."""
+    was = {m: m.training for m in net.modules()}
+    net.train()
+    for m in net.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Dropout, FrozenBatchNorm2d)):
+            m.eval()
+    try:
+        with torch.random.fork_rng(devices=[image.device] if image.device.type == "cuda" else []):
+            torch.manual_seed(int(target["image_id"]))
+            parts = net([image], [{"boxes": target["boxes"], "labels": target["labels"]}])
+    finally:
+        for m, training in was.items():
+            m.train(training)
+    return {k: float(v) for k, v in parts.items()}
+
+
 class DetectionEvaluator:
     """This rank's detections per image (COCO records, keyed by the image's split index); `finish` gathers them
     once to the main rank, checks every image came exactly once, scores them with COCOeval against the split's
@@ -186,6 +216,7 @@ class DetectionEvaluator:
         self.task, self.dataset = task, dataset
         self.num_images = len(dataset)
         self.records: List[List[dict]] = []  # per image added, in the order added
+        self.losses: List[Dict[str, float]] = []  # per image added: its validation loss parts
         self.samples: list = []  # (image, detection) for the boxes grid
         self.indices = torch.arange(self.num_images)  # the split index of each image added (set by trainer.evaluation)
         self._seen = 0
@@ -196,20 +227,26 @@ class DetectionEvaluator:
             index = int(self.indices[self._seen])
             self._seen += 1
             self.records.append(self.task.records(index, det))
+            self.losses.append(det.get("losses", {}))
             if len(self.samples) < SAMPLE_IMAGES:
-                self.samples.append((index, image.cpu(), {k: v.cpu() for k, v in det.items()}))
+                self.samples.append((index, image.cpu(), {k: v.cpu() for k, v in det.items() if k != "losses"}))
 
     def finish(self, accelerator) -> Tuple[dict, Optional[dict]]:
-        gathered = gather_object(self.records) if accelerator.num_processes > 1 else self.records
+        mine = list(zip(self.records, self.losses))
+        gathered = gather_object(mine) if accelerator.num_processes > 1 else mine
         order = split_order(self.indices, self.num_images, accelerator)  # checks: each image exactly once
         outputs = None
 
         def score() -> dict:
             nonlocal outputs
             per_image = [gathered[int(i)] for i in order]
-            detections = [r for image in per_image for r in image]
+            detections = [r for records, _ in per_image for r in records]
             evaluator = evaluate_coco(self.dataset.split.to_coco_gt(), detections)
             metrics = metrics_from_cocoeval(evaluator)
+            parts = sorted({name for _, losses in per_image for name in losses})
+            if parts:  # means over the images, summed in split order (the same float on any process count)
+                means = {name: float(np.mean([losses.get(name, 0.0) for _, losses in per_image])) for name in parts}
+                metrics.update(loss=float(np.sum([means[name] for name in parts])), **means)
             outputs = {"samples": self.samples, "curves": precision_recall_curves(evaluator),
                        "split": self.dataset.split}
             return metrics

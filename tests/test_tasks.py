@@ -150,3 +150,21 @@ def test_task_options_are_checked_against_the_data():
     cfg.loss.name = "dice"
     with pytest.raises(ConfigError, match="loss.name=dice is for segmentation"):
         build_task("auto", ["a", "b", "c"], [1, 1, 1], cfg.loss, cfg.eval, cfg.data)
+
+
+def test_a_detector_takes_its_size_from_the_data_unless_its_size_is_fixed():
+    """data.image_size becomes the detector's min_size (max_size x 1333/800); SSDlite, fixed at 320, ignores the
+    derived sizes but refuses one given explicitly."""
+    from trainer.config import Config
+    from trainer.tasks import build_task
+
+    cfg = Config()
+    cfg.data.format, cfg.data.image_size, cfg.model.name = "coco", 96, "retinanet_small"
+    task = build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2])
+    assert task.resolved("retinanet_small")["min_size"] == 96 and task.resolved("retinanet_small")["max_size"] == 160
+    cfg.model.name = "ssdlite320_mobilenet_v3_large"
+    task = build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2])
+    assert "min_size" not in task.resolved(cfg.model.name)
+    cfg.model.detection.min_size = 64
+    with pytest.raises(ConfigError, match="min_size"):
+        build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2])

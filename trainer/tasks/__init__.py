@@ -69,8 +69,10 @@ def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], l
     if kind == "segmentation":
         return Segmentation.build(task, classes, train_counts, loss_cfg, eval_cfg, ignore_index=data_cfg.ignore_index)
     if kind == "detection":
+        d = model_cfg.detection
         made = Detection.build(task, classes, category_ids, loss_cfg, eval_cfg,
-                               detector_options(model_cfg, data_cfg.image_size))
+                               detector_options(model_cfg, data_cfg.image_size),
+                               derived=[k for k in ("min_size", "max_size") if getattr(d, k) is None])
         made.check_model(model_cfg.name)
         return made
     if loss_cfg.name != "ce":

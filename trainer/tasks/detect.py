@@ -60,6 +60,8 @@ class Detection:
     category_ids: List[int]  # the file's id of each class
     options: dict = field(default_factory=dict)  # detect_models options (resolved when the model is built)
     architecture: Optional[str] = None
+    # options filled in from data.image_size rather than given: dropped for a model with a fixed input size (SSDlite)
+    derived: Tuple[str, ...] = ()
     name = "detection"
     default_monitor = "map"
     drop_last = False
@@ -74,13 +76,13 @@ class Detection:
 
     @classmethod
     def build(cls, task: str, classes: Sequence[str], category_ids: Sequence[int], loss_cfg, eval_cfg,
-              options: dict) -> "Detection":
+              options: dict, derived: Sequence[str] = ()) -> "Detection":
         if eval_cfg.positive_class is not None or eval_cfg.threshold_tuning:
             raise ConfigError("eval.positive_class and eval.threshold_tuning apply to binary classification only")
         if loss_cfg.name != "ce" or loss_cfg.class_weighted or loss_cfg.label_smoothing or loss_cfg.pos_weight:
             raise ConfigError("loss.* options are for classification and segmentation; a detector trains with its "
                               "own loss (tune it through model.detection.*)")
-        made = cls(list(classes), [int(c) for c in category_ids], dict(options))
+        made = cls(list(classes), [int(c) for c in category_ids], dict(options), derived=tuple(derived))
         monitor = eval_cfg.monitor or made.default_monitor
         if monitor not in made.metric_names():
             raise ConfigError(f"eval.monitor '{monitor}' is not a detection metric; choose one of "
@@ -97,15 +99,21 @@ class Detection:
         if name not in DETECTION_MODELS:
             raise ConfigError(f"model.name '{name}' is not a detection model; valid: "
                               f"{', '.join(sorted(DETECTION_MODELS))}")
-        self.options, self.architecture = model_kwargs(name, self.options), name  # what model.json records
+        self.options, self.architecture = self.resolved(name), name  # what model.json records
         return build_detection_model(name, self.num_outputs, self.options, pretrained_path, verbose=verbose)
 
+    def resolved(self, name: str) -> dict:
+        """Every option model `name` takes, as given or its default (model_kwargs); a size derived from
+        data.image_size is left out for a model that takes none."""
+        takes = model_kwargs(name)  # its defaults: the options it takes
+        return model_kwargs(name, {k: v for k, v in self.options.items() if k in takes or k not in self.derived})
+
     def check_model(self, name: str) -> None:
-        """At start-up, before any data is read: the model exists and takes every option given."""
+        """At start-up, before the model is built: the model exists and takes every option given."""
         if name not in DETECTION_MODELS:
             raise ConfigError(f"model.name '{name}' is not a detection model; valid: "
                               f"{', '.join(sorted(DETECTION_MODELS))}")
-        model_kwargs(name, self.options)
+        self.resolved(name)
 
     def metric_names(self) -> List[str]:
         return list(METRICS)

@@ -1,5 +1,6 @@
 """Segmentation data (trainer/data/masks.py, the generated segmentation variant): CPU, tiny files in tmp_path."""
 import hashlib
+import itertools
 import time
 from pathlib import Path
 
@@ -266,12 +267,14 @@ def test_check_masks_stops_on_interrupt_without_decoding_the_rest(tmp_path, monk
 
     pairs = [_pair(tmp_path, np.zeros((2, 2), np.uint8), name=str(i)) for i in range(200)]
     calls = []
+    order = itertools.count()  # next() is atomic: exactly one worker gets 2 (len(calls) could skip 3 under a race)
     real = masks._check_pair
 
     def slow(pair, *args):
         calls.append(pair)
+        n = next(order)
         time.sleep(0.01)
-        if len(calls) == 3:
+        if n == 2:
             raise KeyboardInterrupt  # what a stop signal raises in the main thread, simulated in a worker
         return real(pair, *args)
 

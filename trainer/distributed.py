@@ -105,6 +105,19 @@ def gather_to_main(local: torch.Tensor, accelerator) -> Optional[torch.Tensor]:
     return None
 
 
+def gather_objects_to_main(items: list, accelerator) -> Optional[list]:
+    """Every rank's list of picklable items (our own in-memory records, never read from a file), concatenated in
+    rank order on the main process; None elsewhere: only the main rank holds the whole split's results."""
+    if accelerator.num_processes == 1:
+        return list(items)
+    if accelerator.is_main_process:
+        parts = [None] * accelerator.num_processes
+        dist.gather_object(items, parts, dst=0)
+        return [item for part in parts for item in part]
+    dist.gather_object(items, None, dst=0)
+    return None
+
+
 def sync_buffers(model: torch.nn.Module, accelerator) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics).
 

@@ -96,8 +96,7 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
                            + ("" if detection else f" ({len(meta['classes'])} classes, predicted by the highest "
                                                    f"probability)") + ("; use --score-threshold" if detection else ""))
     task = task_from_meta(meta)
-    writer = task.prediction_writer(output, inputs, overlay, draw) if detection else \
-        task.prediction_writer(output, inputs, overlay)
+    writer = task.prediction_writer(output, inputs, overlay, draw)  # draw: detection only (refused above)
     model, meta = load_exported(model_path,
                                 {"score_thresh": score_threshold} if score_threshold is not None else None)
     if threshold is not None:

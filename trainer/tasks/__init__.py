@@ -14,6 +14,7 @@ A task module (classify.py: binary and multi-class; segment.py; detect.py) offer
     write_report(dir, metrics, outputs, name), summary(metrics)   eval.json, plots, the printed table
     export_meta(metrics)                its fields of model.json
     from_meta(meta)                     (a classmethod) the task of an exported model, for eval and predict
+    prediction_writer(output, inputs, overlay, draw)   what `trainer predict` writes (.add per batch, .close)
 
 It is built from the data's class names and counts plus its own config sections, and checks its options
 against them there. Tasks are chosen by the plain dict TASKS (no registration decorators); the one

@@ -216,7 +216,8 @@ class Classification:
                 "threshold": metrics.get("threshold", self.threshold) if binary else None,
                 "positive_class": self.classes[self.positive_index] if binary else None}
 
-    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False) -> "CsvPredictions":
+    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False,
+                          draw: Optional[str] = None) -> "CsvPredictions":
         """`trainer predict`: a CSV of labels and probabilities (`output` is its path)."""
         if overlay:
             raise TrainerError("--overlay is for segmentation models; this one classifies")

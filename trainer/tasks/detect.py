@@ -32,7 +32,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from trainer.data.coco import collate_detection
-from trainer.distributed import agree, gather_object
+from trainer.distributed import agree, gather_objects_to_main
 from trainer.errors import ConfigError, TrainerError
 from trainer.evaluation import split_order
 from trainer.files import atomic_write
@@ -66,7 +66,6 @@ class Detection:
     default_monitor = "map"
     drop_last = False
     collate = staticmethod(collate_detection)
-    exact_predict = True  # `trainer predict` runs as evaluation does (one image per forward, one CPU thread)
 
     @property
     def num_outputs(self) -> int:
@@ -174,10 +173,6 @@ class Detection:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "category_ids": list(self.category_ids), "model_kwargs": dict(self.options)}
 
-    def set_score_threshold(self, value: float) -> None:
-        """`trainer predict --score-threshold`: the model's own threshold, before it is built."""
-        self.options["score_thresh"] = float(value)
-
     def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False,
                           draw: Optional[str] = None) -> "BoxPredictions":
         out = Path(output)
@@ -240,8 +235,7 @@ class DetectionEvaluator:
                 self.samples.append((index, image.cpu(), {k: v.cpu() for k, v in det.items() if k != "losses"}))
 
     def finish(self, accelerator) -> Tuple[dict, Optional[dict]]:
-        mine = list(zip(self.records, self.losses))
-        gathered = gather_object(mine) if accelerator.num_processes > 1 else mine
+        gathered = gather_objects_to_main(list(zip(self.records, self.losses)), accelerator)  # main rank only
         order = split_order(self.indices, self.num_images, accelerator)  # checks: each image exactly once
         outputs = None
 

@@ -146,7 +146,8 @@ class Segmentation:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "class_to_idx": {c: i for i, c in enumerate(self.classes)}, "ignore_index": self.ignore_index}
 
-    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False) -> "MaskPredictions":
+    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False,
+                          draw: Optional[str] = None) -> "MaskPredictions":
         """`trainer predict`: one PNG of class indices per image into the folder `output`."""
         out = Path(output)
         if out.exists() and not out.is_dir():

@@ -32,6 +32,21 @@ class AugmentCfg:
     # own resize (null = off), and SSD's random IoU crop (a zoom that keeps objects whole)
     scale_jitter: Optional[List[float]] = None
     iou_crop: bool = False
+    # classification, data.loader=workers: a policy of torchvision.transforms.v2 on the uint8 image, after the
+    # crop and flip; randaugment takes the two numbers below (torchvision's defaults)
+    auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment", "augmix"] = "none"
+    randaugment_num_ops: int = 2
+    randaugment_magnitude: int = 9  # of 31 levels
+    # classification: probability that a rectangle of each image is replaced by noise, after normalisation
+    # (Zhong et al.; timm's --reprob); 0 = off
+    random_erasing: float = 0.0
+    # classification: mixup / CutMix of each batch after collation (Beta(alpha, alpha) mixing weights; 0 = off);
+    # when both are on, each mixed batch uses CutMix with probability mix_switch_prob, else mixup; a batch is
+    # mixed at all with probability mix_prob. Targets become soft (loss.label_smoothing applies to them).
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
 
 
 @dataclass
@@ -109,6 +124,15 @@ class ModelCfg:
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
     channels_last: bool = False
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
+    # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;
+    # rising linearly from 0 at the first block, as torchvision and timm do); 0 = off
+    drop_path: float = 0.0
+    dropout: Optional[float] = None  # before the classifier head; null = the model's own (EfficientNet 0.2)
+    # BatchNorm statistics computed over the global batch of all GPUs (torch.nn.SyncBatchNorm; GPU only)
+    sync_bn: bool = False
+    # fine-tuning (with model.pretrained_path): the backbone is frozen, weights and BatchNorm statistics,
+    # for this many epochs; only the head trains
+    freeze_backbone_epochs: int = 0
     detection: DetectionModelCfg = field(default_factory=DetectionModelCfg)
 
 
@@ -126,6 +150,14 @@ class LossCfg:
 
 
 @dataclass
+class EarlyStoppingCfg:
+    # stop after this many evaluations in a row without eval.monitor improving on its best by more than
+    # min_delta; the run then ends as a finished run (final model, summary). 0 = off
+    patience: int = 0
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainCfg:
     epochs: int = 10
     batch_size: int = 64  # per process; global batch = batch_size x processes x grad_accum_steps
@@ -140,6 +172,7 @@ class TrainCfg:
     # GPU only: let cuDNN time its algorithms per shape (faster convolutions; results are then not bitwise
     # reproducible across runs, so set false when a resumed GPU run must match an uninterrupted one exactly)
     cudnn_benchmark: bool = True
+    early_stopping: EarlyStoppingCfg = field(default_factory=EarlyStoppingCfg)
 
 
 @dataclass
@@ -163,6 +196,27 @@ class OptimCfg:
     # back to it; the final model is the slow copy. 0 = off. (airbench: every 5 updates, decay 0.95^5)
     lookahead_every: int = 0
     lookahead_decay: float = 0.7738
+    head_lr_scale: float = 1.0  # lr multiplier for the classifier head (fine-tuning: often 10)
+    # layer-wise lr decay (BEiT / timm): the head keeps lr, each block-level below it lr x layer_decay^depth;
+    # null = off
+    layer_decay: Optional[float] = None
+
+
+@dataclass
+class EmaCfg:
+    """An exponential moving average of the weights, evaluated and exported instead of them (timm's ModelEmaV3,
+    torchvision's reference ExponentialMovingAverage): ema = decay x ema + (1 - decay) x weights every `every`
+    optimizer updates, in float32. Buffers (BatchNorm running statistics) are averaged like the weights, as
+    both references do by default."""
+    decay: float = 0.0  # 0 = off; e.g. 0.999 for a few thousand updates, 0.9998 for ImageNet-length runs
+    # short runs: the decay used at EMA update t is min(decay, 1 - (1 + t)^-warmup_power) (timm's warm-up), so
+    # the average does not hold on to the random initial weights
+    warmup: bool = True
+    warmup_power: float = 0.75
+    every: int = 1  # optimizer updates between EMA updates
+    # which weights evaluation scores: ema, raw (the trained weights), or both (raw metrics logged as raw_<name>;
+    # eval.monitor may name either, and best/ holds the weights it monitors)
+    evaluate: Literal["ema", "raw", "both"] = "ema"
 
 
 @dataclass
@@ -225,6 +279,7 @@ class Config:
     loss: LossCfg = field(default_factory=LossCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
+    ema: EmaCfg = field(default_factory=EmaCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
@@ -236,7 +291,8 @@ class Config:
 # (data.root may move, e.g. a node-local copy: the data's identity is checked by its fingerprint instead.)
 RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_steps", "train.progress_bar",
                     "train.dist_timeout_s", "train.cudnn_benchmark", "train.device", "data.num_workers",
-                    "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile")
+                    "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile",
+                    "ema.evaluate")
 
 
 def data_targets(data_cfg) -> str:
@@ -462,6 +518,65 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.sampler=weighted needs data.loader=workers")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
+    _validate_regularisation(cfg, targets)
+
+
+def _in_range(key: str, value: float, low: float, high: float, high_open: bool = False) -> None:
+    """`low <= value <= high` (or `< high`), else one line naming the key."""
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise ConfigError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+
+
+def _validate_regularisation(cfg: Config, targets: str) -> None:
+    """EMA, mixing, policies, erasing, drop path, freezing, layer decay, early stopping."""
+    aug = cfg.data.augment
+    _in_range("ema.decay", cfg.ema.decay, 0.0, 1.0, high_open=True)
+    if cfg.ema.every < 1:
+        raise ConfigError(f"ema.every must be >= 1, got {cfg.ema.every}")
+    if cfg.ema.warmup_power <= 0:
+        raise ConfigError(f"ema.warmup_power must be > 0, got {cfg.ema.warmup_power}")
+    if cfg.ema.decay == 0 and cfg.ema.evaluate != "ema":
+        raise ConfigError(f"ema.evaluate={cfg.ema.evaluate} needs EMA on (ema.decay > 0)")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if getattr(aug, key) < 0:
+            raise ConfigError(f"data.augment.{key} must be >= 0, got {getattr(aug, key)}")
+    _in_range("data.augment.mix_prob", aug.mix_prob, 0.0, 1.0)
+    _in_range("data.augment.mix_switch_prob", aug.mix_switch_prob, 0.0, 1.0)
+    _in_range("data.augment.random_erasing", aug.random_erasing, 0.0, 1.0)
+    if not 1 <= aug.randaugment_num_ops <= 16:
+        raise ConfigError(f"data.augment.randaugment_num_ops must be in [1, 16], got {aug.randaugment_num_ops}")
+    if not 0 <= aug.randaugment_magnitude <= 30:
+        raise ConfigError(f"data.augment.randaugment_magnitude must be in [0, 30] (of 31 levels), got "
+                          f"{aug.randaugment_magnitude}")
+    if targets != "labels":
+        for key, on in (("mixup_alpha", aug.mixup_alpha > 0), ("cutmix_alpha", aug.cutmix_alpha > 0),
+                        ("auto_augment", aug.auto_augment != "none"), ("random_erasing", aug.random_erasing > 0)):
+            if on:
+                raise ConfigError(f"data.augment.{key} is for classification; {_TASK_OF_TARGETS[targets]} "
+                                  f"data would need its {targets} transformed alike")
+    if cfg.data.loader == "device" and (aug.auto_augment != "none" or aug.random_erasing > 0):
+        raise ConfigError("data.augment.auto_augment and data.augment.random_erasing are per-image transforms: use "
+                          "data.loader=workers (data.loader=device does pad-crop, flip, mixup and CutMix)")
+    _in_range("model.drop_path", cfg.model.drop_path, 0.0, 1.0, high_open=True)
+    if cfg.model.dropout is not None:
+        _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0, high_open=True)
+    if cfg.model.freeze_backbone_epochs < 0:
+        raise ConfigError(f"model.freeze_backbone_epochs must be >= 0, got {cfg.model.freeze_backbone_epochs}")
+    if cfg.model.freeze_backbone_epochs >= cfg.train.epochs:
+        raise ConfigError(f"model.freeze_backbone_epochs={cfg.model.freeze_backbone_epochs} must be smaller than "
+                          f"train.epochs={cfg.train.epochs} (the backbone would never train)")
+    if cfg.optim.head_lr_scale <= 0:
+        raise ConfigError(f"optim.head_lr_scale must be > 0, got {cfg.optim.head_lr_scale}")
+    if cfg.optim.layer_decay is not None:
+        _in_range("optim.layer_decay", cfg.optim.layer_decay, 0.0, 1.0)
+        if cfg.optim.layer_decay == 0:
+            raise ConfigError("optim.layer_decay must be > 0 (null turns it off)")
+    if cfg.train.early_stopping.patience < 0:
+        raise ConfigError(f"train.early_stopping.patience must be >= 0, got {cfg.train.early_stopping.patience}")
+    if cfg.train.early_stopping.min_delta < 0:
+        raise ConfigError(f"train.early_stopping.min_delta must be >= 0, got {cfg.train.early_stopping.min_delta}")
+    if cfg.train.early_stopping.patience and not cfg.eval.every_epochs:
+        raise ConfigError("train.early_stopping.patience needs evaluations during training (eval.every_epochs > 0)")
 
 
 def eval_batch_size(cfg: Config) -> int:

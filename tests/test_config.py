@@ -28,6 +28,32 @@ def test_recipes_all_load():
     ("eval.tta=five_crop", "eval.tta"),
     ("optim.lookahead_decay=1.0", "optim.lookahead_decay"),
     ("optim.warmup_start_ratio=2", "optim.warmup_start_ratio"),
+    # the regularisation and fine-tuning keys
+    ("ema.decay=1.0", "ema.decay"),
+    ("ema.decay=abc", "ema.decay"),
+    ("ema.every=0", "ema.every"),
+    ("ema.evaluate=both", "ema.evaluate"),  # needs ema.decay > 0
+    ("ema.evaluate=swa", "ema.evaluate"),
+    ("eval.monitor=raw_accuracy", "eval.monitor"),  # needs ema.evaluate=both
+    ("data.augment.mixup_alpha=-1", "data.augment.mixup_alpha"),
+    ("data.augment.cutmix_alpha=x", "data.augment.cutmix_alpha"),
+    ("data.augment.mix_prob=1.5", "data.augment.mix_prob"),
+    ("data.augment.mix_switch_prob=-0.1", "data.augment.mix_switch_prob"),
+    ("data.augment.auto_augment=randaug", "data.augment.auto_augment"),
+    ("data.augment.randaugment_magnitude=31", "data.augment.randaugment_magnitude"),
+    ("data.augment.random_erasing=1.5", "data.augment.random_erasing"),
+    ("model.drop_path=1", "model.drop_path"),
+    ("model.dropout=-0.1", "model.dropout"),
+    ("model.sync_bn=maybe", "model.sync_bn"),
+    ("model.freeze_backbone_epochs=-1", "model.freeze_backbone_epochs"),
+    ("model.freeze_backbone_epochs=10", "model.freeze_backbone_epochs"),  # >= train.epochs
+    ("optim.head_lr_scale=0", "optim.head_lr_scale"),
+    ("optim.layer_decay=0", "optim.layer_decay"),
+    ("optim.layer_decay=1.5", "optim.layer_decay"),
+    ("optim.lr=-0.1", "optim.lr"),
+    ("train.early_stopping.patience=-1", "train.early_stopping.patience"),
+    ("train.early_stopping.min_delta=-1", "train.early_stopping.min_delta"),
+    ("train.early_stopping.patiense=3", "train.early_stopping.patiense"),
 ])
 def test_bad_values_name_the_full_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -64,3 +90,17 @@ def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "optim.lrr" in lines[0], res.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["data.format=generated", "data.generated.variant=segmentation", "data.augment.mixup_alpha=0.2"],
+     "data.augment.mixup_alpha"),
+    (["data.format=generated", "data.generated.variant=detection", "data.augment.auto_augment=randaugment"],
+     "data.augment.auto_augment"),
+    (["data.loader=device", "data.augment.random_erasing=0.25"], "data.loader=workers"),
+    (["train.early_stopping.patience=2", "eval.every_epochs=0"], "eval.every_epochs"),
+])
+def test_regularisation_keys_refuse_data_or_loaders_they_cannot_serve(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert key in str(err.value) and "\n" not in str(err.value)

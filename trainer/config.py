@@ -438,7 +438,6 @@ def validate(cfg: Config) -> None:
         "train.dist_timeout_s": cfg.train.dist_timeout_s,
         "data.image_size": cfg.data.image_size,
         "data.prefetch_factor": cfg.data.prefetch_factor,
-        "optim.lr": cfg.optim.lr,
         "data.generated.train_per_class": cfg.data.generated.train_per_class,
         "data.generated.val_per_class": cfg.data.generated.val_per_class,
     }
@@ -450,6 +449,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"checkpoint.{key} must be >= 0, got {getattr(cfg.checkpoint, key)}")
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError("run.resume and run.overwrite=true contradict each other: choose one")
+    if cfg.optim.lr < 0:  # 0 is allowed: a run that only measures (BatchNorm statistics still move)
+        raise ConfigError(f"optim.lr must be >= 0, got {cfg.optim.lr}")
     if cfg.eval.batch_size is not None and cfg.eval.batch_size <= 0:
         raise ConfigError(f"eval.batch_size must be > 0, got {cfg.eval.batch_size}")
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
@@ -537,6 +538,9 @@ def _validate_regularisation(cfg: Config, targets: str) -> None:
         raise ConfigError(f"ema.warmup_power must be > 0, got {cfg.ema.warmup_power}")
     if cfg.ema.decay == 0 and cfg.ema.evaluate != "ema":
         raise ConfigError(f"ema.evaluate={cfg.ema.evaluate} needs EMA on (ema.decay > 0)")
+    if (cfg.eval.monitor or "").startswith("raw_") and cfg.ema.evaluate != "both":
+        raise ConfigError(f"eval.monitor={cfg.eval.monitor} names the raw weights' metric, logged only with "
+                          f"ema.evaluate=both (and ema.decay > 0)")
     for key in ("mixup_alpha", "cutmix_alpha"):
         if getattr(aug, key) < 0:
             raise ConfigError(f"data.augment.{key} must be >= 0, got {getattr(aug, key)}")

@@ -18,7 +18,8 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -33,6 +34,7 @@ from trainer.config import Config, config_changes, eval_batch_size, to_dict, to_
 from trainer.data import build_data, data_fingerprint, data_roots
 from trainer.data.loaders import build_train_loader
 from trainer.distributed import agree, check_processes, main_first, make_accelerator, sync_buffers
+from trainer.ema import ModelEma
 from trainer.errors import ConfigError, TrainerError
 from trainer.evaluation import evaluate
 from trainer.export import export_model, model_card
@@ -60,12 +62,17 @@ class LoopState:
     log: Optional[dict] = None  # the loss accumulators since the last log row (tracking.LossLog.state)
     wandb_run_id: Optional[str] = None
     done: bool = False
+    # early stopping: evaluations in a row without an improvement larger than min_delta over `reference`
+    stale_evals: int = 0
+    reference: Optional[float] = None
+    stopped_early: Optional[str] = None  # why the run stopped before its last epoch
 
     def to_json(self, epoch: int, batch_in_epoch: int, done: bool) -> dict:
         """The checkpoint's copy; `epoch`/`batch_in_epoch` say where to resume (the next epoch after its end)."""
         return {"update": self.update, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "samples_seen": self.samples_seen, "metrics_rows": self.metrics_rows, "best": self.best,
-                "wandb_run_id": self.wandb_run_id, "done": done}
+                "wandb_run_id": self.wandb_run_id, "done": done, "stale_evals": self.stale_evals,
+                "reference": self.reference, "stopped_early": self.stopped_early}
 
     @classmethod
     def from_checkpoint(cls, saved: dict) -> "LoopState":
@@ -74,7 +81,9 @@ class LoopState:
                    batch_in_epoch=saved.get("batch_in_epoch", saved.get("step_in_epoch", 0)),
                    samples_seen=saved["samples_seen"], metrics_rows=saved["metrics_rows"],
                    best=saved.get("best") or cls().best, log=saved.get("log"),
-                   wandb_run_id=saved.get("wandb_run_id"), done=saved["done"])
+                   wandb_run_id=saved.get("wandb_run_id"), done=saved["done"],
+                   stale_evals=saved.get("stale_evals", 0), reference=saved.get("reference"),
+                   stopped_early=saved.get("stopped_early"))
 
 
 def train(cfg: Config) -> dict:
@@ -156,10 +165,19 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     if task_kind(cfg.task, cfg.data) == "classification":  # segmentation models take any size (they pad)
         agree(acc, probe_input_size)
 
+    def check_sync_bn() -> None:
+        if cfg.model.sync_bn and acc.device.type != "cuda":
+            raise ConfigError(f"model.sync_bn=true needs GPUs: PyTorch's SyncBatchNorm runs only on CUDA (this "
+                              f"run is on {acc.device.type}); set model.sync_bn=false")
+
+    agree(acc, check_sync_bn)
+
     # ---- data and task (the main process first: it writes the generated dataset; the others then read it) ----
     data = main_first(acc, lambda: build_data(cfg.data, cfg.seed, ("train", "val"), verbose=say))
     train_set, val_set = data.datasets["train"], data.datasets["val"]
-    task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, cfg.eval, cfg.data,
+    # eval.monitor=raw_<metric> (ema.evaluate=both) names the task's <metric> scored on the raw weights
+    task_eval = replace(cfg.eval, monitor=cfg.eval.monitor.removeprefix("raw_")) if cfg.eval.monitor else cfg.eval
+    task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, task_eval, cfg.data,
                                          cfg.model, data.category_ids))
 
     # ---- model and training loader ----
@@ -177,6 +195,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         return model, loader
 
     model, loader = agree(acc, build)  # a bad file met while decoding the split ends every rank alike
+    if cfg.model.sync_bn:  # before DDP wraps it; the state_dict names stay BatchNorm's (exports load anywhere)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if acc.device.type == "cuda":
@@ -189,6 +209,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     loader.prepare(acc)  # the DataLoader path: accelerate shards and seeds it; the device path needs nothing
     # the slow weights of Lookahead/EMA, the same on every rank (it follows the synchronised weights)
     lookahead = Lookahead(acc.unwrap_model(model)) if cfg.optim.lookahead_every else None
+    core = acc.unwrap_model(model)  # the module itself (DDP's wrapper shares its tensors)
+    ema = ModelEma(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.warmup_power) if cfg.ema.decay > 0 else None
     eval_batch = eval_batch_size(cfg)
 
     # ---- derived numbers (in optimizer updates, so the schedule ignores the process count) ----
@@ -208,7 +230,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
 
     def load_resume() -> list:
         """Every rank: the checkpoint into the model, optimizer, scaler, RNG and loop state; returns notes."""
-        nonlocal lookahead, state
+        nonlocal lookahead, ema, state
         notes = []
         ckpt = read_checkpoint(resume_from)
         check_compatible(ckpt, cfg.model.name, task.name, data.classes, acc.unwrap_model(model))
@@ -229,6 +251,12 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
             else:  # e.g. weights from a run without it: start the slow copy from them
                 lookahead = Lookahead(acc.unwrap_model(model))
                 notes.append(f"{resume_from} has no lookahead state: the slow weights start from its weights")
+        if ema is not None:
+            if "ema" in ckpt["extra"]:
+                ema.load_state_dict(ckpt["extra"]["ema"])
+            else:  # e.g. fine-tuning from a run without EMA: the average starts from the loaded weights
+                ema = ModelEma(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.warmup_power)
+                notes.append(f"{resume_from} has no EMA state: the average starts from its weights")
         if ckpt["state"].get("scaler") and acc.scaler is not None:
             acc.scaler.load_state_dict(ckpt["state"]["scaler"])
         saved_world = len(ckpt["state"]["rng"])
@@ -306,7 +334,9 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     loss_log = LossLog(acc, state.log, state.update, task.loss_parts(cfg.model.name))
     t_log, samples_at_log = time.time(), state.samples_seen
     monitor = cfg.eval.monitor or task.default_monitor
-    sign = 1 if task.higher_is_better(monitor) else -1
+    sign = 1 if task.higher_is_better(monitor.removeprefix("raw_")) else -1
+    # the weights that evaluation's metrics, best/ and model/ stand for: the EMA's unless raw ones are asked for
+    scored = "raw" if ema is None or cfg.ema.evaluate == "raw" or monitor.startswith("raw_") else "ema"
     ckpt_root = run_dir / "checkpoints"
     # a bar on a terminal; in a log file (SLURM, CI) a plain line per log step instead
     show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
@@ -324,7 +354,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                      "world_size": acc.num_processes,
                      # what a resume compares itself with: the config and the training data's identity
                      "config": to_dict(cfg), "data_fingerprint": fingerprint}
-            extra = {"lookahead": lookahead.state_dict()} if lookahead is not None else None
+            extra = {**({"lookahead": lookahead.state_dict()} if lookahead is not None else {}),
+                     **({"ema": ema.state_dict()} if ema is not None else {})}
             written = write_checkpoint(ckpt_root, state.update, acc.unwrap_model(model).state_dict(),
                                        opt.state_dict(), rng, saved, extra=extra)
             problem = verify_checkpoint(written)  # read back before older ones are rotated away (~0.03 s / 300 MB)
@@ -352,11 +383,46 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         return mean_loss
 
     def export(target: Path, metrics: dict, outputs: dict) -> None:
-        """Main process: the weights + model.json (with the threshold used), then the eval report beside them."""
-        export_model(acc.unwrap_model(model), target, {
-            **model_card(cfg, data.mean, data.std, small_stem), **task.export_meta(metrics), "step": state.update,
-            "metrics": scalar_metrics(metrics)})
+        """Main process: the scored weights + model.json (with the threshold used), then the eval report."""
+        with ema.swapped_in(core) if scored == "ema" else nullcontext():
+            export_model(core, target, {
+                **model_card(cfg, data.mean, data.std, small_stem), **task.export_meta(metrics),
+                "step": state.update, "weights": scored, "metrics": scalar_metrics(metrics)})
         task.write_report(target, metrics, outputs)
+
+    def score() -> tuple:
+        """Every rank: (metrics of the scored weights, their outputs for the reports, the scalars to log).
+        With ema.evaluate=both the EMA's metrics are logged under their names and the raw weights' as raw_<name>."""
+        sync_buffers(core, acc)  # every rank scores its shard with rank 0's BN statistics
+
+        def run() -> tuple:
+            return evaluate(model, val_set, task, acc, eval_batch, cfg.data.num_workers, memory_format, cfg.eval.tta)
+
+        if ema is None or cfg.ema.evaluate == "raw":
+            metrics, outputs = run()
+            return metrics, outputs, scalar_metrics(metrics)
+        ema.sync(acc)
+        with ema.swapped_in(core):
+            metrics, outputs = run()
+        if cfg.ema.evaluate == "ema":
+            return metrics, outputs, scalar_metrics(metrics)
+        raw_metrics, raw_outputs = run()
+        logged = {**scalar_metrics(metrics), **{f"raw_{k}": v for k, v in scalar_metrics(raw_metrics).items()}}
+        return (raw_metrics, raw_outputs, logged) if scored == "raw" else (metrics, outputs, logged)
+
+    def no_improvement_for(value: float) -> Optional[str]:
+        """Early stopping, after an evaluation: why the run stops now, or None."""
+        rule = cfg.train.early_stopping
+        if not rule.patience or value is None:
+            return None
+        if state.reference is None or sign * (value - state.reference) > rule.min_delta:
+            state.reference, state.stale_evals = value, 0
+            return None
+        state.stale_evals += 1
+        if state.stale_evals < rule.patience:
+            return None
+        return (f"early stopping: {monitor} did not improve on {state.reference:.6g} by more than {rule.min_delta} "
+                f"in {rule.patience} evaluation(s)")
 
     def agree_on_requests() -> tuple:
         """(save, stop) requested on any rank; every rank gets the same answer at the same step."""
@@ -396,8 +462,10 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
             state.update += 1
             last = state.update >= total_updates
             if lookahead is not None and state.update % cfg.optim.lookahead_every == 0:
-                sync_buffers(acc.unwrap_model(model), acc)  # the same slow copy on every rank
-                lookahead.step(acc.unwrap_model(model), cfg.optim.lookahead_decay * (state.update / total_updates) ** 3)
+                sync_buffers(core, acc)  # the same slow copy on every rank
+                lookahead.step(core, cfg.optim.lookahead_decay * (state.update / total_updates) ** 3)
+            if ema is not None and state.update % cfg.ema.every == 0:
+                ema.update(core)
             if state.update % cfg.train.log_every_steps == 0:
                 bar.set_postfix(loss=f"{log_train(epoch + state.batch_in_epoch / batches_per_epoch):.4f}")
             save_now, stop = agree_on_requests()
@@ -426,16 +494,20 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
             sync_buffers(acc.unwrap_model(model), acc)
             lookahead.step(acc.unwrap_model(model), 1.0)
         if last or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0):
-            sync_buffers(acc.unwrap_model(model), acc)  # every rank scores its shard with rank 0's BN statistics
-            metrics, outputs = evaluate(model, val_set, task, acc, eval_batch, cfg.data.num_workers, memory_format,
-                                        cfg.eval.tta)
+            metrics, outputs, logged = score()
             tracker.log({"type": "eval", "split": "val", "step": state.update, "epoch": round(epoch_float, 4),
-                         "samples_seen": state.samples_seen, **scalar_metrics(metrics)})
-            value = metrics.get(monitor)
+                         "samples_seen": state.samples_seen, **logged})
+            value = logged.get(monitor)
             if value is not None and (state.best["value"] is None or sign * value > sign * state.best["value"]):
-                state.best = {"value": value, "update": state.update, "metrics": scalar_metrics(metrics)}
+                state.best = {"value": value, "update": state.update, "metrics": logged}
                 agree(acc, lambda: export(run_dir / "best", metrics, outputs), main_only=True)
-            say(f"[eval] step {state.update} epoch {epoch_float:.2f}: {headline(metrics)}")
+            say(f"[eval] step {state.update} epoch {epoch_float:.2f}: {headline(metrics)}"
+                + (f" ({scored} weights)" if ema is not None else ""))
+            # the metrics are the same on every rank; rank 0's decision is shared all the same (one tiny collective)
+            why = agree(acc, lambda: no_improvement_for(value), main_only=True, share=True)
+            if why is not None and not last:
+                state.stopped_early, last = why, True
+                say(f"[trainer] {why}: the run ends here, at update {state.update} of {total_updates}")
         if not last and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
             save_checkpoint(epoch + 1, 0)
         if last:
@@ -443,8 +515,9 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
 
     # ---- the end: the final model, its reports, the summary, a final checkpoint ----
     summary = {"run_dir": str(run_dir), "task": task.name, "updates": state.update,
-               "samples_seen": state.samples_seen, "final": scalar_metrics(metrics), "best": state.best["metrics"],
-               "monitor": monitor, "seconds": round(time.time() - t_start, 1)}
+               "samples_seen": state.samples_seen, "final": logged, "best": state.best["metrics"],
+               "monitor": monitor, "weights": scored, "stopped_early": state.stopped_early,
+               "seconds": round(time.time() - t_start, 1)}
 
     def finish() -> None:
         export(run_dir / "model", metrics, outputs)
@@ -458,7 +531,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     agree(acc, finish, main_only=True)
     save_checkpoint(cfg.train.epochs, 0, done=True)  # the same command run again now says "complete"
     say(f"[trainer] final model on the val split:\n{task.summary(metrics)}")
-    final, best = (f"{v:.4f}" if v is not None else "n/a" for v in (metrics.get(monitor), state.best["value"]))
+    final, best = (f"{v:.4f}" if v is not None else "n/a" for v in (logged.get(monitor), state.best["value"]))
     say(f"[trainer] done in {summary['seconds']} s: val {monitor} {final} (best {best}) on "
         f"{metrics.get('num_samples', metrics.get('num_images'))} images")
     say(f"[trainer] run directory: {run_dir}  (final model: {run_dir / 'model'}, best: {run_dir / 'best'})")

@@ -157,7 +157,8 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     aug = data_cfg.augment
     for split, ds in made.items():
         ds.transform = (train_transform(size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
-                                        aug.rrc_min_scale, aug.color_jitter)
+                                        aug.rrc_min_scale, aug.color_jitter, aug.auto_augment,
+                                        aug.randaugment_num_ops, aug.randaugment_magnitude, aug.random_erasing)
                         if split == "train" else eval_transform(size, mean, std))
     if skipped:
         verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.folders import Sample, decode_rgb
-from trainer.errors import DataError
+from trainer.errors import ConfigError, DataError
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -166,9 +166,30 @@ class PadCropFlip:
         return x.sub_(self.mean).div_(self.std)
 
 
+# data.augment.auto_augment -> its torchvision v2 policy, on the uint8 image; torchvision's defaults apart from
+# RandAugment's two numbers. Each draws only from the global torch RNG, which __getitem__ seeds per sample.
+POLICIES = {
+    "randaugment": lambda num_ops, magnitude: v2.RandAugment(num_ops=num_ops, magnitude=magnitude),
+    "trivialaugment": lambda num_ops, magnitude: v2.TrivialAugmentWide(),
+    "autoaugment": lambda num_ops, magnitude: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+    "augmix": lambda num_ops, magnitude: v2.AugMix(),
+}
+
+
+def augment_policy(name: str, num_ops: int, magnitude: int):
+    if name not in POLICIES:
+        raise ConfigError(f"data.augment.auto_augment={name} is not a policy; choose none or one of {sorted(POLICIES)}")
+    return POLICIES[name](num_ops, magnitude)
+
+
 def train_transform(image_size: int, mean, std, hflip: bool, crop_padding: int, random_resized_crop: bool,
-                    rrc_min_scale: float, color_jitter: float):
-    if not random_resized_crop and color_jitter <= 0:
+                    rrc_min_scale: float, color_jitter: float, auto_augment: str = "none",
+                    randaugment_num_ops: int = 2, randaugment_magnitude: int = 9, random_erasing: float = 0.0):
+    """The classification training augmentation: `PadCropFlip` when it is only pad, crop and flip; otherwise
+    torchvision's v2 chain: crop, flip, the `auto_augment` policy (uint8), colour jitter, normalisation, then
+    random erasing with probability `random_erasing` (a rectangle of per-pixel N(0, 1) noise in normalised
+    units: timm's default --remode pixel)."""
+    if not random_resized_crop and color_jitter <= 0 and auto_augment == "none" and random_erasing <= 0:
         return PadCropFlip(image_size, crop_padding, hflip, mean, std)
     steps = []
     if random_resized_crop:
@@ -179,9 +200,14 @@ def train_transform(image_size: int, mean, std, hflip: bool, crop_padding: int, 
             steps.append(v2.RandomCrop(image_size, padding=crop_padding, padding_mode="reflect"))
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
+    if auto_augment != "none":  # right after the crop and flip, as in timm (which would drop the jitter below)
+        steps.append(augment_policy(auto_augment, randaugment_num_ops, randaugment_magnitude))
     if color_jitter > 0:
         steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    return v2.Compose(steps + _to_normalised_tensor(mean, std))
+    steps += _to_normalised_tensor(mean, std)
+    if random_erasing > 0:  # timm's area (2%-33%) and aspect ratios (0.3-3.3, log-uniform): torchvision's defaults
+        steps.append(v2.RandomErasing(p=random_erasing, value="random"))
+    return v2.Compose(steps)
 
 
 def measure_mean_std(dataset: _SeededDataset, image_size: int, max_images: int = 2000, seed: int = 0):

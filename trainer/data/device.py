@@ -10,12 +10,13 @@ Order and augmentation are pure functions of (seed, epoch): one permutation and 
 and flips per epoch, drawn by a generator seeded from them, indexed by position in the epoch. Every rank
 holds the whole uint8 split and takes its own slice of each global batch (rank r gets positions
 [r x B, (r + 1) x B) of it), so the batches seen are the same on 1 process with batch 2B as on 2 processes
-with batch B, and resuming at batch k of an epoch needs nothing but k.
+with batch B, and resuming at batch k of an epoch needs nothing but k. Mixup/CutMix (trainer.data.mixing), when
+on, mixes each rank's batch on the device, seeded by (seed, epoch, batch index, rank): k is still all it needs.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from accelerate.state import GradientState
 from trainer.data.datasets import ArrayDataset, FileDataset, sample_seed
 from trainer.distributed import shard_bounds
 from trainer.data.folders import decode_jpeg_rgb
+from trainer.data.mixing import BatchMixer
 from trainer.errors import DataError
 
 DECODE_CHUNK = 1024  # files per batched decode_jpeg call (a list call is ~10x faster than one file at a time)
@@ -96,7 +98,8 @@ class DeviceLoader(DataLoaderStateMixin):
     Per epoch: a permutation, a crop offset in [0, 2 x padding] per axis and a flip bit per image, all drawn
     at once from a generator seeded by (seed, epoch). A batch is one gather from the uint8 tensor whose row
     and column indices already include the reflect padding, the crop and the flip; then it is converted to
-    float and normalised. The last global batch is kept when every rank gets at least one image from it.
+    float and normalised, and mixed by `mixer` (mixup/CutMix) when there is one. The last global batch is kept
+    when every rank gets at least one image from it.
 
     It is an accelerate `DataLoaderStateMixin` so that `accelerator.accumulate` knows where the epoch ends
     (gradient accumulation then syncs on the last batch, as with a prepared DataLoader).
@@ -104,13 +107,13 @@ class DeviceLoader(DataLoaderStateMixin):
 
     def __init__(self, images: torch.Tensor, labels, batch_size: int, mean, std, seed: int, rank: int = 0,
                  world: int = 1, padding: int = 0, flip: str = "random", hflip: bool = True,
-                 channels_last: bool = False):
+                 channels_last: bool = False, mixer: Optional[BatchMixer] = None):
         if padding >= images.shape[-1]:
             raise DataError(f"data.augment.crop_padding={padding} must be smaller than the image side {images.shape[-1]}")
         self.images = images  # (N, 3, S, S) uint8, on the training device
         self.labels = torch.as_tensor(list(labels), dtype=torch.long, device=images.device)
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
-        self.padding, self.flip, self.hflip = padding, flip, hflip
+        self.padding, self.flip, self.hflip, self.mixer = padding, flip, hflip, mixer
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         scale = torch.tensor([255.0], device=images.device)
         self.mean = (torch.tensor(mean, dtype=torch.float32, device=images.device) * scale).view(1, 3, 1, 1)
@@ -188,8 +191,11 @@ class DeviceLoader(DataLoaderStateMixin):
                 x = self.images[index_d[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
                                 rows_d[:, None, :, None], cols_d[:, None, None, :]]
                 x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+                y = self.labels[index_d]
+                if self.mixer is not None:  # b: the batch's index within the epoch, whatever `skip` was
+                    x, y = self.mixer(x, y, self.epoch, b)
                 self.end_of_dataloader = b == self.num_batches - 1
-                yield x, self.labels[index_d]
+                yield x, y
         finally:
             self.end()
 
@@ -198,7 +204,8 @@ class DeviceLoader(DataLoaderStateMixin):
 
 
 def to_device_loader(dataset, image_size: int, device, batch_size: int, mean, std, seed: int, rank: int,
-                     world: int, padding: int, flip: str, hflip: bool, channels_last: bool) -> DeviceLoader:
+                     world: int, padding: int, flip: str, hflip: bool, channels_last: bool,
+                     mixer: Optional[BatchMixer] = None) -> DeviceLoader:
     images = decode_split(dataset, image_size).to(device)
     return DeviceLoader(images, dataset.labels, batch_size, mean, std, seed, rank, world, padding, flip, hflip,
-                        channels_last)
+                        channels_last, mixer)

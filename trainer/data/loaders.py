@@ -3,7 +3,9 @@
 (`trainer.data.device.DeviceLoader`). Both offer:
 
     set_epoch(epoch)   the shuffle order and augmentation of that epoch (pure functions of seed and epoch)
-    batches(skip)      this process's batches of the epoch, after the first `skip` (an exact resume)
+    batches(skip)      this process's batches of the epoch, after the first `skip` (an exact resume); with
+                       mixup/CutMix on (data.augment), each mixed after collation (trainer.data.mixing),
+                       seeded by (seed, epoch, batch index, rank) so batch `skip + i` mixes as it would have
     len(loader)        batches per epoch, per process
     first(count)       the first `count` training images, normalised, unaugmented (data-dependent init)
     prepare(acc)       what accelerate must wrap (the DataLoader: sharding, seeding, device placement)
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -20,16 +23,19 @@ from torch.utils.data import DataLoader
 from trainer.data import class_balanced_sampler
 from trainer.data.datasets import eval_transform
 from trainer.data.device import to_device_loader
+from trainer.data.mixing import BatchMixer, build_mixer
 
 
 class WorkerLoader:
     """A DataLoader over the training split, prepared by accelerate (its batch sampler sharded across
     processes, seeded by (seed, epoch)), with the dataset's per-sample augmentation seeds and an optional
-    class-balanced sampler moved to each epoch."""
+    class-balanced sampler moved to each epoch; `mixer` (mixup/CutMix, optional) mixes each collated batch."""
 
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
-                 first_transform, sampler=None, drop_last: bool = False, collate=None):
-        self.dataset, self.sampler, self.first_transform = dataset, sampler, first_transform
+                 first_transform, sampler=None, drop_last: bool = False, collate=None,
+                 mixer: Optional[BatchMixer] = None):
+        self.dataset, self.sampler, self.first_transform, self.mixer = dataset, sampler, first_transform, mixer
+        self.epoch = 0
         # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
         self.dl = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                              # its own generator: worker seeds never draw from the global RNG (exact resume)
@@ -45,13 +51,20 @@ class WorkerLoader:
         return len(self.dl)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # the mixer's seeds
         self.dataset.set_epoch(epoch)  # per-sample augmentation seeds
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
         self.dl.set_epoch(epoch)  # seedable shuffle order
 
     def batches(self, skip: int = 0):
-        return self.accelerator.skip_first_batches(self.dl, skip) if skip else self.dl
+        batches = self.accelerator.skip_first_batches(self.dl, skip) if skip else self.dl
+        return batches if self.mixer is None else self._mixed(batches, skip)
+
+    def _mixed(self, batches, skip: int):
+        # the batch's index within the epoch, counted from `skip`: a resumed epoch mixes as the original did
+        for index, (x, y) in enumerate(batches, start=skip):
+            yield self.mixer(x, y, self.epoch, index)
 
     def first(self, count: int) -> torch.Tensor:
         """Up to `count` training images, normalised as for evaluation, in dataset order."""
@@ -65,11 +78,15 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
     (segmentation drops a last batch of one image, which would break BatchNorm in DeepLabV3's pooling branch;
     detection batches lists of images of different sizes)."""
     aug = data_cfg.augment
+    mixer = build_mixer(aug, num_classes, seed, accelerator.process_index)  # None unless mixup/CutMix is on
+    if mixer is not None:
+        say(f"[trainer] mixup (alpha {aug.mixup_alpha}) / CutMix (alpha {aug.cutmix_alpha}) on {aug.mix_prob:.0%} "
+            f"of training batches: the training loss is against the mixed targets")
     if data_cfg.loader == "device":  # the whole split decoded once onto the device; batched augmentation there
         start = time.time()
         loader = to_device_loader(dataset, data_cfg.image_size, accelerator.device, batch_size, mean, std, seed,
                                   accelerator.process_index, accelerator.num_processes, aug.crop_padding,
-                                  aug.flip_mode, aug.hflip, channels_last)
+                                  aug.flip_mode, aug.hflip, channels_last, mixer=mixer)
         say(f"[trainer] data.loader=device: {len(dataset)} training images decoded to a uint8 tensor on "
             f"{accelerator.device} ({loader.images.numel() / 2**20:.0f} MiB) in {time.time() - start:.1f} s")
         return loader
@@ -77,4 +94,4 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
     return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
                         pin_memory=accelerator.device.type == "cuda",
                         first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler,
-                        drop_last=drop_last, collate=collate)
+                        drop_last=drop_last, collate=collate, mixer=mixer)

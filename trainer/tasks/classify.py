@@ -56,18 +56,27 @@ class Task:
         return 1 if self.kind == "binary" else self.num_classes
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """Per-sample losses, or their mean; with class weights, a sample counts by its true class's weight
-        and the mean divides by the total weight (CrossEntropyLoss's weighted mean)."""
+        """Per-sample losses, or their mean. `labels`: class indices (N,), or soft targets (N, C) of class
+        probabilities as float (mixup/CutMix, trainer/data/mixing.py): multiclass takes the cross-entropy
+        against them (label smoothing applied on top of the mixing), binary the BCE against class 1's column.
+        With class weights, a sample counts by its true class's weight (soft: the weight expected under its
+        target) and the mean divides by the total weight (CrossEntropyLoss's weighted mean)."""
         logits = logits.float()  # the loss in fp32 whatever the autocast dtype
+        soft = labels.is_floating_point()
+        if soft:
+            labels = labels.float()
         if self.kind == "binary":
             pos_weight = None if self.pos_weight is None else logits.new_tensor(self.pos_weight)
-            per_sample = F.binary_cross_entropy_with_logits(logits.view(-1), labels.float(), reduction="none",
+            target = labels[:, 1] if soft else labels.float()  # P(class 1), the class the single logit scores
+            per_sample = F.binary_cross_entropy_with_logits(logits.view(-1), target, reduction="none",
                                                             pos_weight=pos_weight)
         else:
             per_sample = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing, reduction="none")
         if self.weights is None:
             return per_sample if reduction == "none" else per_sample.mean()
-        w = logits.new_tensor(self.weights)[labels]
+        table = logits.new_tensor(self.weights)
+        # elementwise, not a matmul: exact for one-hot targets (no TF32 rounding on GPUs)
+        w = (labels * table).sum(1) if soft else table[labels]
         return per_sample * w if reduction == "none" else (per_sample * w).sum() / w.sum().clamp_min(1e-12)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -153,9 +162,11 @@ class Classification:
                    meta.get("threshold") or 0.5)
 
     def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print):
+                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                    dropout: Optional[float] = None):
+        """`drop_path`, `dropout`: None = the model's own (see `trainer.models.build_model`)."""
         return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
-                           pretrained_path=pretrained_path, verbose=verbose)
+                           pretrained_path=pretrained_path, verbose=verbose, drop_path=drop_path, dropout=dropout)
 
     def metric_names(self) -> List[str]:
         """The scalar metrics an evaluation reports (what eval.monitor may name)."""

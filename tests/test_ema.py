@@ -129,6 +129,11 @@ def test_evaluation_scores_and_exports_the_average_and_both_logs_both(tmp_path):
     assert json.loads((run2 / "model" / "model.json").read_text())["weights"] == "ema"
 
 
+# what a user resuming a regularised run has on: EMA with mixup and CutMix (each batch's mixing is seeded by
+# its position, so the batches after the resume point are mixed as in the uninterrupted run)
+EMA_MIX = {**EMA, "data.augment.mixup_alpha": 0.2, "data.augment.cutmix_alpha": 1.0}
+
+
 @pytest.fixture(scope="module")
 def ema_reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ema-ref")
@@ -137,7 +142,7 @@ def ema_reference(tmp_path_factory):
     def get(processes: int) -> object:
         if processes not in made:
             run = tmp / f"ref{processes}"
-            res = run_train(tiny_overrides(tmp, **{**EMA, "run.dir": str(run)}), processes)
+            res = run_train(tiny_overrides(tmp, **{**EMA_MIX, "run.dir": str(run)}), processes)
             assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
             made[processes] = run
         return made[processes]
@@ -147,9 +152,9 @@ def ema_reference(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes, at", [(1, 7), (2, 5)])
-def test_sigkill_with_ema_resumes_bit_for_bit(ema_reference, tmp_path, processes, at):
+def test_sigkill_with_ema_and_mixing_resumes_bit_for_bit(ema_reference, tmp_path, processes, at):
     ref = ema_reference(processes)
-    args = tiny_overrides(tmp_path, **EMA)
+    args = tiny_overrides(tmp_path, **EMA_MIX)
     killed = run_driver(tmp_path, args, "kill_at_update", at, processes=processes)
     assert killed.returncode != 0
     assert processes > 1 or killed.returncode == -signal.SIGKILL

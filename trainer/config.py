@@ -125,8 +125,9 @@ class ModelCfg:
     channels_last: bool = False
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
     # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;
-    # rising linearly from 0 at the first block, as torchvision and timm do); 0 = off
-    drop_path: float = 0.0
+    # rising linearly from 0 at the first block, as torchvision and timm do); null = the model's own
+    # (torchvision's convnext_tiny 0.1, efficientnet_b0 0.2, none for the rest), 0 = off
+    drop_path: Optional[float] = None
     dropout: Optional[float] = None  # before the classifier head; null = the model's own (EfficientNet 0.2)
     # BatchNorm statistics computed over the global batch of all GPUs (torch.nn.SyncBatchNorm; GPU only)
     sync_bn: bool = False
@@ -561,7 +562,17 @@ def _validate_regularisation(cfg: Config, targets: str) -> None:
     if cfg.data.loader == "device" and (aug.auto_augment != "none" or aug.random_erasing > 0):
         raise ConfigError("data.augment.auto_augment and data.augment.random_erasing are per-image transforms: use "
                           "data.loader=workers (data.loader=device does pad-crop, flip, mixup and CutMix)")
-    _in_range("model.drop_path", cfg.model.drop_path, 0.0, 1.0, high_open=True)
+    if cfg.model.drop_path is not None:
+        _in_range("model.drop_path", cfg.model.drop_path, 0.0, 1.0, high_open=True)
+    if targets != "labels":
+        for key, on in (("model.drop_path", cfg.model.drop_path is not None),
+                        ("model.dropout", cfg.model.dropout is not None),
+                        ("model.freeze_backbone_epochs", cfg.model.freeze_backbone_epochs > 0),
+                        ("optim.head_lr_scale", cfg.optim.head_lr_scale != 1),
+                        ("optim.layer_decay", cfg.optim.layer_decay is not None)):
+            if on:
+                raise ConfigError(f"{key} is for classification models; {_TASK_OF_TARGETS[targets]} models do not "
+                                  f"take it")
     if cfg.model.dropout is not None:
         _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0, high_open=True)
     if cfg.model.freeze_backbone_epochs < 0:

@@ -35,6 +35,7 @@ from trainer.data import build_data, data_fingerprint, data_roots
 from trainer.data.loaders import build_train_loader
 from trainer.distributed import agree, check_processes, main_first, make_accelerator, sync_buffers
 from trainer.ema import ModelEma
+from trainer.finetune import BackboneFreeze
 from trainer.errors import ConfigError, TrainerError
 from trainer.evaluation import evaluate
 from trainer.export import export_model, model_card
@@ -159,7 +160,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     def probe_input_size() -> None:
         with torch.random.fork_rng(devices=[]):
             check_input_size(build_model(cfg.model.name, 2, image_size=cfg.data.image_size,
-                                         small_input_stem=small_stem, verbose=lambda *_: None),
+                                         small_input_stem=small_stem, verbose=lambda *_: None,
+                                         drop_path=cfg.model.drop_path, dropout=cfg.model.dropout),
                              cfg.model.name, cfg.data.image_size)
 
     if task_kind(cfg.task, cfg.data) == "classification":  # segmentation models take any size (they pad)
@@ -186,7 +188,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         if global_batch > len(train_set):
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {acc.num_processes} process(es) = "
                               f"{global_batch} is larger than the training split ({len(train_set)} images)")
-        model = task.build_model(cfg.model.name, cfg.data.image_size, small_stem, cfg.model.pretrained_path, verbose=say)
+        model = task.build_model(cfg.model.name, cfg.data.image_size, small_stem, cfg.model.pretrained_path, verbose=say,
+                                 drop_path=cfg.model.drop_path, dropout=cfg.model.dropout)
         loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, acc, data.mean, data.std,
                                     len(data.classes), cfg.model.channels_last, say,
                                     drop_last=task.drop_last, collate=task.collate)
@@ -204,13 +207,15 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     if cfg.model.compile:  # in place: parameter names (checkpoints, exports) stay those of the plain model
         model.compile()
     opt = optimizer_from(model, cfg.optim, fused=cfg.optim.fused if cfg.optim.fused is not None
-                         else acc.device.type == "cuda")
+                         else acc.device.type == "cuda", model_name=cfg.model.name)
     model, opt = acc.prepare(model, opt)
     loader.prepare(acc)  # the DataLoader path: accelerate shards and seeds it; the device path needs nothing
     # the slow weights of Lookahead/EMA, the same on every rank (it follows the synchronised weights)
     lookahead = Lookahead(acc.unwrap_model(model)) if cfg.optim.lookahead_every else None
     core = acc.unwrap_model(model)  # the module itself (DDP's wrapper shares its tensors)
     ema = ModelEma(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.warmup_power) if cfg.ema.decay > 0 else None
+    # fine-tuning: the backbone (weights and BN statistics) held still for the first epochs; only the head trains
+    freeze = agree(acc, lambda: BackboneFreeze(core, cfg.model.name)) if cfg.model.freeze_backbone_epochs else None
     eval_batch = eval_batch_size(cfg)
 
     # ---- derived numbers (in optimizer updates, so the schedule ignores the process count) ----
@@ -436,6 +441,9 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     last = state.update >= total_updates  # (a resume under fewer epochs may start past the end)
     for epoch in range(state.epoch, max(cfg.train.epochs, state.epoch + 1)):
         loader.set_epoch(epoch)
+        if freeze is not None and epoch >= cfg.model.freeze_backbone_epochs:  # over (or a resume past it)
+            freeze.release(core)
+            freeze = None
         skip = state.batch_in_epoch if epoch == state.epoch else 0  # batches this epoch already trained on
         state.epoch, state.batch_in_epoch = epoch, skip
         bar = tqdm(total=batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
@@ -443,9 +451,13 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         stop = False
         for batch in ([] if last else loader.batches(skip)):
             with acc.accumulate(model):
+                if freeze is not None:
+                    freeze.before_forward(core)  # evaluation put the backbone's BN back in train mode
                 loss, batch_size, parts = task.train_loss(model, batch, memory_format)
                 acc.backward(loss)
                 if acc.sync_gradients:
+                    if freeze is not None:
+                        freeze.before_step(core)  # no step, momentum or decay for it; clipping sees the head only
                     if cfg.train.clip_grad_norm is not None:
                         acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
                     for group in opt.param_groups:

@@ -8,6 +8,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import stochastic_depth
 
 from trainer.errors import ConfigError
 from trainer.files import load_safetensors
@@ -158,21 +160,103 @@ def _small_stem(model: nn.Module, name: str) -> None:
         model.features[0][0] = nn.Conv2d(3, old.out_channels, kernel_size=3, stride=1, padding=1)
 
 
+# ---- stochastic depth and head dropout ----
+
+class _DropPathBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with its residual branch dropped per sample (`drop_path`, set on the instance).
+    The block's class is swapped in place (`_add_resnet_drop_path`): parameter names, the state dict and
+    pretrained weights are those of the plain block. Not a forward hook on bn2: SyncBatchNorm conversion
+    replaces the BN modules and would silently drop such a hook."""
+
+    drop_path = 0.0
+
+    def forward(self, x):  # torchvision 0.29's BasicBlock.forward, with stochastic_depth on the branch
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = stochastic_depth(self.bn2(self.conv2(out)), self.drop_path, "row", self.training)
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+class _DropPathBottleneck(Bottleneck):
+    """torchvision's Bottleneck with stochastic depth on its residual branch (see `_DropPathBasicBlock`)."""
+
+    drop_path = 0.0
+
+    def forward(self, x):  # torchvision 0.29's Bottleneck.forward, with stochastic_depth on the branch
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = stochastic_depth(self.bn3(self.conv3(out)), self.drop_path, "row", self.training)
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
+def _add_resnet_drop_path(model: nn.Module, drop_path: float) -> None:
+    """Stochastic depth on every residual block, the drop probability rising linearly from 0 at the first
+    block to `drop_path` at the last (timm's and torchvision's ConvNeXt schedule; Huang et al. 2016)."""
+    blocks = [m for m in model.modules() if type(m) in (BasicBlock, Bottleneck)]
+    for i, block in enumerate(blocks):
+        block.__class__ = _DropPathBasicBlock if type(block) is BasicBlock else _DropPathBottleneck
+        block.drop_path = drop_path * i / max(len(blocks) - 1, 1)
+
+
+class _HeadDropout:
+    """A forward pre-hook on the final Linear: dropout on its input in training mode. A hook rather than an
+    nn.Dropout layer so that module names (state dict, pretrained weights, exports) stay the model's own."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, linear: nn.Module, args: tuple) -> tuple:
+        return (nn.functional.dropout(args[0], self.p, training=linear.training), *args[1:])
+
+    def __repr__(self) -> str:
+        return f"_HeadDropout(p={self.p})"
+
+
+def final_linear(model: nn.Module) -> nn.Linear:
+    """The last nn.Linear in registration order: the classifier of every classification model here."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
+    return linears[-1]
+
+
+# torchvision's builders take these themselves; the ResNets get stochastic depth from `_add_resnet_drop_path`
+_TAKES_STOCHASTIC_DEPTH = ("convnext", "efficientnet")
+_TAKES_DROPOUT = ("mobilenet", "efficientnet")
+
+
 def _torchvision(name: str) -> Callable:
-    def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None) -> nn.Module:
+    def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
+              drop_path: Optional[float] = None, dropout: Optional[float] = None) -> nn.Module:
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_outputs)
+        # None leaves torchvision's default: stochastic depth 0.1 (convnext_tiny) / 0.2 (efficientnet_b0),
+        # dropout 0.2 (mobilenet_v3, efficientnet_b0), nothing for the ResNets
+        kwargs = {}
+        if drop_path is not None and name.startswith(_TAKES_STOCHASTIC_DEPTH):
+            kwargs["stochastic_depth_prob"] = drop_path
+        if dropout is not None and name.startswith(_TAKES_DROPOUT):
+            kwargs["dropout"] = dropout
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_outputs, **kwargs)
         if small_input_stem if small_input_stem is not None else image_size <= 64:
             _small_stem(model, name)
+        if drop_path and name.startswith("resnet"):
+            _add_resnet_drop_path(model, drop_path)
+        if dropout and not name.startswith(_TAKES_DROPOUT):  # ResNet, ConvNeXt: no dropout layer of their own
+            final_linear(model).register_forward_pre_hook(_HeadDropout(dropout))
         return model
 
     return build
 
 
 def _ours(cls) -> Callable:
-    def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None) -> nn.Module:
-        return cls(num_outputs, image_size)
+    def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
+              drop_path: Optional[float] = None, dropout: Optional[float] = None) -> nn.Module:
+        model = cls(num_outputs, image_size)  # drop_path: refused by build_model (no residual blocks)
+        if dropout:  # before the last Linear, as for the ResNets (none of these nets has dropout of its own)
+            final_linear(model).register_forward_pre_hook(_HeadDropout(dropout))
+        return model
 
     return build
 
@@ -188,13 +272,24 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
         "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
         "convnext_tiny")},
 }
+# model.drop_path: the nets with residual blocks that take stochastic depth (MobileNetV3's torchvision build has none)
+DROP_PATH_MODELS = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny")
 
 
 def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
-                pretrained_path: Optional[str] = None, verbose=print) -> nn.Module:
+                pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                dropout: Optional[float] = None) -> nn.Module:
+    """`drop_path`: stochastic depth, the drop probability of the last residual block (0 = off); `dropout`:
+    before the classifier head (0 = off). None = the model's own (torchvision's defaults, see `_torchvision`).
+    Neither changes parameter names, and both act only in training mode: a model built without them loads
+    the same weights and gives the same eval-mode outputs (exports are rebuilt that way)."""
     if name not in MODELS:
         raise ConfigError(f"unknown model.name '{name}'; valid names: {', '.join(sorted(MODELS))}")
-    model = MODELS[name](num_outputs, image_size=image_size, small_input_stem=small_input_stem)
+    if drop_path and name not in DROP_PATH_MODELS:
+        raise ConfigError(f"model.drop_path={drop_path}: model {name} has no stochastic depth; it works with "
+                          f"{', '.join(DROP_PATH_MODELS)}")
+    model = MODELS[name](num_outputs, image_size=image_size, small_input_stem=small_input_stem,
+                         drop_path=drop_path, dropout=dropout)
     if pretrained_path:
         load_pretrained(model, pretrained_path, verbose)
     return model

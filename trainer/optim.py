@@ -7,28 +7,56 @@ the update count.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from trainer.finetune import parameter_depths
 
-def param_groups(model: nn.Module, weight_decay: float, bias_lr_scale: float = 1.0) -> list:
+
+def param_groups(model: nn.Module, weight_decay: float, bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0,
+                 layer_decay: Optional[float] = None, model_name: Optional[str] = None) -> list:
     """Weight decay on conv/linear weights only; none on biases and norm parameters (every tensor with ndim <= 1),
-    which may also take a larger lr. Each group's `lr_scale` multiplies the scheduled lr."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": bias_lr_scale}]
+    which may also take a larger lr. Each group's `lr_scale` multiplies the scheduled lr.
+
+    Fine-tuning (`model_name` gives the split, `trainer.finetune`): the head's lr x `head_lr_scale`, and with
+    `layer_decay` a parameter at depth d of a model whose head is at depth D takes lr x layer_decay^(D - d)
+    (BEiT, timm). The factors multiply; parameters with the same weight decay and lr_scale share a group.
+    Without them the groups are the two of old, in the same order: old optimizer states still load."""
+    if head_lr_scale == 1.0 and layer_decay is None:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+                {"params": no_decay, "weight_decay": 0.0, "lr_scale": bias_lr_scale}]
+    key = "optim.layer_decay" if layer_decay is not None else "optim.head_lr_scale"
+    if model_name is None:
+        raise ValueError(f"{key} needs the model's name for its backbone/head split")
+    depths = parameter_depths(model, model_name, key)
+    head = max(depths.values())
+    groups: dict = {}  # (weight decay, lr_scale) -> group, in the order of the parameters
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = bias_lr_scale if p.ndim <= 1 else 1.0
+        if depths[name] == head:
+            scale *= head_lr_scale
+        if layer_decay is not None:
+            scale *= layer_decay ** (head - depths[name])
+        decay = 0.0 if p.ndim <= 1 else weight_decay
+        groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(p)
+    return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     nesterov: bool = False, betas: Sequence[float] = (0.9, 0.999), bias_lr_scale: float = 1.0,
-                    fused: bool = False) -> torch.optim.Optimizer:
+                    fused: bool = False, head_lr_scale: float = 1.0, layer_decay: Optional[float] = None,
+                    model_name: Optional[str] = None) -> torch.optim.Optimizer:
     """`fused`: one kernel for the whole update (CUDA; CPU too on recent torch) instead of a loop of ops."""
-    groups = [g for g in param_groups(model, weight_decay, bias_lr_scale) if g["params"]]
+    groups = [g for g in param_groups(model, weight_decay, bias_lr_scale, head_lr_scale, layer_decay, model_name)
+              if g["params"]]
     extra = {"fused": True} if fused else {}
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **extra)
@@ -89,9 +117,11 @@ def lr_at(update: int, total_updates: int, peak_lr: float, warmup_updates: int =
 
 # ---- from the config section (the builders' boundary: only these two read `optim`) ----
 
-def optimizer_from(model: nn.Module, optim_cfg, fused: bool) -> torch.optim.Optimizer:
+def optimizer_from(model: nn.Module, optim_cfg, fused: bool, model_name: Optional[str] = None) -> torch.optim.Optimizer:
+    """`model_name` (model.name): the backbone/head split that optim.head_lr_scale and optim.layer_decay need."""
     return build_optimizer(model, optim_cfg.name, optim_cfg.lr, optim_cfg.weight_decay, optim_cfg.momentum,
-                           optim_cfg.nesterov, optim_cfg.betas, optim_cfg.bias_lr_scale, fused)
+                           optim_cfg.nesterov, optim_cfg.betas, optim_cfg.bias_lr_scale, fused,
+                           optim_cfg.head_lr_scale, optim_cfg.layer_decay, model_name)
 
 
 def schedule_from(optim_cfg, total_updates: int, updates_per_epoch: int) -> dict:

@@ -94,7 +94,10 @@ class Detection:
                    meta.get("architecture"))
 
     def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print):
+                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                    dropout: Optional[float] = None):
+        if drop_path or dropout is not None:  # the config refuses them first; a direct caller is told here too
+            raise ConfigError(f"model.drop_path and model.dropout are for classification models; {name} keeps its own")
         if name not in DETECTION_MODELS:
             raise ConfigError(f"model.name '{name}' is not a detection model; valid: "
                               f"{', '.join(sorted(DETECTION_MODELS))}")

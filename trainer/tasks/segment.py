@@ -75,8 +75,11 @@ class Segmentation:
         return cls(list(meta["classes"]), meta.get("ignore_index", 255))
 
     def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print):
+                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                    dropout: Optional[float] = None):
         """Any input size (the U-Net pads to its stride; torchvision's models are fully convolutional)."""
+        if drop_path or dropout is not None:  # the config refuses them first; a direct caller is told here too
+            raise ConfigError(f"model.drop_path and model.dropout are for classification models; {name} keeps its own")
         if name not in SEGMENTATION_MODELS:
             raise ConfigError(f"model.name '{name}' is not a segmentation model; valid: "
                               f"{', '.join(sorted(SEGMENTATION_MODELS))}")

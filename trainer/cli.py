@@ -1,4 +1,4 @@
-"""Command line: `trainer train|eval|predict`. Parses, loads the config, calls one function.
+"""Command line: `trainer train|eval|predict|export|...`. Parses, loads the config, calls one function.
 
 User mistakes (TrainerError: config, data, paths, model names) print one line and exit with status 2.
 """
@@ -19,6 +19,7 @@ USAGE_EXAMPLES = """examples:
   torchrun --nproc_per_node 2 -m trainer train configs/quickstart_binary.yaml
   trainer eval --model runs/my-run data.root=/data/images eval.split=test
   trainer predict --model runs/my-run/model images/ --output preds.csv
+  trainer export --model runs/my-run --format onnx --output my-run.onnx --images images/
 """
 
 
@@ -61,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--threshold", type=float, help="binary: override the model's decision threshold")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    x = sub.add_parser("export", help="an exported model as an ONNX file (logits of a normalised float32 NCHW "
+                       "batch), checked against PyTorch with ONNX Runtime before it is written")
+    x.add_argument("--model", required=True, help="a run folder or an exported model folder")
+    x.add_argument("--format", required=True, choices=["onnx"])
+    x.add_argument("--output", required=True, help="the file to write, e.g. model.onnx (plus model.onnx.json)")
+    x.add_argument("--images", nargs="+", metavar="PATH", help="image files, folders or @list.txt for the "
+                   "parity check (default: a few of the run's data, else a fixed-seed random batch)")
+    x.add_argument("--opset", type=int, help="ONNX opset (default 18, the exporter's own; >= 18)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
 
 
@@ -156,6 +166,12 @@ def main(argv: Optional[List[str]] = None) -> None:
             n = predict_files(args.model, args.inputs, args.output, args.batch_size, args.threshold, args.device,
                               overlay=args.overlay, draw=args.draw, score_threshold=args.score_threshold)
             print(f"[predict] {n} images -> {args.output}")
+        elif args.command == "export":
+            from trainer.onnx_export import DEFAULT_OPSET, describe, export_onnx
+
+            opset = DEFAULT_OPSET if args.opset is None else args.opset
+            done = export_onnx(args.model, args.output, args.images, opset, args.overwrite)
+            print(describe(args.output, done))
     except TrainerError as err:
         if not (_rank() != 0 and _same_on_every_rank(err)):
             print(f"{_error_prefix()} {_one_line(err)}", file=sys.stderr)

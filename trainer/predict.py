@@ -4,14 +4,13 @@ image) is the model's task's (`prediction_writer`)."""
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
 import torch
 
-from trainer.data.datasets import eval_transform
-from trainer.data.folders import decode_rgb, describe_skipped, walk_image_files
+from trainer.data.datasets import eval_transform, read_image
+from trainer.data.folders import describe_skipped, walk_image_files
 from trainer.errors import TrainerError
 from trainer.evaluation import evaluation_threads
 from trainer.export import find_model_dir, load_exported, read_meta
@@ -110,14 +109,7 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
     try:
         for start in range(0, len(found), batch_size):
             chunk = found[start:start + batch_size]
-            raw = []
-            for path, _ in chunk:
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        raw.append(decode_rgb(path, exif_orientation=exif))  # as training's evaluation reads it
-                except Exception as err:
-                    raise TrainerError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+            raw = [read_image(path, exif) for path, _ in chunk]  # as training's evaluation reads it
             x = [transform(image).to(device) for image in raw]
             with evaluation_threads(device):  # as evaluation computes, so predictions reproduce eval.json
                 outputs = task.forward(model, (x if detection else torch.stack(x),), tta)

@@ -26,3 +26,14 @@ def test_benchmark_smoke(tmp_path, script, extra, name):
     result = json.loads((tmp_path / f"{name}.json").read_text())
     assert result
     assert (tmp_path / f"{name}.md").read_text().startswith("|")
+
+
+def test_ablation_smoke_runs_every_variant_and_writes_its_table(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "ablation.py"), "--smoke", "--work", str(tmp_path),
+                          "--variants", "baseline,ema,mixup_cutmix,trivialaugment,random_erasing", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["baseline", "ema", "mixup_cutmix", "trivialaugment", "random_erasing"]
+    assert all(0 <= r["test_accuracy"] <= 1 and r["updates"] > 0 for r in rows)
+    assert (tmp_path / "ablation.md").read_text().startswith("| variant |")

@@ -183,3 +183,23 @@ def test_early_stopping_ends_two_processes_together_as_a_complete_run(tmp_path):
     assert (run / "model" / "model.safetensors").is_file() and (run / "best" / "model.safetensors").is_file()
     again = run_train(args, processes=2)
     assert again.returncode == 0 and "already complete" in again.stdout, again.stdout[-2000:]
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_ema_and_early_stopping_serve_segmentation_and_detection_alike(tmp_path, task):
+    from tests.test_detection import det_args
+    from tests.test_segmentation import seg_args
+
+    make = seg_args if task == "segmentation" else det_args
+    args = make(tmp_path, **{"train.epochs": 4, "ema.decay": 0.9, "ema.evaluate": "both", "optim.lr": 0.0,
+                             "train.early_stopping.patience": 1, "train.early_stopping.min_delta": 0.5})
+    res = run_cli("train", "-", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "run"
+    evals = [r for r in rows(run) if r["type"] == "eval"]
+    assert len(evals) == 2  # the first sets the reference, the second cannot beat it by 0.5
+    monitor = json.loads((run / "summary.json").read_text())["monitor"]
+    assert monitor in evals[0] and f"raw_{monitor}" in evals[0]
+    assert json.loads((run / "model" / "model.json").read_text())["weights"] == "ema"
+    final = run / "checkpoints" / json.loads((run / "checkpoints" / POINTER).read_text())["checkpoint"]
+    assert (final / "ema.safetensors").is_file()

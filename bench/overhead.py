@@ -12,6 +12,12 @@ settings (in-process, 0 workers by default, so the comparison is of the loops, n
 With --loader device both sides take their batches from the trainer's device-resident loader instead.
 
     .venv/bin/python bench/overhead.py --model linear --loader device --repeats 6   # the loop's own cost per step
+    python bench/overhead.py --device cuda --model resnet50 --image-size 224 --batch 256 --per-class 384 \
+        --epochs 5 --loader device --precision bf16 --channels-last [--compile]        # on a GPU (gpu_check.py)
+
+Both sides run on --device (auto: the GPU when there is one) with the same memory format, compile setting,
+optimizer kernel (fused on CUDA, as the trainer's optim.fused default) and cudnn.benchmark (on for CUDA, as the
+trainer's train.cudnn_benchmark default); on CUDA each side's clock is read after a device sync.
 """
 from __future__ import annotations
 
@@ -40,6 +46,8 @@ from trainer.optim import build_optimizer  # noqa: E402
 
 def overrides(args, data_root: Path, run_dir: Path) -> list:
     return [f"data.root={data_root}", "data.format=generated", "data.generated.variant=multiclass",
+            f"data.image_size={args.image_size}", f"model.channels_last={str(args.channels_last).lower()}",
+            f"model.compile={str(args.compile).lower()}", f"train.device={'cpu' if args.device == 'cpu' else 'auto'}",
             f"data.generated.train_per_class={args.per_class}", "data.generated.val_per_class=10",
             "data.generated.test_per_class=0", f"data.num_workers={args.workers}", f"data.loader={args.loader}",
             f"model.name={args.model}",
@@ -61,34 +69,52 @@ def trainer_side(args, data_root: Path, tmp: Path) -> float:
 def plain_side(args, data_root: Path) -> float:
     """The same steps in a bare loop: forward, cross-entropy, backward, SGD step."""
     cfg = load_config(None, overrides(args, data_root, Path("unused")))
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # the trainer's train.cudnn_benchmark default
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     data = build_data(cfg.data, 0, ("train",), verbose=lambda *a: None)
     if args.loader == "device":  # the trainer's own device-resident batches, so the data cost is identical
         aug = cfg.data.augment
-        device_loader = to_device_loader(data.datasets["train"], cfg.data.image_size, torch.device("cpu"),
+        device_loader = to_device_loader(data.datasets["train"], cfg.data.image_size, device,
                                          args.batch, data.mean, data.std, cfg.seed, 0, 1, aug.crop_padding,
-                                         aug.flip_mode, aug.hflip, False)
+                                         aug.flip_mode, aug.hflip, args.channels_last)
     else:
         loader = torch.utils.data.DataLoader(data.datasets["train"], batch_size=args.batch, shuffle=True,
-                                             num_workers=args.workers, generator=torch.Generator().manual_seed(0))
-    model = build_model(args.model, len(data.classes), image_size=cfg.data.image_size)
-    opt = build_optimizer(model, "sgd", 0.01, cfg.optim.weight_decay, cfg.optim.momentum)
+                                             num_workers=args.workers, generator=torch.Generator().manual_seed(0),
+                                             pin_memory=device.type == "cuda")  # as the trainer's loader on GPU
+    model = build_model(args.model, len(data.classes), image_size=cfg.data.image_size).to(device,
+                                                                                         memory_format=memory_format)
+    if args.compile:
+        model.compile()  # in place, as the trainer's model.compile
+    # fused on CUDA: the trainer's optim.fused default there
+    opt = build_optimizer(model, "sgd", 0.01, cfg.optim.weight_decay, cfg.optim.momentum,
+                          fused=device.type == "cuda")
     rates = []
     for epoch in range(args.epochs):
         data.datasets["train"].set_epoch(epoch)
         if args.loader == "device":
             device_loader.set_epoch(epoch)
             loader = device_loader.batches()
+        sync(device)
         seen, start = 0, time.perf_counter()
         for x, y in loader:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            x = x.to(device, non_blocking=True, memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
                 loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             seen += x.shape[0]
+        sync(device)  # kernels run asynchronously: the epoch ends when the device is done
         rates.append(seen / (time.perf_counter() - start))
     return statistics.median(rates[1:] or rates)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -102,16 +128,27 @@ def main() -> None:
                    help="device: both sides take batches from the trainer's device-resident loader, which takes "
                         "the per-sample data cost (and its noise) out, so that a cheap model shows the loop's own cost")
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="both sides on this device; auto: the GPU when there is one")
+    p.add_argument("--image-size", type=int, default=32, help="side of the generated images, px")
+    p.add_argument("--channels-last", action="store_true", help="model and batches channels_last, both sides")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in place, both sides")
+    p.add_argument("--data", help="folder for the generated images (default: a temporary one); a folder used "
+                                  "before is reused as it is, so the images are drawn once (~25 ms each at 224 px)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: a check that it runs")
     args = p.parse_args()
     if args.smoke:
         args.per_class, args.epochs, args.repeats, args.batch = 20, 2, 1, 16
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        data_root = tmp / "data"
+        data_root = Path(args.data) if args.data else tmp / "data"
         plain, ours = [], []
         for i in range(args.repeats):
             # alternate which side goes first (plain, trainer | trainer, plain | ...): when the VM's speed
@@ -125,6 +162,8 @@ def main() -> None:
             print(f"repeat {i + 1}: plain {plain[-1]:.1f} img/s, trainer {ours[-1]:.1f} img/s", flush=True)
     result = {
         "benchmark": "trainer_overhead", "model": args.model, "batch": args.batch, "precision": args.precision,
+        "device": args.device, "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
+        "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
         "workers": args.workers, "loader": args.loader, "images_per_epoch": args.per_class * 4, "epochs": args.epochs,
         "repeats": args.repeats, "order": "plain first in odd repeats, trainer first in even ones",
         "plain_img_s": plain, "trainer_img_s": ours,
@@ -142,8 +181,10 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # the original name for the original settings (CI's smoke test reads it); new settings add their own part
     name = (f"overhead-{args.model}-{args.precision}{'-device' if args.loader == 'device' else ''}"
-            f"{'-smoke' if args.smoke else ''}")
+            f"{'-cuda' if args.device == 'cuda' else ''}{f'-{args.image_size}px' if args.image_size != 32 else ''}"
+            f"{'-cl' if args.channels_last else ''}{'-compile' if args.compile else ''}{'-smoke' if args.smoke else ''}")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     row = (f"| {args.model} | {args.batch} | {args.precision} | {result['plain_median']:.1f} | "
            f"{result['trainer_median']:.1f} | {result['overhead_pct']:+.1f}% | "

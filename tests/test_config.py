@@ -104,3 +104,14 @@ def test_regularisation_keys_refuse_data_or_loaders_they_cannot_serve(overrides,
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_deterministic_training_runs_on_the_cpu_and_may_change_on_resume(tmp_path):
+    """train.deterministic switches kernels, not what is trained: a CPU run takes it, and it is resume-safe."""
+    from tests.conftest import tiny_overrides
+    from trainer.config import config_changes, to_dict
+
+    res = run_cli("train", "-", *tiny_overrides(tmp_path, **{"train.deterministic": True, "train.max_steps": 2}))
+    assert res.returncode == 0, res.stderr[-2000:]
+    on, off = load_config(None, ["train.deterministic=true"]), load_config(None, [])
+    assert config_changes(to_dict(off), to_dict(on)) == []

@@ -173,6 +173,10 @@ class TrainCfg:
     # GPU only: let cuDNN time its algorithms per shape (faster convolutions; results are then not bitwise
     # reproducible across runs, so set false when a resumed GPU run must match an uninterrupted one exactly)
     cudnn_benchmark: bool = True
+    # GPU: deterministic kernels (torch.use_deterministic_algorithms, warning where an op has none; cuDNN
+    # deterministic and not benchmarking; cuBLAS's fixed workspace), so that a resumed GPU run can match an
+    # uninterrupted one bit for bit; slower. CPU kernels here are deterministic already.
+    deterministic: bool = False
     early_stopping: EarlyStoppingCfg = field(default_factory=EarlyStoppingCfg)
 
 
@@ -291,7 +295,7 @@ class Config:
 # evaluated, saved, launched or read from disk, not which batches it sees or which lr each update gets.
 # (data.root may move, e.g. a node-local copy: the data's identity is checked by its fingerprint instead.)
 RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_steps", "train.progress_bar",
-                    "train.dist_timeout_s", "train.cudnn_benchmark", "train.device", "data.num_workers",
+                    "train.dist_timeout_s", "train.cudnn_benchmark", "train.deterministic", "train.device", "data.num_workers",
                     "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile",
                     "ema.evaluate")
 

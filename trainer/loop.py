@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -90,6 +91,10 @@ class LoopState:
 def train(cfg: Config) -> dict:
     t_start = time.time()
     requests.begin_startup()  # until the step loop: a stop request leaves at once (nothing worth saving yet)
+    if cfg.train.deterministic:  # before the first cuBLAS call (CUDA's reproducibility notes)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
     try:
         # ---- setup: processes, seeds ----
         acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
@@ -203,7 +208,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     if acc.device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
     if cfg.model.compile:  # in place: parameter names (checkpoints, exports) stay those of the plain model
         model.compile()
     opt = optimizer_from(model, cfg.optim, fused=cfg.optim.fused if cfg.optim.fused is not None

@@ -1,0 +1,75 @@
+"""bench/gpu_check.py is run on a lent GPU only now and then; its dry run (every part on the CPU at tiny sizes)
+is what keeps it from rotting in between: this runs it and checks that every part is in the JSON and the
+Markdown, each either measured (marked dry-run) or skipped with its reason."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = str(ROOT / "bench" / "gpu_check.py")
+PARTS = ["environment", "matmul", "correctness", "overhead_eager", "cifar10_airbench", "overhead_compiled", "mfu",
+         "resnet18_cifar10", "timm"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def dry_run(tmp_path, *extra, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(tmp_path / "out"), *extra],
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=ENV)
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_part(tmp_path):
+    res = dry_run(tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu-check-dry-run.json").read_text())
+    assert report["dry_run"] and report["mode"] == "dry-run"
+    parts = {p["name"]: p for p in report["parts"]}
+    assert list(parts) == PARTS
+    for name, part in parts.items():
+        assert part["status"] in ("ok", "skipped"), (name, part)
+        assert part["summary"], name  # a measurement, or the reason it was skipped
+    # parts that need nothing but the CPU must have run, not been skipped
+    for name in ("environment", "matmul", "correctness", "cifar10_airbench", "resnet18_cifar10", "timm"):
+        assert parts[name]["status"] == "ok", (name, parts[name]["summary"])
+    assert parts["matmul"]["result"]["tflops"] > 0
+    tests = parts["correctness"]["result"]
+    # the CUDA tests are collected and each skipped with the reason, none run or failed without a GPU
+    assert tests["skipped"] >= 10 and tests["passed"] == tests["failed"] == 0
+    assert any("CUDA" in reason for reason in tests["skip_reasons"])
+    assert 0 <= parts["cifar10_airbench"]["result"]["test_accuracy"] <= 1
+    assert parts["resnet18_cifar10"]["result"]["train_img_s_median"] > 0
+    assert parts["timm"]["result"]["sides"]["ours"]["status"] == "ok"
+    if parts["overhead_eager"]["status"] == "ok":  # once bench/overhead.py has the flags it needs
+        assert parts["mfu"]["status"] == "ok" and parts["mfu"]["result"]["gflop_per_image"] > 0
+    else:
+        assert "overhead.py" in parts["overhead_eager"]["summary"]
+    table = (tmp_path / "out" / "gpu-check-dry-run.md").read_text()
+    assert "DRY RUN" in table and "ok (dry-run)" in table
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines() if line.startswith("| ")]
+    assert rows[1:] == PARTS  # after the header row
+    assert (tmp_path / "out" / "gpu-check-dry-run-cuda-tests.xml").is_file()
+    assert "| timm |" in res.stdout  # the table is printed too
+
+
+def test_budget_spent_skips_the_rest_and_still_writes_the_table(tmp_path):
+    res = dry_run(tmp_path, "--budget-s", "5", timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    parts = {p["name"]: p for p in json.loads((tmp_path / "out" / "gpu-check-dry-run.json").read_text())["parts"]}
+    assert list(parts) == PARTS
+    assert parts["environment"]["status"] == "ok"
+    for name in ("correctness", "cifar10_airbench", "timm"):
+        assert parts[name]["status"] == "skipped" and "budget" in parts[name]["summary"], parts[name]
+
+
+def test_wrong_inputs_fail_in_one_line_before_any_work(tmp_path):
+    for extra, words in ((["--cifar-train-tar", str(tmp_path / "missing.tar")], ["--cifar-test-tar"]),
+                         (["--timm", str(tmp_path)], ["--timm", "train.py"])):
+        res = dry_run(tmp_path, *extra, timeout=60)
+        assert res.returncode == 2
+        last = res.stderr.strip().splitlines()[-1]
+        assert all(w in last for w in words), res.stderr
+        assert not (tmp_path / "out").exists()  # nothing written

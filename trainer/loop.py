@@ -216,8 +216,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     model, opt = acc.prepare(model, opt)
     loader.prepare(acc)  # the DataLoader path: accelerate shards and seeds it; the device path needs nothing
     # the slow weights of Lookahead/EMA, the same on every rank (it follows the synchronised weights)
-    lookahead = Lookahead(acc.unwrap_model(model)) if cfg.optim.lookahead_every else None
     core = acc.unwrap_model(model)  # the module itself (DDP's wrapper shares its tensors)
+    lookahead = Lookahead(core) if cfg.optim.lookahead_every else None
     ema = ModelEma(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.warmup_power) if cfg.ema.decay > 0 else None
     # fine-tuning: the backbone (weights and BN statistics) held still for the first epochs; only the head trains
     freeze = agree(acc, lambda: BackboneFreeze(core, cfg.model.name)) if cfg.model.freeze_backbone_epochs else None
@@ -243,7 +243,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         nonlocal lookahead, ema, state
         notes = []
         ckpt = read_checkpoint(resume_from)
-        check_compatible(ckpt, cfg.model.name, task.name, data.classes, acc.unwrap_model(model))
+        check_compatible(ckpt, cfg.model.name, task.name, data.classes, core)
         if not in_place and "config" in ckpt["state"] and not cfg.run.allow_config_change:
             changes = config_changes(ckpt["state"]["config"], to_dict(cfg))
             if changes:
@@ -253,13 +253,13 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
             raise ConfigError(f"resuming {resume_from}: the training data differ from the checkpoint's (another "
                               f"file list, order or classes), so the position in the epoch would mean other "
                               f"images; pass run.allow_config_change=true if you mean it")
-        acc.unwrap_model(model).load_state_dict(ckpt["model"], strict=True)
+        core.load_state_dict(ckpt["model"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         if lookahead is not None:
             if "lookahead" in ckpt["extra"]:
                 lookahead.load_state_dict(ckpt["extra"]["lookahead"])
             else:  # e.g. weights from a run without it: start the slow copy from them
-                lookahead = Lookahead(acc.unwrap_model(model))
+                lookahead = Lookahead(core)
                 notes.append(f"{resume_from} has no lookahead state: the slow weights start from its weights")
         if ema is not None:
             if "ema" in ckpt["extra"]:
@@ -366,7 +366,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                      "config": to_dict(cfg), "data_fingerprint": fingerprint}
             extra = {**({"lookahead": lookahead.state_dict()} if lookahead is not None else {}),
                      **({"ema": ema.state_dict()} if ema is not None else {})}
-            written = write_checkpoint(ckpt_root, state.update, acc.unwrap_model(model).state_dict(),
+            written = write_checkpoint(ckpt_root, state.update, core.state_dict(),
                                        opt.state_dict(), rng, saved, extra=extra)
             problem = verify_checkpoint(written)  # read back before older ones are rotated away (~0.03 s / 300 MB)
             if problem is not None:
@@ -508,8 +508,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         if loss_log.count:
             log_train(epoch_float)
         if last and lookahead is not None:  # the final model is the slow copy
-            sync_buffers(acc.unwrap_model(model), acc)
-            lookahead.step(acc.unwrap_model(model), 1.0)
+            sync_buffers(core, acc)
+            lookahead.step(core, 1.0)
         if last or (cfg.eval.every_epochs and (epoch + 1) % cfg.eval.every_epochs == 0):
             metrics, outputs, logged = score()
             tracker.log({"type": "eval", "split": "val", "step": state.update, "epoch": round(epoch_float, 4),

@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.datasets import _SeededDataset, read_image, sample_seed
+from trainer.data.folders import image_error
 from trainer.data.generated import SHAPES, SPLITS, SUPERSAMPLE, _draw_shape, plan_scene, render_scene
 from trainer.data.masks import VOC_CLASSES, image_orientation, stored_size
 from trainer.errors import DataError
@@ -159,7 +160,7 @@ def _read_sizes(paths: Sequence[str], describe_image: Callable[[int], str], exif
         try:
             return _shown_size(paths[i], exif_orientation), ""
         except Exception as err:  # PIL raises many types for a bad file: name it
-            return None, f"cannot read image {paths[i]} ({describe_image(i)}): {type(err).__name__}: {err}"
+            return None, f"cannot read image {paths[i]} ({describe_image(i)}): {image_error(err)}"
 
     sizes = np.zeros((len(paths), 2), dtype=np.int64)
     turned = np.zeros(len(paths), dtype=bool)

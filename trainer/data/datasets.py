@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.folders import Sample, decode_rgb
+from trainer.data.folders import Sample, decode_rgb, image_error
 from trainer.errors import ConfigError, DataError
 
 
@@ -32,7 +32,7 @@ def read_image(path: str, exif_orientation: bool, hint: str = "") -> torch.Tenso
             warnings.simplefilter("ignore")
             return decode_rgb(path, exif_orientation)
     except Exception as err:
-        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}{hint}") from None
+        raise DataError(f"cannot read image {path}: {image_error(err)}{hint}") from None
 
 
 class _SeededDataset(Dataset):

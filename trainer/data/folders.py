@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import warnings
 from collections import Counter
@@ -286,6 +287,13 @@ def stratified_split(samples: List[Sample], fraction: float, seed: int) -> Tuple
     return [s for s, h in zip(samples, held) if not h], [s for s, h in zip(samples, held) if h]
 
 
+def image_error(err: Exception) -> str:
+    """A decoding error as "Type: message" for the one error line. PIL names a file it was handed as bytes by
+    the buffer's repr ("<_io.BytesIO object at 0x7f...>"), which tells the user nothing and differs run to
+    run: that part is dropped (the caller names the file)."""
+    return f"{type(err).__name__}: " + re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(err))
+
+
 def _check_one(path: str) -> str:
     try:
         with warnings.catch_warnings():
@@ -293,7 +301,7 @@ def _check_one(path: str) -> str:
             load_rgb(path, exif_orientation=False)  # decodability only; orientation cannot make a file bad
         return ""
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
-        return f"{type(err).__name__}: {err}"
+        return image_error(err)
 
 
 def verify_images(samples: List[Sample], skip_bad: bool, workers: int = 4) -> Tuple[List[Sample], List[str]]:

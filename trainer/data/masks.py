@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from trainer.data.datasets import _SeededDataset, read_image, sample_seed
-from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC
+from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, image_error
 from trainer.errors import DataError
 
 Pair = Tuple[str, str]  # (image path, mask path)
@@ -192,7 +192,7 @@ def read_mask(path: str) -> np.ndarray:
     except DataError:
         raise
     except Exception as err:  # PIL raises many types for a bad file: name it
-        raise DataError(f"cannot read mask {path}: {type(err).__name__}: {err}") from None
+        raise DataError(f"cannot read mask {path}: {image_error(err)}") from None
     return arr.astype(np.uint8) if arr.dtype == bool else arr
 
 
@@ -259,7 +259,7 @@ def _check_pair(pair: Pair, num_classes: int, ignore_index: int):
     except DataError as err:
         return None, str(err)
     except Exception as err:
-        return None, f"cannot read image {image_path}: {type(err).__name__}: {err}"
+        return None, f"cannot read image {image_path}: {image_error(err)}"
     mask_size = (mask.shape[1], mask.shape[0])
     if mask_size != image_size:
         # the image's orientation turns both at load, so the stored sizes must agree whatever it is
@@ -349,7 +349,7 @@ class MaskDataset(_SeededDataset):
             try:
                 orientation = image_orientation(self.paths[index])
             except Exception as err:
-                raise DataError(f"cannot read image {self.paths[index]}: {type(err).__name__}: {err}") from None
+                raise DataError(f"cannot read image {self.paths[index]}: {image_error(err)}") from None
             if orientation in ORIENT_MASK:
                 mask = ORIENT_MASK[orientation](mask)
         return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))

@@ -5,7 +5,9 @@
 # checks at every step boundary), runs the launch, and requeues the job when the trainer stopped to be
 # preempted. Environment knobs: TRAINER_PY (python with the project installed, default .venv/bin/python),
 # RUN_DIR (default runs/<job name>-<job id>[_<array task>]), TRAINER_SWEEP (a sweep folder: this array
-# task trains that sweep's task number SLURM_ARRAY_TASK_ID).
+# task trains that sweep's task number SLURM_ARRAY_TASK_ID), TRAINER_TUNE (a tune folder: this job is one
+# worker of `trainer tune`, which pulls trials from the study until it has its trials; the sbatch script's
+# own launch line is not reached).
 
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
@@ -14,8 +16,10 @@ TRAINER_PY=${TRAINER_PY:-.venv/bin/python}
 JOB_KEY=${SLURM_JOB_ID}
 if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then JOB_KEY="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"; fi
 
-# ---- what to train: the script's arguments, or one task of a sweep ----
-if [ -n "${TRAINER_SWEEP:-}" ]; then
+# ---- what to train: the script's arguments, one task of a sweep, or trials of a tune (below) ----
+if [ -n "${TRAINER_TUNE:-}" ]; then
+  ARGS=(tune-worker)
+elif [ -n "${TRAINER_SWEEP:-}" ]; then
   mapfile -t ARGS < <("$TRAINER_PY" -m trainer sweep-args "$TRAINER_SWEEP" "${SLURM_ARRAY_TASK_ID:?sweep tasks run as a job array}")
   [ "${#ARGS[@]}" -gt 0 ] || { echo "[slurm] no task ${SLURM_ARRAY_TASK_ID} in ${TRAINER_SWEEP}" >&2; exit 2; }
   export TRAINER_STATUS_FILE="${TRAINER_SWEEP}/status/${SLURM_ARRAY_TASK_ID}.json"
@@ -29,6 +33,7 @@ ARGS=("${ARGS[0]}" "run.dir=${RUN_DIR}" "${ARGS[@]:1}")   # the user's own run.d
 
 # ---- preemption: a signal becomes a stop request; the trainer saves at the next step and exits 3 ----
 export TRAINER_STOP_FILE="${RUN_DIR%/}.stop"
+if [ -n "${TRAINER_TUNE:-}" ]; then export TRAINER_STOP_FILE="${TRAINER_TUNE%/}/stop/worker-${JOB_KEY}"; fi
 rm -f "$TRAINER_STOP_FILE"
 STOP_REQUESTED=0
 request_stop() {
@@ -97,3 +102,11 @@ finish() {
   rm -f "$TRAINER_STOP_FILE"
   exit "$rc"
 }
+
+# ---- a tune worker: the same job id after a requeue, so the same worker id, which re-attaches to its trial ----
+if [ -n "${TRAINER_TUNE:-}" ]; then
+  echo "[slurm] + trainer tune-worker ${TRAINER_TUNE} --worker-id ${JOB_KEY}" >&2
+  run_and_wait "$TRAINER_PY" -m trainer tune-worker "$TRAINER_TUNE" --worker-id "$JOB_KEY" \
+    --worker-index "${SLURM_ARRAY_TASK_ID:-0}"
+  finish $?
+fi

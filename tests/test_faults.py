@@ -558,6 +558,20 @@ def build_workspace(w: Path) -> dict:
     (w / "sweeps" / "unknown.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparams: {}\nparameters: {optim.lr: [1]}\n")
     (w / "sweeps" / "typo.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparameters: {optim.lrr: [0.1]}\n")
     (w / "sweeps" / "list.yaml").write_text("recipe: configs/quickstart_binary.yaml\nparameters: [optim.lr]\n")
+    (w / "tunes").mkdir()
+    tune = "recipe: configs/quickstart_binary.yaml\ntrials: 4\n"
+    lr = "parameters: {optim.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}}\n"
+    for name, text in {"unknown.yaml": tune + lr + "pruner_kind: asha\n",
+                       "notype.yaml": tune + "parameters: {optim.lr: {low: 0.001, high: 0.1}}\n",
+                       "grid.yaml": tune + lr + "sampler: grid\n",
+                       "log0.yaml": tune + "parameters: {optim.lr: {type: float, low: 0.0, high: 0.1, log: true}}\n",
+                       "typo.yaml": tune + "parameters: {optim.lrr: {type: float, low: 0.001, high: 0.1}}\n",
+                       "stale.yaml": tune + lr + "stale_after_s: 5\n",
+                       "sampler.yaml": tune + lr + "sampler: bayes\n",
+                       "ok.yaml": tune + lr}.items():
+        (w / "tunes" / name).write_text(text)
+    (w / "tune_other").mkdir()
+    (w / "tune_other" / "tune.json").write_text(json.dumps({"name": "another", "trials": 2}))
     (w / "list.txt").write_text(str(w / "missing.png") + "\n")
     # segmentation folders, each with one defect
     for name in ("seg_ok", "seg_nomask", "seg_size", "seg_value", "seg_rgb", "seg_noclasses"):
@@ -784,6 +798,19 @@ def cases(w: Path, p: dict) -> list:
         ("sweep parameters a list", ["sweep", str(w / "sweeps" / "list.yaml"), "--local", "--dir", str(w / "sw")], "parameters"),
         ("sweep file missing", ["sweep", str(w / "sweeps" / "nope.yaml"), "--local", "--dir", str(w / "sw")], "nope.yaml"),
         ("collect a non-sweep", ["collect", str(w / "precious")], "not a sweep folder"),
+        # -- tunes --
+        ("tune file missing", ["tune", str(w / "tunes" / "nope.yaml"), "--local", "--dir", str(w / "tu")], "nope.yaml"),
+        ("tune unknown key", ["tune", str(w / "tunes" / "unknown.yaml"), "--local", "--dir", str(w / "tu")], "pruner_kind"),
+        ("tune parameter without a type", ["tune", str(w / "tunes" / "notype.yaml"), "--local", "--dir", str(w / "tu")], "optim.lr"),
+        ("tune grid over a range", ["tune", str(w / "tunes" / "grid.yaml"), "--local", "--dir", str(w / "tu")], "grid"),
+        ("tune log scale from 0", ["tune", str(w / "tunes" / "log0.yaml"), "--local", "--dir", str(w / "tu")], "low > 0"),
+        ("tune key typo", ["tune", str(w / "tunes" / "typo.yaml"), "--local", "--dir", str(w / "tu")], "optim.lrr"),
+        ("tune stale_after_s too short", ["tune", str(w / "tunes" / "stale.yaml"), "--local", "--dir", str(w / "tu")], "stale_after_s"),
+        ("tune unknown sampler", ["tune", str(w / "tunes" / "sampler.yaml"), "--local", "--dir", str(w / "tu")], "bayes"),
+        ("tune zero workers", ["tune", str(w / "tunes" / "ok.yaml"), "--local", "--workers", "0", "--dir", str(w / "tu")], "--workers"),
+        ("tune fixed override typo", ["tune", str(w / "tunes" / "ok.yaml"), "train.epochz=2", "--local", "--dir", str(w / "tu")], "train.epochz"),
+        ("tune folder of another tune", ["tune", str(w / "tunes" / "ok.yaml"), "train.epochs=2", "--local", "--dir", str(w / "tune_other")], "different tune"),
+        ("tune worker of a non-tune", ["tune-worker", str(w / "precious"), "--worker-id", "x"], "not a tune folder"),
     ]
     return c
 

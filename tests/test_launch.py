@@ -185,3 +185,60 @@ def test_sweep_as_a_job_array(cluster, tmp_path):
         assert info["JobState"] == "COMPLETED", (tmp_path / "sw" / f"slurm-{job}_{i}.out").read_text()[-2000:]
     rows = collect(str(tmp_path / "sw"))
     assert len(rows) == 3 and all(r["status"] == "done" for r in rows)
+
+
+@pytest.mark.slow
+def test_tune_workers_as_a_job_array_and_a_preempted_trial_continues_as_the_same_trial(cluster, tmp_path):
+    """`trainer tune --slurm`: 2 array workers share one study of 6 trials. Worker 0 is preempted in the middle
+    of a trial (USR1 to its batch shell, as SLURM's --signal does), requeued under the same job id, and
+    re-attaches to the same trial, which resumes from its checkpoint and ends bitwise like an uninterrupted
+    run of that trial's config; the study ends with 6 trials complete, none lost, none doubled."""
+    pytest.importorskip("optuna", reason="the tune extra (pip install -e '.[tune]') is not installed")
+    import yaml
+
+    from tests.conftest import assert_same_run, run_cli
+
+    fixed = [o for o in tiny_overrides(tmp_path, "multiclass", **{"train.epochs": 8, "checkpoint.every_steps": 2})
+             if not o.startswith("run.dir")]
+    spec = tmp_path / "tune.yaml"
+    spec.write_text(yaml.safe_dump({"name": "t", "recipe": "configs/quickstart_multiclass.yaml", "overrides": fixed,
+                                    "trials": 6, "sampler": "random", "pruner": "none", "seed": 0, "parameters": {
+                                        "optim.lr": {"type": "float", "low": 1.0e-4, "high": 0.03, "log": True}}}))
+    folder = tmp_path / "tu"
+    res = subprocess.run([sys.executable, "-m", "trainer", "tune", str(spec), "--dir", str(folder), "--workers", "2",
+                          "--slurm", "slurm/train_cpu.sbatch"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=cluster.env)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.split("array job ")[1].split(";")[0].strip()
+    lease = folder / "leases" / f"{job}_0.json"
+    deadline = time.time() + 180
+    held = None
+    while time.time() < deadline:  # until worker 0 holds a trial that has checkpointed, then preempt it
+        try:
+            held = json.loads(lease.read_text())["trial"]
+        except (OSError, ValueError, KeyError):
+            held = None
+        if held is not None and any((folder / "trials" / f"{held:04d}" / "checkpoints").glob("step-*")):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("worker 0 never checkpointed a trial: " + "".join(p.read_text()[-2000:] for p in folder.glob("slurm-*")))
+    cluster.signal_batch(f"{job}_0", "USR1")
+    infos = [cluster.wait(f"{job}_{i}", timeout_s=600) for i in range(2)]
+    out0 = (folder / f"slurm-{job}_0.out").read_text()
+    assert all(info["JobState"] == "COMPLETED" for info in infos), out0[-3000:]
+    assert infos[0]["Restarts"] == "1", out0[-3000:]  # requeued once, same job id: the same worker
+    assert f"trial {held} resumes" in out0, out0[-3000:]
+    assert "resuming from" in (folder / "logs" / f"{held:04d}.log").read_text()
+    collected = run_cli("collect", str(folder), timeout=300, env=cluster.env)
+    assert collected.returncode == 0, collected.stderr[-2000:]
+    import csv
+
+    with open(folder / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(int(r["trial"]) for r in rows) == list(range(6)) and {r["state"] for r in rows} == {"complete"}
+    # the preempted trial against its own config trained in one go
+    ref = run_cli("train", str(folder / "trials" / f"{held:04d}" / "config.yaml"), f"run.dir={tmp_path / 'ref'}",
+                  timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert_same_run(folder / "trials" / f"{held:04d}", tmp_path / "ref")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
-from trainer.errors import TrainerError
+from trainer.errors import ConfigError, TrainerError
 from trainer.requests import StopRequested
 
 EXIT_STOPPED = 3  # stopped on request (signal) after saving a checkpoint: run the same command to resume
@@ -47,8 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("sweep-args", help=argparse.SUPPRESS)  # used by slurm/lib.sh: one task's arguments
     a.add_argument("sweep_dir")
     a.add_argument("index", type=int)
-    c = sub.add_parser("collect", help="table of a sweep's runs (best metric, values, status), best first")
-    c.add_argument("sweep_dir")
+    u = sub.add_parser("tune", help="hyperparameter search with Optuna: workers pull trials from one study, "
+                       "the pruner stops bad trials early, a preempted trial continues as the same trial")
+    u.add_argument("tune_file")
+    u.add_argument("overrides", nargs="*", help="key=value applied to every trial (after the tune file's overrides)")
+    u.add_argument("--dir", help="tune folder (default tunes/<name>)")
+    how = u.add_mutually_exclusive_group(required=True)
+    how.add_argument("--local", action="store_true", help="run the workers here, as processes")
+    how.add_argument("--slurm", metavar="SCRIPT", help="submit the workers as a job array of this sbatch script, "
+                     "e.g. slurm/train.sbatch or slurm/train_cpu.sbatch")
+    u.add_argument("--workers", type=int, default=1, help="workers pulling trials at once (default 1)")
+    u.add_argument("--storage", metavar="URL", help="an Optuna RDB URL (postgresql://..., mysql://...) instead "
+                   "of the journal file in the tune folder")
+    u.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch argument (repeatable)")
+    k = sub.add_parser("tune-worker", help=argparse.SUPPRESS)  # one worker: `trainer tune` and slurm/lib.sh start it
+    k.add_argument("tune_dir")
+    k.add_argument("--worker-id", required=True)
+    k.add_argument("--worker-index", type=int, default=0)
+    c = sub.add_parser("collect", help="table of a sweep's runs or a tune's trials (best metric, values, status), "
+                       "best first; for a tune also best.yaml and plots")
+    c.add_argument("sweep_dir", metavar="DIR")
     c.add_argument("--metric", help="rank by this metric (default: each run's eval.monitor)")
     r = sub.add_parser("predict", help="predictions for image files: a CSV (classification), index PNGs "
                        "(segmentation) or a JSON of boxes (detection)")
@@ -156,10 +175,33 @@ def main(argv: Optional[List[str]] = None) -> None:
             from trainer.sweep import task_args
 
             print("\n".join(task_args(args.sweep_dir, args.index)))
+        elif args.command == "tune":
+            from trainer import tune
+
+            if args.workers < 1:
+                raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+            folder = tune.prepare(args.tune_file, args.dir, args.overrides, args.storage)
+            if args.local:
+                code = tune.run_local(folder, args.workers)
+                tune.collect(str(folder))
+                if code:
+                    sys.exit(code)
+            else:
+                tune.submit_slurm(folder, args.slurm, args.workers, args.sbatch_arg)
+        elif args.command == "tune-worker":
+            from trainer.tune import run_worker
+
+            code = run_worker(Path(args.tune_dir), args.worker_id, args.worker_index)
+            if code:
+                sys.exit(code)
         elif args.command == "collect":
+            from trainer import tune
             from trainer.sweep import collect
 
-            collect(args.sweep_dir, args.metric)
+            if tune.is_tune_dir(args.sweep_dir):
+                tune.collect(args.sweep_dir)
+            else:
+                collect(args.sweep_dir, args.metric)
         elif args.command == "predict":
             from trainer.predict import predict_files
 

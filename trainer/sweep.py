@@ -166,7 +166,7 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
     evaluation, final accuracy, swept values. Written to results.csv and results.md, best first."""
     root = Path(sweep_dir)
     if not (root / "tasks.json").is_file():
-        raise TrainerError(f"{sweep_dir} is not a sweep folder (no tasks.json)")
+        raise TrainerError(f"{sweep_dir} is not a sweep folder (no tasks.json) nor a tune folder (no tune.json)")
     tasks = json.loads((root / "tasks.json").read_text())
     rows = []
     for task in tasks:

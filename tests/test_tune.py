@@ -1,0 +1,229 @@
+"""`trainer tune`: Optuna workers sharing one study, pruning, and trials that survive their worker.
+
+Every trial is a real `trainer train` process; what is checked is what a user of a tune relies on: the study
+ends with every trial complete or pruned (none lost, none doubled), the pruned ones say where, the best
+config trains as is to the best trial's result, and a trial whose worker was stopped or killed continues as
+the same trial from its checkpoint, ending bitwise where an uninterrupted run ends.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, assert_same_run, run_cli, tiny_overrides
+
+pytest.importorskip("optuna", reason="the tune extra (pip install -e '.[tune]') is not installed")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def tune_file(tmp: Path, trials: int, pruner: str = "asha", parameters=None, **overrides) -> Path:
+    """A tune of the tiny generated multi-class set: seconds per trial."""
+    fixed = [o for o in tiny_overrides(tmp, "multiclass", **overrides) if not o.startswith("run.dir=")]
+    spec = {"name": "t", "recipe": str(ROOT / "configs" / "quickstart_multiclass.yaml"), "overrides": fixed,
+            "trials": trials, "sampler": "tpe", "pruner": pruner, "seed": 0,
+            "parameters": parameters or {"optim.lr": {"type": "float", "low": 1.0e-5, "high": 0.3, "log": True},
+                                         "optim.weight_decay": {"type": "float", "low": 1.0e-6, "high": 1.0e-2,
+                                                                "log": True}}}
+    path = tmp / "tune.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def trials_of(folder: Path) -> list:
+    with open(folder / "results.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    """Until `condition()` holds (a file the run writes), or fail naming what never happened."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.1)
+
+
+def checkpointed(run_dir: Path):
+    return lambda: any((run_dir / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.slow  # real training processes
+def test_two_local_workers_share_one_study_prune_and_the_best_config_trains_as_is(tmp_path):
+    folder = tmp_path / "tunes" / "t"
+    res = run_cli("tune", str(tune_file(tmp_path, trials=8, **{"train.epochs": 4})), "--local", "--workers", "2",
+                  "--dir", str(folder), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = trials_of(folder)
+    assert sorted(int(r["trial"]) for r in rows) == list(range(8))  # none lost, none doubled
+    states = [r["state"] for r in rows]
+    assert set(states) <= {"complete", "pruned"} and "pruned" in states and "complete" in states, states
+    for r in rows:
+        outcome = json.loads((folder / "trials" / f"{int(r['trial']):04d}.json").read_text())
+        assert outcome["state"] == r["state"]
+        if r["state"] == "pruned":  # the run directory's neighbour says where it was stopped
+            assert outcome["pruned_at_step"] >= 1 and int(r["pruned_at_step"]) == outcome["pruned_at_step"]
+            assert not (folder / "trials" / f"{int(r['trial']):04d}" / "summary.json").exists()
+        else:
+            assert (folder / "trials" / f"{int(r['trial']):04d}" / "summary.json").is_file()
+    assert {"optim.lr", "optim.weight_decay", "value", "wall_s"} <= set(rows[0])
+    for plot in ("history", "intermediate_values", "parallel_coordinate", "importances"):
+        assert (folder / "plots" / f"{plot}.png").stat().st_size > 0, plot
+    hours = json.loads((folder / "gpu_hours.json").read_text())
+    assert hours["spent"] > 0 and hours["saved"] > 0
+    assert rows[0]["state"] == "complete"  # best first
+    best = float(rows[0]["value"])
+    # best.yaml is the best trial's whole resolved config: it trains as is, to the same result
+    again = run_cli("train", str(folder / "best.yaml"), cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "t-best" / "summary.json").read_text())
+    assert summary["best"]["accuracy"] == best
+    assert_same_run(folder / "trials" / f"{int(rows[0]['trial']):04d}", tmp_path / "runs" / "t-best")
+
+
+@pytest.mark.slow  # real training processes
+def test_a_stopped_tune_continues_the_same_trial_from_its_checkpoint(tmp_path):
+    """SIGTERM to `trainer tune --local` mid-trial: the trial saves and stays the worker's; the same command
+    again re-attaches to trial 0 (not a new number, not from scratch) and ends bitwise like an uninterrupted run."""
+    spec = tune_file(tmp_path, trials=1, pruner="none", **{"train.epochs": 3, "checkpoint.every_steps": 2})
+    folder = tmp_path / "tunes" / "t"
+    cmd = [sys.executable, "-m", "trainer", "tune", str(spec), "--local", "--dir", str(folder)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(checkpointed(folder / "trials" / "0000"), "a first checkpoint of trial 0")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, out[-3000:]
+    assert not (folder / "trials" / "0000" / "summary.json").exists()
+    assert json.loads((folder / "leases" / "local-0.json").read_text())["trial"] == 0
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "trial 0 resumes" in res.stdout
+    log = (folder / "logs" / "0000.log").read_text()
+    assert "resuming from" in log
+    rows = trials_of(folder)
+    assert [(r["trial"], r["state"]) for r in rows] == [("0", "complete")]
+    assert not list((folder / "leases").glob("*.json"))  # the finished trial's lease is gone
+    again = run_cli("train", str(folder / "best.yaml"), cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(folder / "trials" / "0000", tmp_path / "runs" / "t-best")
+
+
+@pytest.mark.slow  # real training processes
+def test_a_trial_whose_worker_was_killed_is_taken_over_and_resumed_not_lost(tmp_path):
+    """Worker a is SIGKILLed mid-trial and never comes back: its trial's process is told (parent-death
+    signal) and saves; once a's lease is older than stale_after_s, worker b takes the same trial over and
+    finishes it from the checkpoint."""
+    spec = tune_file(tmp_path, trials=1, pruner="none", **{"train.epochs": 3, "checkpoint.every_steps": 2})
+    folder = tmp_path / "tunes" / "t"
+    prepared = subprocess.run([sys.executable, "-c", "import sys; from trainer import tune; "
+                               "tune.prepare(sys.argv[1], sys.argv[2], [], None)", str(spec), str(folder)],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert prepared.returncode == 0, prepared.stderr
+    worker = [sys.executable, "-m", "trainer", "tune-worker", str(folder), "--worker-id"]
+    a = subprocess.Popen(worker + ["a"], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(checkpointed(folder / "trials" / "0000"), "a first checkpoint of trial 0")
+        a.kill()
+        a.wait(timeout=60)
+        # the orphaned trial saw its worker die: it saves and leaves, which frees its run directory's lock
+        wait_for(lambda: not (folder / "trials" / "0000" / ".lock").exists(), "the trial leaving")
+    finally:
+        a.kill()
+    lease = folder / "leases" / "a.json"
+    assert json.loads(lease.read_text())["trial"] == 0
+    # a fresh lease is not taken: b finds the study's one trial held, and leaves without a new one
+    quick = subprocess.run(worker + ["b"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert quick.returncode == 0 and "taking over" not in quick.stdout, quick.stdout + quick.stderr
+    past = time.time() - 700  # older than stale_after_s (600): as if a's job had been gone for 12 minutes
+    os.utime(lease, (past, past))
+    b = subprocess.run(worker + ["b"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert b.returncode == 0, b.stdout[-3000:] + b.stderr[-3000:]
+    assert "taking over trial 0 from worker a" in b.stdout and "trial 0 resumes" in b.stdout
+    res = run_cli("collect", str(folder), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [(r["trial"], r["state"]) for r in trials_of(folder)] == [("0", "complete")]
+    again = run_cli("train", str(folder / "best.yaml"), cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(folder / "trials" / "0000", tmp_path / "runs" / "t-best")
+
+
+@pytest.mark.slow  # real training processes
+def test_a_value_the_search_can_reach_and_the_config_refuses_stops_before_any_trial(tmp_path):
+    spec = tune_file(tmp_path, trials=4, parameters={
+        "optim.lr": {"type": "float", "low": 1.0e-4, "high": 0.1, "log": True},
+        "optim.warmup_start_ratio": {"type": "float", "low": 0.1, "high": 2.0}})
+    res = run_cli("tune", str(spec), "--local", "--dir", str(tmp_path / "tunes" / "t"))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim.warmup_start_ratio=2.0" in lines[0], res.stderr
+    assert not (tmp_path / "tunes").exists()
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "cmaes", "qmc"])
+@pytest.mark.parametrize("pruner", ["asha", "hyperband", "median", "none"])
+def test_every_sampler_and_pruner_drives_a_study_in_the_journal(tmp_path, sampler, pruner):
+    """The names a tune file may give, each building a working Optuna part over the file journal."""
+    from trainer import tune
+
+    parameters = ({"optim.lr": {"type": "categorical", "choices": [0.1, 0.01]}} if sampler == "grid" else
+                  {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 0.1, "log": True, "step": None},
+                   "train.batch_size": {"type": "int", "low": 8, "high": 32, "log": False, "step": 8}})
+    spec = {"name": "t", "direction": "maximize", "sampler": sampler, "pruner": pruner, "storage": None,
+            "parameters": parameters}
+    study = tune.open_study(tmp_path, spec, seed=0)
+    for _ in range(4):
+        trial = study.ask()
+        values = tune._suggest(trial, parameters)
+        assert set(values) == set(parameters)
+        if "train.batch_size" in values:
+            assert values["train.batch_size"] in (8, 16, 24, 32)
+        for step in (10, 20):
+            trial.report(values["optim.lr"] * step, step)
+            trial.should_prune()
+        study.tell(trial, values["optim.lr"])
+    again = tune.open_study(tmp_path, spec, seed=1)  # a second worker sees the same study
+    assert len(again.get_trials()) == 4
+
+
+def test_the_checked_corners_reach_every_extreme_and_choice():
+    from trainer import tune
+
+    params = {"a": {"type": "float", "low": 0.1, "high": 1.0}, "b": {"type": "categorical", "choices": [1, 2, 3]}}
+    sets = tune.corners(params)
+    assert {s["a"] for s in sets} == {0.1, 1.0} and {s["b"] for s in sets} == {1, 2, 3}
+
+
+def test_metrics_rows_are_read_as_they_come_and_again_after_a_rewind(tmp_path):
+    from trainer import tune
+
+    log = tmp_path / "metrics.jsonl"
+    rows = tune._Rows(log)
+    assert rows.new() == []
+    log.write_text('{"type": "train", "step": 1}\n{"type": "eval", "step": 2, "accuracy": 0.5}\n{"type": "ev')
+    assert [r["step"] for r in rows.new()] == [2]  # the half-written line waits for its end
+    with open(log, "a") as fh:
+        fh.write('al", "step": 4, "accuracy": 0.6}\n')
+    assert [r["step"] for r in rows.new()] == [4]
+    log.write_text('{"type": "eval", "step": 2, "accuracy": 0.5}\n')  # a resume cut the log back
+    assert [r["step"] for r in rows.new()] == [2]
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "resnet18_cifar10.yaml"])
+def test_the_example_tune_files_load_and_every_extreme_is_a_valid_config(name, tmp_path):
+    from trainer import tune
+
+    spec = tune.load_tune(str(ROOT / "configs" / "tunes" / name), [f"data.root={tmp_path}"])
+    for values in tune.corners(spec["parameters"]):
+        tune.check_values(spec, values, tmp_path / "trials" / "0000")
+    assert spec["metric"] == "accuracy" and spec["direction"] == "maximize"

@@ -1,0 +1,695 @@
+"""Hyperparameter search with Optuna: workers pull trials from one study, each trial is an ordinary
+`trainer train` run, and the pruner stops bad trials early.
+
+Why Optuna, driven by ask-and-tell from here (../shared/docs/tuning-and-data-at-scale.md, A2): no server (the
+study is a journal file in the tune folder, or a database the cluster has), asynchronous pruning fed by a
+report after every evaluation, and, because our runs resume exactly, none of Optuna's retry machinery: a
+preempted trial keeps its number and continues from its checkpoint.
+
+A tune folder (tunes/<name>/ or --dir):
+    tune.json            the tune file as resolved and frozen at the first `trainer tune` (a different one is refused)
+    study.journal        Optuna's journal (unless --storage names a database)
+    trials/NNNN/         each trial's run directory: checkpoints, metrics.jsonl, model/ as `trainer train` writes
+    trials/NNNN.json     the trial's outcome for the run directory's reader: state, value, step it reached, why
+    logs/NNNN.log        the trial's console output (beside, not inside, the run directory the trainer owns)
+    leases/WORKER.json   which trial a worker holds; its mtime is the worker's heartbeat
+    stop/                stop files: one per trial (pruning, preemption) that the trial's trainer watches
+
+How a trial ends:
+- the run completes: COMPLETE with the best value of the metric over its evaluations (summary.json);
+- the pruner says stop after an evaluation: the worker asks the run to stop (its stop file), PRUNED;
+- the worker is asked to stop (SIGTERM/SIGUSR1, or its own stop file from the SLURM script): the trial saves
+  its checkpoint and stays RUNNING, held by the worker's lease; the worker exits 3 and, restarted (requeued)
+  under the same worker id, re-attaches to the same trial, which resumes from its checkpoint;
+- the run fails: FAIL with its last error line;
+- its worker died and never came back: a RUNNING trial whose lease has not been renewed for `stale_after_s`
+  is taken over by another worker (the lease is renamed to it, atomically) and resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from trainer.config import data_targets, load_config, load_yaml
+from trainer.errors import ConfigError, TrainerError
+from trainer.files import atomic_write, atomic_write_json, read_json
+from trainer.metrics import higher_is_better
+
+TUNE_KEYS = {"name", "recipe", "overrides", "trials", "sampler", "pruner", "seed", "metric", "direction",
+             "parameters", "launcher", "gpus_per_trial", "stale_after_s"}
+PARAM_TYPES = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
+               "categorical": {"type", "choices"}}
+DEFAULT_METRIC = {"labels": "accuracy", "masks": "miou", "boxes": "map"}  # each task's own eval.monitor default
+POLL_S = 1.0  # how often a worker reads its trial's new metrics rows and looks for a stop request
+HEARTBEAT_S = 30.0  # how often a worker renews its lease (one metadata write on the shared file system)
+EXIT_STOPPED = 3  # as `trainer train`: stopped on request, run the same command again to continue
+
+
+# ---------------------------------------------------------------- the tune file
+
+def _parameter(name: str, p) -> dict:
+    """One search-space entry, checked; errors name the key."""
+    if not isinstance(p, dict) or p.get("type") not in PARAM_TYPES:
+        raise ConfigError(f"tune parameter {name}: needs type float, int or categorical, got {p!r}")
+    unknown = sorted(set(p) - PARAM_TYPES[p["type"]])
+    if unknown:
+        raise ConfigError(f"tune parameter {name}: unknown field '{unknown[0]}'; valid: {sorted(PARAM_TYPES[p['type']])}")
+    if p["type"] == "categorical":
+        if not isinstance(p.get("choices"), list) or not p["choices"]:
+            raise ConfigError(f"tune parameter {name}: categorical needs a non-empty list 'choices'")
+        return p
+    number = float if p["type"] == "float" else int
+    for key in ("low", "high"):
+        value = p.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (number is int and value != int(value)):
+            raise ConfigError(f"tune parameter {name}: '{key}' must be a{'n integer' if number is int else ' number'}, "
+                              f"got {value!r}")
+    if not p["low"] < p["high"]:
+        raise ConfigError(f"tune parameter {name}: needs low < high, got {p['low']} and {p['high']}")
+    if p.get("log") and p["low"] <= 0:
+        raise ConfigError(f"tune parameter {name}: log scale needs low > 0, got {p['low']}")
+    if p.get("log") and p.get("step") is not None:
+        raise ConfigError(f"tune parameter {name}: 'step' and 'log' cannot be combined (Optuna's rule)")
+    return {**p, "low": number(p["low"]), "high": number(p["high"]), "log": bool(p.get("log", False))}
+
+
+def load_tune(path: str, cli_overrides: Optional[List[str]] = None) -> dict:
+    """The tune file, checked and completed with its defaults (metric and direction from the recipe)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"tune file not found: {path}")
+    loaded = load_yaml(p, "tune file")
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"tune file {path} is not a mapping of keys (name, recipe, parameters, ...)")
+    try:
+        spec = OmegaConf.to_container(loaded, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"tune file {path}: {str(err).splitlines()[0]}") from None
+    unknown = sorted(set(spec) - TUNE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown tune key '{unknown[0]}' in {path}; valid: {sorted(TUNE_KEYS)}")
+    for key in ("recipe", "parameters", "trials"):
+        if key not in spec:
+            raise ConfigError(f"tune file {path} needs '{key}'")
+    if not isinstance(spec["parameters"], dict) or not spec["parameters"]:
+        raise ConfigError(f"tune file {path}: 'parameters' must map config keys to search spaces")
+    if not isinstance(spec.get("overrides", []), list):
+        raise ConfigError(f"tune file {path}: 'overrides' must be a list of key=value")
+    if isinstance(spec["trials"], bool) or not isinstance(spec["trials"], int) or spec["trials"] < 1:
+        raise ConfigError(f"tune file {path}: 'trials' must be an integer >= 1, got {spec['trials']!r}")
+    spec.setdefault("name", p.stem)
+    spec["overrides"] = list(spec.get("overrides", [])) + list(cli_overrides or [])
+    spec.setdefault("sampler", "tpe")
+    spec.setdefault("pruner", "asha")
+    spec.setdefault("seed", 0)
+    spec.setdefault("gpus_per_trial", 1)
+    spec.setdefault("stale_after_s", 600)
+    gpus = spec["gpus_per_trial"]
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus <= 0:
+        raise ConfigError(f"tune gpus_per_trial must be a number > 0 (for the GPU-hour accounting), got {gpus!r}")
+    stale = spec["stale_after_s"]
+    if isinstance(stale, bool) or not isinstance(stale, (int, float)) or stale < 2 * HEARTBEAT_S:
+        raise ConfigError(f"tune stale_after_s must be a number of seconds >= {2 * HEARTBEAT_S:.0f} (two heartbeats), "
+                          f"got {stale!r}")
+    if spec["sampler"] not in SAMPLERS:
+        raise ConfigError(f"tune sampler must be one of {sorted(SAMPLERS)}, got {spec['sampler']!r}")
+    if spec["pruner"] not in PRUNERS:
+        raise ConfigError(f"tune pruner must be one of {sorted(PRUNERS)}, got {spec['pruner']!r}")
+    launcher = spec.get("launcher", "")
+    if not isinstance(launcher, str):
+        raise ConfigError(f"tune file {path}: 'launcher' must be a command line string, e.g. 'torchrun --nproc_per_node 2'")
+    spec["launcher"] = launcher
+    spec["parameters"] = {name: _parameter(name, value) for name, value in spec["parameters"].items()}
+    if spec["sampler"] == "grid":
+        ranged = [n for n, v in spec["parameters"].items() if v["type"] != "categorical"]
+        if ranged:
+            raise ConfigError(f"tune sampler grid needs every parameter categorical (a list of values); "
+                              f"{ranged[0]} is a {spec['parameters'][ranged[0]]['type']} range")
+        size = 1
+        for p in spec["parameters"].values():
+            size *= len(p["choices"])
+        if spec["trials"] > size:
+            print(f"[tune] the grid has {size} points: trials {spec['trials']} -> {size}", flush=True)
+            spec["trials"] = size
+    base = load_config(spec["recipe"], spec["overrides"])  # the recipe and the fixed overrides, before any value
+    metric = spec.get("metric") or base.eval.monitor or DEFAULT_METRIC[data_targets(base.data)]
+    spec["metric"] = metric
+    direction = spec.get("direction") or ("maximize" if higher_is_better(metric) else "minimize")
+    if direction not in ("maximize", "minimize"):
+        raise ConfigError(f"tune direction must be maximize or minimize, got {direction!r}")
+    spec["direction"] = direction
+    return spec
+
+
+def corners(parameters: Dict[str, dict]) -> List[dict]:
+    """Value sets that between them give every parameter each extreme (low, high) and each choice: the configs
+    checked before any trial starts, so that a value the search can reach and the config refuses fails now."""
+    first = {n: (p["choices"][0] if p["type"] == "categorical" else p["low"]) for n, p in parameters.items()}
+    sets = [first]
+    for name, p in parameters.items():
+        for value in (p["choices"][1:] if p["type"] == "categorical" else [p["high"]]):
+            sets.append({**first, name: value})
+    return sets
+
+
+def _value(v) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else repr(v) if isinstance(v, float) else str(v)
+
+
+def trial_overrides(spec: dict, values: dict, run_dir: Path) -> List[str]:
+    return list(spec["overrides"]) + [f"{k}={_value(v)}" for k, v in values.items()] + [f"run.dir={run_dir}"]
+
+
+def check_values(spec: dict, values: dict, run_dir: Path) -> None:
+    try:
+        load_config(spec["recipe"], trial_overrides(spec, values, run_dir))
+    except ConfigError as err:
+        shown = ", ".join(f"{k}={_value(v)}" for k, v in values.items())
+        raise ConfigError(f"tune values {shown}: {err}") from None
+
+
+# ---------------------------------------------------------------- Optuna's parts, by name
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise TrainerError("trainer tune needs Optuna: pip install -e '.[tune]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what happens, once per trial
+    # "QMCSampler is experimental" and the like, at every worker start: the user chose it, knowing
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def _tpe(optuna, spec, seed):
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _random(optuna, spec, seed):
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _grid(optuna, spec, seed):
+    class Grid(optuna.samplers.GridSampler):
+        def after_trial(self, study, trial, state, values):
+            """GridSampler stops optimize() when the grid is done, by study.stop(), which raises under
+            ask-and-tell; our workers count trials themselves (the budget is capped at the grid's size)."""
+
+    return Grid({n: p["choices"] for n, p in spec["parameters"].items()}, seed=seed)
+
+
+def _cmaes(optuna, spec, seed):
+    return optuna.samplers.CmaEsSampler(seed=seed)
+
+
+def _qmc(optuna, spec, seed):
+    return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+
+
+SAMPLERS = {"tpe": _tpe, "random": _random, "grid": _grid, "cmaes": _cmaes, "qmc": _qmc}
+
+
+def _asha(optuna):
+    # reduction factor 3 (Hyperband's and the ASHA paper's); rungs from the first reported step on
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource="auto", reduction_factor=3)
+
+
+def _hyperband(optuna):
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto", reduction_factor=3)
+
+
+def _median(optuna):
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+
+
+def _none(optuna):
+    return optuna.pruners.NopPruner()
+
+
+PRUNERS = {"asha": _asha, "hyperband": _hyperband, "median": _median, "none": _none}
+
+
+def open_study(root: Path, spec: dict, seed: int):
+    optuna = _optuna()
+    if spec.get("storage"):
+        storage = spec["storage"]
+    else:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        path = str(root / "study.journal")
+        # O_EXCL lock files: the lock that suits NFSv3+ and Lustre (the symlink lock is for NFSv2)
+        storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    return optuna.create_study(study_name=spec["name"], storage=storage, load_if_exists=True,
+                               direction=spec["direction"], sampler=SAMPLERS[spec["sampler"]](optuna, spec, seed),
+                               pruner=PRUNERS[spec["pruner"]](optuna))
+
+
+def prepare(tune_file: str, out_dir: Optional[str], cli_overrides: List[str], storage: Optional[str]) -> Path:
+    """Check the tune file and every extreme of its search space, freeze it in tune.json, create the study."""
+    spec = load_tune(tune_file, cli_overrides)
+    root = Path(out_dir or Path("tunes") / spec["name"])
+    spec["storage"] = storage
+    for values in corners(spec["parameters"]):
+        check_values(spec, values, root / "trials" / "0000")
+    frozen = read_json(root / "tune.json") or None
+    if frozen is not None and frozen != spec:
+        changed = sorted(k for k in set(frozen) | set(spec) if frozen.get(k) != spec.get(k))
+        raise TrainerError(f"{root} holds a different tune (its {', '.join(changed)} differ); choose another --dir "
+                           f"or delete it")
+    for sub in ("trials", "logs", "leases", "stop"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "tune.json", spec)
+    open_study(root, spec, spec["seed"])
+    return root
+
+
+def load_prepared(root: Path) -> dict:
+    spec = read_json(root / "tune.json") or None
+    if spec is None:
+        raise TrainerError(f"{root} is not a tune folder (no tune.json)")
+    return spec
+
+
+# ---------------------------------------------------------------- a worker
+
+class _StopAsked:
+    """SIGTERM/SIGUSR1 to the worker, or its stop file (the SLURM script's trap touches it): stop after saving."""
+
+    def __init__(self):
+        self.signalled = False
+        self.stop_file = os.environ.get("TRAINER_STOP_FILE")
+        # Ctrl-C reaches the trial's trainer too (one process group), which leaves at once without saving:
+        # the trial stays this worker's and resumes from its last checkpoint
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signalled = True
+
+    def __bool__(self) -> bool:
+        return self.signalled or bool(self.stop_file and os.path.exists(self.stop_file))
+
+
+def _trial_name(number: int) -> str:
+    return f"{number:04d}"
+
+
+def _counts(study) -> Tuple[int, int]:
+    """(trials finished, trials running) in the study, whoever runs them."""
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    return sum(s in ("COMPLETE", "PRUNED", "FAIL") for s in states), states.count("RUNNING")
+
+
+def _take_over(root: Path, study, worker_id: str, stale_after_s: float) -> Optional[dict]:
+    """A RUNNING trial whose worker's lease went stale: rename that lease to ours (atomic: of two workers
+    trying, one wins) and continue the trial. A RUNNING trial without any lease that old is failed."""
+    optuna = _optuna()
+    now = time.time()
+    leased = set()
+    for lease in sorted((root / "leases").glob("*.json")):
+        held = read_json(lease) or {}
+        leased.add(held.get("trial"))
+        try:
+            age = now - lease.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        if lease.stem == worker_id or age < stale_after_s:
+            continue
+        mine = root / "leases" / f"{worker_id}.json"
+        try:
+            os.rename(lease, mine)
+        except FileNotFoundError:  # another worker took it first
+            continue
+        os.utime(mine)
+        print(f"[tune] worker {worker_id}: taking over trial {held.get('trial')} from worker {lease.stem} "
+              f"(no heartbeat for {age:.0f} s)", flush=True)
+        return held
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        started = t.datetime_start.timestamp() if t.datetime_start else now
+        if t.number not in leased and now - started > stale_after_s:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            _record(root, t.number, {"state": "failed", "reason": "its worker left without a lease and did not "
+                                     f"come back within stale_after_s={stale_after_s}"})
+    return None
+
+
+def _record(root: Path, number: int, outcome: dict) -> None:
+    atomic_write_json(root / "trials" / f"{_trial_name(number)}.json", outcome)
+
+
+def _suggest(trial, parameters: Dict[str, dict]) -> dict:
+    values = {}
+    for name, p in parameters.items():
+        if p["type"] == "categorical":
+            values[name] = trial.suggest_categorical(name, p["choices"])
+        elif p["type"] == "float":
+            values[name] = trial.suggest_float(name, p["low"], p["high"], log=p["log"], step=p.get("step"))
+        else:
+            values[name] = trial.suggest_int(name, p["low"], p["high"], log=p["log"], step=p.get("step") or 1)
+    return values
+
+
+class _Rows:
+    """The evaluation rows a run appends to metrics.jsonl, read as they come (only the new bytes each time)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def new(self) -> List[dict]:
+        try:
+            with open(self.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if size < self.offset:  # the run rewound its log to a checkpoint on resume: read it again
+                    self.offset, self.partial = 0, b""
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        rows = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("type") == "eval":
+                rows.append(row)
+        return rows
+
+
+def _last_error(log: Path) -> str:
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return "no output"
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["no output"])[-1][:500]
+
+
+def _stop_with_parent() -> None:
+    """In the trial's process before it runs: SIGTERM it when its worker dies (Linux), so a worker killed
+    outright leaves no orphan training on: the trial saves its checkpoint and stops, and the worker that takes
+    it over resumes it from there instead of meeting a run directory still in use."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _run_trial(root: Path, spec: dict, study, trial, stop: _StopAsked, worker_id: str) -> int:
+    """Train one trial to its end, its pruning, or a stop request. Returns the worker's exit code so far."""
+    optuna = _optuna()
+    number = trial.number
+    name = _trial_name(number)
+    run_dir = root / "trials" / name
+    lease = root / "leases" / f"{worker_id}.json"
+    # the storage's id, which re-attaching needs (Optuna's Trial takes it; the number is for people)
+    atomic_write_json(lease, {"trial": number, "trial_id": trial._trial_id, "worker": worker_id})
+    values = _suggest(trial, spec["parameters"])
+    try:
+        check_values(spec, values, run_dir)
+    except ConfigError as err:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _record(root, number, {"state": "failed", "values": values, "reason": str(err)})
+        lease.unlink(missing_ok=True)
+        print(f"[tune] trial {number}: failed: {err}", flush=True)
+        return 0
+    trial_stop = root / "stop" / name
+    trial_stop.unlink(missing_ok=True)
+    launcher = shlex.split(spec["launcher"]) if spec["launcher"] else [sys.executable]
+    cmd = [*launcher, "-m", "trainer", "train", spec["recipe"], *trial_overrides(spec, values, run_dir)]
+    env = {**os.environ, "TRAINER_STOP_FILE": str(trial_stop)}
+    resumed = (run_dir / "checkpoints").is_dir()
+    print(f"[tune] worker {worker_id}: trial {number} {'resumes' if resumed else 'starts'}: "
+          + " ".join(f"{k}={_value(v)}" for k, v in values.items()), flush=True)
+    rows = _Rows(run_dir / "metrics.jsonl")
+    pruned_at = None
+
+    def report_new_rows() -> None:
+        nonlocal pruned_at
+        for row in rows.new():
+            value = row.get(spec["metric"])
+            if value is None or pruned_at is not None:
+                continue
+            trial.report(float(value), int(row["step"]))  # a step reported before (a resume) is ignored
+            if trial.should_prune():
+                pruned_at = int(row["step"])
+                trial_stop.touch()  # the run saves and stops at its next step
+
+    started = beat = time.time()
+    with open(root / "logs" / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_with_parent)
+        while proc.poll() is None:
+            report_new_rows()
+            if stop and not trial_stop.exists():
+                trial_stop.touch()  # preempted: the trial saves its checkpoint and stops; the lease stays ours
+            if time.time() - beat > HEARTBEAT_S:
+                os.utime(lease)
+                beat = time.time()
+            try:
+                proc.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+        report_new_rows()  # what it wrote between the last look and its exit
+    rc = proc.returncode
+    trial_stop.unlink(missing_ok=True)
+    wall = time.time() - started
+    spent = float(study.get_trials(deepcopy=False)[number].user_attrs.get("wall_s", 0.0)) + wall
+    trial.set_user_attr("wall_s", spent)  # summed over the trial's attempts (preemptions, take-overs)
+    summary = read_json(run_dir / "summary.json") or None
+    reached = int(summary["updates"]) if summary else max((int(r["step"]) for r in _Rows(run_dir / "metrics.jsonl").new()),
+                                                         default=0)
+    if rc == 0 and summary is not None:  # finished (even if the pruner spoke after its last evaluation)
+        best = (summary.get("best") or {}).get(spec["metric"])
+        if best is None:
+            best = (summary.get("final") or {}).get(spec["metric"])
+        study.tell(trial, float(best))
+        _record(root, number, {"state": "complete", "values": values, "value": best, "step": reached, "wall_s": spent})
+        print(f"[tune] trial {number}: complete, best {spec['metric']} {best:.4f}", flush=True)
+    elif pruned_at is not None and rc == EXIT_STOPPED:
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        _record(root, number, {"state": "pruned", "values": values, "pruned_at_step": pruned_at, "step": reached,
+                               "wall_s": spent})
+        print(f"[tune] trial {number}: pruned after the evaluation at step {pruned_at}", flush=True)
+    elif rc == EXIT_STOPPED or stop:
+        print(f"[tune] worker {worker_id}: stopped on request; trial {number} saved its checkpoint and continues "
+              f"when this worker starts again", flush=True)
+        return EXIT_STOPPED  # the lease stays: the restarted worker re-attaches to this trial
+    else:
+        reason = f"trainer exited {rc}: {_last_error(root / 'logs' / f'{name}.log')}"
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _record(root, number, {"state": "failed", "values": values, "reason": reason, "step": reached, "wall_s": spent})
+        print(f"[tune] trial {number}: failed ({reason})", flush=True)
+    lease.unlink(missing_ok=True)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def worker_busy(root: Path, worker_id: str) -> Optional[int]:
+    """The pid of a live worker of this id on this machine, else None (a dead one's pid file is stale)."""
+    held = read_json(root / "leases" / f"{worker_id}.pid") or {}
+    if held.get("host") == os.uname().nodename and isinstance(held.get("pid"), int) and _alive(held["pid"]):
+        return held["pid"]
+    return None
+
+
+def run_worker(root: Path, worker_id: str, index: int) -> int:
+    """Ask for trials (or re-attach to the one this worker's lease names) until the study has its trials."""
+    optuna = _optuna()
+    spec = load_prepared(root)
+    busy = worker_busy(root, worker_id)
+    if busy is not None and busy != os.getpid():
+        raise TrainerError(f"worker {worker_id} of {root} is already running (pid {busy})")
+    atomic_write_json(root / "leases" / f"{worker_id}.pid", {"pid": os.getpid(), "host": os.uname().nodename})
+    stop = _StopAsked()
+    study = open_study(root, spec, spec["seed"] + index)  # each worker its own sampler stream
+    while not stop:
+        lease = read_json(root / "leases" / f"{worker_id}.json") or None
+        held = lease if lease is not None else _take_over(root, study, worker_id, float(spec["stale_after_s"]))
+        trial = None
+        if held is not None:
+            frozen = study.get_trials(deepcopy=False)[held["trial"]]
+            if frozen.state == optuna.trial.TrialState.RUNNING:
+                trial = optuna.trial.Trial(study, held["trial_id"])  # suggest_* give back its stored values
+            else:
+                (root / "leases" / f"{worker_id}.json").unlink(missing_ok=True)
+                continue
+        else:
+            finished, running = _counts(study)
+            if finished + running >= spec["trials"]:
+                break
+            trial = study.ask()
+        code = _run_trial(root, spec, study, trial, stop, worker_id)
+        if code:
+            return code
+    if stop:
+        print(f"[tune] worker {worker_id}: stopped on request between trials", flush=True)
+        return EXIT_STOPPED
+    return 0
+
+
+# ---------------------------------------------------------------- launching workers
+
+def run_local(root: Path, workers: int) -> int:
+    """N workers as processes here; SIGTERM/SIGUSR1/SIGINT reach each of them (each saves its trial and stops).
+    Worker ids local-0, local-1, ... not running now: a tune run again re-attaches to the trials its workers
+    held, and a second `trainer tune --local` on the same folder adds workers instead of doubling them."""
+    ids = [i for i in range(4 * workers + 64) if worker_busy(root, f"local-{i}") is None][:workers]
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer", "tune-worker", str(root), "--worker-id", f"local-{i}",
+                               "--worker-index", str(i)]) for i in ids]
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    codes = [p.wait() for p in procs]
+    if any(c == EXIT_STOPPED for c in codes):
+        return EXIT_STOPPED
+    return next((c for c in codes if c), 0)
+
+
+def submit_slurm(root: Path, script: str, workers: int, sbatch_args: List[str]) -> str:
+    cmd = ["sbatch", "--parsable", f"--array=0-{workers - 1}", f"--output={root}/slurm-%A_%a.out",
+           "--export=ALL,TRAINER_TUNE=" + str(root), *sbatch_args, script]
+    print("+ " + " ".join(cmd), flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise TrainerError(f"sbatch failed: {res.stderr.strip()}")
+    job = res.stdout.strip().split(";")[0]
+    print(f"[tune] submitted {workers} workers as array job {job}; watch: squeue -j {job}; "
+          f"results: trainer collect {root}", flush=True)
+    return job
+
+
+# ---------------------------------------------------------------- results
+
+def _cell(v) -> str:
+    return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def collect(tune_dir: str) -> List[dict]:
+    """results.csv and results.md (every trial, best first), best.yaml (the best trial's resolved config,
+    runnable as is), plots/ (Optuna's matplotlib figures) and the GPU-hours spent and saved by pruning."""
+    root = Path(tune_dir)
+    spec = load_prepared(root)
+    optuna = _optuna()
+    study = open_study(root, spec, spec["seed"])
+    trials = study.get_trials(deepcopy=False)
+    sign = -1 if spec["direction"] == "maximize" else 1
+    rows = []
+    for t in trials:
+        outcome = read_json(root / "trials" / f"{_trial_name(t.number)}.json") or {}
+        steps = sorted(t.intermediate_values)
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value,
+                     "best_reported": (max if sign < 0 else min)(t.intermediate_values.values())
+                     if t.intermediate_values else None,
+                     "step": outcome.get("step", steps[-1] if steps else None),
+                     "pruned_at_step": outcome.get("pruned_at_step"), **t.params,
+                     "wall_s": round(float(t.user_attrs.get("wall_s", 0.0)), 1), "reason": outcome.get("reason"),
+                     "run_dir": str(root / "trials" / _trial_name(t.number))})
+    rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] if r["value"] is not None else 0), r["trial"]))
+    columns = ["trial", "state", "value", "best_reported", "step", "pruned_at_step", *spec["parameters"], "wall_s",
+               "reason", "run_dir"]
+    with open(root / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns[:-1]) + " |", "|" + "---|" * (len(columns) - 1)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns[:-1]) + " |" for r in rows]
+    hours = _gpu_hours(rows, float(spec["gpus_per_trial"]))
+    lines += ["", f"GPU-hours spent: {hours['spent']:.3f}; saved by pruning (estimated): {hours['saved']:.3f}"]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best = min(complete, key=lambda t: sign * t.value)
+        _write_best(root, spec, best.number)
+        lines.append(f"best: trial {best.number}, {spec['metric']} {best.value:.4f}; trainer train {root / 'best.yaml'}")
+    (root / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_json(root / "gpu_hours.json", hours)
+    _plots(root, study, complete)
+    print("\n".join(lines), flush=True)
+    print(f"[tune] {len(complete)} complete of {len(trials)}; written {root / 'results.csv'}", flush=True)
+    return rows
+
+
+def _gpu_hours(rows: List[dict], gpus: float) -> dict:
+    """Spent: each trial's wall time x GPUs per trial. Saved: for each pruned trial, the time it would have
+    needed to reach the steps of a complete trial at its own pace, less what it spent."""
+    spent = sum(r["wall_s"] for r in rows) * gpus / 3600
+    full = max((r["step"] or 0 for r in rows if r["state"] == "complete"), default=0)
+    saved = 0.0
+    for r in rows:
+        if r["state"] == "pruned" and full and r["step"]:
+            saved += r["wall_s"] * max(full / r["step"] - 1, 0.0) * gpus / 3600
+    return {"spent": spent, "saved": saved, "gpus_per_trial": gpus,
+            "method": "saved = sum over pruned trials of wall_s x (steps of a complete trial / steps reached - 1)"}
+
+
+def _write_best(root: Path, spec: dict, number: int) -> None:
+    """The best trial's own resolved config (config.yaml of its run), with a fresh run directory."""
+    saved = root / "trials" / _trial_name(number) / "config.yaml"
+    cfg = OmegaConf.load(saved) if saved.is_file() else OmegaConf.create({})
+    OmegaConf.update(cfg, "run.dir", str(Path("runs") / f"{spec['name']}-best"), force_add=True)
+    OmegaConf.update(cfg, "run.resume", None, force_add=True)
+    header = (f"# The best trial ({number}) of tune {spec['name']}: its resolved config, as it trained.\n"
+              f"# Run it as is: trainer train {root / 'best.yaml'}\n")
+    atomic_write(root / "best.yaml", header + OmegaConf.to_yaml(cfg))
+
+
+def _plots(root: Path, study, complete: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.importance import FanovaImportanceEvaluator
+    from optuna.visualization import matplotlib as vis
+
+    (root / "plots").mkdir(exist_ok=True)
+    figures = {"history": lambda: vis.plot_optimization_history(study),
+               "intermediate_values": lambda: vis.plot_intermediate_values(study),
+               "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study)}
+    if len(complete) >= 2:  # fANOVA fits a random forest on the complete trials
+        figures["importances"] = lambda: vis.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
+    for name, draw in figures.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental, every call
+            try:
+                ax = draw()
+            except (ValueError, RuntimeError) as err:  # e.g. no trial reported anything yet
+                print(f"[tune] plot {name} skipped: {err}", flush=True)
+                continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.savefig(root / "plots" / f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+
+def is_tune_dir(path: str) -> bool:
+    return (Path(path) / "tune.json").is_file()
+

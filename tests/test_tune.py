@@ -114,6 +114,15 @@ def test_a_stopped_tune_continues_the_same_trial_from_its_checkpoint(tmp_path):
     rows = trials_of(folder)
     assert [(r["trial"], r["state"]) for r in rows] == [("0", "complete")]
     assert not list((folder / "leases").glob("*.json"))  # the finished trial's lease is gone
+    # what Optuna holds: one value per evaluation, the ones before the stop not doubled by the resume
+    import optuna
+
+    stored = optuna.load_study(study_name="t", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(folder / "study.journal")))).trials[0]
+    evals = [json.loads(line) for line in (folder / "trials" / "0000" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert sorted(stored.intermediate_values) == sorted({e["step"] for e in evals})
+    assert all(stored.intermediate_values[e["step"]] == e["accuracy"] for e in evals)
     again = run_cli("train", str(folder / "best.yaml"), cwd=tmp_path, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_run(folder / "trials" / "0000", tmp_path / "runs" / "t-best")
@@ -227,3 +236,52 @@ def test_the_example_tune_files_load_and_every_extreme_is_a_valid_config(name, t
     for values in tune.corners(spec["parameters"]):
         tune.check_values(spec, values, tmp_path / "trials" / "0000")
     assert spec["metric"] == "accuracy" and spec["direction"] == "maximize"
+
+
+def test_a_running_trial_that_no_worker_holds_is_failed_with_the_reason(tmp_path):
+    """A worker that died between asking for a trial and writing its lease: nobody can resume that trial,
+    so once it is older than stale_after_s it is failed, with the reason beside its run directory."""
+    from trainer import tune
+
+    spec = {"name": "t", "direction": "maximize", "sampler": "random", "pruner": "none", "storage": None,
+            "parameters": {"optim.lr": {"type": "float", "low": 0.001, "high": 0.1, "log": False}}}
+    (tmp_path / "leases").mkdir()
+    (tmp_path / "trials").mkdir()
+    study = tune.open_study(tmp_path, spec, seed=0)
+    study.ask()
+    assert tune._take_over(tmp_path, study, "w", stale_after_s=3600) is None
+    assert study.trials[0].state.name == "RUNNING"  # not yet stale
+    assert tune._take_over(tmp_path, study, "w", stale_after_s=0) is None
+    assert study.trials[0].state.name == "FAIL"
+    assert "without a lease" in json.loads((tmp_path / "trials" / "0000.json").read_text())["reason"]
+
+
+def test_a_database_url_is_used_instead_of_the_journal(tmp_path):
+    """--storage URL goes to Optuna's RDB storage (PostgreSQL/MySQL on a cluster; SQLite here, one host)."""
+    from trainer import tune
+
+    spec = {"name": "t", "direction": "minimize", "sampler": "tpe", "pruner": "median",
+            "storage": f"sqlite:///{tmp_path / 'study.db'}",
+            "parameters": {"optim.lr": {"type": "float", "low": 0.001, "high": 0.1, "log": True}}}
+    study = tune.open_study(tmp_path, spec, seed=0)
+    trial = study.ask()
+    study.tell(trial, tune._suggest(trial, spec["parameters"])["optim.lr"])
+    assert (tmp_path / "study.db").is_file() and not (tmp_path / "study.journal").exists()
+    assert len(tune.open_study(tmp_path, spec, seed=1).trials) == 1
+
+
+@pytest.mark.slow  # real training processes
+def test_a_trial_of_two_processes_through_a_launcher(tmp_path):
+    """`launcher:` starts each trial the way a user would start several processes (torchrun here, gloo on
+    CPU); pruning and stop requests reach every rank through the trial's stop file."""
+    spec = tune_file(tmp_path, trials=2, pruner="none", **{"train.epochs": 2, "train.batch_size": 8})
+    text = yaml.safe_load(spec.read_text())
+    text["launcher"] = f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node 2"
+    spec.write_text(yaml.safe_dump(text))
+    folder = tmp_path / "tunes" / "t"
+    res = run_cli("tune", str(spec), "--local", "--dir", str(folder), timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [r["state"] for r in trials_of(folder)] == ["complete", "complete"]
+    for n in (0, 1):
+        run = json.loads((folder / "trials" / f"{n:04d}" / "run.json").read_text())
+        assert run["derived"]["processes"] == 2

@@ -285,3 +285,26 @@ def test_a_trial_of_two_processes_through_a_launcher(tmp_path):
     for n in (0, 1):
         run = json.loads((folder / "trials" / f"{n:04d}" / "run.json").read_text())
         assert run["derived"]["processes"] == 2
+
+
+def test_collect_says_who_holds_a_running_trial_and_what_to_do_when_its_worker_is_gone(tmp_path):
+    from trainer import tune
+    from trainer.files import atomic_write_json
+
+    spec = {"name": "t", "direction": "maximize", "sampler": "random", "pruner": "none", "storage": None,
+            "metric": "accuracy", "seed": 0, "gpus_per_trial": 1, "stale_after_s": 600,
+            "parameters": {"optim.lr": {"type": "float", "low": 0.001, "high": 0.1, "log": False}}}
+    for sub in ("leases", "trials"):
+        (tmp_path / sub).mkdir()
+    atomic_write_json(tmp_path / "tune.json", spec)
+    study = tune.open_study(tmp_path, spec, seed=0)
+    for _ in range(2):
+        tune._suggest(study.ask(), spec["parameters"])
+    atomic_write_json(tmp_path / "leases" / "123_0.json", {"trial": 0, "worker": "123_0"})
+    atomic_write_json(tmp_path / "leases" / "123_1.json", {"trial": 1, "worker": "123_1"})
+    past = time.time() - 3600
+    os.utime(tmp_path / "leases" / "123_0.json", (past, past))
+    rows = {r["trial"]: r for r in tune.collect(str(tmp_path))}
+    assert rows[0]["state"] == rows[1]["state"] == "running"
+    assert "123_0 has not been heard of" in rows[0]["reason"] and "takes the trial over" in rows[0]["reason"]
+    assert rows[1]["reason"].startswith("worker 123_1, heartbeat")

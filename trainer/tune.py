@@ -604,9 +604,18 @@ def collect(tune_dir: str) -> List[dict]:
     study = open_study(root, spec, spec["seed"])
     trials = study.get_trials(deepcopy=False)
     sign = -1 if spec["direction"] == "maximize" else 1
+    holders = {}  # trial -> (worker, seconds since its last heartbeat)
+    for lease in (root / "leases").glob("*.json"):
+        held = read_json(lease) or {}
+        try:
+            holders[held.get("trial")] = (lease.stem, time.time() - lease.stat().st_mtime)
+        except FileNotFoundError:
+            continue
     rows = []
     for t in trials:
         outcome = read_json(root / "trials" / f"{_trial_name(t.number)}.json") or {}
+        if t.state == optuna.trial.TrialState.RUNNING:
+            outcome["reason"] = _running_note(holders.get(t.number), float(spec["stale_after_s"]))
         steps = sorted(t.intermediate_values)
         rows.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value,
                      "best_reported": (max if sign < 0 else min)(t.intermediate_values.values())
@@ -615,7 +624,9 @@ def collect(tune_dir: str) -> List[dict]:
                      "pruned_at_step": outcome.get("pruned_at_step"), **t.params,
                      "wall_s": round(float(t.user_attrs.get("wall_s", 0.0)), 1), "reason": outcome.get("reason"),
                      "run_dir": str(root / "trials" / _trial_name(t.number))})
-    rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] if r["value"] is not None else 0), r["trial"]))
+    order = {"complete": 0, "pruned": 1, "running": 2}
+    rows.sort(key=lambda r: (order.get(r["state"], 3), r["value"] is None,
+                             sign * (r["value"] if r["value"] is not None else 0), r["trial"]))
     columns = ["trial", "state", "value", "best_reported", "step", "pruned_at_step", *spec["parameters"], "wall_s",
                "reason", "run_dir"]
     with open(root / "results.csv", "w", newline="") as fh:
@@ -637,6 +648,17 @@ def collect(tune_dir: str) -> List[dict]:
     print("\n".join(lines), flush=True)
     print(f"[tune] {len(complete)} complete of {len(trials)}; written {root / 'results.csv'}", flush=True)
     return rows
+
+
+def _running_note(holder: Optional[Tuple[str, float]], stale_after_s: float) -> str:
+    """Who runs a RUNNING trial, and what to do when nobody will finish it."""
+    again = "start a worker (trainer tune ... again, --local or --slurm) and it takes the trial over"
+    if holder is None:
+        return f"no worker holds it; once it is older than stale_after_s={stale_after_s:.0f} s it is failed"
+    worker, age = holder
+    if age > stale_after_s:
+        return f"its worker {worker} has not been heard of for {age:.0f} s: {again} from its checkpoint"
+    return f"worker {worker}, heartbeat {age:.0f} s ago"
 
 
 def _gpu_hours(rows: List[dict], gpus: float) -> dict:

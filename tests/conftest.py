@@ -1,10 +1,13 @@
 """Shared test helpers: tiny generated datasets, image folders with chosen defects, quick configs."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +87,10 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.fixture
 def tiny(tmp_path):
     return lambda variant="multiclass", **extra: tiny_overrides(tmp_path, variant, **extra)
+
+
+# The image-folder scan cache (trainer.data.manifest) of every run the tests start goes to a folder of this test
+# session, not the user's ~/.cache; subprocesses inherit it (and one that imports this again keeps it).
+if "TRAINER_CACHE_DIR" not in os.environ:
+    os.environ["TRAINER_CACHE_DIR"] = tempfile.mkdtemp(prefix="trainer-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["TRAINER_CACHE_DIR"], ignore_errors=True)

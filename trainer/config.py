@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from trainer.errors import ConfigError
 
 
+VERIFY_MODES = ("header", "full", "off")  # data.verify_images
+
 @dataclass
 class AugmentCfg:
     hflip: bool = True  # random horizontal flip, p=0.5
@@ -93,9 +95,18 @@ class DataCfg:
     # device: the whole training split decoded once into one uint8 tensor on the device (GPU, or CPU), and
     # pad-crop/flip done as batched tensor ops there: no workers, for datasets that fit (CIFAR-10: 150 MB)
     loader: Literal["workers", "device"] = "workers"
-    # decode every training file once at start-up; image-folder eval splits (val/test) are always checked
-    verify_images: bool = True
+    # check every image-folder training file at start-up (eval splits val/test are always checked):
+    # header: open it and parse its header (format, size) and, for JPEG/PNG, look for its end marker; a file
+    # failing that is then fully decoded, so a valid one is never refused (BENCHMARKS.md: the cost of each);
+    # full: decode every file; off: none (a bad file is met while training). true = full, false = off.
+    # What it found is cached with the folder's scan (data.cache_dir), so a restart does not check again
+    verify_images: str = "header"
     skip_bad_images: bool = False  # with verify_images: drop (and count) unreadable files instead of failing
+    # where an image folder's scan (classes, files, what verification found) is cached, keyed by the folder's
+    # real path and checked against the modification times of every folder in it at each start: "" =
+    # $TRAINER_CACHE_DIR, else the user's cache ($XDG_CACHE_HOME/cnn-trainer, else ~/.cache/cnn-trainer; shared
+    # by the nodes of a cluster where the home is), "off" = scan every time. Never written into the data folder
+    cache_dir: str = ""
     # rotate/flip images by their EXIF Orientation tag (phone photos), in training, eval and predict alike
     # (recorded in model.json)
     exif_orientation: bool = True
@@ -499,8 +510,14 @@ def validate(cfg: Config) -> None:
     if cfg.loss.dice_weight < 0 or cfg.loss.aux_weight < 0:
         raise ConfigError(f"loss.dice_weight and loss.aux_weight must be >= 0, got {cfg.loss.dice_weight}, "
                           f"{cfg.loss.aux_weight}")
-    if cfg.data.skip_bad_images and not cfg.data.verify_images:
-        raise ConfigError("data.skip_bad_images=true needs data.verify_images=true (bad files are found at start-up)")
+    legacy = {"true": "full", "false": "off"}  # the key was a boolean: true meant a full decode
+    cfg.data.verify_images = legacy.get(str(cfg.data.verify_images).lower(), cfg.data.verify_images)
+    if cfg.data.verify_images not in VERIFY_MODES:
+        raise ConfigError(f"data.verify_images must be one of {', '.join(VERIFY_MODES)} (or true = full, false = off), "
+                          f"got {cfg.data.verify_images!r}")
+    if cfg.data.skip_bad_images and cfg.data.verify_images == "off":
+        raise ConfigError("data.skip_bad_images=true needs data.verify_images=header or full (bad files are found at "
+                          "start-up)")
     for key in ("mean", "std"):
         value = getattr(cfg.data, key)
         if value is not None and len(value) != 3:

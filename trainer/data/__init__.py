@@ -21,8 +21,11 @@ from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDatas
                                    measure_mean_std, train_transform)
 from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_masks, mask_eval_transform, mask_train_transform,
                                 scan_mask_folder, voc_pairs)
-from trainer.data.folders import (SkippedPath, describe_skipped, find_classes, imagefolder_splits, scan_split,
-                                  stratified_split, verify_images)
+from trainer.data.folders import (SkippedPath, describe_skipped, find_bad_images, find_classes, imagefolder_splits,
+                                  scan_imagefolder, scan_split, stratified_split, verify_images)
+from trainer.data.manifest import Manifest, cache_file
+from trainer.data.manifest import load as load_manifest
+from trainer.data.manifest import save as save_manifest
 from trainer.errors import DataError
 
 # Published CIFAR statistics (per channel, [0,1] scale) as used by most CIFAR recipes.
@@ -103,13 +106,26 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
         else:
             root = Path(data_cfg.root)
         walk_skipped: List[SkippedPath] = []  # links not followed, second paths to a file: reported below
+        manifest = None  # the cached scan and checks of an image folder (trainer.data.manifest)
         if "all" in splits:  # evaluation of a plain folder of class folders, unsplit
             classes = find_classes(Path(root))
             found = {"all": scan_split(Path(root), classes, walk_skipped)}
         else:
-            classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, walk_skipped)
+            cache = cache_file(root, data_cfg.cache_dir) if fmt == "imagefolder" else None
+            manifest = load_manifest(cache, root)
+            if manifest is None:
+                listed: Dict[str, int] = {}
+                scanned = scan_imagefolder(Path(root), walk_skipped, listed)
+                if cache is not None:
+                    manifest = Manifest(str(root), scanned[0], scanned[1], listed, list(walk_skipped))
+            else:
+                scanned = (manifest.classes, manifest.splits)
+                walk_skipped.extend(manifest.skipped)
+            classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, scanned=scanned)
             if found.get("val") is not None and found.get("val") is found.get("test"):
                 verbose(f"data.val_fraction=0 and no val/ folder: validating on {root}/test")
+        if manifest is not None and manifest.changed:
+            _cache(cache, manifest, verbose)
         if walk_skipped:
             verbose(f"{describe_skipped(walk_skipped)} (under {root})")
         missing = [s for s in splits if s not in found]
@@ -124,13 +140,21 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
         checked = {}  # id of a sample list -> its readable samples: val and test may be one list (val_fraction=0)
         for split in splits:
             samples = found[split]
-            # Evaluation splits are always checked: with data.verify_images=false (the speed recipe) a bad file
+            # Evaluation splits are always checked (fully, unless data.verify_images=header asks for the header
+            # check there too): with data.verify_images=off (the speed recipe) a bad file
             # there would only fail after all of training. Cost: CIFAR-10's 10,000-image JPEG test split (32 px,
             # /work/shared/data) took 1.9-2.1 s (3 runs; PIL decode in 4 threads on this 2-core VM, files in the
             # page cache; the folder walk 0.03 s). Generated files are written by us: never checked.
-            if fmt == "imagefolder" and (split != "train" or data_cfg.verify_images):
+            if fmt == "imagefolder" and (split != "train" or data_cfg.verify_images != "off"):
                 if id(samples) not in checked:
-                    good, bad = verify_images(samples, data_cfg.skip_bad_images)
+                    full = data_cfg.verify_images == "full" if split == "train" else data_cfg.verify_images != "header"
+                    known = manifest.known_bad(samples, full) if manifest is not None else None
+                    if known is None:
+                        known = find_bad_images(samples, full)
+                        if manifest is not None:
+                            manifest.record(samples, full, known)
+                            _cache(cache, manifest, verbose)  # before a bad file stops the start: found once
+                    good, bad = verify_images(samples, data_cfg.skip_bad_images, known_bad=known)
                     skipped += bad
                     if not good:
                         raise DataError(f"the {split} split of {root} is empty: all {len(samples)} of its files are "
@@ -140,8 +164,8 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
                     checked[id(samples)] = good
                 samples = checked[id(samples)]
             made[split] = FileDataset(samples, seed=seed, exif_orientation=data_cfg.exif_orientation)
-        train_samples = list(zip(made["train"].paths, made["train"].labels)) if "train" in made else found.get("train", [])
-        counts = np.bincount([label for _, label in train_samples], minlength=len(classes)).tolist()
+        train_labels = made["train"].labels if "train" in made else [label for _, label in found.get("train", [])]
+        counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(classes)).tolist()
         if data_cfg.mean and data_cfg.std:
             mean, std = list(data_cfg.mean), list(data_cfg.std)
         else:
@@ -259,6 +283,12 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
                 train_counts=counts, source=f"{fmt} at {root}", category_ids=[cid for cid, _ in first.categories])
 
 
+def _cache(path: Path, manifest: Manifest, verbose) -> None:
+    problem = save_manifest(path, manifest)
+    if problem:
+        verbose(f"note: {problem}")
+
+
 def _why_empty(split: str, root, val_fraction: float) -> str:
     """Why an image-folder split came out empty, with the fix: the one way is a held-out val part too small."""
     root = Path(root)
@@ -308,8 +338,15 @@ def data_fingerprint(dataset, classes: Sequence[str]) -> str:
     file path (relative to the common folder, so a moved copy matches) or array index, and its label (or mask
     file). A resume whose data differ would put the same position in the epoch on other images."""
     def relative(paths):
-        common = os.path.commonpath(paths) if paths else ""
-        return [os.path.relpath(p, common) for p in paths]
+        paths = list(paths)
+        if not paths:
+            return []
+        # the common folder of all = that of the first and last in sorted order (they share the longest prefix)
+        common = os.path.commonpath([min(paths), max(paths)])
+        start = len(os.path.join(common, ""))
+        if all(p.startswith(common) and p[len(common):len(common) + 1] in ("/", os.sep) for p in paths):
+            return [p[start:] for p in paths]  # what relpath gives here, ~20x faster (a million paths: ~1 s)
+        return [os.path.relpath(p, common) for p in paths]  # "." or ".." parts: relpath normalises them
 
     items = relative(dataset.paths) if hasattr(dataset, "paths") else list(range(len(dataset)))
     if hasattr(dataset, "mask_paths"):  # segmentation: the masks

@@ -64,14 +64,55 @@ class _SeededDataset(Dataset):
         return x, self.labels[index]
 
 
+class PathTable:
+    """A read-only sequence of paths held as one UTF-8 buffer and an array of offsets (numpy), not as a list
+    of Python strings.
+
+    Why: a forked DataLoader worker that reads a list of a million str objects writes each one's reference
+    count, so page by page it gets its own copy of the whole list (~100 MB per worker per million paths, times
+    workers times ranks). Reading from two numpy arrays writes nothing: the pages stay shared. Each access
+    builds a fresh str."""
+
+    def __init__(self, paths: Sequence[str]):
+        encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"path index {index} out of range ({len(self)})")
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return self._buffer[start:end].tobytes().decode("utf-8", "surrogateescape")
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def tolist(self) -> List[str]:
+        """Every path as a str, decoded in one pass (~0.2 us each; indexing one by one costs ~5 us)."""
+        data, bounds = self._buffer.tobytes(), self._offsets.tolist()
+        return [data[a:b].decode("utf-8", "surrogateescape") for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
 class FileDataset(_SeededDataset):
     """Images listed as (path, label) pairs; any image mode is converted to RGB, and the EXIF orientation
-    applied when `exif_orientation` (data.exif_orientation; the device loader's batched decode reads it too)."""
+    applied when `exif_orientation` (data.exif_orientation; the device loader's batched decode reads it too).
+    The paths are a PathTable and the labels an int64 array: memory that does not grow with the workers."""
 
     def __init__(self, samples: List[Sample], transform=None, seed: int = 0, exif_orientation: bool = True):
         super().__init__(transform, seed)
-        self.paths = [p for p, _ in samples]
-        self.labels = [label for _, label in samples]
+        self.paths = PathTable([p for p, _ in samples])
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.exif_orientation = exif_orientation
 
     def __len__(self) -> int:
@@ -79,7 +120,7 @@ class FileDataset(_SeededDataset):
 
     def load(self, index: int) -> torch.Tensor:
         return read_image(self.paths[index], self.exif_orientation,
-                          hint=" (set data.verify_images=true to find bad files at start-up)")
+                          hint=" (data.verify_images=header or full finds bad files at start-up)")
 
 
 class ArrayDataset(_SeededDataset):

@@ -144,8 +144,8 @@ def _link_text(path: str) -> str:
         return ""
 
 
-def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = None
-                     ) -> Tuple[List[str], List[SkippedPath]]:
+def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = None,
+                     listed_folders: Optional[Dict[str, int]] = None) -> Tuple[List[str], List[SkippedPath]]:
     """Image files under each of `folders`, recursively: one sorted list of paths, and the paths skipped.
 
     Symlinked folders are followed (datasets are often linked in), but each real folder is entered once
@@ -158,6 +158,9 @@ def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = N
     Where one folder or file has several paths, the one with no symlink on the way wins, then the first in
     sorted order: real subfolders are listed depth-first in name order, symlinked ones after all the real
     folders under every one of `folders`, in the order met. The result is the same on every run.
+
+    `listed_folders`, when given, receives every folder listed, with its modification time (st_mtime_ns, read
+    before listing it): what trainer.data.manifest compares to know that nothing changed since.
     """
     seen = set() if seen is None else seen
     roots = [os.fspath(f) for f in folders]
@@ -178,6 +181,8 @@ def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = N
             continue
         path, through_link, dev = todo.pop()
         try:
+            if listed_folders is not None:
+                listed_folders[path] = os.stat(path).st_mtime_ns
             with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as err:  # os.walk would skip it silently: a class would lose files unnoticed
@@ -236,7 +241,8 @@ def find_classes(folder: Path) -> List[str]:
     return classes
 
 
-def scan_split(folder: Path, classes: Sequence[str], skipped: Optional[List[SkippedPath]] = None) -> List[Sample]:
+def scan_split(folder: Path, classes: Sequence[str], skipped: Optional[List[SkippedPath]] = None,
+               listed_folders: Optional[Dict[str, int]] = None) -> List[Sample]:
     """All image files under folder/<class>/ (recursively, symlinked folders followed), sorted within each
     class, labelled by class index.
 
@@ -256,7 +262,10 @@ def scan_split(folder: Path, classes: Sequence[str], skipped: Optional[List[Skip
             raise DataError(f"class folder {class_dir} is the same folder as {owner[inode]} (a symlink): "
                             f"each class needs its own folder")
         owner[inode] = str(class_dir)
-    files, passed = walk_image_files([folder / name for name in classes], seen={_inode(os.stat(folder))})
+    if listed_folders is not None:
+        listed_folders[str(folder)] = os.stat(folder).st_mtime_ns
+    files, passed = walk_image_files([folder / name for name in classes], seen={_inode(os.stat(folder))},
+                                     listed_folders=listed_folders)
     if skipped is not None:
         skipped.extend(passed)
     start = len(str(folder / "_")) - 1  # where the class name begins in every path (pathlib drops a "./" root)
@@ -288,13 +297,14 @@ def stratified_split(samples: List[Sample], fraction: float, seed: int) -> Tuple
 
 
 def image_error(err: Exception) -> str:
-    """A decoding error as "Type: message" for the one error line. PIL names a file it was handed as bytes by
-    the buffer's repr ("<_io.BytesIO object at 0x7f...>"), which tells the user nothing and differs run to
-    run: that part is dropped (the caller names the file)."""
-    return f"{type(err).__name__}: " + re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(err))
+    """A decoding error as "Type: message" for the one error line. PIL names a file it was handed open by
+    the object's repr ("<_io.BytesIO object at 0x7f...>", "<_io.BufferedReader name='...'>"), which tells the
+    user nothing new and may differ run to run: that part is dropped (the caller names the file)."""
+    return f"{type(err).__name__}: " + re.sub(r"\s*<(_io\.[^<>]*|[^<>]* object at 0x[0-9a-fA-F]+)>", "", str(err))
 
 
 def _check_one(path: str) -> str:
+    """"" if the file decodes, else why not."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's "palette images with transparency" note; we convert anyway
@@ -304,19 +314,59 @@ def _check_one(path: str) -> str:
         return image_error(err)
 
 
-def verify_images(samples: List[Sample], skip_bad: bool, workers: int = 4) -> Tuple[List[Sample], List[str]]:
-    """Decode every file once (PIL releases the GIL while decoding, so threads help).
+# What a complete file of these formats ends with: a JPEG's end-of-image marker, a PNG's IEND chunk (in its
+# last 12 bytes). The usual damage (a copy cut short) removes it.
+END_MARKERS = {"JPEG": (2, b"\xff\xd9"), "PNG": (12, b"IEND")}
 
-    Returns the good samples and the bad paths; raises on the first bad file unless `skip_bad`.
-    """
+
+def _check_header(path: str) -> str:
+    """The cheap check: the header parses (PIL reads no pixel), the size is not 0 and, for JPEG and PNG, the
+    end marker is there. A file that fails it is decoded in full before it is called bad: some valid JPEGs
+    carry bytes after their end marker (camera trailers), and they must not be refused."""
+    try:
+        with open(path, "rb") as fh:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(fh) as img:
+                    width, height, fmt = img.width, img.height, img.format
+            if width <= 0 or height <= 0:
+                return f"image size {width}x{height}"
+            if fmt in END_MARKERS:
+                length, marker = END_MARKERS[fmt]
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(fh.tell() - length, 0))
+                if marker in fh.read(length):
+                    return ""
+            else:
+                return ""
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+        return image_error(err)
+    return _check_one(path)  # no end marker: decode it to know
+
+
+def find_bad_images(samples: List[Sample], full: bool = True, workers: int = 4) -> Dict[str, str]:
+    """{path: why} of the files that fail the check: a full decode (`full`), or the header check above.
+    Threads: PIL releases the GIL while decoding, and the header check waits on the file system."""
+    check = _check_one if full else _check_header
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        problems = list(pool.map(_check_one, [p for p, _ in samples], chunksize=64))
+        problems = list(pool.map(check, [p for p, _ in samples], chunksize=64))
     except BaseException:  # a stop request mid-way: drop the queued files instead of decoding them all first
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-    bad = [(p, why) for (p, _), why in zip(samples, problems) if why]
+    return {p: why for (p, _), why in zip(samples, problems) if why}
+
+
+def verify_images(samples: List[Sample], skip_bad: bool, workers: int = 4, full: bool = True,
+                  known_bad: Optional[Dict[str, str]] = None) -> Tuple[List[Sample], List[str]]:
+    """Check every file once (find_bad_images), or take `known_bad` (what an earlier check of these samples
+    found: trainer.data.manifest).
+
+    Returns the good samples and the bad paths; raises on the first bad file unless `skip_bad`.
+    """
+    found = find_bad_images(samples, full, workers) if known_bad is None else known_bad
+    bad = [(p, found[p]) for p, _ in samples if p in found]
     if bad and not skip_bad:
         path, why = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -325,30 +375,45 @@ def verify_images(samples: List[Sample], skip_bad: bool, workers: int = 4) -> Tu
     return [s for s in samples if s[0] not in bad_paths], sorted(bad_paths)
 
 
-def imagefolder_splits(root: Path, val_fraction: float, split_seed: int,
-                       skipped: Optional[List[SkippedPath]] = None) -> Tuple[List[str], Dict[str, List[Sample]]]:
-    """Class names and samples per split for either layout; the paths the folder walks skipped are appended
-    to `skipped` when it is given (see scan_split).
-
-    - root/train/<class>/... (+ root/val/, + root/test/): val is split from train when there is no val/.
-    - root/<class>/...: train and val are a stratified split of it.
-    """
+def scan_imagefolder(root: Path, skipped: Optional[List[SkippedPath]] = None,
+                     listed_folders: Optional[Dict[str, int]] = None) -> Tuple[List[str], Dict[str, List[Sample]]]:
+    """Class names and the samples of each split folder present, for either layout (see imagefolder_splits):
+    root/train/<class>/... (+ val/, test/) gives "train" (+ "val", "test"); root/<class>/... gives "train"."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data path does not exist: {root}")
+    if listed_folders is not None:
+        listed_folders[str(root)] = os.stat(root).st_mtime_ns  # a train/, val/ or test/ folder added or removed
     train_dir = root / "train"
     if train_dir.is_dir():
         classes = find_classes(train_dir)
-        splits = {"train": scan_split(train_dir, classes, skipped)}
+        splits = {"train": scan_split(train_dir, classes, skipped, listed_folders)}
         for split in ("val", "test"):
             if (root / split).is_dir():
                 extra = set(find_classes(root / split)) - set(classes)
                 if extra:
                     raise DataError(f"{root / split} has classes not in train/: {sorted(extra)}")
-                splits[split] = scan_split_allow_missing(root / split, classes, skipped)
+                splits[split] = scan_split_allow_missing(root / split, classes, skipped, listed_folders)
     else:
         classes = find_classes(root)
-        splits = {"train": scan_split(root, classes, skipped)}
+        splits = {"train": scan_split(root, classes, skipped, listed_folders)}
+    return classes, splits
+
+
+def imagefolder_splits(root: Path, val_fraction: float, split_seed: int,
+                       skipped: Optional[List[SkippedPath]] = None,
+                       scanned: Optional[Tuple[List[str], Dict[str, List[Sample]]]] = None
+                       ) -> Tuple[List[str], Dict[str, List[Sample]]]:
+    """Class names and samples per split for either layout; the paths the folder walks skipped are appended
+    to `skipped` when it is given (see scan_split). `scanned`: scan_imagefolder's result, if already made
+    (a cached scan: trainer.data.manifest).
+
+    - root/train/<class>/... (+ root/val/, + root/test/): val is split from train when there is no val/.
+    - root/<class>/...: train and val are a stratified split of it.
+    """
+    root = Path(root)
+    classes, found = scanned if scanned is not None else scan_imagefolder(root, skipped)
+    splits = dict(found)
     if "val" not in splits and val_fraction <= 0:
         if "test" not in splits:
             raise DataError(f"{root} has no val/ or test/ folder and data.val_fraction is 0: nothing to validate on")
@@ -358,10 +423,10 @@ def imagefolder_splits(root: Path, val_fraction: float, split_seed: int,
     return classes, splits
 
 
-def scan_split_allow_missing(folder: Path, classes: Sequence[str],
-                             skipped: Optional[List[SkippedPath]] = None) -> List[Sample]:
+def scan_split_allow_missing(folder: Path, classes: Sequence[str], skipped: Optional[List[SkippedPath]] = None,
+                             listed_folders: Optional[Dict[str, int]] = None) -> List[Sample]:
     """Like scan_split for val/test, where a class may be absent (its folder missing); empty folders still fail."""
     present = [c for c in classes if (folder / c).is_dir()]
-    samples = scan_split(folder, present, skipped)
+    samples = scan_split(folder, present, skipped, listed_folders)
     remap = {i: classes.index(c) for i, c in enumerate(present)}
     return [(p, remap[label]) for p, label in samples]

@@ -1,0 +1,257 @@
+"""Data at scale (issue 15): what an image folder of 10 k, 100 k and 1 M files costs before the first training step.
+
+For each size it makes (once, then reuses) a synthetic ImageFolder of small JPEGs under --work: train/ with
+the files spread over classes of 1,000 images (like ImageNet's 1,281 per class; 10 classes at 10 k), and val/
+with 2% of that. The file count is what is measured here, not decoding: every file is one of 256 distinct
+32x32 JPEGs (about 1 KB), written as bytes.
+
+Per size it reports, for 1 and 2 processes and each data.verify_images value asked for (--verify):
+- launch -> first training step: wall seconds from starting `trainer train` (or torchrun) to the first row
+  of metrics.jsonl (train.log_every_steps=1), the file system's page cache warm (a second start, as after a
+  requeue: the first start of each size is discarded);
+- peak resident memory (VmHWM) of each rank process at that moment, and of its DataLoader workers;
+- file-system calls per rank up to that moment (--strace: `strace -f -c` over the whole launch, divided by
+  the number of ranks; it slows the start, so it is a separate run);
+- memory per DataLoader worker after reading every sample's table entry once (the copy-on-read growth of
+  forked workers over an epoch; decoding left out): the workers' unique set size (USS).
+
+    .venv/bin/python bench/data_scale.py --sizes 10000,100000,1000000 --work /tmp/data-scale --strace
+    .venv/bin/python bench/data_scale.py --smoke      # tiny sizes: checks that it runs (CI)
+
+Writes JSON + a Markdown table to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PER_CLASS = 1000
+DISTINCT = 256  # distinct JPEGs written in rotation
+FILE_CALLS = "openat,open,stat,lstat,fstat,newfstatat,statx,getdents64,access,faccessat,faccessat2,readlink,readlinkat"
+
+
+def make_folder(root: Path, n_train: int) -> Path:
+    """root/train/cNNNN/NNNNNNNN.jpg and root/val/..., once; a marker says it is complete."""
+    per_class = min(PER_CLASS, max(n_train // 10, 1))
+    classes = max(n_train // per_class, 2)
+    params = {"n_train": n_train, "per_class": per_class, "classes": classes, "val_fraction": 0.02}
+    marker = root / "dataset.json"
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(DISTINCT):
+        buf = io.BytesIO()
+        base = rng.integers(0, 256, 3)
+        pixels = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+
+    def write_class(args):
+        split, c, count = args
+        folder = root / split / f"c{c:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            (folder / f"{i:08d}.jpg").write_bytes(blobs[(c * 7919 + i) % DISTINCT])
+
+    val_per_class = max(int(per_class * params["val_fraction"]), 1)
+    jobs = [("train", c, per_class) for c in range(classes)] + [("val", c, val_per_class) for c in range(classes)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write_class, jobs))
+    marker.write_text(json.dumps(params))
+    return root
+
+
+def train_command(root: Path, run_dir: Path, processes: int, verify: str) -> list:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+                if processes > 1 else [sys.executable])
+    return launcher + ["-m", "trainer", "train", "-", "data.format=imagefolder", f"data.root={root}",
+                       f"data.verify_images={verify}", "data.image_size=32", "data.num_workers=2",
+                       "model.name=small_cnn", "train.batch_size=64", "train.log_every_steps=1", "train.epochs=1",
+                       "train.progress_bar=false", "checkpoint.every_epochs=0", f"run.dir={run_dir}"]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """The launched processes first (under strace, strace then writes its summary and leaves), then the rest."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _peak_rss_mib(pid: int) -> float:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    return int(re.search(r"VmHWM:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def first_step(root: Path, tmp: Path, processes: int, verify: str, prefix=(), timeout: float = 3600) -> dict:
+    """Launch, wait for the first metrics row, take the memory readings, kill the tree."""
+    run_dir = tmp / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    log = open(tmp / "launch.log", "w")
+    start = time.perf_counter()
+    proc = subprocess.Popen([*prefix, *train_command(root, run_dir, processes, verify)], cwd=tmp, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        while not (metrics.is_file() and '"train"' in metrics.read_text()):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the run ended before its first step:\n{(tmp / 'launch.log').read_text()[-3000:]}")
+            if time.perf_counter() - start > timeout:
+                raise RuntimeError(f"no first step within {timeout} s")
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        ranks, workers = [], []
+        for p in psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]:
+            try:
+                cmd = " ".join(p.cmdline())
+                parent = " ".join(p.parent().cmdline()) if p.parent() else ""
+            except psutil.Error:
+                continue
+            if "trainer" in cmd and "train" in cmd and "torch.distributed.run" not in cmd and "strace" not in cmd:
+                # a DataLoader worker is a fork of a rank: the same command line as its parent
+                (workers if cmd == parent else ranks).append(_peak_rss_mib(p.pid))
+    finally:
+        _kill_tree(proc)
+        log.close()
+    return {"seconds": seconds, "rank_peak_rss_mib": max(ranks) if ranks else None,
+            "worker_peak_rss_mib": max(workers) if workers else None}
+
+
+def file_calls(root: Path, tmp: Path, processes: int, verify: str) -> dict:
+    """System calls on files (open, stat, directory listing, ...) up to the first step, per rank."""
+    out = tmp / "strace.txt"
+    first_step(root, tmp, processes, verify, prefix=["strace", "-f", "-c", "-o", str(out), "-e", f"trace={FILE_CALLS}"])
+    counts = {}
+    for line in out.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[-1] in FILE_CALLS.split(",") and parts[3].isdigit():
+            counts[parts[-1]] = int(parts[3])
+    return {"per_rank": sum(counts.values()) / processes, "by_call": counts}
+
+
+def worker_memory(root: Path) -> dict:
+    """Unique memory of each of 2 DataLoader workers after every sample's path and label were read once."""
+    import torch
+
+    from trainer.config import load_config
+    from trainer.data import build_data
+
+    cfg = load_config(None, ["data.format=imagefolder", f"data.root={root}", "data.verify_images=false",
+                             "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
+    dataset = build_data(cfg.data, 0, ("train",), verbose=lambda *_: None).datasets["train"]
+
+    class Touch(torch.utils.data.Dataset):  # what a worker reads per sample, without decoding the file
+        def __len__(self):
+            return len(dataset)
+
+        def __getitem__(self, i):
+            return len(dataset.paths[i]) + int(dataset.labels[i])
+
+    me = psutil.Process()
+    base = me.memory_full_info().uss / 2**20
+    loader = torch.utils.data.DataLoader(Touch(), batch_size=4096, num_workers=2, persistent_workers=True)
+    for _ in loader:
+        pass
+    uss = [c.memory_full_info().uss / 2**20 for c in me.children()]
+    del loader
+    return {"samples": len(dataset), "main_uss_mib": base, "worker_uss_mib": max(uss) if uss else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", help="files per folder (default 10000,100000,1000000; --smoke: 200,400)")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "data-scale"))
+    ap.add_argument("--processes", default="1,2")
+    ap.add_argument("--verify", default="true,false", help="data.verify_images values to measure (true = full decode, "
+                    "false = none; since issue 15 also header, full, off)")
+    ap.add_argument("--strace", action="store_true", help="also count file-system calls (a separate, slower run)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--label", default="", help="a name for this measurement in the output files (before/after)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 process")
+    args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.processes = args.sizes or "200,400", "1"
+    args.sizes = args.sizes or "10000,100000,1000000"
+    sizes = [int(s) for s in args.sizes.split(",")]
+    procs = [int(p) for p in args.processes.split(",")]
+    modes = args.verify.split(",")
+    if args.strace and not shutil.which("strace"):
+        raise SystemExit("error: --strace needs strace installed")
+    work = Path(args.work)
+    rows = []
+    for n in sizes:
+        t0 = time.perf_counter()
+        root = make_folder(work / f"imgs-{n}", n)
+        print(f"[data_scale] {n} files ready in {time.perf_counter() - t0:.1f} s: {root}", flush=True)
+        row = {"files": n, "worker_memory": worker_memory(root)}
+        print(f"[data_scale] {n}: worker memory {row['worker_memory']}", flush=True)
+        for p in procs:
+            for verify in modes:
+                tmp = Path(tempfile.mkdtemp(prefix="ds-", dir=work))
+                first_step(root, tmp, p, verify)  # the page cache warm, as a requeued job finds it
+                key = f"p{p}_verify_{verify}"
+                row[key] = first_step(root, tmp, p, verify)
+                if args.strace:
+                    row[key]["file_calls"] = file_calls(root, tmp, p, verify)
+                shutil.rmtree(tmp, ignore_errors=True)
+                print(f"[data_scale] {n} files, {p} process(es), data.verify_images={verify}: {row[key]}", flush=True)
+        rows.append(row)
+    result = {"label": args.label, "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                               "platform": platform.platform()},
+              "settings": {"sizes": sizes, "processes": procs, "verify": modes, "smoke": args.smoke}, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "data-scale" + ("-smoke" if args.smoke else "") + (f"-{args.label}" if args.label else "")
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    lines = ["| files | processes | data.verify_images | launch -> first step (s) | rank peak RSS (MiB) | worker peak RSS (MiB) | "
+             "file calls per rank | worker USS after a pass (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for p in procs:
+            for verify in modes:
+                r = row[f"p{p}_verify_{verify}"]
+                calls = r.get("file_calls", {}).get("per_rank")
+                lines.append(f"| {row['files']:,} | {p} | {verify} | {r['seconds']:.1f} | {r['rank_peak_rss_mib']:.0f} | "
+                             f"{(r['worker_peak_rss_mib'] or float('nan')):.0f} | "
+                             f"{'' if calls is None else f'{calls:,.0f}'} | {row['worker_memory']['worker_uss_mib']:.1f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

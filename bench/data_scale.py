@@ -7,8 +7,9 @@ with 2% of that. The file count is what is measured here, not decoding: every fi
 
 Per size it reports, for 1 and 2 processes and each data.verify_images value asked for (--verify):
 - launch -> first training step: wall seconds from starting `trainer train` (or torchrun) to the first row
-  of metrics.jsonl (train.log_every_steps=1), the file system's page cache warm (a second start, as after a
-  requeue: the first start of each size is discarded);
+  of metrics.jsonl (train.log_every_steps=1), for a first start (no cached scan: TRAINER_CACHE_DIR emptied
+  before it) and for a restart right after it (as a requeued or resumed job: the scan cache, if the trainer
+  has one, and the page cache warm);
 - peak resident memory (VmHWM) of each rank process at that moment, and of its DataLoader workers;
 - file-system calls per rank up to that moment (--strace: `strace -f -c` over the whole launch, divided by
   the number of ranks; it slows the start, so it is a separate run);
@@ -122,7 +123,8 @@ def first_step(root: Path, tmp: Path, processes: int, verify: str, prefix=(), ti
     """Launch, wait for the first metrics row, take the memory readings, kill the tree."""
     run_dir = tmp / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
+           "TRAINER_CACHE_DIR": str(tmp.parent / "cache")}
     log = open(tmp / "launch.log", "w")
     start = time.perf_counter()
     proc = subprocess.Popen([*prefix, *train_command(root, run_dir, processes, verify)], cwd=tmp, env=env,
@@ -224,9 +226,10 @@ def main() -> None:
         for p in procs:
             for verify in modes:
                 tmp = Path(tempfile.mkdtemp(prefix="ds-", dir=work))
-                first_step(root, tmp, p, verify)  # the page cache warm, as a requeued job finds it
+                shutil.rmtree(work / "cache", ignore_errors=True)  # no cached scan: a first start
+                first = first_step(root, tmp, p, verify)
                 key = f"p{p}_verify_{verify}"
-                row[key] = first_step(root, tmp, p, verify)
+                row[key] = {**first_step(root, tmp, p, verify), "first_start_seconds": first["seconds"]}
                 if args.strace:
                     row[key]["file_calls"] = file_calls(root, tmp, p, verify)
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -239,14 +242,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "data-scale" + ("-smoke" if args.smoke else "") + (f"-{args.label}" if args.label else "")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    lines = ["| files | processes | data.verify_images | launch -> first step (s) | rank peak RSS (MiB) | worker peak RSS (MiB) | "
-             "file calls per rank | worker USS after a pass (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| files | processes | data.verify_images | first start -> first step (s) | restart -> first step (s) | "
+             "rank peak RSS (MiB) | worker peak RSS (MiB) | file calls per rank (restart) | worker USS after a pass (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for p in procs:
             for verify in modes:
                 r = row[f"p{p}_verify_{verify}"]
                 calls = r.get("file_calls", {}).get("per_rank")
-                lines.append(f"| {row['files']:,} | {p} | {verify} | {r['seconds']:.1f} | {r['rank_peak_rss_mib']:.0f} | "
+                lines.append(f"| {row['files']:,} | {p} | {verify} | {r['first_start_seconds']:.1f} | {r['seconds']:.1f} | "
+                             f"{r['rank_peak_rss_mib']:.0f} | "
                              f"{(r['worker_peak_rss_mib'] or float('nan')):.0f} | "
                              f"{'' if calls is None else f'{calls:,.0f}'} | {row['worker_memory']['worker_uss_mib']:.1f} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
@@ -393,6 +393,27 @@ def load_yaml(path: Path, what: str):
         raise ConfigError(f"{what} {path} is not a text file") from None
     except IsADirectoryError:
         raise ConfigError(f"{what} {path} is a folder, not a YAML file") from None
+
+
+def load_spec_file(path: Path, what: str, keys: set, required: Sequence[str]) -> dict:
+    """A sweep or tune file: a YAML mapping of known keys (`what` names the kind in errors), resolved to plain
+    Python, with its required keys present."""
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    loaded = load_yaml(path, f"{what} file")
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"{what} file {path} is not a mapping of keys (name, recipe, parameters, ...)")
+    try:
+        spec = OmegaConf.to_container(loaded, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{what} file {path}: {str(err).splitlines()[0]}") from None
+    unknown = sorted(set(spec) - keys)
+    if unknown:
+        raise ConfigError(f"unknown {what} key '{unknown[0]}' in {path}; valid: {sorted(keys)}")
+    for key in required:
+        if key not in spec:
+            raise ConfigError(f"{what} file {path} needs '{key}'")
+    return spec
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import load_config, load_yaml
+from trainer.config import load_config, load_spec_file
 from trainer.errors import ConfigError, TrainerError
 from trainer.metrics import higher_is_better
+from trainer.slurm_submit import submit_array
 from trainer.files import atomic_write_json as write_json
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
@@ -40,21 +39,7 @@ SWEEP_KEYS = {"name", "recipe", "overrides", "method", "samples", "seed", "max_p
 
 def load_sweep(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    loaded = load_yaml(p, "sweep file")
-    if not OmegaConf.is_dict(loaded):
-        raise ConfigError(f"sweep file {path} is not a mapping of keys (name, recipe, parameters, ...)")
-    try:
-        spec = OmegaConf.to_container(loaded, resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"sweep file {path}: {str(err).splitlines()[0]}") from None
-    unknown = sorted(set(spec) - SWEEP_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown sweep key '{unknown[0]}' in {path}; valid: {sorted(SWEEP_KEYS)}")
-    for key in ("recipe", "parameters"):
-        if key not in spec:
-            raise ConfigError(f"sweep file {path} needs '{key}'")
+    spec = load_spec_file(p, "sweep", SWEEP_KEYS, ("recipe", "parameters"))
     if not isinstance(spec["parameters"], dict) or not spec["parameters"]:
         raise ConfigError(f"sweep file {path}: 'parameters' must map config keys to values, got {spec['parameters']!r}")
     if not isinstance(spec.get("overrides", []), list):
@@ -134,14 +119,8 @@ def task_args(sweep_dir: str, index: int) -> List[str]:
 def submit_slurm(sweep_dir: Path, script: str, sbatch_args: List[str]) -> str:
     tasks = json.loads((sweep_dir / "tasks.json").read_text())
     spec = json.loads((sweep_dir / "sweep.json").read_text())
-    limit = f"%{spec['max_parallel']}" if spec.get("max_parallel") else ""
-    cmd = ["sbatch", "--parsable", f"--array=0-{len(tasks) - 1}{limit}", f"--output={sweep_dir}/slurm-%A_%a.out",
-           "--export=ALL,TRAINER_SWEEP=" + str(sweep_dir), *sbatch_args, script]
-    print("+ " + " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise TrainerError(f"sbatch failed: {res.stderr.strip()}")
-    job = res.stdout.strip().split(";")[0]
+    job = submit_array(script, len(tasks), sweep_dir, f"TRAINER_SWEEP={sweep_dir}", sbatch_args,
+                       int(spec.get("max_parallel") or 0))
     print(f"[sweep] submitted array job {job} ({len(tasks)} tasks); watch: squeue -j {job}; "
           f"results: trainer collect {sweep_dir}", flush=True)
     return job

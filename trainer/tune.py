@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import data_targets, load_config, load_yaml
+from trainer.config import data_targets, load_config, load_spec_file
 from trainer.errors import ConfigError, TrainerError
 from trainer.files import atomic_write, atomic_write_json, read_json
 from trainer.metrics import higher_is_better
+from trainer.slurm_submit import submit_array
 
 TUNE_KEYS = {"name", "recipe", "overrides", "trials", "sampler", "pruner", "seed", "metric", "direction",
              "parameters", "launcher", "gpus_per_trial", "stale_after_s"}
@@ -88,21 +88,7 @@ def _parameter(name: str, p) -> dict:
 def load_tune(path: str, cli_overrides: Optional[List[str]] = None) -> dict:
     """The tune file, checked and completed with its defaults (metric and direction from the recipe)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"tune file not found: {path}")
-    loaded = load_yaml(p, "tune file")
-    if not OmegaConf.is_dict(loaded):
-        raise ConfigError(f"tune file {path} is not a mapping of keys (name, recipe, parameters, ...)")
-    try:
-        spec = OmegaConf.to_container(loaded, resolve=True)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"tune file {path}: {str(err).splitlines()[0]}") from None
-    unknown = sorted(set(spec) - TUNE_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown tune key '{unknown[0]}' in {path}; valid: {sorted(TUNE_KEYS)}")
-    for key in ("recipe", "parameters", "trials"):
-        if key not in spec:
-            raise ConfigError(f"tune file {path} needs '{key}'")
+    spec = load_spec_file(p, "tune", TUNE_KEYS, ("recipe", "parameters", "trials"))
     if not isinstance(spec["parameters"], dict) or not spec["parameters"]:
         raise ConfigError(f"tune file {path}: 'parameters' must map config keys to search spaces")
     if not isinstance(spec.get("overrides", []), list):
@@ -577,13 +563,7 @@ def run_local(root: Path, workers: int) -> int:
 
 
 def submit_slurm(root: Path, script: str, workers: int, sbatch_args: List[str]) -> str:
-    cmd = ["sbatch", "--parsable", f"--array=0-{workers - 1}", f"--output={root}/slurm-%A_%a.out",
-           "--export=ALL,TRAINER_TUNE=" + str(root), *sbatch_args, script]
-    print("+ " + " ".join(cmd), flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise TrainerError(f"sbatch failed: {res.stderr.strip()}")
-    job = res.stdout.strip().split(";")[0]
+    job = submit_array(script, workers, root, f"TRAINER_TUNE={root}", sbatch_args)
     print(f"[tune] submitted {workers} workers as array job {job}; watch: squeue -j {job}; "
           f"results: trainer collect {root}", flush=True)
     return job

@@ -95,7 +95,11 @@ def train_command(root: Path, run_dir: Path, processes: int, verify: str) -> lis
 
 def _kill_tree(proc: subprocess.Popen) -> None:
     """The launched processes first (under strace, strace then writes its summary and leaves), then the rest."""
-    for child in psutil.Process(proc.pid).children(recursive=True):
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:  # it has ended already
+        children = []
+    for child in children:
         try:
             child.kill()
         except psutil.Error:
@@ -133,7 +137,8 @@ def first_step(root: Path, tmp: Path, processes: int, verify: str, prefix=(), ti
     try:
         while not (metrics.is_file() and '"train"' in metrics.read_text()):
             if proc.poll() is not None:
-                raise RuntimeError(f"the run ended before its first step:\n{(tmp / 'launch.log').read_text()[-3000:]}")
+                errors = [line for line in (tmp / "launch.log").read_text().splitlines() if "error:" in line]
+                raise RuntimeError(f"the run ended before its first step: {(errors or ['(see its log)'])[0]}")
             if time.perf_counter() - start > timeout:
                 raise RuntimeError(f"no first step within {timeout} s")
             time.sleep(0.05)
@@ -227,11 +232,17 @@ def main() -> None:
             for verify in modes:
                 tmp = Path(tempfile.mkdtemp(prefix="ds-", dir=work))
                 shutil.rmtree(work / "cache", ignore_errors=True)  # no cached scan: a first start
-                first = first_step(root, tmp, p, verify)
                 key = f"p{p}_verify_{verify}"
-                row[key] = {**first_step(root, tmp, p, verify), "first_start_seconds": first["seconds"]}
-                if args.strace:
-                    row[key]["file_calls"] = file_calls(root, tmp, p, verify)
+                try:
+                    first = first_step(root, tmp, p, verify)
+                    row[key] = {**first_step(root, tmp, p, verify), "first_start_seconds": first["seconds"]}
+                    if args.strace:
+                        row[key]["file_calls"] = file_calls(root, tmp, p, verify)
+                except RuntimeError as err:  # a start that failed (e.g. a rank timing out while another scans)
+                    row.setdefault(key, {})["error"] = str(err).strip().splitlines()[-1][:300]
+                    print(f"[data_scale] {n} files, {p} process(es), data.verify_images={verify}: FAILED: "
+                          f"{row[key]['error']} (log: {tmp / 'launch.log'})", flush=True)
+                    continue
                 shutil.rmtree(tmp, ignore_errors=True)
                 print(f"[data_scale] {n} files, {p} process(es), data.verify_images={verify}: {row[key]}", flush=True)
         rows.append(row)
@@ -249,6 +260,9 @@ def main() -> None:
         for p in procs:
             for verify in modes:
                 r = row[f"p{p}_verify_{verify}"]
+                if "seconds" not in r:
+                    lines.append(f"| {row['files']:,} | {p} | {verify} | failed: {r.get('error', '')[:120]} |||||")
+                    continue
                 calls = r.get("file_calls", {}).get("per_rank")
                 lines.append(f"| {row['files']:,} | {p} | {verify} | {r['first_start_seconds']:.1f} | {r['seconds']:.1f} | "
                              f"{r['rank_peak_rss_mib']:.0f} | "

@@ -107,9 +107,15 @@ def test_a_full_check_is_not_answered_by_a_header_check(folder, tmp_path, monkey
     assert calls == []
 
 
-def test_cache_off_writes_nothing_and_an_unwritable_cache_is_a_note_not_an_error(folder, tmp_path):
-    build(cfg_for(folder, "off"))
-    assert not (tmp_path / "off").exists() and not list(Path.cwd().glob("off"))
+def test_cache_off_writes_nothing_and_an_unwritable_cache_is_a_note_not_an_error(folder, tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a relative cache folder would land here (YAML once turned `off` into "False")
+    cfg = cfg_for(folder, "off")
+    assert cfg.cache_dir == "off"
+    build(cfg)
+    assert list(work.iterdir()) == []
+    assert not cache_file(folder, "").exists()  # nor in the default place
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     notes = []
@@ -125,3 +131,11 @@ def test_a_symlink_loop_is_reported_from_the_cache_as_from_the_scan(folder, tmp_
     a, b = build(cfg, first), build(cfg, second)
     assert summary(a) == summary(b)
     assert [n for n in first if "skipped" in n] == [n for n in second if "skipped" in n] != []
+
+
+@pytest.mark.parametrize("given", ["off", "false", "no", "OFF"])
+def test_cache_off_however_yaml_reads_it(given, tmp_path):
+    assert cfg_for(tmp_path, "x", **{"data.cache_dir": given}).cache_dir == "off"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  cache_dir: {given}\n")
+    assert load_config(str(recipe), []).data.cache_dir == "off"

@@ -536,6 +536,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.verify_images not in VERIFY_MODES:
         raise ConfigError(f"data.verify_images must be one of {', '.join(VERIFY_MODES)} (or true = full, false = off), "
                           f"got {cfg.data.verify_images!r}")
+    # YAML 1.1 reads `off` (and `no`, `false`) as a boolean, which a str key receives as "False"
+    if str(cfg.data.cache_dir).lower() in ("false", "off", "no"):
+        cfg.data.cache_dir = "off"
+    elif str(cfg.data.cache_dir).lower() in ("true", "yes", "on"):
+        raise ConfigError(f"data.cache_dir is a folder, \"\" (the default place) or off, got {cfg.data.cache_dir!r}")
     if cfg.data.skip_bad_images and cfg.data.verify_images == "off":
         raise ConfigError("data.skip_bad_images=true needs data.verify_images=header or full (bad files are found at "
                           "start-up)")

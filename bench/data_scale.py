@@ -57,7 +57,13 @@ def make_folder(root: Path, n_train: int) -> Path:
     marker = root / "dataset.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return root
-    shutil.rmtree(root, ignore_errors=True)
+    if root.exists() and not marker.is_file():  # not one this script made: never delete it
+        raise SystemExit(f"error: {root} exists and was not made by bench/data_scale.py (no dataset.json); "
+                         f"choose another --work")
+    shutil.rmtree(root, ignore_errors=True)  # ours (it has our marker), made with other parameters
+    # written beside it and renamed into place: a run cut short leaves only this temporary folder, ours by name
+    tmp = root.with_name(f".{root.name}.making")
+    shutil.rmtree(tmp, ignore_errors=True)
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -71,7 +77,7 @@ def make_folder(root: Path, n_train: int) -> Path:
 
     def write_class(args):
         split, c, count = args
-        folder = root / split / f"c{c:04d}"
+        folder = tmp / split / f"c{c:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             (folder / f"{i:08d}.jpg").write_bytes(blobs[(c * 7919 + i) % DISTINCT])
@@ -80,7 +86,8 @@ def make_folder(root: Path, n_train: int) -> Path:
     jobs = [("train", c, per_class) for c in range(classes)] + [("val", c, val_per_class) for c in range(classes)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(write_class, jobs))
-    marker.write_text(json.dumps(params))
+    (tmp / "dataset.json").write_text(json.dumps(params))
+    os.rename(tmp, root)
     return root
 
 

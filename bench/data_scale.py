@@ -15,8 +15,13 @@ Per size it reports, for 1 and 2 processes and each data.verify_images value ask
   the number of ranks; it slows the start, so it is a separate run);
 - memory per DataLoader worker after reading every sample's table entry once (the copy-on-read growth of
   forked workers over an epoch; decoding left out): the workers' unique set size (USS).
+With --shards, also: `trainer pack` of each folder (its time, shard count and size), the starts above from the
+shards (data.format=shards, the "verify" column reads "shards"), and a read pass (an epoch's decoding in a
+shuffled order through a DataLoader with 2 workers, no augmentation) from the folder and from the shards,
+alternated, median images/s of --repeats, and (--strace) the files opened by the pass.
 
     .venv/bin/python bench/data_scale.py --sizes 10000,100000,1000000 --work /tmp/data-scale --strace
+    .venv/bin/python bench/data_scale.py --sizes 100000 --verify header --shards --strace   # + packed shards
     .venv/bin/python bench/data_scale.py --smoke      # tiny sizes: checks that it runs (CI)
 
 Writes JSON + a Markdown table to --out.
@@ -91,11 +96,31 @@ def make_folder(root: Path, n_train: int) -> Path:
     return root
 
 
+def make_shards(root: Path, dest: Path) -> dict:
+    """`trainer pack root dest` (256 MiB shards), once; how long it took is kept beside the shards."""
+    timing = dest.with_name(dest.name + ".seconds.json")
+    if (dest / "index.json").is_file() and timing.is_file():
+        return json.loads(timing.read_text())
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "trainer", "pack", str(root), str(dest)], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if res.returncode != 0:
+        raise SystemExit(f"error: trainer pack failed: {res.stderr.strip().splitlines()[-1:]}")
+    index = json.loads((dest / "index.json").read_text())
+    made = {"pack_seconds": time.perf_counter() - start,
+            "shards": sum(len(v) for v in index["splits"].values()),
+            "mib": sum(e["bytes"] for v in index["splits"].values() for e in v) / 2**20}
+    timing.write_text(json.dumps(made))
+    return made
+
+
 def train_command(root: Path, run_dir: Path, processes: int, verify: str) -> list:
+    """`verify` "shards": train from the packed shards at `root` (nothing to verify: checked when packed)."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
                 if processes > 1 else [sys.executable])
-    return launcher + ["-m", "trainer", "train", "-", "data.format=imagefolder", f"data.root={root}",
-                       f"data.verify_images={verify}", "data.image_size=32", "data.num_workers=2",
+    data = (["data.format=shards", f"data.root={root}"] if verify == "shards" else
+            ["data.format=imagefolder", f"data.root={root}", f"data.verify_images={verify}"])
+    return launcher + ["-m", "trainer", "train", "-", *data, "data.image_size=32", "data.num_workers=2",
                        "model.name=small_cnn", "train.batch_size=64", "train.log_every_steps=1", "train.epochs=1",
                        "train.progress_bar=false", "checkpoint.every_epochs=0", f"run.dir={run_dir}"]
 
@@ -207,6 +232,63 @@ def worker_memory(root: Path) -> dict:
     return {"samples": len(dataset), "main_uss_mib": base, "worker_uss_mib": max(uss) if uss else None}
 
 
+READ_PASS = """
+import json, sys, time
+import numpy as np, torch
+from trainer.config import load_config
+from trainer.data import build_data
+fmt, root, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+extra = ["data.verify_images=off"] if fmt == "imagefolder" else []
+cfg = load_config(None, [f"data.format={fmt}", f"data.root={root}", "data.mean=[0.5,0.5,0.5]",
+                         "data.std=[0.25,0.25,0.25]", *extra])
+ds = build_data(cfg.data, 0, ("train",), verbose=lambda *_: None).datasets["train"]
+ds.transform = None
+order = np.random.default_rng(0).permutation(len(ds))[:n].tolist()  # a shuffled epoch's order
+loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size=256, num_workers=2)
+start = time.perf_counter()
+images = sum(len(y) for _, y in loader) if n else 0
+print(json.dumps({"seconds": time.perf_counter() - start, "images": images}))
+"""
+
+
+def read_pass(fmt: str, root: Path, n: int, prefix=()) -> dict:
+    """Decode `n` training images in a shuffled order through a DataLoader with 2 workers (no augmentation),
+    from the folder or from the shards, in a fresh process (the page cache warm: both were read before)."""
+    res = subprocess.run([*prefix, sys.executable, "-c", READ_PASS, fmt, str(root), str(n)], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    if res.returncode != 0:
+        raise SystemExit(f"error: the read pass failed: {res.stderr.strip()[-500:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def opens_per_pass(fmt: str, root: Path, n: int, tmp: Path) -> int:
+    """openat calls of a read pass of `n` images, minus those of the same process reading none (the imports,
+    the start): the file opens the reading itself costs."""
+    counts = []
+    for images in (n, 0):
+        out = tmp / f"opens-{fmt}-{images}.txt"
+        read_pass(fmt, root, images, prefix=["strace", "-f", "-c", "-o", str(out), "-e", "trace=openat,open"])
+        counts.append(sum(int(line.split()[3]) for line in out.read_text().splitlines()
+                          if line.split()[-1:] in (["openat"], ["open"]) and line.split()[3].isdigit()))
+    return counts[0] - counts[1]
+
+
+def compare_reads(root: Path, packed: Path, n: int, repeats: int, strace: bool, tmp: Path) -> dict:
+    """Folder against shards side by side: median images/s of `repeats` alternating passes, and opens."""
+    read_pass("imagefolder", root, n), read_pass("shards", packed, n)  # warm the page cache for both
+    speeds = {"imagefolder": [], "shards": []}
+    for _ in range(repeats):
+        for fmt, where in (("imagefolder", root), ("shards", packed)):
+            r = read_pass(fmt, where, n)
+            speeds[fmt].append(r["images"] / r["seconds"])
+    out = {fmt: {"images_per_s": float(np.median(v)), "runs": v} for fmt, v in speeds.items()}
+    out["ratio_shards_over_folder"] = out["shards"]["images_per_s"] / out["imagefolder"]["images_per_s"]
+    if strace:
+        for fmt, where in (("imagefolder", root), ("shards", packed)):
+            out[fmt]["opens"] = opens_per_pass(fmt, where, n, tmp)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", help="files per folder (default 10000,100000,1000000; --smoke: 200,400)")
@@ -218,6 +300,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--label", default="", help="a name for this measurement in the output files (before/after)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, 1 process")
+    ap.add_argument("--shards", action="store_true", help="also pack each folder (trainer pack), measure starts "
+                    "from the shards, and compare reading an epoch's images from the folder and from the shards")
+    ap.add_argument("--read-images", type=int, default=20000, help="images per read pass (--shards)")
+    ap.add_argument("--repeats", type=int, default=3, help="read passes per format (--shards; the median is kept)")
     args = ap.parse_args()
     if args.smoke:
         args.sizes, args.processes = args.sizes or "200,400", "1"
@@ -235,16 +321,25 @@ def main() -> None:
         print(f"[data_scale] {n} files ready in {time.perf_counter() - t0:.1f} s: {root}", flush=True)
         row = {"files": n, "worker_memory": worker_memory(root)}
         print(f"[data_scale] {n}: worker memory {row['worker_memory']}", flush=True)
+        if args.shards:
+            packed = work / f"shards-{n}"
+            row["pack"] = make_shards(root, packed)
+            print(f"[data_scale] {n}: packed {row['pack']}", flush=True)
+            tmp = Path(tempfile.mkdtemp(prefix="reads-", dir=work))
+            row["reads"] = compare_reads(root, packed, min(n, args.read_images), args.repeats, args.strace, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            print(f"[data_scale] {n}: reads {row['reads']}", flush=True)
         for p in procs:
-            for verify in modes:
+            for verify in modes + (["shards"] if args.shards else []):
+                where = work / f"shards-{n}" if verify == "shards" else root
                 tmp = Path(tempfile.mkdtemp(prefix="ds-", dir=work))
                 shutil.rmtree(work / "cache", ignore_errors=True)  # no cached scan: a first start
                 key = f"p{p}_verify_{verify}"
                 try:
-                    first = first_step(root, tmp, p, verify)
-                    row[key] = {**first_step(root, tmp, p, verify), "first_start_seconds": first["seconds"]}
+                    first = first_step(where, tmp, p, verify)
+                    row[key] = {**first_step(where, tmp, p, verify), "first_start_seconds": first["seconds"]}
                     if args.strace:
-                        row[key]["file_calls"] = file_calls(root, tmp, p, verify)
+                        row[key]["file_calls"] = file_calls(where, tmp, p, verify)
                 except RuntimeError as err:  # a start that failed (e.g. a rank timing out while another scans)
                     row.setdefault(key, {})["error"] = str(err).strip().splitlines()[-1][:300]
                     print(f"[data_scale] {n} files, {p} process(es), data.verify_images={verify}: FAILED: "
@@ -265,7 +360,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for p in procs:
-            for verify in modes:
+            for verify in modes + (["shards"] if args.shards else []):
                 r = row[f"p{p}_verify_{verify}"]
                 if "seconds" not in r:
                     lines.append(f"| {row['files']:,} | {p} | {verify} | failed: {r.get('error', '')[:120]} |||||")
@@ -275,6 +370,15 @@ def main() -> None:
                              f"{r['rank_peak_rss_mib']:.0f} | "
                              f"{(r['worker_peak_rss_mib'] or float('nan')):.0f} | "
                              f"{'' if calls is None else f'{calls:,.0f}'} | {row['worker_memory']['worker_uss_mib']:.1f} |")
+    if args.shards:
+        lines += ["", "| files | pack (s) | shards | MiB | images read | folder img/s | shards img/s | shards / folder | "
+                  "opens, folder | opens, shards |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            r, k = row["reads"], row["pack"]
+            lines.append(f"| {row['files']:,} | {k['pack_seconds']:.1f} | {k['shards']} | {k['mib']:.0f} | "
+                         f"{min(row['files'], args.read_images):,} | {r['imagefolder']['images_per_s']:.0f} | "
+                         f"{r['shards']['images_per_s']:.0f} | {r['ratio_shards_over_folder']:.2f} | "
+                         f"{r['imagefolder'].get('opens', '')} | {r['shards'].get('opens', '')} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -97,7 +97,7 @@ def export_save(tensors, path, *a, **k):
 
 
 E.save_file = export_save
-original_build_data = L.build_data
+original_build_data = L.build_data_on_ranks
 
 
 def build_data(*a, **k):
@@ -114,5 +114,5 @@ def build_data(*a, **k):
     return original_build_data(*a, **k)
 
 
-L.build_data = build_data
+L.build_data_on_ranks = build_data
 main(sys.argv[1:])

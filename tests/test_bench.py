@@ -42,11 +42,14 @@ def test_ablation_smoke_runs_every_variant_and_writes_its_table(tmp_path):
 @pytest.mark.slow
 def test_data_scale_smoke_measures_each_mode_and_writes_its_table(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "data_scale.py"), "--smoke", "--sizes", "200",
-                          "--verify", "header,off", "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
+                          "--verify", "header,off", "--shards", "--repeats", "1", "--work", str(tmp_path / "work"),
+                          "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     row = json.loads((tmp_path / "data-scale-smoke.json").read_text())["rows"][0]
     assert row["files"] == 200 and row["worker_memory"]["samples"] > 0
-    for mode in ("header", "off"):
+    for mode in ("header", "off", "shards"):  # shards: the start from the packed folder
         assert row[f"p1_verify_{mode}"]["seconds"] > 0 and row[f"p1_verify_{mode}"]["rank_peak_rss_mib"] > 0
-    assert len((tmp_path / "data-scale-smoke.md").read_text().strip().splitlines()) == 2 + 2
+    assert row["pack"]["shards"] == 2  # train and val, one shard each at this size
+    assert row["reads"]["imagefolder"]["images_per_s"] > 0 and row["reads"]["shards"]["images_per_s"] > 0
+    assert len((tmp_path / "data-scale-smoke.md").read_text().strip().splitlines()) == 2 + 3 + 1 + 2 + 1

@@ -130,6 +130,7 @@ def test_bad_image_at_load_time_names_the_file(tmp_path):
     found = [(ds, i, p) for ds in data.datasets.values() for i, p in enumerate(ds.paths) if p in bad]
     assert sorted(p for _, _, p in found) == sorted(bad)
     for ds, i, path in found:  # not-an-image and truncated JPEG: both fall through decode_jpeg to PIL's error
+        ds.stand_ins = False  # the training split replaces such a file (tested below), with this line as its warning
         with pytest.raises(DataError, match=f"cannot read image {path}"):
             ds[i]
 
@@ -680,3 +681,37 @@ def test_a_workers_memory_does_not_grow_with_the_sample_table():
     # for both: a table's growth does not depend on its length)
     assert lists_mib > 10, lists_mib  # what the tables avoid: ~15 MiB per 100 k paths per worker
     assert table_mib < lists_mib / 4, (table_mib, lists_mib)
+
+
+def _corrupt_in_place(path: Path) -> None:
+    """Garbage over the first bytes, the size kept: what a file rewritten under its own name looks like (its
+    folder's mtime does not change, so a cached scan stays valid)."""
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.write(b"\0" * min(size, 64))
+
+
+def test_an_unreadable_training_file_is_replaced_by_one_of_its_class_the_same_on_every_read(tmp_path):
+    from trainer.data.datasets import FileDataset, read_image, replaced_images
+
+    make_folder(tmp_path / "d", ("cat", "dog"), 5)
+    samples = [(str(p), 0 if p.parent.name == "cat" else 1) for p in sorted((tmp_path / "d").rglob("*.png"))]
+    bad = 6  # dog/1.png
+    _corrupt_in_place(Path(samples[bad][0]))
+    ds = FileDataset(samples, seed=3, stand_ins=True)
+    dogs = {i: read_image(p, True) for i, (p, label) in enumerate(samples) if label == 1 and i != bad}
+    first = ds.load(bad)
+    assert any(torch.equal(first, image) for image in dogs.values())  # another dog, never a cat
+    assert torch.equal(ds.load(bad), first) and replaced_images(ds) == 2  # deterministic; counted each time
+    picks = set()
+    for epoch in range(6):  # a draw per epoch: (seed, epoch, index) decide it, not the worker or the clock
+        ds.set_epoch(epoch)
+        picks.add(next(i for i, image in dogs.items() if torch.equal(ds.load(bad), image)))
+    assert len(picks) > 1
+    strict = FileDataset(samples, seed=3)  # evaluation splits: a file that fails is an error naming it
+    with pytest.raises(DataError, match="cannot read image .*1.png"):
+        strict.load(bad)
+    for i in dogs:  # every other dog unreadable too: an error naming the first, not an endless search
+        _corrupt_in_place(Path(samples[i][0]))
+    with pytest.raises(DataError, match=r"1.png: .*10 other files of its class .* unreadable too"):
+        ds.load(bad)

@@ -2,6 +2,7 @@
 the same datasets as a fresh scan, verification results kept, never written into the data folder."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -139,3 +140,85 @@ def test_cache_off_however_yaml_reads_it(given, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"data:\n  cache_dir: {given}\n")
     assert load_config(str(recipe), []).data.cache_dir == "off"
+
+
+RANKS_DRIVER = '''
+import json, os, sys
+import trainer.data.on_ranks as on_ranks
+from trainer.config import load_config
+from trainer.data import data_fingerprint
+from trainer.distributed import SharedError, make_accelerator
+
+out = sys.argv[1]
+checked = []
+real = on_ranks.find_bad_images
+def counting(samples, full):
+    checked.extend(p for p, _ in samples)
+    return real(samples, full)
+on_ranks.find_bad_images = counting
+acc = make_accelerator("cpu", "no", timeout_s=60)
+cfg = load_config(None, sys.argv[2:]).data
+try:
+    data = on_ranks.build_data_on_ranks(acc, cfg, 0, ("train", "val"), print if acc.is_main_process else (lambda *a: 0))
+    result = {"skipped": data.skipped, "train": list(data.datasets["train"].paths),
+              "fingerprint": data_fingerprint(data.datasets["train"], data.classes)}
+except SharedError as err:
+    result = {"error": str(err)}
+result["checked"] = checked
+with open(os.path.join(out, f"rank{acc.process_index}.json"), "w") as fh:
+    json.dump(result, fh)
+acc.wait_for_everyone()
+acc.end_training()  # the process group released before exit, as the trainer does (else gloo may abort at exit)
+'''
+
+
+def run_on_two_ranks(tmp_path: Path, cfg_overrides: list, name: str) -> list:
+    import subprocess
+    import sys
+
+    out = tmp_path / name
+    out.mkdir()
+    driver = tmp_path / "ranks_driver.py"
+    driver.write_text(RANKS_DRIVER)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(driver), str(out)] + cfg_overrides, capture_output=True, text=True, timeout=240,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("mode", ["header", "full"])
+def test_two_ranks_split_the_checks_and_find_what_one_finds(folder, tmp_path, mode):
+    """Each rank checks its own half of every list (no file twice, none left out), and the bad files found,
+    the datasets and the cached results are those of one process checking everything."""
+    (folder / "train" / "cat" / "bad.png").write_bytes(b"not an image")  # fails both checks
+    truncated = folder / "train" / "dog" / "cut.png"  # a header that reads, pixels that do not
+    write_image(truncated, size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    overrides = [f"data.verify_images={mode}", "data.skip_bad_images=true"]
+    one = summary(build(cfg_for(folder, tmp_path / "cache1", **dict(o.split("=") for o in overrides))))
+    one_skipped = build(cfg_for(folder, tmp_path / "cache1b", **dict(o.split("=") for o in overrides))).skipped
+    args = ["data.format=imagefolder", f"data.root={folder}", "data.image_size=16", "data.mean=[0.5,0.5,0.5]",
+            "data.std=[0.25,0.25,0.25]", f"data.cache_dir={tmp_path / 'cache2'}"] + overrides
+    ranks = run_on_two_ranks(tmp_path, args, "first")
+    every = sorted(str(p) for p in folder.rglob("*.png"))
+    assert sorted(ranks[0]["checked"] + ranks[1]["checked"]) == every  # train and val, each file once
+    assert ranks[0]["checked"] and ranks[1]["checked"]
+    assert {str(folder / "train/cat/bad.png"), str(truncated)} == set(one_skipped)  # one process finds both
+    for r in ranks:
+        assert sorted(r["skipped"]) == sorted(one_skipped)
+        assert r["train"] == one["train"][0] and r["fingerprint"] == one["fingerprint"]
+    again = run_on_two_ranks(tmp_path, args, "again")  # a restart: every answer is in the cache
+    assert again[0]["checked"] == again[1]["checked"] == []
+    assert again[0]["skipped"] == ranks[0]["skipped"]
+
+
+def test_a_bad_file_found_by_one_rank_stops_every_rank_with_the_same_line(folder, tmp_path):
+    (folder / "train" / "dog" / "bad.png").write_bytes(b"not an image")  # in rank 1's half (dogs come second)
+    args = ["data.format=imagefolder", f"data.root={folder}", "data.image_size=16", "data.mean=[0.5,0.5,0.5]",
+            "data.std=[0.25,0.25,0.25]", f"data.cache_dir={tmp_path / 'cache'}"]
+    ranks = run_on_two_ranks(tmp_path, args, "bad")
+    assert any("bad.png" in p for p in ranks[1]["checked"])
+    assert not any("bad.png" in p for p in ranks[0]["checked"])
+    assert ranks[0]["error"] == ranks[1]["error"]
+    assert ranks[0]["error"].startswith(f"cannot read image {folder / 'train/dog/bad.png'}: ")

@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="a run folder or an exported model folder")
     e.add_argument("--output", help="where to write eval.json (default: the model's run folder)")
     e.add_argument("overrides", nargs="*", help="key=value for data.* and eval.*, e.g. eval.split=test")
+    pk = sub.add_parser("pack", help="pack an image folder into a few large shards (data.format=shards): one file "
+                        "per few hundred MB instead of one per image; resumable, every image checked once")
+    pk.add_argument("src", help="the image folder (train/ [val/ test/] of class folders, or class folders)")
+    pk.add_argument("dest", help="a new or empty folder for the shards (or one a cut-short pack left: it resumes)")
+    pk.add_argument("--shard-mb", type=float, default=256, help="images per shard, in MiB of files (default 256)")
+    pk.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (listed in "
+                    "index.json) instead of stopping at the first")
     w = sub.add_parser("sweep", help="expand a sweep file into runs: a SLURM job array or local runs")
     w.add_argument("sweep_file")
     w.add_argument("--dir", help="sweep folder (default sweeps/<name>)")
@@ -162,6 +169,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             from trainer.evaluate import run_eval
 
             run_eval(args.model, args.overrides, args.output)
+        elif args.command == "pack":
+            from trainer.data.shards import pack
+
+            pack(args.src, args.dest, args.shard_mb, args.skip_bad_images)
         elif args.command == "sweep":
             from trainer import sweep
 

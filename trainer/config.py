@@ -64,7 +64,8 @@ class GeneratedCfg:
 
 @dataclass
 class DataCfg:
-    format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc", "coco", "voc_detection"] = \
+    format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc", "coco", "voc_detection",
+                    "shards"] = \
         "generated"
     # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
     # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
@@ -73,7 +74,7 @@ class DataCfg:
     # with ROOT/classes.txt; voc: torchvision's VOC root (holds VOCdevkit/VOC2012/), read offline;
     # coco (detection): ROOT/<split>/annotations.json (or Roboflow's _annotations.coco.json) beside the images,
     # or the standard ROOT/annotations/instances_<split>2017.json + ROOT/<split>2017/; voc_detection: VOC's
-    # Annotations/ XML boxes from the same VOC root.
+    # Annotations/ XML boxes from the same VOC root; shards: a folder `trainer pack` wrote from an image folder.
     root: Optional[str] = None
     # coco: explicit files per split, winning over the layouts above: {train: {annotations: FILE, images: DIR}}
     coco_files: Optional[Dict[str, Any]] = None
@@ -504,7 +505,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.target_recall must be in (0, 1], got {cfg.eval.target_recall}")
     if any(k <= 0 for k in cfg.eval.topk):
         raise ConfigError(f"eval.topk entries must be >= 1, got {cfg.eval.topk}")
-    needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO"}
+    needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO", "shards": "packed (trainer pack)"}
     if cfg.data.format in needs_root and not cfg.data.root:
         raise ConfigError(f"missing required value: data.root (the {needs_root[cfg.data.format]} folder to train on)")
     mismatch = task_data_mismatch(cfg.task, cfg.data)

@@ -142,19 +142,19 @@ class SharedError(TrainerError):
         self.exit_code = exit_code
 
 
-def agree(accelerator, fn, main_only: bool = False, share: bool = False):
+def agree(accelerator, fn, main_only: bool = False, share: bool = False, gather: bool = False):
     """Run `fn` on every rank (on the main rank only with `main_only`), then one all-gather of how it went.
 
     If any rank raised, every rank raises: a user error (TrainerError) as the same SharedError on all ranks;
     a stop request as StopRequested; a bug re-raised with its traceback on its own rank and as a one-line
     SharedError elsewhere. Otherwise returns `fn`'s result: the main rank's on every rank with `share` (it
-    must pickle), each rank's own without. `fn` must run no collective itself: the all-gather here is the
+    must pickle), the list of every rank's, in rank order, with `gather`, each rank's own without either. `fn` must run no collective itself: the all-gather here is the
     one every rank reaches whatever happened, which is what keeps a failure on one rank from hanging the
     others."""
     from trainer.requests import StopRequested
 
     if accelerator.num_processes == 1:
-        return fn()
+        return [fn()] if gather else fn()
     result, failure, original = None, None, None
     try:
         if not main_only or accelerator.is_main_process:
@@ -165,7 +165,7 @@ def agree(accelerator, fn, main_only: bool = False, share: bool = False):
         failure, original = ("user", str(err)), err
     except Exception as err:  # a bug: its rank keeps the traceback
         failure, original = ("bug", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"), err
-    mine = (accelerator.process_index, failure, result if share and accelerator.is_main_process else None)
+    mine = (accelerator.process_index, failure, result if gather or (share and accelerator.is_main_process) else None)
     everyone = [None] * accelerator.num_processes
     dist.all_gather_object(everyone, mine)
     failed = [(rank, f) for rank, f, _ in everyone if f is not None]
@@ -178,6 +178,8 @@ def agree(accelerator, fn, main_only: bool = False, share: bool = False):
         if kind == "bug":
             raise SharedError(f"rank {rank} failed: {message}", exit_code=1) from None
         raise SharedError(message) from None
+    if gather:
+        return [r for _, _, r in everyone]
     if not share:
         return result
     return result if accelerator.is_main_process else everyone[0][2]

@@ -7,8 +7,9 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 
 from trainer.config import eval_batch_size, load_config, load_yaml
-from trainer.data import build_data, data_roots
-from trainer.distributed import agree, main_first, make_accelerator
+from trainer.data import data_roots
+from trainer.data.on_ranks import build_data_on_ranks
+from trainer.distributed import agree, make_accelerator
 from trainer.errors import ConfigError, DataError
 from trainer.evaluation import evaluate
 from trainer.export import find_model_dir, load_exported
@@ -42,7 +43,7 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     # fp32 unless asked: the same arithmetic as `trainer predict`, so both give the same probabilities
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision if said("train.mixed_precision") else "no")
     split = cfg.eval.split
-    data = main_first(acc, lambda: build_data(cfg.data, cfg.seed, (split,), verbose=lambda *a: print_main(acc, *a)))
+    data = build_data_on_ranks(acc, cfg.data, cfg.seed, (split,), lambda *a: print_main(acc, *a))
     dataset = data.datasets[split]
     classes = meta["classes"]
 

@@ -32,9 +32,11 @@ from trainer import requests
 from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, read_checkpoint, restore_rng, rotate,
                                 verify_checkpoint, write_checkpoint)
 from trainer.config import Config, config_changes, eval_batch_size, to_dict, to_yaml
-from trainer.data import build_data, data_fingerprint, data_roots
+from trainer.data import data_fingerprint, data_roots
+from trainer.data.datasets import replaced_images
 from trainer.data.loaders import build_train_loader
-from trainer.distributed import agree, check_processes, main_first, make_accelerator, sync_buffers
+from trainer.data.on_ranks import build_data_on_ranks
+from trainer.distributed import agree, check_processes, make_accelerator, sync_buffers
 from trainer.ema import ModelEma
 from trainer.finetune import BackboneFreeze
 from trainer.errors import ConfigError, TrainerError
@@ -179,8 +181,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
 
     agree(acc, check_sync_bn)
 
-    # ---- data and task (the main process first: it writes the generated dataset; the others then read it) ----
-    data = main_first(acc, lambda: build_data(cfg.data, cfg.seed, ("train", "val"), verbose=say))
+    # ---- data and task (the main process scans first; the start-up checks of the files are split across ranks) ----
+    data = build_data_on_ranks(acc, cfg.data, cfg.seed, ("train", "val"), say)
     train_set, val_set = data.datasets["train"], data.datasets["val"]
     # eval.monitor=raw_<metric> (ema.evaluate=both) names the task's <metric> scored on the raw weights
     task_eval = replace(cfg.eval, monitor=cfg.eval.monitor.removeprefix("raw_")) if cfg.eval.monitor else cfg.eval
@@ -378,17 +380,24 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         # nobody runs ahead (or exits) before the checkpoint is complete; a failed write (full disk) ends all
         agree(acc, write, main_only=True)
 
+    def replaced_so_far() -> int:
+        """Unreadable training files stood in for since this start, over all ranks (a collective; see
+        datasets.FileDataset). Counted when read, so batches the workers read ahead count too: a console line
+        and summary.json carry it, not metrics.jsonl, whose rows a resumed run repeats exactly."""
+        return int(acc.reduce(torch.tensor([replaced_images(train_set)], device=acc.device), "sum").item())
+
     def log_train(epoch_float: float) -> float:
         """Every rank (the mean loss is all-reduced); the main process writes the row."""
         nonlocal t_log, samples_at_log
         mean_loss, parts = loss_log.mean_and_reset(state.update)
+        replaced = replaced_so_far()
         now = time.time()
         lr, throughput = lr_for(max(state.update - 1, 0)), (state.samples_seen - samples_at_log) / max(now - t_log, 1e-9)
         tracker.log({"type": "train", "step": state.update, "epoch": round(epoch_float, 4),
                      "samples_seen": state.samples_seen, "lr": lr, "loss": mean_loss, **parts, "throughput": throughput})
         if not show_bar:
             say(f"[train] step {state.update} epoch {epoch_float:.2f} loss {mean_loss:.4f} lr {lr:.3g} "
-                f"{throughput:.0f} img/s")
+                f"{throughput:.0f} img/s" + (f" ({replaced} unreadable image(s) replaced since start)" if replaced else ""))
         t_log, samples_at_log = now, state.samples_seen
         return mean_loss
 
@@ -534,7 +543,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     summary = {"run_dir": str(run_dir), "task": task.name, "updates": state.update,
                "samples_seen": state.samples_seen, "final": logged, "best": state.best["metrics"],
                "monitor": monitor, "weights": scored, "stopped_early": state.stopped_early,
-               "seconds": round(time.time() - t_start, 1)}
+               "seconds": round(time.time() - t_start, 1), "replaced_images_this_start": replaced_so_far()}
 
     def finish() -> None:
         export(run_dir / "model", metrics, outputs)

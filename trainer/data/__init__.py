@@ -10,20 +10,21 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from trainer.data import generated
 from trainer.data.coco import (DetectionDataset, check_same_categories, detection_eval_transform,
                                detection_train_transform, read_coco_splits, voc_detection_split)
-from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, eval_transform,
+from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, PathTable, eval_transform,
                                    measure_mean_std, train_transform)
 from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_masks, mask_eval_transform, mask_train_transform,
                                 scan_mask_folder, voc_pairs)
 from trainer.data.folders import (SkippedPath, describe_skipped, find_bad_images, find_classes, imagefolder_splits,
                                   scan_imagefolder, scan_split, stratified_split, verify_images)
 from trainer.data.manifest import Manifest, cache_file
+from trainer.data.shards import ShardDataset, read_packed
 from trainer.data.manifest import load as load_manifest
 from trainer.data.manifest import save as save_manifest
 from trainer.errors import DataError
@@ -61,8 +62,10 @@ def _load_cifar(fmt: str, root: Optional[str], download: bool):
     return train, test, root
 
 
-def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), verbose=print) -> Data:
-    """Datasets for `splits` (any of train/val/test); errors name the path or key at fault."""
+def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), verbose=print,
+               scan: Optional["FolderScan"] = None) -> Data:
+    """Datasets for `splits` (any of train/val/test); errors name the path or key at fault. `scan`: scan_files'
+    result when already made (build_data_on_ranks: the checks it holds were split across the processes)."""
     fmt = data_cfg.format
     size = data_cfg.image_size
     if fmt in ("masks", "voc") or (fmt == "generated" and data_cfg.generated.variant == "segmentation"):
@@ -96,64 +99,42 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
             made[split] = ArrayDataset(images, labs, seed=seed)
         source = f"{fmt} at {root}"
         skipped: List[str] = []
+    elif fmt == "shards":  # packed by `trainer pack` (trainer.data.shards): checked when packed
+        root = Path(data_cfg.root)
+        if "all" in splits:
+            raise DataError("eval.split=all is for image folders; score a split of the shards (val or test)")
+        classes, packed, shards, all_paths = read_packed(root)
+        classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, scanned=(classes, packed))
+        _check_splits(root, found, splits, data_cfg.val_fraction)
+        names = all_paths.tolist()
+
+        def shard_split(samples) -> ShardDataset:
+            rows = np.array([row for row, _ in samples], dtype=np.int64)
+            return ShardDataset(shards, rows, np.array([label for _, label in samples], dtype=np.int64),
+                                PathTable([names[r] for r in rows.tolist()]), seed=seed,
+                                exif_orientation=data_cfg.exif_orientation)
+
+        made = {split: shard_split(found[split]) for split in splits}
+        skipped = []
+        counts, mean, std = _train_stats(data_cfg, made, found, len(classes), shard_split)
+        source = f"shards at {root}"
     else:
-        if fmt == "generated":
-            g = data_cfg.generated
-            root = Path(data_cfg.root) if data_cfg.root else generated.default_root(g.variant, size, g.seed)
-            counts_per_split = {"train": g.train_per_class, "val": g.val_per_class, "test": g.test_per_class}
-            counts_per_split = {k: v for k, v in counts_per_split.items() if v > 0}
-            generated.ensure_generated(root, g.variant, size, g.seed, counts_per_split)
-        else:
-            root = Path(data_cfg.root)
-        walk_skipped: List[SkippedPath] = []  # links not followed, second paths to a file: reported below
-        manifest = None  # the cached scan and checks of an image folder (trainer.data.manifest)
-        if "all" in splits:  # evaluation of a plain folder of class folders, unsplit
-            classes = find_classes(Path(root))
-            found = {"all": scan_split(Path(root), classes, walk_skipped)}
-        else:
-            cache = cache_file(root, data_cfg.cache_dir) if fmt == "imagefolder" else None
-            manifest = load_manifest(cache, root)
-            if manifest is None:
-                listed: Dict[str, int] = {}
-                scanned = scan_imagefolder(Path(root), walk_skipped, listed)
-                if cache is not None:
-                    manifest = Manifest(str(root), scanned[0], scanned[1], listed, list(walk_skipped))
-            else:
-                scanned = (manifest.classes, manifest.splits)
-                walk_skipped.extend(manifest.skipped)
-            classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, scanned=scanned)
-            if found.get("val") is not None and found.get("val") is found.get("test"):
-                verbose(f"data.val_fraction=0 and no val/ folder: validating on {root}/test")
-        if manifest is not None and manifest.changed:
-            _cache(cache, manifest, verbose)
-        if walk_skipped:
-            verbose(f"{describe_skipped(walk_skipped)} (under {root})")
-        missing = [s for s in splits if s not in found]
-        if missing:
-            raise DataError(f"{root} has no {missing[0]}/ split (found: {sorted(found)})")
-        for split in splits:
-            if not found[split]:
-                why = _why_empty(split, root, data_cfg.val_fraction)
-                raise DataError(f"the {split} split of {root} is empty: {why}")
+        scan = scan if scan is not None else scan_files(data_cfg, splits, verbose)
+        root, classes, found, manifest = scan.root, scan.classes, scan.found, scan.manifest
         skipped = []
         made = {}
         checked = {}  # id of a sample list -> its readable samples: val and test may be one list (val_fraction=0)
         for split in splits:
             samples = found[split]
-            # Evaluation splits are always checked (fully, unless data.verify_images=header asks for the header
-            # check there too): with data.verify_images=off (the speed recipe) a bad file
-            # there would only fail after all of training. Cost: CIFAR-10's 10,000-image JPEG test split (32 px,
-            # /work/shared/data) took 1.9-2.1 s (3 runs; PIL decode in 4 threads on this 2-core VM, files in the
-            # page cache; the folder walk 0.03 s). Generated files are written by us: never checked.
-            if fmt == "imagefolder" and (split != "train" or data_cfg.verify_images != "off"):
+            full = check_of(data_cfg, split)
+            if full is not None:
                 if id(samples) not in checked:
-                    full = data_cfg.verify_images == "full" if split == "train" else data_cfg.verify_images != "header"
                     known = manifest.known_bad(samples, full) if manifest is not None else None
                     if known is None:
                         known = find_bad_images(samples, full)
                         if manifest is not None:
                             manifest.record(samples, full, known)
-                            _cache(cache, manifest, verbose)  # before a bad file stops the start: found once
+                            save_scan(scan, verbose)  # before a bad file stops the start: found once
                     good, bad = verify_images(samples, data_cfg.skip_bad_images, known_bad=known)
                     skipped += bad
                     if not good:
@@ -163,15 +144,10 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
                         _check_every_class_kept(samples, good, bad, classes)
                     checked[id(samples)] = good
                 samples = checked[id(samples)]
-            made[split] = FileDataset(samples, seed=seed, exif_orientation=data_cfg.exif_orientation)
-        train_labels = made["train"].labels if "train" in made else [label for _, label in found.get("train", [])]
-        counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=len(classes)).tolist()
-        if data_cfg.mean and data_cfg.std:
-            mean, std = list(data_cfg.mean), list(data_cfg.std)
-        else:
-            stats_set = (made["train"] if "train" in made
-                         else FileDataset(found["train"], exif_orientation=data_cfg.exif_orientation))
-            mean, std = measure_mean_std(stats_set, size, seed=data_cfg.split_seed)
+            made[split] = FileDataset(samples, seed=seed, exif_orientation=data_cfg.exif_orientation,
+                                      stand_ins=split == "train")  # never a crash after hours of training
+        counts, mean, std = _train_stats(data_cfg, made, found, len(classes), lambda samples: FileDataset(
+            samples, exif_orientation=data_cfg.exif_orientation))
         source = f"{fmt} at {root}"
     if len(classes) < 2:
         raise DataError(f"need at least 2 classes, found {len(classes)} ({classes}) in {source}")
@@ -188,6 +164,113 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
         verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
     return Data(classes=classes, datasets=made, mean=list(mean), std=list(std), train_counts=counts,
                 skipped=skipped, source=source)
+
+
+@dataclass
+class FolderScan:
+    """What build_data reads of a folder of class folders before it checks or loads a file: the classes, the
+    samples of each split, and (image folders) the manifest of the scan and of the checks done so far."""
+    root: Path
+    classes: List[str]
+    found: Dict[str, List]  # split -> [(path, label)]; val is test when data.val_fraction=0 and no val/
+    manifest: Optional[Manifest] = None  # image folders (not eval.split=all): kept in memory with cache_dir=off
+    cache: Optional[Path] = None  # where the manifest is cached (None: data.cache_dir=off)
+
+
+def scan_files(data_cfg, splits: Sequence[str], verbose=print) -> FolderScan:
+    """The files of an image folder or of the generated dataset (which it writes first if missing), from the
+    cached scan when nothing changed; errors name the missing or empty split."""
+    fmt = data_cfg.format
+    if fmt == "generated":
+        g = data_cfg.generated
+        root = Path(data_cfg.root) if data_cfg.root else generated.default_root(g.variant, data_cfg.image_size, g.seed)
+        counts_per_split = {"train": g.train_per_class, "val": g.val_per_class, "test": g.test_per_class}
+        counts_per_split = {k: v for k, v in counts_per_split.items() if v > 0}
+        generated.ensure_generated(root, g.variant, data_cfg.image_size, g.seed, counts_per_split)
+    else:
+        root = Path(data_cfg.root)
+    walk_skipped: List[SkippedPath] = []  # links not followed, second paths to a file: reported below
+    manifest, cache = None, None
+    if "all" in splits:  # evaluation of a plain folder of class folders, unsplit
+        classes = find_classes(Path(root))
+        found = {"all": scan_split(Path(root), classes, walk_skipped)}
+    else:
+        cache = cache_file(root, data_cfg.cache_dir) if fmt == "imagefolder" else None
+        manifest = load_manifest(cache, root)
+        if manifest is None:
+            listed: Dict[str, int] = {}
+            scanned = scan_imagefolder(Path(root), walk_skipped, listed)
+            if fmt == "imagefolder":
+                manifest = Manifest(str(root), scanned[0], scanned[1], listed, list(walk_skipped))
+        else:
+            scanned = (manifest.classes, manifest.splits)
+            walk_skipped.extend(manifest.skipped)
+        classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, scanned=scanned)
+        if found.get("val") is not None and found.get("val") is found.get("test"):
+            verbose(f"data.val_fraction=0 and no val/ folder: validating on {root}/test")
+    scan = FolderScan(Path(root), classes, found, manifest, cache)
+    if manifest is not None and manifest.changed:
+        save_scan(scan, verbose)
+    if walk_skipped:
+        verbose(f"{describe_skipped(walk_skipped)} (under {root})")
+    _check_splits(root, found, splits, data_cfg.val_fraction)
+    return scan
+
+
+def _check_splits(root, found: Dict[str, List], splits: Sequence[str], val_fraction: float) -> None:
+    missing = [s for s in splits if s not in found]
+    if missing:
+        raise DataError(f"{root} has no {missing[0]}/ split (found: {sorted(found)})")
+    for split in splits:
+        if not found[split]:
+            why = _why_empty(split, root, val_fraction)
+            raise DataError(f"the {split} split of {root} is empty: {why}")
+
+
+def _train_stats(data_cfg, made: Dict[str, object], found: Dict[str, List], num_classes: int, dataset_of):
+    """Images per class of the training split, and the normalisation: data.mean/std, else measured on the
+    training images (`dataset_of` makes a dataset of them when the training split is not among `made`)."""
+    train = made.get("train")
+    labels = train.labels if train is not None else [label for _, label in found.get("train", [])]
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
+    if data_cfg.mean and data_cfg.std:
+        return counts, list(data_cfg.mean), list(data_cfg.std)
+    stats_set = train if train is not None else dataset_of(found["train"])
+    mean, std = measure_mean_std(stats_set, data_cfg.image_size, seed=data_cfg.split_seed)
+    return counts, mean, std
+
+
+def check_of(data_cfg, split: str) -> Optional[bool]:
+    """How build_data checks the files of `split` at start-up: True a full decode, False the header, None not at
+    all. Evaluation splits are always checked (fully, unless data.verify_images=header asks for the header check
+    there too): with data.verify_images=off (the speed recipe) a bad file there would only fail after all of
+    training. Cost: CIFAR-10's 10,000-image JPEG test split (32 px, /work/shared/data) took 1.9-2.1 s (3 runs;
+    PIL decode in 4 threads on this 2-core VM, files in the page cache; the folder walk 0.03 s). Generated files
+    are written by us: never checked."""
+    if data_cfg.format != "imagefolder" or (split == "train" and data_cfg.verify_images == "off"):
+        return None
+    return data_cfg.verify_images == "full" if split == "train" else data_cfg.verify_images != "header"
+
+
+def unchecked(scan: FolderScan, data_cfg, splits: Sequence[str]) -> List[Tuple[str, bool]]:
+    """(split, full) of each sample list build_data would check that the manifest holds no answer for."""
+    todo, seen = [], set()
+    for split in splits:
+        full, samples = check_of(data_cfg, split), scan.found[split]
+        if full is None or id(samples) in seen:
+            continue
+        seen.add(id(samples))
+        if scan.manifest is None or scan.manifest.known_bad(samples, full) is None:
+            todo.append((split, full))
+    return todo
+
+
+def save_scan(scan: FolderScan, verbose) -> None:
+    """Cache the manifest (when data.cache_dir is not off); a cache that cannot be written is a note, not an error."""
+    if scan.cache is not None and scan.manifest is not None:
+        problem = save_manifest(scan.cache, scan.manifest)
+        if problem:
+            verbose(f"note: {problem}")
 
 
 def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -> Data:
@@ -281,12 +364,6 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
     first = found[splits[0]]
     return Data(classes=first.class_names, datasets=made, mean=list(DETECTOR_MEAN), std=list(DETECTOR_STD),
                 train_counts=counts, source=f"{fmt} at {root}", category_ids=[cid for cid, _ in first.categories])
-
-
-def _cache(path: Path, manifest: Manifest, verbose) -> None:
-    problem = save_manifest(path, manifest)
-    if problem:
-        verbose(f"note: {problem}")
 
 
 def _why_empty(split: str, root, val_fraction: float) -> str:

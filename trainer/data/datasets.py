@@ -6,12 +6,13 @@ prefetched. That is what lets an interrupted run resume bit-for-bit.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import List, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -104,23 +105,73 @@ class PathTable:
         return list(self) == list(other)
 
 
+# a training file that cannot be read is replaced by another of its class (FileDataset.stand_ins); tries before
+# giving up (each draws another file: a class of unreadable files, or one of one file, still ends in an error)
+STAND_IN_TRIES = 10
+WORKER_SLOTS = 256  # counters of replaced files: one per DataLoader worker (slot 0: the main process)
+
+
 class FileDataset(_SeededDataset):
     """Images listed as (path, label) pairs; any image mode is converted to RGB, and the EXIF orientation
     applied when `exif_orientation` (data.exif_orientation; the device loader's batched decode reads it too).
-    The paths are a PathTable and the labels an int64 array: memory that does not grow with the workers."""
+    The paths are a PathTable and the labels an int64 array: memory that does not grow with the workers.
 
-    def __init__(self, samples: List[Sample], transform=None, seed: int = 0, exif_orientation: bool = True):
+    `stand_ins` (the training split): a file that cannot be read when it is needed (changed since the start-up
+    check, or one the header check passed) does not end hours of training. It is replaced by another file of
+    the same class, drawn by a generator seeded by (seed, epoch, index): the same one on a resume, in any
+    worker, so exact resume holds. Each replacement prints one line naming both files and is counted
+    (`replaced()`; the training rows of metrics.jsonl carry the count as replaced_images)."""
+
+    def __init__(self, samples: List[Sample], transform=None, seed: int = 0, exif_orientation: bool = True,
+                 stand_ins: bool = False):
         super().__init__(transform, seed)
         self.paths = PathTable([p for p, _ in samples])
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.exif_orientation = exif_orientation
+        self.stand_ins = stand_ins
+        # shared memory, one slot per worker (each writes only its own: no lost increments between processes)
+        self._replaced = torch.zeros(WORKER_SLOTS, dtype=torch.long).share_memory_() if stand_ins else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, index: int) -> torch.Tensor:
-        return read_image(self.paths[index], self.exif_orientation,
-                          hint=" (data.verify_images=header or full finds bad files at start-up)")
+        try:
+            return read_image(self.paths[index], self.exif_orientation,
+                              hint=" (data.verify_images=header or full finds bad files at start-up)")
+        except DataError as err:
+            if not self.stand_ins:
+                raise
+            return self._stand_in(index, err)
+
+    def _stand_in(self, index: int, err: DataError) -> torch.Tensor:
+        label = int(self.labels[index])
+        same = np.flatnonzero(self.labels == label)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        for _ in range(STAND_IN_TRIES):
+            other = int(same[rng.integers(len(same))])
+            if other == index:
+                continue
+            try:
+                image = read_image(self.paths[other], self.exif_orientation)
+            except DataError:
+                continue
+            worker = get_worker_info()
+            self._replaced[(worker.id + 1 if worker is not None else 0) % WORKER_SLOTS] += 1
+            print(f"[trainer] warning: {err}; trained on {self.paths[other]} (same class) in its place this time",
+                  file=sys.stderr, flush=True)
+            return image
+        raise DataError(f"{err}; and {STAND_IN_TRIES} other files of its class drawn to stand in for it were "
+                        f"unreadable too") from None
+
+    def replaced(self) -> int:
+        """Unreadable files replaced so far by this process and its workers (each time one was read)."""
+        return int(self._replaced.sum()) if self._replaced is not None else 0
+
+
+def replaced_images(dataset) -> int:
+    """How many unreadable files `dataset` has replaced so far (FileDataset.stand_ins); 0 for any other kind."""
+    return dataset.replaced() if isinstance(dataset, FileDataset) else 0
 
 
 class ArrayDataset(_SeededDataset):
@@ -136,6 +187,7 @@ class ArrayDataset(_SeededDataset):
 
     def load(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.images[index]).permute(2, 0, 1)
+
 
 
 class EpochWeightedSampler(Sampler):

@@ -27,6 +27,7 @@ from trainer.data.datasets import ArrayDataset, FileDataset, sample_seed
 from trainer.distributed import shard_bounds
 from trainer.data.folders import decode_jpeg_rgb
 from trainer.data.mixing import BatchMixer
+from trainer.data.shards import ShardDataset
 from trainer.errors import DataError
 
 DECODE_CHUNK = 1024  # files per batched decode_jpeg call (a list call is ~10x faster than one file at a time)
@@ -55,6 +56,11 @@ def decode_split(dataset, image_size: int) -> torch.Tensor:
     if isinstance(dataset, ArrayDataset):  # CIFAR arrays: (N, H, W, 3) uint8 already in memory
         x = torch.from_numpy(np.ascontiguousarray(dataset.images)).permute(0, 3, 1, 2)
         return _resized(x, image_size).contiguous()
+    if isinstance(dataset, ShardDataset):  # packed: read by row from memory-mapped shards, no file to open
+        out = torch.empty((len(dataset), 3, image_size, image_size), dtype=torch.uint8)
+        for i in range(len(dataset)):
+            out[i] = _resized(dataset.load(i), image_size)
+        return out
     if not isinstance(dataset, FileDataset):
         raise DataError(f"data.loader=device cannot load a {type(dataset).__name__}")
     out = torch.empty((len(dataset.paths), 3, image_size, image_size), dtype=torch.uint8)

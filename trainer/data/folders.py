@@ -108,7 +108,11 @@ def decode_rgb(path: str, exif_orientation: bool = True) -> torch.Tensor:
     with a tag saying so) unless `exif_orientation` is false (data.exif_orientation).
     """
     with open(path, "rb") as fh:
-        data = fh.read()
+        return decode_bytes(fh.read(), exif_orientation)
+
+
+def decode_bytes(data: bytes, exif_orientation: bool = True) -> torch.Tensor:
+    """An image file's bytes (read from a file, or a packed shard's row) as decode_rgb gives them."""
     if data[:3] == JPEG_MAGIC:
         try:
             return decode_jpeg_rgb(torch.frombuffer(bytearray(data), dtype=torch.uint8), exif_orientation)

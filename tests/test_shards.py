@@ -1,0 +1,169 @@
+"""Packed shards (trainer.data.shards): `trainer pack` and data.format=shards train exactly as the folder does,
+a cut-short pack resumes, every image is checked once, and a damaged pack is one line naming the shard."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import trainer.data.shards as shards
+from tests.conftest import assert_same_run, make_folder, run_cli
+from trainer.config import load_config
+from trainer.data import build_data, data_fingerprint
+from trainer.errors import DataError
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    make_folder(root / "train", ("cat", "dog", "eel"), 14, ext=".jpg")
+    make_folder(root / "val", ("cat", "dog", "eel"), 4, ext=".png")
+    return root
+
+
+def quiet(*_):
+    pass
+
+
+def digests(dest: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(dest.iterdir())}
+
+
+def data_cfg(root: Path, fmt: str, **kw):
+    overrides = [f"data.format={fmt}", f"data.root={root}", "data.image_size=16"] + [f"{k}={v}" for k, v in kw.items()]
+    return load_config(None, overrides).data
+
+
+def test_shards_give_the_folders_datasets_images_and_fingerprint(folder, tmp_path):
+    index = shards.pack(folder, tmp_path / "packed", shard_mb=0.008, say=quiet)
+    assert len(index["splits"]["train"]) > 2  # several shards per split, in the order of the files
+    for val_fraction in (0.0, 0.25):  # the val folder; or val held out of train, as the folder splits it
+        kw = {"data.val_fraction": val_fraction}
+        splits = ("train", "val")
+        if val_fraction:  # no val/ folder: the folder path and the shards hold out the same images
+            shutil.move(folder / "val", tmp_path / "val-aside")
+            shutil.rmtree(tmp_path / "packed")
+            shards.pack(folder, tmp_path / "packed", shard_mb=0.008, say=quiet)
+        a = build_data(data_cfg(folder, "imagefolder", **kw), seed=0, splits=splits, verbose=quiet)
+        b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=splits, verbose=quiet)
+        assert (a.classes, a.train_counts, a.mean, a.std) == (b.classes, b.train_counts, b.mean, b.std)
+        for split in splits:
+            da, db = a.datasets[split], b.datasets[split]
+            assert da.labels.tolist() == db.labels.tolist()
+            for i in range(len(da)):
+                assert da.load(i).equal(db.load(i))  # the same bytes, decoded the same way
+                assert da[i][0].equal(db[i][0])  # and the same augmentation, seeded by (seed, epoch, index)
+        assert data_fingerprint(a.datasets["train"], a.classes) == data_fingerprint(b.datasets["train"], b.classes)
+
+
+@pytest.mark.slow
+def test_training_from_shards_equals_training_from_the_folder(folder, tmp_path):
+    """Same seed: bitwise the same weights and metrics rows, with DataLoader workers."""
+    assert run_cli("pack", str(folder), str(tmp_path / "packed"), "--shard-mb", "0.01").returncode == 0
+    common = ["data.image_size=16", "model.name=small_cnn", "train.epochs=2", "train.batch_size=8",
+              "data.num_workers=2", "train.progress_bar=false"]
+    for fmt, root in (("imagefolder", folder), ("shards", tmp_path / "packed")):
+        res = run_cli("train", "-", f"data.format={fmt}", f"data.root={root}", f"run.dir={tmp_path / fmt}", *common)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(tmp_path / "imagefolder", tmp_path / "shards")
+    ev = run_cli("eval", "--model", str(tmp_path / "shards"), "--output", str(tmp_path / "eval.json"))
+    assert ev.returncode == 0, ev.stderr[-2000:]  # trainer eval reads the run's shards too
+    final = [json.loads(line) for line in (tmp_path / "shards" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert json.loads((tmp_path / "eval.json").read_text())["accuracy"] == final["accuracy"]
+
+
+def test_a_cut_short_pack_resumes_keeping_its_finished_shards(folder, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    shards.pack(folder, whole, shard_mb=0.008, say=quiet)
+    real, written = shards._write_shard, []
+
+    def dies_after_two(target, *a, **k):
+        if len(written) == 2:
+            raise KeyboardInterrupt  # Ctrl-C, a preempted job: the third shard never appears
+        written.append(target.name)
+        return real(target, *a, **k)
+
+    monkeypatch.setattr(shards, "_write_shard", dies_after_two)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        shards.pack(folder, cut, shard_mb=0.008, say=quiet)
+    assert not (cut / "index.json").exists() and (cut / ".plan.json").is_file()
+    with pytest.raises(DataError, match="not a packed dataset .*cut short: run the same trainer pack again"):
+        build_data(data_cfg(cut, "shards"), seed=0, verbose=quiet)
+    kept = {name: (cut / name).stat().st_mtime_ns for name in written}
+    monkeypatch.setattr(shards, "_write_shard", real)
+    notes = []
+    shards.pack(folder, cut, shard_mb=0.008, say=notes.append)
+    assert any("resuming" in n for n in notes)
+    assert {name: (cut / name).stat().st_mtime_ns for name in written} == kept  # not written again
+    assert digests(cut) == digests(whole)  # the same pack as one that was never interrupted
+
+
+def test_every_image_is_checked_once_when_packed(folder, tmp_path):
+    bad = folder / "train" / "dog" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # cut short: the header parses, the pixels do not
+    with pytest.raises(DataError, match=f"cannot read image {bad}: .*--skip-bad-images"):
+        shards.pack(folder, tmp_path / "a", shard_mb=0.008, say=quiet)
+    assert not (tmp_path / "a" / "index.json").exists()
+    fixed = folder / "train" / "cat" / "0.jpg"
+    shutil.copy(fixed, bad)  # fixed (another size): the same command resumes; only the shards it changes are new
+    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*.arrow")}
+    shards.pack(folder, tmp_path / "a", shard_mb=0.008, say=quiet)
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("*.arrow") if p.name in done}
+    assert done and again == done  # the shards before the bad file were whole: kept
+    assert digests(tmp_path / "a") == digests(shards.pack(folder, tmp_path / "fresh", shard_mb=0.008, say=quiet)
+                                               and tmp_path / "fresh")
+    bad.write_bytes(bad.read_bytes()[:300])
+    index = shards.pack(folder, tmp_path / "b", shard_mb=0.008, skip_bad=True, say=quiet)
+    assert [path for path, _ in index["skipped"]] == ["train/dog/3.jpg"]
+    data = build_data(data_cfg(tmp_path / "b", "shards"), seed=0, verbose=quiet)
+    assert len(data.datasets["train"]) == 3 * 14 - 1 and "train/dog/3.jpg" not in list(data.datasets["train"].paths)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", r"shard .*train-00001.arrow is missing \(the index lists \d+ images in it\)"),
+    ("truncated", r"shard .*train-00001.arrow is \d+ bytes, its index says \d+: cut short"),
+    ("garbage", r"shard .*train-00001.arrow cannot be read"),
+    ("no index", r"is not a packed dataset \(no index.json; make one with: trainer pack SRC"),
+])
+def test_a_damaged_pack_is_one_line_naming_the_shard(folder, tmp_path, damage, message):
+    dest = tmp_path / "packed"
+    shards.pack(folder, dest, shard_mb=0.008, say=quiet)
+    shard = dest / "train-00001.arrow"
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "garbage":
+        shard.write_bytes(b"\0" * shard.stat().st_size)  # the same size: the Arrow footer check finds it
+    else:
+        (dest / "index.json").unlink()
+    with pytest.raises(DataError, match=message):
+        build_data(data_cfg(dest, "shards"), seed=0, verbose=quiet)
+
+
+def test_pack_refuses_to_write_into_its_source_or_over_other_files(folder, tmp_path):
+    with pytest.raises(DataError, match="inside the folder they pack"):
+        shards.pack(folder, folder / "packed", say=quiet)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    with pytest.raises(DataError, match="is not empty and holds no pack"):
+        shards.pack(folder, other, say=quiet)
+    assert [p.name for p in other.iterdir()] == ["mine.txt"] and not (folder / "packed").exists()
+    shards.pack(folder, tmp_path / "p", shard_mb=0.008, say=quiet)
+    (folder / "train" / "cat" / "0.jpg").unlink()
+    with pytest.raises(DataError, match="already holds a packed dataset of other files"):
+        shards.pack(folder, tmp_path / "p", shard_mb=0.008, say=quiet)
+
+
+def test_the_device_loader_reads_shards_as_it_reads_the_folder(folder, tmp_path):
+    from trainer.data.device import decode_split
+
+    shards.pack(folder, tmp_path / "packed", shard_mb=0.008, say=quiet)
+    a = build_data(data_cfg(folder, "imagefolder"), seed=0, verbose=quiet).datasets["train"]
+    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, verbose=quiet).datasets["train"]
+    assert decode_split(a, 16).equal(decode_split(b, 16))

@@ -128,6 +128,7 @@ def test_every_image_is_checked_once_when_packed(folder, tmp_path):
     ("truncated", r"shard .*train-00001.arrow is \d+ bytes, its index says \d+: cut short"),
     ("garbage", r"shard .*train-00001.arrow cannot be read"),
     ("no index", r"is not a packed dataset \(no index.json; make one with: trainer pack SRC"),
+    ("no rows table", r"rows.arrow cannot be read .*pack again"),
 ])
 def test_a_damaged_pack_is_one_line_naming_the_shard(folder, tmp_path, damage, message):
     dest = tmp_path / "packed"
@@ -139,8 +140,10 @@ def test_a_damaged_pack_is_one_line_naming_the_shard(folder, tmp_path, damage, m
         shard.write_bytes(shard.read_bytes()[:-100])
     elif damage == "garbage":
         shard.write_bytes(b"\0" * shard.stat().st_size)  # the same size: the Arrow footer check finds it
-    else:
+    elif damage == "no index":
         (dest / "index.json").unlink()
+    else:
+        (dest / "rows.arrow").unlink()
     with pytest.raises(DataError, match=message):
         build_data(data_cfg(dest, "shards"), seed=0, verbose=quiet)
 

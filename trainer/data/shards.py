@@ -5,18 +5,22 @@ serve slowly and their administrators ration (../shared/docs/tuning-and-data-at-
 hundred large files cost a few hundred.
 
 Format: Arrow IPC files (pyarrow), each holding about `shard_mb` of images in rows of three columns: `image`
-(the file's bytes exactly as they were: nothing re-encoded), `label` (int64) and `path` (relative to SRC).
-They are read through a memory map, any row at any time (map-style), so the sampler, the per-sample
-augmentation seeds, exact resume, evaluation and the metrics are those of the folder path, whatever the
-number of workers or ranks.
+(the file's bytes exactly as they were: nothing re-encoded), `label` (int64) and `path` (relative to SRC):
+any Arrow tool reads them. Where each image's bytes lie in its shard (offset, length) is recorded when packing,
+in `rows.arrow` with every row's shard, label and path, so reading an image is one positioned read (pread) of
+its bytes: any row at any time (map-style), so the sampler, the per-sample augmentation seeds, exact resume,
+evaluation and the metrics are those of the folder path, whatever the number of workers or ranks. Not through
+Arrow's readers at training time: a memory-mapped Arrow read asks the kernel for a whole record batch's pages
+(measured: opening a 131 MB shard that way made it all resident), which at ImageNet scale would read every
+shard at a start.
 
 Chosen over: Hugging Face `datasets` (the same Arrow files underneath, but pandas, dill, multiprocess and
 huggingface_hub on top, and a cache of its own); WebDataset tars (read in sequence: the order and an exact
 resume then depend on the worker count and shard order); MosaicML streaming and FFCV (formats and machinery
 of their own, for the same result here).
 
-DEST holds `<split>-NNNNN.arrow` and `index.json` (written last, atomically): the classes, per split the shards
-with their rows and bytes, the files left out as unreadable. Until it is written, `.plan.json` says which
+DEST holds `<split>-NNNNN.arrow`, `rows.arrow` and `index.json` (written last, atomically): the classes, per
+split the shards with their rows and bytes, the files left out as unreadable. Until it is written, `.plan.json` says which
 files go into which shard, so a pack cut short (or stopped by an unreadable file, fixed since) is resumed by
 the same command: a finished shard is kept when it holds the files planned for it (each records the digest of
 their names, labels and sizes), and written again otherwise.
@@ -40,7 +44,7 @@ from trainer.errors import DataError, TrainerError
 from trainer.files import atomic_write, atomic_write_json, read_json
 
 VERSION = 1
-INDEX, PLAN = "index.json", ".plan.json"
+INDEX, PLAN, ROWS = "index.json", ".plan.json", "rows.arrow"
 READ_THREADS = 8  # reads overlap (latency-bound on a network file system); PIL's decode releases the GIL
 
 
@@ -91,6 +95,29 @@ def _read(path: str) -> Tuple[bytes, str]:
     return data, _check_one(io.BytesIO(data))
 
 
+def _contents(data) -> dict:
+    """A whole shard file's rows: label, path, and where each image's bytes lie in the file (offset, length),
+    found from the addresses of the Arrow buffers within the file's own bytes (`data`)."""
+    pa = _pyarrow()
+    whole = pa.py_buffer(data)
+    reader = pa.ipc.open_file(pa.BufferReader(whole))
+    out = {"label": [], "path": [], "offset": [], "length": []}
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        images = batch.column(0)
+        _, offsets, values = images.buffers()
+        bounds = np.frombuffer(offsets, dtype=np.int32)[images.offset:images.offset + len(images) + 1].astype(np.int64)
+        start = (values.address - whole.address) if values is not None else 0
+        out["offset"] += (start + bounds[:-1]).tolist()
+        out["length"] += np.diff(bounds).tolist()
+        out["label"] += batch.column(1).to_pylist()
+        out["path"] += batch.column(2).to_pylist()
+    meta = reader.schema.metadata or {}
+    out["skipped"] = json.loads(meta.get(b"skipped", b"[]"))
+    out["listing"] = meta.get(b"listing", b"").decode()
+    return out
+
+
 def _write_shard(target: Path, src: Path, samples: Sequence[Sample], skip_bad: bool, listing: str) -> dict:
     pa = _pyarrow()
     with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -109,8 +136,12 @@ def _write_shard(target: Path, src: Path, samples: Sequence[Sample], skip_bad: b
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=1024)  # record batches of 1,024 rows: a row is found in one step
-    atomic_write(target, sink.getvalue().to_pybytes(), fsync=True)
-    return {"file": target.name, "rows": len(keep), "bytes": target.stat().st_size, "skipped": bad}
+    data = sink.getvalue().to_pybytes()
+    contents = _contents(data)
+    if any(data[o:o + n] != image for o, n, (_, _, image) in zip(contents["offset"], contents["length"], keep)):
+        raise TrainerError(f"packing {target}: the recorded places of the images do not hold them (a bug)")
+    atomic_write(target, data, fsync=True)
+    return {"file": target.name, "rows": len(keep), "bytes": len(data), "contents": contents}
 
 
 def _finished(target: Path, shard: dict) -> Optional[dict]:
@@ -118,16 +149,14 @@ def _finished(target: Path, shard: dict) -> Optional[dict]:
     for it now (the same names, labels and sizes), else None: it is written again."""
     pa = _pyarrow()
     try:
-        with pa.memory_map(str(target)) as source:
-            reader = pa.ipc.open_file(source)
-            rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-            metadata = reader.schema.metadata or {}
-            bad = json.loads(metadata.get(b"skipped", b"[]"))
+        data = target.read_bytes()
+        contents = _contents(data)
     except (OSError, pa.ArrowInvalid, ValueError):
         return None
-    if metadata.get(b"listing", b"").decode() != shard["listing"] or rows + len(bad) != shard["end"] - shard["first"]:
+    if contents["listing"] != shard["listing"] or \
+            len(contents["label"]) + len(contents["skipped"]) != shard["end"] - shard["first"]:
         return None
-    return {"file": target.name, "rows": rows, "bytes": target.stat().st_size, "skipped": bad}
+    return {"file": target.name, "rows": len(contents["label"]), "bytes": len(data), "contents": contents}
 
 
 def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) -> dict:
@@ -159,6 +188,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     total = sum(shard["end"] - shard["first"] for v in plan["splits"].values() for shard in v)
     index = {key: plan[key] for key in ("version", "source", "classes", "shard_mb", "listing")}
     index["splits"], skipped, done = {}, [], 0
+    rows = {"shard": [], "offset": [], "length": [], "label": [], "path": []}  # every row, in index order
     for split, shards in plan["splits"].items():
         entries = []
         for shard in shards:
@@ -168,16 +198,27 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
             if entry is None:
                 entry = _write_shard(target, src, splits[split][shard["first"]:shard["end"]], skip_bad,
                                      shard["listing"])
-            skipped += entry.pop("skipped")
+            contents = entry.pop("contents")
+            skipped += contents["skipped"]
+            rows["shard"] += [sum(len(v) for v in index["splits"].values()) + len(entries)] * entry["rows"]
+            for key in ("offset", "length", "label", "path"):
+                rows[key] += contents[key]
             entries.append(entry)
             done += planned
             say(f"[pack] {target.name}: {entry['rows']} images, {entry['bytes'] / 2**20:.1f} MiB ({done}/{total})")
         index["splits"][split] = entries
     index["skipped"] = skipped
-    atomic_write_json(dest / INDEX, index, fsync=True)
+    pa = _pyarrow()
+    table = pa.table({"shard": pa.array(rows["shard"], type=pa.int32()), "offset": pa.array(rows["offset"], pa.int64()),
+                      "length": pa.array(rows["length"], pa.int64()), "label": pa.array(rows["label"], pa.int64()),
+                      "path": pa.array(rows["path"], pa.string())})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    atomic_write(dest / ROWS, sink.getvalue().to_pybytes(), fsync=True)
+    atomic_write_json(dest / INDEX, index, fsync=True)  # last: its presence says the pack is complete
     (dest / PLAN).unlink()
-    rows = sum(e["rows"] for v in index["splits"].values() for e in v)
-    say(f"[pack] {rows} images of {len(index['classes'])} classes in "
+    say(f"[pack] {len(rows['label'])} images of {len(index['classes'])} classes in "
         f"{sum(len(v) for v in index['splits'].values())} shard(s) in {dest}"
         + (f"; {len(skipped)} unreadable file(s) left out, e.g. {skipped[0][0]}" if skipped else ""))
     return index
@@ -186,37 +227,29 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
 # ---- reading ----
 
 class Shards:
-    """The shards of a packed dataset, rows numbered across all of them in index order. Each process opens
-    them (memory maps) the first time it reads one: a forked DataLoader worker opens its own."""
+    """The shards of a packed dataset and where each row's image bytes lie in them (numpy arrays: shared
+    between forked workers without copies). Each process opens a shard the first time it reads from it:
+    a forked DataLoader worker opens its own, once; each image is then one positioned read."""
 
-    def __init__(self, root: Path, files: List[str], rows: List[int]):
-        self.root, self.files = root, files
-        self.offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(rows, out=self.offsets[1:])
-        self._open: Dict[int, object] = {}
+    def __init__(self, root: Path, files: List[str], shard: np.ndarray, offset: np.ndarray, length: np.ndarray):
+        self.root, self.files, self.shard, self.offset, self.length = root, files, shard, offset, length
+        self._fds: Dict[int, int] = {}
         self._pid = None
 
-    def __getstate__(self):  # pickled into spawned workers: without open maps
-        return {**self.__dict__, "_open": {}, "_pid": None}
-
-    def _reader(self, k: int):
-        if self._pid != os.getpid():  # forked since: never share another process's readers
-            self._open, self._pid = {}, os.getpid()
-        if k not in self._open:
-            pa = _pyarrow()
-            reader = pa.ipc.open_file(pa.memory_map(str(self.root / self.files[k])))
-            sizes = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
-            starts = np.zeros(len(sizes) + 1, dtype=np.int64)
-            np.cumsum(sizes, out=starts[1:])
-            self._open[k] = (reader, starts)
-        return self._open[k]
+    def __getstate__(self):  # pickled into spawned workers: without open files
+        return {**self.__dict__, "_fds": {}, "_pid": None}
 
     def image_bytes(self, row: int) -> bytes:
-        k = int(np.searchsorted(self.offsets, row, side="right")) - 1
-        reader, starts = self._reader(k)
-        local = row - int(self.offsets[k])
-        b = int(np.searchsorted(starts, local, side="right")) - 1
-        return reader.get_batch(b).column(0)[local - int(starts[b])].as_py()
+        if self._pid != os.getpid():  # forked since: never share another process's file offsets or closes
+            self._fds, self._pid = {}, os.getpid()
+        k = int(self.shard[row])
+        if k not in self._fds:
+            self._fds[k] = os.open(self.root / self.files[k], os.O_RDONLY)
+        length = int(self.length[row])
+        data = os.pread(self._fds[k], length, int(self.offset[row]))
+        if len(data) != length:
+            raise OSError(f"shard {self.files[k]} ends before this image's bytes (cut short since the start?)")
+        return data
 
 
 class ShardDataset(_SeededDataset):
@@ -243,8 +276,8 @@ class ShardDataset(_SeededDataset):
 
 def read_packed(root) -> Tuple[List[str], Dict[str, List[Sample]], Shards, PathTable]:
     """The classes, per split the samples as (row, label), the shards and every row's path, from `root`'s
-    index; a missing or cut-short shard is one line naming it (each shard's size and Arrow footer are checked:
-    a few hundred small reads)."""
+    index and rows table; a missing, cut-short or overwritten shard is one line naming it (each shard's size
+    and Arrow footer are checked: a few hundred small reads, no image read)."""
     pa = _pyarrow()
     root = Path(root)
     if not (root / INDEX).is_file():
@@ -258,9 +291,6 @@ def read_packed(root) -> Tuple[List[str], Dict[str, List[Sample]], Shards, PathT
         classes = list(index["classes"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise DataError(f"{root / INDEX} is not a pack's index ({type(err).__name__}: {err})") from None
-    found: Dict[str, List[Sample]] = {split: [] for split in index["splits"]}
-    paths: List[str] = []
-    row = 0
     for split, name, rows, nbytes in entries:
         path = root / name
         if not path.is_file():
@@ -271,14 +301,25 @@ def read_packed(root) -> Tuple[List[str], Dict[str, List[Sample]], Shards, PathT
             raise DataError(f"shard {path} is {size} bytes, its index says {nbytes}: cut short or replaced; copy "
                             f"it again, or pack again")
         try:
-            with pa.memory_map(str(path)) as source:
-                table = pa.ipc.open_file(source).read_all().select(["label", "path"])
+            with pa.OSFile(str(path)) as source:  # the magic bytes and the footer, not the images
+                pa.ipc.open_file(source)
         except (OSError, pa.ArrowInvalid) as err:
             raise DataError(f"shard {path} cannot be read ({err}): copy it again, or pack again") from None
-        if table.num_rows != rows:
-            raise DataError(f"shard {path} holds {table.num_rows} images, its index says {rows}: pack again")
-        labels = table.column("label").to_numpy()
-        found[split] += list(zip(range(row, row + rows), labels.tolist()))
-        paths += table.column("path").to_pylist()
-        row += rows
-    return classes, found, Shards(root, [e[1] for e in entries], [e[2] for e in entries]), PathTable(paths)
+    try:
+        with pa.OSFile(str(root / ROWS)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        shard = table.column("shard").to_numpy().astype(np.int64)
+        columns = {k: table.column(k).to_numpy() for k in ("offset", "length", "label")}
+        paths = PathTable(table.column("path").to_pylist())
+    except (OSError, pa.ArrowInvalid, KeyError) as err:
+        raise DataError(f"{root / ROWS} cannot be read ({err}): pack again") from None
+    counts = np.bincount(shard, minlength=len(entries)) if len(shard) else np.zeros(len(entries), np.int64)
+    for k, (split, name, rows, _) in enumerate(entries):
+        if counts[k] != rows:
+            raise DataError(f"{root / ROWS} lists {counts[k]} images in shard {name}, the index {rows}: pack again")
+    found: Dict[str, List[Sample]] = {split: [] for split in index["splits"]}
+    split_of = np.array([entries[k][0] for k in range(len(entries))], dtype=object)
+    labels = columns["label"].tolist()
+    for row, k in enumerate(shard.tolist()):
+        found[split_of[k]].append((row, labels[row]))
+    return classes, found, Shards(root, [e[1] for e in entries], shard, columns["offset"], columns["length"]), paths

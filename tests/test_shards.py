@@ -170,3 +170,16 @@ def test_the_device_loader_reads_shards_as_it_reads_the_folder(folder, tmp_path)
     a = build_data(data_cfg(folder, "imagefolder"), seed=0, verbose=quiet).datasets["train"]
     b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, verbose=quiet).datasets["train"]
     assert decode_split(a, 16).equal(decode_split(b, 16))
+
+
+@pytest.mark.parametrize("layout", ["masks", "coco"])
+def test_pack_refuses_segmentation_and_coco_folders_instead_of_reading_them_as_classes(tmp_path, layout):
+    src = tmp_path / "src"
+    if layout == "masks":  # would be read as two classes named "images" and "masks"
+        make_folder(src / "train", ("images", "masks"), 2)
+    else:
+        make_folder(src / "train", ("cat", "dog"), 2)
+        (src / "train" / "annotations.json").write_text("{}")
+    with pytest.raises(DataError, match="trainer pack takes image folders of classes"):
+        shards.pack(src, tmp_path / "packed", say=quiet)
+    assert not (tmp_path / "packed").exists()

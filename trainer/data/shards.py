@@ -159,6 +159,19 @@ def _finished(target: Path, shard: dict) -> Optional[dict]:
     return {"file": target.name, "rows": len(contents["label"]), "bytes": len(data), "contents": contents}
 
 
+def _refuse_other_layouts(src: Path) -> None:
+    """Packing takes image folders of classes. A masks folder (split/images + split/masks) or a COCO folder
+    would otherwise be read as classes named "images" and "masks", or lose its annotations: refused."""
+    splits = [src] + [src / name for name in ("train", "val", "test") if (src / name).is_dir()]
+    masks = any((d / "images").is_dir() and (d / "masks").is_dir() for d in splits)
+    coco = (src / "annotations").is_dir() or any((d / name).is_file() for d in splits
+                                                  for name in ("annotations.json", "_annotations.coco.json"))
+    if masks or coco:
+        kind = "a segmentation folder (images/ and masks/)" if masks else "a COCO folder (annotations)"
+        raise DataError(f"{src} looks like {kind}: trainer pack takes image folders of classes for now; train "
+                        f"from the folder itself")
+
+
 def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) -> dict:
     """Pack the image folder `src` into shards in `dest`; returns the index. Resumable: run it again."""
     _pyarrow()
@@ -169,6 +182,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     if real_dest == real_src or real_src in real_dest.parents:
         raise DataError(f"the shards would go inside the folder they pack ({dest} is in {src}): choose a DEST "
                         f"outside it (nothing is written into a data folder)")
+    _refuse_other_layouts(src)
     plan = _plan(src, shard_mb)
     if (dest / INDEX).is_file():
         index = read_json(dest / INDEX)

@@ -163,6 +163,17 @@ def test_pack_refuses_to_write_into_its_source_or_over_other_files(folder, tmp_p
         shards.pack(folder, tmp_path / "p", shard_mb=0.008, say=quiet)
 
 
+def test_a_process_keeps_a_bounded_number_of_shards_open(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 2)
+    shards.pack(folder, tmp_path / "packed", shard_mb=0.004, say=quiet)
+    a = build_data(data_cfg(folder, "imagefolder"), seed=0, verbose=quiet).datasets["train"]
+    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, verbose=quiet).datasets["train"]
+    assert len(set(b.shards.shard.tolist())) > 4
+    for i in list(range(len(b))) + list(range(len(b)))[::-1]:  # every shard, opened and closed again
+        assert a.load(i).equal(b.load(i))
+        assert len(b.shards._fds) <= 2
+
+
 def test_the_device_loader_reads_shards_as_it_reads_the_folder(folder, tmp_path):
     from trainer.data.device import decode_split
 

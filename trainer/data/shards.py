@@ -45,6 +45,7 @@ from trainer.files import atomic_write, atomic_write_json, read_json
 
 VERSION = 1
 INDEX, PLAN, ROWS = "index.json", ".plan.json", "rows.arrow"
+MAX_OPEN_SHARDS = 256  # per process (each DataLoader worker): ImageNet packs into ~550 shards of 256 MiB
 READ_THREADS = 8  # reads overlap (latency-bound on a network file system); PIL's decode releases the GIL
 
 
@@ -258,6 +259,8 @@ class Shards:
             self._fds, self._pid = {}, os.getpid()
         k = int(self.shard[row])
         if k not in self._fds:
+            if len(self._fds) >= MAX_OPEN_SHARDS:  # the oldest opened goes: far below the usual 1,024 open files
+                os.close(self._fds.pop(next(iter(self._fds))))
             self._fds[k] = os.open(self.root / self.files[k], os.O_RDONLY)
         length = int(self.length[row])
         data = os.pread(self._fds[k], length, int(self.offset[row]))

@@ -17,7 +17,7 @@ import numpy as np
 from trainer.data import generated
 from trainer.data.coco import (DetectionDataset, check_same_categories, detection_eval_transform,
                                detection_train_transform, read_coco_splits, voc_detection_split)
-from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, PathTable, eval_transform,
+from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, eval_transform,
                                    measure_mean_std, train_transform)
 from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_masks, mask_eval_transform, mask_train_transform,
                                 scan_mask_folder, voc_pairs)
@@ -106,13 +106,11 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
         classes, packed, shards, all_paths = read_packed(root)
         classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, scanned=(classes, packed))
         _check_splits(root, found, splits, data_cfg.val_fraction)
-        names = all_paths.tolist()
 
         def shard_split(samples) -> ShardDataset:
             rows = np.array([row for row, _ in samples], dtype=np.int64)
             return ShardDataset(shards, rows, np.array([label for _, label in samples], dtype=np.int64),
-                                PathTable([names[r] for r in rows.tolist()]), seed=seed,
-                                exif_orientation=data_cfg.exif_orientation)
+                                all_paths.take(rows), seed=seed, exif_orientation=data_cfg.exif_orientation)
 
         made = {split: shard_split(found[split]) for split in splits}
         skipped = []

@@ -80,6 +80,27 @@ class PathTable:
         np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
         self._buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
+    @classmethod
+    def from_buffers(cls, buffer: np.ndarray, offsets: np.ndarray) -> "PathTable":
+        """A table over an existing UTF-8 buffer and its len + 1 offsets (e.g. an Arrow string column's)."""
+        table = cls.__new__(cls)
+        table._buffer, table._offsets = np.ascontiguousarray(buffer, dtype=np.uint8), offsets.astype(np.int64)
+        return table
+
+    def arrays(self):
+        """The UTF-8 buffer and the int64 offsets (what a file stores: trainer.data.manifest)."""
+        return self._buffer, self._offsets
+
+    def take(self, indices: Sequence[int]) -> "PathTable":
+        """The paths at `indices`, in that order, as a new table (no str made per path)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, ends = self._offsets[indices], self._offsets[indices + 1]
+        data = self._buffer.tobytes()
+        joined = b"".join([data[a:b] for a, b in zip(starts.tolist(), ends.tolist())])
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+        return PathTable.from_buffers(np.frombuffer(joined, dtype=np.uint8), offsets)
+
     def __len__(self) -> int:
         return len(self._offsets) - 1
 

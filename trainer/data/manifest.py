@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from trainer.data.datasets import PathTable
 from trainer.data.folders import Sample, SkippedPath
 from trainer.errors import TrainerError
 from trainer.files import atomic_write
@@ -84,18 +85,6 @@ class Manifest:
         self.changed = True
 
 
-def _pack(paths: List[str]) -> Tuple[np.ndarray, np.ndarray]:
-    encoded = [p.encode("utf-8", "surrogateescape") for p in paths]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
-
-
-def _unpack(buffer: np.ndarray, offsets: np.ndarray) -> List[str]:
-    data, bounds = buffer.tobytes(), offsets.tolist()
-    return [data[a:b].decode("utf-8", "surrogateescape") for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def save(path: Path, manifest: Manifest) -> Optional[str]:
     """Write it (atomically); a cache that cannot be written (read-only home, full disk) is not an error for
     the run: returns why, else None."""
@@ -104,7 +93,7 @@ def save(path: Path, manifest: Manifest) -> Optional[str]:
               "splits": list(manifest.splits)}
     arrays = {"header": np.frombuffer(json.dumps(header).encode("utf-8", "surrogateescape"), dtype=np.uint8)}
     for i, (name, samples) in enumerate(manifest.splits.items()):
-        buffer, offsets = _pack([p for p, _ in samples])
+        buffer, offsets = PathTable([p for p, _ in samples]).arrays()
         arrays[f"paths_{i}"], arrays[f"offsets_{i}"] = buffer, offsets
         arrays[f"labels_{i}"] = np.array([label for _, label in samples], dtype=np.int64)
         arrays[f"status_{i}"] = manifest.status[name]
@@ -133,7 +122,8 @@ def load(path: Optional[Path], root) -> Optional[Manifest]:
             for folder, mtime in header["folders"].items():
                 if os.stat(folder).st_mtime_ns != mtime:
                     return None
-            splits = {name: list(zip(_unpack(npz[f"paths_{i}"], npz[f"offsets_{i}"]), npz[f"labels_{i}"].tolist()))
+            splits = {name: list(zip(PathTable.from_buffers(npz[f"paths_{i}"], npz[f"offsets_{i}"]).tolist(),
+                                     npz[f"labels_{i}"].tolist()))
                       for i, name in enumerate(header["splits"])}
             status = {name: np.array(npz[f"status_{i}"]) for i, name in enumerate(header["splits"])}
     except (OSError, ValueError, KeyError, TypeError):  # gone, cut short, another layout: scan again

@@ -327,7 +327,11 @@ def read_packed(root) -> Tuple[List[str], Dict[str, List[Sample]], Shards, PathT
             table = pa.ipc.open_file(source).read_all()
         shard = table.column("shard").to_numpy().astype(np.int64)
         columns = {k: table.column(k).to_numpy() for k in ("offset", "length", "label")}
-        paths = PathTable(table.column("path").to_pylist())
+        strings = table.column("path").combine_chunks()  # UTF-8 bytes + int32 offsets: a PathTable's layout
+        _, offsets, data = strings.buffers()
+        offsets = np.frombuffer(offsets, dtype=np.int32)[strings.offset:strings.offset + len(strings) + 1]
+        paths = PathTable.from_buffers(np.frombuffer(data, dtype=np.uint8).copy() if data is not None
+                                       else np.zeros(0, np.uint8), offsets)
     except (OSError, pa.ArrowInvalid, KeyError) as err:
         raise DataError(f"{root / ROWS} cannot be read ({err}): pack again") from None
     counts = np.bincount(shard, minlength=len(entries)) if len(shard) else np.zeros(len(entries), np.int64)

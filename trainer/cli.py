@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                         "per few hundred MB instead of one per image; resumable, every image checked once")
     pk.add_argument("src", help="the image folder (train/ [val/ test/] of class folders, or class folders)")
     pk.add_argument("dest", help="a new or empty folder for the shards (or one a cut-short pack left: it resumes)")
-    pk.add_argument("--shard-mb", type=float, default=256, help="images per shard, in MiB of files (default 256)")
+    pk.add_argument("--shard-mb", type=float, default=256, help="images per shard, in MiB of files (default 256, "
+                    "at most 1024)")
     pk.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (listed in "
                     "index.json) instead of stopping at the first")
     w = sub.add_parser("sweep", help="expand a sweep file into runs: a SLURM job array or local runs")

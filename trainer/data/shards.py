@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -45,6 +46,7 @@ from trainer.files import atomic_write, atomic_write_json, read_json
 
 VERSION = 1
 INDEX, PLAN, ROWS = "index.json", ".plan.json", "rows.arrow"
+MAX_SHARD_MB = 1024
 MAX_OPEN_SHARDS = 256  # per process (each DataLoader worker): ImageNet packs into ~550 shards of 256 MiB
 READ_THREADS = 8  # reads overlap (latency-bound on a network file system); PIL's decode releases the GIL
 
@@ -60,9 +62,10 @@ def _pyarrow():
 
 # ---- packing ----
 
-def _plan(src: Path, shard_mb: float) -> dict:
+def _plan(src: Path, shard_mb: float) -> Tuple[dict, Dict[str, List[Sample]]]:
     """Which files go into which shard: consecutive files of a split (sorted by class, then path) until the
-    shard holds `shard_mb`. A pure function of the listing, so a resumed pack makes the same shards."""
+    shard holds `shard_mb`. A pure function of the listing, so a resumed pack makes the same shards. Returns
+    the plan and the scanned samples of each split."""
     classes, splits = scan_imagefolder(src)
     limit = shard_mb * 2**20
     plan = {"version": VERSION, "source": str(src.resolve()), "classes": classes, "shard_mb": shard_mb,
@@ -83,7 +86,7 @@ def _plan(src: Path, shard_mb: float) -> dict:
         plan["splits"][split] = [{"file": f"{split}-{k:05d}.arrow", "first": a, "end": b, "listing": digest}
                                  for k, (a, b, digest) in enumerate(shards)]
     plan["listing"] = listing.hexdigest()
-    return plan
+    return plan, splits
 
 
 def _read(path: str) -> Tuple[bytes, str]:
@@ -136,7 +139,7 @@ def _write_shard(target: Path, src: Path, samples: Sequence[Sample], skip_bad: b
     table = table.replace_schema_metadata({"skipped": json.dumps(bad), "listing": listing})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=1024)  # record batches of 1,024 rows: a row is found in one step
+        writer.write_table(table, max_chunksize=1024)  # record batches of 1,024 rows, for any Arrow reader
     data = sink.getvalue().to_pybytes()
     contents = _contents(data)
     if any(data[o:o + n] != image for o, n, (_, _, image) in zip(contents["offset"], contents["length"], keep)):
@@ -177,14 +180,15 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     """Pack the image folder `src` into shards in `dest`; returns the index. Resumable: run it again."""
     _pyarrow()
     src, dest = Path(src), Path(dest)
-    if shard_mb <= 0:
-        raise DataError(f"--shard-mb must be > 0, got {shard_mb}")
+    if not 0 < shard_mb <= MAX_SHARD_MB:
+        raise DataError(f"--shard-mb must be in (0, {MAX_SHARD_MB}], got {shard_mb} (an Arrow binary column holds "
+                        f"at most 2 GiB)")
     real_src, real_dest = src.resolve(), dest.resolve()
     if real_dest == real_src or real_src in real_dest.parents:
         raise DataError(f"the shards would go inside the folder they pack ({dest} is in {src}): choose a DEST "
                         f"outside it (nothing is written into a data folder)")
     _refuse_other_layouts(src)
-    plan = _plan(src, shard_mb)
+    plan, splits = _plan(src, shard_mb)
     if (dest / INDEX).is_file():
         index = read_json(dest / INDEX)
         if index.get("listing") == plan["listing"]:
@@ -199,7 +203,6 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
         # still hold what is planned for them are kept, any other is written again
         say(f"[pack] resuming the unfinished pack in {dest}")
     atomic_write_json(dest / PLAN, plan)
-    _, splits = scan_imagefolder(src)
     total = sum(shard["end"] - shard["first"] for v in plan["splits"].values() for shard in v)
     index = {key: plan[key] for key in ("version", "source", "classes", "shard_mb", "listing")}
     index["splits"], skipped, done = {}, [], 0
@@ -233,6 +236,10 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     atomic_write(dest / ROWS, sink.getvalue().to_pybytes(), fsync=True)
     atomic_write_json(dest / INDEX, index, fsync=True)  # last: its presence says the pack is complete
     (dest / PLAN).unlink()
+    planned = {shard["file"] for v in plan["splits"].values() for shard in v}
+    for stale in dest.iterdir():  # shards of an earlier plan of this pack (e.g. before a bad file was fixed)
+        if re.fullmatch(r"(train|val|test)-\d{5}\.arrow", stale.name) and stale.name not in planned:
+            stale.unlink()
     say(f"[pack] {len(rows['label'])} images of {len(index['classes'])} classes in "
         f"{sum(len(v) for v in index['splits'].values())} shard(s) in {dest}"
         + (f"; {len(skipped)} unreadable file(s) left out, e.g. {skipped[0][0]}" if skipped else ""))

@@ -148,9 +148,9 @@ def agree(accelerator, fn, main_only: bool = False, share: bool = False, gather:
     If any rank raised, every rank raises: a user error (TrainerError) as the same SharedError on all ranks;
     a stop request as StopRequested; a bug re-raised with its traceback on its own rank and as a one-line
     SharedError elsewhere. Otherwise returns `fn`'s result: the main rank's on every rank with `share` (it
-    must pickle), the list of every rank's, in rank order, with `gather`, each rank's own without either. `fn` must run no collective itself: the all-gather here is the
-    one every rank reaches whatever happened, which is what keeps a failure on one rank from hanging the
-    others."""
+    must pickle), the list of every rank's, in rank order, with `gather`, each rank's own without either.
+    `fn` must run no collective itself: the all-gather here is the one every rank reaches whatever happened,
+    which is what keeps a failure on one rank from hanging the others."""
     from trainer.requests import StopRequested
 
     if accelerator.num_processes == 1:

@@ -71,8 +71,8 @@ class PathTable:
 
     Why: a forked DataLoader worker that reads a list of a million str objects writes each one's reference
     count, so page by page it gets its own copy of the whole list (66 MiB per worker after reading a million
-    entries, measured by bench/data_scale.py; times workers times ranks). Reading from two numpy arrays writes nothing: the pages stay shared. Each access
-    builds a fresh str."""
+    entries, measured by bench/data_scale.py; times workers times ranks). Reading from two numpy arrays
+    writes nothing: the pages stay shared. Each access builds a fresh str."""
 
     def __init__(self, paths: Sequence[str]):
         encoded = [p.encode("utf-8", "surrogateescape") for p in paths]

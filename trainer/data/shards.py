@@ -20,10 +20,10 @@ resume then depend on the worker count and shard order); MosaicML streaming and 
 of their own, for the same result here).
 
 DEST holds `<split>-NNNNN.arrow`, `rows.arrow` and `index.json` (written last, atomically): the classes, per
-split the shards with their rows and bytes, the files left out as unreadable. Until it is written, `.plan.json` says which
-files go into which shard, so a pack cut short (or stopped by an unreadable file, fixed since) is resumed by
-the same command: a finished shard is kept when it holds the files planned for it (each records the digest of
-their names, labels and sizes), and written again otherwise.
+split the shards with their rows and bytes, the files left out as unreadable. Until it is written,
+`.plan.json` says which files go into which shard, so a pack cut short (or stopped by an unreadable file,
+fixed since) is resumed by the same command: a finished shard is kept when it holds the files planned for it
+(each records the digest of their names, labels and sizes), and written again otherwise.
 """
 from __future__ import annotations
 

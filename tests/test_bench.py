@@ -17,7 +17,8 @@ from tests.conftest import ROOT
     ("accelerate_wrappers.py", [], "accelerate-wrappers-smoke"),
     ("checkpoint_io.py", [], "checkpoint-io-smoke"),
     ("seg_eval.py", [], "seg-eval-smoke"),
-    ("det_eval.py", [], "det-eval-smoke")])
+    ("det_eval.py", [], "det-eval-smoke"),
+    ("airbench_side_by_side.py", [], "airbench-side-by-side-smoke")])
 def test_benchmark_smoke(tmp_path, script, extra, name):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path), *extra],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path,

@@ -26,6 +26,9 @@ def test_recipes_all_load():
     ("data.augment.flip_mode=alternating", "data.loader=device"),
     ("data.loader=gpu", "data.loader"),
     ("eval.tta=five_crop", "eval.tta"),
+    ("optim.freeze_after_epochs={whiten.bias: -1}", "optim.freeze_after_epochs.whiten.bias"),
+    ("optim.bias_lr_scale_scope=biases", "optim.bias_lr_scale_scope"),
+    ("train.drop_last=maybe", "train.drop_last"),
     ("optim.lookahead_decay=1.0", "optim.lookahead_decay"),
     ("optim.warmup_start_ratio=2", "optim.warmup_start_ratio"),
     # the regularisation and fine-tuning keys
@@ -99,6 +102,8 @@ def test_cli_config_error_is_one_line_and_writes_nothing(tmp_path):
      "data.augment.auto_augment"),
     (["data.loader=device", "data.augment.random_erasing=0.25"], "data.loader=workers"),
     (["train.early_stopping.patience=2", "eval.every_epochs=0"], "eval.every_epochs"),
+    (["data.format=generated", "data.generated.variant=segmentation", "eval.tta=flip_translate"],
+     "eval.tta=flip_translate"),
 ])
 def test_regularisation_keys_refuse_data_or_loaders_they_cannot_serve(overrides, key):
     with pytest.raises(ConfigError) as err:

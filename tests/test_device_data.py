@@ -153,3 +153,25 @@ def test_a_file_removed_after_the_scan_is_named(tmp_path):
     (root / "dog" / "0.jpg").unlink()
     with pytest.raises(DataError, match="dog/0.jpg"):
         decode_split(ds, 16)
+
+
+def test_drop_last_keeps_full_batches_only():
+    for world in (1, 2):
+        dl = loader(n=37, batch=4, world=world, drop_last=True)
+        assert len(dl) == 37 // (4 * world)
+        assert all(len(y) == 4 for _, y in dl.batches())
+
+
+def test_initialisation_sample_spans_a_class_sorted_folder_and_is_seeded():
+    n = 60
+    images = torch.zeros((n, 3, 4, 4), dtype=torch.uint8)
+    labels = [i // 20 for i in range(n)]  # class by class, as a folder lists them
+    for i in range(n):
+        images[i] = labels[i] * 100  # the pixel value says the class
+    dl = DeviceLoader(images, labels, 4, [0, 0, 0], [1, 1, 1], seed=5)
+    first = dl.first(15)
+    assert first.shape == (15, 3, 4, 4)
+    classes = {round(float(v)) for v in first[:, 0, 0, 0] * 255 / 100}
+    assert classes == {0, 1, 2}
+    again = DeviceLoader(images, labels, 4, [0, 0, 0], [1, 1, 1], seed=5)
+    assert torch.equal(again.first(15), first)

@@ -283,3 +283,38 @@ def test_a_frozen_backbone_leaves_weights_and_bn_statistics_as_loaded_for_the_fr
     for k in loaded.keys() - head:  # conv weights, BN weights and running statistics, num_batches_tracked
         assert torch.equal(after_frozen[k], loaded[k]), f"{k} moved while frozen"
     assert any(not torch.equal(final[k], loaded[k]) for k in loaded.keys() - head)  # then the backbone trains
+
+
+def test_freeze_after_epochs_stops_a_named_parameter_and_names_a_typo():
+    from trainer.finetune import FreezeAfter
+
+    model = build_model("airbench", 10)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                          weight_decay=1e-3)
+    retire = FreezeAfter(model, {"whiten.bias": 1})
+    x = torch.randn(4, 3, 32, 32)
+    for epoch, should_move in ((0, True), (1, False), (2, False)):
+        bias, head = model.whiten.bias.detach().clone(), model.head.weight.detach().clone()
+        model(x).square().mean().backward()
+        retire.before_step(model, epoch)
+        opt.step()  # momentum and weight decay would move it too: they must not
+        opt.zero_grad(set_to_none=True)
+        assert (not torch.equal(model.whiten.bias, bias)) == should_move, epoch
+        assert not torch.equal(model.head.weight, head)  # everything else trains on
+    with pytest.raises(ConfigError, match="optim.freeze_after_epochs: no parameter is named 'whiten.bais'"):
+        FreezeAfter(model, {"whiten.bais": 3})
+
+
+def test_a_run_keeps_a_parameter_frozen_from_epoch_0_at_its_initial_value(tmp_path):
+    """The loop applies optim.freeze_after_epochs: airbench's whitening bias starts at zero and, frozen from
+    the first epoch, is still zero in the exported model, while the BN biases have trained (with decay)."""
+    from tests.conftest import run_cli, tiny_overrides, weights
+
+    res = run_cli("train", "-", *tiny_overrides(tmp_path, **{
+        "model.name": "airbench", "data.loader": "device", "optim.name": "sgd", "optim.lr": 0.2,
+        "optim.bias_decay": True, "optim.bias_lr_scale": 4.0, "optim.bias_lr_scale_scope": "norm",
+        "optim.freeze_after_epochs": "{whiten.bias: 0}", "train.epochs": 2}))
+    assert res.returncode == 0, res.stderr[-2000:]
+    w = weights(tmp_path / "run")
+    assert torch.equal(w["whiten.bias"], torch.zeros(24))
+    assert w["features.2.bias"].abs().sum() > 0

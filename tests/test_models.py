@@ -83,3 +83,22 @@ def test_flip_tta_is_the_mean_of_both_mirrors():
         expected = (model(x) + model(x.flip(3))) / 2
         assert torch.allclose(forward_tta(model, x, "flip"), expected)
         assert torch.equal(forward_tta(model, x, "none"), model(x))
+
+
+def test_flip_translate_tta_is_airbench94s_six_views():
+    from trainer.models import forward_tta
+
+    model = build_model("small_cnn", 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    up_left, down_right = padded[:, :, 0:32, 0:32], padded[:, :, 2:34, 2:34]
+    assert torch.equal(up_left[:, :, 1:, 1:], x[:, :, :31, :31])  # the image moved one pixel down-right
+    with torch.no_grad():
+        def mirror(v):
+            return (model(v) + model(v.flip(3))) / 2
+        expected = 0.5 * mirror(x) + 0.5 * (mirror(up_left) + mirror(down_right)) / 2
+        assert torch.allclose(forward_tta(model, x, "flip_translate"), expected, atol=1e-6)
+
+
+def test_airbench_whitening_bias_starts_at_zero():
+    assert torch.equal(build_model("airbench", 10).whiten.bias, torch.zeros(24))

@@ -67,3 +67,36 @@ def test_lookahead_pulls_weights_back_and_restores():
     model.weight.data[:] = 9.0
     la.step(model, decay=1.0)  # the final step: the weights become the slow copy
     assert torch.equal(model.weight.data, torch.full((1, 2), 1.5))
+
+
+def test_airbench94_bias_rules_norm_biases_at_64x_lr_with_the_weights_decay_per_update():
+    """airbench94: BN biases at 64 x lr but decayed by lr x weight_decay per update like the weights; other
+    biases (the whitening conv's) at lr with the weights' decay."""
+    model = build_model("airbench", 10)
+    lr, wd = 1.5, 0.00133
+    opt = build_optimizer(model, "sgd", lr, wd, momentum=0.0, bias_lr_scale=64.0, bias_decay=True,
+                          bias_lr_scale_scope="norm")
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = group_of[id(p)]
+        norm_bias = p.ndim == 1 and name.startswith("features.")
+        assert g["lr_scale"] == (64.0 if norm_bias else 1.0), name
+        assert g["lr_scale"] * g["weight_decay"] == pytest.approx(wd), name  # decay per update = lr x wd
+    # one SGD update with zero gradients: every trained tensor shrinks by the same factor 1 - lr x wd
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for g in opt.param_groups:
+        g["lr"] = lr * g["lr_scale"]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    for name, p in model.named_parameters():
+        if name in before:
+            assert torch.allclose(p.detach(), before[name] * (1 - lr * wd), atol=1e-7), name
+
+
+def test_default_bias_rules_keep_the_two_groups_of_old():
+    model = build_model("airbench", 10)
+    opt = build_optimizer(model, "sgd", 0.1, 5e-4, bias_lr_scale=64.0)
+    assert [(g["weight_decay"], g["lr_scale"]) for g in opt.param_groups] == [(5e-4, 1.0), (0.0, 64.0)]

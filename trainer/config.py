@@ -175,6 +175,9 @@ class TrainCfg:
     epochs: int = 10
     batch_size: int = 64  # per process; global batch = batch_size x processes x grad_accum_steps
     grad_accum_steps: int = 1
+    # drop each epoch's last, smaller training batch; null = the task's choice (classification and detection
+    # keep it, segmentation drops it: a batch of one breaks DeepLabV3's BatchNorm). airbench94 drops it.
+    drop_last: Optional[bool] = None
     clip_grad_norm: Optional[float] = None
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     max_steps: Optional[int] = None  # stop after this many optimizer updates (smoke tests); null = epochs
@@ -199,7 +202,7 @@ class OptimCfg:
     momentum: float = 0.9  # sgd only
     nesterov: bool = False
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
-    weight_decay: float = 5e-4  # not applied to norm and bias parameters
+    weight_decay: float = 5e-4  # not applied to norm and bias parameters (unless bias_decay)
     schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
     warmup_epochs: float = 0.0  # linear warmup, in epochs of optimizer updates
     warmup_start_ratio: float = 0.0  # warmup starts at this fraction of lr (0: from ~0)
@@ -207,6 +210,15 @@ class OptimCfg:
     step_milestones: List[float] = field(default_factory=list)  # step schedule: epochs where lr *= step_gamma
     step_gamma: float = 0.1
     bias_lr_scale: float = 1.0  # lr multiplier for biases and norm parameters (airbench: 64 for BN biases)
+    # which of them bias_lr_scale applies to: all, or only those of normalisation layers (airbench94: BN biases)
+    bias_lr_scale_scope: Literal["all", "norm"] = "all"
+    # weight decay on biases and norm parameters too, the same per update as on the weights (so divided by
+    # their bias_lr_scale; airbench94 decays its BN biases this way)
+    bias_decay: bool = False
+    # parameters whose name starts with a key stop training after that many epochs: their gradients are
+    # dropped (no update, momentum or weight decay), as with model.freeze_backbone_epochs. In YAML, e.g.
+    # {whiten.bias: 3} (airbench94 trains its whitening bias for 3 epochs only)
+    freeze_after_epochs: Dict[str, int] = field(default_factory=dict)
     fused: Optional[bool] = None  # fused optimizer kernel; null = on for CUDA, off on CPU
     # Lookahead / EMA of the weights: every `lookahead_every` updates the slow copy moves towards the weights,
     # slow += (1 - d) x (weights - slow) with d = lookahead_decay x (update / total)^3, and the weights are set
@@ -248,9 +260,10 @@ class EvalCfg:
     # the metric that picks best/; null = the task's headline (accuracy; miou for segmentation); higher is
     # better except for losses
     monitor: Optional[str] = None
-    # test-time augmentation: flip = mean of the logits of the image and its mirror; recorded in model.json,
-    # so `trainer eval` and `trainer predict` apply the same
-    tta: Literal["none", "flip"] = "none"
+    # test-time augmentation: flip = mean of the logits of the image and its mirror; flip_translate
+    # (classification) = airbench94's 6 views: flip, plus flip of the image shifted 1 px up-left and down-right
+    # (trainer.models.forward_tta); recorded in model.json, so `trainer eval` and `trainer predict` apply the same
+    tta: Literal["none", "flip", "flip_translate"] = "none"
     split: Literal["val", "test", "train", "all"] = "val"  # which split `trainer eval` scores; all = every image under data.root/<class>/
 
 
@@ -527,8 +540,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.augment.scale_jitter and data.augment.iou_crop are for detection; classification "
                           "and segmentation crop with data.augment.random_resized_crop")
     if targets == "boxes" and cfg.eval.tta != "none":
-        raise ConfigError("eval.tta=flip averages logits; a detector's boxes are not averaged that way: use "
-                          "eval.tta=none for detection")
+        raise ConfigError(f"eval.tta={cfg.eval.tta} averages logits; a detector's boxes are not averaged that way: "
+                          "use eval.tta=none for detection")
+    if targets == "masks" and cfg.eval.tta == "flip_translate":
+        raise ConfigError("eval.tta=flip_translate is for classification (shifted masks are not shifted back): "
+                          "use eval.tta=flip for segmentation")
     if cfg.loss.dice_weight < 0 or cfg.loss.aux_weight < 0:
         raise ConfigError(f"loss.dice_weight and loss.aux_weight must be >= 0, got {cfg.loss.dice_weight}, "
                           f"{cfg.loss.aux_weight}")
@@ -557,6 +573,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.bias_lr_scale must be > 0, got {cfg.optim.bias_lr_scale}")
     if cfg.optim.lookahead_every < 0:
         raise ConfigError(f"optim.lookahead_every must be >= 0, got {cfg.optim.lookahead_every}")
+    for prefix, epochs in cfg.optim.freeze_after_epochs.items():
+        if epochs < 0:
+            raise ConfigError(f"optim.freeze_after_epochs.{prefix} must be >= 0 epochs, got {epochs}")
     if not 0.0 <= cfg.optim.lookahead_decay < 1.0:
         raise ConfigError(f"optim.lookahead_decay must be in [0, 1), got {cfg.optim.lookahead_decay}")
     if cfg.data.augment.flip_mode == "alternating" and cfg.data.loader != "device":

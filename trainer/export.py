@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from trainer.errors import TrainerError
 from trainer.files import atomic_dir, load_safetensors
+from trainer.models import TTA_MODES
 
 FORMAT = "cnn-trainer-model"
 FORMAT_VERSION = 1
@@ -99,8 +100,8 @@ def read_meta(model_dir: Path) -> dict:
         raise TrainerError(f"{path}: threshold must be in (0, 1), got {threshold}")
     if meta.get("positive_class") is not None and meta["positive_class"] not in classes:
         raise TrainerError(f"{path}: positive_class '{meta['positive_class']}' is not one of {classes}")
-    if meta.get("tta", "none") not in ("none", "flip"):
-        raise TrainerError(f"{path}: tta '{meta['tta']}' is not none or flip")
+    if meta.get("tta", "none") not in TTA_MODES:
+        raise TrainerError(f"{path}: tta '{meta['tta']}' is not one of {', '.join(TTA_MODES)}")
     return meta
 
 

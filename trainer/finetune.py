@@ -1,5 +1,6 @@
 """Fine-tuning a classification model: its split into backbone and head, a depth per parameter for layer-wise
-lr decay (`trainer.optim.param_groups`), and freezing the backbone for the first epochs (`BackboneFreeze`).
+lr decay (`trainer.optim.param_groups`), freezing the backbone for the first epochs (`BackboneFreeze`), and
+named parameters that stop training after some epochs (`FreezeAfter`).
 
 Depths count from the stem (0), one level per stage or feature block, to the head (the deepest level):
 resnet conv1/bn1 = 0, layer1..layer4 = 1..4, fc = 5; mobilenet_v3 / efficientnet / convnext features[i] = i
@@ -109,3 +110,30 @@ class BackboneFreeze:
         self._check(model)
         for norm in self.norms:
             norm.train(self.model.training)
+
+
+class FreezeAfter:
+    """Parameters that stop training after a number of epochs (`optim.freeze_after_epochs`: name prefix ->
+    epochs; airbench94 trains its whitening bias for 3). Like BackboneFreeze, their gradients are dropped
+    before the optimizer step (no update, momentum or weight decay; DDP still reduces them); the epoch alone
+    decides, so a resumed run freezes them at the same update. A prefix that names no parameter is an error."""
+
+    def __init__(self, model: nn.Module, after: Dict[str, int]):
+        self.model = _unwrap(model)
+        names = [name for name, _ in self.model.named_parameters()]
+        self.params: Dict[int, List[nn.Parameter]] = {}  # epochs -> the parameters frozen from then on
+        for prefix, epochs in after.items():
+            chosen = [p for name, p in self.model.named_parameters() if _under(name, prefix)]
+            if not chosen:
+                raise ConfigError(f"optim.freeze_after_epochs: no parameter is named {prefix!r} or starts with "
+                                  f"{prefix + '.'!r} (some are: {', '.join(names[:6])})")
+            self.params.setdefault(int(epochs), []).extend(chosen)
+
+    def before_step(self, model: nn.Module, epoch: int) -> None:
+        """Drops the gradients of the parameters whose training ended before `epoch` (0-based)."""
+        if _unwrap(model) is not self.model:
+            raise ValueError("FreezeAfter was built for another model")
+        for epochs, params in self.params.items():
+            if epoch >= epochs:
+                for p in params:
+                    p.grad = None

@@ -38,7 +38,7 @@ from trainer.data.loaders import build_train_loader
 from trainer.data.on_ranks import build_data_on_ranks
 from trainer.distributed import agree, check_processes, make_accelerator, sync_buffers
 from trainer.ema import ModelEma
-from trainer.finetune import BackboneFreeze
+from trainer.finetune import BackboneFreeze, FreezeAfter
 from trainer.errors import ConfigError, TrainerError
 from trainer.evaluation import evaluate
 from trainer.export import export_model, model_card
@@ -199,7 +199,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                                  drop_path=cfg.model.drop_path, dropout=cfg.model.dropout)
         loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, acc, data.mean, data.std,
                                     len(data.classes), cfg.model.channels_last, say,
-                                    drop_last=task.drop_last, collate=task.collate)
+                                    drop_last=task.drop_last if cfg.train.drop_last is None else cfg.train.drop_last,
+                                    collate=task.collate)
         if hasattr(model, "init_from_data") and not cfg.model.pretrained_path:  # e.g. airbench's whitening filters
             model.init_from_data(loader.first(5000))
         return model, loader
@@ -223,6 +224,9 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     ema = ModelEma(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.warmup_power) if cfg.ema.decay > 0 else None
     # fine-tuning: the backbone (weights and BN statistics) held still for the first epochs; only the head trains
     freeze = agree(acc, lambda: BackboneFreeze(core, cfg.model.name)) if cfg.model.freeze_backbone_epochs else None
+    # named parameters that stop training after some epochs (airbench94's whitening bias)
+    after = cfg.optim.freeze_after_epochs
+    retire = agree(acc, lambda: FreezeAfter(core, after)) if after else None
     eval_batch = eval_batch_size(cfg)
 
     # ---- derived numbers (in optimizer updates, so the schedule ignores the process count) ----
@@ -472,6 +476,8 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                 if acc.sync_gradients:
                     if freeze is not None:
                         freeze.before_step(core)  # no step, momentum or decay for it; clipping sees the head only
+                    if retire is not None:
+                        retire.before_step(core, epoch)
                     if cfg.train.clip_grad_norm is not None:
                         acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
                     for group in opt.param_groups:

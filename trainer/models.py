@@ -98,6 +98,7 @@ class AirbenchNet(nn.Module):
             raise ConfigError(f"model airbench needs data.image_size >= 16, got {image_size}")
         self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data, never trained
+        nn.init.zeros_(self.whiten.bias)  # as airbench94 (nn.Conv2d's default is uniform +-1/sqrt(12) here)
 
         def bn(c):
             norm = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
@@ -139,13 +140,24 @@ class AirbenchNet(nn.Module):
         return self.head(torch.amax(x, dim=(2, 3))) * self.logit_scale
 
 
+TTA_MODES = ("none", "flip", "flip_translate")
+
+
 def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Logits with test-time augmentation: flip = the mean of the logits of the image and its mirror."""
+    """Logits with test-time augmentation: flip = the mean of the logits of the image and its mirror;
+    flip_translate (airbench94's tta_level 2, 6 forward passes) = half the flip logits of the image, plus half
+    the mean of the flip logits of the image shifted by one pixel up-left and by one down-right (reflect
+    padding, so the size stays)."""
     if tta == "none":
         return model(x)
     if tta == "flip":
         return (model(x).float() + model(torch.flip(x, dims=[3])).float()) / 2
-    raise ConfigError(f"unknown test-time augmentation '{tta}' (none, flip)")
+    if tta == "flip_translate":
+        h, w = x.shape[-2:]
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+        return (forward_tta(model, x, "flip") + sum(forward_tta(model, s, "flip") for s in shifted) / 2) / 2
+    raise ConfigError(f"unknown test-time augmentation '{tta}' ({', '.join(TTA_MODES)})")
 
 
 def _small_stem(model: nn.Module, name: str) -> None:

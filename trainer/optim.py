@@ -15,22 +15,43 @@ from torch import nn
 from trainer.finetune import parameter_depths
 
 
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
 def param_groups(model: nn.Module, weight_decay: float, bias_lr_scale: float = 1.0, head_lr_scale: float = 1.0,
-                 layer_decay: Optional[float] = None, model_name: Optional[str] = None) -> list:
-    """Weight decay on conv/linear weights only; none on biases and norm parameters (every tensor with ndim <= 1),
-    which may also take a larger lr. Each group's `lr_scale` multiplies the scheduled lr.
+                 layer_decay: Optional[float] = None, model_name: Optional[str] = None, bias_decay: bool = False,
+                 bias_lr_scale_scope: str = "all") -> list:
+    """Weight decay on conv/linear weights; biases and norm parameters (every tensor with ndim <= 1) take none
+    unless `bias_decay`, and may take a larger lr: `bias_lr_scale`, on all of them (`bias_lr_scale_scope`
+    "all") or on the parameters of normalisation layers only ("norm", as airbench94 scales BatchNorm biases).
+    With `bias_decay` their weight decay is divided by their bias_lr_scale, so that the decay per update
+    (lr x weight decay, in SGD and AdamW alike) is the weights' (airbench94: "scales up learning rate (but
+    not weight decay)"). Each group's `lr_scale` multiplies the scheduled lr.
 
     Fine-tuning (`model_name` gives the split, `trainer.finetune`): the head's lr x `head_lr_scale`, and with
     `layer_decay` a parameter at depth d of a model whose head is at depth D takes lr x layer_decay^(D - d)
     (BEiT, timm). The factors multiply; parameters with the same weight decay and lr_scale share a group.
-    Without them the groups are the two of old, in the same order: old optimizer states still load."""
+    Without them the groups are those of old, in the same order (weights, then biases and norm parameters):
+    old optimizer states still load; scope "norm" adds a third, the other biases, last."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+
+    def bias_scale(p) -> float:  # the bias/norm lr factor of a parameter with ndim <= 1
+        return bias_lr_scale if bias_lr_scale_scope == "all" or id(p) in norm_params else 1.0
+
+    def bias_weight_decay(scale: float) -> float:
+        return weight_decay / scale if bias_decay else 0.0
+
     if head_lr_scale == 1.0 and layer_decay is None:
-        decay, no_decay = [], []
+        groups = {"weights": {"params": [], "weight_decay": weight_decay, "lr_scale": 1.0},
+                  bias_lr_scale: {"params": [], "weight_decay": bias_weight_decay(bias_lr_scale),
+                                  "lr_scale": bias_lr_scale}}
         for p in model.parameters():
             if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-                {"params": no_decay, "weight_decay": 0.0, "lr_scale": bias_lr_scale}]
+                key = "weights" if p.ndim > 1 else bias_scale(p)
+                if key not in groups:  # scope "norm": the other biases, at lr
+                    groups[key] = {"params": [], "weight_decay": bias_weight_decay(key), "lr_scale": key}
+                groups[key]["params"].append(p)
+        return list(groups.values())  # build_optimizer drops the empty ones
     key = "optim.layer_decay" if layer_decay is not None else "optim.head_lr_scale"
     if model_name is None:
         raise ValueError(f"{key} needs the model's name for its backbone/head split")
@@ -40,12 +61,12 @@ def param_groups(model: nn.Module, weight_decay: float, bias_lr_scale: float = 1
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = bias_lr_scale if p.ndim <= 1 else 1.0
+        scale = bias_scale(p) if p.ndim <= 1 else 1.0
+        decay = bias_weight_decay(scale) if p.ndim <= 1 else weight_decay
         if depths[name] == head:
             scale *= head_lr_scale
         if layer_decay is not None:
             scale *= layer_decay ** (head - depths[name])
-        decay = 0.0 if p.ndim <= 1 else weight_decay
         groups.setdefault((decay, scale), {"params": [], "weight_decay": decay, "lr_scale": scale})["params"].append(p)
     return list(groups.values())
 
@@ -53,9 +74,11 @@ def param_groups(model: nn.Module, weight_decay: float, bias_lr_scale: float = 1
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     nesterov: bool = False, betas: Sequence[float] = (0.9, 0.999), bias_lr_scale: float = 1.0,
                     fused: bool = False, head_lr_scale: float = 1.0, layer_decay: Optional[float] = None,
-                    model_name: Optional[str] = None) -> torch.optim.Optimizer:
+                    model_name: Optional[str] = None, bias_decay: bool = False,
+                    bias_lr_scale_scope: str = "all") -> torch.optim.Optimizer:
     """`fused`: one kernel for the whole update (CUDA; CPU too on recent torch) instead of a loop of ops."""
-    groups = [g for g in param_groups(model, weight_decay, bias_lr_scale, head_lr_scale, layer_decay, model_name)
+    groups = [g for g in param_groups(model, weight_decay, bias_lr_scale, head_lr_scale, layer_decay, model_name,
+                                      bias_decay, bias_lr_scale_scope)
               if g["params"]]
     extra = {"fused": True} if fused else {}
     if name == "sgd":
@@ -121,7 +144,8 @@ def optimizer_from(model: nn.Module, optim_cfg, fused: bool, model_name: Optiona
     """`model_name` (model.name): the backbone/head split that optim.head_lr_scale and optim.layer_decay need."""
     return build_optimizer(model, optim_cfg.name, optim_cfg.lr, optim_cfg.weight_decay, optim_cfg.momentum,
                            optim_cfg.nesterov, optim_cfg.betas, optim_cfg.bias_lr_scale, fused,
-                           optim_cfg.head_lr_scale, optim_cfg.layer_decay, model_name)
+                           optim_cfg.head_lr_scale, optim_cfg.layer_decay, model_name, optim_cfg.bias_decay,
+                           optim_cfg.bias_lr_scale_scope)
 
 
 def schedule_from(optim_cfg, total_updates: int, updates_per_epoch: int) -> dict:

@@ -25,6 +25,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def init_sample(n: int, count: int, seed: int) -> torch.Tensor:
+    """Which `count` of `n` training images a data-dependent initialisation sees (airbench's whitening
+    filters), in index order: a seeded random sample, the same on every rank, not the first ones, because a
+    folder lists its images class by class (the first 5,000 CIFAR-10 files are all airplanes)."""
+    gen = torch.Generator().manual_seed(sample_seed(seed, 0xFFFFFFFE, 0))  # an "epoch" no epoch reaches
+    return torch.randperm(n, generator=gen)[:count].sort().values
+
+
 def read_image(path: str, exif_orientation: bool, hint: str = "") -> torch.Tensor:
     """An image file as a (3, H, W) uint8 RGB tensor (decode_rgb), or a DataError naming the file: a bare PIL
     error says nothing about which one. PIL's warnings (e.g. a large or odd file) stay quiet here."""

@@ -23,7 +23,7 @@ import torch
 from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
-from trainer.data.datasets import ArrayDataset, FileDataset, sample_seed
+from trainer.data.datasets import ArrayDataset, FileDataset, init_sample, sample_seed
 from trainer.distributed import shard_bounds
 from trainer.data.folders import decode_jpeg_rgb
 from trainer.data.mixing import BatchMixer
@@ -104,8 +104,8 @@ class DeviceLoader(DataLoaderStateMixin):
     Per epoch: a permutation, a crop offset in [0, 2 x padding] per axis and a flip bit per image, all drawn
     at once from a generator seeded by (seed, epoch). A batch is one gather from the uint8 tensor whose row
     and column indices already include the reflect padding, the crop and the flip; then it is converted to
-    float and normalised, and mixed by `mixer` (mixup/CutMix) when there is one. The last global batch is kept
-    when every rank gets at least one image from it.
+    float and normalised, and mixed by `mixer` (mixup/CutMix) when there is one. The last, smaller global
+    batch is kept when every rank gets at least one image from it, unless `drop_last`.
 
     It is an accelerate `DataLoaderStateMixin` so that `accelerator.accumulate` knows where the epoch ends
     (gradient accumulation then syncs on the last batch, as with a prepared DataLoader).
@@ -113,7 +113,7 @@ class DeviceLoader(DataLoaderStateMixin):
 
     def __init__(self, images: torch.Tensor, labels, batch_size: int, mean, std, seed: int, rank: int = 0,
                  world: int = 1, padding: int = 0, flip: str = "random", hflip: bool = True,
-                 channels_last: bool = False, mixer: Optional[BatchMixer] = None):
+                 channels_last: bool = False, mixer: Optional[BatchMixer] = None, drop_last: bool = False):
         if padding >= images.shape[-1]:
             raise DataError(f"data.augment.crop_padding={padding} must be smaller than the image side {images.shape[-1]}")
         self.images = images  # (N, 3, S, S) uint8, on the training device
@@ -128,7 +128,7 @@ class DeviceLoader(DataLoaderStateMixin):
         self.gradient_state = GradientState()
         self._drop_last = True  # accelerate reads this; the remainder bookkeeping is for gather_for_metrics
         n, g = len(self.labels), batch_size * world
-        self.num_batches = n // g + (1 if n % g >= world else 0)  # per process, the same on every rank
+        self.num_batches = n // g + (1 if n % g >= world and not drop_last else 0)  # per process, on every rank
         # alternating flip: which images start mirrored, fixed for the whole run (not per epoch)
         base = torch.Generator().manual_seed(sample_seed(seed, -1 & 0xFFFFFFFF, 0))
         self.flip_base = torch.rand(n, generator=base) < 0.5
@@ -140,8 +140,10 @@ class DeviceLoader(DataLoaderStateMixin):
         """Nothing for accelerate to wrap: already on the device and sharded (trainer.data.loaders)."""
 
     def first(self, count: int) -> torch.Tensor:
-        """The first `count` images of the split, normalised, unaugmented (data-dependent initialisation)."""
-        return (self.images[:count].float() - self.mean) / self.std
+        """`count` images of the split (`init_sample`: which), normalised, unaugmented (data-dependent
+        initialisation)."""
+        index = init_sample(len(self.labels), count, self.seed).to(self.images.device)
+        return (self.images[index].float() - self.mean) / self.std
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -211,7 +213,7 @@ class DeviceLoader(DataLoaderStateMixin):
 
 def to_device_loader(dataset, image_size: int, device, batch_size: int, mean, std, seed: int, rank: int,
                      world: int, padding: int, flip: str, hflip: bool, channels_last: bool,
-                     mixer: Optional[BatchMixer] = None) -> DeviceLoader:
+                     mixer: Optional[BatchMixer] = None, drop_last: bool = False) -> DeviceLoader:
     images = decode_split(dataset, image_size).to(device)
     return DeviceLoader(images, dataset.labels, batch_size, mean, std, seed, rank, world, padding, flip, hflip,
-                        channels_last, mixer)
+                        channels_last, mixer, drop_last)

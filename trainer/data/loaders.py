@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from trainer.data import class_balanced_sampler
-from trainer.data.datasets import eval_transform
+from trainer.data.datasets import eval_transform, init_sample
 from trainer.data.device import to_device_loader
 from trainer.data.mixing import BatchMixer, build_mixer
 
@@ -35,6 +35,7 @@ class WorkerLoader:
                  first_transform, sampler=None, drop_last: bool = False, collate=None,
                  mixer: Optional[BatchMixer] = None):
         self.dataset, self.sampler, self.first_transform, self.mixer = dataset, sampler, first_transform, mixer
+        self.seed = seed
         self.epoch = 0
         # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
         self.dl = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
@@ -67,9 +68,9 @@ class WorkerLoader:
             yield self.mixer(x, y, self.epoch, index)
 
     def first(self, count: int) -> torch.Tensor:
-        """Up to `count` training images, normalised as for evaluation, in dataset order."""
-        n = min(count, len(self.dataset))
-        return torch.stack([self.first_transform(self.dataset.load(i)) for i in range(n)])
+        """Up to `count` training images, normalised as for evaluation (`init_sample`: which)."""
+        return torch.stack([self.first_transform(self.dataset.load(i))
+                            for i in init_sample(len(self.dataset), count, self.seed).tolist()])
 
 
 def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerator, mean, std, num_classes: int,
@@ -86,7 +87,7 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
         start = time.time()
         loader = to_device_loader(dataset, data_cfg.image_size, accelerator.device, batch_size, mean, std, seed,
                                   accelerator.process_index, accelerator.num_processes, aug.crop_padding,
-                                  aug.flip_mode, aug.hflip, channels_last, mixer=mixer)
+                                  aug.flip_mode, aug.hflip, channels_last, mixer=mixer, drop_last=drop_last)
         say(f"[trainer] data.loader=device: {len(dataset)} training images decoded to a uint8 tensor on "
             f"{accelerator.device} ({loader.images.numel() / 2**20:.0f} MiB) in {time.time() - start:.1f} s")
         return loader

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.conftest import make_folder
 from trainer.config import load_config
 from trainer.data import build_data
-from trainer.data.datasets import POLICIES, ArrayDataset, PadCropFlip, train_transform
+from trainer.data.datasets import POLICIES, ArrayDataset, PadCropFlip, init_sample, train_transform
 from trainer.data.device import DeviceLoader
 from trainer.data.loaders import WorkerLoader, build_train_loader
 from trainer.data.mixing import BatchMixer, build_mixer, mixed_targets
@@ -165,7 +165,8 @@ def test_device_loader_from_the_config_gets_the_mixer():
     ds = ArrayDataset(images(16), [i % CLASSES for i in range(16)], seed=3)
     loader = build_train_loader(ds, cfg, 4, 3, acc, MEAN, STD, CLASSES, False, say=lambda *a: None)
     assert isinstance(loader, DeviceLoader) and loader.mixer is not None
-    assert torch.equal(loader.first(3), (loader.images[:3].float() - loader.mean) / loader.std)  # never mixed
+    sample = init_sample(16, 3, 3)  # the seeded init sample, not the first (class-sorted) images
+    assert torch.equal(loader.first(3), (loader.images[sample].float() - loader.mean) / loader.std)  # never mixed
     assert build_mixer(data_cfg().augment, CLASSES, 0, 0) is None  # both alphas 0: no mixer at all
 
 

@@ -156,10 +156,9 @@ def ours_command(data: Path, run_dir: Path, epochs: int, seed: int, overrides) -
             *overrides]
 
 
-def finish_ours(run_dir: Path, seed: int, out: Path, wall: float) -> None:
+def finish_ours(run_dir: Path, seed: int, out: Path, wall: float, recipe_tta: str) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     per_epoch = [r["accuracy"] for r in rows if r.get("type") == "eval"]
-    recipe_tta = _recipe_tta(run_dir)
     subprocess.run([sys.executable, "-m", "trainer", "eval", "--model", str(run_dir), "--output",
                     str(run_dir / "eval-tta.json"), f"eval.tta={recipe_tta}"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
@@ -168,10 +167,13 @@ def finish_ours(run_dir: Path, seed: int, out: Path, wall: float) -> None:
                                "tta": recipe_tta, "wall_s": wall}, indent=1))
 
 
-def _recipe_tta(run_dir: Path) -> str:
+def recipe_tta(overrides: list) -> str:
+    """The test-time augmentation our side is scored with at the end: the recipe's eval.tta, or an --ours
+    override of it (the run itself trains with eval.tta=none, so its own config.yaml cannot say)."""
     from omegaconf import OmegaConf
 
-    return str(OmegaConf.load(run_dir / "config.yaml").eval.get("tta", "none"))
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("eval.tta=")]
+    return given[-1] if given else str(OmegaConf.load(RECIPE).eval.get("tta", "none"))
 
 
 def table(results: list, epochs: int) -> str:
@@ -218,9 +220,10 @@ def smoke(out: Path) -> None:
     subprocess.run(ours_command(data, run_dir, 1, 0, ["train.batch_size=16", "eval.batch_size=32",
                                                        "data.image_size=32", "train.mixed_precision=no"]),
                    check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
-    finish_ours(run_dir, 0, out / "ours-seed0.json", time.perf_counter() - start)
+    finish_ours(run_dir, 0, out / "ours-seed0.json", time.perf_counter() - start, recipe_tta([]))
     result = json.loads((out / "ours-seed0.json").read_text())
     assert len(result["per_epoch"]) == 1 and 0 <= result["final_tta"] <= 1, result
+    assert result["tta"] == "flip_translate", result  # the recipe's, not the run's eval.tta=none
     (out / "airbench-side-by-side-smoke.json").write_text(json.dumps([result], indent=1))
     (out / "airbench-side-by-side-smoke.md").write_text(table([result], 1))
     print(table([result], 1))
@@ -276,7 +279,7 @@ def main() -> None:
     for side, seed, cmd, result, run_dir in jobs:
         log = open(args.out / f"{side}-seed{seed}.log", "w")
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        running.append((proc, side, seed, result, run_dir, time.perf_counter()))
+        running.append((proc, side, seed, result, run_dir, time.perf_counter(), recipe_tta(args.ours)))
         if not args.parallel:
             _finish(*running.pop())
     for item in running:
@@ -291,11 +294,11 @@ def report(out: Path, results: list, epochs: int) -> None:
     print(md)
 
 
-def _finish(proc, side, seed, result, run_dir, start) -> None:
+def _finish(proc, side, seed, result, run_dir, start, tta) -> None:
     if proc.wait() != 0:
         sys.exit(f"{side} seed {seed} failed (exit {proc.returncode}): see its .log beside {result}")
     if run_dir is not None:
-        finish_ours(run_dir, seed, result, time.perf_counter() - start)
+        finish_ours(run_dir, seed, result, time.perf_counter() - start, tta)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,6 @@ bash launch/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
 workers=${TEST_WORKERS:-2}
 if [ "$workers" = 0 ]; then
-  exec .venv/bin/python -m pytest "$@"
+  exec .venv/bin/python -m pytest --durations=25 "$@"
 fi
-exec .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
+exec .venv/bin/python -m pytest -n "$workers" --dist loadfile --durations=25 "$@"

@@ -183,14 +183,90 @@ def test_the_device_loader_reads_shards_as_it_reads_the_folder(folder, tmp_path)
     assert decode_split(a, 16).equal(decode_split(b, 16))
 
 
-@pytest.mark.parametrize("layout", ["masks", "coco"])
-def test_pack_refuses_segmentation_and_coco_folders_instead_of_reading_them_as_classes(tmp_path, layout):
+def test_pack_refuses_coco_folders_and_masks_without_splits_instead_of_reading_them_as_classes(tmp_path):
     src = tmp_path / "src"
-    if layout == "masks":  # would be read as two classes named "images" and "masks"
-        make_folder(src / "train", ("images", "masks"), 2)
-    else:
-        make_folder(src / "train", ("cat", "dog"), 2)
-        (src / "train" / "annotations.json").write_text("{}")
-    with pytest.raises(DataError, match="trainer pack takes image folders of classes"):
+    make_folder(src / "train", ("cat", "dog"), 2)
+    (src / "train" / "annotations.json").write_text("{}")
+    with pytest.raises(DataError, match="COCO folder .*trainer pack takes image folders of classes and segmentation"):
         shards.pack(src, tmp_path / "packed", say=quiet)
+    flat = tmp_path / "flat"  # images/ and masks/ at the top: would be read as two classes named so
+    make_folder(flat, ("images", "masks"), 2)
+    with pytest.raises(DataError, match="without split folders"):
+        shards.pack(flat, tmp_path / "packed", say=quiet)
     assert not (tmp_path / "packed").exists()
+
+
+# ---- segmentation: a masks folder packed ----
+
+@pytest.fixture
+def masks_folder(tmp_path):
+    from trainer.data.generated import ensure_generated
+
+    return ensure_generated(tmp_path / "seg", "segmentation", 32, 0, {"train": 5, "val": 2})
+
+
+def test_a_masks_folder_packs_into_shards_that_give_its_images_masks_and_fingerprint(masks_folder, tmp_path):
+    index = shards.pack(masks_folder, tmp_path / "packed", shard_mb=0.01, say=quiet)
+    assert index["kind"] == "masks" and len(index["splits"]["train"]) > 1
+    splits = ("train", "val")
+    for val_fraction in (0.0, 0.25):  # the val folder; or val held out of train, as the folder splits it
+        kw = {"data.val_fraction": val_fraction, "task": "segmentation"}
+        if val_fraction:
+            shutil.move(masks_folder / "val", tmp_path / "val-aside")
+            shutil.rmtree(tmp_path / "packed")
+            shards.pack(masks_folder, tmp_path / "packed", shard_mb=0.01, say=quiet)
+        (masks_folder / "classes.txt").rename(tmp_path / "classes-aside")  # the pack holds the class names itself
+        b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=splits, verbose=quiet)
+        (tmp_path / "classes-aside").rename(masks_folder / "classes.txt")
+        a = build_data(data_cfg(masks_folder, "masks", **kw), seed=0, splits=splits, verbose=quiet)
+        assert (a.classes, a.train_counts, a.mean, a.std) == (b.classes, b.train_counts, b.mean, b.std)
+        for split in splits:
+            da, db = a.datasets[split], b.datasets[split]
+            assert len(da) == len(db) > 0
+            for i in range(len(da)):
+                assert da.load(i).equal(db.load(i)) and da.load_mask(i).equal(db.load_mask(i))
+                xa, ya = da[i]
+                xb, yb = db[i]
+                assert xa.equal(xb) and ya.equal(yb)  # the same augmentation of both, seeded by (seed, epoch, index)
+        assert data_fingerprint(a.datasets["train"], a.classes) == data_fingerprint(b.datasets["train"], b.classes)
+
+
+def test_a_bad_mask_is_named_when_packed_and_a_bad_value_when_training_starts(masks_folder, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    mask = sorted((masks_folder / "train" / "masks").iterdir())[3]
+    good = mask.read_bytes()
+    Image.new("RGB", (32, 32)).save(mask)  # a colour mask: refused when packed, naming it
+    with pytest.raises(DataError, match=f"mask {mask} is a colour image"):
+        shards.pack(masks_folder, tmp_path / "packed", shard_mb=0.01, say=quiet)
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(mask)  # a value no class has: found at the start
+    shards.pack(masks_folder, tmp_path / "packed", shard_mb=0.01, say=quiet)  # resumes the pack cut short
+    cfg = data_cfg(tmp_path / "packed", "shards", task="segmentation")
+    with pytest.raises(DataError, match=r"mask train/masks/\S+ \(in the shards at .*packed\) has value 9"):
+        build_data(cfg, seed=0, splits=("train", "val"), verbose=quiet)
+    mask.write_bytes(good)
+
+
+def test_a_task_that_wants_labels_is_refused_on_packed_masks(masks_folder, tmp_path):
+    from trainer.errors import ConfigError
+
+    shards.pack(masks_folder, tmp_path / "packed", shard_mb=0.01, say=quiet)
+    with pytest.raises(ConfigError, match="task=multiclass trains on labels .*holds masks"):
+        data_cfg(tmp_path / "packed", "shards", task="multiclass")
+
+
+@pytest.mark.slow
+def test_segmentation_from_shards_trains_as_from_the_masks_folder(masks_folder, tmp_path):
+    """Same seed: bitwise the same weights and metrics rows (mIoU included), with DataLoader workers."""
+    assert run_cli("pack", str(masks_folder), str(tmp_path / "packed"), "--shard-mb", "0.01").returncode == 0
+    common = ["task=segmentation", "data.image_size=32", "model.name=unet", "train.epochs=2", "train.batch_size=4",
+              "data.num_workers=2", "train.progress_bar=false", "optim.name=adamw", "optim.lr=0.003"]
+    for fmt, root in (("masks", masks_folder), ("shards", tmp_path / "packed")):
+        res = run_cli("train", "-", f"data.format={fmt}", f"data.root={root}", f"run.dir={tmp_path / fmt}", *common)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(tmp_path / "masks", tmp_path / "shards")
+    ev = run_cli("eval", "--model", str(tmp_path / "shards"), "--output", str(tmp_path / "eval.json"))
+    assert ev.returncode == 0, ev.stderr[-2000:]  # trainer eval reads the run's packed masks too
+    final = [json.loads(line) for line in (tmp_path / "shards" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert json.loads((tmp_path / "eval.json").read_text())["miou"] == final["miou"]

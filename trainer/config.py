@@ -74,7 +74,8 @@ class DataCfg:
     # with ROOT/classes.txt; voc: torchvision's VOC root (holds VOCdevkit/VOC2012/), read offline;
     # coco (detection): ROOT/<split>/annotations.json (or Roboflow's _annotations.coco.json) beside the images,
     # or the standard ROOT/annotations/instances_<split>2017.json + ROOT/<split>2017/; voc_detection: VOC's
-    # Annotations/ XML boxes from the same VOC root; shards: a folder `trainer pack` wrote from an image folder.
+    # Annotations/ XML boxes from the same VOC root; shards: a folder `trainer pack` wrote from an image folder
+    # (classification) or a masks folder (segmentation).
     root: Optional[str] = None
     # coco: explicit files per split, winning over the layouts above: {train: {annotations: FILE, images: DIR}}
     coco_files: Optional[Dict[str, Any]] = None
@@ -328,6 +329,10 @@ RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_s
 def data_targets(data_cfg) -> str:
     """What the data's targets are: "masks" (segmentation), "boxes" (detection) or "labels" (classification)."""
     generated = data_cfg.generated.variant if data_cfg.format == "generated" else None
+    if data_cfg.format == "shards" and data_cfg.root:  # what was packed: its index says (a masks folder's: masks)
+        from trainer.data.shards import packed_kind
+
+        return "masks" if packed_kind(data_cfg.root) == "masks" else "labels"
     if data_cfg.format in ("masks", "voc") or generated == "segmentation":
         return "masks"
     if data_cfg.format in ("coco", "voc_detection") or generated == "detection":
@@ -341,7 +346,8 @@ def mask_data(data_cfg) -> bool:
 
 
 # the targets each explicit task trains on, and how to get such data
-_TASK_TARGETS = {"segmentation": ("masks", "data.format=masks or voc, or data.generated.variant=segmentation"),
+_TASK_TARGETS = {"segmentation": ("masks", "data.format=masks or voc, shards of a masks folder, or "
+                                           "data.generated.variant=segmentation"),
                  "detection": ("boxes", "data.format=coco or voc_detection, or data.generated.variant=detection"),
                  "binary": ("labels", "an image folder of class folders, cifar, or a generated classification variant"),
                  "multiclass": ("labels", "an image folder of class folders, cifar, or a generated classification "

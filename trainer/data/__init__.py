@@ -19,12 +19,13 @@ from trainer.data.coco import (DetectionDataset, check_same_categories, detectio
                                detection_train_transform, read_coco_splits, voc_detection_split)
 from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, eval_transform,
                                    measure_mean_std, train_transform)
-from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_masks, mask_eval_transform, mask_train_transform,
-                                scan_mask_folder, voc_pairs)
+from trainer.config import data_targets
+from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_ignore_index, check_masks, mask_eval_transform,
+                                mask_train_transform, read_class_names, scan_mask_folder, voc_pairs, with_val_split)
 from trainer.data.folders import (SkippedPath, describe_skipped, find_bad_images, find_classes, imagefolder_splits,
                                   scan_imagefolder, scan_split, stratified_split, verify_images)
 from trainer.data.manifest import Manifest, cache_file
-from trainer.data.shards import ShardDataset, read_packed
+from trainer.data.shards import ShardDataset, ShardMaskDataset, read_packed
 from trainer.data.manifest import load as load_manifest
 from trainer.data.manifest import save as save_manifest
 from trainer.errors import DataError
@@ -68,7 +69,7 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     result when already made (build_data_on_ranks: the checks it holds were split across the processes)."""
     fmt = data_cfg.format
     size = data_cfg.image_size
-    if fmt in ("masks", "voc") or (fmt == "generated" and data_cfg.generated.variant == "segmentation"):
+    if data_targets(data_cfg) == "masks":
         return build_mask_data(data_cfg, seed, splits, verbose)
     if fmt in ("coco", "voc_detection") or (fmt == "generated" and data_cfg.generated.variant == "detection"):
         return build_box_data(data_cfg, seed, splits, verbose)
@@ -103,14 +104,15 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
         root = Path(data_cfg.root)
         if "all" in splits:
             raise DataError("eval.split=all is for image folders; score a split of the shards (val or test)")
-        classes, packed, shards, all_paths = read_packed(root)
-        classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, scanned=(classes, packed))
+        pack = read_packed(root)
+        classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed,
+                                            scanned=(pack.classes, pack.found))
         _check_splits(root, found, splits, data_cfg.val_fraction)
 
         def shard_split(samples) -> ShardDataset:
             rows = np.array([row for row, _ in samples], dtype=np.int64)
-            return ShardDataset(shards, rows, np.array([label for _, label in samples], dtype=np.int64),
-                                all_paths.take(rows), seed=seed, exif_orientation=data_cfg.exif_orientation)
+            return ShardDataset(pack.shards, rows, np.array([label for _, label in samples], dtype=np.int64),
+                                pack.paths.take(rows), seed=seed, exif_orientation=data_cfg.exif_orientation)
 
         made = {split: shard_split(found[split]) for split in splits}
         skipped = []
@@ -272,9 +274,11 @@ def save_scan(scan: FolderScan, verbose) -> None:
 
 
 def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -> Data:
-    """Images with masks of class indices (segmentation): a masks folder, Pascal VOC, or the generated
-    segmentation variant. Every mask of every requested split is checked at start-up (sizes, values, mode:
-    ~0.3 ms per 64-px mask); `train_counts` are the training split's pixels per class (loss.class_weighted)."""
+    """Images with masks of class indices (segmentation): a masks folder, Pascal VOC, the generated
+    segmentation variant, or a masks folder packed into shards. Every mask of every requested split is checked
+    at start-up (sizes, values, mode: ~0.3 ms per 64-px mask); `train_counts` are the training split's pixels
+    per class (loss.class_weighted)."""
+    pack = None
     fmt, size, aug = data_cfg.format, data_cfg.image_size, data_cfg.augment
     if "all" in splits:
         raise DataError("eval.split=all is for image folders of classes; score a segmentation split (val or test)")
@@ -284,6 +288,14 @@ def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -
         found = {split: voc_pairs(root, data_cfg.voc_year, split) for split in ("train", "val") if split in splits}
         if "test" in splits:
             raise DataError("Pascal VOC's segmentation test split has no public masks; score val")
+    elif fmt == "shards":  # a masks folder packed by `trainer pack`: rows, split as the folder's pairs are
+        root = Path(data_cfg.root)
+        pack = read_packed(root)
+        classes = pack.classes if data_cfg.class_names is None else read_class_names(root, data_cfg.class_names)
+        check_ignore_index(classes, data_cfg.ignore_index, "data.class_names" if data_cfg.class_names is not None
+                           else f"the classes.txt packed into {root}")
+        found = with_val_split(root, {split: [row for row, _ in rows] for split, rows in pack.found.items()},
+                               data_cfg.val_fraction, data_cfg.split_seed)
     else:
         if fmt == "generated":
             g = data_cfg.generated
@@ -297,18 +309,25 @@ def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -
     missing = [s for s in splits if s not in found]
     if missing:
         raise DataError(f"{root} has no {missing[0]} split (found: {sorted(found)})")
+    def dataset(items) -> MaskDataset:
+        if pack is None:
+            return MaskDataset(items, seed=seed, exif_orientation=data_cfg.exif_orientation)
+        rows = np.array(items, dtype=np.int64)
+        return ShardMaskDataset(pack.shards, rows, pack.paths.take(rows), pack.mask_paths.take(rows), seed=seed,
+                                exif_orientation=data_cfg.exif_orientation)
+
     made, counts = {}, []
     for split in splits:
         if not found[split]:
             raise DataError(f"the {split} split of {root} is empty")
-        pixels = check_masks(found[split], len(classes), data_cfg.ignore_index)  # every mask, before training
+        made[split] = dataset(found[split])
+        pixels = check_masks(made[split].pairs(), len(classes), data_cfg.ignore_index)  # every mask, before training
         if split == "train":
             counts = pixels
-        made[split] = MaskDataset(found[split], seed=seed, exif_orientation=data_cfg.exif_orientation)
     if data_cfg.mean and data_cfg.std:
         mean, std = list(data_cfg.mean), list(data_cfg.std)
     else:
-        stats = made.get("train") or MaskDataset(found["train"], exif_orientation=data_cfg.exif_orientation)
+        stats = made.get("train") or dataset(found["train"])
         mean, std = measure_mean_std(stats, size, seed=data_cfg.split_seed)
     for split, ds in made.items():
         ds.transform = (mask_train_transform(size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,

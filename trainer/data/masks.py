@@ -26,7 +26,7 @@ from trainer.data.datasets import _SeededDataset, read_image, sample_seed
 from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, image_error
 from trainer.errors import DataError
 
-Pair = Tuple[str, str]  # (image path, mask path)
+Pair = Tuple[str, str]  # (image path, mask path); either may be a PackedFile (a row of packed shards) instead
 MASK_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 LAYOUT = ("ROOT/<split>/images/<name>.<jpg|jpeg|png|bmp|tif|tiff|webp> with ROOT/<split>/masks/<name>.png "
           "for split train (+ val, test) and ROOT/classes.txt")
@@ -126,12 +126,22 @@ def scan_mask_folder(root, val_fraction: float, split_seed: int, class_names: Op
     if not (root / "train").is_dir():
         raise DataError(f"no training split: {root / 'train'} is missing (expected {LAYOUT})")
     classes = read_class_names(root, class_names)
+    check_ignore_index(classes, ignore_index, "data.class_names" if class_names is not None else root / "classes.txt")
+    splits = {split: scan_pairs(root / split) for split in ("train", "val", "test") if (root / split).is_dir()}
+    return classes, with_val_split(root, splits, val_fraction, split_seed)
+
+
+def check_ignore_index(classes: Sequence[str], ignore_index: int, where) -> None:
+    """ignore_index marks pixels that count nowhere: it may not be a class's index (`where`: the class list)."""
     if 0 <= ignore_index < len(classes):
         raise DataError(f"data.ignore_index={ignore_index} is the index of class '{classes[ignore_index]}' "
-                        f"({len(classes)} classes in "
-                        f"{'data.class_names' if class_names is not None else root / 'classes.txt'}); "
-                        f"choose an ignore_index of {len(classes)} or more (255 is usual)")
-    splits = {split: scan_pairs(root / split) for split in ("train", "val", "test") if (root / split).is_dir()}
+                        f"({len(classes)} classes in {where}); choose an ignore_index of {len(classes)} or more "
+                        f"(255 is usual)")
+
+
+def with_val_split(root, splits: dict, val_fraction: float, split_seed: int) -> dict:
+    """`splits` (train, and val and test where their folders exist) with a val split: without a val folder, a
+    seeded `val_fraction` of train, or (0) the test split. The items may be pairs or rows of packed shards."""
     if "val" not in splits:
         if val_fraction > 0:
             splits["train"], splits["val"] = seeded_split(splits["train"], val_fraction, split_seed)
@@ -142,7 +152,7 @@ def scan_mask_folder(root, val_fraction: float, split_seed: int, class_names: Op
             splits["val"] = splits["test"]  # all of train trains; the test split validates (see data.val_fraction)
         else:
             raise DataError(f"{root} has no val/ or test/ folder and data.val_fraction is 0: nothing to validate on")
-    return classes, splits
+    return splits
 
 
 def voc_pairs(root, year: str = "2012", image_set: str = "train") -> List[Pair]:
@@ -175,12 +185,18 @@ def voc_pairs(root, year: str = "2012", image_set: str = "train") -> List[Pair]:
 
 # ---- reading masks ----
 
-def read_mask(path: str) -> np.ndarray:
-    """A mask file's class indices as a 2-D integer array (uint8, uint16 or int32), in its stored frame.
+def open_source(source):
+    """A binary file object of a mask pair's image or mask: the path's file, or a PackedFile's bytes (shards)."""
+    return source.open() if hasattr(source, "open") else open(source, "rb")
+
+
+def read_mask(path) -> np.ndarray:
+    """A mask file's class indices (a path, or a PackedFile) as a 2-D integer array (uint8, uint16 or int32), in
+    its stored frame.
 
     Palette images (mode P) give their indices, never their colours; 1-bit masks give 0/1."""
     try:
-        with Image.open(path) as img:
+        with open_source(path) as fh, Image.open(fh) as img:
             mode = img.mode
             if mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
                 raise DataError(f"mask {path} is a colour image (mode {mode}): masks must be single-channel PNGs of "
@@ -217,12 +233,13 @@ def _png_may_hold_orientation(fh) -> bool:
         fh.seek(after)
 
 
-def image_orientation(path: str) -> int:
-    """The EXIF orientation (1-8; 1 = none) that decode_rgb applies to this image file, read without decoding it.
+def image_orientation(path) -> int:
+    """The EXIF orientation (1-8; 1 = none) that decode_rgb applies to this image file (a path, or a PackedFile),
+    read without decoding it.
 
     JPEGs: the EXIF tag only (what torchvision's decode_jpeg applies). Other formats: what PIL's getexif finds,
     as load_rgb reads it."""
-    with open(path, "rb") as fh:
+    with open_source(path) as fh:
         start = fh.read(8)
         if start[:3] == JPEG_MAGIC:
             fh.seek(0)
@@ -253,7 +270,7 @@ def _check_pair(pair: Pair, num_classes: int, ignore_index: int):
     """(per-class pixel counts, "") of one pair, or (None, why) when it is bad."""
     image_path, mask_path = pair
     try:
-        with Image.open(image_path) as img:  # the header only: no pixel is decoded
+        with open_source(image_path) as fh, Image.open(fh) as img:  # the header only: no pixel is decoded
             image_size = stored_size(img)
         mask = read_mask(mask_path)
     except DataError as err:
@@ -340,16 +357,27 @@ class MaskDataset(_SeededDataset):
         """The image as a (3, H, W) uint8 RGB tensor, turned by its EXIF orientation when exif_orientation."""
         return read_image(self.paths[index], self.exif_orientation)
 
+    def image_source(self, index: int):
+        """What read_mask, image_orientation and check_masks read the image from: its path here."""
+        return self.paths[index]
+
+    def mask_source(self, index: int):
+        return self.mask_paths[index]
+
+    def pairs(self) -> List[Pair]:
+        """Every (image, mask) source, for check_masks."""
+        return [(self.image_source(i), self.mask_source(i)) for i in range(len(self))]
+
     def load_mask(self, index: int) -> torch.Tensor:
         """The mask as an int64 (H, W) tensor of class indices, turned by its IMAGE's EXIF orientation exactly as
         the image is (masks are drawn on the stored pixels and carry no tag)."""
-        path = self.mask_paths[index]
-        mask = read_mask(path)
+        mask = read_mask(self.mask_source(index))
         if self.exif_orientation:
+            image = self.image_source(index)
             try:
-                orientation = image_orientation(self.paths[index])
+                orientation = image_orientation(image)
             except Exception as err:
-                raise DataError(f"cannot read image {self.paths[index]}: {image_error(err)}") from None
+                raise DataError(f"cannot read image {image}: {image_error(err)}") from None
             if orientation in ORIENT_MASK:
                 mask = ORIENT_MASK[orientation](mask)
         return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
@@ -357,8 +385,8 @@ class MaskDataset(_SeededDataset):
     def __getitem__(self, index: int):
         image, mask = self.load(index), self.load_mask(index)
         if tuple(image.shape[-2:]) != tuple(mask.shape):  # transforms would misalign them silently
-            raise DataError(f"mask {self.mask_paths[index]} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
-                            f"{self.paths[index]} is {image.shape[2]}x{image.shape[1]}")
+            raise DataError(f"mask {self.mask_source(index)} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+                            f"{self.image_source(index)} is {image.shape[2]}x{image.shape[1]}")
         if self.transform is None:
             return image, mask
         with torch.random.fork_rng(devices=[]):

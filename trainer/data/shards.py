@@ -1,4 +1,5 @@
-"""Packed shards of an image folder: `trainer pack SRC DEST` writes them, data.format=shards trains from them.
+"""Packed shards of an image folder or a segmentation (masks) folder: `trainer pack SRC DEST` writes them,
+data.format=shards trains from them.
 
 Why: a million small files cost a million opens per epoch and per rank, which shared cluster file systems
 serve slowly and their administrators ration (../shared/docs/tuning-and-data-at-scale.md, part B). A few
@@ -6,8 +7,10 @@ hundred large files cost a few hundred.
 
 Format: Arrow IPC files (pyarrow), each holding about `shard_mb` of images in rows of three columns: `image`
 (the file's bytes exactly as they were: nothing re-encoded), `label` (int64) and `path` (relative to SRC):
-any Arrow tool reads them. Where each image's bytes lie in its shard (offset, length) is recorded when packing,
-in `rows.arrow` with every row's shard, label and path, so reading an image is one positioned read (pread) of
+any Arrow tool reads them. A segmentation folder's rows also hold `mask` (the mask PNG's bytes) and
+`mask_path`, and its label is 0; the index keeps its class names (classes.txt) and says `"kind": "masks"`.
+Where each image's (and mask's) bytes lie in its shard (offset, length) is recorded when packing, in
+`rows.arrow` with every row's shard, label and path, so reading an image is one positioned read (pread) of
 its bytes: any row at any time (map-style), so the sampler, the per-sample augmentation seeds, exact resume,
 evaluation and the metrics are those of the folder path, whatever the number of workers or ranks. Not through
 Arrow's readers at training time: a memory-mapped Arrow read asks the kernel for a whole record batch's pages
@@ -34,13 +37,14 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from trainer.data.datasets import PathTable, _SeededDataset
-from trainer.data.folders import Sample, _check_one, decode_bytes, image_error, scan_imagefolder
+from trainer.data.folders import _check_one, decode_bytes, image_error, scan_imagefolder
+from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
 from trainer.errors import DataError, TrainerError
 from trainer.files import atomic_write, atomic_write_json, read_json
 
@@ -49,6 +53,10 @@ INDEX, PLAN, ROWS = "index.json", ".plan.json", "rows.arrow"
 MAX_SHARD_MB = 1024
 MAX_OPEN_SHARDS = 256  # per process (each DataLoader worker): ImageNet packs into ~550 shards of 256 MiB
 READ_THREADS = 8  # reads overlap (latency-bound on a network file system); PIL's decode releases the GIL
+
+
+Item = Tuple[Tuple[str, ...], int]  # (the files of one row: the image, and its mask for a masks folder; label)
+KINDS = ("classes", "masks")
 
 
 def _pyarrow():
@@ -62,41 +70,79 @@ def _pyarrow():
 
 # ---- packing ----
 
-def _plan(src: Path, shard_mb: float) -> Tuple[dict, Dict[str, List[Sample]]]:
-    """Which files go into which shard: consecutive files of a split (sorted by class, then path) until the
-    shard holds `shard_mb`. A pure function of the listing, so a resumed pack makes the same shards. Returns
-    the plan and the scanned samples of each split."""
-    classes, splits = scan_imagefolder(src)
+def _scan(src: Path, kind: str) -> Tuple[List[str], Dict[str, List[Item]]]:
+    """The class names and each split's rows of `src`: (image,) and its label for class folders (sorted by
+    class, then path); (image, mask) and 0 for a masks folder (sorted by image path, as its training reads)."""
+    if kind == "classes":
+        classes, splits = scan_imagefolder(src)
+        return classes, {split: [((path,), label) for path, label in samples] for split, samples in splits.items()}
+    return read_class_names(src, None), {split: [(pair, 0) for pair in scan_pairs(src / split)]
+                                         for split in ("train", "val", "test") if (src / split).is_dir()}
+
+
+def _plan(src: Path, shard_mb: float, kind: str) -> Tuple[dict, Dict[str, List[Item]]]:
+    """Which files go into which shard: consecutive rows of a split until the shard holds `shard_mb`. A pure
+    function of the listing, so a resumed pack makes the same shards. Returns the plan and the scanned rows of
+    each split."""
+    classes, splits = _scan(src, kind)
     limit = shard_mb * 2**20
-    plan = {"version": VERSION, "source": str(src.resolve()), "classes": classes, "shard_mb": shard_mb,
-            "splits": {}}
+    plan = {"version": VERSION, "kind": kind, "source": str(src.resolve()), "classes": classes,
+            "shard_mb": shard_mb, "splits": {}}
     listing = hashlib.sha256()  # names, labels and sizes of every file: another source, another listing
-    for split, samples in splits.items():
+    for split, items in splits.items():
         shards, start, size, part = [], 0, 0, hashlib.sha256()
-        for i, (path, label) in enumerate(samples):
-            nbytes = os.stat(path).st_size
+        for i, (files, label) in enumerate(items):
+            sizes = [os.stat(path).st_size for path in files]
+            nbytes = sum(sizes)
             if size and size + nbytes > limit:
                 shards.append((start, i, part.hexdigest()))
                 start, size, part = i, 0, hashlib.sha256()
-            line = f"{split}\0{os.path.relpath(path, src)}\0{label}\0{nbytes}\n".encode("utf-8", "surrogateescape")
+            line = f"{split}\0{os.path.relpath(files[0], src)}\0{label}\0{sizes[0]}"  # an image folder's as before
+            line += "".join(f"\0{os.path.relpath(path, src)}\0{n}" for path, n in zip(files[1:], sizes[1:])) + "\n"
+            line = line.encode("utf-8", "surrogateescape")
             listing.update(line)
             part.update(line)
             size += nbytes
-        shards.append((start, len(samples), part.hexdigest()))
+        shards.append((start, len(items), part.hexdigest()))
         plan["splits"][split] = [{"file": f"{split}-{k:05d}.arrow", "first": a, "end": b, "listing": digest}
                                  for k, (a, b, digest) in enumerate(shards)]
     plan["listing"] = listing.hexdigest()
     return plan, splits
 
 
-def _read(path: str) -> Tuple[bytes, str]:
-    """A file's bytes and "" if they decode, else why not (a full decode: every image is checked once)."""
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        return b"", f"{type(err).__name__}: {err.strerror or err}"
-    return data, _check_one(io.BytesIO(data))
+class PackedFile:
+    """A file held in packed shards, read when opened: its `name` (where it was in the packed folder, and which
+    shards hold it now: what an error names) and a function that reads its bytes. trainer.data.masks reads
+    an image or mask from it as from a path."""
+
+    def __init__(self, name: str, read):
+        self.name, self.read = name, read
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self.read())
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _read(files: Tuple[str, ...]) -> Tuple[List[bytes], str]:
+    """The row's files' bytes and "" if they decode, else why not (a full decode: every image is checked once;
+    a mask must be a single-channel image of indices, its values are checked by the training's start)."""
+    data = []
+    for k, path in enumerate(files):
+        try:
+            with open(path, "rb") as fh:
+                data.append(fh.read())
+        except OSError as err:
+            why = f"{type(err).__name__}: {err.strerror or err}"
+            return [], f"cannot read mask {path}: {why}" if k else why
+    why = _check_one(io.BytesIO(data[0]))
+    if not why and len(files) > 1:
+        try:
+            read_mask(PackedFile(files[1], lambda: data[1]))
+        except DataError as err:
+            return [], str(err)
+    return data, why
 
 
 def _contents(data) -> dict:
@@ -105,36 +151,48 @@ def _contents(data) -> dict:
     pa = _pyarrow()
     whole = pa.py_buffer(data)
     reader = pa.ipc.open_file(pa.BufferReader(whole))
+    masks = "mask" in reader.schema.names
     out = {"label": [], "path": [], "offset": [], "length": []}
+    if masks:
+        out.update({"mask_path": [], "mask_offset": [], "mask_length": []})
     for i in range(reader.num_record_batches):
         batch = reader.get_batch(i)
-        images = batch.column(0)
-        _, offsets, values = images.buffers()
-        bounds = np.frombuffer(offsets, dtype=np.int32)[images.offset:images.offset + len(images) + 1].astype(np.int64)
-        start = (values.address - whole.address) if values is not None else 0
-        out["offset"] += (start + bounds[:-1]).tolist()
-        out["length"] += np.diff(bounds).tolist()
-        out["label"] += batch.column(1).to_pylist()
-        out["path"] += batch.column(2).to_pylist()
+        for column, prefix in (("image", ""), ("mask", "mask_")) if masks else (("image", ""),):
+            values = batch.column(column)
+            _, offsets, data_buffer = values.buffers()
+            bounds = np.frombuffer(offsets, dtype=np.int32)[values.offset:values.offset + len(values) + 1]
+            bounds = bounds.astype(np.int64)
+            start = (data_buffer.address - whole.address) if data_buffer is not None else 0
+            out[prefix + "offset"] += (start + bounds[:-1]).tolist()
+            out[prefix + "length"] += np.diff(bounds).tolist()
+        out["label"] += batch.column("label").to_pylist()
+        out["path"] += batch.column("path").to_pylist()
+        if masks:
+            out["mask_path"] += batch.column("mask_path").to_pylist()
     meta = reader.schema.metadata or {}
     out["skipped"] = json.loads(meta.get(b"skipped", b"[]"))
     out["listing"] = meta.get(b"listing", b"").decode()
     return out
 
 
-def _write_shard(target: Path, src: Path, samples: Sequence[Sample], skip_bad: bool, listing: str) -> dict:
+def _write_shard(target: Path, src: Path, items: Sequence[Item], skip_bad: bool, listing: str) -> dict:
     pa = _pyarrow()
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        read = list(pool.map(_read, [p for p, _ in samples]))
-    bad = [[os.path.relpath(p, src), why] for (p, _), (_, why) in zip(samples, read) if why]
+        read = list(pool.map(_read, [files for files, _ in items]))
+    bad = [[os.path.relpath(files[0], src), why] for (files, _), (_, why) in zip(items, read) if why]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more in this shard)" if len(bad) > 1 else ""
-        raise DataError(f"cannot read image {src / bad[0][0]}: {bad[0][1]}{more}; fix or remove it, or pack with "
-                        f"--skip-bad-images")
-    keep = [(os.path.relpath(p, src), label, data) for (p, label), (data, why) in zip(samples, read) if not why]
-    table = pa.table({"image": pa.array([d for _, _, d in keep], type=pa.binary()),
-                      "label": pa.array([label for _, label, _ in keep], type=pa.int64()),
-                      "path": pa.array([r for r, _, _ in keep], type=pa.string())})
+        why = bad[0][1] if bad[0][1].startswith(("mask ", "cannot read mask ")) else \
+            f"cannot read image {src / bad[0][0]}: {bad[0][1]}"
+        raise DataError(f"{why}{more}; fix or remove it, or pack with --skip-bad-images")
+    keep = [(files, label, data) for (files, label), (data, why) in zip(items, read) if not why]
+    columns = {"image": pa.array([data[0] for _, _, data in keep], type=pa.binary()),
+               "label": pa.array([label for _, label, _ in keep], type=pa.int64()),
+               "path": pa.array([os.path.relpath(files[0], src) for files, _, _ in keep], type=pa.string())}
+    if items and len(items[0][0]) > 1:  # a masks folder: each image's mask beside it
+        columns["mask"] = pa.array([data[1] for _, _, data in keep], type=pa.binary())
+        columns["mask_path"] = pa.array([os.path.relpath(files[1], src) for files, _, _ in keep], type=pa.string())
+    table = pa.table(columns)
     # what it holds, for a resumed pack to know it: the digest of its files' names, labels and sizes
     table = table.replace_schema_metadata({"skipped": json.dumps(bad), "listing": listing})
     sink = pa.BufferOutputStream()
@@ -142,7 +200,10 @@ def _write_shard(target: Path, src: Path, samples: Sequence[Sample], skip_bad: b
         writer.write_table(table, max_chunksize=1024)  # record batches of 1,024 rows, for any Arrow reader
     data = sink.getvalue().to_pybytes()
     contents = _contents(data)
-    if any(data[o:o + n] != image for o, n, (_, _, image) in zip(contents["offset"], contents["length"], keep)):
+    placed = [data[o:o + n] for o, n in zip(contents["offset"], contents["length"])]
+    if "mask_offset" in contents:
+        placed = list(zip(placed, [data[o:o + n] for o, n in zip(contents["mask_offset"], contents["mask_length"])]))
+    if any(got != (tuple(row) if len(row) > 1 else row[0]) for got, (_, _, row) in zip(placed, keep)):
         raise TrainerError(f"packing {target}: the recorded places of the images do not hold them (a bug)")
     atomic_write(target, data, fsync=True)
     return {"file": target.name, "rows": len(keep), "bytes": len(data), "contents": contents}
@@ -163,21 +224,25 @@ def _finished(target: Path, shard: dict) -> Optional[dict]:
     return {"file": target.name, "rows": len(contents["label"]), "bytes": len(data), "contents": contents}
 
 
-def _refuse_other_layouts(src: Path) -> None:
-    """Packing takes image folders of classes. A masks folder (split/images + split/masks) or a COCO folder
-    would otherwise be read as classes named "images" and "masks", or lose its annotations: refused."""
+def _layout(src: Path) -> str:
+    """"masks" for a segmentation folder (split/images + split/masks), else "classes" (class folders). A COCO
+    folder is refused: its annotations would be lost (packing it is not built yet)."""
     splits = [src] + [src / name for name in ("train", "val", "test") if (src / name).is_dir()]
-    masks = any((d / "images").is_dir() and (d / "masks").is_dir() for d in splits)
+    masks = [d for d in splits if (d / "images").is_dir() and (d / "masks").is_dir()]
     coco = (src / "annotations").is_dir() or any((d / name).is_file() for d in splits
                                                   for name in ("annotations.json", "_annotations.coco.json"))
-    if masks or coco:
-        kind = "a segmentation folder (images/ and masks/)" if masks else "a COCO folder (annotations)"
-        raise DataError(f"{src} looks like {kind}: trainer pack takes image folders of classes for now; train "
-                        f"from the folder itself")
+    if coco and not masks:
+        raise DataError(f"{src} looks like a COCO folder (annotations): trainer pack takes image folders of classes "
+                        f"and segmentation folders for now; train from the folder itself")
+    if masks and masks[0] == src:
+        raise DataError(f"{src} holds images/ and masks/ without split folders: a segmentation folder is packed "
+                        f"as it trains, {LAYOUT}")
+    return "masks" if masks else "classes"
 
 
 def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) -> dict:
-    """Pack the image folder `src` into shards in `dest`; returns the index. Resumable: run it again."""
+    """Pack the image folder or masks folder `src` into shards in `dest`; returns the index. Resumable: run it
+    again."""
     _pyarrow()
     src, dest = Path(src), Path(dest)
     if not 0 < shard_mb <= MAX_SHARD_MB:
@@ -187,8 +252,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     if real_dest == real_src or real_src in real_dest.parents:
         raise DataError(f"the shards would go inside the folder they pack ({dest} is in {src}): choose a DEST "
                         f"outside it (nothing is written into a data folder)")
-    _refuse_other_layouts(src)
-    plan, splits = _plan(src, shard_mb)
+    kind = _layout(src)
+    plan, splits = _plan(src, shard_mb, kind)
     if (dest / INDEX).is_file():
         index = read_json(dest / INDEX)
         if index.get("listing") == plan["listing"]:
@@ -204,9 +269,11 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
         say(f"[pack] resuming the unfinished pack in {dest}")
     atomic_write_json(dest / PLAN, plan)
     total = sum(shard["end"] - shard["first"] for v in plan["splits"].values() for shard in v)
-    index = {key: plan[key] for key in ("version", "source", "classes", "shard_mb", "listing")}
+    index = {key: plan[key] for key in ("version", "kind", "source", "classes", "shard_mb", "listing")}
     index["splits"], skipped, done = {}, [], 0
     rows = {"shard": [], "offset": [], "length": [], "label": [], "path": []}  # every row, in index order
+    if kind == "masks":
+        rows.update({"mask_offset": [], "mask_length": [], "mask_path": []})
     for split, shards in plan["splits"].items():
         entries = []
         for shard in shards:
@@ -219,17 +286,17 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
             contents = entry.pop("contents")
             skipped += contents["skipped"]
             rows["shard"] += [sum(len(v) for v in index["splits"].values()) + len(entries)] * entry["rows"]
-            for key in ("offset", "length", "label", "path"):
-                rows[key] += contents[key]
+            for key in rows:
+                if key != "shard":
+                    rows[key] += contents[key]
             entries.append(entry)
             done += planned
             say(f"[pack] {target.name}: {entry['rows']} images, {entry['bytes'] / 2**20:.1f} MiB ({done}/{total})")
         index["splits"][split] = entries
     index["skipped"] = skipped
     pa = _pyarrow()
-    table = pa.table({"shard": pa.array(rows["shard"], type=pa.int32()), "offset": pa.array(rows["offset"], pa.int64()),
-                      "length": pa.array(rows["length"], pa.int64()), "label": pa.array(rows["label"], pa.int64()),
-                      "path": pa.array(rows["path"], pa.string())})
+    types = {"shard": pa.int32(), "path": pa.string(), "mask_path": pa.string()}
+    table = pa.table({key: pa.array(values, type=types.get(key, pa.int64())) for key, values in rows.items()})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -240,7 +307,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     for stale in dest.iterdir():  # shards of an earlier plan of this pack (e.g. before a bad file was fixed)
         if re.fullmatch(r"(train|val|test)-\d{5}\.arrow", stale.name) and stale.name not in planned:
             stale.unlink()
-    say(f"[pack] {len(rows['label'])} images of {len(index['classes'])} classes in "
+    what = "images with masks" if kind == "masks" else "images"
+    say(f"[pack] {len(rows['label'])} {what} of {len(index['classes'])} classes in "
         f"{sum(len(v) for v in index['splits'].values())} shard(s) in {dest}"
         + (f"; {len(skipped)} unreadable file(s) left out, e.g. {skipped[0][0]}" if skipped else ""))
     return index
@@ -253,8 +321,10 @@ class Shards:
     between forked workers without copies). Each process opens a shard the first time it reads from it:
     a forked DataLoader worker opens its own, once; each image is then one positioned read."""
 
-    def __init__(self, root: Path, files: List[str], shard: np.ndarray, offset: np.ndarray, length: np.ndarray):
+    def __init__(self, root: Path, files: List[str], shard: np.ndarray, offset: np.ndarray, length: np.ndarray,
+                 mask_offset: Optional[np.ndarray] = None, mask_length: Optional[np.ndarray] = None):
         self.root, self.files, self.shard, self.offset, self.length = root, files, shard, offset, length
+        self.mask_offset, self.mask_length = mask_offset, mask_length  # a masks folder's: each image's mask
         self._fds: Dict[int, int] = {}
         self._pid = None
 
@@ -262,6 +332,12 @@ class Shards:
         return {**self.__dict__, "_fds": {}, "_pid": None}
 
     def image_bytes(self, row: int) -> bytes:
+        return self._pread(row, self.offset, self.length)
+
+    def mask_bytes(self, row: int) -> bytes:
+        return self._pread(row, self.mask_offset, self.mask_length)
+
+    def _pread(self, row: int, offsets: np.ndarray, lengths: np.ndarray) -> bytes:
         if self._pid != os.getpid():  # forked since: never share another process's file offsets or closes
             self._fds, self._pid = {}, os.getpid()
         k = int(self.shard[row])
@@ -269,10 +345,10 @@ class Shards:
             if len(self._fds) >= MAX_OPEN_SHARDS:  # the oldest opened goes: far below the usual 1,024 open files
                 os.close(self._fds.pop(next(iter(self._fds))))
             self._fds[k] = os.open(self.root / self.files[k], os.O_RDONLY)
-        length = int(self.length[row])
-        data = os.pread(self._fds[k], length, int(self.offset[row]))
+        length = int(lengths[row])
+        data = os.pread(self._fds[k], length, int(offsets[row]))
         if len(data) != length:
-            raise OSError(f"shard {self.files[k]} ends before this image's bytes (cut short since the start?)")
+            raise OSError(f"shard {self.files[k]} ends before this file's bytes (cut short since the start?)")
         return data
 
 
@@ -298,10 +374,68 @@ class ShardDataset(_SeededDataset):
                             f"{image_error(err)}") from None
 
 
-def read_packed(root) -> Tuple[List[str], Dict[str, List[Sample]], Shards, PathTable]:
-    """The classes, per split the samples as (row, label), the shards and every row's path, from `root`'s
-    index and rows table; a missing, cut-short or overwritten shard is one line naming it (each shard's size
-    and Arrow footer are checked: a few hundred small reads, no image read)."""
+class ShardMaskDataset(MaskDataset):
+    """A split of a packed masks folder: images and masks read from the shards by row, decoded and checked as
+    the folder's files are (MaskDataset reads them through image_source and mask_source)."""
+
+    def __init__(self, shards: Shards, rows: np.ndarray, paths: PathTable, mask_paths: PathTable, transform=None,
+                 seed: int = 0, exif_orientation: bool = True):
+        _SeededDataset.__init__(self, transform, seed)
+        self.shards, self.rows, self.paths, self.mask_paths = shards, rows, paths, mask_paths
+        self.exif_orientation = exif_orientation
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def image_source(self, index: int) -> PackedFile:
+        row = int(self.rows[index])
+        return PackedFile(f"{self.paths[index]} (in the shards at {self.shards.root})",
+                          lambda: self.shards.image_bytes(row))
+
+    def mask_source(self, index: int) -> PackedFile:
+        row = int(self.rows[index])
+        return PackedFile(f"{self.mask_paths[index]} (in the shards at {self.shards.root})",
+                          lambda: self.shards.mask_bytes(row))
+
+    def load(self, index: int) -> torch.Tensor:
+        source = self.image_source(index)
+        try:
+            return decode_bytes(source.read(), self.exif_orientation)
+        except Exception as err:  # verified when packed: a shard changed since, or a bug: name the row
+            raise DataError(f"cannot read image {source}: {image_error(err)}") from None
+
+
+class Packed(NamedTuple):
+    """What read_packed finds: the kind ("classes" or "masks"), the class names, per split the rows as
+    (row, label), the shards, and every row's path (and mask path) as in the packed folder."""
+    kind: str
+    classes: List[str]
+    found: Dict[str, List[Tuple[int, int]]]
+    shards: Shards
+    paths: PathTable
+    mask_paths: Optional[PathTable]
+
+
+def packed_kind(root) -> str:
+    """The kind of the pack at `root` from its index ("classes" when it is not one: read_packed says why)."""
+    try:
+        return str(json.loads((Path(root) / INDEX).read_text()).get("kind", "classes"))
+    except (OSError, ValueError, AttributeError):
+        return "classes"
+
+
+def _strings(table, name: str) -> PathTable:
+    """A string column as a PathTable, without a Python string per row (UTF-8 bytes + int32 offsets)."""
+    strings = table.column(name).combine_chunks()
+    _, offsets, data = strings.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int32)[strings.offset:strings.offset + len(strings) + 1]
+    return PathTable.from_buffers(np.frombuffer(data, dtype=np.uint8).copy() if data is not None
+                                  else np.zeros(0, np.uint8), offsets)
+
+
+def read_packed(root) -> Packed:
+    """The pack at `root` from its index and rows table; a missing, cut-short or overwritten shard is one line
+    naming it (each shard's size and Arrow footer are checked: a few hundred small reads, no image read)."""
     pa = _pyarrow()
     root = Path(root)
     if not (root / INDEX).is_file():
@@ -313,6 +447,9 @@ def read_packed(root) -> Tuple[List[str], Dict[str, List[Sample]], Shards, PathT
         entries = [(split, e["file"], int(e["rows"]), int(e["bytes"])) for split, v in index["splits"].items()
                    for e in v]
         classes = list(index["classes"])
+        kind = str(index.get("kind", "classes"))  # packs made before masks folders could be packed: classes
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is none of {', '.join(KINDS)}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise DataError(f"{root / INDEX} is not a pack's index ({type(err).__name__}: {err})") from None
     for split, name, rows, nbytes in entries:
@@ -333,21 +470,21 @@ def read_packed(root) -> Tuple[List[str], Dict[str, List[Sample]], Shards, PathT
         with pa.OSFile(str(root / ROWS)) as source:
             table = pa.ipc.open_file(source).read_all()
         shard = table.column("shard").to_numpy().astype(np.int64)
-        columns = {k: table.column(k).to_numpy() for k in ("offset", "length", "label")}
-        strings = table.column("path").combine_chunks()  # UTF-8 bytes + int32 offsets: a PathTable's layout
-        _, offsets, data = strings.buffers()
-        offsets = np.frombuffer(offsets, dtype=np.int32)[strings.offset:strings.offset + len(strings) + 1]
-        paths = PathTable.from_buffers(np.frombuffer(data, dtype=np.uint8).copy() if data is not None
-                                       else np.zeros(0, np.uint8), offsets)
+        numbers = ("offset", "length", "label") + (("mask_offset", "mask_length") if kind == "masks" else ())
+        columns = {k: table.column(k).to_numpy() for k in numbers}
+        paths = _strings(table, "path")
+        mask_paths = _strings(table, "mask_path") if kind == "masks" else None
     except (OSError, pa.ArrowInvalid, KeyError) as err:
         raise DataError(f"{root / ROWS} cannot be read ({err}): pack again") from None
     counts = np.bincount(shard, minlength=len(entries)) if len(shard) else np.zeros(len(entries), np.int64)
     for k, (split, name, rows, _) in enumerate(entries):
         if counts[k] != rows:
             raise DataError(f"{root / ROWS} lists {counts[k]} images in shard {name}, the index {rows}: pack again")
-    found: Dict[str, List[Sample]] = {split: [] for split in index["splits"]}
+    found: Dict[str, List[Tuple[int, int]]] = {split: [] for split in index["splits"]}
     split_of = np.array([entries[k][0] for k in range(len(entries))], dtype=object)
     labels = columns["label"].tolist()
     for row, k in enumerate(shard.tolist()):
         found[split_of[k]].append((row, labels[row]))
-    return classes, found, Shards(root, [e[1] for e in entries], shard, columns["offset"], columns["length"]), paths
+    shards = Shards(root, [e[1] for e in entries], shard, columns["offset"], columns["length"],
+                    columns.get("mask_offset"), columns.get("mask_length"))
+    return Packed(kind, classes, found, shards, paths, mask_paths)

@@ -183,16 +183,16 @@ def test_the_device_loader_reads_shards_as_it_reads_the_folder(folder, tmp_path)
     assert decode_split(a, 16).equal(decode_split(b, 16))
 
 
-def test_pack_refuses_coco_folders_and_masks_without_splits_instead_of_reading_them_as_classes(tmp_path):
-    src = tmp_path / "src"
-    make_folder(src / "train", ("cat", "dog"), 2)
-    (src / "train" / "annotations.json").write_text("{}")
-    with pytest.raises(DataError, match="COCO folder .*trainer pack takes image folders of classes and segmentation"):
-        shards.pack(src, tmp_path / "packed", say=quiet)
+def test_pack_refuses_masks_without_splits_and_a_broken_coco_file_instead_of_reading_them_as_classes(tmp_path):
     flat = tmp_path / "flat"  # images/ and masks/ at the top: would be read as two classes named so
     make_folder(flat, ("images", "masks"), 2)
     with pytest.raises(DataError, match="without split folders"):
         shards.pack(flat, tmp_path / "packed", say=quiet)
+    src = tmp_path / "src"  # an annotation file makes it a COCO folder: read and checked, not class folders
+    make_folder(src / "train", ("cat", "dog"), 2)
+    (src / "train" / "annotations.json").write_text("{}")
+    with pytest.raises(DataError, match="annotations.json"):
+        shards.pack(src, tmp_path / "packed", say=quiet)
     assert not (tmp_path / "packed").exists()
 
 
@@ -270,3 +270,70 @@ def test_segmentation_from_shards_trains_as_from_the_masks_folder(masks_folder, 
     assert ev.returncode == 0, ev.stderr[-2000:]  # trainer eval reads the run's packed masks too
     final = [json.loads(line) for line in (tmp_path / "shards" / "metrics.jsonl").read_text().splitlines()][-1]
     assert json.loads((tmp_path / "eval.json").read_text())["miou"] == final["miou"]
+
+
+# ---- detection: a COCO folder packed ----
+
+@pytest.fixture
+def coco_folder(tmp_path):
+    from trainer.data.generated import ensure_generated
+
+    return ensure_generated(tmp_path / "det", "detection", 64, 0, {"train": 3, "val": 1})
+
+
+def test_a_coco_folder_packs_into_shards_that_give_its_images_boxes_and_fingerprint(coco_folder, tmp_path):
+    index = shards.pack(coco_folder, tmp_path / "packed", shard_mb=0.02, say=quiet)
+    assert index["kind"] == "coco" and len(index["splits"]["train"]) > 1
+    assert (tmp_path / "packed" / "train-annotations.json").read_bytes() == \
+        (coco_folder / "train" / "annotations.json").read_bytes()  # the annotation file as it was
+    kw = {"task": "detection", "data.image_size": 64}
+    a = build_data(data_cfg(coco_folder, "coco", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    shutil.move(coco_folder, tmp_path / "aside")  # the shards alone
+    b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    for i in range(len(b.datasets["train"])):
+        b.datasets["train"][i]  # every image read from the shards, the folder out of the way
+    shutil.move(tmp_path / "aside", coco_folder)
+    assert (a.classes, a.train_counts, a.category_ids) == (b.classes, b.train_counts, b.category_ids)
+    for split in ("train", "val"):
+        da, db = a.datasets[split], b.datasets[split]
+        assert len(da) == len(db) > 0
+        for key in ("widths", "heights", "image_ids", "boxes", "labels", "iscrowd", "file_xywh", "starts"):
+            assert getattr(da.split, key).tolist() == getattr(db.split, key).tolist(), key
+        for i in range(len(da)):
+            assert da.load(i).equal(db.load(i))
+            (xa, ta), (xb, tb) = da[i], db[i]  # the same augmentation of both, seeded by (seed, epoch, index)
+            assert xa.equal(xb) and ta["boxes"].equal(tb["boxes"]) and ta["labels"].equal(tb["labels"])
+    assert data_fingerprint(a.datasets["train"], a.classes) == data_fingerprint(b.datasets["train"], b.classes)
+
+
+def test_a_coco_pack_notices_changed_annotations_and_names_a_missing_annotation_file(coco_folder, tmp_path):
+    shards.pack(coco_folder, tmp_path / "packed", shard_mb=0.02, say=quiet)
+    ann = coco_folder / "train" / "annotations.json"
+    data = json.loads(ann.read_text())
+    data["annotations"] = data["annotations"][1:]
+    ann.write_text(json.dumps(data))  # same images, one box fewer: another dataset
+    with pytest.raises(DataError, match="already holds a packed dataset of other files"):
+        shards.pack(coco_folder, tmp_path / "packed", shard_mb=0.02, say=quiet)
+    with pytest.raises(DataError, match="--skip-bad-images cannot leave images of a COCO folder out"):
+        shards.pack(coco_folder, tmp_path / "other", skip_bad=True, say=quiet)
+    (tmp_path / "packed" / "val-annotations.json").unlink()
+    with pytest.raises(DataError, match="val-annotations.json is missing"):
+        build_data(data_cfg(tmp_path / "packed", "shards", task="detection"), seed=0, splits=("train", "val"),
+                   verbose=quiet)
+
+
+@pytest.mark.slow
+def test_detection_from_shards_trains_as_from_the_coco_folder(coco_folder, tmp_path):
+    """Same seed: bitwise the same weights and metrics rows (mAP included), and trainer eval reads the shards."""
+    assert run_cli("pack", str(coco_folder), str(tmp_path / "packed"), "--shard-mb", "0.02").returncode == 0
+    common = ["task=detection", "data.image_size=64", "model.name=retinanet_small", "train.epochs=2",
+              "train.batch_size=4", "data.num_workers=2", "train.progress_bar=false", "optim.name=adamw",
+              "optim.lr=0.002"]
+    for fmt, root in (("coco", coco_folder), ("shards", tmp_path / "packed")):
+        res = run_cli("train", "-", f"data.format={fmt}", f"data.root={root}", f"run.dir={tmp_path / fmt}", *common)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(tmp_path / "coco", tmp_path / "shards")
+    ev = run_cli("eval", "--model", str(tmp_path / "shards"), "--output", str(tmp_path / "eval.json"))
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    final = [json.loads(line) for line in (tmp_path / "shards" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert json.loads((tmp_path / "eval.json").read_text())["map"] == final["map"]

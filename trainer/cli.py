@@ -37,11 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="a run folder or an exported model folder")
     e.add_argument("--output", help="where to write eval.json (default: the model's run folder)")
     e.add_argument("overrides", nargs="*", help="key=value for data.* and eval.*, e.g. eval.split=test")
-    pk = sub.add_parser("pack", help="pack an image folder or a masks folder into a few large shards "
+    pk = sub.add_parser("pack", help="pack an image, masks or COCO folder into a few large shards "
                         "(data.format=shards): one file per few hundred MB instead of one per image; resumable, "
                         "every image checked once")
-    pk.add_argument("src", help="the image folder (train/ [val/ test/] of class folders, or class folders), or a "
-                    "masks folder (<split>/images + <split>/masks + classes.txt)")
+    pk.add_argument("src", help="the image folder (train/ [val/ test/] of class folders, or class folders), a "
+                    "masks folder (<split>/images + <split>/masks + classes.txt) or a COCO folder (as "
+                    "data.format=coco reads it)")
     pk.add_argument("dest", help="a new or empty folder for the shards (or one a cut-short pack left: it resumes)")
     pk.add_argument("--shard-mb", type=float, default=256, help="images per shard, in MiB of files (default 256, "
                     "at most 1024)")

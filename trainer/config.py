@@ -75,7 +75,7 @@ class DataCfg:
     # coco (detection): ROOT/<split>/annotations.json (or Roboflow's _annotations.coco.json) beside the images,
     # or the standard ROOT/annotations/instances_<split>2017.json + ROOT/<split>2017/; voc_detection: VOC's
     # Annotations/ XML boxes from the same VOC root; shards: a folder `trainer pack` wrote from an image folder
-    # (classification) or a masks folder (segmentation).
+    # (classification), a masks folder (segmentation) or a COCO folder (detection).
     root: Optional[str] = None
     # coco: explicit files per split, winning over the layouts above: {train: {annotations: FILE, images: DIR}}
     coco_files: Optional[Dict[str, Any]] = None
@@ -332,7 +332,7 @@ def data_targets(data_cfg) -> str:
     if data_cfg.format == "shards" and data_cfg.root:  # what was packed: its index says (a masks folder's: masks)
         from trainer.data.shards import packed_kind
 
-        return "masks" if packed_kind(data_cfg.root) == "masks" else "labels"
+        return {"masks": "masks", "coco": "boxes"}.get(packed_kind(data_cfg.root), "labels")
     if data_cfg.format in ("masks", "voc") or generated == "segmentation":
         return "masks"
     if data_cfg.format in ("coco", "voc_detection") or generated == "detection":
@@ -348,7 +348,8 @@ def mask_data(data_cfg) -> bool:
 # the targets each explicit task trains on, and how to get such data
 _TASK_TARGETS = {"segmentation": ("masks", "data.format=masks or voc, shards of a masks folder, or "
                                            "data.generated.variant=segmentation"),
-                 "detection": ("boxes", "data.format=coco or voc_detection, or data.generated.variant=detection"),
+                 "detection": ("boxes", "data.format=coco or voc_detection, shards of a COCO folder, or "
+                                        "data.generated.variant=detection"),
                  "binary": ("labels", "an image folder of class folders, cifar, or a generated classification variant"),
                  "multiclass": ("labels", "an image folder of class folders, cifar, or a generated classification "
                                           "variant")}

@@ -25,7 +25,7 @@ from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_ignore_index, ch
 from trainer.data.folders import (SkippedPath, describe_skipped, find_bad_images, find_classes, imagefolder_splits,
                                   scan_imagefolder, scan_split, stratified_split, verify_images)
 from trainer.data.manifest import Manifest, cache_file
-from trainer.data.shards import ShardDataset, ShardMaskDataset, read_packed
+from trainer.data.shards import ShardDataset, ShardDetectionDataset, ShardMaskDataset, read_packed, read_packed_coco
 from trainer.data.manifest import load as load_manifest
 from trainer.data.manifest import save as save_manifest
 from trainer.errors import DataError
@@ -71,7 +71,7 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     size = data_cfg.image_size
     if data_targets(data_cfg) == "masks":
         return build_mask_data(data_cfg, seed, splits, verbose)
-    if fmt in ("coco", "voc_detection") or (fmt == "generated" and data_cfg.generated.variant == "detection"):
+    if data_targets(data_cfg) == "boxes":
         return build_box_data(data_cfg, seed, splits, verbose)
     if fmt in ("cifar10", "cifar100"):
         train_set, test_set, root = _load_cifar(fmt, data_cfg.root, data_cfg.download)
@@ -343,10 +343,12 @@ DETECTOR_MEAN, DETECTOR_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -> Data:
-    """Images with boxes (detection): a COCO folder, Pascal VOC's XML boxes, or the generated detection variant.
-    Every annotation and every image header of each requested split is checked at start-up (one line naming the
-    file and annotation at fault); `train_counts` are the training split's boxes per class (crowd left out)."""
+    """Images with boxes (detection): a COCO folder, Pascal VOC's XML boxes, the generated detection variant, or
+    a COCO folder packed into shards. Every annotation and every image header of each requested split is checked
+    at start-up (one line naming the file and annotation at fault); `train_counts` are the training split's
+    boxes per class (crowd left out)."""
     fmt, aug = data_cfg.format, data_cfg.augment
+    rows = {}  # packed shards: split -> the row of each of its images
     if "all" in splits:
         raise DataError("eval.split=all is for image folders of classes; score a detection split (val or test)")
     exif = data_cfg.exif_orientation
@@ -355,6 +357,14 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
         found = {split: voc_detection_split(root, data_cfg.voc_year, split, verbose=verbose, exif_orientation=exif)
                  for split in splits}
         check_same_categories(found)
+    elif fmt == "shards":  # a COCO folder packed by `trainer pack`: its annotation files, its images by row
+        root = Path(data_cfg.root)
+        pack = read_packed(root)
+        found = {}
+        for split in splits:
+            found[split], rows[split] = read_packed_coco(pack, split, verbose=verbose, exif_orientation=exif)
+        check_same_categories(found)
+        shards = pack.shards
     else:
         if fmt == "generated":
             g = data_cfg.generated
@@ -377,7 +387,8 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
         transform = (detection_train_transform(aug.hflip, tuple(aug.scale_jitter) if aug.scale_jitter else None,
                                                aug.iou_crop, aug.color_jitter)
                      if split == "train" else detection_eval_transform())
-        made[split] = DetectionDataset(coco, transform, seed=seed)
+        made[split] = (DetectionDataset(coco, transform, seed=seed) if split not in rows else
+                       ShardDetectionDataset(coco, shards, rows[split], transform, seed=seed))
     first = found[splits[0]]
     return Data(classes=first.class_names, datasets=made, mean=list(DETECTOR_MEAN), std=list(DETECTOR_STD),
                 train_counts=counts, source=f"{fmt} at {root}", category_ids=[cid for cid, _ in first.categories])

@@ -35,7 +35,7 @@ from torchvision.transforms.v2 import functional as TF
 from trainer.data.datasets import _SeededDataset, read_image, sample_seed
 from trainer.data.folders import image_error
 from trainer.data.generated import SHAPES, SPLITS, SUPERSAMPLE, _draw_shape, plan_scene, render_scene
-from trainer.data.masks import VOC_CLASSES, image_orientation, stored_size
+from trainer.data.masks import VOC_CLASSES, image_orientation, open_source, stored_size
 from trainer.errors import DataError
 
 COCO_KEYS = ("images", "annotations", "categories")
@@ -138,20 +138,21 @@ class CocoSplit:
 
 # ---- checks shared by COCO and VOC ----
 
-def _shown_size(path: str, exif_orientation: bool) -> Tuple[int, int, bool]:
-    """(width, height, turned) of an image file from its header (no decode): the size decode_rgb gives, i.e.
-    swapped when exif_orientation and the file's EXIF orientation is a quarter turn (5-8)."""
-    with Image.open(path) as img:
+def _shown_size(path, exif_orientation: bool) -> Tuple[int, int, bool]:
+    """(width, height, turned) of an image file (a path, or a PackedFile) from its header (no decode): the size
+    decode_rgb gives, i.e. swapped when exif_orientation and the file's EXIF orientation is a quarter turn (5-8)."""
+    with open_source(path) as fh, Image.open(fh) as img:
         width, height = stored_size(img)
     if exif_orientation and image_orientation(path) in (5, 6, 7, 8):
         return height, width, True
     return width, height, False
 
 
-def _read_sizes(paths: Sequence[str], describe_image: Callable[[int], str], exif_orientation: bool,
+def _read_sizes(paths: Sequence, describe_image: Callable[[int], str], exif_orientation: bool,
                 threads: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Widths, heights and 'turned by EXIF' of every image; one DataError for missing or unreadable files."""
-    missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
+    """Widths, heights and 'turned by EXIF' of every image (paths, or PackedFiles); one DataError for missing or
+    unreadable files."""
+    missing = [i for i, p in enumerate(paths) if isinstance(p, str) and not os.path.isfile(p)]
     if missing:
         more = f" (and {len(missing) - 1} more missing image file(s))" if len(missing) > 1 else ""
         raise DataError(f"missing image file {paths[missing[0]]} ({describe_image(missing[0])}){more}")
@@ -188,17 +189,20 @@ def _first(bad: np.ndarray, what: str, describe: Callable[[int], str], source: s
 def _build_split(source: str, categories: List[Tuple[int, str]], paths: List[str], image_ids: np.ndarray,
                  stated: np.ndarray, ann_ids: np.ndarray, image_rows: np.ndarray, labels: np.ndarray,
                  xywh: np.ndarray, iscrowd: np.ndarray, area: np.ndarray, describe: Callable[[int], str],
-                 describe_image: Callable[[int], str], verbose, exif_orientation: bool, threads: int) -> CocoSplit:
+                 describe_image: Callable[[int], str], verbose, exif_orientation: bool, threads: int,
+                 sources: Optional[Sequence] = None) -> CocoSplit:
     """Check the boxes (size, then against the real image sizes read from the headers), clip small overhangs,
     and pack the annotations per image. `stated` [I, 2] holds the file's (width, height), -1 where unknown;
-    `image_rows` the image index of each annotation; `area` NaN where the file gives none."""
+    `image_rows` the image index of each annotation; `area` NaN where the file gives none; `sources` what
+    the headers are read from when not the paths (packed shards)."""
     x, y, w, h = xywh.T
     _first(~np.isfinite(xywh).all(axis=1), lambda k: f"box {xywh[k].tolist()} (x, y, w, h) is not finite",
            describe, source)
     _first((w <= 0) | (h <= 0), lambda k: f"box {xywh[k].tolist()} (x, y, w, h) has a zero or negative width or "
                                           f"height", describe, source)
 
-    widths, heights, turned = _read_sizes(paths, describe_image, exif_orientation, threads)
+    widths, heights, turned = _read_sizes(paths if sources is None else sources, describe_image, exif_orientation,
+                                          threads)
     differ = (stated >= 0).all(axis=1) & ((stated[:, 0] != widths) | (stated[:, 1] != heights))
     if differ.any():
         i = int(np.flatnonzero(differ)[0])
@@ -273,9 +277,11 @@ def _duplicate(ids: np.ndarray) -> Optional[int]:
     return int(ids[dup.min()]) if len(dup) else None
 
 
-def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True, threads: int = 4) -> CocoSplit:
+def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True, threads: int = 4,
+              open_image: Optional[Callable[[str], object]] = None) -> CocoSplit:
     """Read and check one COCO detection file; `file_name`s are relative to image_dir. See the module doc and
-    _build_split for what is checked; images without annotations are kept, in file order."""
+    _build_split for what is checked; images without annotations are kept, in file order. `open_image`: what
+    an image's path is read from instead of the file (packed shards: a PackedFile)."""
     json_path, image_dir = Path(json_path), Path(image_dir)
     data = _load_json(json_path)
     src = str(json_path)
@@ -359,7 +365,8 @@ def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True
         src, categories, paths, image_ids, stated, ann_ids, image_rows, cpos + 1, xywh, iscrowd, area,
         describe=lambda k: f"annotation {ann_ids[k]} (image {ann_image[k]}, {paths[image_rows[k]]})",
         describe_image=lambda i: f"image id {image_ids[i]} in {src}", verbose=verbose,
-        exif_orientation=exif_orientation, threads=threads)
+        exif_orientation=exif_orientation, threads=threads,
+        sources=None if open_image is None else [open_image(p) for p in paths])
 
 
 # ---- finding splits ----

@@ -44,6 +44,7 @@ import torch
 
 from trainer.data.datasets import PathTable, _SeededDataset
 from trainer.data.folders import _check_one, decode_bytes, image_error, scan_imagefolder
+from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
 from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
 from trainer.errors import DataError, TrainerError
 from trainer.files import atomic_write, atomic_write_json, read_json
@@ -56,7 +57,7 @@ READ_THREADS = 8  # reads overlap (latency-bound on a network file system); PIL'
 
 
 Item = Tuple[Tuple[str, ...], int]  # (the files of one row: the image, and its mask for a masks folder; label)
-KINDS = ("classes", "masks")
+KINDS = ("classes", "masks", "coco")
 
 
 def _pyarrow():
@@ -70,25 +71,43 @@ def _pyarrow():
 
 # ---- packing ----
 
-def _scan(src: Path, kind: str) -> Tuple[List[str], Dict[str, List[Item]]]:
+def _scan(src: Path, kind: str) -> Tuple[List[str], Dict[str, List[Item]], dict]:
     """The class names and each split's rows of `src`: (image,) and its label for class folders (sorted by
-    class, then path); (image, mask) and 0 for a masks folder (sorted by image path, as its training reads)."""
+    class, then path); (image, mask) and 0 for a masks folder (sorted by image path, as its training reads);
+    (image,) and 0 for a COCO folder, in the order of its annotation file's images, whose annotation files
+    (read and checked here as a training start reads them) go into the pack beside the shards: the third
+    value says which, per split: {"file": name in DEST, "source": path, "images": image folder relative to
+    src}."""
     if kind == "classes":
         classes, splits = scan_imagefolder(src)
-        return classes, {split: [((path,), label) for path, label in samples] for split, samples in splits.items()}
-    return read_class_names(src, None), {split: [(pair, 0) for pair in scan_pairs(src / split)]
-                                         for split in ("train", "val", "test") if (src / split).is_dir()}
+        return classes, {split: [((path,), label) for path, label in samples]
+                         for split, samples in splits.items()}, {}
+    if kind == "masks":
+        return read_class_names(src, None), {split: [(pair, 0) for pair in scan_pairs(src / split)]
+                                             for split in ("train", "val", "test") if (src / split).is_dir()}, {}
+    found = find_coco_splits(src, ["train"], optional=["val", "test"])
+    coco = {split: read_coco(ann, images, verbose=lambda *_: None) for split, (ann, images) in found.items()}
+    check_same_categories(coco)
+    annotations = {split: {"file": f"{split}-annotations.json", "source": str(ann),
+                           "images": os.path.relpath(images, src)} for split, (ann, images) in found.items()}
+    return (coco["train"].class_names, {split: [((path,), 0) for path in c.paths] for split, c in coco.items()},
+            annotations)
 
 
 def _plan(src: Path, shard_mb: float, kind: str) -> Tuple[dict, Dict[str, List[Item]]]:
     """Which files go into which shard: consecutive rows of a split until the shard holds `shard_mb`. A pure
     function of the listing, so a resumed pack makes the same shards. Returns the plan and the scanned rows of
     each split."""
-    classes, splits = _scan(src, kind)
+    classes, splits, annotations = _scan(src, kind)
     limit = shard_mb * 2**20
     plan = {"version": VERSION, "kind": kind, "source": str(src.resolve()), "classes": classes,
             "shard_mb": shard_mb, "splits": {}}
     listing = hashlib.sha256()  # names, labels and sizes of every file: another source, another listing
+    if annotations:  # a COCO folder's: its annotation files, whole
+        plan["annotations"] = annotations
+        for split, entry in annotations.items():
+            listing.update(f"{split}\0{entry['images']}\0".encode("utf-8", "surrogateescape"))
+            listing.update(hashlib.sha256(Path(entry["source"]).read_bytes()).digest())
     for split, items in splits.items():
         shards, start, size, part = [], 0, 0, hashlib.sha256()
         for i, (files, label) in enumerate(items):
@@ -225,19 +244,16 @@ def _finished(target: Path, shard: dict) -> Optional[dict]:
 
 
 def _layout(src: Path) -> str:
-    """"masks" for a segmentation folder (split/images + split/masks), else "classes" (class folders). A COCO
-    folder is refused: its annotations would be lost (packing it is not built yet)."""
+    """"masks" for a segmentation folder (split/images + split/masks), "coco" for a COCO folder (annotation
+    files), else "classes" (class folders)."""
     splits = [src] + [src / name for name in ("train", "val", "test") if (src / name).is_dir()]
     masks = [d for d in splits if (d / "images").is_dir() and (d / "masks").is_dir()]
     coco = (src / "annotations").is_dir() or any((d / name).is_file() for d in splits
                                                   for name in ("annotations.json", "_annotations.coco.json"))
-    if coco and not masks:
-        raise DataError(f"{src} looks like a COCO folder (annotations): trainer pack takes image folders of classes "
-                        f"and segmentation folders for now; train from the folder itself")
     if masks and masks[0] == src:
         raise DataError(f"{src} holds images/ and masks/ without split folders: a segmentation folder is packed "
                         f"as it trains, {LAYOUT}")
-    return "masks" if masks else "classes"
+    return "masks" if masks else "coco" if coco else "classes"
 
 
 def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) -> dict:
@@ -253,6 +269,9 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
         raise DataError(f"the shards would go inside the folder they pack ({dest} is in {src}): choose a DEST "
                         f"outside it (nothing is written into a data folder)")
     kind = _layout(src)
+    if kind == "coco" and skip_bad:
+        raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
+                        f"name them; fix or remove the bad ones (and their annotations)")
     plan, splits = _plan(src, shard_mb, kind)
     if (dest / INDEX).is_file():
         index = read_json(dest / INDEX)
@@ -269,7 +288,11 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
         say(f"[pack] resuming the unfinished pack in {dest}")
     atomic_write_json(dest / PLAN, plan)
     total = sum(shard["end"] - shard["first"] for v in plan["splits"].values() for shard in v)
-    index = {key: plan[key] for key in ("version", "kind", "source", "classes", "shard_mb", "listing")}
+    index = {key: plan[key] for key in ("version", "kind", "source", "classes", "shard_mb", "listing")
+             if key in plan}
+    for split, entry in plan.get("annotations", {}).items():  # as they were read: training reads them again
+        atomic_write(dest / entry["file"], Path(entry["source"]).read_bytes(), fsync=True)
+        index.setdefault("annotations", {})[split] = {"file": entry["file"], "images": entry["images"]}
     index["splits"], skipped, done = {}, [], 0
     rows = {"shard": [], "offset": [], "length": [], "label": [], "path": []}  # every row, in index order
     if kind == "masks":
@@ -307,7 +330,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     for stale in dest.iterdir():  # shards of an earlier plan of this pack (e.g. before a bad file was fixed)
         if re.fullmatch(r"(train|val|test)-\d{5}\.arrow", stale.name) and stale.name not in planned:
             stale.unlink()
-    what = "images with masks" if kind == "masks" else "images"
+    what = {"masks": "images with masks", "coco": "images with COCO annotations"}.get(kind, "images")
     say(f"[pack] {len(rows['label'])} {what} of {len(index['classes'])} classes in "
         f"{sum(len(v) for v in index['splits'].values())} shard(s) in {dest}"
         + (f"; {len(skipped)} unreadable file(s) left out, e.g. {skipped[0][0]}" if skipped else ""))
@@ -405,15 +428,59 @@ class ShardMaskDataset(MaskDataset):
             raise DataError(f"cannot read image {source}: {image_error(err)}") from None
 
 
+class ShardDetectionDataset(DetectionDataset):
+    """A split of a packed COCO folder: its annotations as read from the packed annotation file, each image
+    read from the shards by row (`rows[i]` holds the split's i-th image)."""
+
+    def __init__(self, split: CocoSplit, shards: Shards, rows: np.ndarray, transform=None, seed: int = 0):
+        super().__init__(split, transform, seed)
+        self.shards, self.rows = shards, rows
+
+    def load(self, index: int) -> torch.Tensor:
+        try:
+            return decode_bytes(self.shards.image_bytes(int(self.rows[index])), self.exif_orientation)
+        except Exception as err:  # verified when packed: a shard changed since, or a bug: name the row
+            raise DataError(f"cannot read image {self.paths[index]} from the shards in {self.shards.root}: "
+                            f"{image_error(err)}") from None
+
+
 class Packed(NamedTuple):
-    """What read_packed finds: the kind ("classes" or "masks"), the class names, per split the rows as
-    (row, label), the shards, and every row's path (and mask path) as in the packed folder."""
+    """What read_packed finds: the kind ("classes", "masks" or "coco"), the class names, per split the rows as
+    (row, label), the shards, every row's path (and mask path) as in the packed folder, and a COCO folder's
+    annotation files ({split: {"file": in the pack, "images": the image folder the file names them from}})."""
     kind: str
     classes: List[str]
     found: Dict[str, List[Tuple[int, int]]]
     shards: Shards
     paths: PathTable
     mask_paths: Optional[PathTable]
+    annotations: Dict[str, dict]
+
+
+def read_packed_coco(pack: Packed, split: str, verbose=print, exif_orientation: bool = True
+                     ) -> Tuple[CocoSplit, np.ndarray]:
+    """A split of a packed COCO folder, read and checked as read_coco reads the folder's (the image headers
+    from the shards), and the row of each of its images."""
+    entry = pack.annotations.get(split)
+    if entry is None:
+        raise DataError(f"the shards at {pack.shards.root} hold no {split} split (found: "
+                        f"{', '.join(sorted(pack.annotations))})")
+    rows = {os.path.normpath(pack.paths[row]): row for row, _ in pack.found[split]}
+
+    def row_of(path: str) -> int:
+        key = os.path.normpath(path)
+        if key not in rows:
+            raise DataError(f"image {path} of {pack.shards.root / entry['file']} is not in the shards at "
+                            f"{pack.shards.root}: the pack is not whole; pack again")
+        return rows[key]
+
+    def open_image(path: str) -> PackedFile:
+        row = row_of(path)
+        return PackedFile(f"{path} (in the shards at {pack.shards.root})", lambda: pack.shards.image_bytes(row))
+
+    coco = read_coco(pack.shards.root / entry["file"], entry["images"], verbose=verbose,
+                     exif_orientation=exif_orientation, open_image=open_image)
+    return coco, np.array([row_of(path) for path in coco.paths], dtype=np.int64)
 
 
 def packed_kind(root) -> str:
@@ -466,6 +533,10 @@ def read_packed(root) -> Packed:
                 pa.ipc.open_file(source)
         except (OSError, pa.ArrowInvalid) as err:
             raise DataError(f"shard {path} cannot be read ({err}): copy it again, or pack again") from None
+    for split, entry in (index.get("annotations") or {}).items():
+        if not (root / entry["file"]).is_file():
+            raise DataError(f"{root / entry['file']} is missing (the {split} split's annotations): copy it back, or "
+                            f"pack again")
     try:
         with pa.OSFile(str(root / ROWS)) as source:
             table = pa.ipc.open_file(source).read_all()
@@ -487,4 +558,4 @@ def read_packed(root) -> Packed:
         found[split_of[k]].append((row, labels[row]))
     shards = Shards(root, [e[1] for e in entries], shard, columns["offset"], columns["length"],
                     columns.get("mask_offset"), columns.get("mask_length"))
-    return Packed(kind, classes, found, shards, paths, mask_paths)
+    return Packed(kind, classes, found, shards, paths, mask_paths, dict(index.get("annotations") or {}))

@@ -594,6 +594,15 @@ def build_workspace(w: Path) -> dict:
     # detection COCO folders, each with one defect
     for name, defect in DETECTION_DEFECTS.items():
         coco_folder(w / name, defect)
+    # packed segmentation and detection folders; a masks folder without split folders
+    pack(w / "seg_ok", w / "seg_packed", say=lambda *_: None)
+    pack(w / "det_ok", w / "det_packed", say=lambda *_: None)
+    (w / "det_packed_noann").mkdir()
+    for f in (w / "det_packed").iterdir():
+        shutil.copy(f, w / "det_packed_noann" / f.name)
+    (w / "det_packed_noann" / "val-annotations.json").unlink()
+    mask_folder(w / "seg_flat_src")
+    shutil.copytree(w / "seg_flat_src" / "train", w / "seg_flat")
     return p
 
 
@@ -808,6 +817,19 @@ def cases(w: Path, p: dict) -> list:
         ("det: a segmentation monitor", ["train", "-", *det_args(w / "det_ok", **{"eval.monitor": "miou"})], "eval.monitor"),
         ("det: box augmentation for classes", ["train", "-", *g(w), "data.augment.iou_crop=true"], "iou_crop"),
         ("det: classification on boxes", ["train", "-", *det_args(w / "det_ok", task="multiclass")], "task=detection"),
+        # -- packed segmentation and detection folders --
+        ("shards: classification on packed masks", ["train", "-", *seg_args(w / "seg_packed", task="multiclass", **{
+            "data.format": "shards"})], "task=segmentation"),
+        ("shards: detection on packed masks", ["train", "-", *seg_args(w / "seg_packed", task="detection", **{
+            "data.format": "shards"})], "task=detection trains on boxes"),
+        ("shards: classification on packed COCO", ["train", "-", *det_args(w / "det_packed", task="multiclass", **{
+            "data.format": "shards"})], "task=detection"),
+        ("shards: a packed annotation file missing", ["train", "-", *det_args(w / "det_packed_noann", **{
+            "data.format": "shards"})], "val-annotations.json is missing"),
+        ("pack masks without split folders", ["pack", str(w / "seg_flat"), str(w / "out" / "packed")],
+         "without split folders"),
+        ("pack COCO leaving bad images out", ["pack", str(w / "det_ok"), str(w / "out" / "packed"),
+                                              "--skip-bad-images"], "--skip-bad-images cannot"),
         ("det: --draw for a classifier", [*pred, "--draw", str(w / "out" / "drawn")], "--draw"),
         ("predict garbage model.json", ["predict", "--model", str(m / "garbage_json"), str(w / "gen-multiclass" / "val"), "--output", str(w / "out" / "p.csv")], "not valid JSON"),
         # -- sweeps --

@@ -14,12 +14,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from trainer.config import data_targets
 from trainer.data import generated
 from trainer.data.coco import (DetectionDataset, check_same_categories, detection_eval_transform,
                                detection_train_transform, read_coco_splits, voc_detection_split)
 from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, eval_transform,
                                    measure_mean_std, train_transform)
-from trainer.config import data_targets
 from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_ignore_index, check_masks, mask_eval_transform,
                                 mask_train_transform, read_class_names, scan_mask_folder, voc_pairs, with_val_split)
 from trainer.data.folders import (SkippedPath, describe_skipped, find_bad_images, find_classes, imagefolder_splits,
@@ -309,6 +309,7 @@ def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -
     missing = [s for s in splits if s not in found]
     if missing:
         raise DataError(f"{root} has no {missing[0]} split (found: {sorted(found)})")
+
     def dataset(items) -> MaskDataset:
         if pack is None:
             return MaskDataset(items, seed=seed, exif_orientation=data_cfg.exif_orientation)
@@ -348,7 +349,7 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
     at start-up (one line naming the file and annotation at fault); `train_counts` are the training split's
     boxes per class (crowd left out)."""
     fmt, aug = data_cfg.format, data_cfg.augment
-    rows = {}  # packed shards: split -> the row of each of its images
+    pack, rows = None, {}  # packed shards: the pack, and per split the row of each of its images
     if "all" in splits:
         raise DataError("eval.split=all is for image folders of classes; score a detection split (val or test)")
     exif = data_cfg.exif_orientation
@@ -364,7 +365,6 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
         for split in splits:
             found[split], rows[split] = read_packed_coco(pack, split, verbose=verbose, exif_orientation=exif)
         check_same_categories(found)
-        shards = pack.shards
     else:
         if fmt == "generated":
             g = data_cfg.generated
@@ -387,8 +387,8 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
         transform = (detection_train_transform(aug.hflip, tuple(aug.scale_jitter) if aug.scale_jitter else None,
                                                aug.iou_crop, aug.color_jitter)
                      if split == "train" else detection_eval_transform())
-        made[split] = (DetectionDataset(coco, transform, seed=seed) if split not in rows else
-                       ShardDetectionDataset(coco, shards, rows[split], transform, seed=seed))
+        made[split] = (DetectionDataset(coco, transform, seed=seed) if pack is None else
+                       ShardDetectionDataset(coco, pack.shards, rows[split], transform, seed=seed))
     first = found[splits[0]]
     return Data(classes=first.class_names, datasets=made, mean=list(DETECTOR_MEAN), std=list(DETECTOR_STD),
                 train_counts=counts, source=f"{fmt} at {root}", category_ids=[cid for cid, _ in first.categories])

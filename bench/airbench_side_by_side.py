@@ -104,7 +104,8 @@ def run_reference(airbench: Path, work: Path, epochs: float, seed: int, precisio
     class CpuCifarLoader(ab.CifarLoader):
         def __init__(self, path, train=True, **kw):
             super().__init__(path, train=train, **{**kw, "gpu": "cpu"})
-            raw = torch.load(os.path.join(path, "train.pt" if train else "test.pt"))["images"]
+            # the file write_reference_data made (tensors and class names): no pickled objects needed
+            raw = torch.load(os.path.join(path, "train.pt" if train else "test.pt"), weights_only=True)["images"]
             self.images = (raw.float() / 255).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
     whiten, make_net = ab.init_whitening_conv, ab.make_net

@@ -198,11 +198,16 @@ def test_pack_refuses_masks_without_splits_and_a_broken_coco_file_instead_of_rea
 
 # ---- segmentation: a masks folder packed ----
 
-@pytest.fixture
-def masks_folder(tmp_path):
+def generated(tmp_path: Path, variant: str, size: int, counts: dict) -> Path:
+    """The generated segmentation or detection data: a real masks or COCO folder to pack."""
     from trainer.data.generated import ensure_generated
 
-    return ensure_generated(tmp_path / "seg", "segmentation", 32, 0, {"train": 5, "val": 2})
+    return ensure_generated(tmp_path / variant, variant, size, 0, counts)
+
+
+@pytest.fixture
+def masks_folder(tmp_path):
+    return generated(tmp_path, "segmentation", 32, {"train": 5, "val": 2})
 
 
 def test_a_masks_folder_packs_into_shards_that_give_its_images_masks_and_fingerprint(masks_folder, tmp_path):
@@ -276,9 +281,7 @@ def test_segmentation_from_shards_trains_as_from_the_masks_folder(masks_folder, 
 
 @pytest.fixture
 def coco_folder(tmp_path):
-    from trainer.data.generated import ensure_generated
-
-    return ensure_generated(tmp_path / "det", "detection", 64, 0, {"train": 3, "val": 1})
+    return generated(tmp_path, "detection", 64, {"train": 3, "val": 1})
 
 
 def test_a_coco_folder_packs_into_shards_that_give_its_images_boxes_and_fingerprint(coco_folder, tmp_path):

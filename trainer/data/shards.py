@@ -144,9 +144,10 @@ class PackedFile:
         return self.name
 
 
-def _read(files: Tuple[str, ...]) -> Tuple[List[bytes], str]:
-    """The row's files' bytes and "" if they decode, else why not (a full decode: every image is checked once;
-    a mask must be a single-channel image of indices, its values are checked by the training's start)."""
+def _read(files: Tuple[str, ...]) -> Tuple[List[bytes], str, str]:
+    """The row's files' bytes, why they are bad ("" if they decode) and the error line naming the file at
+    fault. A full decode: every image is checked once; a mask must be a single-channel image of indices (its
+    values are checked by the training's start, which knows the classes)."""
     data = []
     for k, path in enumerate(files):
         try:
@@ -154,14 +155,16 @@ def _read(files: Tuple[str, ...]) -> Tuple[List[bytes], str]:
                 data.append(fh.read())
         except OSError as err:
             why = f"{type(err).__name__}: {err.strerror or err}"
-            return [], f"cannot read mask {path}: {why}" if k else why
+            return [], why, f"cannot read {'mask' if k else 'image'} {path}: {why}"
     why = _check_one(io.BytesIO(data[0]))
-    if not why and len(files) > 1:
+    if why:
+        return [], why, f"cannot read image {files[0]}: {why}"
+    if len(files) > 1:
         try:
             read_mask(PackedFile(files[1], lambda: data[1]))
         except DataError as err:
-            return [], str(err)
-    return data, why
+            return [], str(err), str(err)
+    return data, "", ""
 
 
 def _contents(data) -> dict:
@@ -198,13 +201,12 @@ def _write_shard(target: Path, src: Path, items: Sequence[Item], skip_bad: bool,
     pa = _pyarrow()
     with ThreadPoolExecutor(READ_THREADS) as pool:
         read = list(pool.map(_read, [files for files, _ in items]))
-    bad = [[os.path.relpath(files[0], src), why] for (files, _), (_, why) in zip(items, read) if why]
+    lines = [line for _, why, line in read if why]
+    bad = [[os.path.relpath(files[0], src), why] for (files, _), (_, why, _) in zip(items, read) if why]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more in this shard)" if len(bad) > 1 else ""
-        why = bad[0][1] if bad[0][1].startswith(("mask ", "cannot read mask ")) else \
-            f"cannot read image {src / bad[0][0]}: {bad[0][1]}"
-        raise DataError(f"{why}{more}; fix or remove it, or pack with --skip-bad-images")
-    keep = [(files, label, data) for (files, label), (data, why) in zip(items, read) if not why]
+        raise DataError(f"{lines[0]}{more}; fix or remove it, or pack with --skip-bad-images")
+    keep = [(files, label, data) for (files, label), (data, why, _) in zip(items, read) if not why]
     columns = {"image": pa.array([data[0] for _, _, data in keep], type=pa.binary()),
                "label": pa.array([label for _, label, _ in keep], type=pa.int64()),
                "path": pa.array([os.path.relpath(files[0], src) for files, _, _ in keep], type=pa.string())}

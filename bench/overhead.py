@@ -168,7 +168,8 @@ def main() -> None:
         "benchmark": "trainer_overhead", "model": args.model, "batch": args.batch, "precision": args.precision,
         "device": args.device, "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
         "image_size": args.image_size, "channels_last": args.channels_last, "compile": args.compile,
-        "workers": args.workers, "loader": args.loader, "trainer_set": args.trainer_set, "images_per_epoch": args.per_class * 4, "epochs": args.epochs,
+        "workers": args.workers, "loader": args.loader, "trainer_set": args.trainer_set,
+        "images_per_epoch": args.per_class * 4, "epochs": args.epochs,
         "repeats": args.repeats, "order": "plain first in odd repeats, trainer first in even ones",
         "plain_img_s": plain, "trainer_img_s": ours,
         "plain_median": statistics.median(plain), "trainer_median": statistics.median(ours),
@@ -188,8 +189,8 @@ def main() -> None:
     # the original name for the original settings (CI's smoke test reads it); new settings add their own part
     name = (f"overhead-{args.model}-{args.precision}{'-device' if args.loader == 'device' else ''}"
             f"{'-cuda' if args.device == 'cuda' else ''}{f'-{args.image_size}px' if args.image_size != 32 else ''}"
-            f"{'-cl' if args.channels_last else ''}{'-compile' if args.compile else ''}{'-set' if args.trainer_set else ''}"
-            f"{'-smoke' if args.smoke else ''}")
+            f"{'-cl' if args.channels_last else ''}{'-compile' if args.compile else ''}"
+            f"{'-set' if args.trainer_set else ''}{'-smoke' if args.smoke else ''}")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     row = (f"| {args.model} | {args.batch} | {args.precision} | {result['plain_median']:.1f} | "
            f"{result['trainer_median']:.1f} | {result['overhead_pct']:+.1f}% | "

@@ -22,6 +22,9 @@ the budget is spent ("timed out"); the table is written either way.
   mfu                ResNet-50 img/s of both overhead parts x the GFLOP of a forward + backward per image
                      (torch.utils.flop_counter) / the matmul rate of the same call
   resnet18_cifar10   bench/step_throughput.py: ResNet-18 training steps on CIFAR-sized (32 px) batches
+  gpu_decode         bench/input_pipeline.py --decode-device cuda: training batches (640x480 JPEGs, random
+                     resized crop to 224, flip) ready on the GPU, decoded by the loader workers on the CPU against
+                     data.decode_device=cuda's nvJPEG batches, with 2 and 8 workers
   timm               bench/peers.py --timm: our trainer and timm's train.py on ResNet-50 224 px bf16 + channels_last
 
 --dry-run runs the same parts on the CPU with tiny sizes (small models, a few steps, generated JPEGs packed as
@@ -78,6 +81,7 @@ class Sizes:
     flops_model: tuple  # (model, image px) of the overhead parts, whose GFLOP per image the MFU uses
     airbench: tuple  # overrides added to configs/airbench_cifar10.yaml
     resnet18: tuple  # bench/step_throughput.py arguments
+    decode: tuple  # bench/input_pipeline.py arguments
     peers: tuple  # bench/peers.py arguments
     budget_s: int
     needs_s: dict  # part -> seconds it needs to be worth starting
@@ -93,14 +97,15 @@ GPU = Sizes(
     overhead_repeats=(3, 2), flops_model=("resnet50", 224),
     airbench=(),  # the recipe as written: it already holds the GPU path (device data, bf16, channels_last)
     resnet18=("--device", "cuda", "--batch", "512", "--steps", "30", "--warmup", "5", "--repeats", "3"),
+    decode=("--decode-device", "cuda", "--workers", "2,8", "--photo-count", "1000", "--limit", "1000", "--repeats", "3"),
     peers=("--model", "resnet50", "--image-size", "224", "--batch", "256", "--precision", "bf16", "--channels-last",
            "--epochs", "3", "--repeats", "1", "--classes", "10", "--per-class", "256", "--workers", "12"),
     # 510 s: the whole command, pip install and interpreter start included, inside 9 minutes
     budget_s=510,
     needs_s={"matmul": 10, "correctness": 60, "overhead_eager": 60, "cifar10_airbench": 60, "overhead_compiled": 120,
-             "resnet18_cifar10": 20, "timm": 90},
+             "resnet18_cifar10": 20, "gpu_decode": 40, "timm": 90},
     cap_s={"correctness": 270, "overhead_eager": 150, "cifar10_airbench": 180, "overhead_compiled": 240,
-           "resnet18_cifar10": 90, "timm": 180},
+           "resnet18_cifar10": 90, "gpu_decode": 90, "timm": 180},
 )
 
 DRY = Sizes(
@@ -111,10 +116,11 @@ DRY = Sizes(
     # 80 images: two updates of 32 and a smaller last one; the warm-up must fit in the one epoch
     airbench=("train.device=cpu", "train.epochs=1", "train.batch_size=32", "optim.warmup_epochs=0.3"),
     resnet18=("--device", "cpu", "--batch", "8", "--steps", "2", "--warmup", "1", "--repeats", "1"),
+    decode=("--smoke", "--decode-device", "cpu"),  # the decoder's code on the CPU (libjpeg-turbo, not nvJPEG)
     peers=("--smoke", "--device", "cpu"),
     budget_s=300,
     needs_s={"matmul": 1, "correctness": 10, "overhead_eager": 10, "cifar10_airbench": 15, "overhead_compiled": 20,
-             "resnet18_cifar10": 10, "timm": 15},
+             "resnet18_cifar10": 10, "gpu_decode": 10, "timm": 15},
     cap_s={},
 )
 
@@ -510,6 +516,26 @@ def resnet18_part(ctx: Context):
             f"eval forward {row['eval_img_s_median']:.0f} img/s"), result
 
 
+def gpu_decode_part(ctx: Context):
+    out = ctx.work / "decode"
+    cmd = [sys.executable, BENCH / "input_pipeline.py", *ctx.sizes.decode, "--out", out]
+    ctx.run(cmd, "gpu_decode")
+    found = sorted(out.glob("input-pipeline*.json"))
+    if not found:
+        raise Failed(f"input_pipeline.py wrote no input-pipeline*.json into {out}")
+    report = json.loads(found[0].read_text())
+    row, device = report["photo_640x480_to_224"], report["decode_device"]
+    workers = sorted(int(k.rsplit("_w", 1)[1]) for k in row if k.startswith(f"{device}_decode_w"))
+    ratios = {w: row[f"{device}_decode_w{w}"] / row[f"loader_w{w}"] for w in workers}
+    result = {"command": shown(cmd, ctx), "files": row["files"], "gpu": report.get("gpu"),
+              **{f"{side}_w{w}_img_s": row[f"{key}_w{w}"] for w in workers
+                 for side, key in (("cpu_decode", "loader"), (f"{device}_decode", f"{device}_decode"))},
+              **{f"ratio_w{w}": ratios[w] for w in workers}}
+    return ("640x480 JPEGs -> 224 px batches on the device: " + "; ".join(
+        f"{w} workers: CPU decode {row[f'loader_w{w}']:.0f} img/s, {device} decode {row[f'{device}_decode_w{w}']:.0f} "
+        f"img/s ({ratios[w]:.2f}x)" for w in workers)), result
+
+
 # ---- timm's train.py ----
 
 def timm_part(ctx: Context):
@@ -549,6 +575,7 @@ PARTS = [
     ("overhead_compiled", lambda ctx: overhead_part(ctx, compiled=True)),
     ("mfu", mfu_part),
     ("resnet18_cifar10", resnet18_part),
+    ("gpu_decode", gpu_decode_part),
     ("timm", timm_part),
 ]
 

@@ -9,11 +9,16 @@ For a folder of JPEGs it measures, on the same files and in one run:
               torchvision v2 chain then resizes the PIL image, as before)
   sample      the trainer's training sample: decode + crop/flip augmentation + normalise (FileDataset[i])
   loader_wN   the trainer's DataLoader with N workers (collate included), img/s for the whole loader
+  DEV_decode_wN  with --decode-device DEV: the same batches with data.decode_device's path: N workers only
+              read the files, the main process decodes each batch's JPEGs on DEV in one call and augments them
+              there (trainer.data.device_decode); loader_wN then copies its batches to DEV too, so both columns
+              are batches ready on the device (cuda: nvJPEG; cpu: the same code on libjpeg-turbo, a dry run)
 Each number is the median of --repeats passes. Photo-sized JPEGs are generated when no folder is given for
 them (random 640x480 images, quality 90), so anyone can re-run it.
 
     .venv/bin/python bench/input_pipeline.py --cifar /tmp/cifar/train --limit 5000
     .venv/bin/python bench/input_pipeline.py --smoke
+    python bench/input_pipeline.py --decode-device cuda --workers 2,8 --photo-count 1000   # on a GPU
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.data.datasets import FileDataset, sample_seed, train_transform  # noqa: E402
+from trainer.data.device_decode import BatchDecoder, collate_encoded  # noqa: E402
 from trainer.data.folders import decode_rgb, is_image_file, load_rgb  # noqa: E402
 
 
@@ -78,7 +85,7 @@ def pil_sample(dataset: FileDataset, index: int) -> torch.Tensor:
         return transform(image)  # the v2 chain on the PIL image: PIL's resize
 
 
-def measure(paths: list, image_size: int, repeats: int, workers: list) -> dict:
+def measure(paths: list, image_size: int, repeats: int, workers: list, decode_device: Optional[str] = None) -> dict:
     from torchvision.io import decode_jpeg, read_file
 
     blobs = [read_file(p) for p in paths]
@@ -91,11 +98,28 @@ def measure(paths: list, image_size: int, repeats: int, workers: list) -> dict:
     dataset = FileDataset([(p, 0) for p in paths], transform, seed=0)
     out["sample_pil"] = rate(lambda i: pil_sample(dataset, i), range(len(dataset)), repeats)
     out["sample"] = rate(dataset.__getitem__, range(len(dataset)), repeats)
+    device = torch.device(decode_device or "cpu")
     for w in workers:
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, num_workers=w,
                                              generator=torch.Generator().manual_seed(0))
-        out[f"loader_w{w}"] = rate(lambda _: sum(1 for _ in loader), [0], repeats) * len(dataset)
+        out[f"loader_w{w}"] = rate(lambda _: delivered(loader, lambda b: b[0].to(device), device), [0],
+                                   repeats) * len(dataset)
+        if decode_device:
+            decoder = BatchDecoder(dataset, device)
+            encoded = torch.utils.data.DataLoader(decoder.samples, batch_size=64, shuffle=True, num_workers=w,
+                                                  generator=torch.Generator().manual_seed(0),
+                                                  collate_fn=collate_encoded)
+            out[f"{decode_device}_decode_w{w}"] = rate(lambda _: delivered(encoded, lambda b: decoder(b)[0], device),
+                                                       [0], repeats) * len(dataset)
     return out
+
+
+def delivered(loader, to_device, device: torch.device) -> int:
+    """Batches of one pass made ready on `device` (the GPU's queue drained before the clock stops)."""
+    count = sum(1 for batch in loader if to_device(batch) is not None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return count
 
 
 def main() -> None:
@@ -106,6 +130,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--photo-count", type=int, default=300, help="photo-sized JPEGs to generate (without --photos)")
+    p.add_argument("--decode-device", choices=["cpu", "cuda"],
+                   help="also measure data.decode_device's path: batches decoded and augmented on this device")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
@@ -114,17 +141,23 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.cifar:
-            results["cifar_32px"] = measure(files_under(Path(args.cifar), args.limit), 32, args.repeats, workers)
+            results["cifar_32px"] = measure(files_under(Path(args.cifar), args.limit), 32, args.repeats, workers,
+                                            args.decode_device)
         photos = (files_under(Path(args.photos), args.limit) if args.photos
-                  else make_photos(Path(tmp) / "photos", min(300, args.limit)))
-        results["photo_640x480_to_224"] = measure(photos, 224, args.repeats, workers)
+                  else make_photos(Path(tmp) / "photos", min(args.photo_count, args.limit)))
+        results["photo_640x480_to_224"] = measure(photos, 224, args.repeats, workers, args.decode_device)
     results["torch"] = torch.__version__
+    results["decode_device"] = args.decode_device
+    if args.decode_device == "cuda":
+        results["gpu"] = torch.cuda.get_device_name()
     results["threads"] = torch.get_num_threads()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "input-pipeline" + ("-smoke" if args.smoke else "")
     (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     cols = ["files", "read", "decode_pil", "decode_tv", "decode", "sample_pil", "sample"] + [f"loader_w{w}" for w in workers]
+    if args.decode_device:
+        cols += [f"{args.decode_device}_decode_w{w}" for w in workers]
     lines = ["| images | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for key, r in results.items():
         if isinstance(r, dict):

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 @pytest.mark.parametrize("script, extra, name", [
     ("overhead.py", [], "overhead-small_cnn-no-smoke"),
     ("overhead.py", ["--loader", "device"], "overhead-small_cnn-no-device-smoke"),
-    ("input_pipeline.py", [], "input-pipeline-smoke"),
+    ("input_pipeline.py", ["--decode-device", "cpu"], "input-pipeline-smoke"),
     ("accelerate_wrappers.py", [], "accelerate-wrappers-smoke"),
     ("checkpoint_io.py", [], "checkpoint-io-smoke"),
     ("seg_eval.py", [], "seg-eval-smoke"),

@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 SCRIPT = str(ROOT / "bench" / "gpu_check.py")
 PARTS = ["environment", "matmul", "correctness", "overhead_eager", "cifar10_airbench", "overhead_compiled", "mfu",
-         "resnet18_cifar10", "timm"]
+         "resnet18_cifar10", "gpu_decode", "timm"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -33,7 +33,7 @@ def test_dry_run_writes_every_part(tmp_path):
         assert part["status"] in ("ok", "skipped"), (name, part)
         assert part["summary"], name  # a measurement, or the reason it was skipped
     # parts that need nothing but the CPU must have run, not been skipped
-    for name in ("environment", "matmul", "correctness", "cifar10_airbench", "resnet18_cifar10", "timm"):
+    for name in ("environment", "matmul", "correctness", "cifar10_airbench", "resnet18_cifar10", "gpu_decode", "timm"):
         assert parts[name]["status"] == "ok", (name, parts[name]["summary"])
     assert parts["matmul"]["result"]["tflops"] > 0
     tests = parts["correctness"]["result"]
@@ -43,6 +43,7 @@ def test_dry_run_writes_every_part(tmp_path):
     assert 0 <= parts["cifar10_airbench"]["result"]["test_accuracy"] <= 1
     assert parts["resnet18_cifar10"]["result"]["train_img_s_median"] > 0
     assert parts["timm"]["result"]["sides"]["ours"]["status"] == "ok"
+    assert parts["gpu_decode"]["result"]["ratio_w0"] > 0  # the decoder's code path, on the CPU here
     if parts["overhead_eager"]["status"] == "ok":  # once bench/overhead.py has the flags it needs
         assert parts["mfu"]["status"] == "ok" and parts["mfu"]["result"]["gflop_per_image"] > 0
     else:

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests import test_checkpoint
+from tests.test_device_decode import jpeg_folder
 from tests.conftest import ROOT, assert_same_run, rows, run_cli, tiny_overrides, weights
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -78,6 +79,7 @@ def seen_optimizer(opt):
 
 def seen_loader(loader):
     facts["loader"] = type(loader).__name__
+    facts["decoder"] = type(getattr(loader, "decoder", None)).__name__  # data.decode_device=cuda: BatchDecoder
     dl = getattr(loader, "dl", None)  # the DataLoader of the workers path, before accelerate wraps it
     if dl is not None:
         facts.update(pin_memory=dl.pin_memory, workers=dl.num_workers)
@@ -289,6 +291,54 @@ def test_sigkill_and_resume_on_the_gpu_is_bitwise(tmp_path):
     resumed = test_checkpoint.run_driver(tmp_path, args, "none", 0)
     ok(resumed)
     assert "resuming from" in resumed.stdout and "device=cuda" in resumed.stdout
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+# ---- data.decode_device=cuda: nvJPEG batches (trainer.data.device_decode) ----
+
+def test_gpu_decode_gives_the_cpu_decoders_batches_within_nvjpeg_rounding(tmp_path):
+    """The same encoded batch through the decoder on the GPU (nvJPEG) and on the CPU (libjpeg-turbo), with the
+    same per-sample augmentation: the batches agree within the decoders' rounding, the sideways photo included
+    (turned upright by `upright`: nvJPEG does not read EXIF)."""
+    from trainer.data.datasets import FileDataset, PadCropFlip
+    from trainer.data.device_decode import BatchDecoder, collate_encoded
+    from trainer.data.folders import scan_split
+
+    root = jpeg_folder(tmp_path / "jpegs") / "train"
+    classes = ["a", "b", "c", "d"]
+    samples = scan_split(root, classes, [])
+    std = [0.25] * 3
+    ds = FileDataset(samples, PadCropFlip(32, 4, True, [0.5] * 3, std), seed=3)
+    on_gpu, on_cpu = BatchDecoder(ds, torch.device("cuda")), BatchDecoder(ds, torch.device("cpu"))
+    batch = collate_encoded([on_gpu.samples[i] for i in range(len(ds))])
+    assert sorted(set(batch.orientations)) == [1, 6]
+    (xg, yg), (xc, yc) = on_gpu(batch), on_cpu(batch)
+    assert xg.is_cuda and yg.is_cuda and torch.equal(yg.cpu(), yc)
+    levels = (xg.cpu() - xc).abs() * std[0] * 255  # back to 8-bit levels
+    assert levels.mean() < 2 and levels.amax(dim=(1, 2, 3)).max() < 48, levels.amax(dim=(1, 2, 3))
+
+
+def test_gpu_decode_trains_and_resumes_bitwise_after_sigkill(tmp_path):
+    """A JPEG folder trained with data.decode_device=cuda (2 loader workers reading, bf16), killed at update 7 and
+    resumed by the same command, ends bitwise equal to an uninterrupted run (train.deterministic=true)."""
+    root = jpeg_folder(tmp_path / "jpegs")
+    gpu = {"data.format": "imagefolder", "data.root": str(root), "data.decode_device": "cuda",
+           "data.num_workers": 2, "data.image_size": 32, "train.mixed_precision": "bf16", "train.deterministic": True}
+    probe = run_probe(tmp_path, ["train", "-", *test_checkpoint.overrides(tmp_path, "probe", **gpu,
+                                                                           **{"train.max_steps": 2})])
+    ok(probe)
+    seen = facts(tmp_path)
+    assert seen["loader"] == "WorkerLoader" and seen["decoder"] == "BatchDecoder" and seen["workers"] == 2
+    assert seen["batch_device"].startswith("cuda")
+    assert "decoded and augmented on cuda" in probe.stdout
+    ok(test_checkpoint.run_driver(tmp_path, test_checkpoint.overrides(tmp_path, "ref", **gpu), "none", 0))
+    finite_run(tmp_path / "ref")
+    args = test_checkpoint.overrides(tmp_path, "run", **gpu)
+    killed = test_checkpoint.run_driver(tmp_path, args, "kill_at_update", 7)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = test_checkpoint.run_driver(tmp_path, args, "none", 0)
+    ok(resumed)
+    assert "resuming from" in resumed.stdout
     assert_same_run(tmp_path / "ref", tmp_path / "run")
 
 

@@ -97,6 +97,10 @@ class DataCfg:
     # device: the whole training split decoded once into one uint8 tensor on the device (GPU, or CPU), and
     # pad-crop/flip done as batched tensor ops there: no workers, for datasets that fit (CIFAR-10: 150 MB)
     loader: Literal["workers", "device"] = "workers"
+    # where the training JPEGs of data.loader=workers are decoded: cpu, in the DataLoader workers; cuda, in
+    # batches on the GPU with nvJPEG (the workers then only read the files; trainer/data/device_decode.py).
+    # For image folders and their shards (classification); evaluation decodes on the CPU either way
+    decode_device: Literal["cpu", "cuda"] = "cpu"
     # check every image-folder training file at start-up (eval splits val/test are always checked):
     # header: open it and parse its header (format, size) and, for JPEG/PNG, look for its end marker; a file
     # failing that is then fully decoded, so a valid one is never refused (BENCHMARKS.md: the cost of each);
@@ -592,6 +596,14 @@ def validate(cfg: Config) -> None:
                           "and data.augment.color_jitter, or use data.loader=workers")
     if cfg.data.loader == "device" and cfg.data.sampler == "weighted":
         raise ConfigError("data.sampler=weighted needs data.loader=workers")
+    if cfg.data.decode_device == "cuda":
+        if cfg.data.loader != "workers":
+            raise ConfigError("data.decode_device=cuda is for data.loader=workers (data.loader=device decodes the "
+                              "split once, at start-up, on the CPU)")
+        if targets != "labels" or cfg.data.format not in ("imagefolder", "shards"):
+            raise ConfigError(f"data.decode_device=cuda decodes the JPEGs of image folders and their shards "
+                              f"(classification); data.format={cfg.data.format} is decoded on the CPU: set "
+                              f"data.decode_device=cpu")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
     _validate_regularisation(cfg, targets)

@@ -34,7 +34,7 @@ from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, 
 from trainer.config import Config, config_changes, eval_batch_size, to_dict, to_yaml
 from trainer.data import data_fingerprint, data_roots
 from trainer.data.datasets import replaced_images
-from trainer.data.loaders import build_train_loader
+from trainer.data.loaders import build_train_loader, check_decode_device
 from trainer.data.on_ranks import build_data_on_ranks
 from trainer.distributed import agree, check_processes, make_accelerator, sync_buffers
 from trainer.ema import ModelEma
@@ -174,12 +174,13 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     if task_kind(cfg.task, cfg.data) == "classification":  # segmentation models take any size (they pad)
         agree(acc, probe_input_size)
 
-    def check_sync_bn() -> None:
+    def check_gpu_keys() -> None:
         if cfg.model.sync_bn and acc.device.type != "cuda":
             raise ConfigError(f"model.sync_bn=true needs GPUs: PyTorch's SyncBatchNorm runs only on CUDA (this "
                               f"run is on {acc.device.type}); set model.sync_bn=false")
+        check_decode_device(cfg.data.decode_device, acc.device)
 
-    agree(acc, check_sync_bn)
+    agree(acc, check_gpu_keys)
 
     # ---- data and task (the main process scans first; the start-up checks of the files are split across ranks) ----
     data = build_data_on_ranks(acc, cfg.data, cfg.seed, ("train", "val"), say)

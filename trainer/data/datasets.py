@@ -64,13 +64,18 @@ class _SeededDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int):
-        image = self.load(index)
+        return self.augment(self.load(index), index), self.labels[index]
+
+    def augment(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        """The transform of sample `index` in this epoch, on `image` wherever it is (the DataLoader workers' CPU,
+        or the GPU that decoded it: trainer.data.device_decode), its random draws seeded by (seed, epoch, index)."""
         if getattr(self.transform, "takes_rng", False):  # draws from its own generator: no global RNG to guard
-            return self.transform(image, np.random.default_rng([self.seed, self.epoch, index])), self.labels[index]
-        with torch.random.fork_rng(devices=[]):
+            return self.transform(image, np.random.default_rng([self.seed, self.epoch, index]))
+        # torchvision's v2 transforms draw their parameters on the CPU generator, AugMix its weights on the
+        # image's device: both are seeded here, and both restored after
+        with torch.random.fork_rng(devices=[image.device] if image.is_cuda else []):
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            x = self.transform(image) if self.transform is not None else image
-        return x, self.labels[index]
+            return self.transform(image) if self.transform is not None else image
 
 
 class PathTable:
@@ -172,6 +177,11 @@ class FileDataset(_SeededDataset):
             if not self.stand_ins:
                 raise
             return self._stand_in(index, err)
+
+    def file_bytes(self, index: int) -> bytes:
+        """The file as stored (data.decode_device=cuda decodes it on the GPU); OSError when it cannot be read."""
+        with open(self.paths[index], "rb") as fh:
+            return fh.read()
 
     def _stand_in(self, index: int, err: DataError) -> torch.Tensor:
         label = int(self.labels[index])
@@ -277,15 +287,24 @@ class PadCropFlip:
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         if tuple(image.shape[-2:]) != (self.size, self.size):
             image = TF.resize(image, [self.size, self.size], antialias=True)
-        rows = cols = self.reflect[self.padding:self.padding + self.size]
+        reflect, mean, std = self._on(image.device)
+        rows = cols = reflect[self.padding:self.padding + self.size]
         if self.padding > 0:
             top, left = (int(v) for v in rng.integers(0, 2 * self.padding + 1, size=2))
-            rows = self.reflect[top:top + self.size]
-            cols = self.reflect[left:left + self.size]
+            rows = reflect[top:top + self.size]
+            cols = reflect[left:left + self.size]
         if self.hflip and rng.random() < 0.5:
             cols = cols.flip(0)
         x = image.index_select(1, rows).index_select(2, cols).float().div_(255)
-        return x.sub_(self.mean).div_(self.std)
+        return x.sub_(mean).div_(std)
+
+    def _on(self, device: torch.device):
+        """The index and normalisation tensors on the image's device (a GPU that decoded it): copied once."""
+        if device.type == "cpu":
+            return self.reflect, self.mean, self.std
+        if getattr(self, "_device", None) != device:
+            self._device, self._copies = device, tuple(t.to(device) for t in (self.reflect, self.mean, self.std))
+        return self._copies
 
 
 # data.augment.auto_augment -> its torchvision v2 policy, on the uint8 image; torchvision's defaults apart from

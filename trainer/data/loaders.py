@@ -1,6 +1,7 @@
 """The training loader behind one face, whichever path feeds it: per-sample decoding in DataLoader workers
 (`WorkerLoader`, any data and augmentation), or the whole split held on the device and augmented in batches
-(`trainer.data.device.DeviceLoader`). Both offer:
+(`trainer.data.device.DeviceLoader`). With data.decode_device=cuda the workers only read the files, and each
+batch is decoded and augmented on the GPU (`trainer.data.device_decode`). Both offer:
 
     set_epoch(epoch)   the shuffle order and augmentation of that epoch (pure functions of seed and epoch)
     batches(skip)      this process's batches of the epoch, after the first `skip` (an exact resume); with
@@ -23,20 +24,26 @@ from torch.utils.data import DataLoader
 from trainer.data import class_balanced_sampler
 from trainer.data.datasets import eval_transform, init_sample
 from trainer.data.device import to_device_loader
+from trainer.data.device_decode import BatchDecoder, collate_encoded
 from trainer.data.mixing import BatchMixer, build_mixer
+from trainer.errors import ConfigError
 
 
 class WorkerLoader:
     """A DataLoader over the training split, prepared by accelerate (its batch sampler sharded across
     processes, seeded by (seed, epoch)), with the dataset's per-sample augmentation seeds and an optional
-    class-balanced sampler moved to each epoch; `mixer` (mixup/CutMix, optional) mixes each collated batch."""
+    class-balanced sampler moved to each epoch; `mixer` (mixup/CutMix, optional) mixes each collated batch;
+    `decoder` (data.decode_device=cuda): the workers read the files and it decodes and augments each batch."""
 
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
                  first_transform, sampler=None, drop_last: bool = False, collate=None,
-                 mixer: Optional[BatchMixer] = None):
+                 mixer: Optional[BatchMixer] = None, decoder: Optional[BatchDecoder] = None):
         self.dataset, self.sampler, self.first_transform, self.mixer = dataset, sampler, first_transform, mixer
+        self.decoder = decoder
         self.seed = seed
         self.epoch = 0
+        if decoder is not None:
+            dataset, collate = decoder.samples, collate_encoded
         # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
         self.dl = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                              # its own generator: worker seeds never draw from the global RNG (exact resume)
@@ -60,6 +67,8 @@ class WorkerLoader:
 
     def batches(self, skip: int = 0):
         batches = self.accelerator.skip_first_batches(self.dl, skip) if skip else self.dl
+        if self.decoder is not None:
+            batches = map(self.decoder, batches)
         return batches if self.mixer is None else self._mixed(batches, skip)
 
     def _mixed(self, batches, skip: int):
@@ -92,7 +101,21 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
             f"{accelerator.device} ({loader.images.numel() / 2**20:.0f} MiB) in {time.time() - start:.1f} s")
         return loader
     sampler = class_balanced_sampler(dataset.labels, num_classes, seed) if data_cfg.sampler == "weighted" else None
+    decoder = None
+    if data_cfg.decode_device == "cuda":  # the config allows it for image folders and their shards only
+        check_decode_device(data_cfg.decode_device, accelerator.device)
+        decoder = BatchDecoder(dataset, accelerator.device)
+        say(f"[trainer] data.decode_device=cuda: the workers read the training files; their JPEGs are decoded "
+            f"and augmented on {accelerator.device}")
     return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
                         pin_memory=accelerator.device.type == "cuda",
                         first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler,
-                        drop_last=drop_last, collate=collate, mixer=mixer)
+                        drop_last=drop_last, collate=collate, mixer=mixer, decoder=decoder)
+
+
+def check_decode_device(decode_device: str, device: torch.device) -> None:
+    """data.decode_device=cuda on a run without a GPU: one line, at start-up (trainer.loop checks it before any
+    data is read; build_train_loader again for its other callers)."""
+    if decode_device == "cuda" and device.type != "cuda":
+        raise ConfigError(f"data.decode_device=cuda decodes JPEGs with nvJPEG on the GPU, and this run is on "
+                          f"{device.type} (no CUDA device); set data.decode_device=cpu")

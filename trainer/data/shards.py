@@ -398,6 +398,10 @@ class ShardDataset(_SeededDataset):
             raise DataError(f"cannot read image {self.paths[index]} from the shards in {self.shards.root}: "
                             f"{image_error(err)}") from None
 
+    def file_bytes(self, index: int) -> bytes:
+        """The image's bytes as packed (data.decode_device=cuda decodes them on the GPU)."""
+        return self.shards.image_bytes(int(self.rows[index]))
+
 
 class ShardMaskDataset(MaskDataset):
     """A split of a packed masks folder: images and masks read from the shards by row, decoded and checked as

@@ -4,11 +4,16 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -53,9 +58,91 @@ def tiny_overrides(tmp_path: Path, variant="multiclass", **extra) -> list:
 
 
 def run_cli(*args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGS` in its own process: its exit code and output, as subprocess.run gives them
+    (see run_forked)."""
+    return run_forked([str(a) for a in args], env=env, timeout=timeout, cwd=cwd)
+
+
+def run_forked(argv: list, env=None, timeout=300, cwd=None, script=None) -> subprocess.CompletedProcess:
+    """`python -m trainer ARGV`, or `python SCRIPT ARGV` (a test's driver that wraps trainer functions, then
+    calls the CLI), in its own process: its exit code and output, as subprocess.run gives them.
+
+    The process is forked from a server that imported the trainer once (tests/cli_zygote.py --serve, one per
+    test process): each command would otherwise spend ~5 s of this 2-core machine on imports before doing
+    anything. Everything else is the command's own: pid, process group, current directory, environment,
+    argv, signal handlers, exit status, stdout and stderr. TRAINER_TESTS_FORK_CLI=0 runs each as a fresh
+    interpreter; the bad-input catalogue (tests/test_faults.py) runs a sample both ways and compares them.
+    Where torch sees a GPU each is a fresh interpreter too: a CUDA run must own its CUDA context from the start."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=cwd or ROOT)
+    cwd = str(cwd or ROOT)
+    if not FORK_CLI:
+        return subprocess.run([sys.executable, *([str(script)] if script else ["-m", "trainer"]), *argv],
+                              capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    return _CLI_SERVER.run(argv, full_env, cwd, timeout, script)
+
+
+FORK_CLI = os.environ.get("TRAINER_TESTS_FORK_CLI", "0" if torch.cuda.is_available() else "1") == "1"
+
+
+class _CliServer:
+    """The client side of `tests/cli_zygote.py --serve`, started on first use, stopped at exit."""
+
+    def __init__(self):
+        self.proc: Optional[subprocess.Popen] = None
+        self.lines: "queue.Queue[str]" = queue.Queue()
+
+    def _started(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py"), "--serve"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+            self.lines = queue.Queue()
+            # a reader thread: a line waited for with a timeout (select would miss lines already buffered)
+            threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+            atexit.register(self.proc.kill)
+        return self.proc
+
+    @staticmethod
+    def _read(proc: subprocess.Popen, lines: "queue.Queue[str]") -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put("")  # the server ended
+
+    def run(self, argv: list, environ: dict, cwd: str, timeout: float, script=None) -> subprocess.CompletedProcess:
+        proc = self._started()
+        case = {"argv": argv, "cwd": cwd, "environ": environ, **({"script": str(script)} if script else {})}
+        proc.stdin.write(json.dumps(case) + "\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        pid = self._reply(proc, deadline + 120)["pid"]  # the server's own imports: at most once
+        deadline = time.monotonic() + timeout
+        try:
+            done = self._reply(proc, deadline)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(pid, signal.SIGKILL)  # the command and whatever it started, as a timeout should
+            except ProcessLookupError:
+                pass
+            done = self._reply(proc, time.monotonic() + 60)
+            raise subprocess.TimeoutExpired([str(script or "trainer"), *argv], timeout, output=done["stdout"],
+                                            stderr=done["stderr"]) from None
+        return subprocess.CompletedProcess([sys.executable, *([str(script)] if script else ["-m", "trainer"]), *argv],
+                                           done["returncode"], done["stdout"], done["stderr"])
+
+    def _reply(self, proc: subprocess.Popen, deadline: float) -> dict:
+        """The server's next line, or TimeoutExpired at `deadline` (time.monotonic)."""
+        try:
+            line = self.lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            raise subprocess.TimeoutExpired("tests/cli_zygote.py --serve", 0) from None
+        if not line:
+            self.proc = None
+            raise RuntimeError(f"tests/cli_zygote.py --serve ended (exit {proc.wait()}); its stderr went to "
+                               f"pytest's")
+        return json.loads(line)
+
+
+_CLI_SERVER = _CliServer()
 
 
 def weights(run_dir: Path) -> dict:

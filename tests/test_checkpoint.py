@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, assert_same_run, rows, run_cli, tiny_overrides, weights
+from tests.conftest import ROOT, assert_same_run, rows, run_cli, run_forked, tiny_overrides, weights
 from trainer.checkpoint import POINTER, read_checkpoint, rotate
 from trainer.errors import TrainerError
 
@@ -60,13 +60,15 @@ def overrides(tmp_path: Path, run: str, **extra) -> list:
 
 
 def run_driver(tmp_path: Path, args: list, fault: str, at: int, processes: int = 1, env=None):
+    """DRIVER with its fault: on one process forked like run_cli's commands (conftest.run_forked)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                 str(processes)] if processes > 1 else [sys.executable])
+    fault_env = {"FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": str(ROOT), **(env or {})}
+    if processes == 1:
+        return run_forked(["train", "-", *args], env=fault_env, timeout=300, cwd=ROOT, script=driver)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return subprocess.run(launcher + [str(driver), "train", "-", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault,
-                                                      "FAULT_AT": str(at), "PYTHONPATH": str(ROOT), **(env or {})})
+                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **fault_env})
 
 
 def run_train(args: list, processes: int = 1, env=None):

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, assert_same_run, make_folder, run_cli, tiny_overrides, write_image
+from tests.conftest import ROOT, assert_same_run, make_folder, run_cli, run_forked, tiny_overrides, write_image
 from trainer.checkpoint import POINTER, verify_checkpoint
 from trainer.config import load_config
 from trainer.data import build_data
@@ -53,13 +53,18 @@ def launcher(processes: int) -> list:
 
 
 def run_driver(args: list, fault: str, at: int = 0, processes: int = 1, env=None, timeout=300):
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": str(ROOT),
-                **(env or {})}
+    """The run with one fault injected (tests/fault_driver.py): on one process forked like run_cli's commands
+    (tests/conftest.py: run_forked), on several under torchrun."""
+    fault_env = {"FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": str(ROOT), **(env or {})}
+    if processes == 1:
+        return run_forked(["train", "-", *args], env=fault_env, timeout=timeout, cwd=ROOT, script=DRIVER)
     return subprocess.run(launcher(processes) + [DRIVER, "train", "-", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=full_env)
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **fault_env})
 
 
 def run_train(args: list, processes: int = 1, env=None, timeout=300):
+    if processes == 1:
+        return run_cli("train", "-", *args, env=env, timeout=timeout)
     return subprocess.run(launcher(processes) + ["-m", "trainer", "train", "-", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -125,6 +130,8 @@ def test_twenty_seeded_sigkills_over_one_run_end_bitwise_identical(reference, tm
     for fault, update in moments:
         killed = run_driver(args, fault, update, processes)
         assert killed.returncode != 0, f"{fault} at {update} never happened:\n{killed.stdout[-1500:]}"
+        if processes == 1:  # the process's own status (torchrun exits 1 when a rank is killed)
+            assert killed.returncode == -signal.SIGKILL, (fault, update, killed.stderr[-1500:])
         assert not (tmp_path / "run" / "summary.json").exists()
     done = run_train(args, processes)
     assert done.returncode == 0, done.stderr[-3000:]

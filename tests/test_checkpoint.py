@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, assert_same_run, rows, run_cli, run_forked, tiny_overrides, weights
+from tests.conftest import ROOT, assert_same_run, rows, run_cli, run_forked, run_torchrun, tiny_overrides, weights
 from trainer.checkpoint import POINTER, read_checkpoint, rotate
 from trainer.errors import TrainerError
 
@@ -66,17 +66,13 @@ def run_driver(tmp_path: Path, args: list, fault: str, at: int, processes: int =
     fault_env = {"FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": str(ROOT), **(env or {})}
     if processes == 1:
         return run_forked(["train", "-", *args], env=fault_env, timeout=300, cwd=ROOT, script=driver)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return subprocess.run(launcher + [str(driver), "train", "-", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **fault_env})
+    return run_torchrun(["train", "-", *args], processes, env=fault_env, timeout=300, cwd=ROOT, script=driver)
 
 
 def run_train(args: list, processes: int = 1, env=None):
     if processes == 1:
         return run_cli("train", "-", *args, env=env)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), "-m", "trainer", "train", "-", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return run_torchrun(["train", "-", *args], processes, env=env, timeout=300, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, assert_same_run, make_folder, run_cli, run_forked, tiny_overrides, write_image
+from tests.conftest import (ROOT, assert_same_run, make_folder, run_cli, run_forked, run_torchrun, tiny_overrides,
+                            write_image)
 from trainer.checkpoint import POINTER, verify_checkpoint
 from trainer.config import load_config
 from trainer.data import build_data
@@ -47,26 +48,19 @@ def args_for(tmp: Path, run: str, processes: int = 1, **extra) -> list:
                                                 **extra})
 
 
-def launcher(processes: int) -> list:
-    return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-            if processes > 1 else [sys.executable])
-
-
 def run_driver(args: list, fault: str, at: int = 0, processes: int = 1, env=None, timeout=300):
     """The run with one fault injected (tests/fault_driver.py): on one process forked like run_cli's commands
     (tests/conftest.py: run_forked), on several under torchrun."""
     fault_env = {"FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": str(ROOT), **(env or {})}
     if processes == 1:
         return run_forked(["train", "-", *args], env=fault_env, timeout=timeout, cwd=ROOT, script=DRIVER)
-    return subprocess.run(launcher(processes) + [DRIVER, "train", "-", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **fault_env})
+    return run_torchrun(["train", "-", *args], processes, env=fault_env, timeout=timeout, cwd=ROOT, script=DRIVER)
 
 
 def run_train(args: list, processes: int = 1, env=None, timeout=300):
     if processes == 1:
         return run_cli("train", "-", *args, env=env, timeout=timeout)
-    return subprocess.run(launcher(processes) + ["-m", "trainer", "train", "-", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return run_torchrun(["train", "-", *args], processes, env=env, timeout=timeout, cwd=ROOT)
 
 
 def digest(root: Path) -> dict:

@@ -97,7 +97,8 @@ GPU = Sizes(
     overhead_repeats=(3, 2), flops_model=("resnet50", 224),
     airbench=(),  # the recipe as written: it already holds the GPU path (device data, bf16, channels_last)
     resnet18=("--device", "cuda", "--batch", "512", "--steps", "30", "--warmup", "5", "--repeats", "3"),
-    decode=("--decode-device", "cuda", "--workers", "2,8", "--photo-count", "1000", "--limit", "1000", "--repeats", "3"),
+    decode=("--decode-device", "cuda", "--workers", "2,8", "--photo-count", "1000", "--limit", "1000",
+            "--repeats", "3"),
     peers=("--model", "resnet50", "--image-size", "224", "--batch", "256", "--precision", "bf16", "--channels-last",
            "--epochs", "3", "--repeats", "1", "--classes", "10", "--per-class", "256", "--workers", "12"),
     # 510 s: the whole command, pip install and interpreter start included, inside 9 minutes

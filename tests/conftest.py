@@ -81,7 +81,8 @@ def run_forked(argv: list, env=None, timeout=300, cwd=None, script=None) -> subp
     return _CLI_SERVER.run(argv, full_env, cwd, timeout, script)
 
 
-def run_torchrun(argv: list, processes: int, env=None, timeout=300, cwd=None, script=None) -> subprocess.CompletedProcess:
+def run_torchrun(argv: list, processes: int, env=None, timeout=300, cwd=None,
+                 script=None) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node PROCESSES` of `-m trainer ARGV` (or of SCRIPT ARGV). Where
     run_forked forks, torchrun's own configuration and agent run in tests/forked_torchrun.py with the ranks
     forked too (no ~5 s of imports per rank); elsewhere it is torchrun itself. tests/test_launch.py and the
@@ -91,7 +92,8 @@ def run_torchrun(argv: list, processes: int, env=None, timeout=300, cwd=None, sc
     if FORK_CLI:
         return run_forked(launch, env=env, timeout=timeout, cwd=cwd, script=ROOT / "tests" / "forked_torchrun.py")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launch], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(cwd or ROOT), env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                          timeout=timeout, cwd=str(cwd or ROOT),
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 FORK_CLI = os.environ.get("TRAINER_TESTS_FORK_CLI", "0" if torch.cuda.is_available() else "1") == "1"

@@ -139,7 +139,7 @@ class BatchDecoder:
             # read it, and overwrite it under them. Reported with a reproducer in pytorch/vision PR #9606
             # (2026: corruption in 134 of 200 iterations on an H100 with torchvision 0.28; none once the
             # caller's stream is drained first). Cost: the GPU idles while this batch's decode and
-            # augmentation are submitted (measured by bench/gpu_check.py's gpu_decode part when a GPU is lent).
+            # augmentation are submitted (not measured yet: gpu_check's gpu_decode part times the loader alone).
             torch.cuda.current_stream(self.device).synchronize()
         with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to torchcodec
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -102,8 +102,8 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
         return loader
     sampler = class_balanced_sampler(dataset.labels, num_classes, seed) if data_cfg.sampler == "weighted" else None
     decoder = None
+    check_decode_device(data_cfg.decode_device, accelerator.device)
     if data_cfg.decode_device == "cuda":  # the config allows it for image folders and their shards only
-        check_decode_device(data_cfg.decode_device, accelerator.device)
         decoder = BatchDecoder(dataset, accelerator.device)
         say(f"[trainer] data.decode_device=cuda: the workers read the training files; their JPEGs are decoded "
             f"and augmented on {accelerator.device}")

@@ -391,15 +391,14 @@ class ShardDataset(_SeededDataset):
         return len(self.rows)
 
     def load(self, index: int) -> torch.Tensor:
-        row = int(self.rows[index])
         try:
-            return decode_bytes(self.shards.image_bytes(row), self.exif_orientation)
+            return decode_bytes(self.file_bytes(index), self.exif_orientation)
         except Exception as err:  # verified when packed: a shard changed since, or a bug: name the row
             raise DataError(f"cannot read image {self.paths[index]} from the shards in {self.shards.root}: "
                             f"{image_error(err)}") from None
 
     def file_bytes(self, index: int) -> bytes:
-        """The image's bytes as packed (data.decode_device=cuda decodes them on the GPU)."""
+        """The image's bytes as packed (what `load` decodes; data.decode_device=cuda decodes them on the GPU)."""
         return self.shards.image_bytes(int(self.rows[index]))
 
 

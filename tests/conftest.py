@@ -197,6 +197,16 @@ if "TRAINER_CACHE_DIR" not in os.environ:
     os.environ["TRAINER_CACHE_DIR"] = tempfile.mkdtemp(prefix="trainer-tests-cache-")
     atexit.register(shutil.rmtree, os.environ["TRAINER_CACHE_DIR"], ignore_errors=True)
 
+# The temporary files of every process the tests start (torchrun's log folders, multiprocessing's socket folders,
+# the CLI server's case files: about a thousand folders a suite, none of which their makers remove when killed)
+# go to one folder of this test session, removed at its end, not left in the machine's /tmp. The process that
+# imports this first keeps its own temporary folder (pytest's basetemp is made there: kept for a failure's
+# inspection as pytest keeps it); the processes it starts, xdist workers included, inherit TMPDIR.
+if "TRAINER_TESTS_TMPDIR" not in os.environ:
+    tempfile.gettempdir()  # resolved (and cached) before TMPDIR changes: this process's own stays
+    os.environ["TRAINER_TESTS_TMPDIR"] = os.environ["TMPDIR"] = tempfile.mkdtemp(prefix="trainer-tests-tmp-")
+    atexit.register(shutil.rmtree, os.environ["TRAINER_TESTS_TMPDIR"], ignore_errors=True)
+
 
 # The test files whose tests take longest, heaviest first (worker seconds in a CI=true run of the suite here,
 # 2026-12-03, with --durations=0: detection 400, faults ~360 once its two-process runs were forked, segmentation

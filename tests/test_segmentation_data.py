@@ -224,6 +224,27 @@ def _exif(orientation: int) -> Image.Exif:
     return exif
 
 
+def test_a_sample_reads_its_image_file_once_for_the_pixels_and_the_masks_turn(tmp_path, monkeypatch):
+    # each open is a metadata operation on cluster storage: the image is decoded, and its EXIF orientation (which
+    # turns the mask) read, from one read of the file, as a packed row is one positioned read
+    import builtins
+
+    mask = np.arange(24, dtype=np.uint8).reshape(4, 6) % 3
+    image = _write(tmp_path / "o.jpg", np.zeros((4, 6, 3), np.uint8), exif=_exif(6), format="JPEG")
+    m = _write(tmp_path / "m.png", mask)
+    opened, real_open = [], builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).startswith(str(tmp_path)):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    image_t, mask_t = MaskDataset([(str(image), str(m))])[0]
+    assert sorted(opened) == sorted([str(image), str(m)])
+    assert tuple(image_t.shape) == (3, 6, 4) and mask_t.tolist() == np.rot90(mask, -1).tolist()
+
+
 def test_masks_are_checked_and_turned_with_their_images_exif_orientation(tmp_path):
     # a 6x4 stored image tagged "turn 90 degrees": the mask is drawn on the stored pixels (6x4), and loads turned
     mask = np.arange(24, dtype=np.uint8).reshape(4, 6) % 3

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.folders import Sample, decode_rgb, image_error
+from trainer.data.folders import Sample, decode_bytes, image_error
 from trainer.errors import ConfigError, DataError
 
 
@@ -35,13 +35,24 @@ def init_sample(n: int, count: int, seed: int) -> torch.Tensor:
 
 def read_image(path: str, exif_orientation: bool, hint: str = "") -> torch.Tensor:
     """An image file as a (3, H, W) uint8 RGB tensor (decode_rgb), or a DataError naming the file: a bare PIL
-    error says nothing about which one. PIL's warnings (e.g. a large or odd file) stay quiet here."""
+    error says nothing about which one."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise DataError(f"cannot read image {path}: {image_error(err)}{hint}") from None
+    return decode_named(data, exif_orientation, path, hint)
+
+
+def decode_named(data: bytes, exif_orientation: bool, name, hint: str = "") -> torch.Tensor:
+    """An image file's bytes as decode_rgb decodes them, or a DataError naming the file (`name`: its path, or
+    where it is packed). PIL's warnings (e.g. a large or odd file) stay quiet here."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return decode_rgb(path, exif_orientation)
+            return decode_bytes(data, exif_orientation)
     except Exception as err:
-        raise DataError(f"cannot read image {path}: {image_error(err)}{hint}") from None
+        raise DataError(f"cannot read image {name}: {image_error(err)}{hint}") from None
 
 
 class _SeededDataset(Dataset):

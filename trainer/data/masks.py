@@ -10,6 +10,7 @@ only ever resized NEAREST, never interpolated) and is, like classification's, a 
 """
 from __future__ import annotations
 
+import io
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainer.data.datasets import _SeededDataset, read_image, sample_seed
+from trainer.data.datasets import _SeededDataset, decode_named, sample_seed
 from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, image_error
 from trainer.errors import DataError
 
@@ -186,7 +187,10 @@ def voc_pairs(root, year: str = "2012", image_set: str = "train") -> List[Pair]:
 # ---- reading masks ----
 
 def open_source(source):
-    """A binary file object of a mask pair's image or mask: the path's file, or a PackedFile's bytes (shards)."""
+    """A binary file object of a mask pair's image or mask: the path's file, a PackedFile's bytes (shards), or
+    the file's bytes already read."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
     return source.open() if hasattr(source, "open") else open(source, "rb")
 
 
@@ -234,8 +238,8 @@ def _png_may_hold_orientation(fh) -> bool:
 
 
 def image_orientation(path) -> int:
-    """The EXIF orientation (1-8; 1 = none) that decode_rgb applies to this image file (a path, or a PackedFile),
-    read without decoding it.
+    """The EXIF orientation (1-8; 1 = none) that decode_rgb applies to this image file (a path, a PackedFile or the
+    file's bytes), read without decoding it.
 
     JPEGs: the EXIF tag only (what torchvision's decode_jpeg applies). Other formats: what PIL's getexif finds,
     as load_rgb reads it."""
@@ -355,7 +359,17 @@ class MaskDataset(_SeededDataset):
 
     def load(self, index: int) -> torch.Tensor:
         """The image as a (3, H, W) uint8 RGB tensor, turned by its EXIF orientation when exif_orientation."""
-        return read_image(self.paths[index], self.exif_orientation)
+        return decode_named(self.image_bytes(index), self.exif_orientation, self.image_source(index))
+
+    def image_bytes(self, index: int) -> bytes:
+        """The image file's bytes: read once per sample, the image decoded and its orientation (for the mask)
+        read from them (one file opened per image, not two)."""
+        source = self.image_source(index)
+        try:
+            with open_source(source) as fh:
+                return fh.read()
+        except Exception as err:  # a path gone, or a shard changed since the start
+            raise DataError(f"cannot read image {source}: {image_error(err)}") from None
 
     def image_source(self, index: int):
         """What read_mask, image_orientation and check_masks read the image from: its path here."""
@@ -368,14 +382,15 @@ class MaskDataset(_SeededDataset):
         """Every (image, mask) source, for check_masks."""
         return [(self.image_source(i), self.mask_source(i)) for i in range(len(self))]
 
-    def load_mask(self, index: int) -> torch.Tensor:
+    def load_mask(self, index: int, image_bytes: Optional[bytes] = None) -> torch.Tensor:
         """The mask as an int64 (H, W) tensor of class indices, turned by its IMAGE's EXIF orientation exactly as
-        the image is (masks are drawn on the stored pixels and carry no tag)."""
+        the image is (masks are drawn on the stored pixels and carry no tag); `image_bytes`: the image file's,
+        when already read."""
         mask = read_mask(self.mask_source(index))
         if self.exif_orientation:
             image = self.image_source(index)
             try:
-                orientation = image_orientation(image)
+                orientation = image_orientation(image if image_bytes is None else image_bytes)
             except Exception as err:
                 raise DataError(f"cannot read image {image}: {image_error(err)}") from None
             if orientation in ORIENT_MASK:
@@ -383,7 +398,9 @@ class MaskDataset(_SeededDataset):
         return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
 
     def __getitem__(self, index: int):
-        image, mask = self.load(index), self.load_mask(index)
+        data = self.image_bytes(index)
+        image = decode_named(data, self.exif_orientation, self.image_source(index))
+        mask = self.load_mask(index, data)
         if tuple(image.shape[-2:]) != tuple(mask.shape):  # transforms would misalign them silently
             raise DataError(f"mask {self.mask_source(index)} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
                             f"{self.image_source(index)} is {image.shape[2]}x{image.shape[1]}")

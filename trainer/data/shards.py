@@ -404,7 +404,7 @@ class ShardDataset(_SeededDataset):
 
 class ShardMaskDataset(MaskDataset):
     """A split of a packed masks folder: images and masks read from the shards by row, decoded and checked as
-    the folder's files are (MaskDataset reads them through image_source and mask_source)."""
+    the folder's files are (MaskDataset reads them through image_source and mask_source: a PackedFile)."""
 
     def __init__(self, shards: Shards, rows: np.ndarray, paths: PathTable, mask_paths: PathTable, transform=None,
                  seed: int = 0, exif_orientation: bool = True):
@@ -424,13 +424,6 @@ class ShardMaskDataset(MaskDataset):
         row = int(self.rows[index])
         return PackedFile(f"{self.mask_paths[index]} (in the shards at {self.shards.root})",
                           lambda: self.shards.mask_bytes(row))
-
-    def load(self, index: int) -> torch.Tensor:
-        source = self.image_source(index)
-        try:
-            return decode_bytes(source.read(), self.exif_orientation)
-        except Exception as err:  # verified when packed: a shard changed since, or a bug: name the row
-            raise DataError(f"cannot read image {source}: {image_error(err)}") from None
 
 
 class ShardDetectionDataset(DetectionDataset):

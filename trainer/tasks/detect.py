@@ -235,7 +235,9 @@ class DetectionEvaluator:
             self.records.append(self.task.records(index, det))
             self.losses.append(det.get("losses", {}))
             if len(self.samples) < SAMPLE_IMAGES:
-                self.samples.append((index, image.cpu(), {k: v.cpu() for k, v in det.items() if k != "losses"}))
+                kept = {k: v.cpu() for k, v in det.items() if k != "losses"}
+                # a copy: on the CPU a view would keep its whole batch (a DetectionBatch's pixels) in memory
+                self.samples.append((index, image.to("cpu", copy=True), kept))
 
     def finish(self, accelerator) -> Tuple[dict, Optional[dict]]:
         gathered = gather_objects_to_main(list(zip(self.records, self.losses)), accelerator)  # main rank only

@@ -237,55 +237,68 @@ import json, sys, time
 import numpy as np, torch
 from trainer.config import load_config
 from trainer.data import build_data
-fmt, root, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from trainer.data.coco import collate_detection, detection_eval_transform
+from trainer.data.masks import collate_masks
+kind, fmt, root, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 extra = ["data.verify_images=off"] if fmt == "imagefolder" else []
 cfg = load_config(None, [f"data.format={fmt}", f"data.root={root}", "data.mean=[0.5,0.5,0.5]",
                          "data.std=[0.25,0.25,0.25]", *extra])
+collate = {"classes": None, "masks": collate_masks, "coco": collate_detection}[kind]
 ds = build_data(cfg.data, 0, ("train",), verbose=lambda *_: None).datasets["train"]
-ds.transform = None
+# decoded, not augmented (a detection dataset always has a transform: its eval one, the image as floats)
+ds.transform = detection_eval_transform() if kind == "coco" else None
 order = np.random.default_rng(0).permutation(len(ds))[:n].tolist()  # a shuffled epoch's order
-loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size=256, num_workers=2)
+loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, order), batch_size=256, num_workers=2,
+                                     collate_fn=collate)
 start = time.perf_counter()
 images = sum(len(y) for _, y in loader) if n else 0
 print(json.dumps({"seconds": time.perf_counter() - start, "images": images}))
 """
 
+# data.format of each kind of folder `trainer pack` packs (its shards are data.format=shards)
+FOLDER_FORMAT = {"classes": "imagefolder", "masks": "masks", "coco": "coco"}
 
-def read_pass(fmt: str, root: Path, n: int, prefix=()) -> dict:
-    """Decode `n` training images in a shuffled order through a DataLoader with 2 workers (no augmentation),
-    from the folder or from the shards, in a fresh process (the page cache warm: both were read before)."""
-    res = subprocess.run([*prefix, sys.executable, "-c", READ_PASS, fmt, str(root), str(n)], capture_output=True,
+
+def read_pass(kind: str, fmt: str, root: Path, n: int, prefix=()) -> dict:
+    """Decode `n` training images (and their masks or boxes) of a `kind` folder in a shuffled order through a
+    DataLoader with 2 workers (no augmentation), from the folder (fmt its format) or from its shards (fmt
+    "shards"), in a fresh process (the page cache warm: both were read before)."""
+    res = subprocess.run([*prefix, sys.executable, "-c", READ_PASS, kind, fmt, str(root), str(n)], capture_output=True,
                          text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     if res.returncode != 0:
         raise SystemExit(f"error: the read pass failed: {res.stderr.strip()[-500:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def opens_per_pass(fmt: str, root: Path, n: int, tmp: Path) -> int:
+def opens_per_pass(kind: str, fmt: str, root: Path, n: int, tmp: Path) -> int:
     """openat calls of a read pass of `n` images, minus those of the same process reading none (the imports,
     the start): the file opens the reading itself costs."""
     counts = []
     for images in (n, 0):
         out = tmp / f"opens-{fmt}-{images}.txt"
-        read_pass(fmt, root, images, prefix=["strace", "-f", "-c", "-o", str(out), "-e", "trace=openat,open"])
+        read_pass(kind, fmt, root, images, prefix=["strace", "-f", "-c", "-o", str(out), "-e", "trace=openat,open"])
         counts.append(sum(int(line.split()[3]) for line in out.read_text().splitlines()
                           if line.split()[-1:] in (["openat"], ["open"]) and line.split()[3].isdigit()))
     return counts[0] - counts[1]
 
 
-def compare_reads(root: Path, packed: Path, n: int, repeats: int, strace: bool, tmp: Path) -> dict:
-    """Folder against shards side by side: median images/s of `repeats` alternating passes, and opens."""
-    read_pass("imagefolder", root, n), read_pass("shards", packed, n)  # warm the page cache for both
-    speeds = {"imagefolder": [], "shards": []}
+def compare_reads(root: Path, packed: Path, n: int, repeats: int, strace: bool, tmp: Path, kind: str = "classes"
+                  ) -> dict:
+    """Folder against shards side by side: median images/s of `repeats` alternating passes, and opens. Keyed
+    by data.format: the folder's (FOLDER_FORMAT) and "shards"."""
+    sides = ((FOLDER_FORMAT[kind], root), ("shards", packed))
+    for fmt, where in sides:  # warm the page cache for both
+        read_pass(kind, fmt, where, n)
+    speeds: dict = {fmt: [] for fmt, _ in sides}
     for _ in range(repeats):
-        for fmt, where in (("imagefolder", root), ("shards", packed)):
-            r = read_pass(fmt, where, n)
+        for fmt, where in sides:
+            r = read_pass(kind, fmt, where, n)
             speeds[fmt].append(r["images"] / r["seconds"])
     out = {fmt: {"images_per_s": float(np.median(v)), "runs": v} for fmt, v in speeds.items()}
-    out["ratio_shards_over_folder"] = out["shards"]["images_per_s"] / out["imagefolder"]["images_per_s"]
+    out["ratio_shards_over_folder"] = out["shards"]["images_per_s"] / out[FOLDER_FORMAT[kind]]["images_per_s"]
     if strace:
-        for fmt, where in (("imagefolder", root), ("shards", packed)):
-            out[fmt]["opens"] = opens_per_pass(fmt, where, n, tmp)
+        for fmt, where in sides:
+            out[fmt]["opens"] = opens_per_pass(kind, fmt, where, n, tmp)
     return out
 
 

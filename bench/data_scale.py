@@ -302,6 +302,18 @@ def compare_reads(root: Path, packed: Path, n: int, repeats: int, strace: bool, 
     return out
 
 
+PACK_READ_HEADER = ("| pack (s) | shards | MiB | images read | folder img/s | shards img/s | shards / folder | "
+                    "opens, folder | opens, shards |")
+
+
+def pack_read_cells(pack: dict, reads: dict, folder_format: str, images: int) -> str:
+    """The PACK_READ_HEADER cells of a table row: make_shards' and compare_reads' results."""
+    folder, shards = reads[folder_format], reads["shards"]
+    return (f"| {pack['pack_seconds']:.1f} | {pack['shards']} | {pack['mib']:.0f} | {images:,} | "
+            f"{folder['images_per_s']:.0f} | {shards['images_per_s']:.0f} | {reads['ratio_shards_over_folder']:.2f} | "
+            f"{folder.get('opens', '')} | {shards.get('opens', '')} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", help="files per folder (default 10000,100000,1000000; --smoke: 200,400)")
@@ -384,14 +396,10 @@ def main() -> None:
                              f"{(r['worker_peak_rss_mib'] or float('nan')):.0f} | "
                              f"{'' if calls is None else f'{calls:,.0f}'} | {row['worker_memory']['worker_uss_mib']:.1f} |")
     if args.shards:
-        lines += ["", "| files | pack (s) | shards | MiB | images read | folder img/s | shards img/s | shards / folder | "
-                  "opens, folder | opens, shards |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| files " + PACK_READ_HEADER, "|---" * 10 + "|"]
         for row in rows:
-            r, k = row["reads"], row["pack"]
-            lines.append(f"| {row['files']:,} | {k['pack_seconds']:.1f} | {k['shards']} | {k['mib']:.0f} | "
-                         f"{min(row['files'], args.read_images):,} | {r['imagefolder']['images_per_s']:.0f} | "
-                         f"{r['shards']['images_per_s']:.0f} | {r['ratio_shards_over_folder']:.2f} | "
-                         f"{r['imagefolder'].get('opens', '')} | {r['shards'].get('opens', '')} |")
+            lines.append(f"| {row['files']:,} " + pack_read_cells(row["pack"], row["reads"], "imagefolder",
+                                                                  min(row["files"], args.read_images)))
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

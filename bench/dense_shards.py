@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from data_scale import FOLDER_FORMAT, compare_reads, make_shards  # noqa: E402
+from data_scale import FOLDER_FORMAT, PACK_READ_HEADER, compare_reads, make_shards, pack_read_cells  # noqa: E402
 
 DISTINCT = 64  # distinct photos (and masks) written in rotation
 CLASSES = ["background", "red", "green", "blue"]  # masks: index 0 and 3 rectangle classes; coco: ids 1-3
@@ -160,14 +160,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     name = "dense-shards" + ("-smoke" if args.smoke else "")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    lines = ["| kind | photo (px) | images read | pack (s) | shards | MiB | folder img/s | shards img/s | "
-             "shards / folder | opens, folder | opens, shards |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kind | photo (px) " + PACK_READ_HEADER, "|---" * 11 + "|"]
     for row in rows:
-        r, k, folder = row["reads"], row["pack"], row["reads"][FOLDER_FORMAT[row["kind"]]]
-        lines.append(f"| {row['kind']} | {row['width']}x{row['height']} | {row['images']:,} | "
-                     f"{k['pack_seconds']:.1f} | {k['shards']} | {k['mib']:.0f} | {folder['images_per_s']:.0f} | "
-                     f"{r['shards']['images_per_s']:.0f} | {r['ratio_shards_over_folder']:.2f} | "
-                     f"{folder.get('opens', '')} | {r['shards'].get('opens', '')} |")
+        lines.append(f"| {row['kind']} | {row['width']}x{row['height']} "
+                     + pack_read_cells(row["pack"], row["reads"], FOLDER_FORMAT[row["kind"]], row["images"]))
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

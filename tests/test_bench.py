@@ -60,7 +60,8 @@ def test_data_scale_smoke_measures_each_mode_and_writes_its_table(tmp_path):
 def test_dense_shards_smoke_reads_masks_and_coco_from_folder_and_shards(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "dense_shards.py"), "--smoke",
                           "--work", str(tmp_path / "work"), "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     rows = json.loads((tmp_path / "dense-shards-smoke.json").read_text())["rows"]
     assert [(r["kind"], r["width"]) for r in rows] == [("masks", 32), ("coco", 32)]

@@ -258,7 +258,8 @@ def test_a_detection_batch_crosses_from_a_worker_as_three_tensors_and_arrives_as
     inline = list(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=0, collate_fn=collate_detection))
     for (xs, ts), (ys, us) in zip(loaded, inline):
         assert all(torch.equal(x, y) for x, y in zip(xs, ys))
-        assert all(torch.equal(t["boxes"], u["boxes"]) and torch.equal(t["labels"], u["labels"]) for t, u in zip(ts, us))
+        assert all(torch.equal(t["boxes"], u["boxes"]) and torch.equal(t["labels"], u["labels"])
+                   for t, u in zip(ts, us))
 
 
 RED, BLUE, GREY = (230, 20, 20), (20, 20, 230), (60, 60, 60)

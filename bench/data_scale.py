@@ -42,6 +42,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import psutil
@@ -54,31 +55,58 @@ DISTINCT = 256  # distinct JPEGs written in rotation
 FILE_CALLS = "openat,open,stat,lstat,fstat,newfstatat,statx,getdents64,access,faccessat,faccessat2,readlink,readlinkat"
 
 
+def folder_to_make(root: Path, params: dict) -> Optional[Path]:
+    """None when `root` already holds the synthetic folder `params` describe (its marker, dataset.json, says
+    so); else an empty temporary folder beside it to write it in, which finish_folder renames into place (a
+    run cut short leaves only that folder, ours by name). What an earlier run of the same script
+    (params["made_by"]) left at `root` is removed first; anything else there stops the script: it never deletes
+    a folder it did not make."""
+    marker = root / "dataset.json"
+    try:
+        found = json.loads(marker.read_text()) if marker.is_file() else None
+    except ValueError:
+        found = None
+    if found == params:
+        return None
+    if root.exists() and not (isinstance(found, dict) and found.get("made_by") == params["made_by"]):
+        raise SystemExit(f"error: {root} exists and was not made by {params['made_by']} (its dataset.json does "
+                         f"not say so); choose another --work")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp = root.with_name(f".{root.name}.making")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_folder(tmp: Path, root: Path, params: dict) -> Path:
+    (tmp / "dataset.json").write_text(json.dumps(params))
+    os.rename(tmp, root)
+    return root
+
+
+def noisy_jpegs(rng: np.random.Generator, width: int, height: int, count: int) -> list:
+    """`count` distinct JPEG files' bytes of width x height: noise around a colour, quality 90."""
+    from PIL import Image
+
+    out = []
+    for _ in range(count):
+        pixels = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
 def make_folder(root: Path, n_train: int) -> Path:
     """root/train/cNNNN/NNNNNNNN.jpg and root/val/..., once; a marker says it is complete."""
     per_class = min(PER_CLASS, max(n_train // 10, 1))
     classes = max(n_train // per_class, 2)
-    params = {"n_train": n_train, "per_class": per_class, "classes": classes, "val_fraction": 0.02}
-    marker = root / "dataset.json"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    params = {"made_by": "bench/data_scale.py", "n_train": n_train, "per_class": per_class, "classes": classes,
+              "val_fraction": 0.02}
+    tmp = folder_to_make(root, params)
+    if tmp is None:
         return root
-    if root.exists() and not marker.is_file():  # not one this script made: never delete it
-        raise SystemExit(f"error: {root} exists and was not made by bench/data_scale.py (no dataset.json); "
-                         f"choose another --work")
-    shutil.rmtree(root, ignore_errors=True)  # ours (it has our marker), made with other parameters
-    # written beside it and renamed into place: a run cut short leaves only this temporary folder, ours by name
-    tmp = root.with_name(f".{root.name}.making")
-    shutil.rmtree(tmp, ignore_errors=True)
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    blobs = []
-    for _ in range(DISTINCT):
-        buf = io.BytesIO()
-        base = rng.integers(0, 256, 3)
-        pixels = np.clip(base + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        blobs.append(buf.getvalue())
+    blobs = noisy_jpegs(np.random.default_rng(0), 32, 32, DISTINCT)
 
     def write_class(args):
         split, c, count = args
@@ -91,9 +119,7 @@ def make_folder(root: Path, n_train: int) -> Path:
     jobs = [("train", c, per_class) for c in range(classes)] + [("val", c, val_per_class) for c in range(classes)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(write_class, jobs))
-    (tmp / "dataset.json").write_text(json.dumps(params))
-    os.rename(tmp, root)
-    return root
+    return finish_folder(tmp, root, params)
 
 
 def make_shards(root: Path, dest: Path) -> dict:

@@ -36,23 +36,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from data_scale import FOLDER_FORMAT, PACK_READ_HEADER, compare_reads, make_shards, pack_read_cells  # noqa: E402
+from data_scale import (FOLDER_FORMAT, PACK_READ_HEADER, compare_reads, finish_folder, folder_to_make,  # noqa: E402
+                        make_shards, noisy_jpegs, pack_read_cells)
 
 DISTINCT = 64  # distinct photos (and masks) written in rotation
 CLASSES = ["background", "red", "green", "blue"]  # masks: index 0 and 3 rectangle classes; coco: ids 1-3
-
-
-def _photos(rng: np.random.Generator, width: int, height: int) -> list:
-    """DISTINCT JPEGs of width x height: noise around a colour, quality 90."""
-    from PIL import Image
-
-    out = []
-    for _ in range(DISTINCT):
-        pixels = np.clip(rng.integers(0, 256, 3) + rng.normal(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def _boxes(rng: np.random.Generator, width: int, height: int) -> list:
@@ -80,21 +68,15 @@ def make_dense(root: Path, kind: str, n_train: int, width: int) -> Path:
     """A masks or COCO folder of n_train training images (and 2% for val) of width x 3/4 width, once; a marker
     says it is complete and what it holds."""
     height = width * 3 // 4
-    params = {"kind": kind, "n_train": n_train, "width": width, "height": height, "val_fraction": 0.02}
-    marker = root / "dataset.json"
-    if marker.is_file() and json.loads(marker.read_text()) == params:
+    params = {"made_by": "bench/dense_shards.py", "kind": kind, "n_train": n_train, "width": width,
+              "height": height, "val_fraction": 0.02}
+    tmp = folder_to_make(root, params)
+    if tmp is None:
         return root
-    if root.exists() and not marker.is_file():  # not one this script made: never delete it
-        raise SystemExit(f"error: {root} exists and was not made by bench/dense_shards.py (no dataset.json); "
-                         f"choose another --work")
-    shutil.rmtree(root, ignore_errors=True)  # ours (it has our marker), made with other parameters
-    tmp = root.with_name(f".{root.name}.making")  # renamed into place when complete
-    shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(0)
-    photos = _photos(rng, width, height)
+    photos = noisy_jpegs(rng, width, height, DISTINCT)
     boxes = [_boxes(rng, width, height) for _ in range(DISTINCT)]
     masks = [_mask_png(b, width, height) for b in boxes]
-    (tmp).mkdir(parents=True)
     (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
     for split, n in (("train", n_train), ("val", max(int(n_train * params["val_fraction"]), 2))):
         images = tmp / split / ("images" if kind == "masks" else "")
@@ -116,9 +98,7 @@ def make_dense(root: Path, kind: str, n_train: int, width: int) -> Path:
                                             "iscrowd": 0})
         if kind == "coco":
             (tmp / split / "annotations.json").write_text(json.dumps(coco))
-    (tmp / "dataset.json").write_text(json.dumps(params))
-    os.rename(tmp, root)
-    return root
+    return finish_folder(tmp, root, params)
 
 
 def main() -> None:

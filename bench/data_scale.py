@@ -7,8 +7,8 @@ with 2% of that. The file count is what is measured here, not decoding: every fi
 
 Per size it reports, for 1 and 2 processes and each data.verify_images value asked for (--verify):
 - launch -> first training step: wall seconds from starting `trainer train` (or torchrun) to the first row
-  of metrics.jsonl (train.log_every_steps=1), for a first start (no cached scan: TRAINER_CACHE_DIR emptied
-  before it) and for a restart right after it (as a requeued or resumed job: the scan cache, if the trainer
+  of metrics.jsonl (train.log_every_steps=1), for a first start (no cached scan: a new TRAINER_CACHE_DIR,
+  its own) and for a restart right after it (as a requeued or resumed job: the scan cache, if the trainer
   has one, and the page cache warm);
 - peak resident memory (VmHWM) of each rank process at that moment, and of its DataLoader workers;
 - file-system calls per rank up to that moment (--strace: `strace -f -c` over the whole launch, divided by
@@ -186,7 +186,7 @@ def first_step(root: Path, tmp: Path, processes: int, verify: str, prefix=(), ti
     run_dir = tmp / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
-           "TRAINER_CACHE_DIR": str(tmp.parent / "cache")}
+           "TRAINER_CACHE_DIR": str(tmp / "cache")}  # this measurement's own: empty at its first start
     log = open(tmp / "launch.log", "w")
     start = time.perf_counter()
     proc = subprocess.Popen([*prefix, *train_command(root, run_dir, processes, verify)], cwd=tmp, env=env,
@@ -384,7 +384,6 @@ def main() -> None:
             for verify in modes + (["shards"] if args.shards else []):
                 where = work / f"shards-{n}" if verify == "shards" else root
                 tmp = Path(tempfile.mkdtemp(prefix="ds-", dir=work))
-                shutil.rmtree(work / "cache", ignore_errors=True)  # no cached scan: a first start
                 key = f"p{p}_verify_{verify}"
                 try:
                     first = first_step(where, tmp, p, verify)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -340,3 +341,30 @@ def test_detection_from_shards_trains_as_from_the_coco_folder(coco_folder, tmp_p
     assert ev.returncode == 0, ev.stderr[-2000:]
     final = [json.loads(line) for line in (tmp_path / "shards" / "metrics.jsonl").read_text().splitlines()][-1]
     assert json.loads((tmp_path / "eval.json").read_text())["map"] == final["map"]
+
+
+@pytest.mark.parametrize("kind", ["classes", "masks", "coco"])
+@pytest.mark.parametrize("damage", ["overwritten", "cut short"])
+def test_an_image_damaged_in_its_shard_after_the_start_is_one_line_naming_it_and_the_shards(
+        kind, damage, folder, masks_folder, coco_folder, tmp_path):
+    """The pack was whole when training started (build_data checked it); a shard changed since is found when a
+    sample is read: one DataError naming the image's path in the packed folder and the shards, not a PIL error."""
+    src, kw = {"classes": (folder, {}), "masks": (masks_folder, {"task": "segmentation", "data.image_size": 32}),
+               "coco": (coco_folder, {"task": "detection", "data.image_size": 64})}[kind]
+    dest = tmp_path / "packed"
+    shards.pack(src, dest, shard_mb=1, say=quiet)
+    ds = build_data(data_cfg(dest, "shards", **kw), seed=0, splits=("train",), verbose=quiet).datasets["train"]
+    i = len(ds) - 1
+    row = int(ds.rows[i])
+    pack = ds.shards
+    shard = dest / pack.files[int(pack.shard[row])]
+    start, length = int(pack.offset[row]), int(pack.length[row])
+    with shard.open("r+b") as fh:
+        if damage == "overwritten":
+            fh.seek(start)
+            fh.write(b"\0" * length)  # the same size: only decoding finds it
+        else:
+            fh.truncate(start + length // 2)
+    with pytest.raises(DataError, match=rf"^cannot read image {re.escape(ds.paths[i])} \(in the shards at "
+                                        rf"{re.escape(str(dest))}\): "):
+        ds[i]

@@ -32,10 +32,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.datasets import _SeededDataset, read_image, sample_seed
+from trainer.data.datasets import _SeededDataset, open_source, read_image, sample_seed
 from trainer.data.folders import image_error
 from trainer.data.generated import SHAPES, SPLITS, SUPERSAMPLE, _draw_shape, plan_scene, render_scene
-from trainer.data.masks import VOC_CLASSES, image_orientation, open_source, stored_size
+from trainer.data.masks import VOC_CLASSES, image_orientation, stored_size
 from trainer.errors import DataError
 
 COCO_KEYS = ("images", "annotations", "categories")

@@ -6,6 +6,7 @@ prefetched. That is what lets an interrupted run resume bit-for-bit.
 """
 from __future__ import annotations
 
+import io
 import sys
 import warnings
 from typing import List, Sequence
@@ -33,15 +34,28 @@ def init_sample(n: int, count: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:count].sort().values
 
 
-def read_image(path: str, exif_orientation: bool, hint: str = "") -> torch.Tensor:
-    """An image file as a (3, H, W) uint8 RGB tensor (decode_rgb), or a DataError naming the file: a bare PIL
-    error says nothing about which one."""
+def open_source(source):
+    """A binary file object of an image or mask: a path's file, a PackedFile's bytes (shards), or the file's
+    bytes already read."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    return source.open() if hasattr(source, "open") else open(source, "rb")
+
+
+def read_bytes(source, hint: str = "") -> bytes:
+    """An image file's bytes (a path, or a PackedFile), or a DataError naming it (a path gone, a shard cut short
+    or removed since the start)."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        raise DataError(f"cannot read image {path}: {image_error(err)}{hint}") from None
-    return decode_named(data, exif_orientation, path, hint)
+        with open_source(source) as fh:
+            return fh.read()
+    except Exception as err:
+        raise DataError(f"cannot read image {source}: {image_error(err)}{hint}") from None
+
+
+def read_image(source, exif_orientation: bool, hint: str = "") -> torch.Tensor:
+    """An image file (a path, or a PackedFile) as a (3, H, W) uint8 RGB tensor (decode_rgb), or a DataError
+    naming the file: a bare PIL error says nothing about which one."""
+    return decode_named(read_bytes(source, hint), exif_orientation, source, hint)
 
 
 def decode_named(data: bytes, exif_orientation: bool, name, hint: str = "") -> torch.Tensor:

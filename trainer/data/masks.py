@@ -10,7 +10,6 @@ only ever resized NEAREST, never interpolated) and is, like classification's, a 
 """
 from __future__ import annotations
 
-import io
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainer.data.datasets import _SeededDataset, decode_named, sample_seed
+from trainer.data.datasets import _SeededDataset, decode_named, open_source, read_bytes, sample_seed
 from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, image_error
 from trainer.errors import DataError
 
@@ -185,14 +184,6 @@ def voc_pairs(root, year: str = "2012", image_set: str = "train") -> List[Pair]:
 
 
 # ---- reading masks ----
-
-def open_source(source):
-    """A binary file object of a mask pair's image or mask: the path's file, a PackedFile's bytes (shards), or
-    the file's bytes already read."""
-    if isinstance(source, bytes):
-        return io.BytesIO(source)
-    return source.open() if hasattr(source, "open") else open(source, "rb")
-
 
 def read_mask(path) -> np.ndarray:
     """A mask file's class indices (a path, or a PackedFile) as a 2-D integer array (uint8, uint16 or int32), in
@@ -364,12 +355,7 @@ class MaskDataset(_SeededDataset):
     def image_bytes(self, index: int) -> bytes:
         """The image file's bytes: read once per sample, the image decoded and its orientation (for the mask)
         read from them (one file opened per image, not two)."""
-        source = self.image_source(index)
-        try:
-            with open_source(source) as fh:
-                return fh.read()
-        except Exception as err:  # a path gone, or a shard changed since the start
-            raise DataError(f"cannot read image {source}: {image_error(err)}") from None
+        return read_bytes(self.image_source(index))
 
     def image_source(self, index: int):
         """What read_mask, image_orientation and check_masks read the image from: its path here."""

@@ -42,8 +42,8 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from trainer.data.datasets import PathTable, _SeededDataset
-from trainer.data.folders import _check_one, decode_bytes, image_error, scan_imagefolder
+from trainer.data.datasets import PathTable, _SeededDataset, read_image
+from trainer.data.folders import _check_one, scan_imagefolder
 from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
 from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
 from trainer.errors import DataError, TrainerError
@@ -362,6 +362,13 @@ class Shards:
     def mask_bytes(self, row: int) -> bytes:
         return self._pread(row, self.mask_offset, self.mask_length)
 
+    def image_file(self, row: int, path: str) -> PackedFile:
+        """Row `row`'s image, read when opened, named by its `path` in the packed folder and by these shards."""
+        return PackedFile(f"{path} (in the shards at {self.root})", lambda: self.image_bytes(row))
+
+    def mask_file(self, row: int, path: str) -> PackedFile:
+        return PackedFile(f"{path} (in the shards at {self.root})", lambda: self.mask_bytes(row))
+
     def _pread(self, row: int, offsets: np.ndarray, lengths: np.ndarray) -> bytes:
         if self._pid != os.getpid():  # forked since: never share another process's file offsets or closes
             self._fds, self._pid = {}, os.getpid()
@@ -391,11 +398,8 @@ class ShardDataset(_SeededDataset):
         return len(self.rows)
 
     def load(self, index: int) -> torch.Tensor:
-        try:
-            return decode_bytes(self.file_bytes(index), self.exif_orientation)
-        except Exception as err:  # verified when packed: a shard changed since, or a bug: name the row
-            raise DataError(f"cannot read image {self.paths[index]} from the shards in {self.shards.root}: "
-                            f"{image_error(err)}") from None
+        # verified when packed: an error here means a shard changed since, and it names the file and the shards
+        return read_image(self.shards.image_file(int(self.rows[index]), self.paths[index]), self.exif_orientation)
 
     def file_bytes(self, index: int) -> bytes:
         """The image's bytes as packed (what `load` decodes; data.decode_device=cuda decodes them on the GPU)."""
@@ -416,14 +420,10 @@ class ShardMaskDataset(MaskDataset):
         return len(self.rows)
 
     def image_source(self, index: int) -> PackedFile:
-        row = int(self.rows[index])
-        return PackedFile(f"{self.paths[index]} (in the shards at {self.shards.root})",
-                          lambda: self.shards.image_bytes(row))
+        return self.shards.image_file(int(self.rows[index]), self.paths[index])
 
     def mask_source(self, index: int) -> PackedFile:
-        row = int(self.rows[index])
-        return PackedFile(f"{self.mask_paths[index]} (in the shards at {self.shards.root})",
-                          lambda: self.shards.mask_bytes(row))
+        return self.shards.mask_file(int(self.rows[index]), self.mask_paths[index])
 
 
 class ShardDetectionDataset(DetectionDataset):
@@ -435,11 +435,8 @@ class ShardDetectionDataset(DetectionDataset):
         self.shards, self.rows = shards, rows
 
     def load(self, index: int) -> torch.Tensor:
-        try:
-            return decode_bytes(self.shards.image_bytes(int(self.rows[index])), self.exif_orientation)
-        except Exception as err:  # verified when packed: a shard changed since, or a bug: name the row
-            raise DataError(f"cannot read image {self.paths[index]} from the shards in {self.shards.root}: "
-                            f"{image_error(err)}") from None
+        # verified when packed: an error here means a shard changed since, and it names the file and the shards
+        return read_image(self.shards.image_file(int(self.rows[index]), self.paths[index]), self.exif_orientation)
 
 
 class Packed(NamedTuple):
@@ -473,8 +470,7 @@ def read_packed_coco(pack: Packed, split: str, verbose=print, exif_orientation: 
         return rows[key]
 
     def open_image(path: str) -> PackedFile:
-        row = row_of(path)
-        return PackedFile(f"{path} (in the shards at {pack.shards.root})", lambda: pack.shards.image_bytes(row))
+        return pack.shards.image_file(row_of(path), path)
 
     coco = read_coco(pack.shards.root / entry["file"], entry["images"], verbose=verbose,
                      exif_orientation=exif_orientation, open_image=open_image)

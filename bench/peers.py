@@ -280,7 +280,7 @@ def timm_side(args, timm: Path, view: Path, work: Path, tag: str, env: dict, cla
     text = run_logged(cmd, work / f"timm-{tag}.log", env, work, args.timeout)
     epochs = []
     for m in TIMM_LINE.finditer(text):
-        epoch, idx, per_epoch, avg_s, avg_rate = int(m[1]), int(m[2]), int(m[3]), float(m[4]), float(m[5])
+        idx, per_epoch, avg_rate = int(m[2]), int(m[3]), float(m[5])
         if idx == per_epoch - 1:  # the epoch's last update: the averages cover the whole epoch
             # avg rate = batch / mean update time (printed to 0.01 img/s, finer than the 1 ms of the time)
             epochs.append((args.batch * per_epoch, args.batch * per_epoch / avg_rate))

@@ -10,4 +10,5 @@ workers=${TEST_WORKERS:-2}
 if [ "$workers" = 0 ]; then
   exec .venv/bin/python -m pytest --durations=25 "$@"
 fi
-exec .venv/bin/python -m pytest -n "$workers" --dist loadfile --durations=25 "$@"
+# --no-loadscope-reorder: hand out the files in conftest.py's order (heaviest first), not by number of tests
+exec .venv/bin/python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder --durations=25 "$@"

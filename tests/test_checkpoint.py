@@ -11,8 +11,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -186,7 +184,7 @@ def test_resume_from_explicit_checkpoint_into_a_new_run(reference, tmp_path):
 def test_sigterm_saves_stops_and_w_and_b_continues_the_same_run(tmp_path):
     """Preemption: SIGTERM -> checkpoint at the next step -> exit 3; the same command finishes the run, and
     the offline W&B run read back has every step exactly once, under one run id."""
-    wandb = pytest.importorskip("wandb", reason="W&B is a dev dependency; installed by launch/test.sh")
+    pytest.importorskip("wandb", reason="W&B is a dev dependency; installed by launch/test.sh")
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_CACHE_DIR": str(tmp_path / "wbc"),
            "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg")}
     args = overrides(tmp_path, "run", **{"wandb.enabled": "true", "checkpoint.every_steps": 0})

@@ -1,5 +1,4 @@
 import hashlib
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ from PIL import Image
 from tests.conftest import make_folder, write_image
 from trainer.config import load_config
 from trainer.data import build_data, class_balanced_sampler
-from trainer.data.folders import imagefolder_splits, stratified_split
+from trainer.data.folders import imagefolder_splits
 from trainer.data.generated import CLASSES, ensure_generated
 from trainer.errors import DataError
 
@@ -80,7 +79,7 @@ def test_train_val_test_layout_and_class_to_idx(tmp_path):
 
 
 def _data_cfg(root, **kw):
-    overrides = [f"data.format=imagefolder", f"data.root={root}", "data.image_size=16"] + [f"{k}={v}" for k, v in kw.items()]
+    overrides = ["data.format=imagefolder", f"data.root={root}", "data.image_size=16"] + [f"{k}={v}" for k, v in kw.items()]
     return load_config(None, overrides).data
 
 

@@ -7,7 +7,6 @@ accelerate's debug_launcher) gather and compute.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import numpy as np

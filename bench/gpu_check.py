@@ -67,6 +67,14 @@ OVERHEAD_SCRIPT = BENCH / "overhead.py"
 # one folder of generated images for both overhead parts (drawing them costs ~25 ms each at 224 px)
 OVERHEAD_FLAGS = ("--device", "--image-size", "--channels-last", "--compile", "--data")
 RESERVE_S = 10  # of the budget, kept for writing the table after the last part
+# What the parts import, as {module: the name pip installs it under}: the trainer's dependencies (pyproject.toml's
+# `dependencies`; tests/test_bench_gpu_check.py keeps the two lists equal) and pytest for the CUDA tests. A GPU
+# machine's image may hold torch and most of them but not all (the lent H200s have neither omegaconf nor
+# pycocotools): every missing one is named at once, before any work, instead of each part failing in turn.
+NEEDED = {"torch": "torch", "torchvision": "torchvision", "accelerate": "accelerate", "omegaconf": "omegaconf",
+          "safetensors": "safetensors", "numpy": "numpy", "PIL": "pillow", "tqdm": "tqdm",
+          "matplotlib": "matplotlib", "sklearn": "scikit-learn", "xxhash": "xxhash", "pycocotools": "pycocotools",
+          "pytest": "pytest"}
 
 
 # ---- sizes: a lease (GPU) and the dry run (CPU) ----
@@ -618,6 +626,20 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def check_packages() -> None:
+    """Every package the parts need, imported here: those that fail, in one line with pip's names for them."""
+    missing = []
+    for module, dist in NEEDED.items():
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # e.g. omegaconf present without its antlr4 runtime: the error names it
+            missing.append((dist, f"{dist} ({type(err).__name__}: {err})"))
+    if missing:
+        fail(f"missing Python packages: {'; '.join(why for _, why in missing)}; install them first "
+             f"(pip install {' '.join(dist for dist, _ in missing)}, or their wheels with their own dependencies "
+             f"where the machine has no network)")
+
+
 def check_args(args) -> None:
     """Every input problem as one line, before any work."""
     if bool(args.cifar_train_tar) != bool(args.cifar_test_tar):
@@ -659,7 +681,8 @@ def main() -> None:
                                                    "running one is stopped at the end (default: 510; dry run 300)")
     args = p.parse_args()
     check_args(args)
-    import torch  # after the argument checks: a wrong path fails at once
+    check_packages()  # after the argument checks: a wrong path fails at once
+    import torch
 
     if not args.dry_run and not torch.cuda.is_available():
         fail("torch sees no CUDA GPU here; on a CPU machine run --dry-run")

@@ -1,10 +1,13 @@
 """bench/gpu_check.py is run on a lent GPU only now and then; its dry run (every part on the CPU at tiny sizes)
 is what keeps it from rotting in between: this runs it and checks that every part is in the JSON and the
 Markdown, each either measured (marked dry-run) or skipped with its reason."""
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,9 +19,9 @@ PARTS = ["environment", "matmul", "correctness", "overhead_eager", "cifar10_airb
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def dry_run(tmp_path, *extra, timeout=300):
+def dry_run(tmp_path, *extra, timeout=300, env=ENV):
     return subprocess.run([sys.executable, SCRIPT, "--dry-run", "--out", str(tmp_path / "out"), *extra],
-                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=ENV)
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
 
 
 @pytest.mark.slow
@@ -74,3 +77,27 @@ def test_wrong_inputs_fail_in_one_line_before_any_work(tmp_path):
         last = res.stderr.strip().splitlines()[-1]
         assert all(w in last for w in words), res.stderr
         assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_missing_packages_are_named_together_in_one_line_before_any_work(tmp_path):
+    """A GPU machine's image lacks a few of the trainer's packages (omegaconf, pycocotools on the lent H200s):
+    all of them named at once, with what the import said, instead of every part failing on its own."""
+    hidden = tmp_path / "hidden"
+    for module, error in (("omegaconf", "No module named 'antlr4'"), ("pycocotools", "No module named 'pycocotools'")):
+        (hidden / module).mkdir(parents=True)
+        (hidden / module / "__init__.py").write_text(f"raise ModuleNotFoundError({error!r})\n")
+    res = dry_run(tmp_path, timeout=120, env={**ENV, "PYTHONPATH": str(hidden)})
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()
+    assert len(last) == 1 and all(w in last[0] for w in ("missing Python packages", "omegaconf", "antlr4",
+                                                          "pycocotools", "pip install omegaconf pycocotools")), last
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_packages_checked_are_the_trainers_dependencies_and_pytest():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    needed = next(ast.literal_eval(node.value) for node in ast.parse(Path(SCRIPT).read_text()).body
+                  if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "NEEDED")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0].lower() for dep in deps}
+    assert set(needed.values()) == names | {"pytest"}

@@ -48,6 +48,8 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+# the subprocesses' import path: this checkout first, the caller's PYTHONPATH kept after it (pip --target installs)
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 sys.path.insert(0, str(ROOT))
 
 PER_CLASS = 1000
@@ -129,7 +131,7 @@ def make_shards(root: Path, dest: Path) -> dict:
         return json.loads(timing.read_text())
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "trainer", "pack", str(root), str(dest)], capture_output=True,
-                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": PYTHONPATH})
     if res.returncode != 0:
         raise SystemExit(f"error: trainer pack failed: {res.stderr.strip().splitlines()[-1:]}")
     index = json.loads((dest / "index.json").read_text())
@@ -185,7 +187,7 @@ def first_step(root: Path, tmp: Path, processes: int, verify: str, prefix=(), ti
     """Launch, wait for the first metrics row, take the memory readings, kill the tree."""
     run_dir = tmp / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": PYTHONPATH,
            "TRAINER_CACHE_DIR": str(tmp / "cache")}  # this measurement's own: empty at its first start
     log = open(tmp / "launch.log", "w")
     start = time.perf_counter()
@@ -290,7 +292,7 @@ def read_pass(kind: str, fmt: str, root: Path, n: int, prefix=()) -> dict:
     DataLoader with 2 workers (no augmentation), from the folder (fmt its format) or from its shards (fmt
     "shards"), in a fresh process (the page cache warm: both were read before)."""
     res = subprocess.run([*prefix, sys.executable, "-c", READ_PASS, kind, fmt, str(root), str(n)], capture_output=True,
-                         text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                         text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH})
     if res.returncode != 0:
         raise SystemExit(f"error: the read pass failed: {res.stderr.strip()[-500:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

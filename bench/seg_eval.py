@@ -73,7 +73,8 @@ def main() -> None:
     if args.one:
         return one(args)
     rows = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # the caller's kept after
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     flags = ["--one", "--images", str(args.images), "--size", str(args.size), "--repeats", str(args.repeats)]
     for procs in (1, 2):
         cmd = ([sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",

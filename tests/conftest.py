@@ -24,6 +24,10 @@ from safetensors.torch import load_file
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 cores: keep test processes from oversubscribing
 os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
+# The import path of every process the tests start: the project first, then the caller's own PYTHONPATH, kept:
+# packages installed with `pip install --target DIR` and found through PYTHONPATH=DIR (a GPU machine without
+# network carrying wheels, a cluster's environment modules) must reach the trainer commands too.
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def write_image(path: Path, size=(16, 16), mode="RGB", seed=0, fmt=None) -> Path:
@@ -110,7 +114,7 @@ class _CliServer:
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_zygote.py"), "--serve"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH})
             self.lines = queue.Queue()
             # a reader thread: a line waited for with a timeout (select would miss lines already buffered)
             threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()

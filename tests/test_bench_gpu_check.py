@@ -101,3 +101,18 @@ def test_the_packages_checked_are_the_trainers_dependencies_and_pytest():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~\[ ;]", dep, maxsplit=1)[0].lower() for dep in deps}
     assert set(needed.values()) == names | {"pytest"}
+
+
+def test_packages_on_the_callers_pythonpath_reach_the_commands_the_tests_start(tmp_path):
+    """On a GPU machine without network the missing packages are wheels installed with `pip --target DIR` and
+    found through PYTHONPATH=DIR; the CUDA tests' trainer commands must still see them (they replaced PYTHONPATH
+    with the project's root, and every command failed on `import omegaconf`)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "carried_package.py").write_text("")
+    child = ("import os, subprocess, sys; from tests.conftest import PYTHONPATH; sys.exit(subprocess.run("
+             "[sys.executable, '-c', 'import carried_package, trainer'], env={**os.environ, 'PYTHONPATH': PYTHONPATH},"
+             " cwd=os.environ['PROBE_CWD']).returncode)")
+    res = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**ENV, "PYTHONPATH": str(site), "PROBE_CWD": str(tmp_path)})
+    assert res.returncode == 0, res.stderr[-2000:]

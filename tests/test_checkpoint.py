@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, assert_same_run, rows, run_cli, run_forked, run_torchrun, tiny_overrides, weights
+from tests.conftest import (PYTHONPATH, ROOT, assert_same_run, rows, run_cli, run_forked, run_torchrun,
+                            tiny_overrides, weights)
 from trainer.checkpoint import POINTER, read_checkpoint, rotate
 from trainer.errors import TrainerError
 
@@ -61,7 +62,7 @@ def run_driver(tmp_path: Path, args: list, fault: str, at: int, processes: int =
     """DRIVER with its fault: on one process forked like run_cli's commands (conftest.run_forked)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    fault_env = {"FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": str(ROOT), **(env or {})}
+    fault_env = {"FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": PYTHONPATH, **(env or {})}
     if processes == 1:
         return run_forked(["train", "-", *args], env=fault_env, timeout=300, cwd=ROOT, script=driver)
     return run_torchrun(["train", "-", *args], processes, env=fault_env, timeout=300, cwd=ROOT, script=driver)

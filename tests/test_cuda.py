@@ -25,7 +25,7 @@ import torch
 
 from tests import test_checkpoint
 from tests.test_device_decode import jpeg_folder
-from tests.conftest import ROOT, assert_same_run, rows, run_cli, tiny_overrides, weights
+from tests.conftest import PYTHONPATH, ROOT, assert_same_run, rows, run_cli, tiny_overrides, weights
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [
@@ -165,7 +165,7 @@ def run_probe(tmp_path: Path, argv: list, processes: int = 1, env=None, timeout:
     driver.write_text(PROBE)
     launcher = torchrun(processes) if processes > 1 else [sys.executable]
     return subprocess.run(launcher + [str(driver), *argv], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH,
                                          "PROBE_OUT": str(tmp_path / "facts"), **(env or {})})
 
 

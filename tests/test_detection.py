@@ -19,7 +19,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tests.conftest import ROOT, assert_same_run, run_cli
+from tests.conftest import PYTHONPATH, ROOT, assert_same_run, run_cli
 
 
 def det_args(tmp: Path, run: str = "run", **extra) -> list:
@@ -161,7 +161,7 @@ def test_sigkill_in_a_detection_run_then_the_same_command_is_bitwise_identical(t
     driver = ROOT / "tests" / "fault_driver.py"
     killed = subprocess.run([sys.executable, str(driver), "train", "-", *args], capture_output=True, text=True,
                             timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "kill_at_update",
-                                                        "FAULT_AT": "8", "PYTHONPATH": str(ROOT)})
+                                                        "FAULT_AT": "8", "PYTHONPATH": PYTHONPATH})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = run_cli("train", "-", *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -27,7 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import (ROOT, assert_same_run, make_folder, run_cli, run_forked, run_torchrun, tiny_overrides,
+from tests.conftest import (PYTHONPATH, ROOT, assert_same_run, make_folder, run_cli, run_forked, run_torchrun, tiny_overrides,
                             write_image)
 from trainer.checkpoint import POINTER, verify_checkpoint
 from trainer.config import load_config
@@ -51,7 +51,7 @@ def args_for(tmp: Path, run: str, processes: int = 1, **extra) -> list:
 def run_driver(args: list, fault: str, at: int = 0, processes: int = 1, env=None, timeout=300):
     """The run with one fault injected (tests/fault_driver.py): on one process forked like run_cli's commands
     (tests/conftest.py: run_forked), on several under torchrun."""
-    fault_env = {"FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": str(ROOT), **(env or {})}
+    fault_env = {"FAULT": fault, "FAULT_AT": str(at), "PYTHONPATH": PYTHONPATH, **(env or {})}
     if processes == 1:
         return run_forked(["train", "-", *args], env=fault_env, timeout=timeout, cwd=ROOT, script=DRIVER)
     return run_torchrun(["train", "-", *args], processes, env=fault_env, timeout=timeout, cwd=ROOT, script=DRIVER)
@@ -378,7 +378,7 @@ def start_ranks(args: list, fault: str, at: int, timeout_s: int) -> list:
         port = s.getsockname()[1]
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "FAULT": fault, "FAULT_AT": str(at),
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH, "FAULT": fault, "FAULT_AT": str(at),
                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         procs.append(subprocess.Popen([sys.executable, DRIVER, "train", "-", *args, f"train.dist_timeout_s={timeout_s}"],
@@ -866,14 +866,14 @@ def cases(w: Path, p: dict) -> list:
 
 def run_case(argv: list, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trainer", *argv], capture_output=True, text=True, timeout=180,
-                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH})
 
 
 def run_cases_forked(argvs: list, cwd: Path) -> list:
     """Each command line in its own process forked from one that imported the trainer once (tests/cli_zygote.py):
     the same exit code and output as `python -m trainer`, without ~5 s of imports per case."""
     res = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_zygote.py"), "--jobs", "2"], capture_output=True,
-                         text=True, timeout=900, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                         text=True, timeout=900, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH},
                          input=json.dumps([{"argv": argv, "cwd": str(cwd)} for argv in argvs]))
     assert res.returncode == 0, res.stderr[-3000:]
     return [subprocess.CompletedProcess(argv, r["returncode"], r["stdout"], r["stderr"])

@@ -18,7 +18,7 @@ from accelerate import debug_launcher
 from PIL import Image
 from torch import nn
 
-from tests.conftest import ROOT, assert_same_run, run_cli
+from tests.conftest import PYTHONPATH, ROOT, assert_same_run, run_cli
 
 C, S = 4, 8  # classes (the last absent from every target), network input side
 IGNORE = 255
@@ -207,7 +207,7 @@ def test_sigkill_in_a_segmentation_run_then_the_same_command_is_bitwise_identica
     driver = ROOT / "tests" / "fault_driver.py"
     killed = subprocess.run([sys.executable, str(driver), "train", "-", *args], capture_output=True, text=True,
                             timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "kill_at_update",
-                                                        "FAULT_AT": "20", "PYTHONPATH": str(ROOT)})
+                                                        "FAULT_AT": "20", "PYTHONPATH": PYTHONPATH})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = run_cli("train", "-", *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, assert_same_run, run_cli, tiny_overrides
+from tests.conftest import PYTHONPATH, ROOT, assert_same_run, run_cli, tiny_overrides
 
 pytest.importorskip("optuna", reason="the tune extra (pip install -e '.[tune]') is not installed")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
 
 
 def tune_file(tmp: Path, trials: int, pruner: str = "asha", parameters=None, **overrides) -> Path:

@@ -173,6 +173,51 @@ def test_replacing_a_folder_keeps_the_files_it_does_not_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.parametrize("fail_at", [1, 10, 21, 22])  # moving the user's files (1-20), the swap's two renames
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), KeyboardInterrupt()])
+def test_a_folder_swap_cut_at_any_rename_loses_none_of_the_users_files(tmp_path, monkeypatch, fail_at, error):
+    """A rename refused (a folder the user cannot write, EACCES) or Ctrl-C between two renames: the user's
+    files end up where they were (they used to be removed with the temporary folder)."""
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "model.json").write_text("old")
+    notes = {f"note{i:02d}.txt": f"the user's {i}" for i in range(20)}
+    for name, text in notes.items():
+        (target / name).write_text(text)
+    rename, calls = os.rename, []
+
+    def flaky(src, dst):
+        calls.append(src)
+        if len(calls) == fail_at:
+            raise error
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises((TrainerError, KeyboardInterrupt)):
+        with atomic_dir(target) as tmp:
+            (tmp / "model.json").write_text("new")
+    monkeypatch.setattr(os, "rename", rename)
+    assert len(calls) >= fail_at
+    assert {name: (target / name).read_text() for name in notes} == notes
+    assert (target / "model.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_symlinked_folder_is_replaced_as_a_link_and_what_it_points_to_is_not_emptied(tmp_path):
+    deploy = tmp_path / "deploy"
+    deploy.mkdir()
+    (deploy / "serve.py").write_text("the user's")
+    (deploy / "model.json").write_text("old")
+    (tmp_path / "run").mkdir()
+    target = tmp_path / "run" / "model"
+    target.symlink_to(deploy)
+    with atomic_dir(target) as tmp:
+        (tmp / "model.json").write_text("new")
+    assert not target.is_symlink() and (target / "model.json").read_text() == "new"
+    assert sorted(p.name for p in deploy.iterdir()) == ["model.json", "serve.py"]
+    assert (deploy / "serve.py").read_text() == "the user's" and (deploy / "model.json").read_text() == "old"
+
+
 def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_path):
     """The low byte of a safetensors header length can be 0x80, the pickle magic: 1 in 256 good files."""
     for n in range(1, 400):

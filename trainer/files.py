@@ -77,12 +77,15 @@ def atomic_write_json(path: Union[str, Path], obj, fsync: bool = False) -> None:
 @contextmanager
 def atomic_dir(target: Union[str, Path], fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces `target` (an older version is
-    removed only after the new one is in place); on failure it is removed and `target` is untouched.
+    removed only after the new one is in place); on failure it is removed and `target` is as it was.
     Whatever the old folder holds that the new one does not (a user's notes, an earlier report) is moved
-    into the new one first: replacing a folder never deletes a file the caller did not write anew."""
+    into the new one first, and moved back if the swap fails: replacing a folder never deletes a file the
+    caller did not write anew. A `target` that is a symbolic link is replaced as a link: the folder it
+    points to is never emptied."""
     target = Path(target)
     tmp = temp_name(target)
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    moved = []  # names moved from the old folder into tmp
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
@@ -94,23 +97,40 @@ def atomic_dir(target: Union[str, Path], fsync: bool = False) -> Iterator[Path]:
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
             fsync_dir(tmp)
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             for entry in target.iterdir():
                 if not (tmp / entry.name).exists():
                     os.rename(entry, tmp / entry.name)
-        if target.exists():
+                    moved.append(entry.name)
+        if os.path.lexists(target):
             os.rename(target, old)
         os.rename(tmp, target)
         if fsync:
             fsync_dir(target.parent)
     except BaseException as err:
-        _remove(tmp)
-        if old.exists() and not target.exists():  # the swap was cut between its two renames
+        if os.path.lexists(old) and not os.path.lexists(target):  # the swap was cut between its two renames
             os.rename(old, target)
+        kept = _move_back(moved, tmp, target) if tmp.exists() else []
+        if not kept:
+            _remove(tmp)
+        if kept:  # could not be moved back: left where they are, never removed
+            raise TrainerError(f"replacing {target} failed ({err}); {len(kept)} of its files could not be put "
+                               f"back and are in {tmp}: {', '.join(kept[:5])}") from err
         if isinstance(err, OSError):
             raise disk_error(err, target) from None
         raise
     _remove(old)
+
+
+def _move_back(names, tmp: Path, target: Path) -> list:
+    """Move what atomic_dir took out of `target` back into it; returns the names that could not be."""
+    kept = []
+    for name in names:
+        try:
+            os.rename(tmp / name, target / name)
+        except OSError:
+            kept.append(name)
+    return kept
 
 
 # What detects bit rot and truncation in checkpoints: xxHash's XXH3, 128 bits (`xxhsum -H2 FILE` checks one by

@@ -124,6 +124,26 @@ def test_eval_is_exact_on_1_2_and_3_processes_and_predict_reproduces_it_under_py
     assert [one[k] if one[k] is not None else -1.0 for k in keys] == stats[:9]  # to the bit
 
 
+def test_predict_draws_neither_into_the_input_folder_nor_over_a_users_file(det_run, tmp_path):
+    _, run, root = det_run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "00000.jpg").write_bytes(b"the user's photo")
+    preds = tmp_path / "preds.json"
+    refused = {"lies inside the input folder": root / "val" / "drawn", "did not write": mine}
+    for expected, draw in refused.items():
+        res = run_cli("predict", "--model", str(run), str(root / "val"), "--output", str(preds), "--draw", str(draw))
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], res.stderr[-2000:]
+    assert not preds.exists() and not (root / "val" / "drawn").exists()
+    assert [p.name for p in mine.iterdir()] == ["00000.jpg"] and (mine / "00000.jpg").read_bytes() == b"the user's photo"
+    for _ in range(2):  # drawn again over its own drawings
+        res = run_cli("predict", "--model", str(run), str(root / "val"), "--output", str(preds), "--draw",
+                      str(tmp_path / "drawn"))
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert len(list((tmp_path / "drawn").glob("*.jpg"))) == 13
+
+
 def test_predict_score_threshold_and_wrong_options(det_run, tmp_path):
     _, run, root = det_run
     out = tmp_path / "p.json"

@@ -159,6 +159,24 @@ def test_a_segmentation_run_describes_itself_and_predict_reproduces_eval(seg_run
     assert cm.tolist() == report["confusion_matrix"]  # pixel for pixel
 
 
+def test_predict_never_writes_over_the_images_or_the_ground_truth_and_reruns_over_its_own(seg_run, tmp_path):
+    tmp, run = seg_run
+    val = tmp / "gen-seg" / "val"
+    before = {p: p.read_bytes() for p in sorted(val.rglob("*")) if p.is_file()}
+    images = sorted(str(p) for p in (val / "images").iterdir())
+    refused = {"over the input image": ["predict", "--model", str(run), *images, "--output", str(val / "images")],
+               "did not write": ["predict", "--model", str(run), str(val / "images"), "--output", str(val / "masks")]}
+    for expected, argv in refused.items():
+        res = run_cli(*argv)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], res.stderr[-2000:]
+    assert {p: p.read_bytes() for p in sorted(val.rglob("*")) if p.is_file()} == before
+    for _ in range(2):  # the same prediction again replaces its own masks
+        res = run_cli("predict", "--model", str(run), images[0], images[1], "--output", str(tmp_path / "masks"))
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 2
+
+
 def test_eval_on_one_and_two_processes_agrees_exactly(seg_run, tmp_path):
     _, run = seg_run
     one = run_cli("eval", "--model", str(run), "--output", str(tmp_path / "one" / "eval.json"))
@@ -175,10 +193,11 @@ def test_eval_on_one_and_two_processes_agrees_exactly(seg_run, tmp_path):
 @pytest.mark.slow
 def test_the_quick_start_beats_a_per_pixel_colour_rule_by_a_wide_margin(tmp_path):
     """The generated shapes need a CNN: a colour rule fitted on the training pixels (each quantised colour
-    -> its most frequent class) against the quick start's U-Net (about 2.5 minutes on one thread)."""
+    -> its most frequent class) against the quick start's U-Net (about 2.5 minutes on one thread). Scored at the
+    end only (eval.every_epochs=0): evaluating never changes what trains."""
     root = tmp_path / "gen-seg"
     res = run_cli("train", str(ROOT / "configs" / "quickstart_segmentation.yaml"), f"data.root={root}",
-                  f"run.dir={tmp_path / 'run'}", "train.progress_bar=false", timeout=900)
+                  f"run.dir={tmp_path / 'run'}", "train.progress_bar=false", "eval.every_epochs=0", timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     miou = json.loads((tmp_path / "run" / "summary.json").read_text())["final"]["miou"]
 

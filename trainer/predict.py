@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional
 
 import torch
 
@@ -15,6 +15,7 @@ from trainer.errors import TrainerError
 from trainer.evaluation import evaluation_threads
 from trainer.export import find_model_dir, load_exported, read_meta
 from trainer.files import disk_error
+from trainer.prediction_files import Inputs
 from trainer.tasks import task_from_meta
 
 
@@ -25,35 +26,40 @@ def detection_image(image: torch.Tensor) -> torch.Tensor:
 def list_images(inputs: Iterable[str]) -> List[str]:
     """Files as given, folders searched recursively for image files (sorted; symlinked folders followed, each
     real folder and file once: walk_image_files); `@list.txt` reads one path per line."""
-    return [path for path, _ in list_inputs(inputs)]
+    return [path for path, _ in list_inputs(inputs).images]
 
 
-def list_inputs(inputs: Iterable[str]) -> List[Tuple[str, str]]:
-    """(image path, the folder it was found under: a given folder, or a given file's own folder), so that
-    per-image outputs can keep the path below the folder given."""
-    found: List[Tuple[str, str]] = []
+def list_inputs(inputs: Iterable[str]) -> Inputs:
+    """Each image with the folder it was found under (a given folder, or a given file's own folder), so that
+    per-image outputs can keep the path below the folder given; and the folders given."""
+    found = Inputs([], [])
     skipped = []
-    for item in inputs:
-        if item.startswith("@"):
-            listing = Path(item[1:])
-            if not listing.is_file():
-                raise TrainerError(f"list file does not exist: {listing}")
-            found += list_inputs(line.strip() for line in listing.read_text().splitlines() if line.strip())
-            continue
-        p = Path(item)
-        if p.is_dir():
-            files, passed = walk_image_files([p])
-            skipped += passed
-            if not files:
-                raise TrainerError(f"no image files in folder {p}")
-            found += [(f, str(p)) for f in files]
-        elif p.is_file():
-            found.append((str(p), str(p.parent)))
-        else:
-            raise TrainerError(f"input does not exist: {p}")
+
+    def add(items: Iterable[str]) -> None:
+        for item in items:
+            if item.startswith("@"):
+                listing = Path(item[1:])
+                if not listing.is_file():
+                    raise TrainerError(f"list file does not exist: {listing}")
+                add(line.strip() for line in listing.read_text().splitlines() if line.strip())
+                continue
+            p = Path(item)
+            if p.is_dir():
+                files, passed = walk_image_files([p])
+                skipped.extend(passed)
+                if not files:
+                    raise TrainerError(f"no image files in folder {p}")
+                found.images.extend((f, str(p)) for f in files)
+                found.folders.append(str(p))
+            elif p.is_file():
+                found.images.append((str(p), str(p.parent)))
+            else:
+                raise TrainerError(f"input does not exist: {p}")
+
+    add(inputs)
     if skipped:  # once per call, not once per link: a loop must not pass silently, nor flood the terminal
         print(f"predict: {describe_skipped(skipped)}", file=sys.stderr)
-    if not found:
+    if not found.images:
         raise TrainerError("no input images given")
     return found
 
@@ -95,20 +101,22 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
                            + ("" if detection else f" ({len(meta['classes'])} classes, predicted by the highest "
                                                    f"probability)") + ("; use --score-threshold" if detection else ""))
     task = task_from_meta(meta)
-    writer = task.prediction_writer(output, inputs, overlay, draw)  # draw: detection only (refused above)
-    model, meta = load_exported(model_path,
-                                {"score_thresh": score_threshold} if score_threshold is not None else None)
-    if threshold is not None:
-        task.threshold = threshold
-    model.to(device)
-    # a detector takes each image as it is (it resizes and normalises inside, and maps its boxes back)
-    transform = (detection_image if detection else eval_transform(meta["image_size"], meta["mean"], meta["std"]))
-    exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
-    tta = meta.get("tta", "none")  # the model's test-time augmentation, as in training's evaluation
     found = list_inputs(inputs)
+    # checked here, before the model is loaded: never over an input image or a file predict did not write
+    writer = task.prediction_writer(output, found, overlay, draw)  # draw: detection only (refused above)
     try:
-        for start in range(0, len(found), batch_size):
-            chunk = found[start:start + batch_size]
+        model, meta = load_exported(model_path,
+                                    {"score_thresh": score_threshold} if score_threshold is not None else None)
+        if threshold is not None:
+            task.threshold = threshold
+        model.to(device)
+        # a detector takes each image as it is (it resizes and normalises inside, and maps its boxes back)
+        transform = (detection_image if detection
+                     else eval_transform(meta["image_size"], meta["mean"], meta["std"]))
+        exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
+        tta = meta.get("tta", "none")  # the model's test-time augmentation, as in training's evaluation
+        for start in range(0, len(found.images), batch_size):
+            chunk = found.images[start:start + batch_size]
             raw = [read_image(path, exif) for path, _ in chunk]  # as training's evaluation reads it
             x = [transform(image).to(device) for image in raw]
             with evaluation_threads(device):  # as evaluation computes, so predictions reproduce eval.json

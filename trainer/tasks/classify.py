@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from trainer.distributed import agree, gather_to_main
 from trainer.evaluation import split_order
-from trainer.data.folders import is_image_file
 from trainer.errors import ConfigError, TrainerError
 from trainer.files import atomic_write
 from trainer.metrics import compute_metrics, higher_is_better, scalar_metrics, score_outputs
 from trainer.models import build_model, forward_tta
+from trainer.prediction_files import Inputs, check_output_file
 from trainer.reports import format_summary, write_eval_report
 
 
@@ -227,21 +227,12 @@ class Classification:
                 "threshold": metrics.get("threshold", self.threshold) if binary else None,
                 "positive_class": self.classes[self.positive_index] if binary else None}
 
-    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False,
+    def prediction_writer(self, output: str, inputs: Inputs, overlay: bool = False,
                           draw: Optional[str] = None) -> "CsvPredictions":
         """`trainer predict`: a CSV of labels and probabilities (`output` is its path)."""
         if overlay:
             raise TrainerError("--overlay is for segmentation models; this one classifies")
-        return CsvPredictions(self, check_csv_output(output, inputs))
-
-
-def check_csv_output(output: str, inputs: Sequence[str]) -> Path:
-    out = Path(output)
-    if out.is_dir():
-        raise TrainerError(f"--output {output} is a folder; give a CSV file path, e.g. {out / 'preds.csv'}")
-    if is_image_file(out) or any(Path(i).resolve() == out.resolve() for i in inputs if not i.startswith("@")):
-        raise TrainerError(f"--output {output} would overwrite an input image; give a CSV file path")
-    return out
+        return CsvPredictions(self, check_output_file(output, inputs, "CSV"))
 
 
 class CsvPredictions:

@@ -20,8 +20,6 @@ one JSON list of COCO-style records.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,6 +34,7 @@ from trainer.distributed import agree, gather_objects_to_main
 from trainer.errors import ConfigError, TrainerError
 from trainer.evaluation import split_order
 from trainer.files import atomic_write
+from trainer.prediction_files import Inputs, PredictionFolder, check_output_file
 from trainer.tasks.detect_metrics import evaluate_coco, metrics_from_cocoeval, precision_recall_curves, to_coco_records
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
 
@@ -176,15 +175,12 @@ class Detection:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "category_ids": list(self.category_ids), "model_kwargs": dict(self.options)}
 
-    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False,
+    def prediction_writer(self, output: str, inputs: Inputs, overlay: bool = False,
                           draw: Optional[str] = None) -> "BoxPredictions":
-        out = Path(output)
-        if out.is_dir():
-            raise TrainerError(f"--output {output} is a folder; a detection model writes one JSON file of "
-                               f"detections (e.g. --output preds.json)")
         if overlay:
             raise TrainerError("--overlay is for segmentation; a detection model draws its boxes with --draw DIR")
-        return BoxPredictions(self, out, Path(draw) if draw else None)
+        out = check_output_file(output, inputs, "JSON")
+        return BoxPredictions(self, out, PredictionFolder(Path(draw), "--draw", inputs, (".jpg",)) if draw else None)
 
     def records(self, image_id, detection: Dict[str, torch.Tensor]) -> List[dict]:
         """One image's detections as COCO result records in the file's category ids."""
@@ -266,45 +262,30 @@ class BoxPredictions:
     """`trainer predict` for a detector: one JSON list of {"file", "category", "category_id", "bbox" [x, y, w, h]
     in the input image's pixels, "score"}, written atomically when every image is done (a failure part-way
     leaves --output as it was); with --draw DIR, each image with its boxes as DIR/<path below the folder
-    given>.jpg, written into a temporary sibling folder and moved into place at the end."""
+    given>.jpg, through a PredictionFolder (moved into place at the end, never over an input or a file predict
+    did not write)."""
 
-    def __init__(self, task: Detection, out: Path, draw: Optional[Path]):
-        self.task, self.out, self.draw, self.rows, self.names, self.count = task, out, draw, [], {}, 0
-        self.tmp = None
-        if draw is not None:
-            self.tmp = draw.parent / f".{draw.name}.tmp-{os.getpid()}"
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True)
+    def __init__(self, task: Detection, out: Path, drawn: Optional[PredictionFolder]):
+        self.task, self.out, self.drawn, self.rows, self.count = task, out, drawn, [], 0
 
     def add(self, inputs: Sequence[Tuple[str, str]], detections, sizes, images) -> None:
         names = dict(zip(self.task.category_ids, self.task.classes))
-        for (path, base), det, image in zip(inputs, detections, images):
+        for (path, _), det, image in zip(inputs, detections, images):
             self.count += 1
             for r in self.task.records(0, det):
                 self.rows.append({"file": path, "category": names[r["category_id"]], "category_id": r["category_id"],
                                   "bbox": r["bbox"], "score": r["score"]})
-            if self.tmp is not None:
+            if self.drawn is not None:
                 from trainer.tasks.detect_reports import draw_boxes
 
-                rel = Path(os.path.relpath(path, base)).with_suffix(".jpg")
-                if rel in self.names:
-                    raise TrainerError(f"{path} and {self.names[rel]} would both be drawn as {rel}; give them in "
-                                       f"separate runs or from one common folder")
-                self.names[rel] = path
-                target = self.tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                draw_boxes(image, det, self.task.classes, target)
+                draw_boxes(image, det, self.task.classes, self.drawn.path(path, ".jpg"))
 
     def abort(self) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.drawn is not None:
+            self.drawn.abort()
 
     def close(self) -> int:
         atomic_write(self.out, json.dumps(self.rows).encode())
-        if self.tmp is not None:
-            for source in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
-                target = self.draw / source.relative_to(self.tmp)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.drawn is not None:
+            self.drawn.close()
         return self.count

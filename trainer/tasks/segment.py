@@ -8,8 +8,6 @@ plots: segment_reports.py; predictions: one PNG of class indices per image.
 from __future__ import annotations
 
 import io
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -21,9 +19,10 @@ from PIL import Image
 
 from trainer.data.masks import collate_masks
 from trainer.distributed import agree, gather_to_main
-from trainer.errors import ConfigError, TrainerError
+from trainer.errors import ConfigError
 from trainer.evaluation import split_order
 from trainer.files import atomic_write
+from trainer.prediction_files import Inputs, PredictionFolder
 from trainer.tasks.segment_metrics import (confusion_matrix, cross_entropy_loss, dice_loss, metrics_from_confusion,
                                            pixel_class_weights)
 from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model
@@ -149,19 +148,11 @@ class Segmentation:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "class_to_idx": {c: i for i, c in enumerate(self.classes)}, "ignore_index": self.ignore_index}
 
-    def prediction_writer(self, output: str, inputs: Sequence[str], overlay: bool = False,
+    def prediction_writer(self, output: str, inputs: Inputs, overlay: bool = False,
                           draw: Optional[str] = None) -> "MaskPredictions":
         """`trainer predict`: one PNG of class indices per image into the folder `output`."""
-        out = Path(output)
-        if out.exists() and not out.is_dir():
-            raise TrainerError(f"--output {output} is a file; a segmentation model writes one PNG of class indices "
-                               f"per image into a folder")
-        for item in inputs:
-            given = Path(item.lstrip("@")).resolve()
-            if given.is_dir() and (out.resolve() == given or given in out.resolve().parents):
-                raise TrainerError(f"--output {output} lies inside the input folder {item}: the masks would mix with "
-                                   f"the images (and could replace them); write them elsewhere")
-        return MaskPredictions(self, out, overlay)
+        suffixes = (".png", ".overlay.jpg") if overlay else (".png",)
+        return MaskPredictions(self, PredictionFolder(Path(output), "--output", inputs, suffixes), overlay)
 
     @staticmethod
     def masks_at(logits: torch.Tensor, sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
@@ -223,42 +214,27 @@ class SegmentationEvaluator:
 class MaskPredictions:
     """One single-channel PNG of class indices per image, at the image's own size, named after its path below
     the folder it was given in (suffix .png); with `overlay`, a colour overlay beside it (NAME.overlay.jpg: not
-    a .png, so a glob of the masks never picks it up). Written into a temporary sibling folder and moved into
-    --output only when every image is done: a failure part-way leaves --output as it was."""
+    a .png, so a glob of the masks never picks it up). The files go through a PredictionFolder: moved into
+    --output only when every image is done, never over an input or a file predict did not write."""
 
-    def __init__(self, task: Segmentation, out: Path, overlay: bool):
-        self.task, self.out, self.overlay, self.names = task, out, overlay, {}
-        self.tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+    def __init__(self, task: Segmentation, files: PredictionFolder, overlay: bool):
+        self.task, self.files, self.overlay = task, files, overlay
 
     def add(self, inputs: Sequence[Tuple[str, str]], logits: torch.Tensor, sizes, images) -> None:
-        for (path, base), mask, image in zip(inputs, self.task.masks_at(logits, sizes), images):
-            rel = Path(os.path.relpath(path, base)).with_suffix(".png")
-            if rel in self.names:
-                raise TrainerError(f"{path} and {self.names[rel]} would both be written as {rel}; give them in "
-                                   f"separate runs or from one common folder")
-            self.names[rel] = path
-            target = self.tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
+        for (path, _), mask, image in zip(inputs, self.task.masks_at(logits, sizes), images):
             indices = mask.to(torch.uint8).cpu().numpy()
-            write_png(target, Image.fromarray(indices, "L"))
+            write_png(self.files.path(path, ".png"), Image.fromarray(indices, "L"))
             if self.overlay:
                 from trainer.tasks.segment_reports import overlay
 
                 blended = overlay(image.permute(1, 2, 0).numpy(), indices, len(self.task.classes))
-                write_png(target.with_suffix(".overlay.jpg"), Image.fromarray(blended), fmt="JPEG")
+                write_png(self.files.path(path, ".overlay.jpg"), Image.fromarray(blended), fmt="JPEG")
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.files.abort()
 
     def close(self) -> int:
-        for source in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
-            target = self.out / source.relative_to(self.tmp)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return len(self.names)
+        return self.files.close()
 
 
 def write_png(path: Path, image, fmt: str = "PNG") -> None:

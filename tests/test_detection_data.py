@@ -198,9 +198,9 @@ def test_find_errors_name_layouts_and_ambiguity(tmp_path):
     _coco(tmp_path / "valid", name="_annotations.coco.json")
     with pytest.raises(DataError, match="2 annotation files for split val"):
         find_coco_splits(tmp_path, ["train", "val"])
-    with pytest.raises(DataError, match=r"data.files names split\(s\) \['tets'\]"):
+    with pytest.raises(DataError, match=r"data.coco_files names split\(s\) \['tets'\]"):
         find_coco_splits(tmp_path, ["train"], files={"tets": {"annotations": "x", "images": "y"}})
-    with pytest.raises(DataError, match="data.files.train.annotations: .*nothing.json does not exist"):
+    with pytest.raises(DataError, match="data.coco_files.train.annotations: .*nothing.json does not exist"):
         find_coco_splits(tmp_path, ["train"], files={"train": {"annotations": tmp_path / "nothing.json",
                                                               "images": tmp_path}})
     coco = tmp_path / "c"

@@ -592,9 +592,20 @@ def build_workspace(w: Path) -> dict:
     Image.fromarray(np.full((16, 16), 7, np.uint8), "L").save(w / "seg_value" / "train" / "masks" / "m003.png")
     Image.fromarray(np.zeros((16, 16, 3), np.uint8), "RGB").save(w / "seg_rgb" / "train" / "masks" / "m000.png")
     (w / "seg_noclasses" / "classes.txt").unlink()
+    for name in ("seg_binary255", "seg_cut_val", "seg_utf16"):
+        mask_folder(w / name)
+    for mask in (w / "seg_binary255").glob("*/masks/*.png"):  # the usual binary masks: 0 and 255
+        Image.fromarray((np.array(Image.open(mask)) > 0).astype(np.uint8) * 255, "L").save(mask)
+    (w / "seg_binary255" / "classes.txt").write_text("background\nobject\n")
+    cut = w / "seg_cut_val" / "val" / "images" / "m001.png"
+    cut.write_bytes(cut.read_bytes()[:len(cut.read_bytes()) // 2])  # a copy cut short: the header still parses
+    (w / "seg_utf16" / "classes.txt").write_text("background\nleaf\nstem\n", encoding="utf-16")
+    (w / "list16.txt").write_text(str(w / "gen-multiclass" / "val") + "\n", encoding="utf-16")
     # detection COCO folders, each with one defect
     for name, defect in DETECTION_DEFECTS.items():
         coco_folder(w / name, defect)
+    noval = w / "det_noval" / "val" / "annotations.json"
+    noval.write_text(json.dumps({**json.loads(noval.read_text()), "annotations": []}))
     # packed segmentation and detection folders; a masks folder without split folders
     pack(w / "seg_ok", w / "seg_packed", say=lambda *_: None)
     pack(w / "det_ok", w / "det_packed", say=lambda *_: None)
@@ -631,10 +642,24 @@ def _missing_image(coco, root):
     (root / coco["images"][2]["file_name"]).unlink()
 
 
+def _cut_image(coco, root):
+    image = root / coco["images"][2]["file_name"]
+    image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])
+
+
+def _id_beyond_64_bits(coco, root):
+    coco["annotations"][3]["id"] = 2 ** 63
+
+
+def _crowd_in_words(coco, root):
+    coco["annotations"][3]["iscrowd"] = "no"
+
+
 # folder name -> what breaks it (in its train split); det_ok is whole
 DETECTION_DEFECTS = {"det_ok": None, "det_notcoco": _drop_annotations_key, "det_image": _unknown_image,
                      "det_category": _unknown_category, "det_zero": _zero_width, "det_far": _far_outside,
-                     "det_file": _missing_image}
+                     "det_file": _missing_image, "det_cut": _cut_image, "det_bigid": _id_beyond_64_bits,
+                     "det_crowd": _crowd_in_words, "det_noval": None}
 
 
 def coco_folder(root: Path, defect=None) -> Path:
@@ -810,6 +835,9 @@ def cases(w: Path, p: dict) -> list:
         ("seg: a classification monitor", ["train", "-", *seg_args(w / "seg_ok", **{"eval.monitor": "accuracy"})], "eval.monitor"),
         ("seg: ignore index is a class", ["train", "-", *seg_args(w / "seg_ok", **{"data.ignore_index": 1})], "ignore_index"),
         ("seg: dice loss for classes", ["train", "-", *g(w), "loss.name=dice"], "loss.name=dice"),
+        ("seg: binary masks of 0 and 255", ["train", "-", *seg_args(w / "seg_binary255")], "map it to class 1"),
+        ("seg: a val image cut short", ["train", "-", *seg_args(w / "seg_cut_val")], "m001.png"),
+        ("seg: classes.txt in UTF-16", ["train", "-", *seg_args(w / "seg_utf16")], "not UTF-8"),
         # -- detection --
         ("det: a JSON that is not COCO", ["train", "-", *det_args(w / "det_notcoco")], "annotations"),
         ("det: an annotation of an unknown image", ["train", "-", *det_args(w / "det_image")], "999"),
@@ -824,6 +852,16 @@ def cases(w: Path, p: dict) -> list:
         ("det: a segmentation monitor", ["train", "-", *det_args(w / "det_ok", **{"eval.monitor": "miou"})], "eval.monitor"),
         ("det: box augmentation for classes", ["train", "-", *g(w), "data.augment.iou_crop=true"], "iou_crop"),
         ("det: classification on boxes", ["train", "-", *det_args(w / "det_ok", task="multiclass")], "task=detection"),
+        ("det: an image cut short", ["train", "-", *det_args(w / "det_cut")], "00002.png"),
+        ("det: an id beyond 64 bits", ["train", "-", *det_args(w / "det_bigid")], "9223372036854775808"),
+        ("det: iscrowd in words", ["train", "-", *det_args(w / "det_crowd")], "iscrowd"),
+        ("det: a val split without boxes", ["train", "-", *det_args(w / "det_noval")], "nothing to score"),
+        ("det: two annotation files for a split", ["train", "-", *det_args(w / "det_ok", **{
+            "data.coco_files": f"{{train: {{annotations: [a.json, b.json], images: {w / 'det_ok' / 'train'}}}}}"})],
+         "must be one path"),
+        ("eval a classifier on COCO data", [*ev, "data.format=coco", f"data.root={w / 'det_ok'}"], "cannot score"),
+        ("predict list in UTF-16", ["predict", "--model", str(done), "@" + str(w / "list16.txt"), "--output",
+                                    str(w / "out" / "p.csv")], "not UTF-8"),
         # -- packed segmentation and detection folders --
         ("shards: classification on packed masks", ["train", "-", *seg_args(w / "seg_packed", task="multiclass", **{
             "data.format": "shards"})], "task=segmentation"),

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.errors import TrainerError
-from trainer.files import atomic_dir, atomic_write, is_pickle, load_safetensors
+from trainer.files import atomic_dir, atomic_write, is_pickle, load_safetensors, read_lines
 from trainer.rundir import (LOCK, MARKER, STALE_AFTER_S, RunLock, check_location, clean_leftovers, is_run,
                             owned_and_foreign, remove_owned)
 
@@ -216,6 +216,15 @@ def test_a_symlinked_folder_is_replaced_as_a_link_and_what_it_points_to_is_not_e
     assert not target.is_symlink() and (target / "model.json").read_text() == "new"
     assert sorted(p.name for p in deploy.iterdir()) == ["model.json", "serve.py"]
     assert (deploy / "serve.py").read_text() == "the user's" and (deploy / "model.json").read_text() == "old"
+
+
+def test_a_users_text_file_is_read_as_utf8_and_anything_else_is_one_line(tmp_path):
+    listing = tmp_path / "classes.txt"
+    listing.write_bytes("\ufeffbackground\r\n\n  leaf \n".encode("utf-8"))  # Notepad: a BOM, CRLF
+    assert read_lines(listing, "class list") == ["background", "leaf"]
+    listing.write_text("background\nleaf\n", encoding="utf-16")  # PowerShell's `>`
+    with pytest.raises(TrainerError, match=r"class list .*classes.txt is not UTF-8 text \(byte 0xff at offset 0\)"):
+        read_lines(listing, "class list")
 
 
 def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_a_pickle(tmp_path):

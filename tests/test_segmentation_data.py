@@ -163,6 +163,23 @@ def test_check_masks_counts_pixels_per_class_leaving_ignored_out(tmp_path):
     assert check_masks(pairs, num_classes=4, ignore_index=IGNORE, threads=1) == [2, 2, 4, 0]
 
 
+def test_an_image_cut_short_is_found_at_start_up_and_a_camera_trailer_is_not_refused(tmp_path):
+    """The start-up check reads image headers only; a copy cut short keeps its header, so the end marker is
+    looked for too (as for image folders), and a file without one is decoded before it is called bad."""
+    mask = np.zeros((24, 32), np.uint8)
+    image = tmp_path / "images" / "a.jpg"
+    pair = _pair(tmp_path, mask)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(image, quality=90)
+    whole = image.read_bytes()
+    pair = (str(image), pair[1])
+    image.write_bytes(whole + b"camera trailer after the end-of-image marker")
+    assert check_masks([pair], 3, IGNORE) == [24 * 32, 0, 0]
+    image.write_bytes(whole[:len(whole) * 2 // 3])
+    with pytest.raises(DataError, match="cannot read image .*a.jpg"):
+        check_masks([pair], 3, IGNORE)
+
+
 def test_palette_masks_are_read_as_indices_not_colours(tmp_path):
     indices = np.array([[0, 1, 2], [IGNORE, 1, 0]], np.uint8)
     img = Image.fromarray(indices, "P")

@@ -360,8 +360,8 @@ _TASK_TARGETS = {"segmentation": ("masks", "data.format=masks or voc, shards of 
 _TASK_OF_TARGETS = {"masks": "segmentation", "boxes": "detection", "labels": "binary or multiclass"}
 
 
-def task_data_mismatch(task: str, data_cfg) -> Optional[str]:
-    """Why `task` cannot train on this data (None when it can)."""
+def task_data_mismatch(task: str, data_cfg, advise: bool = True) -> Optional[str]:
+    """Why `task` cannot train on this data (None when it can); `advise`: with the task that would."""
     if task not in _TASK_TARGETS:
         return None
     wanted, how = _TASK_TARGETS[task]
@@ -369,8 +369,8 @@ def task_data_mismatch(task: str, data_cfg) -> Optional[str]:
     if found != wanted:
         source = (f"data.generated.variant={data_cfg.generated.variant}" if data_cfg.format == "generated"
                   else f"data.format={data_cfg.format}")
-        return (f"task={task} trains on {wanted} ({how}), but {source} holds {found}: use "
-                f"task={_TASK_OF_TARGETS[found]} (or task=auto)")
+        return (f"task={task} trains on {wanted} ({how}), but {source} holds {found}"
+                + (f": use task={_TASK_OF_TARGETS[found]} (or task=auto)" if advise else ""))
     return None
 
 

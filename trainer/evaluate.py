@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.config import eval_batch_size, load_config, load_yaml
+from trainer.config import eval_batch_size, load_config, load_yaml, task_data_mismatch
 from trainer.data import data_roots
 from trainer.data.on_ranks import build_data_on_ranks
 from trainer.distributed import agree, make_accelerator
@@ -35,6 +35,9 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     base = OmegaConf.to_container(load_yaml(run_dir / "config.yaml", "run config")) if run_dir else None
     cfg = load_config(None, overrides, base=base)
     model, meta = load_exported(str(model_dir))
+    mismatch = task_data_mismatch(meta["task"], cfg.data, advise=False)
+    if mismatch:  # before any data is read: a classifier would try to score boxes as labels
+        raise ConfigError(f"{model_dir} holds a {meta['task']} model, which cannot score this data ({mismatch})")
     # the input pipeline is the model's, not re-measured on the new data
     cfg.data.image_size, cfg.data.mean, cfg.data.std = meta["image_size"], meta["mean"], meta["std"]
     cfg.data.exif_orientation = meta.get("exif_orientation", False)

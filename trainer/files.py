@@ -180,6 +180,19 @@ def read_json(path: Union[str, Path], default=None):
         return {} if default is None else default
 
 
+def read_lines(path: Union[str, Path], what: str) -> list:
+    """A text file the user wrote (a class list, a list of inputs): its non-blank lines, stripped; a file that
+    is not UTF-8 (UTF-16 is what PowerShell's `>` writes) or not readable is one line naming it."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")  # -sig: a BOM (Notepad's UTF-8) is not a name
+    except UnicodeDecodeError as err:
+        raise TrainerError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                           f"{err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise TrainerError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def is_pickle(path: Union[str, Path]) -> bool:
     """A pickle (protocol 2-5: 0x80 and the protocol number) or torch.save's zip container, and not a
     safetensors file: one of those starts with its header length (8 bytes, little-endian) and then "{", and

@@ -14,7 +14,7 @@ from trainer.data.folders import describe_skipped, walk_image_files
 from trainer.errors import TrainerError
 from trainer.evaluation import evaluation_threads
 from trainer.export import find_model_dir, load_exported, read_meta
-from trainer.files import disk_error
+from trainer.files import disk_error, read_lines
 from trainer.prediction_files import Inputs
 from trainer.tasks import task_from_meta
 
@@ -41,7 +41,7 @@ def list_inputs(inputs: Iterable[str]) -> Inputs:
                 listing = Path(item[1:])
                 if not listing.is_file():
                     raise TrainerError(f"list file does not exist: {listing}")
-                add(line.strip() for line in listing.read_text().splitlines() if line.strip())
+                add(read_lines(listing, "list file"))
                 continue
             p = Path(item)
             if p.is_dir():

@@ -273,6 +273,20 @@ def save_scan(scan: FolderScan, verbose) -> None:
             verbose(f"note: {problem}")
 
 
+def check_mask_classes(split: str, root, classes: Sequence[str], pixels: Sequence[int], ignore_index: int) -> None:
+    """A training split needs pixels of two classes at least, an evaluated one some pixel that counts. Masks
+    saved as 0/255 (the usual binary masks) would otherwise train and score nothing and say so nowhere: their
+    objects are the ignore index."""
+    present = [name for name, n in zip(classes, pixels) if n]
+    if len(present) >= (2 if split == "train" else 1):
+        return
+    which = f"class {present[0]!r} or " if present else ""
+    hint = (f"; masks saved as 0/255 mark their objects with {ignore_index}: map it to class 1 (mask // 255)"
+            if ignore_index == 255 and len(classes) == 2 else "")
+    raise DataError(f"every mask pixel of the {split} split of {root} is {which}data.ignore_index={ignore_index} "
+                    f"(which counts nowhere): nothing to {'learn' if split == 'train' else 'score'}{hint}")
+
+
 def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -> Data:
     """Images with masks of class indices (segmentation): a masks folder, Pascal VOC, the generated
     segmentation variant, or a masks folder packed into shards. Every mask of every requested split is checked
@@ -323,6 +337,7 @@ def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -
             raise DataError(f"the {split} split of {root} is empty")
         made[split] = dataset(found[split])
         pixels = check_masks(made[split].pairs(), len(classes), data_cfg.ignore_index)  # every mask, before training
+        check_mask_classes(split, root, classes, pixels, data_cfg.ignore_index)
         if split == "train":
             counts = pixels
     if data_cfg.mean and data_cfg.std:
@@ -380,9 +395,10 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
         coco = found[split]
         if len(coco) == 0:
             raise DataError(f"the {split} split ({coco.source}) has no images")
+        if not (~coco.iscrowd).any():
+            raise DataError(f"the {split} split ({coco.source}) has no (non-crowd) boxes: nothing to "
+                            + ("learn" if split == "train" else "score (trainer predict needs no boxes)"))
         if split == "train":
-            if not (~coco.iscrowd).any():
-                raise DataError(f"the train split ({coco.source}) has no (non-crowd) boxes: nothing to learn")
             counts = np.bincount(coco.labels[~coco.iscrowd], minlength=coco.num_classes + 1)[1:].tolist()
         transform = (detection_train_transform(aug.hflip, tuple(aug.scale_jitter) if aug.scale_jitter else None,
                                                aug.iou_crop, aug.color_jitter)

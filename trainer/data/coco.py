@@ -33,7 +33,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.datasets import _SeededDataset, open_source, read_image, sample_seed
-from trainer.data.folders import image_error
+from trainer.data.folders import ends_complete, image_error
 from trainer.data.generated import SHAPES, SPLITS, SUPERSAMPLE, _draw_shape, plan_scene, render_scene
 from trainer.data.masks import VOC_CLASSES, image_orientation, stored_size
 from trainer.errors import DataError
@@ -48,7 +48,7 @@ GENERATED_CATEGORY_IDS = {"circle": 2, "cross": 3, "square": 5, "triangle": 7}
 MIN_VISIBLE_PIXELS = 4  # a generated shape covered down to fewer visible pixels gets no box
 LAYOUTS = ("ROOT/<split>/annotations.json or ROOT/<split>/_annotations.coco.json (Roboflow; its 'valid' folder "
            "for val) with the images beside it; ROOT/annotations/instances_<split>20XX.json with the images in "
-           "ROOT/<split>20XX/ (COCO 2017); or data.files {split: {annotations: FILE, images: DIR}}")
+           "ROOT/<split>20XX/ (COCO 2017); or data.coco_files {split: {annotations: FILE, images: DIR}}")
 
 
 # ---- the split ----
@@ -143,6 +143,9 @@ def _shown_size(path, exif_orientation: bool) -> Tuple[int, int, bool]:
     decode_rgb gives, i.e. swapped when exif_orientation and the file's EXIF orientation is a quarter turn (5-8)."""
     with open_source(path) as fh, Image.open(fh) as img:
         width, height = stored_size(img)
+        complete = ends_complete(fh, img.format)
+    if not complete:  # cut short, or bytes after its end marker (camera trailers): a full decode tells
+        read_image(path, exif_orientation=False)
     if exif_orientation and image_orientation(path) in (5, 6, 7, 8):
         return height, width, True
     return width, height, False
@@ -160,6 +163,8 @@ def _read_sizes(paths: Sequence, describe_image: Callable[[int], str], exif_orie
     def one(i):
         try:
             return _shown_size(paths[i], exif_orientation), ""
+        except DataError as err:  # read_image's: it names the file already
+            return None, f"{err} ({describe_image(i)})"
         except Exception as err:  # PIL raises many types for a bad file: name it
             return None, f"cannot read image {paths[i]} ({describe_image(i)}): {image_error(err)}"
 
@@ -290,7 +295,7 @@ def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True
     for k, c in enumerate(data["categories"]):
         try:
             cats.append((int(c["id"]), str(c["name"])))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise DataError(f"{src}: category #{k} ({str(c)[:80]}) needs an integer 'id' and a 'name' "
                             f"({type(err).__name__}: {err})") from None
     if not cats:
@@ -311,12 +316,12 @@ def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True
         try:
             image_ids[i] = int(im["id"])
             paths.append(str(image_dir / str(im["file_name"])))
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise DataError(f"{src}: image #{i} ({str(im)[:80]}) needs an integer 'id' and a 'file_name' "
                             f"({type(err).__name__}: {err})") from None
         try:  # optional: the real size is read from the file anyway
             stated[i] = int(im["width"]), int(im["height"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             pass
     if not n_img:
         raise DataError(f"{src}: 'images' is empty")
@@ -338,10 +343,13 @@ def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True
             if len(bbox) != 4:
                 raise ValueError(f"bbox has {len(bbox)} numbers")
             xywh[k] = [float(v) for v in bbox]
-            iscrowd[k] = bool(a.get("iscrowd", 0))
+            crowd = a.get("iscrowd", 0)
+            if crowd not in (0, 1):
+                raise ValueError(f"iscrowd must be 0 or 1, got {crowd!r}")
+            iscrowd[k] = bool(crowd)
             if a.get("area") is not None:
                 area[k] = float(a["area"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             who = a.get("id", f"#{k}") if isinstance(a, dict) else f"#{k}"
             raise DataError(f"{src}: annotation {who} needs an integer 'id', 'image_id', 'category_id' and a 'bbox' "
                             f"[x, y, w, h] ({type(err).__name__}: {err})") from None
@@ -380,19 +388,23 @@ def find_coco_splits(root, splits: Sequence[str], files: Optional[dict] = None, 
     files = dict(files or {})
     unknown = sorted(set(files) - set(splits) - set(optional))
     if unknown:
-        raise DataError(f"data.files names split(s) {unknown}, not among the splits read here "
+        raise DataError(f"data.coco_files names split(s) {unknown}, not among the splits read here "
                         f"({', '.join(list(splits) + list(optional))})")
     found: Dict[str, Tuple[Path, Path]] = {}
     for split in list(splits) + [s for s in optional if s not in splits]:
         if split in files:
             entry = files[split]
             if not isinstance(entry, dict) or set(entry) != {"annotations", "images"}:
-                raise DataError(f"data.files.{split} must be {{annotations: FILE, images: DIR}}, got {entry!r}")
+                raise DataError(f"data.coco_files.{split} must be {{annotations: FILE, images: DIR}}, got {entry!r}")
+            for key in ("annotations", "images"):
+                if not isinstance(entry[key], (str, os.PathLike)) or not str(entry[key]):
+                    raise DataError(f"data.coco_files.{split}.{key} must be one path, got {entry[key]!r}")
             ann, images = Path(entry["annotations"]), Path(entry["images"])
             if not ann.is_file():
-                raise DataError(f"data.files.{split}.annotations: {ann} does not exist")
+                raise DataError(f"data.coco_files.{split}.annotations: {ann} "
+                                + ("is a folder, not a COCO annotation file" if ann.is_dir() else "does not exist"))
             if not images.is_dir():
-                raise DataError(f"data.files.{split}.images: {images} is not a folder")
+                raise DataError(f"data.coco_files.{split}.images: {images} is not a folder")
             found[split] = (ann, images)
             continue
         if root is None or not root.is_dir():
@@ -412,7 +424,7 @@ def find_coco_splits(root, splits: Sequence[str], files: Optional[dict] = None, 
             continue
         if len(candidates) > 1:
             raise DataError(f"{len(candidates)} annotation files for split {split} under {root} "
-                            f"({', '.join(str(a) for a, _ in candidates)}); keep one or choose with data.files")
+                            f"({', '.join(str(a) for a, _ in candidates)}); keep one or choose with data.coco_files")
         ann, images = candidates[0]
         if not images.is_dir():
             raise DataError(f"{ann} has no image folder {images} beside it (COCO layout: ROOT/<split>20XX/)")

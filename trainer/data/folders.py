@@ -323,6 +323,17 @@ def _check_one(path: str) -> str:
 END_MARKERS = {"JPEG": (2, b"\xff\xd9"), "PNG": (12, b"IEND")}
 
 
+def ends_complete(fh, fmt: Optional[str]) -> bool:
+    """Whether an open image file (seekable) ends as a complete file of its format (PIL's name: JPEG, PNG) does;
+    True for the formats without an end marker here. False is not yet "bad": see _check_header."""
+    if fmt not in END_MARKERS:
+        return True
+    length, marker = END_MARKERS[fmt]
+    fh.seek(0, os.SEEK_END)
+    fh.seek(max(fh.tell() - length, 0))
+    return marker in fh.read(length)
+
+
 def _check_header(path: str) -> str:
     """The cheap check: the header parses (PIL reads no pixel), the size is not 0 and, for JPEG and PNG, the
     end marker is there. A file that fails it is decoded in full before it is called bad: some valid JPEGs
@@ -335,13 +346,7 @@ def _check_header(path: str) -> str:
                     width, height, fmt = img.width, img.height, img.format
             if width <= 0 or height <= 0:
                 return f"image size {width}x{height}"
-            if fmt in END_MARKERS:
-                length, marker = END_MARKERS[fmt]
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(fh.tell() - length, 0))
-                if marker in fh.read(length):
-                    return ""
-            else:
+            if ends_complete(fh, fmt):
                 return ""
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
         return image_error(err)

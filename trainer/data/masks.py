@@ -22,9 +22,10 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainer.data.datasets import _SeededDataset, decode_named, open_source, read_bytes, sample_seed
-from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, image_error
+from trainer.data.datasets import _SeededDataset, decode_named, open_source, read_bytes, read_image, sample_seed
+from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, ends_complete, image_error
 from trainer.errors import DataError
+from trainer.files import read_lines
 
 Pair = Tuple[str, str]  # (image path, mask path); either may be a PackedFile (a row of packed shards) instead
 MASK_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -53,7 +54,7 @@ def read_class_names(root: Path, class_names: Optional[Sequence[str]]) -> List[s
         if not path.is_file():
             raise DataError(f"no class list: {path} is missing; write it (one class name per line, the name of mask "
                             f"value 0 first) or pass data.class_names")
-        names, where = [line.strip() for line in path.read_text().splitlines() if line.strip()], str(path)
+        names, where = read_lines(path, "class list"), str(path)
     if len(names) < 2:
         raise DataError(f"need at least 2 classes, found {len(names)} ({names}) in {where}")
     seen = set()
@@ -267,6 +268,9 @@ def _check_pair(pair: Pair, num_classes: int, ignore_index: int):
     try:
         with open_source(image_path) as fh, Image.open(fh) as img:  # the header only: no pixel is decoded
             image_size = stored_size(img)
+            complete = ends_complete(fh, img.format)
+        if not complete:  # cut short, or bytes after its end marker (camera trailers): a full decode tells
+            read_image(image_path, exif_orientation=False)
         mask = read_mask(mask_path)
     except DataError as err:
         return None, str(err)

@@ -197,7 +197,8 @@ def _contents(data) -> dict:
     return out
 
 
-def _write_shard(target: Path, src: Path, items: Sequence[Item], skip_bad: bool, listing: str) -> dict:
+def _write_shard(target: Path, src: Path, items: Sequence[Item], skip_bad: bool, listing: str, fix: str) -> dict:
+    """One shard of `items`; a bad image stops it (`fix`: what the user can do) unless `skip_bad`."""
     pa = _pyarrow()
     with ThreadPoolExecutor(READ_THREADS) as pool:
         read = list(pool.map(_read, [files for files, _ in items]))
@@ -205,7 +206,7 @@ def _write_shard(target: Path, src: Path, items: Sequence[Item], skip_bad: bool,
     bad = [[os.path.relpath(files[0], src), why] for (files, _), (_, why, _) in zip(items, read) if why]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more in this shard)" if len(bad) > 1 else ""
-        raise DataError(f"{lines[0]}{more}; fix or remove it, or pack with --skip-bad-images")
+        raise DataError(f"{lines[0]}{more}; {fix}")
     keep = [(files, label, data) for (files, label), (data, why, _) in zip(items, read) if not why]
     columns = {"image": pa.array([data[0] for _, _, data in keep], type=pa.binary()),
                "label": pa.array([label for _, label, _ in keep], type=pa.int64()),
@@ -275,6 +276,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
                         f"name them; fix or remove the bad ones (and their annotations)")
     plan, splits = _plan(src, shard_mb, kind)
+    fix = ("fix or replace it (its annotations name it)" if kind == "coco"
+           else "fix or remove it, or pack with --skip-bad-images")
     if (dest / INDEX).is_file():
         index = read_json(dest / INDEX)
         if index.get("listing") == plan["listing"]:
@@ -307,7 +310,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
             entry = _finished(target, shard) if target.is_file() else None
             if entry is None:
                 entry = _write_shard(target, src, splits[split][shard["first"]:shard["end"]], skip_bad,
-                                     shard["listing"])
+                                     shard["listing"], fix)
             contents = entry.pop("contents")
             skipped += contents["skipped"]
             rows["shard"] += [sum(len(v) for v in index["splits"].values()) + len(entries)] * entry["rows"]

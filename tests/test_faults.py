@@ -838,6 +838,10 @@ def cases(w: Path, p: dict) -> list:
         ("seg: binary masks of 0 and 255", ["train", "-", *seg_args(w / "seg_binary255")], "map it to class 1"),
         ("seg: a val image cut short", ["train", "-", *seg_args(w / "seg_cut_val")], "m001.png"),
         ("seg: classes.txt in UTF-16", ["train", "-", *seg_args(w / "seg_utf16")], "not UTF-8"),
+        ("seg: a detector's option", ["train", "-", *seg_args(w / "seg_ok", **{"model.detection.min_size": 64})],
+         "model.detection.min_size"),
+        ("det: a classification crop", ["train", "-", *det_args(w / "det_ok", **{
+            "data.augment.random_resized_crop": "true"})], "random_resized_crop"),
         # -- detection --
         ("det: a JSON that is not COCO", ["train", "-", *det_args(w / "det_notcoco")], "annotations"),
         ("det: an annotation of an unknown image", ["train", "-", *det_args(w / "det_image")], "999"),

@@ -550,6 +550,16 @@ def validate(cfg: Config) -> None:
     if targets != "boxes" and (jitter is not None or cfg.data.augment.iou_crop):
         raise ConfigError("data.augment.scale_jitter and data.augment.iou_crop are for detection; classification "
                           "and segmentation crop with data.augment.random_resized_crop")
+    if targets == "boxes" and cfg.data.augment.random_resized_crop:
+        raise ConfigError("data.augment.random_resized_crop crops classification and segmentation images; a detector's "
+                          "boxes are cropped with data.augment.iou_crop (and rescaled by data.augment.scale_jitter)")
+    defaults = dataclasses.asdict(DetectionModelCfg())
+    given = (OmegaConf.to_container(cfg.model.detection) if OmegaConf.is_config(cfg.model.detection)
+             else dataclasses.asdict(cfg.model.detection))
+    changed = sorted(k for k, v in given.items() if v != defaults.get(k))
+    if targets != "boxes" and changed:
+        raise ConfigError(f"model.detection.{changed[0]} is for detection models; a {_TASK_OF_TARGETS[targets]} model "
+                          f"takes no model.detection.* option")
     if targets == "boxes" and cfg.eval.tta != "none":
         raise ConfigError(f"eval.tta={cfg.eval.tta} averages logits; a detector's boxes are not averaged that way: "
                           "use eval.tta=none for detection")

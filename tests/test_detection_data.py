@@ -72,6 +72,18 @@ def test_read_coco_maps_noncontiguous_ids_both_ways_and_keeps_empty_images(tmp_p
     assert a.area.tolist() == [50.0, 50.0, 1200.0]  # w*h when the file gives none
 
 
+def test_ids_beyond_64_bits_and_crowd_flags_that_are_not_0_or_1_are_one_line_and_null_is_no_crowd(tmp_path):
+    annotations = [{"id": 11, "image_id": 10, "category_id": 3, "bbox": [2, 3, 10, 5], "iscrowd": None}]
+    split = read_coco(_coco(tmp_path, annotations=annotations), tmp_path, verbose=_quiet)
+    assert split.annotations(0).iscrowd.tolist() == [False]  # some exporters write null for "not a crowd"
+    for key, value in (("iscrowd", "no"), ("iscrowd", 2), ("id", 2 ** 63)):
+        with pytest.raises(DataError, match=f"annotation .*{key if key != 'id' else 2 ** 63}"):
+            read_coco(_coco(tmp_path, annotations=[{**annotations[0], key: value}]), tmp_path, verbose=_quiet)
+    for bad in (2 ** 64, -2 ** 63 - 1):
+        with pytest.raises(DataError, match=f"category #0 .*{bad} does not fit in 64 bits"):
+            read_coco(_coco(tmp_path, categories=[{"id": bad, "name": "big"}, *CATS]), tmp_path, verbose=_quiet)
+
+
 def _rewrite(path: Path, change) -> Path:
     data = json.loads(path.read_text())
     change(data)

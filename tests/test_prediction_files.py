@@ -41,7 +41,7 @@ def test_files_given_one_by_one_are_never_written_over(data):
     inputs = list_inputs([str(data / "images" / "a.png"), str(data / "images" / "b.png")])
     with pytest.raises(TrainerError, match="over the input image .*a.png"):
         PredictionFolder(data / "images", "--output", inputs, (".png",))
-    assert digest(data) == before and not list(data.glob(".images.tmp-*"))
+    assert digest(data) == before and not list(data.rglob(".cnn-trainer-predict.tmp-*"))
 
 
 def test_a_folder_given_through_a_list_file_is_an_input_folder(data):
@@ -99,7 +99,7 @@ def test_a_failure_part_way_leaves_the_folder_as_it_was(data):
     files = PredictionFolder(out, "--output", inputs, (".png", ".overlay.jpg"))
     files.path(inputs.images[0][0], ".png").write_text("half")
     files.abort()
-    assert digest(data) == before and not list(data.glob(".out.tmp-*"))
+    assert digest(data) == before and not list(data.rglob(".cnn-trainer-predict.tmp-*"))
 
 
 def test_two_images_with_one_output_name_are_refused_before_any_work(data):
@@ -107,3 +107,28 @@ def test_two_images_with_one_output_name_are_refused_before_any_work(data):
     with pytest.raises(TrainerError, match="would both be written as"):
         PredictionFolder(data / "out", "--output", list_inputs([str(data / "images")]), (".png",))
     assert not (data / "out").exists()
+
+
+def test_the_current_folder_as_output_and_a_run_cut_short_leaves_no_folder_it_made(data, monkeypatch):
+    """`trainer predict --model M images/a.png --output .` (the temporary folder used to be a sibling of
+    --output, which "." has none of); an aborted run removes the folders it made for --output."""
+    monkeypatch.chdir(data)
+    inputs = list_inputs(["images/a.png"])
+    assert write_all(PredictionFolder(Path("."), "--output", inputs, (".png",)), inputs, "here") == 1
+    assert (data / "a.png").read_text() == "here a.png" and not list(data.glob(".cnn-trainer-predict.tmp-*"))
+    files = PredictionFolder(Path("new") / "deep", "--output", inputs, (".png",))
+    files.path(inputs.images[0][0], ".png").write_text("half")
+    files.abort()
+    assert not (data / "new").exists()
+
+
+def test_two_runs_into_one_folder_at_once_keep_each_others_record(data):
+    out = data / "out"
+    first, second = (list_inputs([str(data / "images" / name)]) for name in ("a.png", "b.png"))
+    a = PredictionFolder(out, "--output", first, (".png",))
+    b = PredictionFolder(out, "--output", second, (".png",))  # started before a finished
+    write_all(a, first, "a")
+    write_all(b, second, "b")
+    for inputs in (first, second):  # each run's own file is still its own
+        write_all(PredictionFolder(out, "--output", inputs, (".png",)), inputs, "again")
+    assert (out / "a.png").read_text() == "again a.png" and (out / "b.png").read_text() == "again b.png"

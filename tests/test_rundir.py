@@ -173,13 +173,15 @@ def test_replacing_a_folder_keeps_the_files_it_does_not_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-@pytest.mark.parametrize("fail_at", [1, 10, 21, 22])  # moving the user's files (1-20), the swap's two renames
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 12, 22])  # the swap's two renames, then carrying 20 files over
 @pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), KeyboardInterrupt()])
 def test_a_folder_swap_cut_at_any_rename_loses_none_of_the_users_files(tmp_path, monkeypatch, fail_at, error):
-    """A rename refused (a folder the user cannot write, EACCES) or Ctrl-C between two renames: the user's
-    files end up where they were (they used to be removed with the temporary folder)."""
-    target = tmp_path / "best"
-    target.mkdir()
+    """A rename refused (a folder the user cannot write, EACCES) or Ctrl-C between two renames: every file of
+    the user's is in the folder or, after the next start's clean-up, back in it (they used to be removed with
+    the temporary folder)."""
+    run = tmp_path / "run"
+    target = run / "best"
+    target.mkdir(parents=True)
     (target / "model.json").write_text("old")
     notes = {f"note{i:02d}.txt": f"the user's {i}" for i in range(20)}
     for name, text in notes.items():
@@ -198,9 +200,10 @@ def test_a_folder_swap_cut_at_any_rename_loses_none_of_the_users_files(tmp_path,
             (tmp / "model.json").write_text("new")
     monkeypatch.setattr(os, "rename", rename)
     assert len(calls) >= fail_at
+    clean_leftovers(run)  # what the next start of this run does first
     assert {name: (target / name).read_text() for name in notes} == notes
-    assert (target / "model.json").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    assert (target / "model.json").read_text() == ("old" if fail_at <= 2 else "new")
+    assert sorted(p.name for p in run.iterdir()) == ["best"]
 
 
 def test_a_symlinked_folder_is_replaced_as_a_link_and_what_it_points_to_is_not_emptied(tmp_path):

@@ -76,16 +76,17 @@ def atomic_write_json(path: Union[str, Path], obj, fsync: bool = False) -> None:
 
 @contextmanager
 def atomic_dir(target: Union[str, Path], fsync: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces `target` (an older version is
-    removed only after the new one is in place); on failure it is removed and `target` is as it was.
-    Whatever the old folder holds that the new one does not (a user's notes, an earlier report) is moved
-    into the new one first, and moved back if the swap fails: replacing a folder never deletes a file the
-    caller did not write anew. A `target` that is a symbolic link is replaced as a link: the folder it
-    points to is never emptied."""
+    """Yield a temporary sibling folder to fill; on success it replaces `target` in one rename (the old
+    version moved aside first, removed last); on failure it is removed and `target` is as it was.
+
+    Whatever the old folder holds that the new one does not (a user's notes, an earlier report) is then
+    carried into the new one, so replacing a folder never deletes a file the caller did not write anew: the
+    temporary folder only ever holds our own files, and until every such file is carried over the old folder
+    (`.NAME.old-PID`) stays, where rundir.clean_leftovers finishes the job after a kill. A `target` that is a
+    symbolic link is replaced as a link: the folder it points to is never touched."""
     target = Path(target)
     tmp = temp_name(target)
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    moved = []  # names moved from the old folder into tmp
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
@@ -97,40 +98,37 @@ def atomic_dir(target: Union[str, Path], fsync: bool = False) -> Iterator[Path]:
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
             fsync_dir(tmp)
-        if target.is_dir() and not target.is_symlink():
-            for entry in target.iterdir():
-                if not (tmp / entry.name).exists():
-                    os.rename(entry, tmp / entry.name)
-                    moved.append(entry.name)
         if os.path.lexists(target):
             os.rename(target, old)
         os.rename(tmp, target)
         if fsync:
             fsync_dir(target.parent)
     except BaseException as err:
+        _remove(tmp)
         if os.path.lexists(old) and not os.path.lexists(target):  # the swap was cut between its two renames
             os.rename(old, target)
-        kept = _move_back(moved, tmp, target) if tmp.exists() else []
-        if not kept:
-            _remove(tmp)
-        if kept:  # could not be moved back: left where they are, never removed
-            raise TrainerError(f"replacing {target} failed ({err}); {len(kept)} of its files could not be put "
-                               f"back and are in {tmp}: {', '.join(kept[:5])}") from err
         if isinstance(err, OSError):
             raise disk_error(err, target) from None
         raise
+    stuck = carry_over(old, target)
+    if stuck:
+        raise TrainerError(f"{target} was replaced, but {len(stuck)} file(s) of its old version could not be moved "
+                           f"into it ({stuck[0][0]}: {stuck[0][1]}); they are kept in {old}")
     _remove(old)
 
 
-def _move_back(names, tmp: Path, target: Path) -> list:
-    """Move what atomic_dir took out of `target` back into it; returns the names that could not be."""
-    kept = []
-    for name in names:
-        try:
-            os.rename(tmp / name, target / name)
-        except OSError:
-            kept.append(name)
-    return kept
+def carry_over(old: Path, target: Path) -> list:
+    """Move what the folder `old` holds that the folder `target` does not into `target` (nothing when `old` is
+    a link or no folder); returns (name, why) of what could not be moved."""
+    stuck = []
+    if old.is_dir() and not old.is_symlink():
+        for entry in sorted(old.iterdir()):
+            if not os.path.lexists(target / entry.name):
+                try:
+                    os.rename(entry, target / entry.name)
+                except OSError as err:
+                    stuck.append((entry.name, err.strerror or str(err)))
+    return stuck
 
 
 # What detects bit rot and truncation in checkpoints: xxHash's XXH3, 128 bits (`xxhsum -H2 FILE` checks one by

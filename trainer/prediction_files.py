@@ -8,20 +8,22 @@ from the input list first and refuses, in one line, a name that is an input imag
 earlier `trainer predict` did not write (or that changed since: a mask corrected by hand is the user's now).
 What it wrote is recorded in RECORD inside the folder (each file's size and modification time), so running
 the same prediction again replaces its own files and nothing else. The files are written into a temporary
-sibling folder and moved into place only when every image is done: a failure part-way leaves the folder as
-it was.
+folder (hidden, inside the output folder) and moved into place only when every image is done: a failure
+part-way leaves the folder as it was.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 from trainer.data.folders import is_image_file
 from trainer.errors import TrainerError
-from trainer.files import atomic_write_json, temp_name
+from trainer.files import atomic_write_json
 
 RECORD = ".cnn-trainer-predictions.json"
 RECORD_FORMAT = "cnn-trainer-predictions"
@@ -77,9 +79,11 @@ class PredictionFolder:
         self.inputs_real = {real(path): path for path, _ in inputs.images}
         self.record = self.read_record()
         self.check_targets()
-        self.tmp = temp_name(self.folder)
-        shutil.rmtree(self.tmp, ignore_errors=True)  # our own name (.NAME.tmp-PID): a crashed run's leftover
-        self.tmp.mkdir(parents=True)
+        # the temporary folder inside the output folder: the final moves stay on one file system (the output may
+        # be a link to, or a mount of, another), and its name is unique (two runs may share a process id)
+        self.created = [d for d in (self.folder, *self.folder.parents) if not d.exists()]  # removed by abort
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".cnn-trainer-predict.tmp-", dir=self.folder))
 
     def targets(self) -> List[Path]:
         return [rel.with_suffix(suffix) for rel in self.names.values() for suffix in self.suffixes]
@@ -135,23 +139,36 @@ class PredictionFolder:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        for folder in self.created:  # deepest first; only the folders this run made, and only when empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def close(self) -> int:
-        """Move every file written into place (checked again: something may have appeared meanwhile) and record
-        them; returns the number of images."""
-        self.check_targets()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        record = {name: stat for name, stat in self.record.items() if (self.folder / name).is_file()}
+        """Move every file written into place and record them; returns the number of images. Under a lock on
+        the folder (another `trainer predict` into it may finish meanwhile): the record is read again and the
+        targets checked again (something may have appeared since the start)."""
+        fd = os.open(self.folder, os.O_RDONLY)
         try:
-            for source in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
-                rel = source.relative_to(self.tmp)
-                target = self.folder / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, target)
-                now = target.stat()
-                record[rel.as_posix()] = [now.st_size, now.st_mtime_ns]
-        finally:  # also after a failure part-way: what was moved is ours, and the next run may replace it
-            atomic_write_json(self.folder / RECORD, {"format": RECORD_FORMAT, "files": record})
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks (some NFS): the record is still re-read just before
+                pass
+            self.record = self.read_record()
+            self.check_targets()
+            record = {name: stat for name, stat in self.record.items() if (self.folder / name).is_file()}
+            try:
+                for source in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
+                    rel = source.relative_to(self.tmp)
+                    target = self.folder / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(source, target)
+                    now = target.stat()
+                    record[rel.as_posix()] = [now.st_size, now.st_mtime_ns]
+            finally:  # also after a failure part-way: what was moved is ours, and the next run may replace it
+                atomic_write_json(self.folder / RECORD, {"format": RECORD_FORMAT, "files": record})
+        finally:
+            os.close(fd)  # and the lock with it
         shutil.rmtree(self.tmp, ignore_errors=True)
         return len(self.names)
-

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 from trainer.checkpoint import find_checkpoint, move_aside, resolve_resume
 from trainer.errors import TrainerError
-from trainer.files import atomic_write_json, disk_error
+from trainer.files import atomic_write_json, carry_over, disk_error
 
 MARKER = ".cnn-trainer-run"
 LOCK = ".lock"
@@ -356,16 +356,23 @@ def commit(plan: RunPlan) -> List[str]:
 def clean_leftovers(run_dir: Path) -> List[str]:
     """Temporaries of writes that a killed process left (`.NAME.tmp-PID`, `.NAME.old-PID`, ours by name).
     A folder swap cut between its two renames left NAME missing and `.NAME.old-PID` whole: that old
-    version is put back, never deleted. Only under the lock (no other process of ours is writing)."""
+    version is put back, never deleted; cut after them, what the old version holds that the new one does
+    not (a user's files) is carried into NAME first (files.atomic_dir). Only under the lock (no other
+    process of ours is writing)."""
     lines = []
     for folder in (run_dir, run_dir / "model", run_dir / "best", run_dir / "checkpoints", run_dir / "plots"):
         if not folder.is_dir():
             continue
         for old in sorted(folder.glob(".*.old-*")):
             target = folder / old.name[1:].rsplit(".old-", 1)[0]
-            if not target.exists():
+            if not os.path.lexists(target):
                 os.rename(old, target)
                 lines.append(f"restored {target} from an interrupted replacement")
+            elif target.is_dir():
+                stuck = carry_over(old, target)
+                if stuck:
+                    raise TrainerError(f"{old} holds files an interrupted replacement of {target} did not carry "
+                                       f"into it ({stuck[0][0]}: {stuck[0][1]}); move them yourself, then start again")
         for leftover in sorted([*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)

@@ -253,6 +253,14 @@ def _build_split(source: str, categories: List[Tuple[int, str]], paths: List[str
 
 # ---- COCO JSON ----
 
+def int64(value) -> int:
+    """An id as the int64 arrays hold it; beyond their range an OverflowError (a message, not a wrap-around)."""
+    number = int(value)
+    if not -2 ** 63 <= number < 2 ** 63:
+        raise OverflowError(f"{number} does not fit in 64 bits")
+    return number
+
+
 def _load_json(json_path: Path) -> dict:
     if not json_path.is_file():
         raise DataError(f"annotation file {json_path} does not exist")
@@ -294,7 +302,7 @@ def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True
     cats = []
     for k, c in enumerate(data["categories"]):
         try:
-            cats.append((int(c["id"]), str(c["name"])))
+            cats.append((int64(c["id"]), str(c["name"])))
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise DataError(f"{src}: category #{k} ({str(c)[:80]}) needs an integer 'id' and a 'name' "
                             f"({type(err).__name__}: {err})") from None
@@ -343,7 +351,7 @@ def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True
             if len(bbox) != 4:
                 raise ValueError(f"bbox has {len(bbox)} numbers")
             xywh[k] = [float(v) for v in bbox]
-            crowd = a.get("iscrowd", 0)
+            crowd = a.get("iscrowd") or 0  # absent or null: not a crowd
             if crowd not in (0, 1):
                 raise ValueError(f"iscrowd must be 0 or 1, got {crowd!r}")
             iscrowd[k] = bool(crowd)

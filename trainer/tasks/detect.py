@@ -285,7 +285,7 @@ class BoxPredictions:
             self.drawn.abort()
 
     def close(self) -> int:
-        atomic_write(self.out, json.dumps(self.rows).encode())
-        if self.drawn is not None:
+        if self.drawn is not None:  # first: its last check may still refuse, and then --output stays as it was
             self.drawn.close()
+        atomic_write(self.out, json.dumps(self.rows).encode())
         return self.count

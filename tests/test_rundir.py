@@ -206,6 +206,16 @@ def test_a_folder_swap_cut_at_any_rename_loses_none_of_the_users_files(tmp_path,
     assert sorted(p.name for p in run.iterdir()) == ["best"]
 
 
+def test_an_old_version_beside_a_target_that_is_no_folder_is_kept_not_removed(tmp_path):
+    run = tmp_path / "run"
+    (run / ".best.old-123").mkdir(parents=True)
+    (run / ".best.old-123" / "notes.txt").write_text("the user's")
+    (run / "best").write_text("a file now")
+    with pytest.raises(TrainerError, match="no longer a folder"):
+        clean_leftovers(run)
+    assert (run / ".best.old-123" / "notes.txt").read_text() == "the user's"
+
+
 def test_a_symlinked_folder_is_replaced_as_a_link_and_what_it_points_to_is_not_emptied(tmp_path):
     deploy = tmp_path / "deploy"
     deploy.mkdir()

@@ -554,9 +554,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.augment.random_resized_crop crops classification and segmentation images; a detector's "
                           "boxes are cropped with data.augment.iou_crop (and rescaled by data.augment.scale_jitter)")
     defaults = dataclasses.asdict(DetectionModelCfg())
-    given = (OmegaConf.to_container(cfg.model.detection) if OmegaConf.is_config(cfg.model.detection)
-             else dataclasses.asdict(cfg.model.detection))
-    changed = sorted(k for k, v in given.items() if v != defaults.get(k))
+    changed = sorted(k for k, v in dataclasses.asdict(cfg.model.detection).items() if v != defaults[k])
     if targets != "boxes" and changed:
         raise ConfigError(f"model.detection.{changed[0]} is for detection models; a {_TASK_OF_TARGETS[targets]} model "
                           f"takes no model.detection.* option")

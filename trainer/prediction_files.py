@@ -36,10 +36,6 @@ class Inputs(NamedTuple):
     folders: List[str]
 
 
-def real(path) -> str:
-    return os.path.realpath(path)
-
-
 def check_output_file(output: str, inputs: Inputs, kind: str) -> Path:
     """A single output file (the classifier's CSV, the detector's JSON): not a folder, not an image's name, not
     one of the inputs."""
@@ -47,8 +43,8 @@ def check_output_file(output: str, inputs: Inputs, kind: str) -> Path:
     if out.is_dir():
         raise TrainerError(f"--output {output} is a folder; give a {kind} file path, e.g. "
                            f"{out / ('preds.' + kind.lower())}")
-    inputs_real = {real(path) for path, _ in inputs.images}
-    if is_image_file(out) or real(out) in inputs_real:
+    inputs_real = {os.path.realpath(path) for path, _ in inputs.images}
+    if is_image_file(out) or os.path.realpath(out) in inputs_real:
         raise TrainerError(f"--output {output} would overwrite an input image; give a {kind} file path")
     return out
 
@@ -63,9 +59,9 @@ class PredictionFolder:
         if self.folder.exists() and not self.folder.is_dir():
             raise TrainerError(f"{option} {folder} is a file; it must be a folder (one file per image is written "
                                f"into it)")
-        out = real(self.folder)
+        out = os.path.realpath(self.folder)
         for given in inputs.folders:
-            if out == real(given) or out.startswith(real(given).rstrip(os.sep) + os.sep):
+            if out == os.path.realpath(given) or out.startswith(os.path.realpath(given).rstrip(os.sep) + os.sep):
                 raise TrainerError(f"{option} {folder} lies inside the input folder {given}: the outputs would mix "
                                    f"with the images; write them elsewhere")
         self.names: Dict[str, Path] = {}  # image path -> its main file's name below the folder
@@ -76,7 +72,7 @@ class PredictionFolder:
                 raise TrainerError(f"{path} and {seen[rel]} would both be written as {self.folder / rel}; give them "
                                    f"in separate runs or from one common folder")
             seen[rel], self.names[path] = path, rel
-        self.inputs_real = {real(path): path for path, _ in inputs.images}
+        self.inputs_real = {os.path.realpath(path): path for path, _ in inputs.images}
         self.record = self.read_record()
         self.check_targets()
         # the temporary folder inside the output folder: the final moves stay on one file system (the output may
@@ -117,9 +113,10 @@ class PredictionFolder:
         in_the_way = []
         for rel in self.targets():
             target = self.folder / rel
-            if real(target) in self.inputs_real:
-                raise TrainerError(f"{self.option} {self.folder} would write {target} over the input image "
-                                   f"{self.inputs_real[real(target)]}; write the outputs into another folder")
+            image = self.inputs_real.get(os.path.realpath(target))
+            if image is not None:
+                raise TrainerError(f"{self.option} {self.folder} would write {target} over the input image {image}; "
+                                   f"write the outputs into another folder")
             between = list(rel.parents)[:-1]  # its folders below self.folder
             blocked = [self.folder / d for d in between if (self.folder / d).is_symlink()
                        or ((self.folder / d).exists() and not (self.folder / d).is_dir())]

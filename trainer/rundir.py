@@ -368,7 +368,10 @@ def clean_leftovers(run_dir: Path) -> List[str]:
             if not os.path.lexists(target):
                 os.rename(old, target)
                 lines.append(f"restored {target} from an interrupted replacement")
-            elif target.is_dir():
+            elif not target.is_dir() and old.is_dir() and not old.is_symlink():
+                raise TrainerError(f"{old} holds the old version of {target}, which is no longer a folder; move what "
+                                   f"you need out of it, then start again")
+            else:
                 stuck = carry_over(old, target)
                 if stuck:
                     raise TrainerError(f"{old} holds files an interrupted replacement of {target} did not carry "

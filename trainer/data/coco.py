@@ -32,10 +32,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.datasets import _SeededDataset, open_source, read_image, sample_seed
-from trainer.data.folders import ends_complete, image_error
+from trainer.data.datasets import _SeededDataset, read_image, sample_seed
+from trainer.data.folders import image_error
 from trainer.data.generated import SHAPES, SPLITS, SUPERSAMPLE, _draw_shape, plan_scene, render_scene
-from trainer.data.masks import VOC_CLASSES, image_orientation, stored_size
+from trainer.data.masks import VOC_CLASSES, checked_stored_size, image_orientation
 from trainer.errors import DataError
 
 COCO_KEYS = ("images", "annotations", "categories")
@@ -141,11 +141,7 @@ class CocoSplit:
 def _shown_size(path, exif_orientation: bool) -> Tuple[int, int, bool]:
     """(width, height, turned) of an image file (a path, or a PackedFile) from its header (no decode): the size
     decode_rgb gives, i.e. swapped when exif_orientation and the file's EXIF orientation is a quarter turn (5-8)."""
-    with open_source(path) as fh, Image.open(fh) as img:
-        width, height = stored_size(img)
-        complete = ends_complete(fh, img.format)
-    if not complete:  # cut short, or bytes after its end marker (camera trailers): a full decode tells
-        read_image(path, exif_orientation=False)
+    width, height = checked_stored_size(path)
     if exif_orientation and image_orientation(path) in (5, 6, 7, 8):
         return height, width, True
     return width, height, False
@@ -163,7 +159,7 @@ def _read_sizes(paths: Sequence, describe_image: Callable[[int], str], exif_orie
     def one(i):
         try:
             return _shown_size(paths[i], exif_orientation), ""
-        except DataError as err:  # read_image's: it names the file already
+        except DataError as err:  # checked_stored_size's: it names the file already
             return None, f"{err} ({describe_image(i)})"
         except Exception as err:  # PIL raises many types for a bad file: name it
             return None, f"cannot read image {paths[i]} ({describe_image(i)}): {image_error(err)}"

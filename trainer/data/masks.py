@@ -262,15 +262,24 @@ def stored_size(img: Image.Image) -> Tuple[int, int]:
     return img.size
 
 
+def checked_stored_size(source) -> Tuple[int, int]:
+    """stored_size of an image file (a path, or a PackedFile) from its header, no pixel decoded, after checking
+    that the file is whole: a copy cut short keeps its header, so its end marker is looked for (as image folders
+    do), and a file without one (cut short, or with a camera trailer after it) is decoded in full: a DataError
+    naming it when that fails."""
+    with open_source(source) as fh, Image.open(fh) as img:
+        size = stored_size(img)
+        complete = ends_complete(fh, img.format)
+    if not complete:
+        read_image(source, exif_orientation=False)
+    return size
+
+
 def _check_pair(pair: Pair, num_classes: int, ignore_index: int):
     """(per-class pixel counts, "") of one pair, or (None, why) when it is bad."""
     image_path, mask_path = pair
     try:
-        with open_source(image_path) as fh, Image.open(fh) as img:  # the header only: no pixel is decoded
-            image_size = stored_size(img)
-            complete = ends_complete(fh, img.format)
-        if not complete:  # cut short, or bytes after its end marker (camera trailers): a full decode tells
-            read_image(image_path, exif_orientation=False)
+        image_size = checked_stored_size(image_path)
         mask = read_mask(mask_path)
     except DataError as err:
         return None, str(err)

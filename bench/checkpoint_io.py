@@ -42,6 +42,7 @@ def main() -> None:
         args.models, args.repeats = ["small_cnn"], 2
     from trainer.checkpoint import capture_rng, read_checkpoint, verify_checkpoint, write_checkpoint
     from trainer.models import build_model
+    from trainer.outputs import Folder
 
     can_drop = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK) and not args.smoke
     rows = []
@@ -52,11 +53,11 @@ def main() -> None:
         opt.step()  # the optimizer state exists (exp_avg, exp_avg_sq)
         times = {"write": [], "verify": [], "load": [], "cold_load": [], "cold_resume": []}
         with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp) / "checkpoints"
+            out = Folder(Path(tmp), "bench", owner="run")  # a run folder, as training writes its checkpoints
             size_mb = 0.0
             for r in range(args.repeats):
                 start = time.perf_counter()
-                folder = write_checkpoint(root, r + 1, model.state_dict(), opt.state_dict(), [capture_rng()], LOOP_STATE)
+                folder = write_checkpoint(out, r + 1, model.state_dict(), opt.state_dict(), [capture_rng()], LOOP_STATE)
                 times["write"].append(time.perf_counter() - start)
                 size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
                 start = time.perf_counter()

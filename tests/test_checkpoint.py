@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import (PYTHONPATH, ROOT, assert_same_run, rows, run_cli, run_forked, run_torchrun,
                             tiny_overrides, weights)
-from trainer.checkpoint import POINTER, read_checkpoint, rotate
+from trainer.checkpoint import POINTER, checkpoint_folders, read_checkpoint, rotate
 from trainer.errors import TrainerError
+from trainer.outputs import Folder
 
 DRIVER = r'''
 import os, signal, sys
@@ -253,16 +254,22 @@ def test_a_mismatched_checkpoint_says_what_differs(reference, tmp_path):
     assert "does not match" in res.stderr and "4 classes vs 2" in res.stderr and "task multiclass vs binary" in res.stderr
 
 
-def test_rotation_keeps_last_k_best_and_the_pointer(tmp_path):
+def test_rotation_keeps_last_k_best_and_the_pointer_and_a_users_file(tmp_path):
+    run = Folder(tmp_path, "train", owner="run")
     root = tmp_path / "checkpoints"
     for step in (3, 6, 9, 12, 15):
-        (root / f"step-{step:08d}").mkdir(parents=True)
-    (root / ".step-00000018.tmp-123").mkdir()  # an interrupted save
-    (root / POINTER).write_text(json.dumps({"checkpoint": "step-00000009", "update": 9}))
-    deleted = rotate(root, keep_last=2, keep="step-00000003")
+        with run.replacing(f"checkpoints/step-{step:08d}") as tmp:
+            (tmp / "state.json").write_text("{}")
+    (root / "step-00000006" / "my_notes.txt").write_text("the user's")
+    (root / ".step-00000018.tmp-123").mkdir()  # a folder named like a temporary: not the trainer's, kept
+    run.write_json(f"checkpoints/{POINTER}", {"checkpoint": "step-00000009", "update": 9})
+    deleted = rotate(run, keep_last=2, keep="step-00000003")
     assert sorted(deleted) == ["step-00000006"]
-    assert sorted(p.name for p in root.iterdir()) == [POINTER, "step-00000003", "step-00000009", "step-00000012",
+    assert sorted(p.name for p in root.iterdir()) == [".step-00000018.tmp-123", POINTER, "step-00000003",
+                                                      "step-00000006", "step-00000009", "step-00000012",
                                                       "step-00000015"]
+    assert [p.name for p in (root / "step-00000006").iterdir()] == ["my_notes.txt"]  # the checkpoint is gone
+    assert "step-00000006" not in [p.name for p in checkpoint_folders(root)]  # and no longer one
 
 
 def test_checkpoints_on_disk_respect_keep_last(reference):

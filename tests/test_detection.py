@@ -130,7 +130,8 @@ def test_predict_draws_neither_into_the_input_folder_nor_over_a_users_file(det_r
     mine.mkdir()
     (mine / "00000.jpg").write_bytes(b"the user's photo")
     preds = tmp_path / "preds.json"
-    refused = {"lies inside the input folder": root / "val" / "drawn", "did not write": mine}
+    refused = {"lies inside the input folder": root / "val" / "drawn",
+               "is not a folder of trainer predict's outputs": mine}
     for expected, draw in refused.items():
         res = run_cli("predict", "--model", str(run), str(root / "val"), "--output", str(preds), "--draw", str(draw))
         lines = res.stderr.strip().splitlines()

@@ -752,8 +752,9 @@ def cases(w: Path, p: dict) -> list:
         ("shards: a folder, not a pack", ["train", "-", *folder_args(w / "imgs" / "images", **{"data.format": "shards"})],
          "not a packed dataset"),
         ("pack into its own source", ["pack", str(w / "imgs" / "images"), str(w / "imgs" / "images" / "packed")],
-         "inside the folder they pack"),
-        ("pack over a user's folder", ["pack", str(w / "imgs" / "images"), str(w / "precious")], "holds no pack"),
+         "lies inside the folder packed"),
+        ("pack over a user's folder", ["pack", str(w / "imgs" / "images"), str(w / "precious")],
+         "is not a pack of the trainer"),
         ("pack a missing folder", ["pack", str(w / "nope"), str(w / "out" / "packed")], "does not exist"),
         ("image too small for the model", ["train", "-", *folder_args(w / "imgs" / "images", **{
             "model.name": "convnext_tiny", "model.small_input_stem": "false"})], "too small"),
@@ -819,7 +820,7 @@ def cases(w: Path, p: dict) -> list:
         ("predict folder without images", ["predict", "--model", str(done), str(w / "precious"), "--output", str(w / "out" / "p.csv")], "no image files"),
         ("predict unreadable image", ["predict", "--model", str(done), str(w / "not_image" / "images" / "cat" / "oops.png"), "--output", str(w / "out" / "p.csv")], "oops.png"),
         ("predict on a missing GPU", [*pred, "--device", "cuda"], "cuda"),
-        ("predict over an input image", ["predict", "--model", str(done), str(p["good"] / "cat"), "--output", str(p["good"] / "cat" / "0.png")], "input image"),
+        ("predict over an input image", ["predict", "--model", str(done), str(p["good"] / "cat"), "--output", str(p["good"] / "cat" / "0.png")], "lies inside the input folder"),
         ("predict list missing", ["predict", "--model", str(done), "@" + str(w / "nolist.txt"), "--output", str(w / "out" / "p.csv")], "nolist.txt"),
         ("predict list naming a missing file", ["predict", "--model", str(done), "@" + str(w / "list.txt"), "--output", str(w / "out" / "p.csv")], "missing.png"),
         # -- segmentation --

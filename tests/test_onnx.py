@@ -17,6 +17,7 @@ from trainer.errors import TrainerError
 from trainer.export import export_model
 from trainer.models import MODELS, build_model, forward_tta
 from trainer.onnx_export import DEFAULT_OPSET, PARITY_ABS, PARITY_REL, export_onnx
+from trainer.outputs import LEDGER
 from trainer.tasks.segment_models import build_segmentation_model
 
 # export takes 4-11 s each on one thread of this CPU for these (against 1-3 s for the rest): in the default
@@ -77,7 +78,7 @@ def test_every_classification_model_exports_with_parity(name, tmp_path):
     folder = save_model(model, tmp_path / "model", name, task, classes, tta)
     out = tmp_path / "out" / "model.onnx"
     sidecar = export_onnx(str(folder), str(out), log=lambda _: None)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.json"]  # no temporary
+    assert sorted(p.name for p in out.parent.iterdir()) == [LEDGER, "model.onnx", "model.onnx.json"]  # no temporary
     assert json.loads((out.parent / "model.onnx.json").read_text()) == json.loads(json.dumps(sidecar))
     check = sidecar["parity"]
     assert check["passed"] and check["real_images"] is False and check["num_inputs"] == 5  # 4 + 1 alone
@@ -183,7 +184,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
     folder = save_model(build_model("linear", 2, 32), tmp_path / "model", "linear", "multiclass", ["a", "b"])
     out = tmp_path / "model.onnx"
     out.write_bytes(b"x")
-    assert "exists; pass --overwrite" in cli_error(capsys, "export", "--model", str(folder), "--format", "onnx",
+    assert "was not written by the trainer (or changed since it was); pass --overwrite" in cli_error(capsys, "export", "--model", str(folder), "--format", "onnx",
                                                    "--output", str(out))
     assert "--opset must be 18.." in cli_error(capsys, "export", "--model", str(folder), "--format", "onnx",
                                                 "--output", str(tmp_path / "b.onnx"), "--opset", "17")
@@ -204,7 +205,8 @@ def test_refusals_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: only onnx for now
         main(["export", "--model", str(folder), "--format", "tflite", "--output", str(tmp_path / "e.onnx")])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector", "empty", "model", "model.onnx"]
+    # (the ledger is save_model's: the record of the model folder it wrote)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER, "detector", "empty", "model", "model.onnx"]
 
 
 # ---- the CLI end to end on a tiny trained run, against trainer predict ----

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.reports import (format_summary, plot_confusion_matrix, plot_pr, plot_roc, plot_training_curves,
-                             row_normalise, write_eval_report)
+from trainer.outputs import Folder
+from trainer.reports import (PLOT_FILES, format_summary, plot_confusion_matrix, plot_pr, plot_roc,
+                             plot_training_curves, row_normalise, write_eval_report)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -118,11 +119,18 @@ def test_empty_split_writes_only_json(multiclass_case, tmp_path):
 
 
 def test_empty_split_removes_plots_of_an_earlier_eval(multiclass_case, tmp_path):
+    """Through the write gate, as `trainer eval` writes: the earlier report's plots (the trainer's) would
+    contradict the new eval.json; a plot of the user's beside them stays."""
     metrics, probs, labels, classes = multiclass_case
-    write_eval_report(tmp_path, metrics, probs, labels, classes, "multiclass")
+    out = Folder(tmp_path, "eval")
+    stale = [f"plots/{p}" for p in PLOT_FILES.values()]
+    with out.staged(stale=stale) as stage:
+        write_eval_report(stage, metrics, probs, labels, classes, "multiclass")
     assert (tmp_path / "plots" / "roc_curve.png").is_file()
-    write_eval_report(tmp_path, {**metrics, "num_samples": 0}, probs[:0], labels[:0], classes, "multiclass")
-    assert not list((tmp_path / "plots").glob("*.png"))
+    (tmp_path / "plots" / "mine.png").write_bytes(b"the user's")
+    with out.staged(stale=stale) as stage:
+        write_eval_report(stage, {**metrics, "num_samples": 0}, probs[:0], labels[:0], classes, "multiclass")
+    assert [p.name for p in (tmp_path / "plots").glob("*.png")] == ["mine.png"]
 
 
 def test_curves_skip_absent_class_without_warnings(multiclass_case, tmp_path):
@@ -193,18 +201,17 @@ def test_plot_training_curves(tmp_path):
     jsonl = tmp_path / "metrics.jsonl"
     write_metrics_jsonl(jsonl)
     out = tmp_path / "plots" / "training_curves.png"
-    assert plot_training_curves(jsonl, out) is True
+    out.parent.mkdir()
+    out.write_bytes(plot_training_curves(jsonl))
     assert_valid_png(out)
 
 
-def test_plot_training_curves_without_data_writes_nothing(tmp_path):
-    out = tmp_path / "curves.png"
-    assert plot_training_curves(tmp_path / "missing.jsonl", out) is False
+def test_plot_training_curves_without_data_draws_nothing(tmp_path):
+    assert plot_training_curves(tmp_path / "missing.jsonl") is None
     (tmp_path / "empty.jsonl").write_text("")
-    assert plot_training_curves(tmp_path / "empty.jsonl", out) is False
+    assert plot_training_curves(tmp_path / "empty.jsonl") is None
     (tmp_path / "junk.jsonl").write_text("not json\n[1, 2]\n")
-    assert plot_training_curves(tmp_path / "junk.jsonl", out) is False
-    assert not out.exists()
+    assert plot_training_curves(tmp_path / "junk.jsonl") is None
 
 
 def test_format_summary_binary(binary_case):

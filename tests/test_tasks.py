@@ -81,7 +81,8 @@ def test_every_task_keeps_the_contract(name, tmp_path):
     from trainer.config import Config
     from trainer.distributed import make_accelerator
     from trainer.evaluation import evaluate
-    from trainer.prediction_files import Inputs
+    from trainer.outputs import Inputs
+    from trainer.prediction_files import Given
     from trainer.tasks import build_task, task_from_meta
 
     assert name in CONTRACT, f"add {name} to CONTRACT: every task is held to the contract"
@@ -119,8 +120,9 @@ def test_every_task_keeps_the_contract(name, tmp_path):
     assert isinstance(task.summary(metrics), str)
     assert task.higher_is_better(monitor) and not task.higher_is_better("loss")
     output = {"segmentation": "masks", "detection": "preds.json"}.get(name, "preds.csv")
-    found = Inputs([(str(tmp_path / "in" / "p.png"), str(tmp_path / "in")),
-                    (str(tmp_path / "in" / "q.png"), str(tmp_path / "in"))], [str(tmp_path / "in")])
+    found = Given([(str(tmp_path / "in" / "p.png"), str(tmp_path / "in")),
+                   (str(tmp_path / "in" / "q.png"), str(tmp_path / "in"))], [str(tmp_path / "in")], [],
+                  Inputs([("the input folder", tmp_path / "in")]))
     writer = task.prediction_writer(str(tmp_path / output), found)
     images = [torch.zeros(3, 10, 12, dtype=torch.uint8), torch.zeros(3, 9, 9, dtype=torch.uint8)]
     writer.add(found.images, task.forward(model.eval(), (x[:2],)), [(10, 12), (9, 9)], images)

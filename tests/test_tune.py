@@ -249,9 +249,13 @@ def test_a_running_trial_that_no_worker_holds_is_failed_with_the_reason(tmp_path
     (tmp_path / "trials").mkdir()
     study = tune.open_study(tmp_path, spec, seed=0)
     study.ask()
-    assert tune._take_over(tmp_path, study, "w", stale_after_s=3600) is None
+    from trainer.outputs import Folder
+
+    out = Folder(tmp_path, "tune", owner="tune")
+    out.claim()  # a tune's folder, as `trainer tune` makes it
+    assert tune._take_over(tmp_path, out, study, "w", stale_after_s=3600) is None
     assert study.trials[0].state.name == "RUNNING"  # not yet stale
-    assert tune._take_over(tmp_path, study, "w", stale_after_s=0) is None
+    assert tune._take_over(tmp_path, out, study, "w", stale_after_s=0) is None
     assert study.trials[0].state.name == "FAIL"
     assert "without a lease" in json.loads((tmp_path / "trials" / "0000.json").read_text())["reason"]
 

@@ -21,9 +21,8 @@ import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.errors import TrainerError
-from trainer.files import CHECKSUM, atomic_dir, atomic_write_json, checksum_bytes, checksum_file, is_pickle
+
+if TYPE_CHECKING:
+    from trainer.outputs import Folder
+from trainer.files import CHECKSUM, checksum_bytes, checksum_file, is_pickle
 
 FORMAT = "cnn-trainer-checkpoint"
 FORMAT_VERSION = 1
@@ -46,6 +48,7 @@ def _absent(state: dict) -> List[str]:
     absent = [k for k in REQUIRED_STATE_KEYS if k not in state]
     return absent + ([POSITION_KEYS[0]] if not any(k in state for k in POSITION_KEYS) else [])
 POINTER = "latest.json"
+CHECKPOINTS = "checkpoints"  # the folder of a run that holds them
 NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -107,16 +110,17 @@ def _state_digest(state: dict) -> str:
     return checksum_bytes(json.dumps(body, sort_keys=True, default=str).encode())
 
 
-def write_checkpoint(ckpt_root: Path, update: int, model_state: dict, optimizer_state: dict,
+def write_checkpoint(out: "Folder", update: int, model_state: dict, optimizer_state: dict,
                      rng_per_rank: List[Tuple[Dict[str, torch.Tensor], dict]], state: dict,
                      extra: Optional[Dict[str, Dict[str, torch.Tensor]]] = None) -> Path:
-    """Main process only. Returns the checkpoint folder; `latest.json` names it once it is complete.
-    `extra`: more named tensor sets (e.g. lookahead), each written as <name>.safetensors.
+    """Main process only, into the run's folder `out` (the write gate). Returns the checkpoint folder;
+    `latest.json` names it once it is complete. `extra`: more named tensor sets (e.g. lookahead), each written
+    as <name>.safetensors.
 
     Every file's checksum goes into state.json (and state.json carries its own), so bit rot is found on load
     instead of surfacing later as a diverging loss. A failure (a full disk) removes the temporary folder
     and leaves every earlier checkpoint and the pointer as they were."""
-    target = ckpt_root / checkpoint_name(update)
+    rel = f"{CHECKPOINTS}/{checkpoint_name(update)}"
     tensor_files = {"model.safetensors": {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}}
     opt_tensors, opt_meta = flatten_optimizer(optimizer_state)
     tensor_files["optimizer.safetensors"] = opt_tensors
@@ -125,8 +129,7 @@ def write_checkpoint(ckpt_root: Path, update: int, model_state: dict, optimizer_
     for name, tensors in (extra or {}).items():
         tensor_files[f"{name}.safetensors"] = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     try:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(target, fsync=True) as tmp:  # fsynced: safetensors' writer does not
+        with out.replacing(rel, fsync=True) as tmp:  # fsynced: safetensors' writer does not
             digests = {}
             for name, tensors in tensor_files.items():
                 save_file(tensors, str(tmp / name))
@@ -138,26 +141,26 @@ def write_checkpoint(ckpt_root: Path, update: int, model_state: dict, optimizer_
                           "checksums": {"algorithm": CHECKSUM, "files": digests}}
             full_state["state_checksum"] = _state_digest(full_state)
             (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
-        atomic_write_json(ckpt_root / POINTER, {"checkpoint": target.name, "update": update}, fsync=True)
+        out.write_json(f"{CHECKPOINTS}/{POINTER}", {"checkpoint": checkpoint_name(update), "update": update},
+                       fsync=True)
     except TrainerError as err:  # a file-system error, already one line
-        previous = read_pointer(ckpt_root)
+        previous = read_pointer(out.root / CHECKPOINTS)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise TrainerError(f"checkpoint at update {update} not saved ({err}); {kept}") from None
-    return target
+    return out.root / rel
 
 
-def rotate(ckpt_root: Path, keep_last: int, keep: Optional[str] = None) -> List[str]:
-    """Delete all but the newest `keep_last` checkpoints, never the one `latest.json` names nor `keep`
-    (the best). Leftover temporary folders of interrupted saves go too; checkpoints moved aside as damaged
-    (`step-N.corrupt`) are never touched. Returns the names deleted."""
+def rotate(out: "Folder", keep_last: int, keep: Optional[str] = None) -> List[str]:
+    """Delete all but the newest `keep_last` checkpoints, never the one `latest.json` names nor `keep` (the
+    best); checkpoints moved aside as damaged (`step-N.corrupt`) are never touched. Only the trainer's files
+    go: a file of the user's in a checkpoint folder stays, and its folder with it. Returns the names deleted."""
+    ckpt_root = out.root / CHECKPOINTS
     latest = read_pointer(ckpt_root)
-    names = sorted(p.name for p in ckpt_root.iterdir() if NAME.match(p.name))
+    names = sorted(p.name for p in checkpoint_folders(ckpt_root))
     protected = set(names[-keep_last:] if keep_last > 0 else []) | {latest, keep}
     deleted = [n for n in names if n not in protected]
     for name in deleted:
-        shutil.rmtree(ckpt_root / name, ignore_errors=True)
-    for leftover in list(ckpt_root.glob(".step-*.tmp-*")) + list(ckpt_root.glob(".step-*.old-*")):
-        shutil.rmtree(leftover, ignore_errors=True)
+        out.remove_tree(f"{CHECKPOINTS}/{name}")
     return deleted
 
 
@@ -174,11 +177,12 @@ def read_pointer(ckpt_root: Path) -> Optional[str]:
 
 
 def checkpoint_folders(ckpt_root: Path) -> List[Path]:
-    """Every complete-looking checkpoint folder, newest update first."""
+    """Every checkpoint folder, newest update first: named as one and holding one of its files at least (what a
+    rotation leaves of one, a user's file kept in it, is not a checkpoint)."""
     if not ckpt_root.is_dir():
         return []
-    return sorted((p for p in ckpt_root.iterdir() if NAME.match(p.name) and p.is_dir()), key=lambda p: p.name,
-                  reverse=True)
+    return sorted((p for p in ckpt_root.iterdir() if NAME.match(p.name) and p.is_dir() and not p.is_symlink()
+                   and any((p / f).exists() for f in FILES)), key=lambda p: p.name, reverse=True)
 
 
 def verify_checkpoint(path: Path) -> Optional[str]:
@@ -236,13 +240,13 @@ def find_checkpoint(ckpt_root: Path) -> Tuple[Optional[Path], List[Tuple[Path, s
     return None, damaged
 
 
-def move_aside(folder: Path) -> Path:
+def move_aside(out: "Folder", folder: Path) -> Path:
     """Rename a damaged checkpoint to `step-N.corrupt` (`.corrupt-2`, ... if taken): never deleted, never
     resumed from, never rotated away."""
     for i in range(1, 1000):
         target = folder.with_name(folder.name + (".corrupt" if i == 1 else f".corrupt-{i}"))
-        if not target.exists():
-            os.rename(folder, target)
+        if not os.path.lexists(target):
+            out.move(f"{CHECKPOINTS}/{folder.name}", f"{CHECKPOINTS}/{target.name}")
             return target
     raise TrainerError(f"cannot move {folder} aside: too many damaged copies beside it")
 

@@ -35,7 +35,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(same as run.resume=PATH; by default an existing run.dir resumes from its latest checkpoint)")
     e = sub.add_parser("eval", help="evaluate an exported model on a dataset split; writes eval.json")
     e.add_argument("--model", required=True, help="a run folder or an exported model folder")
-    e.add_argument("--output", help="where to write eval.json (default: the model's run folder)")
+    e.add_argument("--output", help="where to write eval.json, its plots in plots/ beside it (default: the model's "
+                   "run folder)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --output file (and plots beside "
+                   "it) that the trainer did not write")
     e.add_argument("overrides", nargs="*", help="key=value for data.* and eval.*, e.g. eval.split=test")
     pk = sub.add_parser("pack", help="pack an image, masks or COCO folder into a few large shards "
                         "(data.format=shards): one file per few hundred MB instead of one per image; resumable, "
@@ -92,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64)
     r.add_argument("--threshold", type=float, help="binary: override the model's decision threshold")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --output file that the trainer "
+                   "did not write (never an input)")
     x = sub.add_parser("export", help="an exported model as an ONNX file (logits of a normalised float32 NCHW "
                        "batch), checked against PyTorch with ONNX Runtime before it is written")
     x.add_argument("--model", required=True, help="a run folder or an exported model folder")
@@ -172,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "eval":
             from trainer.evaluate import run_eval
 
-            run_eval(args.model, args.overrides, args.output)
+            run_eval(args.model, args.overrides, args.output, args.overwrite)
         elif args.command == "pack":
             from trainer.data.shards import pack
 
@@ -221,7 +226,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             from trainer.predict import predict_files
 
             n = predict_files(args.model, args.inputs, args.output, args.batch_size, args.threshold, args.device,
-                              overlay=args.overlay, draw=args.draw, score_threshold=args.score_threshold)
+                              overlay=args.overlay, draw=args.draw, score_threshold=args.score_threshold,
+                              overwrite=args.overwrite)
             print(f"[predict] {n} images -> {args.output}")
         elif args.command == "export":
             from trainer.onnx_export import DEFAULT_OPSET, describe, export_onnx

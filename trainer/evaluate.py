@@ -7,14 +7,15 @@ from typing import List, Optional
 from omegaconf import OmegaConf
 
 from trainer.config import eval_batch_size, load_config, load_yaml, task_data_mismatch
-from trainer.data import data_roots
+from trainer.data import data_inputs
 from trainer.data.on_ranks import build_data_on_ranks
 from trainer.distributed import agree, make_accelerator
 from trainer.errors import ConfigError, DataError
 from trainer.evaluation import evaluate
 from trainer.export import find_model_dir, load_exported
-from trainer.rundir import check_output_location
-from trainer.tasks import task_from_meta
+from trainer.outputs import output_file
+from trainer.predict import model_inputs
+from trainer.tasks import report_files, task_from_meta
 
 
 def print_main(acc, *args) -> None:
@@ -22,7 +23,7 @@ def print_main(acc, *args) -> None:
         print(*args, flush=True)
 
 
-def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None) -> dict:
+def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None, overwrite: bool = False) -> dict:
     def said(key: str) -> bool:  # did this command set the key itself?
         return any(o.startswith(f"{key}=") for o in overrides)
 
@@ -41,8 +42,16 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     # the input pipeline is the model's, not re-measured on the new data
     cfg.data.image_size, cfg.data.mean, cfg.data.std = meta["image_size"], meta["mean"], meta["std"]
     cfg.data.exif_orientation = meta.get("exif_orientation", False)
-    target = Path(output) if output else (run_dir or model_dir) / "eval.json"
-    check_output_location(target, data_roots(cfg.data))
+    task = task_from_meta(meta)
+    if output is None and run_dir is None:
+        raise ConfigError(f"{model_dir} is an exported model outside a run: its eval.json and plots are its "
+                          f"training's; say where this evaluation goes with --output PATH")
+    # checked now, before any data is read: never into the data or the model, never over a file of the user's
+    # (eval.json and the plots beside it, unless --overwrite)
+    out, name = output_file(Path(output) if output else run_dir / "eval.json", "eval", "--output",
+                            data_inputs(cfg.data).extend(model_inputs(model_dir)), overwrite,
+                            companions=report_files(task)[1:])
+    target = out.root / name
     # fp32 unless asked: the same arithmetic as `trainer predict`, so both give the same probabilities
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision if said("train.mixed_precision") else "no")
     split = cfg.eval.split
@@ -66,7 +75,6 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
             dataset.labels = [classes.index(data.classes[label]) for label in dataset.labels]
 
     agree(acc, match_classes)
-    task = task_from_meta(meta)
     if said("eval.threshold"):  # else the model's own (possibly tuned) threshold
         task.threshold = cfg.eval.threshold
     task.topk = tuple(cfg.eval.topk)
@@ -78,7 +86,8 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     def write() -> dict:
         report = {"model": str(model_dir), "architecture": meta["architecture"], "task": meta["task"],
                   "split": split, "data": data.source, "processes": acc.num_processes, "tta": tta, **metrics}
-        task.write_report(target.parent, report, outputs, name=target.name)
+        with out.staged(stale=report_files(task)[1:]) as stage:  # placed whole once every plot is drawn
+            task.write_report(stage, report, outputs, name=name)
         print(f"[eval] {split} of {data.source}:\n{task.summary(metrics)}", flush=True)
         print(f"[eval] written: {target} (plots in {target.parent / 'plots'})", flush=True)
         return report

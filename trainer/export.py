@@ -1,6 +1,7 @@
 """The exported model: `model.safetensors` (weights) + `model.json` (everything needed to predict), no pickle.
 
-Written into a temporary sibling folder and renamed into place, so a reader never sees a half-written model.
+Written into a staging folder and renamed into place (the write gate), so a reader never sees a half-written
+model.
 Reading checks model.json field by field and refuses anything but safetensors as weights.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.errors import TrainerError
-from trainer.files import atomic_dir, load_safetensors
+from trainer.files import load_safetensors
 from trainer.models import TTA_MODES
 
 FORMAT = "cnn-trainer-model"
@@ -31,13 +32,24 @@ def model_card(cfg, mean, std, small_input_stem: bool) -> dict:
             "exif_orientation": cfg.data.exif_orientation}
 
 
-def export_model(model: torch.nn.Module, target: Path, meta: dict) -> None:
-    """`model` must be unwrapped (no DDP); `meta` holds architecture, task, classes, input and normalisation."""
+def write_model(model: torch.nn.Module, folder: Path, meta: dict) -> None:
+    """model.safetensors + model.json into `folder`, a staging folder of the write gate (the caller's
+    `Folder.replacing`: a reader never sees half a model, a failure leaves the old one). `model` must be
+    unwrapped (no DDP); `meta` holds architecture, task, classes, input and normalisation."""
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-    with atomic_dir(target, fsync=True) as tmp:  # a reader never sees half a model; a failure leaves the old one
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "model.json").write_text(json.dumps(info, indent=1))
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "model.json").write_text(json.dumps(info, indent=1))
+
+
+def export_model(model: torch.nn.Module, target: Path, meta: dict, by: str = "train") -> None:
+    """A model folder `target` on its own (model.safetensors + model.json), replaced in one rename through the
+    write gate (the folder holding it is the gate's record of what it wrote)."""
+    from trainer.outputs import Folder
+
+    target = Path(target)
+    with Folder(target.parent, by, option=str(target)).replacing(target.name, fsync=True) as tmp:
+        write_model(model, tmp, meta)
 
 
 def find_model_dir(path: str) -> Path:

@@ -32,7 +32,7 @@ from trainer import requests
 from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, read_checkpoint, restore_rng, rotate,
                                 verify_checkpoint, write_checkpoint)
 from trainer.config import Config, config_changes, eval_batch_size, to_dict, to_yaml
-from trainer.data import data_fingerprint, data_roots
+from trainer.data import data_fingerprint, data_inputs
 from trainer.data.datasets import replaced_images
 from trainer.data.loaders import build_train_loader, check_decode_device
 from trainer.data.on_ranks import build_data_on_ranks
@@ -41,14 +41,14 @@ from trainer.ema import ModelEma
 from trainer.finetune import BackboneFreeze, FreezeAfter
 from trainer.errors import ConfigError, TrainerError
 from trainer.evaluation import evaluate
-from trainer.export import export_model, model_card
-from trainer.files import atomic_write, atomic_write_json, read_json
+from trainer.export import model_card, write_model
+from trainer.files import read_json
 from trainer.metrics import headline, scalar_metrics
 from trainer.models import build_model, check_input_size
 from trainer.optim import Lookahead, lr_at, optimizer_from, schedule_from
 from trainer.reports import plot_training_curves
-from trainer.rundir import commit, open_run
-from trainer.tasks import build_task, task_kind
+from trainer.rundir import check_targets, commit, open_run
+from trainer.tasks import build_task, report_files, task_kind
 from trainer.tracking import LossLog, Tracker, default_run_dir, environment, new_run_id, truncate_rows
 
 
@@ -114,8 +114,9 @@ def train(cfg: Config) -> dict:
         cfg.run.dir = agree(acc, lambda: str(cfg.run.dir or default_run_dir(cfg.run.name)), main_only=True,
                             share=True)
         run_dir = Path(cfg.run.dir)
-        plan = agree(acc, lambda: open_run(run_dir, cfg.run.resume, cfg.run.overwrite, data_roots(cfg.data)),
-                     main_only=True, share=True)
+        inputs = data_inputs(cfg.data).add("model.pretrained_path", cfg.model.pretrained_path)
+        plan = agree(acc, lambda: open_run(run_dir, cfg.run.resume, cfg.run.overwrite, inputs), main_only=True,
+                     share=True)
         with plan:  # the main process holds the run's lock until the end; a failed start leaves nothing behind
             seen = agree(acc, lambda: compare_with_checkpoint(plan, cfg), main_only=True, share=True)
             if plan.kind == "complete":
@@ -312,28 +313,31 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     state.wandb_run_id = agree(acc, lambda: state.wandb_run_id or new_run_id(), main_only=True, share=True)
 
     def start_run() -> int:
-        """Main process: commit the plan (marker, damaged checkpoints moved aside, an overwrite's deletions),
-        then config.yaml (+ its history), run.json and metrics.jsonl cut back to the checkpoint's rows.
-        Returns the last step W&B already holds (-1: none)."""
+        """Main process: every file the run writes at a fixed name checked, then the plan committed (an
+        overwrite's deletions, damaged checkpoints moved aside), then config.yaml (+ its history), run.json and
+        metrics.jsonl cut back to the checkpoint's rows. Returns the last step W&B already holds (-1: none)."""
+        check_targets(plan, report_files(task))
         for line in commit(plan):
             say(f"[trainer] {line}")
+        out = plan.out
         continues = in_place or plan.kind == "restart"  # this run's own log: cut back to the checkpoint's rows
-        seen_step = truncate_rows(run_dir / "metrics.jsonl", state.metrics_rows) if continues else -1
+        seen_step = truncate_rows(out, "metrics.jsonl", state.metrics_rows) if continues else -1
         previous = read_json(run_dir / "run.json").get("starts", [])  # deleted by an overwrite; none if new
-        history = run_dir / "config_history" / f"start-{len(previous) + 1:03d}.yaml"
-        history.parent.mkdir(exist_ok=True)
-        atomic_write(history, to_yaml(cfg))
-        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
-        atomic_write_json(run_dir / "run.json", {"derived": derived, "environment": environment(
+        number = len(previous) + 1
+        while os.path.lexists(run_dir / f"config_history/start-{number:03d}.yaml"):  # a file kept by that name
+            number += 1
+        history = f"config_history/start-{number:03d}.yaml"
+        out.write(history, to_yaml(cfg))
+        out.write("config.yaml", to_yaml(cfg))
+        out.write_json("run.json", {"derived": derived, "environment": environment(
             acc.num_processes, str(acc.device), acc.mixed_precision), "wandb_run_id": state.wandb_run_id,
-            "starts": previous + [{"update": state.update, "kind": plan.kind,
-                                   "config": str(history.relative_to(run_dir)),
+            "starts": previous + [{"update": state.update, "kind": plan.kind, "config": history,
                                    "resumed_from": str(resume_from) if resume_from else None,
                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
         return seen_step
 
     wandb_seen_step = agree(acc, start_run, main_only=True, share=True)
-    tracker = Tracker(acc, run_dir, cfg.wandb.enabled, rows=state.metrics_rows, wandb_after_step=wandb_seen_step)
+    tracker = Tracker(acc, plan.out, cfg.wandb.enabled, rows=state.metrics_rows, wandb_after_step=wandb_seen_step)
     if cfg.wandb.enabled:
         acc.init_trackers(cfg.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": {
             "name": run_dir.name, "dir": str(run_dir), "tags": list(cfg.wandb.tags), "entity": cfg.wandb.entity,
@@ -354,7 +358,6 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
     sign = 1 if task.higher_is_better(monitor.removeprefix("raw_")) else -1
     # the weights that evaluation's metrics, best/ and model/ stand for: the EMA's unless raw ones are asked for
     scored = "raw" if ema is None or cfg.ema.evaluate == "raw" or monitor.startswith("raw_") else "ema"
-    ckpt_root = run_dir / "checkpoints"
     # a bar on a terminal; in a log file (SLURM, CI) a plain line per log step instead
     show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
 
@@ -373,13 +376,13 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                      "config": to_dict(cfg), "data_fingerprint": fingerprint}
             extra = {**({"lookahead": lookahead.state_dict()} if lookahead is not None else {}),
                      **({"ema": ema.state_dict()} if ema is not None else {})}
-            written = write_checkpoint(ckpt_root, state.update, core.state_dict(),
-                                       opt.state_dict(), rng, saved, extra=extra)
+            written = write_checkpoint(plan.out, state.update, core.state_dict(), opt.state_dict(), rng, saved,
+                                       extra=extra)
             problem = verify_checkpoint(written)  # read back before older ones are rotated away (~0.03 s / 300 MB)
             if problem is not None:
                 raise TrainerError(f"checkpoint {written} did not read back ({problem}); older checkpoints kept")
             best = state.best["update"]
-            rotate(ckpt_root, cfg.checkpoint.keep_last,
+            rotate(plan.out, cfg.checkpoint.keep_last,
                    checkpoint_name(best) if cfg.checkpoint.keep_best and best is not None else None)
 
         # nobody runs ahead (or exits) before the checkpoint is complete; a failed write (full disk) ends all
@@ -406,13 +409,15 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
         t_log, samples_at_log = now, state.samples_seen
         return mean_loss
 
-    def export(target: Path, metrics: dict, outputs: dict) -> None:
-        """Main process: the scored weights + model.json (with the threshold used), then the eval report."""
-        with ema.swapped_in(core) if scored == "ema" else nullcontext():
-            export_model(core, target, {
-                **model_card(cfg, data.mean, data.std, small_stem), **task.export_meta(metrics),
-                "step": state.update, "weights": scored, "metrics": scalar_metrics(metrics)})
-        task.write_report(target, metrics, outputs)
+    def export(target: str, metrics: dict, outputs: dict) -> None:
+        """Main process: the scored weights + model.json (with the threshold used) and the eval report, replacing
+        the run's folder `target` (model or best) in one rename."""
+        with plan.out.replacing(target, fsync=True) as tmp:  # a reader never sees half a model
+            with ema.swapped_in(core) if scored == "ema" else nullcontext():
+                write_model(core, tmp, {
+                    **model_card(cfg, data.mean, data.std, small_stem), **task.export_meta(metrics),
+                    "step": state.update, "weights": scored, "metrics": scalar_metrics(metrics)})
+            task.write_report(tmp, metrics, outputs)
 
     def score() -> tuple:
         """Every rank: (metrics of the scored weights, their outputs for the reports, the scalars to log).
@@ -533,7 +538,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
             value = logged.get(monitor)
             if value is not None and (state.best["value"] is None or sign * value > sign * state.best["value"]):
                 state.best = {"value": value, "update": state.update, "metrics": logged}
-                agree(acc, lambda: export(run_dir / "best", metrics, outputs), main_only=True)
+                agree(acc, lambda: export("best", metrics, outputs), main_only=True)
             say(f"[eval] step {state.update} epoch {epoch_float:.2f}: {headline(metrics)}"
                 + (f" ({scored} weights)" if ema is not None else ""))
             # the metrics are the same on every rank; rank 0's decision is shared all the same (one tiny collective)
@@ -553,13 +558,13 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                "seconds": round(time.time() - t_start, 1), "replaced_images_this_start": replaced_so_far()}
 
     def finish() -> None:
-        export(run_dir / "model", metrics, outputs)
-        curves = run_dir / "plots" / "training_curves.png"
-        plot_training_curves(run_dir / "metrics.jsonl", curves)
+        export("model", metrics, outputs)
+        png = plot_training_curves(run_dir / "metrics.jsonl")
+        curves = plan.out.write("plots/training_curves.png", png) if png else run_dir / "plots" / "none"
         tracker.log_images({"plots/training_curves": curves,
                             **{f"plots/{p.stem}": p for p in sorted((run_dir / "model" / "plots").glob("*.png"))}},
                            step=state.update)
-        atomic_write_json(run_dir / "summary.json", summary)  # from now on the same command says "complete"
+        plan.out.write_json("summary.json", summary)  # from now on the same command says "complete"
 
     agree(acc, finish, main_only=True)
     save_checkpoint(cfg.train.epochs, 0, done=True)  # the same command run again now says "complete"

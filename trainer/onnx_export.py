@@ -39,7 +39,8 @@ from torch import nn
 
 from trainer.errors import TrainerError
 from trainer.export import find_model_dir, load_exported, read_meta
-from trainer.files import atomic_write_json, disk_error, temp_name
+from trainer.outputs import output_file
+from trainer.predict import list_inputs, model_inputs
 
 FORMAT = "cnn-trainer-onnx"
 FORMAT_VERSION = 1
@@ -68,8 +69,8 @@ def tolerance(reference: torch.Tensor) -> float:
     return PARITY_ABS + PARITY_REL * float(reference.abs().max())
 
 
-def check_export_args(output: str, opset: int, overwrite: bool) -> Path:
-    """The arguments, checked before a model is loaded: the output file, its sidecar, the opset, the deps."""
+def check_export_args(opset: int) -> None:
+    """The arguments, checked before a model is loaded: the opset, the dependencies (the output: `export_onnx`)."""
     missing = [pypi for module, pypi in NEEDS.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise TrainerError(f"trainer export --format onnx needs {', '.join(missing)}: "
@@ -80,18 +81,6 @@ def check_export_args(output: str, opset: int, overwrite: bool) -> Path:
     if not MIN_OPSET <= opset <= newest:
         raise TrainerError(f"--opset must be {MIN_OPSET}..{newest} (the exporter writes {MIN_OPSET} and cannot "
                            f"convert down; onnx {onnx.__version__} knows none newer than {newest}), got {opset}")
-    out = Path(output)
-    if out.is_dir():
-        raise TrainerError(f"--output {output} is a folder; give a file path, e.g. {out / 'model.onnx'}")
-    for path in (out, sidecar_path(out)):
-        if path.exists() and not overwrite:
-            raise TrainerError(f"{path} exists; pass --overwrite to replace it")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise TrainerError(f"--output {output}: {parent} is a file, not a folder")
-            break
-    return out
 
 
 def sidecar_path(out: Path) -> Path:
@@ -286,8 +275,14 @@ def export_onnx(model_path: str, output: str, images: Optional[Sequence[str]] = 
     """Write `output` (ONNX) and `output`.json (the sidecar) for the exported model at `model_path` (a run
     folder or a model folder), after ONNX Runtime reproduced PyTorch's logits; returns the sidecar's content.
     Nothing is written when the check fails (an existing file stays as it was)."""
-    out = check_export_args(output, opset, overwrite)
+    check_export_args(opset)
     model_dir = find_model_dir(model_path)
+    inputs = model_inputs(model_dir)  # the model, its run's data, the images of the check: never written
+    if images:
+        inputs.extend(list_inputs(images).protected)
+    folder, name = output_file(output, "export", "--output", inputs, overwrite,
+                               companions=[sidecar_path(Path(output)).name])
+    out = folder.root / name
     meta = read_meta(model_dir)
     if meta["task"] == "detection":
         raise TrainerError("detection models cannot be exported to ONNX faithfully: torchvision's detectors "
@@ -322,9 +317,8 @@ def export_onnx(model_path: str, output: str, images: Optional[Sequence[str]] = 
         size = meta["image_size"]
         checks.append(torch.nn.functional.interpolate(batch[:2], size=(size + 16, size + 8), mode="bilinear",
                                                       align_corners=False))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(out)  # beside the output, renamed over it only once the check passes
-    try:
+    with folder.staged() as stage:  # both files placed only once the check passes; a failure leaves none
+        tmp = stage / name
         tmp.write_bytes(proto.SerializeToString())
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1  # like predict on a CPU: one thread, the same sums every time
@@ -347,12 +341,5 @@ def export_onnx(model_path: str, output: str, images: Optional[Sequence[str]] = 
                               "tolerance": f"max |onnx - torch| <= {PARITY_ABS:g} + {PARITY_REL:g} x max |torch logit|",
                               "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
                               "checks": check["checks"]}}
-        os.replace(tmp, out)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise disk_error(err, out) from None
-    except BaseException:  # a failed check, an interrupt: no file left behind, an existing one untouched
-        tmp.unlink(missing_ok=True)
-        raise
-    atomic_write_json(sidecar_path(out), sidecar)
+        (stage / sidecar_path(out).name).write_text(json.dumps(sidecar, indent=1, default=str) + "\n")
     return sidecar

@@ -15,7 +15,8 @@ from trainer.errors import TrainerError
 from trainer.evaluation import evaluation_threads
 from trainer.export import find_model_dir, load_exported, read_meta
 from trainer.files import disk_error, read_lines
-from trainer.prediction_files import Inputs
+from trainer.outputs import Inputs
+from trainer.prediction_files import Given
 from trainer.tasks import task_from_meta
 
 
@@ -29,10 +30,11 @@ def list_images(inputs: Iterable[str]) -> List[str]:
     return [path for path, _ in list_inputs(inputs).images]
 
 
-def list_inputs(inputs: Iterable[str]) -> Inputs:
+def list_inputs(inputs: Iterable[str]) -> Given:
     """Each image with the folder it was found under (a given folder, or a given file's own folder), so that
-    per-image outputs can keep the path below the folder given; and the folders given."""
-    found = Inputs([], [])
+    per-image outputs can keep the path below the folder given; the folders and list files given; and all of
+    them as inputs, which nothing is ever written over or into."""
+    found = Given([], [], [], Inputs())
     skipped = []
 
     def add(items: Iterable[str]) -> None:
@@ -41,6 +43,8 @@ def list_inputs(inputs: Iterable[str]) -> Inputs:
                 listing = Path(item[1:])
                 if not listing.is_file():
                     raise TrainerError(f"list file does not exist: {listing}")
+                found.lists.append(str(listing))
+                found.protected.add("the list file", listing)
                 add(read_lines(listing, "list file"))
                 continue
             p = Path(item)
@@ -51,8 +55,10 @@ def list_inputs(inputs: Iterable[str]) -> Inputs:
                     raise TrainerError(f"no image files in folder {p}")
                 found.images.extend((f, str(p)) for f in files)
                 found.folders.append(str(p))
+                found.protected.add("the input folder", p)
             elif p.is_file():
                 found.images.append((str(p), str(p.parent)))
+                found.protected.add("the input image", p)
             else:
                 raise TrainerError(f"input does not exist: {p}")
 
@@ -62,6 +68,27 @@ def list_inputs(inputs: Iterable[str]) -> Inputs:
     if not found.images:
         raise TrainerError("no input images given")
     return found
+
+
+def model_inputs(model_dir: Path) -> Inputs:
+    """What reading a model reads: its folder, and, for a model inside a run, the data that run trained on (its
+    config's data.root and data.coco_files), so that no output lands in them either."""
+    inputs = Inputs([("the model folder", model_dir)])
+    config = model_dir.parent / "config.yaml"
+    if config.is_file():
+        from trainer.config import load_yaml
+        from trainer.data import data_inputs
+        from omegaconf import OmegaConf
+
+        try:
+            data = OmegaConf.to_container(load_yaml(config, "run config")).get("data") or {}
+            inputs.extend(data_inputs(OmegaConf.create({"format": data.get("format"), "root": data.get("root"),
+                                                        "coco_files": data.get("coco_files"),
+                                                        "generated": data.get("generated"),
+                                                        "image_size": data.get("image_size")})))
+        except Exception:  # a run's config the model does not need: what cannot be read protects nothing more
+            pass
+    return inputs
 
 
 def check_predict_args(output: str, batch_size: int, threshold: Optional[float], device: str) -> None:
@@ -87,7 +114,7 @@ def check_predict_args(output: str, batch_size: int, threshold: Optional[float],
 @torch.no_grad()
 def predict_files(model_path: str, inputs: List[str], output: str, batch_size: int = 64,
                   threshold: Optional[float] = None, device: str = "cpu", overlay: bool = False,
-                  draw: Optional[str] = None, score_threshold: Optional[float] = None) -> int:
+                  draw: Optional[str] = None, score_threshold: Optional[float] = None, overwrite: bool = False) -> int:
     """Predictions for every input image, written as the model's task writes them; returns the image count."""
     check_predict_args(output, batch_size, threshold, device)
     if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:  # NaN fails this too
@@ -102,8 +129,9 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
                                                    f"probability)") + ("; use --score-threshold" if detection else ""))
     task = task_from_meta(meta)
     found = list_inputs(inputs)
-    # checked here, before the model is loaded: never over an input image or a file predict did not write
-    writer = task.prediction_writer(output, found, overlay, draw)  # draw: detection only (refused above)
+    found.protected.extend(model_inputs(find_model_dir(model_path)))
+    # checked here, before the model is loaded: never over an input or a file predict did not write
+    writer = task.prediction_writer(output, found, overlay, draw, overwrite)  # draw: detection only (refused above)
     try:
         model, meta = load_exported(model_path,
                                     {"score_thresh": score_threshold} if score_threshold is not None else None)

@@ -21,7 +21,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
-from trainer.files import atomic_write, atomic_write_json  # noqa: E402
 from sklearn.metrics import (average_precision_score, precision_recall_curve, roc_auc_score,  # noqa: E402
                              roc_curve)
 
@@ -213,14 +212,14 @@ _TRAIN_BOOKKEEPING = {"type", "step", "epoch", "samples_seen", "lr", "throughput
 _HEADLINE = ("accuracy", "miou", "map")
 
 
-def plot_training_curves(metrics_jsonl: Path, path: Path) -> bool:
-    """Loss (and every logged part of it), the eval headline metric and the learning rate against samples seen;
-    False (nothing written) if there is no data."""
+def plot_training_curves(metrics_jsonl: Path) -> Optional[bytes]:
+    """Loss (and every logged part of it), the eval headline metric and the learning rate against samples seen,
+    as a PNG; None if there is no data."""
     rows = _read_jsonl(Path(metrics_jsonl))
     train = [r for r in rows if r.get("type") == "train"]
     evals = [r for r in rows if r.get("type") == "eval"]
     if not train and not evals:
-        return False
+        return None
     splits = sorted({str(r.get("split", "eval")) for r in evals})
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True, layout="constrained")
     _plot_series(ax_loss, train, "loss", "train loss", lw=1.0)
@@ -235,8 +234,7 @@ def plot_training_curves(metrics_jsonl: Path, path: Path) -> bool:
     _plot_series(ax_lr, train, "lr", "learning rate", lw=1.0)
     for ax, title in ((ax_loss, "Loss"), (ax_acc, f"Eval {headline}"), (ax_lr, "Learning rate")):
         _finish_axis(ax, title)
-    _save(fig, path)
-    return True
+    return figure_png(fig)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -292,16 +290,12 @@ def _finish_axis(ax, title: str) -> None:
 
 def write_eval_report(out_dir: Path, metrics: dict, probs: np.ndarray, labels: np.ndarray, classes: list[str],
                       kind: str, positive_index: int = 1, name: str = "eval.json") -> dict[str, Path]:
-    """Write metrics as JSON and the plots into out_dir/plots; returns the paths written, by kind."""
+    """Write metrics as JSON and the plots into out_dir/plots; returns the paths written, by kind. `out_dir` is
+    a staging folder of the write gate (it places the files, and removes plots of an earlier report there that
+    this one does not draw: they would contradict the new eval.json)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {"eval": out_dir / name}
-    # the JSON goes first: if a plot fails, the numbers, which took the whole eval to compute, are kept
-    atomic_write_json(written["eval"], _to_plain(metrics))
+    written = {"eval": start_report(out_dir, metrics, name).parent / name}
     plots = out_dir / "plots"
-    for filename in PLOT_FILES.values():
-        # plots left from an earlier eval into this folder would contradict the new eval.json
-        (plots / filename).unlink(missing_ok=True)
     if len(labels) == 0 or metrics.get("num_samples") == 0:
         return written
     plots.mkdir(exist_ok=True)
@@ -321,17 +315,13 @@ def _matrix_classes(classes: list[str], kind: str, positive_index: int) -> list[
     return [classes[1 - positive_index], classes[positive_index]] if kind == "binary" else list(classes)
 
 
-def start_report(out_dir, metrics: dict, name: str, plot_names) -> Path:
-    """A task's report, first step: eval.json (atomically, before any plot: the numbers survive a failing plot)
-    and the task's older plots removed (an earlier eval's plots would contradict this eval.json); returns the
-    plots folder (not yet made)."""
+def start_report(out_dir, metrics: dict, name: str) -> Path:
+    """A report's first step, into a staging folder of the write gate: eval.json (before any plot: the numbers,
+    which took the whole evaluation, are there even if a plot fails); returns the plots folder (not yet made)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / name, _to_plain(metrics))
-    plots = out_dir / "plots"
-    for filename in plot_names:
-        (plots / filename).unlink(missing_ok=True)
-    return plots
+    (out_dir / name).write_text(json.dumps(_to_plain(metrics), indent=1, default=str) + "\n")
+    return out_dir / "plots"
 
 
 def _to_plain(obj):
@@ -349,15 +339,21 @@ def _to_plain(obj):
     return obj
 
 
-def _save(fig, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes, and closed (pyplot keeps every open figure alive: long eval loops would leak)."""
     png = io.BytesIO()
     try:
         fig.savefig(png, dpi=DPI, format="png", bbox_inches="tight")
     finally:
-        plt.close(fig)  # pyplot keeps every open figure alive; long eval loops would leak memory otherwise
-    atomic_write(path, png.getvalue())  # never half a PNG
+        plt.close(fig)
+    return png.getvalue()
+
+
+def _save(fig, path: Path) -> None:
+    """A plot into a staging folder of the write gate, which places it whole (never half a PNG)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(figure_png(fig))
 
 
 # ------------------------------------------------------------------------------------------ terminal summary

@@ -1,129 +1,71 @@
-"""The run directory as one concept: where it may be, which files in it are the trainer's, who is using it,
-and what state it is in.
+"""The run directory as one concept: where it may be, who is using it, and what state it is in. Which files
+in it are the trainer's is the write gate's record (trainer/outputs.py): every write into a run goes through
+the run's `Folder` (`RunPlan.out`).
 
 The promise: a user's files are never deleted or overwritten.
-- A run directory is marked (`.cnn-trainer-run`) when the trainer first writes into it. A non-empty folder
-  without the marker is not a run and is never written into, with or without `run.overwrite=true`.
-- `run.overwrite=true` deletes only files the trainer itself writes (`OWNED`, by name); anything else in
-  the folder stays, and is listed.
-- A run directory may not be, contain or lie inside a data root, a home directory, `/`, or the current
-  directory or one of its parents.
+- A run directory is the trainer's once its ledger says so (owner "run"; a run written before ledgers is known
+  by its marker `.cnn-trainer-run` or its run.json). A non-empty folder that is not a run is never written
+  into, with or without `run.overwrite=true`.
+- `run.overwrite=true` deletes only files the trainer wrote (recorded, unchanged since); anything else in the
+  folder, at any depth, stays, and is listed.
+- A run directory may not be, contain or lie inside a data root or another input, a home directory, `/`, or the
+  current directory or one of its parents.
 - One training at a time: a lock file (`.lock`: host, pid, process start time) taken before anything is
   written, refreshed every `HEARTBEAT_S`; a lock whose holder is gone (same host: the process no longer
   exists; another host: no heartbeat for `STALE_AFTER_S`) is taken over.
 - Opening decides, reading only: new, resumed from the newest checkpoint that verifies (damaged newer ones
   are moved aside when the start commits, never deleted), restarted (ours, no checkpoint yet, nothing of
-  value), complete, or refused with one line that says what to do. A refused or failed start leaves the
-  folder as it was.
+  value), complete, or refused with one line that says what to do. Every file the run will write at a fixed
+  name is checked then too (a user's file, or a link, where the run would write is one line now, not a failed
+  export hours later). A refused or failed start leaves the folder as it was.
 """
 from __future__ import annotations
 
-import fnmatch
-import json
 import os
-import secrets
-import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from trainer.checkpoint import find_checkpoint, move_aside, resolve_resume
 from trainer.errors import TrainerError
-from trainer.files import atomic_write_json, carry_over, disk_error
+from trainer.outputs import GATE_FILES, Folder, Inputs, LockFile, open_folder
 
-MARKER = ".cnn-trainer-run"
+MARKER = ".cnn-trainer-run"  # what marked a run before ledgers (still read: such runs are adopted)
 LOCK = ".lock"
 HEARTBEAT_S = 30  # the lock holder touches the lock this often
 STALE_AFTER_S = 300  # a lock from another host not touched for this long belongs to a dead training
 
-# Every file the trainer writes, as paths relative to the run directory ('*' within one path component).
-# `run.overwrite=true` deletes these and nothing else; folders are removed only once empty.
-OWNED = (
-    MARKER, LOCK, "config.yaml", "run.json", "metrics.jsonl", "summary.json", "eval.json",
-    "config_history/*.yaml", "plots/*.png",
-    *(f"{d}/{f}" for d in ("model", "best") for f in ("model.safetensors", "model.json", "eval.json", "plots/*.png")),
-    "checkpoints/latest.json", "checkpoints/step-*/*.safetensors", "checkpoints/step-*/state.json",
-    "wandb/latest-run", "wandb/debug*.log",
-)
-# Folders wholly the trainer's (temporaries of atomic writes) or W&B's (its run folders, written for us).
-OWNED_TREES = (".*.tmp-*", ".*.old-*", "checkpoints/.*.tmp-*", "checkpoints/.*.old-*", "model/.*.tmp-*",
-               "best/.*.tmp-*", "wandb/run-*", "wandb/offline-run-*")
-# Folders the trainer makes: removed by an overwrite once empty (an empty folder of the user's stays).
-OWNED_DIRS = ("config_history", "plots", "model", "best", "model/plots", "best/plots", "checkpoints",
-              "checkpoints/step-*", "wandb")
+# What the trainer writes at fixed names in a run (checked at every start: nothing of the user's may be there);
+# model/ and best/ also hold the task's report (`Task.report_files`).
+RUN_FILES = ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "plots/training_curves.png",
+             "checkpoints/latest.json")
+RUN_FOLDERS = ("model", "best", "checkpoints", "config_history", "plots")
+MODEL_FILES = ("model.safetensors", "model.json")
 # What makes a run worth keeping: with none of it loadable, a start is refused rather than begun again.
 VALUABLE = ("model", "best", "summary.json", "eval.json", "checkpoints/step-*")
 
 
-def _matches(rel: Tuple[str, ...], patterns) -> bool:
-    return any(len(p := tuple(pat.split("/"))) == len(rel) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(rel, p))
-               for pat in patterns)
+def run_folder(run_dir: Path, inputs: Optional[Inputs] = None) -> Folder:
+    """The run's folder as the write gate sees it (its ledger read, or adopted from a run of before)."""
+    return Folder(run_dir, "train", inputs, f"run.dir {run_dir}", owner="run")
 
 
 def is_run(run_dir: Path) -> bool:
-    """Ours: the marker, or a run written before the marker existed (run.json holding derived numbers)."""
-    if (run_dir / MARKER).is_file():
-        return True
-    try:
-        return "derived" in json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+    """Ours: the ledger says so, or a run written before ledgers (its marker, or run.json with derived numbers)."""
+    return Path(run_dir).is_dir() and run_folder(Path(run_dir)).ledger.owner == "run"
 
 
 def _is_empty(folder: Path) -> bool:
-    """No entry but a lock: a first start killed before it wrote anything leaves only that."""
-    return folder.is_dir() and all(p.name == LOCK for p in folder.iterdir())
-
-
-def owned_and_foreign(run_dir: Path) -> Tuple[List[Path], List[Path]]:
-    """(the trainer's files and folders, everything else) below `run_dir`; symlinks are never followed."""
-    owned, foreign = [], []
-
-    def visit(folder: Path, rel: Tuple[str, ...]) -> None:
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            r = rel + (entry.name,)
-            path = Path(entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                if _matches(r, OWNED_TREES):
-                    owned.append(path)
-                else:
-                    visit(path, r)
-            elif _matches(r, OWNED):
-                owned.append(path)
-            else:
-                foreign.append(path)
-
-    visit(run_dir, ())
-    return owned, foreign
-
-
-def remove_owned(run_dir: Path, spare: Tuple[str, ...] = (LOCK,)) -> Tuple[int, List[Path]]:
-    """Delete the trainer's files (and then its folders if empty), except the top-level names in `spare`
-    (the lock of the start doing it); returns (number deleted, files kept)."""
-    owned, foreign = owned_and_foreign(run_dir)
-    owned = [p for p in owned if not (p.parent == run_dir and p.name in spare)]
-    # the marker last: an overwrite killed half-way leaves a run (which the next overwrite finishes), not a
-    # folder of leftovers that looks like someone else's
-    owned.sort(key=lambda p: p == run_dir / MARKER)
-    for path in owned:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    for rel in sorted(OWNED_DIRS, key=lambda r: r.count("/"), reverse=True):  # deepest first
-        for folder in run_dir.glob(rel):
-            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
-                folder.rmdir()
-    return len(owned), foreign
+    """No entry but a lock (and the gate's own files): a first start killed before it wrote anything."""
+    return folder.is_dir() and all(p.name in (LOCK, *GATE_FILES) for p in folder.iterdir())
 
 
 # ---- where a run directory may be ----
 
-def check_location(run_dir: Path, data_roots: Dict[str, Path]) -> None:
-    """Refuse a run directory whose files would mix with data or whose overwrite could reach far."""
+def check_location(run_dir: Path, inputs: Inputs) -> None:
+    """Refuse a run directory whose files would mix with its inputs or whose overwrite could reach far."""
     here = Path(run_dir).resolve()
     home = Path.home().resolve()
     cwd = Path.cwd().resolve()
@@ -135,96 +77,43 @@ def check_location(run_dir: Path, data_roots: Dict[str, Path]) -> None:
     if here == cwd or here in cwd.parents:
         raise TrainerError(f"run.dir {run_dir} is the current directory or one of its parents; give a folder of "
                            f"its own, e.g. runs/NAME")
-    for key, root in data_roots.items():
-        data = Path(root).resolve()
-        if here == data or data in here.parents:
-            raise TrainerError(f"run.dir {run_dir} lies inside {key} {root}: its files would become part of the "
-                               f"data (a class named after them); put runs outside the data")
-        if here in data.parents:
-            raise TrainerError(f"run.dir {run_dir} contains {key} {root}: the run's files would mix with the data, "
+    hit = inputs.hit(here)
+    if hit is not None:
+        raise TrainerError(f"run.dir {run_dir} lies inside {hit[0]} {hit[1]}: its files would become part of the "
+                           f"data (a class named after them); put runs outside the data")
+    for what, given, real in inputs.items:  # the data's folders (a file named as an input may be inside a run)
+        if what.startswith("data") and Path(real) != here and here in Path(real).parents:
+            raise TrainerError(f"run.dir {run_dir} contains {what} {given}: the run's files would mix with the data, "
                                f"and run.overwrite could reach it; put runs outside the data")
 
 
 # ---- one training at a time ----
 
-def _proc_start(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (Linux), so a reused pid is not mistaken for it."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(holder: dict, lock_mtime: float) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return time.time() - lock_mtime < STALE_AFTER_S
-    pid = holder.get("pid")
-    if not isinstance(pid, int):
-        return time.time() - lock_mtime < STALE_AFTER_S
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        pass
-    started = holder.get("proc_start")
-    return started is None or _proc_start(pid) in (None, started)
-
-
 class RunLock:
-    """An exclusive lock on a run directory: created with O_EXCL (atomic on local file systems and NFSv3+),
-    refreshed by a heartbeat thread, removed on every exit path that runs Python (a SIGKILL leaves it, and
-    the next start sees its holder is gone)."""
+    """An exclusive lock on a run directory (outputs.LockFile), refreshed by a heartbeat thread, removed on
+    every exit path that runs Python (a SIGKILL leaves it, and the next start sees its holder is gone)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
-        self.token = secrets.token_hex(8)
+        self.file = LockFile(self.path, STALE_AFTER_S)
+        self.token = self.file.token
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def acquire(self) -> None:
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "proc_start": _proc_start(os.getpid()),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": self.token}
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            except OSError as err:
-                raise disk_error(err, self.path) from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps(me))
-            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return
-        raise TrainerError(f"could not lock {self.path}: other trainings keep taking it")
-
-    def _take_over_if_stale(self) -> None:
-        try:
-            text, mtime = self.path.read_text(), self.path.stat().st_mtime
-        except FileNotFoundError:
-            return  # released meanwhile: try again
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = {}  # being written this instant, or cut by a crash: judged by its age
-        if _alive(holder, mtime):
+        holder = self.file.try_acquire()
+        if holder is not None:
             raise TrainerError(
                 f"run.dir {self.path.parent} is in use by another training (host {holder.get('host', '?')}, pid "
                 f"{holder.get('pid', '?')}, since {holder.get('since', '?')}); two trainings on one run directory "
                 f"would overwrite each other. Wait for it or stop it; if its machine is gone, delete {self.path}")
-        stale = self.path.with_name(f"{LOCK}.stale-{self.token}")
-        try:
-            os.rename(self.path, stale)  # of several starters that saw it stale, one renames it
-        except FileNotFoundError:
-            return
-        stale.unlink(missing_ok=True)
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                os.utime(self.path)
+                os.utime(self.path)  # the lock is the run's own live file (outputs.LIVE)
             except OSError:
                 pass
 
@@ -233,11 +122,7 @@ class RunLock:
             return
         self._stop.set()
         self._thread = None
-        try:
-            if json.loads(self.path.read_text()).get("token") == self.token:
-                self.path.unlink()
-        except (OSError, ValueError):
-            pass
+        self.file.release()
 
 
 # ---- what a start does with the folder ----
@@ -247,10 +132,10 @@ class RunPlan:
     """What the main process found (reading only) and will do once every check has passed."""
     dir: Path
     kind: str  # new | resume | restart | complete
+    out: Folder  # every write into the run goes through it (the write gate)
     checkpoint: Optional[Path] = None  # resume (and complete, when one verifies)
     in_place: bool = False  # resuming this run's own checkpoint (its log and W&B run continue)
-    damaged: List[Tuple[Path, str]] = field(default_factory=list)  # newer checkpoints to move aside
-    created: List[Path] = field(default_factory=list)  # folders this start made (removed if it fails)
+    damaged: List[Tuple[Path, str]] = field(default_factory=list)  # checkpoints to move aside
     notes: List[str] = field(default_factory=list)
     lock: Optional[RunLock] = None  # the main process's; other ranks get the plan without it
     committed: bool = False
@@ -271,24 +156,20 @@ class RunPlan:
         return False
 
 
-def open_run(run_dir: Path, resume: Optional[str], overwrite: bool, data_roots: Dict[str, Path]) -> RunPlan:
+def open_run(run_dir: Path, resume: Optional[str], overwrite: bool, inputs: Inputs) -> RunPlan:
     """Main process only: check the place, lock it, and decide what this start is. Writes only the lock
     (and the folder, if absent); leaving the plan's `with` block after a failure undoes both."""
     run_dir = Path(run_dir)
-    check_location(run_dir, data_roots)
-    if run_dir.exists() and not run_dir.is_dir():
+    check_location(run_dir, inputs)
+    if os.path.lexists(run_dir) and not run_dir.is_dir():
         raise TrainerError(f"run.dir {run_dir} exists and is not a folder")
-    if run_dir.is_dir() and not _is_empty(run_dir) and not is_run(run_dir):
-        raise TrainerError(f"run.dir {run_dir} already exists and is not a trainer run (a non-empty folder without "
-                           f"{MARKER}); nothing in it is touched"
-                           f"{' (run.overwrite only deletes the files of a trainer run)' if overwrite else ''}. "
-                           f"Choose another run.dir")
-    created = [p for p in [run_dir, *run_dir.parents] if not p.exists()][::-1]
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise disk_error(err, run_dir) from None
-    plan = RunPlan(run_dir, "new", created=created)
+    if _is_empty(run_dir):
+        out = run_folder(run_dir, inputs)
+    else:
+        # a folder of the user's is never written into, run.overwrite=true or not (it deletes only a run's own)
+        out = open_folder(run_dir, "run", "train", "run.dir", inputs, what="a trainer run")
+    plan = RunPlan(run_dir, "new", out)
+    out.make()  # the folder (and its parents) made now for the lock; removed again if the start fails
     lock = RunLock(run_dir)
     try:
         lock.acquire()
@@ -302,12 +183,12 @@ def open_run(run_dir: Path, resume: Optional[str], overwrite: bool, data_roots: 
 
 def _decide(plan: RunPlan, resume: Optional[str], overwrite: bool) -> None:
     run_dir = plan.dir
-    ours = is_run(run_dir)
+    ours = plan.out.ledger.owner == "run"
     if overwrite:
         plan.kind = "new"
         return  # deleting waits for `commit`: a start refused later must leave everything in place
     if resume:
-        if ours and any(p.name not in (LOCK,) for p in run_dir.iterdir()):
+        if ours and any(p.name not in (LOCK, *GATE_FILES) for p in run_dir.iterdir()):
             raise TrainerError(f"run.dir {run_dir} already holds a run; to continue from {resume} choose a new "
                                f"run.dir (or drop run.resume to continue this run)")
         plan.kind, plan.checkpoint = "resume", resolve_resume(resume)
@@ -334,71 +215,39 @@ def _decide(plan: RunPlan, resume: Optional[str], overwrite: bool) -> None:
     plan.notes.append(f"{run_dir} has no checkpoint yet: starting it again from the beginning")
 
 
+def check_targets(plan: RunPlan, report_files: Sequence[str]) -> None:
+    """Every file the run will write at a fixed name, before anything is written: absent, or the trainer's (an
+    overwrite deletes those first). `report_files`: what the task writes beside a model (`Task.report_files`)."""
+    out = plan.out
+    ours_go = plan.kind == "new" and out.ledger.owner == "run"  # run.overwrite=true: the trainer's files go first
+    files = [*RUN_FILES, *(f"{d}/{f}" for d in ("model", "best") for f in (*MODEL_FILES, *report_files))]
+    problems = [p for rel in files if (p := out.problem(rel)) and not (ours_go and out.owns(rel))]
+    problems += [p for rel in RUN_FOLDERS if (p := out.problem(rel, folder=True))]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise TrainerError(f"run.dir {plan.dir}: {problems[0]}{more}, where the run writes; nothing was changed. "
+                           f"Move it away or choose another run.dir")
+
+
 def commit(plan: RunPlan) -> List[str]:
     """Main process, once every check has passed: the changes the plan implies. Returns lines to print."""
     lines = list(plan.notes)
-    if plan.kind == "new" and is_run(plan.dir):  # run.overwrite=true on an existing run
-        deleted, kept = remove_owned(plan.dir)
+    out = plan.out
+    if plan.kind == "new" and out.ledger.owner == "run":  # run.overwrite=true on an existing run
+        deleted, kept = out.remove_tree(spare=(LOCK,))
         lines.append(f"run.overwrite=true: deleted {deleted} file(s) the trainer wrote in {plan.dir}"
-                     + (f"; kept {len(kept)} other file(s), e.g. {kept[0].relative_to(plan.dir)}" if kept else ""))
+                     + (f"; kept {len(kept)} other file(s), e.g. {kept[0]}" if kept else ""))
     for folder, problem in plan.damaged:
-        moved = move_aside(folder)
+        moved = move_aside(out, folder)
         lines.append(f"checkpoint {folder.name} is damaged ({problem}): moved aside to {moved.name}, not deleted"
                      + (f"; resuming from {plan.checkpoint.name}" if plan.checkpoint else ""))
-    lines += clean_leftovers(plan.dir)
-    if not (plan.dir / MARKER).is_file():
-        atomic_write_json(plan.dir / MARKER, {"format": "cnn-trainer-run",
-                                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    plan.created, plan.committed = [], True  # from here on the folder is a run: a failure keeps it
-    return lines
-
-
-def clean_leftovers(run_dir: Path) -> List[str]:
-    """Temporaries of writes that a killed process left (`.NAME.tmp-PID`, `.NAME.old-PID`, ours by name).
-    A folder swap cut between its two renames left NAME missing and `.NAME.old-PID` whole: that old
-    version is put back, never deleted; cut after them, what the old version holds that the new one does
-    not (a user's files) is carried into NAME first (files.atomic_dir). Only under the lock (no other
-    process of ours is writing)."""
-    lines = []
-    for folder in (run_dir, run_dir / "model", run_dir / "best", run_dir / "checkpoints", run_dir / "plots"):
-        if not folder.is_dir():
-            continue
-        for old in sorted(folder.glob(".*.old-*")):
-            target = folder / old.name[1:].rsplit(".old-", 1)[0]
-            if not os.path.lexists(target):
-                os.rename(old, target)
-                lines.append(f"restored {target} from an interrupted replacement")
-            elif not target.is_dir() and old.is_dir() and not old.is_symlink():
-                raise TrainerError(f"{old} holds the old version of {target}, which is no longer a folder; move what "
-                                   f"you need out of it, then start again")
-            else:
-                stuck = carry_over(old, target)
-                if stuck:
-                    raise TrainerError(f"{old} holds files an interrupted replacement of {target} did not carry "
-                                       f"into it ({stuck[0][0]}: {stuck[0][1]}); move them yourself, then start again")
-        for leftover in sorted([*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover)
-            else:
-                leftover.unlink()
+    lines += out.clean_leftovers()
+    out.claim()  # from here on the folder is a run, even before its first file
+    plan.committed = True  # a failure from now on keeps the folder
     return lines
 
 
 def abandon(plan: RunPlan, lock: RunLock) -> None:
     """A start that failed before committing: remove the lock and the folders it made (if still empty)."""
     lock.release()
-    for folder in reversed(plan.created):
-        try:
-            folder.rmdir()
-        except OSError:
-            break
-
-
-def check_output_location(path: Path, data_roots: Dict[str, Path]) -> None:
-    """An evaluation report (and its plots/ folder) may not be written into the data it scores."""
-    here = Path(path).resolve().parent
-    for key, root in data_roots.items():
-        data = Path(root).resolve()
-        if here == data or data in here.parents:
-            raise TrainerError(f"output {path} lies inside {key} {root}: its plots would become part of the data; "
-                               f"write it elsewhere")
+    plan.out.abandon()

@@ -17,6 +17,7 @@ A sweep file (YAML):
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import math
@@ -28,10 +29,11 @@ from typing import List, Optional
 import numpy as np
 
 from trainer.config import load_config, load_spec_file
+from trainer.data import data_inputs
 from trainer.errors import ConfigError, TrainerError
 from trainer.metrics import higher_is_better
 from trainer.slurm_submit import submit_array
-from trainer.files import atomic_write_json as write_json
+from trainer.outputs import Folder, Inputs, open_folder
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 SWEEP_KEYS = {"name", "recipe", "overrides", "method", "samples", "seed", "max_parallel", "parameters"}
@@ -91,22 +93,30 @@ def _value(v) -> str:
 
 
 def prepare(sweep_file: str, out_dir: Optional[str] = None) -> Path:
-    """Expand the sweep into sweeps/<name>/tasks.json, after checking every run's config loads."""
+    """Expand the sweep into sweeps/<name>/tasks.json, after checking every run's config loads. The folder is
+    new, empty or this sweep's own, and lies outside everything the runs read."""
     spec = load_sweep(sweep_file)
     root = Path(out_dir or Path("sweeps") / spec["name"])
+    inputs = Inputs([("the sweep file", sweep_file), ("the recipe", spec["recipe"])])
     tasks = []
     for i, values in enumerate(expand(spec)):
         overrides = list(spec["overrides"]) + [f"{k}={_value(v)}" for k, v in values.items()]
         run_dir = root / "runs" / f"{i:03d}"
-        load_config(spec["recipe"], overrides + [f"run.dir={run_dir}"])  # a typo fails now, not in task 17
+        cfg = load_config(spec["recipe"], overrides + [f"run.dir={run_dir}"])  # a typo fails now, not in task 17
+        inputs.extend(data_inputs(cfg.data))
         tasks.append({"index": i, "values": values, "args": [spec["recipe"], *overrides, f"run.dir={run_dir}"],
                       "run_dir": str(run_dir)})
+    out = open_folder(root, "sweep", "sweep", "--dir", inputs, what="a sweep folder of the trainer")
     if (root / "tasks.json").is_file() and json.loads((root / "tasks.json").read_text()) != tasks:
         raise TrainerError(f"{root} holds a different sweep; choose another --dir or delete it")
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "tasks.json", tasks)
-    write_json(root / "sweep.json", spec)
+    out.write_json("tasks.json", tasks)
+    out.write_json("sweep.json", spec)
     return root
+
+
+def sweep_folder(sweep_dir, by: str) -> Folder:
+    """A sweep's folder to write into (its status and results): only one a sweep made."""
+    return open_folder(sweep_dir, "sweep", by, "sweep folder", what="a sweep folder of the trainer")
 
 
 def task_args(sweep_dir: str, index: int) -> List[str]:
@@ -129,11 +139,11 @@ def submit_slurm(sweep_dir: Path, script: str, sbatch_args: List[str]) -> str:
 def run_local(sweep_dir: Path) -> None:
     """Each task as its own process, one after another; a failed task is recorded and the sweep goes on."""
     tasks = json.loads((sweep_dir / "tasks.json").read_text())
+    out = sweep_folder(sweep_dir, "sweep")
     for task in tasks:
         print(f"[sweep] task {task['index']}/{len(tasks) - 1}: {' '.join(task['args'][1:])}", flush=True)
         rc = subprocess.run([sys.executable, "-m", "trainer", "train", *task["args"]]).returncode
-        (sweep_dir / "status").mkdir(exist_ok=True)
-        write_json(sweep_dir / "status" / f"{task['index']}.json", {"exit_code": rc, "job": "local"})
+        out.write_json(f"status/{task['index']}.json", {"exit_code": rc, "job": "local"})
 
 
 def _cell(v) -> str:
@@ -172,13 +182,15 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
     done.sort(key=lambda r: sign * r["value"])
     ordered = done + [r for r in rows if r not in done]
     columns = ["task", "status", "monitor", "value", "final_accuracy", *tasks[0]["values"].keys(), "run_dir"] if tasks else []
-    with open(root / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(ordered)
+    out = sweep_folder(root, "collect")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(ordered)
+    out.write("results.csv", table.getvalue())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in ordered]
-    (root / "results.md").write_text("\n".join(lines) + "\n")
+    out.write("results.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     print(f"[sweep] {len(done)}/{len(rows)} done; written {root / 'results.csv'} and {root / 'results.md'}", flush=True)
     return ordered

@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from trainer.distributed import SharedError, agree
-from trainer.files import atomic_write, disk_error
+from trainer.files import disk_error
 
 
 def default_run_dir(name: Optional[str]) -> Path:
@@ -60,10 +60,11 @@ def new_run_id() -> str:
     return secrets.token_hex(4)
 
 
-def truncate_rows(path: Path, keep: int) -> int:
-    """Cut metrics.jsonl back to its first `keep` rows (those a checkpoint knows of), so a resumed run neither
-    repeats nor skips a step. Returns the highest step in the file before cutting (-1 if none): W&B already
-    has the rows up to there from before the interruption."""
+def truncate_rows(out, rel: str, keep: int) -> int:
+    """Cut the run's metrics.jsonl (`rel` in the run's folder `out`) back to its first `keep` rows (those a
+    checkpoint knows of), so a resumed run neither repeats nor skips a step. Returns the highest step in the
+    file before cutting (-1 if none): W&B already has the rows up to there from before the interruption."""
+    path = out.root / rel
     if not path.is_file():
         return -1
     lines = path.read_text().splitlines()
@@ -73,21 +74,22 @@ def truncate_rows(path: Path, keep: int) -> int:
             steps.append(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):  # a line cut by a crash mid-write
             pass
-    atomic_write(path, "".join(line + "\n" for line in lines[:keep]))
+    out.write(rel, "".join(line + "\n" for line in lines[:keep]))
     return max(steps, default=-1)
 
 
 class Tracker:
     """metrics.jsonl on the main process, plus W&B through accelerate when enabled."""
 
-    def __init__(self, accelerator, run_dir: Path, use_wandb: bool, rows: int = 0, wandb_after_step: int = -1):
+    def __init__(self, accelerator, out, use_wandb: bool, rows: int = 0, wandb_after_step: int = -1):
+        """`out`: the run's folder (the write gate), where the main process appends to metrics.jsonl."""
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.use_wandb = use_wandb
         self.rows = rows  # rows in metrics.jsonl so far (checkpoints record it)
         self.wandb_after_step = wandb_after_step  # rows up to this step reached W&B before a restart
-        self.path = run_dir / "metrics.jsonl"
-        self._fh = open(self.path, "a", buffering=1) if self.is_main else None  # line-buffered: each row lands whole
+        self.path = out.root / "metrics.jsonl"
+        self._fh = out.append("metrics.jsonl") if self.is_main else None  # line-buffered: each row lands whole
 
     def log(self, row: dict) -> None:
         """Every rank calls it; the main process writes (a failed write, e.g. a full disk, ends every rank

@@ -28,6 +28,7 @@ How a trial ends:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import shlex
@@ -43,7 +44,9 @@ from omegaconf import OmegaConf
 
 from trainer.config import data_targets, load_config, load_spec_file
 from trainer.errors import ConfigError, TrainerError
-from trainer.files import atomic_write, atomic_write_json, read_json
+from trainer.data import data_inputs
+from trainer.files import read_json
+from trainer.outputs import Folder, Inputs, open_folder
 from trainer.metrics import higher_is_better
 from trainer.slurm_submit import submit_array
 
@@ -158,9 +161,10 @@ def trial_overrides(spec: dict, values: dict, run_dir: Path) -> List[str]:
     return list(spec["overrides"]) + [f"{k}={_value(v)}" for k, v in values.items()] + [f"run.dir={run_dir}"]
 
 
-def check_values(spec: dict, values: dict, run_dir: Path) -> None:
+def check_values(spec: dict, values: dict, run_dir: Path):
+    """The config of a trial with these values (refused in one line naming them)."""
     try:
-        load_config(spec["recipe"], trial_overrides(spec, values, run_dir))
+        return load_config(spec["recipe"], trial_overrides(spec, values, run_dir))
     except ConfigError as err:
         shown = ", ".join(f"{k}={_value(v)}" for k, v in values.items())
         raise ConfigError(f"tune values {shown}: {err}") from None
@@ -243,21 +247,28 @@ def open_study(root: Path, spec: dict, seed: int):
                                pruner=PRUNERS[spec["pruner"]](optuna))
 
 
+def tune_folder(root: Path, by: str, inputs: Optional[Inputs] = None) -> Folder:
+    """A tune's folder to write into: new, empty, or a tune's own; never inside what its trials read."""
+    return open_folder(root, "tune", by, "tune folder", inputs, what="a tune folder of the trainer")
+
+
 def prepare(tune_file: str, out_dir: Optional[str], cli_overrides: List[str], storage: Optional[str]) -> Path:
     """Check the tune file and every extreme of its search space, freeze it in tune.json, create the study."""
     spec = load_tune(tune_file, cli_overrides)
     root = Path(out_dir or Path("tunes") / spec["name"])
     spec["storage"] = storage
+    inputs = Inputs([("the tune file", tune_file), ("the recipe", spec["recipe"])])
     for values in corners(spec["parameters"]):
-        check_values(spec, values, root / "trials" / "0000")
+        inputs.extend(data_inputs(check_values(spec, values, root / "trials" / "0000").data))
+    out = tune_folder(root, "tune", inputs)
     frozen = read_json(root / "tune.json") or None
     if frozen is not None and frozen != spec:
         changed = sorted(k for k in set(frozen) | set(spec) if frozen.get(k) != spec.get(k))
         raise TrainerError(f"{root} holds a different tune (its {', '.join(changed)} differ); choose another --dir "
                            f"or delete it")
     for sub in ("trials", "logs", "leases", "stop"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "tune.json", spec)
+        out.mkdir(sub)
+    out.write_json("tune.json", spec)
     open_study(root, spec, spec["seed"])
     return root
 
@@ -299,7 +310,7 @@ def _counts(study) -> Tuple[int, int]:
     return sum(s in ("COMPLETE", "PRUNED", "FAIL") for s in states), states.count("RUNNING")
 
 
-def _take_over(root: Path, study, worker_id: str, stale_after_s: float) -> Optional[dict]:
+def _take_over(root: Path, out: Folder, study, worker_id: str, stale_after_s: float) -> Optional[dict]:
     """A RUNNING trial whose worker's lease went stale: rename that lease to ours (atomic: of two workers
     trying, one wins) and continue the trial. A RUNNING trial without any lease that old is failed."""
     optuna = _optuna()
@@ -314,12 +325,11 @@ def _take_over(root: Path, study, worker_id: str, stale_after_s: float) -> Optio
             continue
         if lease.stem == worker_id or age < stale_after_s:
             continue
-        mine = root / "leases" / f"{worker_id}.json"
         try:
-            os.rename(lease, mine)
+            out.move(f"leases/{lease.name}", f"leases/{worker_id}.json")
         except FileNotFoundError:  # another worker took it first
             continue
-        os.utime(mine)
+        out.touch(f"leases/{worker_id}.json")
         print(f"[tune] worker {worker_id}: taking over trial {held.get('trial')} from worker {lease.stem} "
               f"(no heartbeat for {age:.0f} s)", flush=True)
         return held
@@ -327,13 +337,13 @@ def _take_over(root: Path, study, worker_id: str, stale_after_s: float) -> Optio
         started = t.datetime_start.timestamp() if t.datetime_start else now
         if t.number not in leased and now - started > stale_after_s:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-            _record(root, t.number, {"state": "failed", "reason": "its worker left without a lease and did not "
-                                     f"come back within stale_after_s={stale_after_s}"})
+            _record(out, t.number, {"state": "failed", "reason": "its worker left without a lease and did not "
+                                    f"come back within stale_after_s={stale_after_s}"})
     return None
 
 
-def _record(root: Path, number: int, outcome: dict) -> None:
-    atomic_write_json(root / "trials" / f"{_trial_name(number)}.json", outcome)
+def _record(out: Folder, number: int, outcome: dict) -> None:
+    out.write_json(f"trials/{_trial_name(number)}.json", outcome)
 
 
 def _suggest(trial, parameters: Dict[str, dict]) -> dict:
@@ -398,26 +408,26 @@ def _stop_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _run_trial(root: Path, spec: dict, study, trial, stop: _StopAsked, worker_id: str) -> int:
+def _run_trial(root: Path, out: Folder, spec: dict, study, trial, stop: _StopAsked, worker_id: str) -> int:
     """Train one trial to its end, its pruning, or a stop request. Returns the worker's exit code so far."""
     optuna = _optuna()
     number = trial.number
     name = _trial_name(number)
     run_dir = root / "trials" / name
-    lease = root / "leases" / f"{worker_id}.json"
+    lease = f"leases/{worker_id}.json"
     # the storage's id, which re-attaching needs (Optuna's Trial takes it; the number is for people)
-    atomic_write_json(lease, {"trial": number, "trial_id": trial._trial_id, "worker": worker_id})
+    out.write_json(lease, {"trial": number, "trial_id": trial._trial_id, "worker": worker_id})
     values = _suggest(trial, spec["parameters"])
     try:
         check_values(spec, values, run_dir)
     except ConfigError as err:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        _record(root, number, {"state": "failed", "values": values, "reason": str(err)})
-        lease.unlink(missing_ok=True)
+        _record(out, number, {"state": "failed", "values": values, "reason": str(err)})
+        out.remove(lease)
         print(f"[tune] trial {number}: failed: {err}", flush=True)
         return 0
     trial_stop = root / "stop" / name
-    trial_stop.unlink(missing_ok=True)
+    out.remove(f"stop/{name}")
     launcher = shlex.split(spec["launcher"]) if spec["launcher"] else [sys.executable]
     cmd = [*launcher, "-m", "trainer", "train", spec["recipe"], *trial_overrides(spec, values, run_dir)]
     env = {**os.environ, "TRAINER_STOP_FILE": str(trial_stop)}
@@ -436,17 +446,17 @@ def _run_trial(root: Path, spec: dict, study, trial, stop: _StopAsked, worker_id
             trial.report(float(value), int(row["step"]))  # a step reported before (a resume) is ignored
             if trial.should_prune():
                 pruned_at = int(row["step"])
-                trial_stop.touch()  # the run saves and stops at its next step
+                out.touch(f"stop/{name}")  # the run saves and stops at its next step
 
     started = beat = time.time()
-    with open(root / "logs" / f"{name}.log", "ab") as log:
+    with out.append(f"logs/{name}.log") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_with_parent)
         while proc.poll() is None:
             report_new_rows()
             if stop and not trial_stop.exists():
-                trial_stop.touch()  # preempted: the trial saves its checkpoint and stops; the lease stays ours
+                out.touch(f"stop/{name}")  # preempted: the trial saves its checkpoint and stops; the lease stays ours
             if time.time() - beat > HEARTBEAT_S:
-                os.utime(lease)
+                out.touch(lease)
                 beat = time.time()
             try:
                 proc.wait(timeout=POLL_S)
@@ -454,7 +464,7 @@ def _run_trial(root: Path, spec: dict, study, trial, stop: _StopAsked, worker_id
                 pass
         report_new_rows()  # what it wrote between the last look and its exit
     rc = proc.returncode
-    trial_stop.unlink(missing_ok=True)
+    out.remove(f"stop/{name}")
     wall = time.time() - started
     spent = float(study.get_trials(deepcopy=False)[number].user_attrs.get("wall_s", 0.0)) + wall
     trial.set_user_attr("wall_s", spent)  # summed over the trial's attempts (preemptions, take-overs)
@@ -466,11 +476,11 @@ def _run_trial(root: Path, spec: dict, study, trial, stop: _StopAsked, worker_id
         if best is None:
             best = (summary.get("final") or {}).get(spec["metric"])
         study.tell(trial, float(best))
-        _record(root, number, {"state": "complete", "values": values, "value": best, "step": reached, "wall_s": spent})
+        _record(out, number, {"state": "complete", "values": values, "value": best, "step": reached, "wall_s": spent})
         print(f"[tune] trial {number}: complete, best {spec['metric']} {best:.4f}", flush=True)
     elif pruned_at is not None and rc == EXIT_STOPPED:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        _record(root, number, {"state": "pruned", "values": values, "pruned_at_step": pruned_at, "step": reached,
+        _record(out, number, {"state": "pruned", "values": values, "pruned_at_step": pruned_at, "step": reached,
                                "wall_s": spent})
         print(f"[tune] trial {number}: pruned after the evaluation at step {pruned_at}", flush=True)
     elif rc == EXIT_STOPPED or stop:
@@ -480,9 +490,9 @@ def _run_trial(root: Path, spec: dict, study, trial, stop: _StopAsked, worker_id
     else:
         reason = f"trainer exited {rc}: {_last_error(root / 'logs' / f'{name}.log')}"
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        _record(root, number, {"state": "failed", "values": values, "reason": reason, "step": reached, "wall_s": spent})
+        _record(out, number, {"state": "failed", "values": values, "reason": reason, "step": reached, "wall_s": spent})
         print(f"[tune] trial {number}: failed ({reason})", flush=True)
-    lease.unlink(missing_ok=True)
+    out.remove(lease)
     return 0
 
 
@@ -511,26 +521,27 @@ def run_worker(root: Path, worker_id: str, index: int) -> int:
     busy = worker_busy(root, worker_id)
     if busy is not None and busy != os.getpid():
         raise TrainerError(f"worker {worker_id} of {root} is already running (pid {busy})")
-    atomic_write_json(root / "leases" / f"{worker_id}.pid", {"pid": os.getpid(), "host": os.uname().nodename})
+    out = tune_folder(root, "tune-worker")
+    out.write_json(f"leases/{worker_id}.pid", {"pid": os.getpid(), "host": os.uname().nodename})
     stop = _StopAsked()
     study = open_study(root, spec, spec["seed"] + index)  # each worker its own sampler stream
     while not stop:
         lease = read_json(root / "leases" / f"{worker_id}.json") or None
-        held = lease if lease is not None else _take_over(root, study, worker_id, float(spec["stale_after_s"]))
+        held = lease if lease is not None else _take_over(root, out, study, worker_id, float(spec["stale_after_s"]))
         trial = None
         if held is not None:
             frozen = study.get_trials(deepcopy=False)[held["trial"]]
             if frozen.state == optuna.trial.TrialState.RUNNING:
                 trial = optuna.trial.Trial(study, held["trial_id"])  # suggest_* give back its stored values
             else:
-                (root / "leases" / f"{worker_id}.json").unlink(missing_ok=True)
+                out.remove(f"leases/{worker_id}.json")
                 continue
         else:
             finished, running = _counts(study)
             if finished + running >= spec["trials"]:
                 break
             trial = study.ask()
-        code = _run_trial(root, spec, study, trial, stop, worker_id)
+        code = _run_trial(root, out, spec, study, trial, stop, worker_id)
         if code:
             return code
     if stop:
@@ -609,10 +620,12 @@ def collect(tune_dir: str) -> List[dict]:
                              sign * (r["value"] if r["value"] is not None else 0), r["trial"]))
     columns = ["trial", "state", "value", "best_reported", "step", "pruned_at_step", *spec["parameters"], "wall_s",
                "reason", "run_dir"]
-    with open(root / "results.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    out = tune_folder(root, "collect")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    out.write("results.csv", table.getvalue())
     lines = ["| " + " | ".join(columns[:-1]) + " |", "|" + "---|" * (len(columns) - 1)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns[:-1]) + " |" for r in rows]
     hours = _gpu_hours(rows, float(spec["gpus_per_trial"]))
@@ -620,11 +633,11 @@ def collect(tune_dir: str) -> List[dict]:
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if complete:
         best = min(complete, key=lambda t: sign * t.value)
-        _write_best(root, spec, best.number)
+        _write_best(root, out, spec, best.number)
         lines.append(f"best: trial {best.number}, {spec['metric']} {best.value:.4f}; trainer train {root / 'best.yaml'}")
-    (root / "results.md").write_text("\n".join(lines) + "\n")
-    atomic_write_json(root / "gpu_hours.json", hours)
-    _plots(root, study, complete)
+    out.write("results.md", "\n".join(lines) + "\n")
+    out.write_json("gpu_hours.json", hours)
+    _plots(out, study, complete)
     print("\n".join(lines), flush=True)
     print(f"[tune] {len(complete)} complete of {len(trials)}; written {root / 'results.csv'}", flush=True)
     return rows
@@ -654,7 +667,7 @@ def _gpu_hours(rows: List[dict], gpus: float) -> dict:
             "method": "saved = sum over pruned trials of wall_s x (steps of a complete trial / steps reached - 1)"}
 
 
-def _write_best(root: Path, spec: dict, number: int) -> None:
+def _write_best(root: Path, out: Folder, spec: dict, number: int) -> None:
     """The best trial's own resolved config (config.yaml of its run), with a fresh run directory."""
     saved = root / "trials" / _trial_name(number) / "config.yaml"
     cfg = OmegaConf.load(saved) if saved.is_file() else OmegaConf.create({})
@@ -662,10 +675,10 @@ def _write_best(root: Path, spec: dict, number: int) -> None:
     OmegaConf.update(cfg, "run.resume", None, force_add=True)
     header = (f"# The best trial ({number}) of tune {spec['name']}: its resolved config, as it trained.\n"
               f"# Run it as is: trainer train {root / 'best.yaml'}\n")
-    atomic_write(root / "best.yaml", header + OmegaConf.to_yaml(cfg))
+    out.write("best.yaml", header + OmegaConf.to_yaml(cfg))
 
 
-def _plots(root: Path, study, complete: list) -> None:
+def _plots(out: Folder, study, complete: list) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -673,23 +686,24 @@ def _plots(root: Path, study, complete: list) -> None:
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as vis
 
-    (root / "plots").mkdir(exist_ok=True)
     figures = {"history": lambda: vis.plot_optimization_history(study),
                "intermediate_values": lambda: vis.plot_intermediate_values(study),
                "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study)}
     if len(complete) >= 2:  # fANOVA fits a random forest on the complete trials
         figures["importances"] = lambda: vis.plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0))
-    for name, draw in figures.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental, every call
-            try:
-                ax = draw()
-            except (ValueError, RuntimeError) as err:  # e.g. no trial reported anything yet
-                print(f"[tune] plot {name} skipped: {err}", flush=True)
-                continue
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-        fig.savefig(root / "plots" / f"{name}.png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
+    with out.staged(stale=[f"plots/{name}.png" for name in (*figures, "importances")]) as stage:
+        (stage / "plots").mkdir()
+        for name, draw in figures.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental, every call
+                try:
+                    ax = draw()
+                except (ValueError, RuntimeError) as err:  # e.g. no trial reported anything yet
+                    print(f"[tune] plot {name} skipped: {err}", flush=True)
+                    continue
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            fig.savefig(stage / "plots" / f"{name}.png", dpi=100, bbox_inches="tight")
+            plt.close(fig)
 
 
 def is_tune_dir(path: str) -> bool:

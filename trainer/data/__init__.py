@@ -29,6 +29,7 @@ from trainer.data.shards import ShardDataset, ShardDetectionDataset, ShardMaskDa
 from trainer.data.manifest import load as load_manifest
 from trainer.data.manifest import save as save_manifest
 from trainer.errors import DataError
+from trainer.outputs import Inputs
 
 # Published CIFAR statistics (per channel, [0,1] scale) as used by most CIFAR recipes.
 CIFAR_STATS = {
@@ -195,7 +196,7 @@ def scan_files(data_cfg, splits: Sequence[str], verbose=print) -> FolderScan:
         classes = find_classes(Path(root))
         found = {"all": scan_split(Path(root), classes, walk_skipped)}
     else:
-        cache = cache_file(root, data_cfg.cache_dir) if fmt == "imagefolder" else None
+        cache = cache_file(root, data_cfg.cache_dir, data_inputs(data_cfg)) if fmt == "imagefolder" else None
         manifest = load_manifest(cache, root)
         if manifest is None:
             listed: Dict[str, int] = {}
@@ -440,18 +441,26 @@ def class_balanced_sampler(labels: Sequence[int], num_classes: int, seed: int) -
     return EpochWeightedSampler(weights.tolist(), num_samples=len(labels), seed=seed)
 
 
-def data_roots(data_cfg) -> Dict[str, Path]:
-    """The folders a run reads its data from (given or default), by the key that names them: a run
-    directory or a report may not be written into them (trainer.rundir)."""
+def data_inputs(data_cfg) -> Inputs:
+    """What a run reads its data from (given or default), named by the key that names it: the data root, and
+    data.coco_files' annotation files and image folders. Nothing is ever written into them (trainer.outputs)."""
     fmt = data_cfg.format
+    inputs = Inputs()
     if fmt in ("cifar10", "cifar100"):
-        return {"data.root": Path(data_cfg.root or "data/cifar")}
-    if fmt in ("voc", "voc_detection"):
-        return {"data.root": Path(data_cfg.root or "data/voc")}
-    if fmt == "generated" and not data_cfg.root:
+        inputs.add("data.root", data_cfg.root or "data/cifar")
+    elif fmt in ("voc", "voc_detection"):
+        inputs.add("data.root", data_cfg.root or "data/voc")
+    elif fmt == "generated" and not data_cfg.root:
         g = data_cfg.generated
-        return {"the generated data folder": generated.default_root(g.variant, data_cfg.image_size, g.seed)}
-    return {"data.root": Path(data_cfg.root)} if data_cfg.root else {}
+        inputs.add("the generated data folder", generated.default_root(g.variant, data_cfg.image_size, g.seed))
+    else:
+        inputs.add("data.root", data_cfg.root)
+    for split, entry in (data_cfg.coco_files or {}).items():
+        if isinstance(entry, dict):  # (its form is checked where it is read: one line naming the key)
+            for key in ("annotations", "images"):
+                if isinstance(entry.get(key), (str, os.PathLike)):
+                    inputs.add(f"data.coco_files.{split}.{key}", entry[key])
+    return inputs
 
 
 def data_fingerprint(dataset, classes: Sequence[str]) -> str:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import List, NamedTuple, Tuple
 
@@ -24,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from trainer.errors import DataError
+from trainer.outputs import Folder
 
 CLASSES = {
     "binary": ["cross", "square"],
@@ -206,7 +205,6 @@ def _params(variant: str, image_size: int, seed: int, counts: dict) -> dict:
 
 
 def _write_segmentation(tmp: Path, image_size: int, seed: int, counts: dict) -> None:
-    tmp.mkdir(parents=True)
     (tmp / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES["segmentation"]))
     for split, n in counts.items():
         images, masks = tmp / split / "images", tmp / split / "masks"
@@ -236,40 +234,43 @@ def _write_variant(tmp: Path, variant: str, image_size: int, seed: int, counts: 
                 draw_image(kind, image_size, rng).save(folder / f"{i:05d}.png", optimize=False)
 
 
+class _Finished(Exception):
+    """Another process finished the same dataset while this one drew it."""
+
+
 def ensure_generated(root: Path, variant: str, image_size: int, seed: int, counts: dict) -> Path:
     """Write the dataset under `root` unless an identical one is already there; returns `root`. `counts` maps a
     split to images per class, or for the segmentation variant to a quarter of its images (x SHAPES).
 
-    Written into a temporary sibling folder and renamed into place, so an interrupted generation never
-    leaves a half-written dataset that a later run would trust.
+    Drawn into a temporary folder beside `root` and renamed into place (the write gate's `replacing`, recorded in
+    the ledger of root's parent), so an interrupted generation never leaves a half-written dataset that a later
+    run would trust, and a folder that is not a generated dataset is never written into.
     """
     root = Path(root)
     params = _params(variant, image_size, seed, counts)
     marker = root / "dataset.json"
-    if marker.is_file():
+
+    def check_found() -> bool:
+        if not marker.is_file():
+            return False
         found = json.loads(marker.read_text())
         if found != params:
             raise DataError(f"{root} holds a generated dataset with other parameters ({found}); "
                             f"choose another data.root or delete it")
+        return True
+
+    if check_found():
         return root
-    if root.exists() and any(root.iterdir()):
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise DataError(f"{root} exists and is not a generated dataset (no dataset.json); choose another data.root")
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_variant(tmp, variant, image_size, seed, counts)
-    except BaseException:  # a stop request or a full disk part-way: no half dataset left beside the data
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (tmp / "dataset.json").write_text(json.dumps(params, indent=1))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if root.exists():
-            root.rmdir()  # an empty folder left by a user (fails if another process has just filled it)
-        os.rename(tmp, root)
-    except OSError:
-        # another process finished the same dataset first: use theirs if it is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (marker.is_file() and json.loads(marker.read_text()) == params):
-            raise
+        with Folder(root.parent, "train", option="data.root").replacing(root.name) as tmp:
+            _write_variant(tmp, variant, image_size, seed, counts)
+            (tmp / "dataset.json").write_text(json.dumps(params, indent=1))
+            if marker.is_file():  # drawn by another process meanwhile: theirs stays (it may be read already)
+                raise _Finished
+    except _Finished:
+        pass
+    if not check_found():
+        raise DataError(f"{root}: the generated dataset was not written")
     return root

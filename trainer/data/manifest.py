@@ -31,17 +31,20 @@ import numpy as np
 from trainer.data.datasets import PathTable
 from trainer.data.folders import Sample, SkippedPath
 from trainer.errors import TrainerError
-from trainer.files import atomic_write
+from trainer.outputs import Inputs, open_folder
 
 VERSION = 1  # of the scan and of this file's layout: another version is scanned again
 
 
-def cache_file(root, cache_dir: str) -> Optional[Path]:
-    """The manifest's path for this data folder, or None with data.cache_dir=off."""
+def cache_file(root, cache_dir: str, inputs: Optional[Inputs] = None) -> Optional[Path]:
+    """The manifest's path for this data folder, or None with data.cache_dir=off. A cache inside the data (or
+    another input) is refused: its files would become part of the data."""
     if cache_dir == "off":
         return None
     base = Path(cache_dir or os.environ.get("TRAINER_CACHE_DIR") or (
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnn-trainer"))
+    if inputs is not None:
+        inputs.check(base / "manifests", "data.cache_dir")
     key = hashlib.sha256(os.path.realpath(root).encode("utf-8", "surrogateescape")).hexdigest()[:32]
     return base / "manifests" / f"{key}.npz"
 
@@ -99,10 +102,10 @@ def save(path: Path, manifest: Manifest) -> Optional[str]:
         arrays[f"status_{i}"] = manifest.status[name]
     out = io.BytesIO()
     np.savez(out, **arrays)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, out.getvalue())
-    except (OSError, TrainerError) as err:  # (atomic_write words a full or read-only disk as a TrainerError)
+    try:  # its own folder (new, empty, or the cache's): never a file of someone else's
+        open_folder(path.parent, "cache", "train", "data.cache_dir", what="a cache folder of the trainer").write(
+            path.name, out.getvalue())
+    except (OSError, TrainerError) as err:  # (the gate words a full or read-only disk as a TrainerError)
         manifest.changed = False  # said once
         why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         return f"cannot cache the scan of {manifest.root} in {path.parent}: {why} (see data.cache_dir)"

@@ -47,7 +47,8 @@ from trainer.data.folders import _check_one, scan_imagefolder
 from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
 from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
 from trainer.errors import DataError, TrainerError
-from trainer.files import atomic_write, atomic_write_json, read_json
+from trainer.files import read_json
+from trainer.outputs import Folder, Inputs, open_folder
 
 VERSION = 1
 INDEX, PLAN, ROWS = "index.json", ".plan.json", "rows.arrow"
@@ -197,7 +198,8 @@ def _contents(data) -> dict:
     return out
 
 
-def _write_shard(target: Path, src: Path, items: Sequence[Item], skip_bad: bool, listing: str, fix: str) -> dict:
+def _write_shard(out: Folder, target: Path, src: Path, items: Sequence[Item], skip_bad: bool, listing: str,
+                 fix: str) -> dict:
     """One shard of `items`; a bad image stops it (`fix`: what the user can do) unless `skip_bad`."""
     pa = _pyarrow()
     with ThreadPoolExecutor(READ_THREADS) as pool:
@@ -227,7 +229,7 @@ def _write_shard(target: Path, src: Path, items: Sequence[Item], skip_bad: bool,
         placed = list(zip(placed, [data[o:o + n] for o, n in zip(contents["mask_offset"], contents["mask_length"])]))
     if any(got != (tuple(row) if len(row) > 1 else row[0]) for got, (_, _, row) in zip(placed, keep)):
         raise TrainerError(f"packing {target}: the recorded places of the images do not hold them (a bug)")
-    atomic_write(target, data, fsync=True)
+    out.write(target.name, data, fsync=True)
     return {"file": target.name, "rows": len(keep), "bytes": len(data), "contents": contents}
 
 
@@ -267,10 +269,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     if not 0 < shard_mb <= MAX_SHARD_MB:
         raise DataError(f"--shard-mb must be in (0, {MAX_SHARD_MB}], got {shard_mb} (an Arrow binary column holds "
                         f"at most 2 GiB)")
-    real_src, real_dest = src.resolve(), dest.resolve()
-    if real_dest == real_src or real_src in real_dest.parents:
-        raise DataError(f"the shards would go inside the folder they pack ({dest} is in {src}): choose a DEST "
-                        f"outside it (nothing is written into a data folder)")
+    # DEST: new, empty, or a pack's own (one cut short resumes); never inside the folder packed
+    out = open_folder(dest, "pack", "pack", "DEST", Inputs([("the folder packed", src)]), what="a pack of the trainer")
     kind = _layout(src)
     if kind == "coco" and skip_bad:
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
@@ -285,18 +285,16 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
             return index
         raise DataError(f"{dest} already holds a packed dataset of other files (its index.json): choose another "
                         f"DEST, or delete it to pack again")
-    if dest.exists() and not (dest / PLAN).is_file() and any(dest.iterdir()):
-        raise DataError(f"{dest} is not empty and holds no pack: choose an empty or new folder")
-    dest.mkdir(parents=True, exist_ok=True)
+    out.clean_leftovers()  # the temporaries of a pack killed while writing a shard
     if (dest / PLAN).is_file():  # a cut-short pack (or one stopped by a bad file, fixed since): shards that
         # still hold what is planned for them are kept, any other is written again
         say(f"[pack] resuming the unfinished pack in {dest}")
-    atomic_write_json(dest / PLAN, plan)
+    out.write_json(PLAN, plan)
     total = sum(shard["end"] - shard["first"] for v in plan["splits"].values() for shard in v)
     index = {key: plan[key] for key in ("version", "kind", "source", "classes", "shard_mb", "listing")
              if key in plan}
     for split, entry in plan.get("annotations", {}).items():  # as they were read: training reads them again
-        atomic_write(dest / entry["file"], Path(entry["source"]).read_bytes(), fsync=True)
+        out.write(entry["file"], Path(entry["source"]).read_bytes(), fsync=True)
         index.setdefault("annotations", {})[split] = {"file": entry["file"], "images": entry["images"]}
     index["splits"], skipped, done = {}, [], 0
     rows = {"shard": [], "offset": [], "length": [], "label": [], "path": []}  # every row, in index order
@@ -307,9 +305,9 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
         for shard in shards:
             target = dest / shard["file"]
             planned = shard["end"] - shard["first"]
-            entry = _finished(target, shard) if target.is_file() else None
+            entry = _finished(target, shard) if out.owns(target.name) else None
             if entry is None:
-                entry = _write_shard(target, src, splits[split][shard["first"]:shard["end"]], skip_bad,
+                entry = _write_shard(out, target, src, splits[split][shard["first"]:shard["end"]], skip_bad,
                                      shard["listing"], fix)
             contents = entry.pop("contents")
             skipped += contents["skipped"]
@@ -328,13 +326,13 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
-    atomic_write(dest / ROWS, sink.getvalue().to_pybytes(), fsync=True)
-    atomic_write_json(dest / INDEX, index, fsync=True)  # last: its presence says the pack is complete
-    (dest / PLAN).unlink()
+    out.write(ROWS, sink.getvalue().to_pybytes(), fsync=True)
+    out.write_json(INDEX, index, fsync=True)  # last: its presence says the pack is complete
+    out.remove(PLAN)
     planned = {shard["file"] for v in plan["splits"].values() for shard in v}
     for stale in dest.iterdir():  # shards of an earlier plan of this pack (e.g. before a bad file was fixed)
         if re.fullmatch(r"(train|val|test)-\d{5}\.arrow", stale.name) and stale.name not in planned:
-            stale.unlink()
+            out.remove(stale.name)  # only a shard the pack wrote: never a file of the user's
     what = {"masks": "images with masks", "coco": "images with COCO annotations"}.get(kind, "images")
     say(f"[pack] {len(rows['label'])} {what} of {len(index['classes'])} classes in "
         f"{sum(len(v) for v in index['splits'].values())} shard(s) in {dest}"

@@ -11,7 +11,9 @@ A task module (classify.py: binary and multi-class; segment.py; detect.py) offer
     evaluator(dataset)                  .add(batch, outputs) on every rank for each batch of its shard;
                                         .finish(accelerator) -> (metrics, outputs): the one collective, the same
                                         metrics on every rank, the gathered outputs on the main rank
-    write_report(dir, metrics, outputs, name), summary(metrics)   eval.json, plots, the printed table
+    write_report(dir, metrics, outputs, name), summary(metrics)   eval.json, plots, the printed table (into a
+                                        staging folder of the write gate, trainer/outputs.py)
+    report_plots                        the file names write_report may draw into plots/ (`report_files`)
     export_meta(metrics)                its fields of model.json
     from_meta(meta)                     (a classmethod) the task of an exported model, for eval and predict
     prediction_writer(output, inputs, overlay, draw)   what `trainer predict` writes (.add per batch, .close)
@@ -30,7 +32,7 @@ from trainer.tasks.classify import Classification, Task, class_weights, resolve_
 from trainer.tasks.detect import Detection, detector_options
 from trainer.tasks.segment import Segmentation
 
-__all__ = ["TASKS", "build_task", "task_from_meta", "task_kind", "Classification", "Detection", "Segmentation", "Task",
+__all__ = ["TASKS", "build_task", "report_files", "task_from_meta", "task_kind", "Classification", "Detection", "Segmentation", "Task",
            "class_weights", "resolve_task"]
 
 # name -> builder(task name, classes, train counts (images; pixels for segmentation), loss config, eval config,
@@ -48,6 +50,12 @@ FROM_META: Dict[str, Callable[[dict], object]] = {
     "segmentation": Segmentation.from_meta,
     "detection": Detection.from_meta,
 }
+
+
+def report_files(task, name: str = "eval.json") -> list:
+    """What `task.write_report(dir, ..., name)` may write, relative to dir (checked by the write gate before
+    any work, and an earlier report's plots this one does not draw are removed)."""
+    return [name, *(f"plots/{p}" for p in task.report_plots)]
 
 
 _KIND_OF_TARGETS = {"masks": "segmentation", "boxes": "detection", "labels": "classification"}

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from trainer.distributed import agree, gather_to_main
 from trainer.evaluation import split_order
 from trainer.errors import ConfigError, TrainerError
-from trainer.files import atomic_write
+from trainer.outputs import Folder
 from trainer.metrics import compute_metrics, higher_is_better, scalar_metrics, score_outputs
 from trainer.models import build_model, forward_tta
-from trainer.prediction_files import Inputs, check_output_file
-from trainer.reports import format_summary, write_eval_report
+from trainer.prediction_files import Given, output_path
+from trainer.reports import PLOT_FILES, format_summary, write_eval_report
 
 
 def resolve_task(task: str, num_classes: int) -> str:
@@ -115,6 +115,7 @@ class Classification:
     collate = None  # the default collate: (images, labels) batches
     drop_last = False  # every training image counts, the last batch too
     default_monitor = "accuracy"  # what picks best/ unless eval.monitor says
+    report_plots = tuple(PLOT_FILES.values())  # what write_report may draw into plots/
 
     @property
     def name(self) -> str:
@@ -227,18 +228,18 @@ class Classification:
                 "threshold": metrics.get("threshold", self.threshold) if binary else None,
                 "positive_class": self.classes[self.positive_index] if binary else None}
 
-    def prediction_writer(self, output: str, inputs: Inputs, overlay: bool = False,
-                          draw: Optional[str] = None) -> "CsvPredictions":
+    def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
+                          overwrite: bool = False) -> "CsvPredictions":
         """`trainer predict`: a CSV of labels and probabilities (`output` is its path)."""
         if overlay:
             raise TrainerError("--overlay is for segmentation models; this one classifies")
-        return CsvPredictions(self, check_output_file(output, inputs, "CSV"))
+        return CsvPredictions(self, output_path(output, given, "CSV", overwrite))
 
 
 class CsvPredictions:
     """One row per image (path, predicted class, every class's probability), written whole at the end."""
 
-    def __init__(self, task: Classification, out: Path):
+    def __init__(self, task: Classification, out: Tuple[Folder, str]):
         self.task, self.out, self.rows = task, out, []
 
     def add(self, inputs: Sequence[Tuple[str, str]], logits: torch.Tensor, sizes, images=None) -> None:
@@ -257,7 +258,8 @@ class CsvPredictions:
         writer = csv.writer(text)
         writer.writerow(["path", "label"] + [f"prob_{c}" for c in self.task.classes])
         writer.writerows(self.rows)
-        atomic_write(self.out, text.getvalue())  # written whole, then renamed: never half a CSV
+        folder, name = self.out
+        folder.write(name, text.getvalue())  # written whole, then renamed: never half a CSV
         return len(self.rows)
 
 

@@ -33,8 +33,8 @@ from trainer.data.coco import collate_detection
 from trainer.distributed import agree, gather_objects_to_main
 from trainer.errors import ConfigError, TrainerError
 from trainer.evaluation import split_order
-from trainer.files import atomic_write
-from trainer.prediction_files import Inputs, PredictionFolder, check_output_file
+from trainer.outputs import Folder
+from trainer.prediction_files import Given, PredictionFolder, output_path
 from trainer.tasks.detect_metrics import evaluate_coco, metrics_from_cocoeval, precision_recall_curves, to_coco_records
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
 
@@ -63,6 +63,7 @@ class Detection:
     derived: Tuple[str, ...] = ()
     name = "detection"
     default_monitor = "map"
+    report_plots = ("pr_curves.png", "boxes.png")  # what write_report may draw into plots/ (detect_reports)
     drop_last = False
     collate = staticmethod(collate_detection)
 
@@ -175,12 +176,12 @@ class Detection:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "category_ids": list(self.category_ids), "model_kwargs": dict(self.options)}
 
-    def prediction_writer(self, output: str, inputs: Inputs, overlay: bool = False,
-                          draw: Optional[str] = None) -> "BoxPredictions":
+    def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
+                          overwrite: bool = False) -> "BoxPredictions":
         if overlay:
             raise TrainerError("--overlay is for segmentation; a detection model draws its boxes with --draw DIR")
-        out = check_output_file(output, inputs, "JSON")
-        return BoxPredictions(self, out, PredictionFolder(Path(draw), "--draw", inputs, (".jpg",)) if draw else None)
+        out = output_path(output, given, "JSON", overwrite)
+        return BoxPredictions(self, out, PredictionFolder(Path(draw), "--draw", given, (".jpg",)) if draw else None)
 
     def records(self, image_id, detection: Dict[str, torch.Tensor]) -> List[dict]:
         """One image's detections as COCO result records in the file's category ids."""
@@ -265,7 +266,7 @@ class BoxPredictions:
     given>.jpg, through a PredictionFolder (moved into place at the end, never over an input or a file predict
     did not write)."""
 
-    def __init__(self, task: Detection, out: Path, drawn: Optional[PredictionFolder]):
+    def __init__(self, task: Detection, out: Tuple[Folder, str], drawn: Optional[PredictionFolder]):
         self.task, self.out, self.drawn, self.rows, self.count = task, out, drawn, [], 0
 
     def add(self, inputs: Sequence[Tuple[str, str]], detections, sizes, images) -> None:
@@ -287,5 +288,6 @@ class BoxPredictions:
     def close(self) -> int:
         if self.drawn is not None:  # first: its last check may still refuse, and then --output stays as it was
             self.drawn.close()
-        atomic_write(self.out, json.dumps(self.rows).encode())
+        folder, name = self.out
+        folder.write(name, json.dumps(self.rows))
         return self.count

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.files import atomic_write
 from trainer.reports import _fmt, _save, plt, start_report
+from trainer.tasks.detect import Detection
 
-PLOTS = ("pr_curves.png", "boxes.png")
+PLOTS = Detection.report_plots
 DRAW_MIN_SCORE = 0.3  # boxes drawn in pictures (not scored): the model keeps low scores for mAP, too many to see
 GT_COLOUR, PRED_COLOUR = (0, 200, 0), (230, 30, 30)
 
@@ -72,12 +72,12 @@ def draw_boxes(image, det: dict, classes: list, path: Path) -> None:
     boxes, labels = _predicted({k: v.cpu() for k, v in det.items()}, classes)
     out = io.BytesIO()
     _draw(np.ascontiguousarray(rgb), boxes, PRED_COLOUR, labels).save(out, format="JPEG", quality=90)
-    atomic_write(path, out.getvalue())
+    path.write_bytes(out.getvalue())  # into the staging folder of a PredictionFolder, which places it whole
 
 
 def write_detection_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:
     """eval.json first (the numbers survive a failing plot), then the plots, replacing older ones."""
-    plots = start_report(out_dir, metrics, name, PLOTS)
+    plots = start_report(out_dir, metrics, name)
     if not outputs:
         return
     plots.mkdir(exist_ok=True)

@@ -7,7 +7,6 @@ plots: segment_reports.py; predictions: one PNG of class indices per image.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
@@ -21,12 +20,11 @@ from trainer.data.masks import collate_masks
 from trainer.distributed import agree, gather_to_main
 from trainer.errors import ConfigError
 from trainer.evaluation import split_order
-from trainer.files import atomic_write
-from trainer.prediction_files import Inputs, PredictionFolder
+from trainer.prediction_files import Given, PredictionFolder
 from trainer.tasks.segment_metrics import (confusion_matrix, cross_entropy_loss, dice_loss, metrics_from_confusion,
                                            pixel_class_weights)
 from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model
-from trainer.tasks.segment_reports import format_segmentation_summary, write_segmentation_report
+from trainer.tasks.segment_reports import PLOTS, format_segmentation_summary, write_segmentation_report
 
 OVERLAY_IMAGES = 8  # validation images kept (main rank, the first of its shard) for the overlay grid
 METRICS = ("miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice", "fwiou", "loss")
@@ -43,6 +41,7 @@ class Segmentation:
     class_weights: Optional[List[float]] = None
     name = "segmentation"
     default_monitor = "miou"
+    report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = True  # a last training batch of one image would break BatchNorm in DeepLabV3's pooling branch
     collate = staticmethod(collate_masks)  # evaluation: images of different sizes keep their own masks
 
@@ -148,11 +147,12 @@ class Segmentation:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "class_to_idx": {c: i for i, c in enumerate(self.classes)}, "ignore_index": self.ignore_index}
 
-    def prediction_writer(self, output: str, inputs: Inputs, overlay: bool = False,
-                          draw: Optional[str] = None) -> "MaskPredictions":
-        """`trainer predict`: one PNG of class indices per image into the folder `output`."""
+    def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
+                          overwrite: bool = False) -> "MaskPredictions":
+        """`trainer predict`: one PNG of class indices per image into the folder `output` (--overwrite is for
+        single files: a folder of masks is new, empty or predict's own)."""
         suffixes = (".png", ".overlay.jpg") if overlay else (".png",)
-        return MaskPredictions(self, PredictionFolder(Path(output), "--output", inputs, suffixes), overlay)
+        return MaskPredictions(self, PredictionFolder(Path(output), "--output", given, suffixes), overlay)
 
     @staticmethod
     def masks_at(logits: torch.Tensor, sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
@@ -238,6 +238,5 @@ class MaskPredictions:
 
 
 def write_png(path: Path, image, fmt: str = "PNG") -> None:
-    png = io.BytesIO()
-    image.save(png, format=fmt)
-    atomic_write(path, png.getvalue())
+    """Into the staging folder of a PredictionFolder, which places it whole."""
+    image.save(path, format=fmt)

@@ -79,7 +79,7 @@ def plot_overlays(samples: list, classes: list, path: Path) -> None:
 
 def write_segmentation_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:
     """eval.json first (the numbers survive a failing plot), then the plots, replacing older ones."""
-    plots = start_report(out_dir, metrics, name, PLOTS)
+    plots = start_report(out_dir, metrics, name)
     if not metrics.get("num_pixels"):
         return
     plots.mkdir(exist_ok=True)

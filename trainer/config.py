@@ -82,11 +82,12 @@ def _check_range(key: str, value, values: Range) -> None:
 
 
 def _leaves(items) -> list:
+    """The entries of a list, nested lists flattened (model.detection.anchor_sizes: a list per feature level)."""
     return [x for v in items for x in (_leaves(v) if isinstance(v, (list, tuple)) else [v])]
 
 
 def _finite(value) -> str:
-    """"finite and " where nan or inf is the trouble ("optim.lr must be finite and > 0, got inf")."""
+    """The words "finite and " where nan or inf is the trouble: optim.lr must be finite and > 0, got inf."""
     numbers = _leaves(value) if isinstance(value, (list, tuple)) else [value]
     return "finite and " if any(isinstance(v, float) and not math.isfinite(v) for v in numbers) else ""
 

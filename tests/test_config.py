@@ -1,7 +1,12 @@
+import dataclasses
+import math
+import typing
+
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, run_cli
-from trainer.config import load_config
+from trainer.config import Config, check_ranges, load_config
 from trainer.errors import ConfigError
 
 
@@ -120,3 +125,115 @@ def test_deterministic_training_runs_on_the_cpu_and_may_change_on_resume(tmp_pat
     assert res.returncode == 0, res.stderr[-2000:]
     on, off = load_config(None, ["train.deterministic=true"]), load_config(None, [])
     assert config_changes(to_dict(off), to_dict(on)) == []
+
+
+# ---- ranges: every number in the schema is refused outside its declared range, at load ----
+
+# Fields typed Any that hold no numbers (so need no range): data.coco_files maps splits to file paths.
+NOT_NUMBERS = {"data.coco_files"}
+
+
+def _schema_fields(cls=Config, prefix=""):
+    """(full key, dataclasses.Field, resolved type) of every leaf field of the schema."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _schema_fields(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, hints[f.name]
+
+
+def _holds(tp, kinds) -> bool:
+    """Does type `tp` hold a value of `kinds`, itself or inside Optional, List, Dict? (bool is not an int here)"""
+    return tp in kinds or any(_holds(arg, kinds) for arg in typing.get_args(tp))
+
+
+def test_every_numeric_key_declares_its_range():
+    """A number added to the schema later cannot slip through without one (Any: a range, or listed above)."""
+    numeric = [key for key, f, tp in _schema_fields() if _holds(tp, (int, float)) or _holds(tp, (typing.Any,))]
+    assert len(numeric) > 60
+    missing = [key for key, f, tp in _schema_fields()
+               if (_holds(tp, (int, float)) or _holds(tp, (typing.Any,)) and key not in NOT_NUMBERS)
+               and "range" not in f.metadata]
+    assert not missing, f"numeric keys without a declared range: {missing}"
+
+
+def test_defaults_lie_in_their_ranges():
+    check_ranges(Config())
+
+
+def _outside(key: str, values, tp) -> list:
+    """(override, key its error names) for values just outside each finite bound of `values`, and nan and inf
+    for floats, in the field's shape: a number, a one-entry list or a one-key mapping."""
+    integer = _holds(tp, (int,)) and not _holds(tp, (float,))
+    step = 1 if integer else 0.5
+    bad = [values.low - (step if values.with_low else 0)]
+    if not math.isinf(values.high):
+        bad.append(values.high + (step if values.with_high else 0))
+    bad = [int(v) for v in bad] if integer else bad + [math.nan, math.inf]
+    shape = {typing.get_origin(a) for a in (tp, *typing.get_args(tp))}  # Optional[List[float]]: {Union, list}
+    if dict in shape:
+        return [(f"{key}={{a: {v}}}", f"{key}.a") for v in bad]
+    return [(f"{key}=[{v}]" if list in shape else f"{key}={v}", key) for v in bad]
+
+
+OUTSIDE = [case for key, f, tp in _schema_fields() if "range" in f.metadata
+           for case in _outside(key, f.metadata["range"], tp)]
+
+
+@pytest.mark.parametrize("override, key", OUTSIDE, ids=[o for o, _ in OUTSIDE])
+def test_every_ranged_key_refuses_values_outside_its_range(override, key):
+    """Just below the floor, just above the ceiling, nan and inf: one line naming the key and the range."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(f"{key} ") and " must be " in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("override, message", [
+    # found accepted (issue 36): each silently trained wrongly or crashed later
+    ("train.clip_grad_norm=-1", "train.clip_grad_norm must be > 0, got -1.0"),  # gradient ascent
+    ("optim.step_gamma=-1", "optim.step_gamma must be in (0, 1], got -1.0"),  # negative learning rates
+    ("optim.min_lr_ratio=-1", "optim.min_lr_ratio must be in [0, 1], got -1.0"),
+    ("optim.momentum=-0.5", "optim.momentum must be in [0, 1), got -0.5"),
+    ("optim.momentum=2", "optim.momentum must be in [0, 1), got 2.0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0, got -0.1"),
+    ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0, got -1.0"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+    ("optim.lr=nan", "optim.lr must be finite and > 0, got nan"),
+    ("optim.lr=inf", "optim.lr must be finite and > 0, got inf"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
+    ("seed=-5", "seed must be in [0, 4294967295], got -5"),
+    ("data.augment.crop_padding=-1", "data.augment.crop_padding must be >= 0, got -1"),
+    ("data.augment.color_jitter=-0.5", "data.augment.color_jitter must be >= 0, got -0.5"),
+    ("eval.every_epochs=-1", "eval.every_epochs must be >= 0, got -1"),
+    # others: the ceilings, lists, mappings, nested lists
+    ("seed=4294967296", "seed must be in [0, 4294967295], got 4294967296"),  # numpy seeds are 32-bit
+    ("optim.momentum=1", "optim.momentum must be in [0, 1), got 1.0"),
+    ("optim.step_gamma=1.5", "optim.step_gamma must be in (0, 1], got 1.5"),
+    ("data.ignore_index=256", "data.ignore_index must be in [0, 255], got 256"),
+    ("data.mean=[123.7,116.3,103.5]", "data.mean entries must be in [0, 1], got [123.7, 116.3, 103.5]"),  # 0-255 scale
+    ("data.std=[0.2,nan,0.2]", "data.std entries must be finite and in (0, 1], got [0.2, nan, 0.2]"),
+    ("optim.betas=[0.9,1.0]", "optim.betas entries must be in [0, 1), got [0.9, 1.0]"),
+    ("optim.step_milestones=[-1]", "optim.step_milestones entries must be >= 0, got [-1.0]"),
+    ("optim.freeze_after_epochs={whiten.bias: -1}", "optim.freeze_after_epochs.whiten.bias must be >= 0, got -1"),
+    ("model.detection.anchor_sizes=[[16],[-8]]", "model.detection.anchor_sizes entries must be > 0, got [[16], [-8]]"),
+])
+def test_out_of_range_values_are_refused_naming_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("override", [
+    "optim.momentum=0", "optim.momentum=0.999", "optim.step_gamma=1", "optim.min_lr_ratio=0", "optim.min_lr_ratio=1",
+    "optim.weight_decay=0", "optim.warmup_epochs=0", "optim.lr=1e-6", "train.clip_grad_norm=0.01",
+    "train.clip_grad_norm=null", "data.num_workers=0", "seed=0", "seed=4294967295", "data.augment.crop_padding=0",
+    "data.augment.color_jitter=0", "eval.every_epochs=0", "data.ignore_index=0", "data.mean=[0,0.5,1]",
+    "data.std=[1,1,1]", "optim.betas=[0,0.999]", "eval.topk=[1,5]", "optim.layer_decay=1", "ema.decay=0.9999",
+    "data.generated.test_per_class=0", "optim.step_milestones=[0,30.5]", "optim.freeze_after_epochs={whiten.bias: 0}",
+])
+def test_values_on_the_edge_of_their_range_are_accepted(override):
+    key = override.split("=", 1)[0]
+    loaded = OmegaConf.select(OmegaConf.structured(load_config(None, [override])), key)
+    assert loaded == OmegaConf.select(OmegaConf.from_dotlist([override]), key)

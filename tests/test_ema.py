@@ -169,8 +169,9 @@ def test_sigkill_with_ema_and_mixing_resumes_bit_for_bit(ema_reference, tmp_path
 
 
 def test_early_stopping_ends_two_processes_together_as_a_complete_run(tmp_path):
-    # lr 0: nothing learns, so no evaluation improves by more than min_delta; stops after patience + 1 evaluations
-    args = tiny_overrides(tmp_path, **{"train.epochs": 6, "optim.lr": 0.0, "train.early_stopping.patience": 2,
+    # lr 1e-9 (0 is refused): nothing learns, so no evaluation improves by more than min_delta; stops after
+    # patience + 1 evaluations
+    args = tiny_overrides(tmp_path, **{"train.epochs": 6, "optim.lr": 1e-9, "train.early_stopping.patience": 2,
                                        "train.early_stopping.min_delta": 0.01, "model.name": "linear"})
     res = run_train(args, processes=2)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -191,7 +192,7 @@ def test_ema_and_early_stopping_serve_segmentation_and_detection_alike(tmp_path,
     from tests.test_segmentation import seg_args
 
     make = seg_args if task == "segmentation" else det_args
-    args = make(tmp_path, **{"train.epochs": 4, "ema.decay": 0.9, "ema.evaluate": "both", "optim.lr": 0.0,
+    args = make(tmp_path, **{"train.epochs": 4, "ema.decay": 0.9, "ema.evaluate": "both", "optim.lr": 1e-9,
                              "train.early_stopping.patience": 1, "train.early_stopping.min_delta": 0.5})
     res = run_cli("train", "-", *args)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -731,6 +731,14 @@ def cases(w: Path, p: dict) -> list:
         ("mean of 2 values", ["train", "-", *g(w), "data.mean=[0.5,0.5]"], "data.mean"),
         ("std of 0", ["train", "-", *g(w), "data.std=[0,1,1]"], "data.std"),
         ("fp16 on cpu", ["train", "-", *g(w), "train.mixed_precision=fp16"], "fp16"),
+        # every number in its declared range, nan and inf refused (issue 36)
+        ("negative gradient clip", ["train", "-", *g(w), "train.clip_grad_norm=-1"], "train.clip_grad_norm must be > 0"),
+        ("lr nan", ["train", "-", *g(w), "optim.lr=nan"], "optim.lr must be finite"),
+        ("lr inf", ["train", "-", *g(w), "optim.lr=inf"], "optim.lr must be finite"),
+        ("negative seed", ["train", "-", *g(w), "seed=-5"], "seed must be in [0, 4294967295]"),
+        ("momentum 2", ["train", "-", *g(w), "optim.momentum=2"], "optim.momentum must be in [0, 1)"),
+        ("negative step gamma", ["train", "-", *g(w), "optim.step_gamma=-1"], "optim.step_gamma"),
+        ("mean on the 0-255 scale", ["train", "-", *g(w), "data.mean=[123.7,116.3,103.5]"], "data.mean entries"),
         # -- recipes --
         ("recipe missing", ["train", str(w / "recipes" / "nope.yaml")], "recipe file not found"),
         ("recipe invalid yaml", ["train", str(w / "recipes" / "bad.yaml")], "not valid YAML"),

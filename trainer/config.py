@@ -6,7 +6,9 @@ any work is done.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
@@ -20,35 +22,108 @@ from trainer.errors import ConfigError
 
 VERIFY_MODES = ("header", "full", "off")  # data.verify_images
 
+
+# ---- ranges: every number in the schema says which values it takes, next to its default ----
+
+class Range:
+    """The values a numeric key takes, written as an interval: "[0, 1)" (0 included, 1 not), "(0, inf)" (any
+    number above 0). Every value must also be finite: nan and inf are never a learning rate, a probability or a
+    count, so "inf" only says that there is no upper bound."""
+
+    def __init__(self, text: str):
+        low, high = (s.strip() for s in text[1:-1].split(","))
+        if text[0] not in "[(" or text[-1] not in ")]" or not float(low) < float(high):
+            raise ValueError(f"not an interval: {text!r}")
+        self.text, self.low_text, self.low, self.high = text, low, float(low), float(high)
+        self.with_low, self.with_high = text[0] == "[", text[-1] == "]"
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        return ((self.low <= value if self.with_low else self.low < value)
+                and (value <= self.high if self.with_high else value < self.high))
+
+    def __str__(self) -> str:  # "> 0" reads better than "in (0, inf)"
+        if math.isinf(self.high):
+            return f"{'>=' if self.with_low else '>'} {self.low_text}"
+        return f"in {self.text}"
+
+
+def ranged(default, values: str):
+    """A schema field holding numbers in the interval `values` (see `Range`): the number itself, or each entry
+    of a list (nested lists too) or each value of a mapping; null (None) is always allowed where the type
+    is Optional. `check_ranges` enforces it at load."""
+    meta = {"range": Range(values)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_ranges(node, prefix: str = "") -> None:
+    """Every field of the schema dataclass `node` (and of those nested in it) that declares a range holds a value
+    inside it, else one line naming the full key, the value and the range."""
+    for f in dataclasses.fields(node):
+        key, value = prefix + f.name, getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+        elif "range" in f.metadata and value is not None:
+            _check_range(key, value, f.metadata["range"])
+
+
+def _check_range(key: str, value, values: Range) -> None:
+    if isinstance(value, dict):  # e.g. optim.freeze_after_epochs: each value, named by its own key
+        for name, v in value.items():
+            _check_range(f"{key}.{name}", v, values)
+    elif isinstance(value, (list, tuple)):
+        if not all(v in values for v in _leaves(value)):
+            raise ConfigError(f"{key} entries must be {_finite(value)}{values}, got {list(value)}")
+    elif value not in values:
+        raise ConfigError(f"{key} must be {_finite(value)}{values}, got {value}")
+
+
+def _leaves(items) -> list:
+    """The entries of a list, nested lists flattened (model.detection.anchor_sizes: a list per feature level)."""
+    return [x for v in items for x in (_leaves(v) if isinstance(v, (list, tuple)) else [v])]
+
+
+def _finite(value) -> str:
+    """The words "finite and " where nan or inf is the trouble: optim.lr must be finite and > 0, got inf."""
+    numbers = _leaves(value) if isinstance(value, (list, tuple)) else [value]
+    return "finite and " if any(isinstance(v, float) and not math.isfinite(v) for v in numbers) else ""
+
+
 @dataclass
 class AugmentCfg:
     hflip: bool = True  # random horizontal flip, p=0.5
-    crop_padding: int = 4  # pixels of reflect padding before a random crop back to image_size; 0 = off
+    # pixels of reflect padding before a random crop back to image_size; 0 = off (smaller than the image side,
+    # checked against the images)
+    crop_padding: int = ranged(4, "[0, inf)")
     random_resized_crop: bool = False  # ImageNet-style crop instead of pad+crop (min scale below)
-    rrc_min_scale: float = 0.35
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 = off
+    rrc_min_scale: float = ranged(0.35, "(0, 1]")  # smallest crop, as a fraction of the image's area
+    # brightness/contrast/saturation strength: each factor drawn from [max(0, 1 - x), 1 + x]; 0 = off
+    color_jitter: float = ranged(0.0, "[0, inf)")
     # random: each sample flipped with p=0.5 per epoch; alternating (data.loader=device only): a random half in
     # the first epoch, then every image flips on alternate epochs, so each sees both sides equally (airbench)
     flip_mode: Literal["random", "alternating"] = "random"
     # detection: each image rescaled by a factor drawn from [min, max] of its own size before the detector's
     # own resize (null = off), and SSD's random IoU crop (a zoom that keeps objects whole)
-    scale_jitter: Optional[List[float]] = None
+    scale_jitter: Optional[List[float]] = ranged(None, "(0, inf)")
     iou_crop: bool = False
     # classification, data.loader=workers: a policy of torchvision.transforms.v2 on the uint8 image, after the
     # crop and flip; randaugment takes the two numbers below (torchvision's defaults)
     auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment", "augmix"] = "none"
-    randaugment_num_ops: int = 2
-    randaugment_magnitude: int = 9  # of 31 levels
+    randaugment_num_ops: int = ranged(2, "[1, 16]")
+    randaugment_magnitude: int = ranged(9, "[0, 30]")  # of 31 levels
     # classification: probability that a rectangle of each image is replaced by noise, after normalisation
     # (Zhong et al.; timm's --reprob); 0 = off
-    random_erasing: float = 0.0
+    random_erasing: float = ranged(0.0, "[0, 1]")
     # classification: mixup / CutMix of each batch after collation (Beta(alpha, alpha) mixing weights; 0 = off);
     # when both are on, each mixed batch uses CutMix with probability mix_switch_prob, else mixup; a batch is
     # mixed at all with probability mix_prob. Targets become soft (loss.label_smoothing applies to them).
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    mix_prob: float = 1.0
-    mix_switch_prob: float = 0.5
+    mixup_alpha: float = ranged(0.0, "[0, inf)")
+    cutmix_alpha: float = ranged(0.0, "[0, inf)")
+    mix_prob: float = ranged(1.0, "[0, 1]")
+    mix_switch_prob: float = ranged(0.5, "[0, 1]")
 
 
 @dataclass
@@ -56,10 +131,11 @@ class GeneratedCfg:
     # segmentation: several shapes per image with their pixel masks, written as a `masks` folder;
     # detection: the same scenes with a tight box per shape, written as a COCO folder
     variant: Literal["binary", "multiclass", "segmentation", "detection"] = "multiclass"
-    train_per_class: int = 1000
-    val_per_class: int = 150
-    test_per_class: int = 150
-    seed: int = 0  # the data is a pure function of (variant, counts, image_size, seed)
+    train_per_class: int = ranged(1000, "[1, inf)")
+    val_per_class: int = ranged(150, "[1, inf)")
+    test_per_class: int = ranged(150, "[0, inf)")  # 0 = no test split
+    # the data is a pure function of (variant, counts, image_size, seed); numpy's SeedSequence takes no negative
+    seed: int = ranged(0, "[0, inf)")
 
 
 @dataclass
@@ -79,20 +155,25 @@ class DataCfg:
     root: Optional[str] = None
     # coco: explicit files per split, winning over the layouts above: {train: {annotations: FILE, images: DIR}}
     coco_files: Optional[Dict[str, Any]] = None
-    ignore_index: int = 255  # segmentation: mask value that counts nowhere (void borders; the VOC convention)
+    # segmentation: mask value that counts nowhere (void borders; the VOC convention); the segmentation task
+    # takes 8-bit values only, and none that is a class's index
+    ignore_index: int = ranged(255, "[0, 255]")
     class_names: Optional[List[str]] = None  # masks: class names by index (instead of ROOT/classes.txt)
     voc_year: str = "2012"
     download: bool = False  # cifar only: fetch from the internet when absent
-    image_size: int = 32  # side in pixels of the square network input
+    image_size: int = ranged(32, "[1, inf)")  # side in pixels of the square network input
     # used when there is no val/ folder: a seeded, stratified split of train. 0 = train on all of train and
     # validate on test/ (CIFAR: the test set), as the classic recipes do; then evaluate only at the end
     # (eval.every_epochs=0) so the test split never steers training
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    mean: Optional[List[float]] = None  # per channel in [0,1]; null = measured on the training images
-    std: Optional[List[float]] = None
-    num_workers: int = 2  # DataLoader workers per process (persistent: started once per run)
-    prefetch_factor: int = 2  # batches each worker loads ahead
+    val_fraction: float = ranged(0.1, "[0, 1)")
+    split_seed: int = ranged(0, "[0, inf)")  # numpy's default_rng takes no negative seed
+    # per channel, of pixel values in [0, 1]; null = measured on the training images. A std is at most 0.5
+    # there (1 leaves the scale as is): the ranges refuse 0-255-scale values such as 123.7 or 58.4
+    mean: Optional[List[float]] = ranged(None, "[0, 1]")
+    std: Optional[List[float]] = ranged(None, "(0, 1]")
+    # DataLoader workers per process (persistent: started once per run); 0 = loaded in the main process
+    num_workers: int = ranged(2, "[0, inf)")
+    prefetch_factor: int = ranged(2, "[1, inf)")  # batches each worker loads ahead
     # workers: per-sample decode + augment in DataLoader workers (any dataset size, any augmentation).
     # device: the whole training split decoded once into one uint8 tensor on the device (GPU, or CPU), and
     # pad-crop/flip done as batched tensor ops there: no workers, for datasets that fit (CIFAR-10: 150 MB)
@@ -124,14 +205,23 @@ class DataCfg:
 @dataclass
 class DetectionModelCfg:
     """What users tune on a detector (trainer/tasks/detect_models.py says which model takes which)."""
-    min_size: Optional[int] = None  # the detector resizes each image's short side to this; null = data.image_size
-    max_size: Optional[int] = None  # ... and its long side to at most this; null = min_size x 1333 / 800
-    anchor_sizes: Optional[List[Any]] = None  # pixels, one entry (a number or a list) per feature level; null = the model's
-    aspect_ratios: Optional[List[Any]] = None  # height / width, for every level or one list per level
-    trainable_backbone_layers: Optional[int] = None  # with a pretrained backbone: stages left trainable
-    score_thresh: Optional[float] = None  # detections below this score are dropped; null = the model's (0.05)
-    nms_thresh: Optional[float] = None  # non-maximum suppression IoU per class; null = the model's (0.5)
-    detections_per_img: Optional[int] = None  # kept after NMS; null = the model's (100; COCO scores 100)
+    # the detector resizes each image's short side to this (px); null = data.image_size
+    min_size: Optional[int] = ranged(None, "[1, inf)")
+    # ... and its long side to at most this; null = min_size x 1333 / 800
+    max_size: Optional[int] = ranged(None, "[1, inf)")
+    # pixels, one entry (a number or a list) per feature level; null = the model's
+    anchor_sizes: Optional[List[Any]] = ranged(None, "(0, inf)")
+    # height / width, for every level or one list per level
+    aspect_ratios: Optional[List[Any]] = ranged(None, "(0, inf)")
+    # with a pretrained backbone: stages left trainable (the most, nothing frozen, depends on the model: resnet 5,
+    # mobilenet 6; checked where the model is built)
+    trainable_backbone_layers: Optional[int] = ranged(None, "[0, inf)")
+    # detections below this score are dropped; null = the model's (0.05)
+    score_thresh: Optional[float] = ranged(None, "[0, 1]")
+    # non-maximum suppression IoU per class; null = the model's (0.5)
+    nms_thresh: Optional[float] = ranged(None, "[0, 1]")
+    # kept after NMS; null = the model's (100; COCO scores 100)
+    detections_per_img: Optional[int] = ranged(None, "[1, inf)")
 
 
 @dataclass
@@ -144,13 +234,14 @@ class ModelCfg:
     # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;
     # rising linearly from 0 at the first block, as torchvision and timm do); null = the model's own
     # (torchvision's convnext_tiny 0.1, efficientnet_b0 0.2, none for the rest), 0 = off
-    drop_path: Optional[float] = None
-    dropout: Optional[float] = None  # before the classifier head; null = the model's own (EfficientNet 0.2)
+    drop_path: Optional[float] = ranged(None, "[0, 1)")
+    # before the classifier head; null = the model's own (EfficientNet 0.2)
+    dropout: Optional[float] = ranged(None, "[0, 1)")
     # BatchNorm statistics computed over the global batch of all GPUs (torch.nn.SyncBatchNorm; GPU only)
     sync_bn: bool = False
     # fine-tuning (with model.pretrained_path): the backbone is frozen, weights and BatchNorm statistics,
     # for this many epochs; only the head trains
-    freeze_backbone_epochs: int = 0
+    freeze_backbone_epochs: int = ranged(0, "[0, inf)")
     detection: DetectionModelCfg = field(default_factory=DetectionModelCfg)
 
 
@@ -158,10 +249,12 @@ class ModelCfg:
 class LossCfg:
     # segmentation: pixel cross-entropy, soft Dice (ignored pixels left out), or their weighted sum
     name: Literal["ce", "dice", "ce+dice"] = "ce"
-    dice_weight: float = 1.0  # ce+dice: loss = ce + dice_weight x dice
-    aux_weight: float = 0.5  # segmentation models with an auxiliary head (FCN, DeepLabV3): its loss's weight
-    label_smoothing: float = 0.0  # multiclass and segmentation
-    pos_weight: Optional[float] = None  # binary only: weight of positive examples in BCEWithLogitsLoss
+    dice_weight: float = ranged(1.0, "[0, inf)")  # ce+dice: loss = ce + dice_weight x dice
+    # segmentation models with an auxiliary head (FCN, DeepLabV3): its loss's weight
+    aux_weight: float = ranged(0.5, "[0, inf)")
+    label_smoothing: float = ranged(0.0, "[0, 1)")  # multiclass and segmentation
+    # binary only: weight of positive examples in BCEWithLogitsLoss
+    pos_weight: Optional[float] = ranged(None, "(0, inf)")
     # weight each class by N / (C * count_c) from the training counts (images; pixels for segmentation,
     # where class imbalance is the rule: background often holds most pixels)
     class_weighted: bool = False
@@ -171,25 +264,29 @@ class LossCfg:
 class EarlyStoppingCfg:
     # stop after this many evaluations in a row without eval.monitor improving on its best by more than
     # min_delta; the run then ends as a finished run (final model, summary). 0 = off
-    patience: int = 0
-    min_delta: float = 0.0
+    patience: int = ranged(0, "[0, inf)")
+    min_delta: float = ranged(0.0, "[0, inf)")  # in the units of eval.monitor
 
 
 @dataclass
 class TrainCfg:
-    epochs: int = 10
-    batch_size: int = 64  # per process; global batch = batch_size x processes x grad_accum_steps
-    grad_accum_steps: int = 1
+    epochs: int = ranged(10, "[1, inf)")
+    batch_size: int = ranged(64, "[1, inf)")  # per process; global batch = batch_size x processes x grad_accum_steps
+    grad_accum_steps: int = ranged(1, "[1, inf)")
     # drop each epoch's last, smaller training batch; null = the task's choice (classification and detection
     # keep it, segmentation drops it: a batch of one breaks DeepLabV3's BatchNorm). airbench94 drops it.
     drop_last: Optional[bool] = None
-    clip_grad_norm: Optional[float] = None
+    # the largest global L2 norm of the gradients; null = no clipping (a negative norm turned every update
+    # around: gradient ascent)
+    clip_grad_norm: Optional[float] = ranged(None, "(0, inf)")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    max_steps: Optional[int] = None  # stop after this many optimizer updates (smoke tests); null = epochs
-    log_every_steps: int = 20  # optimizer updates between metrics.jsonl rows
+    # stop after this many optimizer updates (smoke tests); null = epochs
+    max_steps: Optional[int] = ranged(None, "[1, inf)")
+    log_every_steps: int = ranged(20, "[1, inf)")  # optimizer updates between metrics.jsonl rows
     device: Literal["auto", "cpu"] = "auto"  # auto = GPU when available
     progress_bar: bool = True
-    dist_timeout_s: int = 300  # longest wait for a peer in any collective (start-up included) before failing
+    # longest wait for a peer in any collective (start-up included) before failing
+    dist_timeout_s: int = ranged(300, "[1, inf)")
     # GPU only: let cuDNN time its algorithms per shape (faster convolutions; results are then not bitwise
     # reproducible across runs, so set false when a resumed GPU run must match an uninterrupted one exactly)
     cudnn_benchmark: bool = True
@@ -203,18 +300,20 @@ class TrainCfg:
 @dataclass
 class OptimCfg:
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05  # peak lr per optimizer update
-    momentum: float = 0.9  # sgd only
+    lr: float = ranged(0.05, "(0, inf)")  # peak lr per optimizer update (0 would train nothing)
+    momentum: float = ranged(0.9, "[0, 1)")  # sgd only; at 1 the velocity never decays
     nesterov: bool = False
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
-    weight_decay: float = 5e-4  # not applied to norm and bias parameters (unless bias_decay)
+    betas: List[float] = ranged([0.9, 0.999], "[0, 1)")  # adamw only (torch refuses others)
+    weight_decay: float = ranged(5e-4, "[0, inf)")  # not applied to norm and bias parameters (unless bias_decay)
     schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
-    warmup_epochs: float = 0.0  # linear warmup, in epochs of optimizer updates
-    warmup_start_ratio: float = 0.0  # warmup starts at this fraction of lr (0: from ~0)
-    min_lr_ratio: float = 0.0  # cosine / linear floor at the last update, as a fraction of lr
-    step_milestones: List[float] = field(default_factory=list)  # step schedule: epochs where lr *= step_gamma
-    step_gamma: float = 0.1
-    bias_lr_scale: float = 1.0  # lr multiplier for biases and norm parameters (airbench: 64 for BN biases)
+    warmup_epochs: float = ranged(0.0, "[0, inf)")  # linear warmup, in epochs of optimizer updates
+    warmup_start_ratio: float = ranged(0.0, "[0, 1]")  # warmup starts at this fraction of lr (0: from ~0)
+    # cosine / linear floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
+    min_lr_ratio: float = ranged(0.0, "[0, 1]")
+    step_milestones: List[float] = ranged([], "[0, inf)")  # step schedule: epochs where lr *= step_gamma
+    step_gamma: float = ranged(0.1, "(0, 1]")  # a decay: above 1 the lr would climb past the peak optim.lr
+    # lr multiplier for biases and norm parameters (airbench: 64 for BN biases)
+    bias_lr_scale: float = ranged(1.0, "(0, inf)")
     # which of them bias_lr_scale applies to: all, or only those of normalisation layers (airbench94: BN biases)
     bias_lr_scale_scope: Literal["all", "norm"] = "all"
     # weight decay on biases and norm parameters too, the same per update as on the weights (so divided by
@@ -223,17 +322,17 @@ class OptimCfg:
     # parameters whose name starts with a key stop training after that many epochs: their gradients are
     # dropped (no update, momentum or weight decay), as with model.freeze_backbone_epochs. In YAML, e.g.
     # {whiten.bias: 3} (airbench94 trains its whitening bias for 3 epochs only)
-    freeze_after_epochs: Dict[str, int] = field(default_factory=dict)
+    freeze_after_epochs: Dict[str, int] = ranged({}, "[0, inf)")
     fused: Optional[bool] = None  # fused optimizer kernel; null = on for CUDA, off on CPU
     # Lookahead / EMA of the weights: every `lookahead_every` updates the slow copy moves towards the weights,
     # slow += (1 - d) x (weights - slow) with d = lookahead_decay x (update / total)^3, and the weights are set
     # back to it; the final model is the slow copy. 0 = off. (airbench: every 5 updates, decay 0.95^5)
-    lookahead_every: int = 0
-    lookahead_decay: float = 0.7738
-    head_lr_scale: float = 1.0  # lr multiplier for the classifier head (fine-tuning: often 10)
+    lookahead_every: int = ranged(0, "[0, inf)")
+    lookahead_decay: float = ranged(0.7738, "[0, 1)")  # at 1 the slow copy would never move
+    head_lr_scale: float = ranged(1.0, "(0, inf)")  # lr multiplier for the classifier head (fine-tuning: often 10)
     # layer-wise lr decay (BEiT / timm): the head keeps lr, each block-level below it lr x layer_decay^depth;
-    # null = off
-    layer_decay: Optional[float] = None
+    # null = off (0 would freeze every block below the head)
+    layer_decay: Optional[float] = ranged(None, "(0, 1]")
 
 
 @dataclass
@@ -242,12 +341,13 @@ class EmaCfg:
     torchvision's reference ExponentialMovingAverage): ema = decay x ema + (1 - decay) x weights every `every`
     optimizer updates, in float32. Buffers (BatchNorm running statistics) are averaged like the weights, as
     both references do by default."""
-    decay: float = 0.0  # 0 = off; e.g. 0.999 for a few thousand updates, 0.9998 for ImageNet-length runs
+    # 0 = off; e.g. 0.999 for a few thousand updates, 0.9998 for ImageNet-length runs
+    decay: float = ranged(0.0, "[0, 1)")
     # short runs: the decay used at EMA update t is min(decay, 1 - (1 + t)^-warmup_power) (timm's warm-up), so
     # the average does not hold on to the random initial weights
     warmup: bool = True
-    warmup_power: float = 0.75
-    every: int = 1  # optimizer updates between EMA updates
+    warmup_power: float = ranged(0.75, "(0, inf)")
+    every: int = ranged(1, "[1, inf)")  # optimizer updates between EMA updates
     # which weights evaluation scores: ema, raw (the trained weights), or both (raw metrics logged as raw_<name>;
     # eval.monitor may name either, and best/ holds the weights it monitors)
     evaluate: Literal["ema", "raw", "both"] = "ema"
@@ -255,13 +355,14 @@ class EmaCfg:
 
 @dataclass
 class EvalCfg:
-    every_epochs: int = 1  # 0 = only at the end
-    batch_size: Optional[int] = None  # per process; null = 2 x train.batch_size
-    topk: List[int] = field(default_factory=lambda: [5])  # multiclass; each k is clamped to the class count
-    threshold: float = 0.5  # binary decision threshold on the positive-class probability
+    every_epochs: int = ranged(1, "[0, inf)")  # 0 = only at the end
+    batch_size: Optional[int] = ranged(None, "[1, inf)")  # per process; null = 2 x train.batch_size
+    topk: List[int] = ranged([5], "[1, inf)")  # multiclass; each k is clamped to the class count
+    threshold: float = ranged(0.5, "(0, 1)")  # binary decision threshold on the positive-class probability
     positive_class: Optional[str] = None  # binary: the class name counted as positive; null = the class with index 1
     threshold_tuning: Optional[Literal["max_f1", "youden", "target_recall"]] = None  # binary: choose the threshold on val
-    target_recall: float = 0.9  # for threshold_tuning=target_recall: the highest threshold keeping this recall
+    # for threshold_tuning=target_recall: the highest threshold keeping this recall
+    target_recall: float = ranged(0.9, "(0, 1]")
     # the metric that picks best/; null = the task's headline (accuracy; miou for segmentation); higher is
     # better except for losses
     monitor: Optional[str] = None
@@ -282,9 +383,11 @@ class WandbCfg:
 
 @dataclass
 class CheckpointCfg:
-    every_steps: int = 0  # optimizer updates between checkpoints; 0 = only per epoch / at the end / on request
-    every_epochs: int = 1  # epochs between checkpoints; 0 = none per epoch
-    keep_last: int = 2  # newest checkpoints kept; the one latest.json names and the best are never deleted
+    # optimizer updates between checkpoints; 0 = only per epoch / at the end / on request
+    every_steps: int = ranged(0, "[0, inf)")
+    every_epochs: int = ranged(1, "[0, inf)")  # epochs between checkpoints; 0 = none per epoch
+    # newest checkpoints kept; the one latest.json names and the best are never deleted
+    keep_last: int = ranged(2, "[0, inf)")
     keep_best: bool = True  # also keep the checkpoint taken at the best eval.monitor value
 
 
@@ -308,7 +411,7 @@ class Config:
     # for box data (coco, voc_detection, the generated detection variant), else binary
     # when the data has 2 classes, else multiclass
     task: Literal["auto", "binary", "multiclass", "segmentation", "detection"] = "auto"
-    seed: int = 0
+    seed: int = ranged(0, "[0, 4294967295]")  # accelerate's set_seed seeds numpy, whose seeds are 32-bit
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     loss: LossCfg = field(default_factory=LossCfg)
@@ -491,44 +594,11 @@ def load_config(recipe: Optional[str] = None, overrides: Optional[List[str]] = N
 
 
 def validate(cfg: Config) -> None:
-    """Range and consistency checks OmegaConf's types cannot express; each names its key."""
-    positive = {
-        "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "train.log_every_steps": cfg.train.log_every_steps,
-        "train.dist_timeout_s": cfg.train.dist_timeout_s,
-        "data.image_size": cfg.data.image_size,
-        "data.prefetch_factor": cfg.data.prefetch_factor,
-        "data.generated.train_per_class": cfg.data.generated.train_per_class,
-        "data.generated.val_per_class": cfg.data.generated.val_per_class,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    for key in ("every_steps", "every_epochs", "keep_last"):
-        if getattr(cfg.checkpoint, key) < 0:
-            raise ConfigError(f"checkpoint.{key} must be >= 0, got {getattr(cfg.checkpoint, key)}")
+    """Each number inside the range its field declares (`check_ranges`), then the rules that relate keys to
+    each other and to the data, which one field's range cannot express; each names its key."""
+    check_ranges(cfg)
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError("run.resume and run.overwrite=true contradict each other: choose one")
-    if cfg.optim.lr < 0:  # 0 is allowed: a run that only measures (BatchNorm statistics still move)
-        raise ConfigError(f"optim.lr must be >= 0, got {cfg.optim.lr}")
-    if cfg.eval.batch_size is not None and cfg.eval.batch_size <= 0:
-        raise ConfigError(f"eval.batch_size must be > 0, got {cfg.eval.batch_size}")
-    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
-        raise ConfigError(f"train.max_steps must be > 0, got {cfg.train.max_steps}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if not 0.0 < cfg.eval.threshold < 1.0:
-        raise ConfigError(f"eval.threshold must be in (0, 1), got {cfg.eval.threshold}")
-    if not 0.0 <= cfg.loss.label_smoothing < 1.0:
-        raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {cfg.loss.label_smoothing}")
-    if cfg.loss.pos_weight is not None and cfg.loss.pos_weight <= 0:
-        raise ConfigError(f"loss.pos_weight must be > 0, got {cfg.loss.pos_weight}")
-    if not 0.0 < cfg.eval.target_recall <= 1.0:
-        raise ConfigError(f"eval.target_recall must be in (0, 1], got {cfg.eval.target_recall}")
-    if any(k <= 0 for k in cfg.eval.topk):
-        raise ConfigError(f"eval.topk entries must be >= 1, got {cfg.eval.topk}")
     needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO", "shards": "packed (trainer pack)"}
     if cfg.data.format in needs_root and not cfg.data.root:
         raise ConfigError(f"missing required value: data.root (the {needs_root[cfg.data.format]} folder to train on)")
@@ -545,8 +615,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.coco_files is not None and cfg.data.format != "coco":
         raise ConfigError(f"data.coco_files is for data.format=coco (it is {cfg.data.format})")
     jitter = cfg.data.augment.scale_jitter
-    if jitter is not None and (len(jitter) != 2 or not 0 < jitter[0] <= jitter[1]):
-        raise ConfigError(f"data.augment.scale_jitter must be [min, max] with 0 < min <= max, got {list(jitter)}")
+    if jitter is not None and (len(jitter) != 2 or not jitter[0] <= jitter[1]):
+        raise ConfigError(f"data.augment.scale_jitter must be [min, max] with min <= max, got {list(jitter)}")
     if targets != "boxes" and (jitter is not None or cfg.data.augment.iou_crop):
         raise ConfigError("data.augment.scale_jitter and data.augment.iou_crop are for detection; classification "
                           "and segmentation crop with data.augment.random_resized_crop")
@@ -564,9 +634,6 @@ def validate(cfg: Config) -> None:
     if targets == "masks" and cfg.eval.tta == "flip_translate":
         raise ConfigError("eval.tta=flip_translate is for classification (shifted masks are not shifted back): "
                           "use eval.tta=flip for segmentation")
-    if cfg.loss.dice_weight < 0 or cfg.loss.aux_weight < 0:
-        raise ConfigError(f"loss.dice_weight and loss.aux_weight must be >= 0, got {cfg.loss.dice_weight}, "
-                          f"{cfg.loss.aux_weight}")
     legacy = {"true": "full", "false": "off"}  # the key was a boolean: true meant a full decode
     cfg.data.verify_images = legacy.get(str(cfg.data.verify_images).lower(), cfg.data.verify_images)
     if cfg.data.verify_images not in VERIFY_MODES:
@@ -584,19 +651,6 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.data, key)
         if value is not None and len(value) != 3:
             raise ConfigError(f"data.{key} must have 3 values (R, G, B), got {value}")
-    if cfg.data.std is not None and min(cfg.data.std) <= 0:
-        raise ConfigError(f"data.std must be > 0, got {cfg.data.std}")
-    if not 0.0 <= cfg.optim.warmup_start_ratio <= 1.0:
-        raise ConfigError(f"optim.warmup_start_ratio must be in [0, 1], got {cfg.optim.warmup_start_ratio}")
-    if cfg.optim.bias_lr_scale <= 0:
-        raise ConfigError(f"optim.bias_lr_scale must be > 0, got {cfg.optim.bias_lr_scale}")
-    if cfg.optim.lookahead_every < 0:
-        raise ConfigError(f"optim.lookahead_every must be >= 0, got {cfg.optim.lookahead_every}")
-    for prefix, epochs in cfg.optim.freeze_after_epochs.items():
-        if epochs < 0:
-            raise ConfigError(f"optim.freeze_after_epochs.{prefix} must be >= 0 epochs, got {epochs}")
-    if not 0.0 <= cfg.optim.lookahead_decay < 1.0:
-        raise ConfigError(f"optim.lookahead_decay must be in [0, 1), got {cfg.optim.lookahead_decay}")
     if cfg.data.augment.flip_mode == "alternating" and cfg.data.loader != "device":
         raise ConfigError("data.augment.flip_mode=alternating needs data.loader=device")
     if cfg.data.loader == "device" and (cfg.data.augment.random_resized_crop or cfg.data.augment.color_jitter > 0):
@@ -617,36 +671,15 @@ def validate(cfg: Config) -> None:
     _validate_regularisation(cfg, targets)
 
 
-def _in_range(key: str, value: float, low: float, high: float, high_open: bool = False) -> None:
-    """`low <= value <= high` (or `< high`), else one line naming the key."""
-    if not (low <= value < high if high_open else low <= value <= high):
-        raise ConfigError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
-
-
 def _validate_regularisation(cfg: Config, targets: str) -> None:
-    """EMA, mixing, policies, erasing, drop path, freezing, layer decay, early stopping."""
+    """The rules of EMA, mixing, policies, erasing, drop path, freezing, layer decay and early stopping that
+    relate keys to each other or to the data (their ranges are in the schema)."""
     aug = cfg.data.augment
-    _in_range("ema.decay", cfg.ema.decay, 0.0, 1.0, high_open=True)
-    if cfg.ema.every < 1:
-        raise ConfigError(f"ema.every must be >= 1, got {cfg.ema.every}")
-    if cfg.ema.warmup_power <= 0:
-        raise ConfigError(f"ema.warmup_power must be > 0, got {cfg.ema.warmup_power}")
     if cfg.ema.decay == 0 and cfg.ema.evaluate != "ema":
         raise ConfigError(f"ema.evaluate={cfg.ema.evaluate} needs EMA on (ema.decay > 0)")
     if (cfg.eval.monitor or "").startswith("raw_") and cfg.ema.evaluate != "both":
         raise ConfigError(f"eval.monitor={cfg.eval.monitor} names the raw weights' metric, logged only with "
                           f"ema.evaluate=both (and ema.decay > 0)")
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        if getattr(aug, key) < 0:
-            raise ConfigError(f"data.augment.{key} must be >= 0, got {getattr(aug, key)}")
-    _in_range("data.augment.mix_prob", aug.mix_prob, 0.0, 1.0)
-    _in_range("data.augment.mix_switch_prob", aug.mix_switch_prob, 0.0, 1.0)
-    _in_range("data.augment.random_erasing", aug.random_erasing, 0.0, 1.0)
-    if not 1 <= aug.randaugment_num_ops <= 16:
-        raise ConfigError(f"data.augment.randaugment_num_ops must be in [1, 16], got {aug.randaugment_num_ops}")
-    if not 0 <= aug.randaugment_magnitude <= 30:
-        raise ConfigError(f"data.augment.randaugment_magnitude must be in [0, 30] (of 31 levels), got "
-                          f"{aug.randaugment_magnitude}")
     if targets != "labels":
         for key, on in (("mixup_alpha", aug.mixup_alpha > 0), ("cutmix_alpha", aug.cutmix_alpha > 0),
                         ("auto_augment", aug.auto_augment != "none"), ("random_erasing", aug.random_erasing > 0)):
@@ -656,8 +689,6 @@ def _validate_regularisation(cfg: Config, targets: str) -> None:
     if cfg.data.loader == "device" and (aug.auto_augment != "none" or aug.random_erasing > 0):
         raise ConfigError("data.augment.auto_augment and data.augment.random_erasing are per-image transforms: use "
                           "data.loader=workers (data.loader=device does pad-crop, flip, mixup and CutMix)")
-    if cfg.model.drop_path is not None:
-        _in_range("model.drop_path", cfg.model.drop_path, 0.0, 1.0, high_open=True)
     if targets != "labels":
         for key, on in (("model.drop_path", cfg.model.drop_path is not None),
                         ("model.dropout", cfg.model.dropout is not None),
@@ -667,23 +698,9 @@ def _validate_regularisation(cfg: Config, targets: str) -> None:
             if on:
                 raise ConfigError(f"{key} is for classification models; {_TASK_OF_TARGETS[targets]} models do not "
                                   f"take it")
-    if cfg.model.dropout is not None:
-        _in_range("model.dropout", cfg.model.dropout, 0.0, 1.0, high_open=True)
-    if cfg.model.freeze_backbone_epochs < 0:
-        raise ConfigError(f"model.freeze_backbone_epochs must be >= 0, got {cfg.model.freeze_backbone_epochs}")
     if cfg.model.freeze_backbone_epochs >= cfg.train.epochs:
         raise ConfigError(f"model.freeze_backbone_epochs={cfg.model.freeze_backbone_epochs} must be smaller than "
                           f"train.epochs={cfg.train.epochs} (the backbone would never train)")
-    if cfg.optim.head_lr_scale <= 0:
-        raise ConfigError(f"optim.head_lr_scale must be > 0, got {cfg.optim.head_lr_scale}")
-    if cfg.optim.layer_decay is not None:
-        _in_range("optim.layer_decay", cfg.optim.layer_decay, 0.0, 1.0)
-        if cfg.optim.layer_decay == 0:
-            raise ConfigError("optim.layer_decay must be > 0 (null turns it off)")
-    if cfg.train.early_stopping.patience < 0:
-        raise ConfigError(f"train.early_stopping.patience must be >= 0, got {cfg.train.early_stopping.patience}")
-    if cfg.train.early_stopping.min_delta < 0:
-        raise ConfigError(f"train.early_stopping.min_delta must be >= 0, got {cfg.train.early_stopping.min_delta}")
     if cfg.train.early_stopping.patience and not cfg.eval.every_epochs:
         raise ConfigError("train.early_stopping.patience needs evaluations during training (eval.every_epochs > 0)")
 

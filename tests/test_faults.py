@@ -7,7 +7,10 @@ file byte for byte as it was, one clear line for every refusal, and no hang.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -441,6 +444,99 @@ def test_a_stop_request_during_start_up_leaves_at_once_with_nothing_written(tmp_
     assert "start-up was not stopped" not in res.stderr
     assert took < 30, f"{took:.1f} s"  # process start and imports included; the stop itself is within 0.5 s
     (tmp_path / "run.stop").unlink(missing_ok=True)
+    assert digest(tmp_path) == before  # no run directory, no lock, no temporary file
+
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h: orphaned descendants are handed to this process, not to init
+
+
+@contextlib.contextmanager
+def adopting_orphans():
+    """While inside, a process started by one of ours whose parent dies becomes our child, so that its exit
+    status can be read (os.waitpid)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    assert prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def exit_status_within(pid: int, limit_s: float):
+    """The exit status of our child `pid` if it ends within `limit_s`; else it is SIGKILLed and None."""
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def folder_of_photos(root: Path, per_class: int) -> Path:
+    """root/train/{a,b} with `per_class` JPEGs of 384 x 384 px each (~1 ms to decode one here: 3,000 take the
+    device loader's decode, or a full check, a few seconds), root/val/{a,b} with 5 each. One encoded
+    gradient written to every path: each file is its own, the encoding is paid once."""
+    y, x = np.mgrid[0:384, 0:384]
+    pixels = np.stack([x * 255 // 384, y * 255 // 384, (x + y) * 127 // 384], -1).astype(np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, "JPEG", quality=90)
+    for split, count in (("train", per_class), ("val", 5)):
+        for name in ("a", "b"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i:05d}.jpg").write_bytes(encoded.getvalue())
+    return root
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("phase", ["decode", "verify"])
+def test_a_sigterm_to_the_launcher_mid_decode_or_verify_ends_the_start_within_2_s(tmp_path, tmp_path_factory, phase):
+    """`accelerate launch` of one process, SIGTERMed while the start-up decodes the training split for the
+    device loader, or checks every training file with a full decode: the trainer leaves within 2 s with
+    status 3 and its one line, the phase cut short, nothing written. (That launcher forwards no signal: the
+    trainer used to go on, orphaned, to the end of its run.)"""
+    data = folder_of_photos(tmp_path / "data", per_class=1500)
+    args = ["train", "-", "data.format=imagefolder", f"data.root={data}", "data.loader=device", "data.image_size=16",
+            f"data.verify_images={'full' if phase == 'verify' else 'off'}", "model.name=small_cnn",
+            "train.batch_size=16", "train.epochs=1", "train.device=cpu", "train.progress_bar=false",
+            f"run.dir={tmp_path / 'run'}"]
+    before = digest(tmp_path)
+    logs = tmp_path_factory.mktemp("launcher-logs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH, "FAULT": "announce_phases",
+           "PYTHONUNBUFFERED": "1"}
+    with adopting_orphans(), open(logs / "stderr", "w+") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                     str(ROOT / "launch" / "accelerate" / "cpu_1proc.yaml"), "--num_processes", "1",
+                                     DRIVER, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT)
+        try:
+            out = []
+            for line in launcher.stdout:  # the driver's line when the phase begins names the trainer's pid
+                out.append(line)
+                if line.startswith(f"PHASE {phase} begins"):
+                    break
+            assert out and out[-1].startswith(f"PHASE {phase} begins"), "".join(out)[-2000:]
+            trainer_pid = int(out[-1].split("pid=")[1])
+            start = time.time()
+            launcher.send_signal(signal.SIGTERM)
+            assert launcher.wait(timeout=10) == -signal.SIGTERM  # it dies of it: the trainer is ours now
+            status = exit_status_within(trainer_pid, limit_s=2)
+            took = time.time() - start
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait()
+        out.append(launcher.stdout.read())
+        err.seek(0)
+        stderr = err.read()
+    assert status == 3, f"{status} after {took:.1f} s\n" + "".join(out)[-1500:] + stderr[-1500:]
+    assert f"PHASE {phase} ends" not in "".join(out)  # stopped inside it, not after it
+    assert [line for line in stderr.splitlines() if line.startswith("[trainer]")] == [
+        "[trainer] stopped on request during start-up (SIGTERM during start-up); nothing is left half-written. "
+        "Run the same command to start again"], stderr[-2000:]
     assert digest(tmp_path) == before  # no run directory, no lock, no temporary file
 
 

@@ -415,19 +415,31 @@ def test_a_dead_or_frozen_rank_ends_the_others_with_one_line(tmp_path, fault, li
 
 # ---- inputs ----
 
-@pytest.mark.timeout(120)
-def test_a_symlink_loop_in_the_data_neither_hangs_nor_counts_a_file_twice(tmp_path):
+@pytest.mark.timeout(180)
+def test_folder_loops_in_the_data_are_cut_and_every_link_to_a_file_trains_and_is_predicted(tmp_path):
     data = make_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=8)
     (data / "cat" / "again").symlink_to(data / "cat", target_is_directory=True)  # a loop
     (data / "dog" / "up").symlink_to(data, target_is_directory=True)  # a loop through the parent
     (data / "dog" / "cats").symlink_to(data / "cat", target_is_directory=True)  # a second path to a folder
+    # equal images stored as links (DVC's caches): each path is a sample of the class folder it is in
+    os.link(data / "cat" / "0.png", data / "cat" / "0-twin.png")  # a hardlink, same class
+    (data / "cat" / "1-twin.png").symlink_to("1.png")  # a symlink, same class
+    (data / "dog" / "from-cat.png").symlink_to(data / "cat" / "2.png")  # a symlink into another class
     res = run_cli("train", "-", "data.format=imagefolder", f"data.root={data}", "data.val_fraction=0.25",
                   "data.num_workers=0", "model.name=small_cnn", "data.image_size=16", "train.epochs=1",
                   "train.batch_size=4", "train.progress_bar=false", f"run.dir={tmp_path / 'run'}", timeout=100)
     assert res.returncode == 0, res.stderr[-2000:]
     run = json.loads((tmp_path / "run" / "run.json").read_text())["derived"]
-    assert run["train_samples"] + run["val_samples"] == 16  # each image once
-    assert "symlink" in res.stdout
+    assert run["train_samples"] + run["val_samples"] == 19  # 16 files + 3 links to files; no folder twice
+    assert "skipped 3 path(s)" in res.stdout and "3 symlinked folder(s) already visited" in res.stdout
+    preds = tmp_path / "preds.csv"
+    res = run_cli("predict", "--model", str(tmp_path / "run"), str(data), "--output", str(preds), timeout=100)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with open(preds) as fh:
+        rows = [line.split(",")[0] for line in fh.read().splitlines()[1:]]
+    assert sorted(Path(p).relative_to(data).as_posix() for p in rows) == sorted(
+        [f"cat/{i}.png" for i in range(8)] + [f"dog/{i}.png" for i in range(8)]
+        + ["cat/0-twin.png", "cat/1-twin.png", "dog/from-cat.png"])
 
 
 @pytest.mark.parametrize("fault", ["sigterm_in_startup", "stop_file_in_startup"])
@@ -631,6 +643,8 @@ def build_workspace(w: Path) -> dict:
     for f in (w / "all_bad_dog" / "images" / "dog").iterdir():
         f.write_text("not an image")
     make_folder(w / "same_class" / "images", per_class=3)
+    # a class folder that is another class's folder: refused, where links to files are samples (scan_split:
+    # every image would be both classes, which no model can tell apart)
     (w / "same_class" / "images" / "puppy").symlink_to(w / "same_class" / "images" / "dog", target_is_directory=True)
     make_folder(w / "other_classes" / "images", classes=("cat", "dog", "zebra"), per_class=3)
     make_folder(w / "flat" / "images", per_class=3)

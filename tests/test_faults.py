@@ -534,7 +534,8 @@ def test_a_sigterm_to_the_launcher_mid_decode_or_verify_ends_the_start_within_2_
             trainer_pid = int(out[-1].split("pid=")[1])
             start = time.time()
             launcher.send_signal(signal.SIGTERM)
-            assert launcher.wait(timeout=10) == -signal.SIGTERM  # it dies of it: the trainer is ours now
+            # accelerate 1.15's one-process launcher dies of it, forwarding nothing: the trainer is ours now
+            assert launcher.wait(timeout=10) == -signal.SIGTERM
             status = exit_status_within(trainer_pid, limit_s=2)
             took = time.time() - start
         finally:

@@ -43,6 +43,22 @@ def test_a_second_stop_request_does_not_cut_short_the_clean_up_of_the_first(hand
     assert requests.pending() == (False, True)  # still a stop: the run leaves
 
 
+def test_a_stop_request_while_leaving_on_ctrl_c_does_not_cut_its_clean_up_short(handlers):
+    """Ctrl-C reaches `accelerate launch` and the trainer; the launcher dies of it, so the kernel SIGTERMs the
+    trainer (requests.stop_with_launcher) while it cleans up after its KeyboardInterrupt."""
+    requests.begin_startup()
+    cleaned = False
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs in here
+            cleaned = True
+    assert cleaned
+    assert requests.pending() == (False, True)
+
+
 def test_a_stop_request_after_start_up_is_a_flag_for_the_next_step():
     saved = signal.getsignal(signal.SIGTERM)
     requests.clear()

@@ -48,10 +48,13 @@ STOP_FILE_POLL_S = 0.5  # how often the start-up watcher looks for the stop file
 
 def _on_signal(signum, frame) -> None:
     request_stop()
-    if _startup["on"]:
-        # once: a second request (SLURM's SIGTERM to every task, then the batch script's stop file seen by
-        # the watcher; a SIGTERM to the whole process group, then the launcher's death) must not interrupt the
-        # clean-up that the first one is running (a temporary file being removed, the run folder being undone)
+    # Raised once, and never while the main thread is already leaving on an exception (in an `except`,
+    # `finally` or `__exit__`): a second request (SLURM's SIGTERM to every task, then the batch script's stop
+    # file seen by the watcher; Ctrl-C, then the SIGTERM of a launcher that died of it) must not interrupt the
+    # clean-up under way (a temporary file being removed, the run folder being undone). The flag is enough
+    # then: that exit ends the process, and were the exception handled and the start to go on, the step loop
+    # acts on the flag at its first step.
+    if _startup["on"] and sys.exc_info()[1] is None:
         _startup["on"] = False
         raise StopRequested(f"{signal.Signals(signum).name} during start-up")
 

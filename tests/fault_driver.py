@@ -11,6 +11,9 @@ kinds (n = the update counted from 1, as in metrics.jsonl's "step"):
   kill_in_startup     SIGKILL while the data are being read (start-up)
   sigterm_in_startup  SIGTERM to itself while the data are being read (start-up)
   stop_file_in_startup  create $TRAINER_STOP_FILE, then keep "scanning" until stopped (start-up)
+  announce_phases     no fault: print "PHASE <name> begins pid=<pid>" (stdout, flushed) when the start-up's
+                      check of a split's files (verify) or the device loader's decode (decode) begins, and
+                      "PHASE <name> ends" when it returns, so that a test can signal the run inside one
   kill_rank1_at_update / stop_rank1_at_update   rank 1 SIGKILLs / SIGSTOPs itself during update n
 """
 import os
@@ -115,4 +118,24 @@ def build_data(*a, **k):
 
 
 L.build_data_on_ranks = build_data
+
+
+def announced(module, name: str, phase: str) -> None:
+    original = getattr(module, name)
+
+    def wrapper(*a, **k):
+        print(f"PHASE {phase} begins pid={os.getpid()}", flush=True)
+        out = original(*a, **k)
+        print(f"PHASE {phase} ends", flush=True)  # not on an exception: a stop inside it prints nothing here
+        return out
+
+    setattr(module, name, wrapper)
+
+
+if KIND == "announce_phases":
+    import trainer.data as DATA
+    import trainer.data.device as DEVICE
+
+    announced(DATA, "find_bad_images", "verify")  # as build_data calls it (one process)
+    announced(DEVICE, "decode_split", "decode")  # as to_device_loader calls it
 main(sys.argv[1:])

@@ -1,4 +1,5 @@
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -448,12 +449,12 @@ def _linked_tree(tmp_path: Path) -> Path:
     a = root / "a"
     (a / "self").symlink_to(".")  # a loop: a/self/self/self/...
     (a / "up").symlink_to("..")  # a loop through the split folder, which holds b too
-    (a / "sib").symlink_to("../b")  # the other class: its files must stay b's, once
+    (a / "sib").symlink_to("../b")  # the other class's folder: its files stay b's, once
     (a / "broken").symlink_to("../nowhere")
     (a / "more").symlink_to(tmp_path / "outside" / "more")  # a linked-in folder: followed
-    (a / "again").symlink_to(tmp_path / "outside" / "more")  # a second path to it: not counted again
-    (a / "0-copy.png").symlink_to("0.png")  # a second path to a file
-    (a / "z.png").symlink_to("../b/0.png")  # a file of class b: stays b's (its real path wins)
+    (a / "again").symlink_to(tmp_path / "outside" / "more")  # a second path to it: not entered again
+    (a / "0-copy.png").symlink_to("0.png")  # a second path to a file: a sample of its own
+    (a / "z.png").symlink_to("../b/0.png")  # a file of class b linked into a: a sample of a, as b/0.png is of b
     return root
 
 
@@ -466,12 +467,12 @@ def test_scan_follows_linked_folders_once_and_never_loops(tmp_path):
     samples = scan_split(root, ["a", "b"], skipped)
     a_files = [Path(p).relative_to(root).as_posix() for p, label in samples if label == 0]
     b_files = [Path(p).relative_to(root).as_posix() for p, label in samples if label == 1]
-    assert a_files == ["a/0.png", "a/1.png", "a/2.png", "a/again/0.png", "a/again/1.png"]  # 'again' < 'more'
+    # 'again' < 'more': the first path met to the linked-in folder is walked
+    assert a_files == ["a/0-copy.png", "a/0.png", "a/1.png", "a/2.png", "a/again/0.png", "a/again/1.png", "a/z.png"]
     assert b_files == ["b/0.png", "b/1.png", "b/2.png"]
-    assert len({Path(p).resolve() for p, _ in samples}) == len(samples)  # every real file once
     assert sorted((Path(s.path).name, s.why) for s in skipped) == [
-        ("0-copy.png", "file_seen"), ("broken", "broken"), ("more", "folder_seen"), ("self", "folder_seen"),
-        ("sib", "folder_seen"), ("up", "folder_seen"), ("z.png", "file_seen")]
+        ("broken", "broken"), ("more", "folder_seen"), ("self", "folder_seen"), ("sib", "folder_seen"),
+        ("up", "folder_seen")]  # every folder loop and second path to a folder cut; no file path dropped
     assert scan_split(root, ["a", "b"]) == samples  # deterministic
 
 
@@ -480,10 +481,10 @@ def test_build_data_reports_skipped_links_in_one_line(tmp_path):
     root = _linked_tree(tmp_path)
     lines = []
     data = build_data(_data_cfg(root, **{"data.val_fraction": 0.2}), seed=0, verbose=lines.append)
-    assert len(data.datasets["train"]) + len(data.datasets["val"]) == 8
+    assert len(data.datasets["train"]) + len(data.datasets["val"]) == 10  # 8 real files, 2 more paths to them
     notes = [line for line in lines if "skipped" in line]
     assert len(notes) == 1 and "\n" not in notes[0]
-    assert "skipped 7 path(s)" in notes[0] and "4 symlinked folder(s) already visited" in notes[0]
+    assert "skipped 5 path(s)" in notes[0] and "4 symlinked folder(s) already visited" in notes[0]
     assert "1 broken link(s)" in notes[0] and " -> " in notes[0]
 
 
@@ -493,7 +494,7 @@ def test_predict_lists_linked_folders_once_and_says_what_it_skipped(tmp_path, ca
 
     root = _linked_tree(tmp_path)
     files = list_images([str(root)])
-    assert len(files) == 8 and len({Path(p).resolve() for p in files}) == 8
+    assert len(files) == 10 and len({Path(p).resolve() for p in files}) == 8  # every path, links to files too
     assert files == sorted(files) == list_images([str(root)])
     err = capsys.readouterr().err
     assert err.count("skipped") == 2 and err.count("\n") == 2  # one line per call, two calls
@@ -508,6 +509,61 @@ def test_two_class_folders_that_are_one_folder_fail(tmp_path):
     (root / "b").symlink_to("a")
     with pytest.raises(DataError, match="same folder"):
         build_data(_data_cfg(root), seed=0)
+
+
+def _dvc_like(tmp_path: Path, how: str) -> Path:
+    """Class folders as DVC checks them out of its cache (`cache.type` hardlink or symlink): each file is a
+    link to the cache's one copy of its content, so equal images are links to one file. a: 0.png, 1.png, and
+    0-again.png equal to 0.png; b: 0.png, and a-twin.png equal to a/1.png; c: one image, equal to a/0.png
+    (dropping second paths to a file emptied it). 9 paths, 4 contents."""
+    cache = tmp_path / "cache"
+    contents = {key: write_image(cache / key[:2] / key[2:], seed=seed, fmt="PNG")
+                for seed, key in enumerate(["a0aaaa", "a1bbbb", "b0cccc", "zzzzzz"])}
+    layout = {"a/0.png": "a0aaaa", "a/1.png": "a1bbbb", "a/0-again.png": "a0aaaa", "b/0.png": "b0cccc",
+              "b/a-twin.png": "a1bbbb", "b/zz.png": "zzzzzz", "c/only.png": "a0aaaa", "a/sub/deep.png": "zzzzzz",
+              "c/sub/1.png": "a1bbbb"}
+    root = tmp_path / "d"
+    for path, key in layout.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        if how == "hardlink":
+            os.link(contents[key], root / path)
+        else:
+            (root / path).symlink_to(contents[key])
+    return root
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["hardlink", "symlink"])
+def test_every_path_to_a_file_is_a_sample_as_dvc_caches_link_equal_images(tmp_path, how):
+    """As torchvision's ImageFolder: a hardlink, or a symlink to a file, is a sample of the class folder it is
+    in, even when it leads to a file listed already, in its class or in another."""
+    from trainer.data.folders import scan_split
+
+    root = _dvc_like(tmp_path, how)
+    skipped = []
+    samples = scan_split(root, ["a", "b", "c"], skipped)
+    assert [(Path(p).relative_to(root).as_posix(), label) for p, label in samples] == [
+        ("a/0-again.png", 0), ("a/0.png", 0), ("a/1.png", 0), ("a/sub/deep.png", 0),
+        ("b/0.png", 1), ("b/a-twin.png", 1), ("b/zz.png", 1), ("c/only.png", 2), ("c/sub/1.png", 2)]
+    assert skipped == []
+    data = build_data(_data_cfg(root, **{"data.val_fraction": 0.3}), seed=0)
+    labels = [int(y) for split in ("train", "val") for y in data.datasets[split].labels]
+    assert np.bincount(labels).tolist() == [4, 3, 2]  # every path, in train or held out for val
+
+
+@pytest.mark.timeout(30)
+def test_a_symlink_to_a_file_of_another_class_or_split_is_a_sample_where_it_is(tmp_path):
+    """root/train and root/val: a val file that is a symlink to a training file, and a training file that is a
+    symlink into another class, are samples of their own split and class."""
+    root = tmp_path / "d"
+    make_folder(root / "train", ("a", "b"), 2)
+    make_folder(root / "val", ("a", "b"), 1)
+    (root / "train" / "b" / "from-a.png").symlink_to("../a/0.png")
+    (root / "val" / "a" / "seen.png").symlink_to(root / "train" / "a" / "1.png")
+    data = build_data(_data_cfg(root), seed=0)
+    assert data.train_counts == [2, 3]
+    val = data.datasets["val"]
+    assert sorted(Path(val.paths[i]).name for i in range(len(val))) == ["0.png", "0.png", "seen.png"]
 
 
 # ---- splits that cannot be empty or lose a class ----

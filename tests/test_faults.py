@@ -7,7 +7,10 @@ file byte for byte as it was, one clear line for every refusal, and no hang.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -412,19 +415,31 @@ def test_a_dead_or_frozen_rank_ends_the_others_with_one_line(tmp_path, fault, li
 
 # ---- inputs ----
 
-@pytest.mark.timeout(120)
-def test_a_symlink_loop_in_the_data_neither_hangs_nor_counts_a_file_twice(tmp_path):
+@pytest.mark.timeout(180)
+def test_folder_loops_in_the_data_are_cut_and_every_link_to_a_file_trains_and_is_predicted(tmp_path):
     data = make_folder(tmp_path / "imgs", classes=("cat", "dog"), per_class=8)
     (data / "cat" / "again").symlink_to(data / "cat", target_is_directory=True)  # a loop
     (data / "dog" / "up").symlink_to(data, target_is_directory=True)  # a loop through the parent
     (data / "dog" / "cats").symlink_to(data / "cat", target_is_directory=True)  # a second path to a folder
+    # equal images stored as links (DVC's caches): each path is a sample of the class folder it is in
+    os.link(data / "cat" / "0.png", data / "cat" / "0-twin.png")  # a hardlink, same class
+    (data / "cat" / "1-twin.png").symlink_to("1.png")  # a symlink, same class
+    (data / "dog" / "from-cat.png").symlink_to(data / "cat" / "2.png")  # a symlink into another class
     res = run_cli("train", "-", "data.format=imagefolder", f"data.root={data}", "data.val_fraction=0.25",
                   "data.num_workers=0", "model.name=small_cnn", "data.image_size=16", "train.epochs=1",
                   "train.batch_size=4", "train.progress_bar=false", f"run.dir={tmp_path / 'run'}", timeout=100)
     assert res.returncode == 0, res.stderr[-2000:]
     run = json.loads((tmp_path / "run" / "run.json").read_text())["derived"]
-    assert run["train_samples"] + run["val_samples"] == 16  # each image once
-    assert "symlink" in res.stdout
+    assert run["train_samples"] + run["val_samples"] == 19  # 16 files + 3 links to files; no folder twice
+    assert "skipped 3 path(s)" in res.stdout and "3 symlinked folder(s) already visited" in res.stdout
+    preds = tmp_path / "preds.csv"
+    res = run_cli("predict", "--model", str(tmp_path / "run"), str(data), "--output", str(preds), timeout=100)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with open(preds) as fh:
+        rows = [line.split(",")[0] for line in fh.read().splitlines()[1:]]
+    assert sorted(Path(p).relative_to(data).as_posix() for p in rows) == sorted(
+        [f"cat/{i}.png" for i in range(8)] + [f"dog/{i}.png" for i in range(8)]
+        + ["cat/0-twin.png", "cat/1-twin.png", "dog/from-cat.png"])
 
 
 @pytest.mark.parametrize("fault", ["sigterm_in_startup", "stop_file_in_startup"])
@@ -441,6 +456,100 @@ def test_a_stop_request_during_start_up_leaves_at_once_with_nothing_written(tmp_
     assert "start-up was not stopped" not in res.stderr
     assert took < 30, f"{took:.1f} s"  # process start and imports included; the stop itself is within 0.5 s
     (tmp_path / "run.stop").unlink(missing_ok=True)
+    assert digest(tmp_path) == before  # no run directory, no lock, no temporary file
+
+
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h: orphaned descendants are handed to this process, not to init
+
+
+@contextlib.contextmanager
+def adopting_orphans():
+    """While inside, a process started by one of ours whose parent dies becomes our child, so that its exit
+    status can be read (os.waitpid)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    assert prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def exit_status_within(pid: int, limit_s: float):
+    """The exit status of our child `pid` if it ends within `limit_s`; else it is SIGKILLed and None."""
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+def folder_of_photos(root: Path, per_class: int) -> Path:
+    """root/train/{a,b} with `per_class` JPEGs of 384 x 384 px each (~1 ms to decode one here: 3,000 take the
+    device loader's decode, or a full check, a few seconds), root/val/{a,b} with 5 each. One encoded
+    gradient written to every path: each file is its own, the encoding is paid once."""
+    y, x = np.mgrid[0:384, 0:384]
+    pixels = np.stack([x * 255 // 384, y * 255 // 384, (x + y) * 127 // 384], -1).astype(np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(pixels).save(encoded, "JPEG", quality=90)
+    for split, count in (("train", per_class), ("val", 5)):
+        for name in ("a", "b"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i:05d}.jpg").write_bytes(encoded.getvalue())
+    return root
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("phase", ["decode", "verify"])
+def test_a_sigterm_to_the_launcher_mid_decode_or_verify_ends_the_start_within_2_s(tmp_path, tmp_path_factory, phase):
+    """`accelerate launch` of one process, SIGTERMed while the start-up decodes the training split for the
+    device loader, or checks every training file with a full decode: the trainer leaves within 2 s with
+    status 3 and its one line, the phase cut short, nothing written. (That launcher forwards no signal: the
+    trainer used to go on, orphaned, to the end of its run.)"""
+    data = folder_of_photos(tmp_path / "data", per_class=1500)
+    args = ["train", "-", "data.format=imagefolder", f"data.root={data}", "data.loader=device", "data.image_size=16",
+            f"data.verify_images={'full' if phase == 'verify' else 'off'}", "model.name=small_cnn",
+            "train.batch_size=16", "train.epochs=1", "train.device=cpu", "train.progress_bar=false",
+            f"run.dir={tmp_path / 'run'}"]
+    before = digest(tmp_path)
+    logs = tmp_path_factory.mktemp("launcher-logs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH, "FAULT": "announce_phases",
+           "PYTHONUNBUFFERED": "1"}
+    with adopting_orphans(), open(logs / "stderr", "w+") as err:
+        launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                     str(ROOT / "launch" / "accelerate" / "cpu_1proc.yaml"), "--num_processes", "1",
+                                     DRIVER, *args], stdout=subprocess.PIPE, stderr=err, text=True, env=env, cwd=ROOT)
+        try:
+            out = []
+            for line in launcher.stdout:  # the driver's line when the phase begins names the trainer's pid
+                out.append(line)
+                if line.startswith(f"PHASE {phase} begins"):
+                    break
+            assert out and out[-1].startswith(f"PHASE {phase} begins"), "".join(out)[-2000:]
+            trainer_pid = int(out[-1].split("pid=")[1])
+            start = time.time()
+            launcher.send_signal(signal.SIGTERM)
+            # accelerate 1.15's one-process launcher dies of it, forwarding nothing: the trainer is ours now
+            assert launcher.wait(timeout=10) == -signal.SIGTERM
+            status = exit_status_within(trainer_pid, limit_s=2)
+            took = time.time() - start
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+                launcher.wait()
+        out.append(launcher.stdout.read())
+        err.seek(0)
+        stderr = err.read()
+    assert status == 3, f"{status} after {took:.1f} s\n" + "".join(out)[-1500:] + stderr[-1500:]
+    assert f"PHASE {phase} ends" not in "".join(out)  # stopped inside it, not after it
+    assert [line for line in stderr.splitlines() if line.startswith("[trainer]")] == [
+        "[trainer] stopped on request during start-up (SIGTERM during start-up); nothing is left half-written. "
+        "Run the same command to start again"], stderr[-2000:]
     assert digest(tmp_path) == before  # no run directory, no lock, no temporary file
 
 
@@ -535,6 +644,8 @@ def build_workspace(w: Path) -> dict:
     for f in (w / "all_bad_dog" / "images" / "dog").iterdir():
         f.write_text("not an image")
     make_folder(w / "same_class" / "images", per_class=3)
+    # a class folder that is another class's folder: refused, where links to files are samples (scan_split:
+    # every image would be both classes, which no model can tell apart)
     (w / "same_class" / "images" / "puppy").symlink_to(w / "same_class" / "images" / "dog", target_is_directory=True)
     make_folder(w / "other_classes" / "images", classes=("cat", "dog", "zebra"), per_class=3)
     make_folder(w / "flat" / "images", per_class=3)

@@ -136,15 +136,15 @@ def _one_line(err: TrainerError) -> str:
     return last.split(": ", 1)[1] if last.startswith(("trainer.errors.", type(err).__name__)) else last
 
 
-def _leave(code: int) -> None:
-    """Exit with `code` after an error. With a process group still up, leave at once (os._exit): gloo's
-    teardown at interpreter exit can abort the process (SIGABRT, measured in 7 of 20 plain exits in
-    accelerate-on-cpu.md) or hang on a dead peer, which would replace the exit code the user should see.
-    Every file is already closed or atomic by then (the `with` blocks have run)."""
+def _leave(code: int, at_once: bool = False) -> None:
+    """Exit with `code` after an error. With a process group still up, or `at_once`, leave at once
+    (os._exit): gloo's teardown at interpreter exit can abort the process (SIGABRT, measured in 7 of 20 plain
+    exits in accelerate-on-cpu.md) or hang on a dead peer, which would replace the exit code the user should
+    see. Every file is already closed or atomic by then (the `with` blocks have run)."""
     sys.stdout.flush()
     sys.stderr.flush()
     dist = sys.modules.get("torch.distributed")  # not imported: no process group (and no import cost now)
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    if at_once or (dist is not None and dist.is_available() and dist.is_initialized()):
         os._exit(code)
     sys.exit(code)
 
@@ -164,6 +164,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
             # first thing: from here on SIGTERM/SIGUSR1 mean "save at the next step and stop", never a lost run
             requests.install_signal_handlers()
+            requests.stop_with_launcher()  # `accelerate launch` of one process forwards no signal
             from trainer.config import load_config
 
             overrides = args.overrides + ([f"run.resume={args.resume}"] if args.resume else [])
@@ -262,7 +263,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         if _rank() == 0:
             print(f"[trainer] stopped on request during start-up ({err}); nothing is left half-written. "
                   f"Run the same command to start again", file=sys.stderr)
-        _leave(EXIT_STOPPED)
+        # at once: the interpreter's teardown (torch's modules, a reader pool's threads finishing their files)
+        # took another 1.0-2.5 s of the scheduler's grace here after the line, and there is nothing to save;
+        # the exit hooks skipped write none of our files (PIL, logging, torch's caches, thread pools)
+        _leave(EXIT_STOPPED, at_once=True)
 
 
 if __name__ == "__main__":

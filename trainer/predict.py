@@ -25,8 +25,9 @@ def detection_image(image: torch.Tensor) -> torch.Tensor:
 
 
 def list_images(inputs: Iterable[str]) -> List[str]:
-    """Files as given, folders searched recursively for image files (sorted; symlinked folders followed, each
-    real folder and file once: walk_image_files); `@list.txt` reads one path per line."""
+    """Files as given, folders searched recursively for image files (sorted; every path to a file, links
+    included; symlinked folders followed, each real folder once: walk_image_files); `@list.txt` reads one path
+    per line."""
     return [path for path, _ in list_inputs(inputs).images]
 
 

@@ -190,7 +190,7 @@ def scan_files(data_cfg, splits: Sequence[str], verbose=print) -> FolderScan:
         generated.ensure_generated(root, g.variant, data_cfg.image_size, g.seed, counts_per_split)
     else:
         root = Path(data_cfg.root)
-    walk_skipped: List[SkippedPath] = []  # links not followed, second paths to a file: reported below
+    walk_skipped: List[SkippedPath] = []  # folder links not followed, broken links: reported below
     manifest, cache = None, None
     if "all" in splits:  # evaluation of a plain folder of class folders, unsplit
         classes = find_classes(Path(root))

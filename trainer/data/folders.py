@@ -126,19 +126,18 @@ def decode_bytes(data: bytes, exif_orientation: bool = True) -> torch.Tensor:
 class SkippedPath(NamedTuple):
     """A path the folder walk did not list (walk_image_files), kept so that it can be reported."""
     path: str
-    target: str  # what a link points at (its text, as `ls -l` shows it); for a second path to a file, the first
+    target: str  # what a link points at (its text, as `ls -l` shows it); "" for a folder bind-mounted twice
     why: str  # a key of SKIP_REASONS
 
 
 SKIP_REASONS = {
     "folder_seen": "symlinked folder(s) already visited (a loop or a second path to one folder)",
     "broken": "broken link(s)",
-    "file_seen": "second path(s) to a file already listed",
 }
 
 
 def _inode(st: os.stat_result) -> Tuple[int, int]:
-    return st.st_dev, st.st_ino  # what a real folder or file is, whatever path reached it
+    return st.st_dev, st.st_ino  # what a real folder is, whatever path reached it
 
 
 def _link_text(path: str) -> str:
@@ -152,16 +151,19 @@ def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = N
                      listed_folders: Optional[Dict[str, int]] = None) -> Tuple[List[str], List[SkippedPath]]:
     """Image files under each of `folders`, recursively: one sorted list of paths, and the paths skipped.
 
-    Symlinked folders are followed (datasets are often linked in), but each real folder is entered once
-    and each real file listed once, so a link to a folder itself or to a parent ends instead of looping,
-    and a second path to a folder or file does not count its images twice; broken links are skipped too.
-    A folder or file is known by its (st_dev, st_ino), whatever path reached it. `seen` holds those of
-    folders not to enter (scan_split: the split folder, so that a link up to it does not list its classes a
-    second time); it is updated with what this walk enters and lists. Each of `folders` is entered.
+    Every path to an image file is listed, as torchvision's ImageFolder lists them: a hardlink, or a symlink
+    to a file, is a file of the folder it is in, even when it leads to a file listed already (DVC's hardlink
+    and symlink caches store equal images that way: dropping them dropped samples, and could empty a class).
+    Symlinked folders are followed (datasets are often linked in), but each real folder is entered once, so a
+    link to a folder itself or to a parent ends instead of looping, and a second path to a folder does not
+    list its files twice; broken links are skipped too. A folder is known by its (st_dev, st_ino), whatever
+    path reached it. `seen` holds those of folders not to enter (scan_split: the split folder, so that a link
+    up to it does not list its classes a second time); it is updated with the folders this walk enters. Each
+    of `folders` is entered.
 
-    Where one folder or file has several paths, the one with no symlink on the way wins, then the first in
-    sorted order: real subfolders are listed depth-first in name order, symlinked ones after all the real
-    folders under every one of `folders`, in the order met. The result is the same on every run.
+    Where one folder has several paths, the one with no symlink on the way is walked, else the first met:
+    real subfolders are listed depth-first in name order, symlinked ones after all the real folders under
+    every one of `folders`, in the order met. The result is the same on every run.
 
     `listed_folders`, when given, receives every folder listed, with its modification time (st_mtime_ns, read
     before listing it): what trainer.data.manifest compares to know that nothing changed since.
@@ -170,9 +172,8 @@ def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = N
     roots = [os.fspath(f) for f in folders]
     seen.update(_inode(os.stat(r)) for r in roots)
     skipped: List[SkippedPath] = []
-    found = []  # (reached through a link, path, inode) of every image file met
-    # folders to list (a stack: depth-first): path, whether a link led there, its device
-    todo = [(r, False, os.stat(r).st_dev) for r in reversed(roots)]
+    found: List[str] = []  # every image file met, by the path that reached it
+    todo = list(reversed(roots))  # folders to list (a stack: depth-first)
     links: List[Tuple[str, Tuple[int, int]]] = []  # symlinked folders met, entered after the real ones
     while todo or links:
         if not todo:
@@ -181,9 +182,9 @@ def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = N
                 skipped.append(SkippedPath(link, _link_text(link), "folder_seen"))
             else:
                 seen.add(inode)
-                todo.append((link, True, inode[0]))
+                todo.append(link)
             continue
-        path, through_link, dev = todo.pop()
+        path = todo.pop()
         try:
             if listed_folders is not None:
                 listed_folders[path] = os.stat(path).st_mtime_ns
@@ -202,27 +203,18 @@ def walk_image_files(folders: Sequence, seen: Optional[Set[Tuple[int, int]]] = N
                 if stat.S_ISDIR(st.st_mode):
                     links.append((entry.path, _inode(st)))
                 elif is_image_file(entry.name):
-                    found.append((True, entry.path, _inode(st)))
+                    found.append(entry.path)
             elif entry.is_dir(follow_symlinks=False):
                 inode = _inode(entry.stat(follow_symlinks=False))
                 if inode in seen:  # a bind mount of a folder already entered
                     skipped.append(SkippedPath(entry.path, "", "folder_seen"))
                     continue
                 seen.add(inode)
-                subfolders.append((entry.path, inode[0]))
-            elif is_image_file(entry.name):
-                # the inode comes with the directory listing and a file lives on its folder's device: no stat
-                # per file (a million files on a network file system)
-                found.append((through_link, entry.path, (dev, entry.inode())))
-        todo.extend((sub, through_link, sub_dev) for sub, sub_dev in reversed(subfolders))  # popped in name order
-    listed: Dict[Tuple[int, int], str] = {}
-    for _, path, inode in sorted(found):  # paths with no link on the way first, then by path
-        if inode in listed or inode in seen:  # a second path to it (seen: listed by an earlier walk)
-            skipped.append(SkippedPath(path, listed.get(inode, ""), "file_seen"))
-            continue
-        listed[inode] = path
-    seen.update(listed)
-    return sorted(listed.values()), skipped
+                subfolders.append(entry.path)
+            elif is_image_file(entry.name):  # no stat per file: a million files on a network file system
+                found.append(entry.path)
+        todo.extend(reversed(subfolders))  # popped in name order
+    return sorted(found), skipped
 
 
 def describe_skipped(skipped: Sequence[SkippedPath]) -> str:
@@ -250,10 +242,12 @@ def scan_split(folder: Path, classes: Sequence[str], skipped: Optional[List[Skip
     """All image files under folder/<class>/ (recursively, symlinked folders followed), sorted within each
     class, labelled by class index.
 
-    One walk over all class folders (walk_image_files), with the split folder held as seen: no folder or
-    file is listed twice, nor under two classes, and a link from one class into another or up to the split
-    folder is skipped rather than followed. The paths skipped are appended to `skipped` when it is given
-    (build_data reports them in one line).
+    One walk over all class folders (walk_image_files), with the split folder held as seen: no folder is
+    entered twice, nor under two classes, and a folder link from one class into another or up to the split
+    folder is skipped rather than followed. Every path to a file is a sample of the class folder it is in, as
+    in torchvision's ImageFolder: a hardlink, or a symlink to a file of the same class or of another, counts
+    (a deliberate duplicate: DVC's caches store equal images as links). The paths skipped are appended to
+    `skipped` when it is given (build_data reports them in one line).
     """
     folder = Path(folder)
     owner = {_inode(os.stat(folder)): str(folder)}  # real folder -> the path that claimed it
@@ -262,6 +256,10 @@ def scan_split(folder: Path, classes: Sequence[str], skipped: Optional[List[Skip
         if not class_dir.is_dir():
             raise DataError(f"class folder missing: {class_dir} (the training split has class '{name}')")
         inode = _inode(os.stat(class_dir))
+        # Two classes whose folders are one folder (`puppy -> dog`) stay an error, where torchvision would make
+        # two classes of the same images: every image would be both, so no model can tell the two apart and
+        # their metrics mean nothing; it is a mistake, not a duplicate. (A file linked into another class is one
+        # image with two labels, which a user may mean: it counts, above.)
         if inode in owner:
             raise DataError(f"class folder {class_dir} is the same folder as {owner[inode]} (a symlink): "
                             f"each class needs its own folder")

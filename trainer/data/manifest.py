@@ -33,7 +33,9 @@ from trainer.data.folders import Sample, SkippedPath
 from trainer.errors import TrainerError
 from trainer.outputs import Inputs, open_folder
 
-VERSION = 1  # of the scan and of this file's layout: another version is scanned again
+# of the scan and of this file's layout: another version is scanned again. 2: every path to a file is listed (a
+# version 1 scan dropped a second path to a file: a hardlink, or a symlink to a file, lost its samples)
+VERSION = 2
 
 
 def cache_file(root, cache_dir: str, inputs: Optional[Inputs] = None) -> Optional[Path]:

@@ -368,6 +368,23 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_is_inta
     assert_same_run(reference(1), small_disk / "run")
 
 
+
+def test_disk_full_during_the_final_export_is_one_line_and_the_same_command_completes_it(reference, tmp_path,
+                                                                                          small_disk):
+    """The disk fills inside safetensors' own writer of model/model.safetensors (its error is no OSError)."""
+    args = args_for(tmp_path, "run", **{"run.dir": str(small_disk / "run")})
+    res = run_driver(args, "fill_disk_at_export", env={"FAULT_DISK": str(small_disk)})
+    assert res.returncode == 2, res.stdout[-1500:] + res.stderr[-1500:]
+    line = one_error_line(res.stderr)
+    assert "no space left" in line and str(small_disk / "run" / "model") in line, line
+    run = small_disk / "run"
+    assert not (run / "model").exists() and not list(run.rglob("*.tmp-*")), "half an export was left behind"
+    assert verify_checkpoint(run / "checkpoints" / "step-00000028") is None  # the last one before the end
+    (small_disk / "filler.bin").unlink()
+    done = run_train(args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(reference(1), run)
+
 # ---- dead and frozen processes: the others leave within seconds, never hang ----
 
 def start_ranks(args: list, fault: str, at: int, timeout_s: int) -> list:

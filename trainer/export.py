@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.errors import TrainerError
-from trainer.files import atomic_dir, load_safetensors
+from trainer.files import atomic_dir, load_safetensors, safetensors_os_errors
 from trainer.models import TTA_MODES
 
 FORMAT = "cnn-trainer-model"
@@ -36,7 +36,8 @@ def export_model(model: torch.nn.Module, target: Path, meta: dict) -> None:
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
     with atomic_dir(target, fsync=True) as tmp:  # a reader never sees half a model; a failure leaves the old one
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with safetensors_os_errors(tmp / "model.safetensors"):  # a full disk: atomic_dir's one line
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "model.json").write_text(json.dumps(info, indent=1))
 
 

@@ -308,3 +308,60 @@ def test_collect_says_who_holds_a_running_trial_and_what_to_do_when_its_worker_i
     assert rows[0]["state"] == rows[1]["state"] == "running"
     assert "123_0 has not been heard of" in rows[0]["reason"] and "takes the trial over" in rows[0]["reason"]
     assert rows[1]["reason"].startswith("worker 123_1, heartbeat")
+
+
+def prepared_with_a_trial(tmp_path: Path) -> tuple:
+    """A prepared tune folder whose journal holds one complete trial: (tune file, folder, the journal's bytes)."""
+    from trainer import tune
+
+    spec_file = tune_file(tmp_path, trials=2, pruner="none")
+    folder = tmp_path / "tunes" / "t"
+    tune.prepare(str(spec_file), str(folder), [], None)
+    study = tune.open_study(folder, tune.load_prepared(folder), seed=0)
+    trial = study.ask()
+    study.tell(trial, tune._suggest(trial, tune.load_prepared(folder)["parameters"])["optim.lr"])
+    journal = folder / "study.journal"
+    return spec_file, folder, journal.read_bytes()
+
+
+def test_a_line_that_is_not_optunas_in_the_journal_is_one_line_naming_it_and_the_journal_is_left_alone(tmp_path):
+    """`echo ... >> study.journal`, a merge gone wrong: every command that opens the study says which line of
+    which file and what to do (Optuna's own error is a JSONDecodeError traceback), and appends nothing after it."""
+    spec_file, folder, good = prepared_with_a_trial(tmp_path)
+    journal = folder / "study.journal"
+    journal.write_bytes(good + b"a note of mine\n")
+    lines = good.count(b"\n")
+    for argv in (["collect", folder], ["tune-worker", folder, "--worker-id", "w"],
+                 ["tune", spec_file, "--local", "--dir", folder]):
+        res = run_cli(*argv, timeout=300)
+        assert res.returncode == 2, (argv, res.stdout[-2000:], res.stderr[-3000:])
+        err = res.stderr.strip().splitlines()
+        assert len(err) == 1, res.stderr[-3000:]
+        assert f"{journal} line {lines + 1} is not a record of Optuna's ('a note of mine')" in err[0]
+        assert "Remove that line" in err[0]
+        assert journal.read_bytes() == good + b"a note of mine\n"  # nothing appended, nothing rewritten
+    assert not list((folder / "trials").iterdir())  # no trial was started
+    journal.write_bytes(good)  # the line removed, as the message says: the tune works again
+    assert run_cli("collect", folder, timeout=300).returncode == 0
+
+
+def test_a_journal_that_goes_bad_while_it_is_read_is_the_same_one_line(tmp_path, monkeypatch):
+    from trainer import tune
+    from trainer.errors import TrainerError
+
+    _, folder, good = prepared_with_a_trial(tmp_path)
+    journal = folder / "study.journal"
+    opened = tune.open_study
+
+    def open_then_spoil(*a, **k):  # between the check at opening and Optuna's next read
+        study = opened(*a, **k)
+        with open(journal, "ab") as fh:  # a line of junk, then a record of Optuna's after it
+            fh.write(b"\x00\x01 binary junk\n" + good.splitlines(keepends=True)[-1])
+        return study
+
+    monkeypatch.setattr(tune, "open_study", open_then_spoil)
+    with pytest.raises(TrainerError, match=r"line \d+ is not a record of Optuna's"):
+        tune.collect(str(folder))
+    journal.write_bytes(good + b'{"op_code": 6, "cut')  # an append cut by a crash: no end of line
+    with pytest.raises(TrainerError, match=r"line \d+ is cut short"):
+        tune.open_study(folder, tune.load_prepared(folder), seed=0)

@@ -28,6 +28,7 @@ How a trial ends:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import shlex
@@ -227,6 +228,59 @@ def _none(optuna):
 PRUNERS = {"asha": _asha, "hyperband": _hyperband, "median": _median, "none": _none}
 
 
+def journal_problem(path: Path) -> Optional[str]:
+    """What makes Optuna's journal unreadable, as one line naming its line, or None. Each line Optuna writes is
+    one JSON record with an op_code, ended by a newline. Optuna replays every line at each read; on a line
+    that is not one it stops with a bare JSONDecodeError (or a ValueError, a KeyError), and a bad last line it
+    skips until the next append (which every command makes) lands after it. A last line without its newline
+    is let through only while it may still be an append in progress (Optuna writes each under its lock)."""
+    for attempt in range(2):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            return f"cannot read the tune's journal {path}: {err.strerror or err}"
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with its newline
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and "op_code" in record):
+                return _journal_line(path, number, line, "is not a record of Optuna's")
+        if not tail:
+            return None
+        if attempt == 0:
+            time.sleep(1.0)  # an append in progress ends within this; one that does not was cut
+    return _journal_line(path, len(lines) + 1, tail, "is cut short (no end of line) or not Optuna's")
+
+
+def _journal_line(path: Path, number: int, line: bytes, what: str) -> str:
+    shown = line.decode("utf-8", errors="replace")
+    shown = repr(shown if len(shown) <= 60 else shown[:60] + "...")
+    return (f"{path} line {number} {what} ({shown}): Optuna writes one JSON record per line and cannot read past "
+            f"it. Remove that line (or restore the file from a backup) and run the command again; the trainer "
+            f"never rewrites the journal itself")
+
+
+def _journal_read_back(fn):
+    """For what reads the study over and over (a worker, collect): a line that goes bad in the journal while it
+    runs (open_study checked it at the start) is the same one line, not Optuna's traceback."""
+    @functools.wraps(fn)
+    def wrapper(root, *args, **kwargs):
+        try:
+            return fn(root, *args, **kwargs)
+        except (ValueError, KeyError):
+            problem = journal_problem(Path(root) / "study.journal")
+            if problem:
+                raise TrainerError(problem) from None
+            raise
+
+    return wrapper
+
+
 def open_study(root: Path, spec: dict, seed: int):
     optuna = _optuna()
     if spec.get("storage"):
@@ -236,6 +290,9 @@ def open_study(root: Path, spec: dict, seed: int):
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
         path = str(root / "study.journal")
+        problem = journal_problem(root / "study.journal")  # before Optuna appends anything after a bad line
+        if problem:
+            raise TrainerError(problem)
         # O_EXCL lock files: the lock that suits NFSv3+ and Lustre (the symlink lock is for NFSv2)
         storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
     return optuna.create_study(study_name=spec["name"], storage=storage, load_if_exists=True,
@@ -504,6 +561,7 @@ def worker_busy(root: Path, worker_id: str) -> Optional[int]:
     return None
 
 
+@_journal_read_back
 def run_worker(root: Path, worker_id: str, index: int) -> int:
     """Ask for trials (or re-attach to the one this worker's lease names) until the study has its trials."""
     optuna = _optuna()
@@ -575,6 +633,7 @@ def _cell(v) -> str:
     return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
+@_journal_read_back
 def collect(tune_dir: str) -> List[dict]:
     """results.csv and results.md (every trial, best first), best.yaml (the best trial's resolved config,
     runnable as is), plots/ (Optuna's matplotlib figures) and the GPU-hours spent and saved by pruning."""

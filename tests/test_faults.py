@@ -230,6 +230,30 @@ def test_no_loadable_checkpoint_with_outputs_is_refused_and_nothing_changes(inte
     assert digest(run_dir) == before
 
 
+
+def test_a_complete_run_whose_checkpoints_are_all_damaged_names_them_and_is_not_continued(reference, tmp_path):
+    """Every checkpoint of a finished run replaced by a pickle: the same command still says complete, at the
+    update summary.json holds, and names the damaged checkpoints; asked to continue it (a longer schedule under
+    run.allow_config_change=true) it says it cannot, naming them. Nothing is loaded, written or moved."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference(1), run_dir)
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert len(ckpts) >= 2
+    for ckpt in ckpts:
+        (ckpt / "model.safetensors").write_bytes(pickle.dumps({"weights": [0.0]}, protocol=4))
+    before = digest(run_dir)
+    same = run_train(args_for(tmp_path, "run"))
+    assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
+    assert f"is already complete (update {UPDATES})" in same.stdout, same.stdout[-2000:]
+    assert all(f"{c.name}: model.safetensors is a pickle" in same.stdout for c in ckpts), same.stdout[-2000:]
+    assert digest(run_dir) == before
+    longer = run_train(args_for(tmp_path, "run", **{"train.epochs": 4, "run.allow_config_change": "true"}))
+    assert longer.returncode == 2, longer.stdout[-2000:] + longer.stderr[-2000:]
+    line = one_error_line(longer.stderr)
+    assert "cannot continue" in line and "train.epochs: 3 -> 4" in line, line
+    assert all(f"{c.name}: model.safetensors is a pickle" in line for c in ckpts), line
+    assert digest(run_dir) == before
+
 def test_a_run_killed_before_its_first_checkpoint_restarts_and_keeps_user_files(reference, tmp_path):
     args = args_for(tmp_path, "run")
     assert run_driver(args, "kill_at_update", 1).returncode == -signal.SIGKILL

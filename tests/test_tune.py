@@ -365,3 +365,61 @@ def test_a_journal_that_goes_bad_while_it_is_read_is_the_same_one_line(tmp_path,
     journal.write_bytes(good + b'{"op_code": 6, "cut')  # an append cut by a crash: no end of line
     with pytest.raises(TrainerError, match=r"line \d+ is cut short"):
         tune.open_study(folder, tune.load_prepared(folder), seed=0)
+
+
+def worker_starts(folder: Path, monkeypatch, sampler: str, indexes: list, trials: int = 4) -> list:
+    """Starts of run_worker on one study, one start per entry of `indexes` (its worker index), each stopped
+    after one trial (a request between trials, as SIGINT gives), or all trials in one start when `indexes` has
+    one entry. The trial itself is a stand-in (no training): its value is the lr drawn. Returns the values
+    drawn, in trial order."""
+    from trainer import tune
+    from trainer.files import atomic_write_json
+
+    parameters = ({"optim.lr": {"type": "categorical", "choices": [0.1, 0.01, 0.001]},
+                   "optim.weight_decay": {"type": "categorical", "choices": [0.0, 0.05]}} if sampler == "grid" else
+                  {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 0.1, "log": True},
+                   "optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "log": False}})
+    spec = {"name": "t", "direction": "maximize", "sampler": sampler, "pruner": "none", "storage": None,
+            "metric": "accuracy", "seed": 0, "gpus_per_trial": 1, "stale_after_s": 600, "trials": trials,
+            "parameters": parameters}
+    for sub in ("leases", "trials"):
+        (folder / sub).mkdir(parents=True)
+    atomic_write_json(folder / "tune.json", spec)
+    stop = {"after_one": len(indexes) > 1, "now": False}
+
+    class Stop:  # _StopAsked without the signal handlers (they would be pytest's process's)
+        def __bool__(self):
+            return stop["now"]
+
+    def stand_in(root, spec, study, trial, asked, worker_id):
+        values = tune._suggest(trial, spec["parameters"])
+        study.tell(trial, float(values["optim.lr"]))
+        stop["now"] = stop["after_one"]
+        return 0
+
+    monkeypatch.setattr(tune, "_StopAsked", Stop)
+    monkeypatch.setattr(tune, "_run_trial", stand_in)
+    for index in indexes:
+        stop["now"] = False
+        tune.run_worker(folder, f"local-{index}", index)
+    study = tune.open_study(folder, spec, seed=0)
+    return [t.params for t in sorted(study.get_trials(), key=lambda t: t.number)]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "qmc", "grid"])
+def test_a_restarted_worker_draws_new_values_the_same_as_a_worker_never_stopped(tmp_path, monkeypatch, sampler):
+    """A worker restarted after each trial (preempted, SIGINT, kill -9) must not draw an earlier trial's values
+    again (its sampler restarted from the same seed did), and a tune of one worker is reproducible: for a given
+    seed, the same values per trial number, restarted or not."""
+    restarted = worker_starts(tmp_path / "restarted", monkeypatch, sampler, [0, 0, 0, 0])
+    assert len(restarted) == 4
+    assert len({tuple(sorted(p.items())) for p in restarted}) == 4, restarted
+    assert worker_starts(tmp_path / "straight", monkeypatch, sampler, [0]) == restarted
+
+
+def test_the_workers_of_a_grid_share_its_numbering_and_cover_it_once(tmp_path, monkeypatch):
+    """Optuna's grid sampler names a point by its place in a list shuffled by the seed: every worker needs the
+    same seed, or worker 1's point 1 may be worker 0's point 0 (one value set twice, another never)."""
+    drawn = worker_starts(tmp_path, monkeypatch, "grid", [0, 1, 2, 1, 0, 3], trials=6)
+    assert sorted(tuple(sorted(p.items())) for p in drawn) == sorted(
+        (("optim.lr", lr), ("optim.weight_decay", wd)) for lr in (0.1, 0.01, 0.001) for wd in (0.0, 0.05))

@@ -7,7 +7,8 @@ kinds (n = the update counted from 1, as in metrics.jsonl's "step"):
   kill_during_eval    SIGKILL in the middle of the evaluation that follows update n
   kill_during_export  SIGKILL after model.safetensors of the final export is written (n unused)
   sigterm_at_update   a real preemption signal (SIGTERM) during update n
-  fill_disk_at_save   fill the run directory's file system just before the checkpoint of update n
+  fill_disk_at_save   fill the run directory's file system ($FAULT_DISK) just before the checkpoint of update n
+  fill_disk_at_export fill it just before model.safetensors of the final export is written (n unused)
   kill_in_startup     SIGKILL while the data are being read (start-up)
   sigterm_in_startup  SIGTERM to itself while the data are being read (start-up)
   stop_file_in_startup  create $TRAINER_STOP_FILE, then keep "scanning" until stopped (start-up)
@@ -57,23 +58,26 @@ L.lr_at = lr_at
 original_save_file = C.save_file
 
 
+def fill_disk() -> None:
+    """Fill $FAULT_DISK until the file system refuses a single byte. Unbuffered writes, so that the refusal
+    happens here and nothing is left in a buffer to fail again on close: the next write, the trainer's own
+    inside safetensors' writer, is the first to meet the full disk (as it would on a real one)."""
+    fd = os.open(os.path.join(os.environ["FAULT_DISK"], "filler.bin"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (1 << 20, 4096, 1):  # then the last partial block
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
 def save_file(tensors, path, *a, **k):
     in_target = f".step-{AT:08d}.tmp-" in str(path)
-    if KIND == "fill_disk_at_save" and in_target:
-        filler = os.path.join(os.environ["FAULT_DISK"], "filler.bin")
-        with open(filler, "ab") as fh:  # until the file system refuses: then it is full
-            try:
-                while True:
-                    fh.write(b"\0" * (1 << 20))
-                    fh.flush()
-            except OSError:
-                pass
-            try:
-                while True:  # the last partial block too
-                    fh.write(b"\0" * 4096)
-                    fh.flush()
-            except OSError:
-                pass
+    if KIND == "fill_disk_at_save" and in_target and path.endswith("/model.safetensors"):
+        fill_disk()
     original_save_file(tensors, path, *a, **k)
     if KIND == "kill_during_save" and in_target:
         die()
@@ -94,6 +98,8 @@ original_export_save = E.save_file
 
 
 def export_save(tensors, path, *a, **k):
+    if KIND == "fill_disk_at_export" and "/.model.tmp-" in str(path):
+        fill_disk()
     original_export_save(tensors, path, *a, **k)
     if KIND == "kill_during_export" and "/.model.tmp-" in str(path):
         die()

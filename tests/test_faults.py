@@ -233,6 +233,30 @@ def test_no_loadable_checkpoint_with_outputs_is_refused_and_nothing_changes(inte
     assert digest(run_dir) == before
 
 
+
+def test_a_complete_run_whose_checkpoints_are_all_damaged_names_them_and_is_not_continued(reference, tmp_path):
+    """Every checkpoint of a finished run replaced by a pickle: the same command still says complete, at the
+    update summary.json holds, and names the damaged checkpoints; asked to continue it (a longer schedule under
+    run.allow_config_change=true) it says it cannot, naming them. Nothing is loaded, written or moved."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference(1), run_dir)
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert len(ckpts) >= 2
+    for ckpt in ckpts:
+        (ckpt / "model.safetensors").write_bytes(pickle.dumps({"weights": [0.0]}, protocol=4))
+    before = digest(run_dir)
+    same = run_train(args_for(tmp_path, "run"))
+    assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
+    assert f"is already complete (update {UPDATES})" in same.stdout, same.stdout[-2000:]
+    assert all(f"{c.name}: model.safetensors is a pickle" in same.stdout for c in ckpts), same.stdout[-2000:]
+    assert digest(run_dir) == before
+    longer = run_train(args_for(tmp_path, "run", **{"train.epochs": 4, "run.allow_config_change": "true"}))
+    assert longer.returncode == 2, longer.stdout[-2000:] + longer.stderr[-2000:]
+    line = one_error_line(longer.stderr)
+    assert "cannot continue" in line and "train.epochs: 3 -> 4" in line, line
+    assert all(f"{c.name}: model.safetensors is a pickle" in line for c in ckpts), line
+    assert digest(run_dir) == before
+
 def test_a_run_killed_before_its_first_checkpoint_restarts_and_keeps_user_files(reference, tmp_path):
     args = args_for(tmp_path, "run")
     assert run_driver(args, "kill_at_update", 1).returncode == -signal.SIGKILL
@@ -370,6 +394,23 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_is_inta
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same_run(reference(1), small_disk / "run")
 
+
+
+def test_disk_full_during_the_final_export_is_one_line_and_the_same_command_completes_it(reference, tmp_path,
+                                                                                          small_disk):
+    """The disk fills inside safetensors' own writer of model/model.safetensors (its error is no OSError)."""
+    args = args_for(tmp_path, "run", **{"run.dir": str(small_disk / "run")})
+    res = run_driver(args, "fill_disk_at_export", env={"FAULT_DISK": str(small_disk)})
+    assert res.returncode == 2, res.stdout[-1500:] + res.stderr[-1500:]
+    line = one_error_line(res.stderr)
+    assert "no space left" in line and str(small_disk / "run" / "model") in line, line
+    run = small_disk / "run"
+    assert not (run / "model").exists() and not list(run.rglob("*.tmp-*")), "half an export was left behind"
+    assert verify_checkpoint(run / "checkpoints" / "step-00000028") is None  # the last one before the end
+    (small_disk / "filler.bin").unlink()
+    done = run_train(args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_run(reference(1), run)
 
 # ---- dead and frozen processes: the others leave within seconds, never hang ----
 

@@ -126,6 +126,33 @@ def test_every_image_is_checked_once_when_packed(folder, tmp_path):
     assert len(data.datasets["train"]) == 3 * 14 - 1 and "train/dog/3.jpg" not in list(data.datasets["train"].paths)
 
 
+
+def test_a_class_whose_every_image_is_bad_is_refused_when_packed_and_when_training_from_such_a_pack(folder, tmp_path,
+                                                                                                     monkeypatch):
+    """--skip-bad-images may not leave a class with no training image, as data.skip_bad_images=true may not on
+    the folder path: a run would train a class it never sees without a word."""
+    for image in (folder / "train" / "eel").iterdir():
+        image.write_bytes(image.read_bytes()[:300])  # cut short: the header parses, the pixels do not
+    lost = "class 'eel' has no readable training image left: {} dropped all 14 of its files, e.g. {}"
+    in_folder = lost.format("data.skip_bad_images=true", folder / "train/eel/0.jpg")
+    with pytest.raises(DataError, match=re.escape(in_folder)):
+        build_data(data_cfg(folder, "imagefolder", **{"data.skip_bad_images": "true"}), seed=0, verbose=quiet)
+    with pytest.raises(DataError, match=re.escape(lost.format("--skip-bad-images", "train/eel/0.jpg"))
+                       + ".*the same trainer pack again"):
+        shards.pack(folder, tmp_path / "packed", shard_mb=0.008, skip_bad=True, say=quiet)
+    assert not (tmp_path / "packed" / "index.json").exists()  # no pack to train from
+    with pytest.raises(DataError, match="a pack was cut short"):
+        build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, verbose=quiet)
+    # a pack made before pack refused it: training from it is refused as the folder path refuses
+    monkeypatch.setattr(shards, "_check_every_class_kept", lambda *a: None)
+    index = shards.pack(folder, tmp_path / "older", shard_mb=0.008, skip_bad=True, say=quiet)
+    assert len(index["skipped"]) == 14
+    with pytest.raises(DataError, match=re.escape(lost.format("trainer pack --skip-bad-images", "train/eel/0.jpg"))
+                       + r" \(the shards at .*older hold none of its images\)"):
+        build_data(data_cfg(tmp_path / "older", "shards"), seed=0, verbose=quiet)
+    data = build_data(data_cfg(tmp_path / "older", "shards"), seed=0, splits=("val",), verbose=quiet)
+    assert len(data.datasets["val"]) == 3 * 4  # scoring a split of it is no training: not refused
+
 @pytest.mark.parametrize("damage, message", [
     ("missing", r"shard .*train-00001.arrow is missing \(the index lists \d+ images in it\)"),
     ("truncated", r"shard .*train-00001.arrow is \d+ bytes, its index says \d+: cut short"),

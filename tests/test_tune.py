@@ -312,3 +312,118 @@ def test_collect_says_who_holds_a_running_trial_and_what_to_do_when_its_worker_i
     assert rows[0]["state"] == rows[1]["state"] == "running"
     assert "123_0 has not been heard of" in rows[0]["reason"] and "takes the trial over" in rows[0]["reason"]
     assert rows[1]["reason"].startswith("worker 123_1, heartbeat")
+
+
+def prepared_with_a_trial(tmp_path: Path) -> tuple:
+    """A prepared tune folder whose journal holds one complete trial: (tune file, folder, the journal's bytes)."""
+    from trainer import tune
+
+    spec_file = tune_file(tmp_path, trials=2, pruner="none")
+    folder = tmp_path / "tunes" / "t"
+    tune.prepare(str(spec_file), str(folder), [], None)
+    study = tune.open_study(folder, tune.load_prepared(folder), seed=0)
+    trial = study.ask()
+    study.tell(trial, tune._suggest(trial, tune.load_prepared(folder)["parameters"])["optim.lr"])
+    journal = folder / "study.journal"
+    return spec_file, folder, journal.read_bytes()
+
+
+def test_a_line_that_is_not_optunas_in_the_journal_is_one_line_naming_it_and_the_journal_is_left_alone(tmp_path):
+    """`echo ... >> study.journal`, a merge gone wrong: every command that opens the study says which line of
+    which file and what to do (Optuna's own error is a JSONDecodeError traceback), and appends nothing after it."""
+    spec_file, folder, good = prepared_with_a_trial(tmp_path)
+    journal = folder / "study.journal"
+    journal.write_bytes(good + b"a note of mine\n")
+    lines = good.count(b"\n")
+    for argv in (["collect", folder], ["tune-worker", folder, "--worker-id", "w"],
+                 ["tune", spec_file, "--local", "--dir", folder]):
+        res = run_cli(*argv, timeout=300)
+        assert res.returncode == 2, (argv, res.stdout[-2000:], res.stderr[-3000:])
+        err = res.stderr.strip().splitlines()
+        assert len(err) == 1, res.stderr[-3000:]
+        assert f"{journal} line {lines + 1} is not a record of Optuna's ('a note of mine')" in err[0]
+        assert "Remove that line" in err[0]
+        assert journal.read_bytes() == good + b"a note of mine\n"  # nothing appended, nothing rewritten
+    assert not list((folder / "trials").iterdir())  # no trial was started
+    journal.write_bytes(good)  # the line removed, as the message says: the tune works again
+    assert run_cli("collect", folder, timeout=300).returncode == 0
+
+
+def test_a_journal_that_goes_bad_while_it_is_read_is_the_same_one_line(tmp_path, monkeypatch):
+    from trainer import tune
+    from trainer.errors import TrainerError
+
+    _, folder, good = prepared_with_a_trial(tmp_path)
+    journal = folder / "study.journal"
+    opened = tune.open_study
+
+    def open_then_spoil(*a, **k):  # between the check at opening and Optuna's next read
+        study = opened(*a, **k)
+        with open(journal, "ab") as fh:  # a line of junk, then a record of Optuna's after it
+            fh.write(b"\x00\x01 binary junk\n" + good.splitlines(keepends=True)[-1])
+        return study
+
+    monkeypatch.setattr(tune, "open_study", open_then_spoil)
+    with pytest.raises(TrainerError, match=r"line \d+ is not a record of Optuna's"):
+        tune.collect(str(folder))
+    journal.write_bytes(good + b'{"op_code": 6, "cut')  # an append cut by a crash: no end of line
+    with pytest.raises(TrainerError, match=r"line \d+ is cut short"):
+        tune.open_study(folder, tune.load_prepared(folder), seed=0)
+
+
+def worker_starts(folder: Path, monkeypatch, sampler: str, indexes: list, trials: int = 4) -> list:
+    """Starts of run_worker on one study, one start per entry of `indexes` (its worker index), each stopped
+    after one trial (a request between trials, as SIGINT gives), or all trials in one start when `indexes` has
+    one entry. The trial itself is a stand-in (no training): its value is the lr drawn. Returns the values
+    drawn, in trial order."""
+    from trainer import tune
+    from trainer.files import atomic_write_json
+
+    parameters = ({"optim.lr": {"type": "categorical", "choices": [0.1, 0.01, 0.001]},
+                   "optim.weight_decay": {"type": "categorical", "choices": [0.0, 0.05]}} if sampler == "grid" else
+                  {"optim.lr": {"type": "float", "low": 1.0e-4, "high": 0.1, "log": True},
+                   "optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "log": False}})
+    spec = {"name": "t", "direction": "maximize", "sampler": sampler, "pruner": "none", "storage": None,
+            "metric": "accuracy", "seed": 0, "gpus_per_trial": 1, "stale_after_s": 600, "trials": trials,
+            "parameters": parameters}
+    for sub in ("leases", "trials"):
+        (folder / sub).mkdir(parents=True)
+    atomic_write_json(folder / "tune.json", spec)
+    stop = {"after_one": len(indexes) > 1, "now": False}
+
+    class Stop:  # _StopAsked without the signal handlers (they would be pytest's process's)
+        def __bool__(self):
+            return stop["now"]
+
+    def stand_in(root, spec, study, trial, asked, worker_id):
+        values = tune._suggest(trial, spec["parameters"])
+        study.tell(trial, float(values["optim.lr"]))
+        stop["now"] = stop["after_one"]
+        return 0
+
+    monkeypatch.setattr(tune, "_StopAsked", Stop)
+    monkeypatch.setattr(tune, "_run_trial", stand_in)
+    for index in indexes:
+        stop["now"] = False
+        tune.run_worker(folder, f"local-{index}", index)
+    study = tune.open_study(folder, spec, seed=0)
+    return [t.params for t in sorted(study.get_trials(), key=lambda t: t.number)]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "cmaes", "qmc", "grid"])
+def test_a_restarted_worker_draws_new_values_the_same_as_a_worker_never_stopped(tmp_path, monkeypatch, sampler):
+    """A worker restarted after each trial (preempted, SIGINT, kill -9) must not draw an earlier trial's values
+    again (its sampler restarted from the same seed did), and a tune of one worker is reproducible: for a given
+    seed, the same values per trial number, restarted or not."""
+    restarted = worker_starts(tmp_path / "restarted", monkeypatch, sampler, [0, 0, 0, 0])
+    assert len(restarted) == 4
+    assert len({tuple(sorted(p.items())) for p in restarted}) == 4, restarted
+    assert worker_starts(tmp_path / "straight", monkeypatch, sampler, [0]) == restarted
+
+
+def test_the_workers_of_a_grid_share_its_numbering_and_cover_it_once(tmp_path, monkeypatch):
+    """Optuna's grid sampler names a point by its place in a list shuffled by the seed: every worker needs the
+    same seed, or worker 1's point 1 may be worker 0's point 0 (one value set twice, another never)."""
+    drawn = worker_starts(tmp_path, monkeypatch, "grid", [0, 1, 2, 1, 0, 3], trials=6)
+    assert sorted(tuple(sorted(p.items())) for p in drawn) == sorted(
+        (("optim.lr", lr), ("optim.weight_decay", wd)) for lr in (0.1, 0.01, 0.001) for wd in (0.0, 0.05))

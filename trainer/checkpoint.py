@@ -30,10 +30,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from trainer.errors import TrainerError
+from trainer.files import CHECKSUM, checksum_bytes, checksum_file, is_pickle, safetensors_os_errors
 
 if TYPE_CHECKING:
     from trainer.outputs import Folder
-from trainer.files import CHECKSUM, checksum_bytes, checksum_file, is_pickle
 
 FORMAT = "cnn-trainer-checkpoint"
 FORMAT_VERSION = 1
@@ -132,7 +132,8 @@ def write_checkpoint(out: "Folder", update: int, model_state: dict, optimizer_st
         with out.replacing(rel, fsync=True) as tmp:  # fsynced: safetensors' writer does not
             digests = {}
             for name, tensors in tensor_files.items():
-                save_file(tensors, str(tmp / name))
+                with safetensors_os_errors(tmp / name):  # a full disk: one line below, not a traceback
+                    save_file(tensors, str(tmp / name))
                 digests[name] = checksum_file(tmp / name)  # read back from the page cache
             full_state = {"format": FORMAT, "format_version": FORMAT_VERSION, **state, "update": update,
                           "optimizer": opt_meta, "rng": [states for _, states in rng_per_rank],

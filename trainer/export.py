@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.errors import TrainerError
-from trainer.files import load_safetensors
+from trainer.files import load_safetensors, safetensors_os_errors
 from trainer.models import TTA_MODES
 
 FORMAT = "cnn-trainer-model"
@@ -38,18 +38,7 @@ def write_model(model: torch.nn.Module, folder: Path, meta: dict) -> None:
     unwrapped (no DDP); `meta` holds architecture, task, classes, input and normalisation."""
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "model.json").write_text(json.dumps(info, indent=1))
-
-
-def export_model(model: torch.nn.Module, target: Path, meta: dict, by: str = "train") -> None:
-    """A model folder `target` on its own (model.safetensors + model.json), replaced in one rename through the
-    write gate (the folder holding it is the gate's record of what it wrote)."""
-    from trainer.outputs import Folder
-
-    target = Path(target)
-    with Folder(target.parent, by, option=str(target)).replacing(target.name, fsync=True) as tmp:
-        write_model(model, tmp, meta)
+from trainer.files import load_safetensors, safetensors_os_errors
 
 
 def find_model_dir(path: str) -> Path:

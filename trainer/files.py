@@ -12,6 +12,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,6 +161,23 @@ def disk_error(err: OSError, path: Union[str, Path, None] = None) -> Exception:
     return TrainerError(f"cannot write {where}: {reason}" + (
         "; free some space (the previous files are intact) and run the same command again"
         if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""))
+
+
+@contextmanager
+def safetensors_os_errors(path: Union[str, Path]) -> Iterator[None]:
+    """Around safetensors' `save_file`: its writer (Rust) reports a failed write (a full disk) as a
+    SafetensorError whose text holds "(os error 28)", not as an OSError, so the callers that turn OSErrors into
+    one line (atomic_dir, disk_error) would let it through as a traceback. Re-raised here as the OSError it
+    stands for; a SafetensorError without an OS error (a bug) goes through unchanged."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def writes_to(path: Union[str, Path], fn: Callable[[], object]):

@@ -26,12 +26,13 @@ from typing import Optional
 
 import torch
 from accelerate.utils import gather_object, set_seed
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from trainer import requests
 from trainer.checkpoint import (capture_rng, check_compatible, checkpoint_name, read_checkpoint, restore_rng, rotate,
                                 verify_checkpoint, write_checkpoint)
-from trainer.config import Config, config_changes, eval_batch_size, to_dict, to_yaml
+from trainer.config import Config, config_changes, eval_batch_size, load_yaml, to_dict, to_yaml
 from trainer.data import data_fingerprint, data_inputs
 from trainer.data.datasets import replaced_images
 from trainer.data.loaders import build_train_loader, check_decode_device
@@ -122,9 +123,13 @@ def train(cfg: Config) -> dict:
             if plan.kind == "complete":
                 say(f"[trainer] {run_dir} is already complete (update {seen.get('update', '?')}); nothing to do. "
                     f"Pass run.overwrite=true to train it again from scratch")
+                if seen.get("unloadable"):
+                    say(f"[trainer] {seen['unloadable']}: the run cannot be continued from them; nothing was moved "
+                        f"or changed")
                 if seen.get("changes"):
-                    say(f"[trainer] not applied, this config differs from the run's: {'; '.join(seen['changes'])} "
-                        f"(run.allow_config_change=true continues training it under them)")
+                    say(f"[trainer] not applied, this config differs from the run's: {'; '.join(seen['changes'])}"
+                        + ("" if seen.get("unloadable") else
+                           " (run.allow_config_change=true continues training it under them)"))
                 acc.end_training()
                 summary = run_dir / "summary.json"
                 return json.loads(summary.read_text()) if summary.is_file() else {}
@@ -139,6 +144,8 @@ def compare_with_checkpoint(plan, cfg: Config) -> dict:
     a complete run they are only reported (nothing is trained or written). Returns {changes, update}.
     (A checkpoint of another run, run.resume=, is compared once the model is built: that it fits the model
     at all is said first.)"""
+    if plan.kind == "complete" and plan.checkpoint is None:
+        return complete_without_checkpoint(plan, cfg)
     if plan.checkpoint is None or not plan.in_place:
         return {}
     state = json.loads((plan.checkpoint / "state.json").read_text())
@@ -149,6 +156,27 @@ def compare_with_checkpoint(plan, cfg: Config) -> dict:
         plan.kind = "resume"  # meant: a finished run continues from its final checkpoint
         changes = []
     return {"changes": changes, "update": state["update"]}
+
+
+def complete_without_checkpoint(plan, cfg: Config) -> dict:
+    """Main process: a finished run none of whose checkpoints loads (each damaged, or all deleted). It is still
+    complete (summary.json says so, and at which update), so the same command has nothing to do and says
+    why it could not do more; asked to continue (a changed config under run.allow_config_change=true) it
+    refuses in one line, as there is nothing to continue from. Nothing is loaded, moved or written either
+    way. The config compared with is the run's config.yaml (its checkpoints hold the copy a resume uses)."""
+    why = "; ".join(f"{f.name}: {problem}" for f, problem in plan.damaged)
+    unloadable = f"none of its checkpoints loads ({why})" if why else "it has no checkpoint"
+    try:
+        finished_under = OmegaConf.to_container(load_yaml(plan.dir / "config.yaml", "the run's config"), resolve=True)
+    except (OSError, ConfigError):  # absent or unreadable: what changed cannot be told
+        finished_under = None
+    changes = config_changes(finished_under, to_dict(cfg)) if isinstance(finished_under, dict) else []
+    if changes and cfg.run.allow_config_change:
+        raise TrainerError(f"run.dir {plan.dir} is complete, but {unloadable}: it cannot continue from them under "
+                           f"the changed config ({'; '.join(changes)}); nothing was changed. Pass "
+                           f"run.overwrite=true to train it again from scratch, or choose another run.dir")
+    return {"changes": changes, "update": read_json(plan.dir / "summary.json").get("updates", "?"),
+            "unloadable": unloadable}
 
 
 def changed_config_message(checkpoint: Path, changes: list) -> str:

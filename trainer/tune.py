@@ -28,6 +28,7 @@ How a trial ends:
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -183,29 +184,84 @@ def _optuna():
     return optuna
 
 
-def _tpe(optuna, spec, seed):
-    return optuna.samplers.TPESampler(seed=seed)
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial `number`'s draws: a hash of both (numpy's SeedSequence), so that neighbouring trials
+    and neighbouring tune seeds get unrelated streams."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
-def _random(optuna, spec, seed):
-    return optuna.samplers.RandomSampler(seed=seed)
+def _seeded_per_trial(optuna, make, seed: int):
+    """A sampler `make(trial_seed(seed, n))` made afresh for each trial n, for the samplers whose draws come
+    from one RandomState seeded when made (TPE, random, CMA-ES). Seeded once per worker start instead, a
+    restarted worker (preempted, SIGINT, kill -9) drew the values of the first trial of its previous start
+    again. Per trial, they depend only on the seed, the trial number and the study's trials so far, which is
+    what these samplers read from the study anyway (TPE its history, CMA-ES its optimizer stored in the
+    trials' system attributes), so one made per trial samples as one kept over the whole tune: a tune of one
+    worker draws the same values, stopped and restarted or not. Optuna's PartialFixedSampler wraps a sampler
+    the same way."""
+    class SeededPerTrial(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self._of_trial = {}  # trial number -> its sampler, until it is told (a worker holds one at a time)
+
+        def _of(self, trial):
+            if trial.number not in self._of_trial:
+                self._of_trial[trial.number] = make(trial_seed(seed, trial.number))
+            return self._of_trial[trial.number]
+
+        def reseed_rng(self) -> None:  # Optuna's optimize(n_jobs>1) only; the seeds here are made per trial
+            pass
+
+        def before_trial(self, study, trial):
+            self._of(trial).before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self._of(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self._of(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values):
+            self._of(trial).after_trial(study, trial, state, values)
+            self._of_trial.pop(trial.number, None)
+
+    return SeededPerTrial()
 
 
-def _grid(optuna, spec, seed):
+def _tpe(optuna, spec, seed, worker_index):
+    return _seeded_per_trial(optuna, lambda s: optuna.samplers.TPESampler(seed=s), seed)
+
+
+def _random(optuna, spec, seed, worker_index):
+    return _seeded_per_trial(optuna, lambda s: optuna.samplers.RandomSampler(seed=s), seed)
+
+
+def _grid(optuna, spec, seed, worker_index):
     class Grid(optuna.samplers.GridSampler):
         def after_trial(self, study, trial, state, values):
             """GridSampler stops optimize() when the grid is done, by study.stop(), which raises under
             ask-and-tell; our workers count trials themselves (the budget is capped at the grid's size)."""
 
+    # The same seed in every worker: a grid point is named by its place in the list the seed shuffles (trial
+    # n takes point n while n < the grid's size), so with a seed per worker two workers' points n and m could
+    # be one value set, run twice, and another never.
     return Grid({n: p["choices"] for n, p in spec["parameters"].items()}, seed=seed)
 
 
-def _cmaes(optuna, spec, seed):
-    return optuna.samplers.CmaEsSampler(seed=seed)
+def _cmaes(optuna, spec, seed, worker_index):
+    return _seeded_per_trial(optuna, lambda s: optuna.samplers.CmaEsSampler(seed=s), seed)
 
 
-def _qmc(optuna, spec, seed):
-    return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+def _qmc(optuna, spec, seed, worker_index):
+    # Each worker its own scrambled sequence (the seed scrambles it), walked by a counter the study keeps per
+    # sequence: a restarted worker goes on where it stopped. Not one sequence shared by all workers: Optuna
+    # reads and writes that counter in two steps, so two workers could take the same point. Not seeded per
+    # trial: the points must come from one sequence to cover the space evenly.
+    return optuna.samplers.QMCSampler(seed=seed + worker_index, scramble=True)
 
 
 SAMPLERS = {"tpe": _tpe, "random": _random, "grid": _grid, "cmaes": _cmaes, "qmc": _qmc}
@@ -231,7 +287,62 @@ def _none(optuna):
 PRUNERS = {"asha": _asha, "hyperband": _hyperband, "median": _median, "none": _none}
 
 
-def open_study(root: Path, spec: dict, seed: int):
+def journal_problem(path: Path) -> Optional[str]:
+    """What makes Optuna's journal unreadable, as one line naming its line, or None. Each line Optuna writes is
+    one JSON record with an op_code, ended by a newline. Optuna replays every line at each read; on a line
+    that is not one it stops with a bare JSONDecodeError (or a ValueError, a KeyError), and a bad last line it
+    skips until the next append (which every command makes) lands after it. A last line without its newline
+    is let through only while it may still be an append in progress (Optuna writes each under its lock)."""
+    for attempt in range(2):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            return f"cannot read the tune's journal {path}: {err.strerror or err}"
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with its newline
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not (isinstance(record, dict) and "op_code" in record):
+                return _journal_line(path, number, line, "is not a record of Optuna's")
+        if not tail:
+            return None
+        if attempt == 0:
+            time.sleep(1.0)  # an append in progress ends within this; one that does not was cut
+    return _journal_line(path, len(lines) + 1, tail, "is cut short (no end of line) or not Optuna's")
+
+
+def _journal_line(path: Path, number: int, line: bytes, what: str) -> str:
+    shown = line.decode("utf-8", errors="replace")
+    shown = repr(shown if len(shown) <= 60 else shown[:60] + "...")
+    return (f"{path} line {number} {what} ({shown}): Optuna writes one JSON record per line and cannot read past "
+            f"it. Remove that line (or restore the file from a backup) and run the command again; the trainer "
+            f"never rewrites the journal itself")
+
+
+def _journal_read_back(fn):
+    """For what reads the study over and over (a worker, collect): a line that goes bad in the journal while it
+    runs (open_study checked it at the start) is the same one line, not Optuna's traceback."""
+    @functools.wraps(fn)
+    def wrapper(root, *args, **kwargs):
+        try:
+            return fn(root, *args, **kwargs)
+        except (ValueError, KeyError):
+            problem = journal_problem(Path(root) / "study.journal")
+            if problem:
+                raise TrainerError(problem) from None
+            raise
+
+    return wrapper
+
+
+def open_study(root: Path, spec: dict, seed: int, worker_index: int = 0):
+    """The tune's study, its sampler seeded from `seed` (the tune's) per trial, or per worker where the
+    sampler needs it (see SAMPLERS)."""
     optuna = _optuna()
     if spec.get("storage"):
         storage = spec["storage"]
@@ -240,11 +351,14 @@ def open_study(root: Path, spec: dict, seed: int):
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
         path = str(root / "study.journal")
+        problem = journal_problem(root / "study.journal")  # before Optuna appends anything after a bad line
+        if problem:
+            raise TrainerError(problem)
         # O_EXCL lock files: the lock that suits NFSv3+ and Lustre (the symlink lock is for NFSv2)
         storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+    sampler = SAMPLERS[spec["sampler"]](optuna, spec, seed, worker_index)
     return optuna.create_study(study_name=spec["name"], storage=storage, load_if_exists=True,
-                               direction=spec["direction"], sampler=SAMPLERS[spec["sampler"]](optuna, spec, seed),
-                               pruner=PRUNERS[spec["pruner"]](optuna))
+                               direction=spec["direction"], sampler=sampler, pruner=PRUNERS[spec["pruner"]](optuna))
 
 
 def tune_folder(root: Path, by: str, inputs: Optional[Inputs] = None) -> Folder:
@@ -514,6 +628,7 @@ def worker_busy(root: Path, worker_id: str) -> Optional[int]:
     return None
 
 
+@_journal_read_back
 def run_worker(root: Path, worker_id: str, index: int) -> int:
     """Ask for trials (or re-attach to the one this worker's lease names) until the study has its trials."""
     optuna = _optuna()
@@ -524,7 +639,7 @@ def run_worker(root: Path, worker_id: str, index: int) -> int:
     out = tune_folder(root, "tune-worker")
     out.write_json(f"leases/{worker_id}.pid", {"pid": os.getpid(), "host": os.uname().nodename})
     stop = _StopAsked()
-    study = open_study(root, spec, spec["seed"] + index)  # each worker its own sampler stream
+    study = open_study(root, spec, spec["seed"], index)  # draws seeded per trial (see _seeded_per_trial)
     while not stop:
         lease = read_json(root / "leases" / f"{worker_id}.json") or None
         held = lease if lease is not None else _take_over(root, out, study, worker_id, float(spec["stale_after_s"]))
@@ -586,6 +701,7 @@ def _cell(v) -> str:
     return "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
+@_journal_read_back
 def collect(tune_dir: str) -> List[dict]:
     """results.csv and results.md (every trial, best first), best.yaml (the best trial's resolved config,
     runnable as is), plots/ (Optuna's matplotlib figures) and the GPU-hours spent and saved by pruning."""

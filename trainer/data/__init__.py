@@ -23,7 +23,7 @@ from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDatas
 from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_ignore_index, check_masks, mask_eval_transform,
                                 mask_train_transform, read_class_names, scan_mask_folder, voc_pairs, with_val_split)
 from trainer.data.folders import (SkippedPath, describe_skipped, find_bad_images, find_classes, imagefolder_splits,
-                                  scan_imagefolder, scan_split, stratified_split, verify_images)
+                                  lost_class_message, scan_imagefolder, scan_split, stratified_split, verify_images)
 from trainer.data.manifest import Manifest, cache_file
 from trainer.data.shards import ShardDataset, ShardDetectionDataset, ShardMaskDataset, read_packed, read_packed_coco
 from trainer.data.manifest import load as load_manifest
@@ -109,6 +109,8 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
         classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed,
                                             scanned=(pack.classes, pack.found))
         _check_splits(root, found, splits, data_cfg.val_fraction)
+        if "train" in splits:
+            _check_every_class_packed(root, classes, found["train"], pack.skipped)
 
         def shard_split(samples) -> ShardDataset:
             rows = np.array([row for row, _ in samples], dtype=np.int64)
@@ -427,11 +429,20 @@ def _check_every_class_kept(samples, good, bad: List[str], classes: List[str]) -
     label_of = dict(samples)
     lost = sorted({label_of[p] for p in bad} - kept)
     if lost:
-        name = classes[lost[0]]
         dropped = [p for p in bad if label_of[p] == lost[0]]
-        more = f" (and {len(lost) - 1} more class(es) likewise)" if len(lost) > 1 else ""
-        raise DataError(f"class '{name}' has no readable training image left: data.skip_bad_images=true dropped all "
-                        f"{len(dropped)} of its files, e.g. {dropped[0]}{more}; fix or remove them")
+        raise DataError(lost_class_message(classes[lost[0]], "data.skip_bad_images=true", dropped, len(lost) - 1)
+                        + "; fix or remove them")
+
+
+def _check_every_class_packed(root, classes: List[str], train: List, skipped: List) -> None:
+    """A pack made with --skip-bad-images before pack refused it may hold a class with no training image:
+    refused as the folder path refuses it (its left-out files are named train/<class>/... or <class>/...)."""
+    lost = sorted(set(range(len(classes))) - {label for _, label in train})
+    if lost:
+        name = classes[lost[0]]
+        dropped = [path for path, _ in skipped if path.split("/")[0] == name or path.split("/")[:2] == ["train", name]]
+        raise DataError(lost_class_message(name, "trainer pack --skip-bad-images", dropped, len(lost) - 1)
+                        + f" (the shards at {root} hold none of its images); fix or remove them and pack again")
 
 
 def class_balanced_sampler(labels: Sequence[int], num_classes: int, seed: int) -> EpochWeightedSampler:

@@ -283,6 +283,15 @@ def scan_split(folder: Path, classes: Sequence[str], skipped: Optional[List[Skip
     return [(f, idx) for idx, name in enumerate(classes) for f in per_class[name]]
 
 
+def lost_class_message(name: str, by: str, dropped: Sequence[str], more_classes: int) -> str:
+    """The one line for a class that skipping unreadable images left with no training image (`by`: what
+    skipped them), which the folder path and the shards both refuse; the caller adds the fix."""
+    example = f", e.g. {dropped[0]}" if dropped else ""
+    more = f" (and {more_classes} more class(es) likewise)" if more_classes else ""
+    return (f"class '{name}' has no readable training image left: {by} dropped all {len(dropped)} of its "
+            f"files{example}{more}")
+
+
 def stratified_split(samples: List[Sample], fraction: float, seed: int) -> Tuple[List[Sample], List[Sample]]:
     """Seeded split keeping each class's share: round(fraction x count) of every class goes to the second part.
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from trainer.data.datasets import PathTable, _SeededDataset, read_image
-from trainer.data.folders import _check_one, scan_imagefolder
+from trainer.data.folders import _check_one, lost_class_message, scan_imagefolder
 from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
 from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
 from trainer.errors import DataError, TrainerError
@@ -248,6 +248,21 @@ def _finished(target: Path, shard: dict) -> Optional[dict]:
     return {"file": target.name, "rows": len(contents["label"]), "bytes": len(data), "contents": contents}
 
 
+def _check_every_class_kept(src: Path, classes: List[str], items: Sequence[Item], kept: set, skipped: list) -> None:
+    """--skip-bad-images may not leave a class without a training image, as data.skip_bad_images may not on
+    the folder path (a model would be trained to predict a class it never saw). Checked once the train split's
+    shards are written: only decoding every image tells, and the shards are written as they are read (reading
+    a large folder twice to refuse earlier would cost as much again). Nothing usable is left (no index.json),
+    and the same command, once the files are fixed or removed, keeps the shards still holding their files."""
+    lost = sorted(set(range(len(classes))) - kept)
+    if lost:
+        label_of = {os.path.relpath(files[0], src): label for files, label in items}
+        dropped = [path for path, _ in skipped if label_of.get(path) == lost[0]]
+        raise DataError(lost_class_message(classes[lost[0]], "--skip-bad-images", dropped, len(lost) - 1)
+                        + "; fix or remove them, then run the same trainer pack again (the pack is not usable "
+                        "until then)")
+
+
 def _layout(src: Path) -> str:
     """"masks" for a segmentation folder (split/images + split/masks), "coco" for a COCO folder (annotation
     files), else "classes" (class folders)."""
@@ -301,7 +316,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     if kind == "masks":
         rows.update({"mask_offset": [], "mask_length": [], "mask_path": []})
     for split, shards in plan["splits"].items():
-        entries = []
+        entries, kept = [], set()
         for shard in shards:
             target = dest / shard["file"]
             planned = shard["end"] - shard["first"]
@@ -311,6 +326,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
                                      shard["listing"], fix)
             contents = entry.pop("contents")
             skipped += contents["skipped"]
+            kept.update(contents["label"])
             rows["shard"] += [sum(len(v) for v in index["splits"].values()) + len(entries)] * entry["rows"]
             for key in rows:
                 if key != "shard":
@@ -319,6 +335,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
             done += planned
             say(f"[pack] {target.name}: {entry['rows']} images, {entry['bytes'] / 2**20:.1f} MiB ({done}/{total})")
         index["splits"][split] = entries
+        if kind == "classes" and split == "train":
+            _check_every_class_kept(src, plan["classes"], splits[split], kept, skipped)
     index["skipped"] = skipped
     pa = _pyarrow()
     types = {"shard": pa.int32(), "path": pa.string(), "mask_path": pa.string()}
@@ -451,6 +469,7 @@ class Packed(NamedTuple):
     paths: PathTable
     mask_paths: Optional[PathTable]
     annotations: Dict[str, dict]
+    skipped: List[list] = []  # [path as in the packed folder, why] of the files --skip-bad-images left out
 
 
 def read_packed_coco(pack: Packed, split: str, verbose=print, exif_orientation: bool = True
@@ -553,4 +572,5 @@ def read_packed(root) -> Packed:
         found[split_of[k]].append((row, labels[row]))
     shards = Shards(root, [e[1] for e in entries], shard, columns["offset"], columns["length"],
                     columns.get("mask_offset"), columns.get("mask_length"))
-    return Packed(kind, classes, found, shards, paths, mask_paths, dict(index.get("annotations") or {}))
+    return Packed(kind, classes, found, shards, paths, mask_paths, dict(index.get("annotations") or {}),
+                  [entry for entry in index.get("skipped") or [] if isinstance(entry, list) and entry])

@@ -377,7 +377,7 @@ def worker_starts(folder: Path, monkeypatch, sampler: str, indexes: list, trials
     one entry. The trial itself is a stand-in (no training): its value is the lr drawn. Returns the values
     drawn, in trial order."""
     from trainer import tune
-    from trainer.files import atomic_write_json
+    from trainer.outputs import Folder
 
     parameters = ({"optim.lr": {"type": "categorical", "choices": [0.1, 0.01, 0.001]},
                    "optim.weight_decay": {"type": "categorical", "choices": [0.0, 0.05]}} if sampler == "grid" else
@@ -386,16 +386,17 @@ def worker_starts(folder: Path, monkeypatch, sampler: str, indexes: list, trials
     spec = {"name": "t", "direction": "maximize", "sampler": sampler, "pruner": "none", "storage": None,
             "metric": "accuracy", "seed": 0, "gpus_per_trial": 1, "stale_after_s": 600, "trials": trials,
             "parameters": parameters}
+    out = Folder(folder, "tune", owner="tune")  # a tune's folder, as `trainer tune` makes it
     for sub in ("leases", "trials"):
-        (folder / sub).mkdir(parents=True)
-    atomic_write_json(folder / "tune.json", spec)
+        out.mkdir(sub)
+    out.write_json("tune.json", spec)
     stop = {"after_one": len(indexes) > 1, "now": False}
 
     class Stop:  # _StopAsked without the signal handlers (they would be pytest's process's)
         def __bool__(self):
             return stop["now"]
 
-    def stand_in(root, spec, study, trial, asked, worker_id):
+    def stand_in(root, out, spec, study, trial, asked, worker_id):
         values = tune._suggest(trial, spec["parameters"])
         study.tell(trial, float(values["optim.lr"]))
         stop["now"] = stop["after_one"]

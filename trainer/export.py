@@ -38,7 +38,19 @@ def write_model(model: torch.nn.Module, folder: Path, meta: dict) -> None:
     unwrapped (no DDP); `meta` holds architecture, task, classes, input and normalisation."""
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta}
-from trainer.files import load_safetensors, safetensors_os_errors
+    with safetensors_os_errors(folder / "model.safetensors"):  # a full disk: the gate's one line, not a traceback
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "model.json").write_text(json.dumps(info, indent=1))
+
+
+def export_model(model: torch.nn.Module, target: Path, meta: dict, by: str = "train") -> None:
+    """A model folder `target` on its own (model.safetensors + model.json), replaced in one rename through the
+    write gate (the folder holding it is the gate's record of what it wrote)."""
+    from trainer.outputs import Folder
+
+    target = Path(target)
+    with Folder(target.parent, by, option=str(target)).replacing(target.name, fsync=True) as tmp:
+        write_model(model, tmp, meta)
 
 
 def find_model_dir(path: str) -> Path:

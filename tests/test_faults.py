@@ -717,13 +717,13 @@ def build_workspace(w: Path) -> dict:
     (w / "recipes" / "typo.yaml").write_text("optim:\n  learning_rate: 0.1\n")
     (w / "recipes" / "folder.yaml").mkdir()
     (w / "sweeps").mkdir()
-    (w / "sweeps" / "bad.yaml").write_text(f"recipe: {RECIPE}\nparameters: {optim.lr: [0.1\n")
+    (w / "sweeps" / "bad.yaml").write_text(f"recipe: {RECIPE}\n" "parameters: {optim.lr: [0.1\n")
     (w / "sweeps" / "noparams.yaml").write_text(f"recipe: {RECIPE}\n")
-    (w / "sweeps" / "unknown.yaml").write_text(f"recipe: {RECIPE}\nparams: {}\nparameters: {optim.lr: [1]}\n")
-    (w / "sweeps" / "typo.yaml").write_text(f"recipe: {RECIPE}\nparameters: {optim.lrr: [0.1]}\n")
-    (w / "sweeps" / "list.yaml").write_text(f"recipe: {RECIPE}\nparameters: [optim.lr]\n")
+    (w / "sweeps" / "unknown.yaml").write_text(f"recipe: {RECIPE}\n" "params: {}\nparameters: {optim.lr: [1]}\n")
+    (w / "sweeps" / "typo.yaml").write_text(f"recipe: {RECIPE}\n" "parameters: {optim.lrr: [0.1]}\n")
+    (w / "sweeps" / "list.yaml").write_text(f"recipe: {RECIPE}\n" "parameters: [optim.lr]\n")
     (w / "tunes").mkdir()
-    tune = f"recipe: {RECIPE}\ntrials: 4\n"
+    tune = f"recipe: {RECIPE}\n" "trials: 4\n"
     lr = "parameters: {optim.lr: {type: float, low: 1.0e-4, high: 0.1, log: true}}\n"
     for name, text in {"unknown.yaml": tune + lr + "pruner_kind: asha\n",
                        "notype.yaml": tune + "parameters: {optim.lr: {low: 0.001, high: 0.1}}\n",
@@ -1122,6 +1122,250 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     after = digest(tmp_path)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     assert not changed, f"written by a refused command: {changed[:10]}"
+
+
+# ---- the collision table: every command that writes, against every way its target can collide ----
+# For each command that writes and each kind of collision, a tree of the user's files is made and checksummed,
+# the command runs, and either it succeeds (exit 0) and nothing of the user's changed, or it refuses (exit 2,
+# one line) and nothing changed at all. A new command or output is added to COMMANDS (trainer/outputs.py is the
+# one gate they all write through). Every step is a real `python -m trainer` process (forked, two at a time).
+
+COLLISIONS = ("a user's file at the target", "the target is an input", "the target lies inside the data",
+              "the target is a file of the model read", "a user's file deep in the trainer's folder",
+              "a trainer's sub-folder is a link", "a killed earlier run")
+SHARED_RUN = {"data.num_workers": 0, "model.name": "small_cnn", "train.max_steps": 2, "train.batch_size": 8,
+              "train.progress_bar": False, "eval.every_epochs": 0}
+
+
+def shared_workspace(s: Path) -> dict:
+    """What the commands read and must never change: data of each kind, a finished run of each task, a sweep file
+    and a tune file."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH}
+
+    def train(args):
+        res = subprocess.run([sys.executable, "-m", "trainer", "train", "-", *args], capture_output=True, text=True,
+                             timeout=600, cwd=s, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+
+    images = make_folder(s / "images", per_class=6)
+    train([f"{k}={v}" for k, v in {**SHARED_RUN, "data.format": "imagefolder", "data.root": images,
+                                   "data.image_size": 16, "data.val_fraction": 0.5, "run.dir": s / "run"}.items()])
+    mask_folder(s / "seg")
+    train(seg_args(s / "seg", **{"run.dir": s / "seg_run", "train.max_steps": 1, "eval.every_epochs": 0}))
+    coco_folder(s / "coco")
+    train(det_args(s / "coco", **{"run.dir": s / "det_run", "train.max_steps": 1, "eval.every_epochs": 0}))
+    recipe = s / "recipe.yaml"
+    recipe.write_text("".join(f"{k}: {v}\n" for k, v in {
+        "data": {"format": "imagefolder", "root": str(images), "image_size": 16, "val_fraction": 0.5,
+                 "num_workers": 0}, "model": {"name": "small_cnn"},
+        "train": {"max_steps": 1, "batch_size": 8, "progress_bar": False}, "eval": {"every_epochs": 0}}.items()))
+    (s / "sweep.yaml").write_text(f"recipe: {recipe}\nparameters: {{optim.lr: [0.01]}}\n")
+    (s / "tune.yaml").write_text(f"recipe: {recipe}\ntrials: 1\nsampler: random\npruner: none\n"
+                                 f"parameters: {{optim.lr: {{type: float, low: 0.001, high: 0.1, log: true}}}}\n")
+    return {"images": images, "run": s / "run", "seg_run": s / "seg_run", "det_run": s / "det_run",
+            "sweep": s / "sweep.yaml", "tune": s / "tune.yaml"}
+
+
+class Command:
+    """How one command writes: `argv(C, out, again, force)` (again: its second run over its own output, e.g. train
+    with run.overwrite=true; force: its --overwrite flag where it has one), where its output goes in a case
+    folder C, the file of it a user's file can stand at (relative to the output folder; "" for a file output:
+    the output itself), a sub-folder of its output it writes into ("" the output folder itself; None: it has
+    none), the inputs and the data folder it reads (what its output is aimed at), whether it reads a model."""
+
+    def __init__(self, name, argv, out, collide, sub, inputs=(), data=None, reads_model=False):
+        self.name, self.argv, self.out, self.collide, self.sub = name, argv, out, collide, sub
+        self.inputs, self.data, self.reads_model = inputs, data, reads_model
+
+
+def commands(S: dict) -> list:
+    from trainer.data.manifest import cache_file
+
+    images, run, seg, coco = S["images"], S["run"], S["seg_run"].parent / "seg", S["det_run"].parent / "coco"
+    val = images / "cat"
+    force = lambda flag: ["--overwrite"] if flag else []  # noqa: E731
+    cache = cache_file(images, "X").relative_to("X").as_posix()  # manifests/<key>.npz
+
+    def train(C, out, again, **extra):
+        args = {**SHARED_RUN, "data.format": "imagefolder", "data.root": images, "data.image_size": 16,
+                "data.val_fraction": 0.5, "run.dir": out, **extra}
+        return ["train", "-", *[f"{k}={v}" for k, v in args.items()]] + (["run.overwrite=true"] if again else [])
+
+    return [
+        Command("train", lambda C, out, again, f: train(C, out, again), lambda C: C / "run",
+                "plots/training_curves.png", "model/plots", inputs=[images], data=images),
+        Command("train (continued)", lambda C, out, again, f: train(C, out, False, **(
+            {"train.max_steps": 4, "run.allow_config_change": "true"} if again else {})),
+                lambda C: C / "run", "config.yaml", "checkpoints", inputs=[images], data=images),
+        Command("train (scan cache)", lambda C, out, again, f: train(C, C / "run", again, **{"data.cache_dir": out}),
+                lambda C: C / "cache", cache, "manifests", inputs=[images], data=images),
+        Command("train (generated data)", lambda C, out, again, f: ["train", "-", *tiny_overrides(
+            C, "multiclass", **{"data.root": out, "run.dir": C / "run", "train.max_steps": 1,
+                                "data.generated.train_per_class": 4, "data.generated.val_per_class": 2,
+                                "data.generated.test_per_class": 0, "train.batch_size": 4})]
+                + (["run.overwrite=true"] if again else []), lambda C: C / "generated", "dataset.json", None),
+        Command("eval", lambda C, out, again, f: ["eval", "--model", str(out.parent), *force(f)],
+                lambda C: C / "run" / "eval.json", "", "plots"),
+        Command("eval --output", lambda C, out, again, f: ["eval", "--model", str(run), "--output", str(out),
+                                                           *force(f)],
+                lambda C: C / "out" / "eval.json", "", "plots", inputs=[images, run / "model"], data=images,
+                reads_model=True),
+        Command("predict (CSV)", lambda C, out, again, f: ["predict", "--model", str(run), str(val), "--output",
+                                                           str(out), *force(f)],
+                lambda C: C / "out" / "preds.csv", "", None, inputs=[val / "0.png", val], data=images,
+                reads_model=True),
+        Command("predict (masks)", lambda C, out, again, f: ["predict", "--model", str(S["seg_run"]),
+                                                             str(seg / "val" / "images"), "--output", str(out),
+                                                             "--overlay"],
+                lambda C: C / "masks", "m000.png", "", inputs=[seg / "val" / "images"], data=seg, reads_model=True),
+        Command("predict (boxes, drawn)", lambda C, out, again, f: [
+            "predict", "--model", str(S["det_run"]), str(coco / "val"), "--output", str(C / "boxes.json"), "--draw",
+            str(out)], lambda C: C / "drawn", "00000.jpg", "", inputs=[coco / "val"], data=coco, reads_model=True),
+        Command("export", lambda C, out, again, f: ["export", "--model", str(run), "--format", "onnx", "--output",
+                                                    str(out), *force(f)], lambda C: C / "out" / "model.onnx", "", None,
+                inputs=[run / "model" / "model.safetensors", val / "0.png"], data=images, reads_model=True),
+        Command("pack", lambda C, out, again, f: ["pack", str(images), str(out), "--shard-mb", "0.002"],
+                lambda C: C / "packed", "index.json", "", inputs=[images], data=images),
+        Command("sweep", lambda C, out, again, f: ["sweep", str(S["sweep"]), "--local", "--dir", str(out)],
+                lambda C: C / "sweep", "results.csv", "status", inputs=[S["sweep"], images], data=images),
+        Command("tune", lambda C, out, again, f: ["tune", str(S["tune"]), "--local", "--dir", str(out)],
+                lambda C: C / "tune", "results.md", "logs", inputs=[S["tune"], images], data=images),
+        Command("collect", lambda C, out, again, f: ["collect", str(out)], lambda C: C / "sweep", "results.md", "",
+                inputs=[S["sweep"]]),
+    ]
+
+
+class Cell:
+    """One command against one kind of collision: its steps (each a process, with what to do before it and what
+    it must end with), run step by step across all cells (each batch two at a time)."""
+
+    def __init__(self, cmd: Command, kind: str, C: Path, S: dict):
+        self.cmd, self.kind, self.C, self.S = cmd, kind, C, S
+        self.steps, self.planted, self.failure = [], {}, None
+        out = cmd.out(C)
+        folder = out if out.suffix == "" else out.parent
+        if cmd.name == "eval":  # it writes into the run it scores: its own copy
+            self.steps.append(("copy", lambda: shutil.copytree(S["run"], C / "run", symlinks=True)))
+        if cmd.name == "collect":  # it writes into a sweep's folder: one made first
+            self.run(["sweep", str(S["sweep"]), "--local", "--dir", str(out)], 0)
+        plant_at = (out / cmd.collide) if cmd.collide else out
+        if kind == COLLISIONS[0]:  # a file of the user's where the command writes
+            if cmd.collide and cmd.name != "collect":  # a folder output: made by a first run, one file replaced
+                self.run(cmd.argv(C, out, False, False), 0)
+            self.plant_step({plant_at: b"the user's own"})
+            # refused in one line, or (a cache that cannot be written is a note) the run goes on without it
+            self.run(cmd.argv(C, out, True, False), (0, 2) if cmd.name == "train (scan cache)" else 2)
+        elif kind == COLLISIONS[1]:  # the output aimed at an input: refused whatever the flags
+            for target in cmd.inputs:
+                self.run(cmd.argv(C, self.aim(out, target), False, True), 2)
+        elif kind == COLLISIONS[2] and cmd.data is not None:
+            self.run(cmd.argv(C, self.aim(out, cmd.data / "inside"), False, True), 2)
+        elif kind == COLLISIONS[3] and cmd.reads_model:
+            self.run(cmd.argv(C, self.aim(out, S["run"] / "model" / "model.json"), False, True), 2)
+        elif kind == COLLISIONS[4] and cmd.sub is not None:  # the trainer's folder holds the user's files too
+            self.run(cmd.argv(C, out, False, False), 0)
+            self.plant_step({folder / cmd.sub / "deep" / "er" / "mine.txt": b"deep", folder / cmd.sub / "mine.png":
+                             b"a figure of the user's", folder / "notes.txt": b"notes"})
+            self.run(cmd.argv(C, out, True, False), 0)
+        elif kind == COLLISIONS[5] and cmd.sub:
+            self.run(cmd.argv(C, out, False, False), 0)
+            self.steps.append(("link", lambda: self.link(folder / cmd.sub)))
+            self.run(cmd.argv(C, out, True, False), (0, 2))
+        elif kind == COLLISIONS[6]:
+            self.run(cmd.argv(C, out, False, False), -signal.SIGKILL, script=ROOT / "tests" / "collision_driver.py",
+                     env={"COLLISION_KILL_UNDER": str(C)})
+            self.plant_step({folder / f".{out.name}.tmp-99999-abcdef01": b"the user's, named like a temporary"})
+            self.run(cmd.argv(C, out, False, False), 0)
+
+    @staticmethod
+    def aim(out: Path, at: Path) -> Path:
+        """The command's output moved onto `at` (an input file or folder, or a place inside one)."""
+        return at if out.suffix == "" or at.suffix else at / out.name
+
+    def run(self, argv, expect, script=None, env=None):
+        self.steps.append(("run", {"argv": [str(a) for a in argv], "cwd": str(self.C), "expect": expect,
+                                   **({"script": str(script)} if script else {}), **({"env": env} if env else {})}))
+
+    def plant_step(self, files: dict):
+        def plant():
+            for path, data in files.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                self.planted[path] = data
+        self.steps.append(("plant", plant))
+
+    def link(self, sub: Path):
+        """The trainer's sub-folder moved aside (kept: nothing of it is lost) and replaced by a link to a folder of
+        the user's, whose files are planted (they must not change)."""
+        users = self.C / "users_folder"
+        users.mkdir()
+        (users / "mine.txt").write_bytes(b"the user's folder")
+        self.planted[users / "mine.txt"] = b"the user's folder"
+        if os.path.lexists(sub):
+            os.rename(sub, self.C / "moved_aside")
+        sub.parent.mkdir(parents=True, exist_ok=True)
+        sub.symlink_to(users, target_is_directory=True)
+
+
+def test_every_command_against_every_collision_keeps_every_users_file(tmp_path):
+    S = shared_workspace(tmp_path / "shared")
+    cells = []
+    for cmd in commands(S):
+        for i, kind in enumerate(COLLISIONS):
+            C = tmp_path / "cases" / f"{len(cells):03d}"
+            C.mkdir(parents=True)
+            cell = Cell(cmd, kind, C, S)
+            if any(step[0] == "run" for step in cell.steps):
+                cells.append(cell)
+            else:
+                shutil.rmtree(C)
+    shared_before = digest(tmp_path / "shared")
+    covered = {(c.cmd.name, c.kind) for c in cells}
+    depth = max(len(c.steps) for c in cells)
+    for i in range(depth):
+        batch = []
+        for cell in cells:
+            if cell.failure is None and i < len(cell.steps):
+                what, step = cell.steps[i]
+                if what == "run":
+                    batch.append((cell, step, digest(cell.C)))
+                else:
+                    step()
+        if not batch:
+            continue
+        res = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_zygote.py"), "--jobs", "2"], capture_output=True,
+                             text=True, timeout=3000, cwd=tmp_path,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH},
+                             input=json.dumps([{k: v for k, v in step.items() if k != "expect"} for _, step, _ in batch]))
+        assert res.returncode == 0, res.stderr[-3000:]
+        for (cell, step, before), got in zip(batch, json.loads(res.stdout)):
+            expect = step["expect"] if isinstance(step["expect"], tuple) else (step["expect"],)
+            lines = [line for line in got["stderr"].strip().splitlines() if line.strip()]
+            code = got["returncode"]
+            why = None
+            if code not in expect:
+                why = f"exit {code}, expected {expect}"
+            elif code == 2 and not (len(lines) == 1 and lines[0].startswith("error:")):
+                why = "not one error line"
+            elif code == 2 and digest(cell.C) != before:
+                changed = sorted(k for k in set(before) | set(digest(cell.C)) if before.get(k) != digest(cell.C).get(k))
+                why = f"refused, but changed {changed[:4]}"
+            changed = [str(p) for p, data in cell.planted.items() if not p.is_file() or p.read_bytes() != data]
+            if changed:
+                why = f"a user's file changed or gone: {changed[:3]}"
+            if code == 0 and cell.kind == COLLISIONS[6]:
+                leftover = [str(p) for p in cell.C.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name
+                            or "cnn-trainer-stage" in p.name if p not in cell.planted]
+                if leftover:
+                    why = f"a killed run's temporaries left: {leftover[:3]}"
+            if why:
+                cell.failure = f"{cell.cmd.name} / {cell.kind}: {' '.join(step['argv'][:1])}: {why}\n  " + \
+                    "\n  ".join(lines[-6:])
+    failures = [c.failure for c in cells if c.failure]
+    assert not failures, f"{len(failures)} of {len(cells)} cells:\n" + "\n".join(failures)
+    assert digest(tmp_path / "shared") == shared_before  # nothing any command read was changed
+    # every command meets the collisions that apply to it: (commands x kinds) cells
+    assert len(covered) >= 60, len(covered)
 
 
 def test_a_read_only_run_dir_is_one_line_before_any_data_is_read(tmp_path):

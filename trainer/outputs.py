@@ -485,7 +485,13 @@ class Folder:
         return None
 
     def may_replace(self, rel: str) -> bool:
-        return self.owns(rel) or rel in self.granted
+        """This command may write over `rel`: a file it wrote itself (unchanged since), one of the folder kind's
+        live files, one recorded before ledgers said who wrote what, or one the user said to replace
+        (--overwrite). Not another command's: `trainer eval --output RUN/config.yaml` is not a rerun of eval."""
+        if rel in self.granted:
+            return True
+        entry = self.ledger.files.get(rel)
+        return self.owns(rel) and (entry is None or entry.get("live") or entry.get("by") in (self.by, "adopted"))
 
     def problem(self, rel: str, folder: bool = False) -> Optional[str]:
         """Why the trainer may not write (a file, or with `folder` a sub-folder) at `rel`, in a few words; None
@@ -509,6 +515,9 @@ class Folder:
         if target.is_dir():
             return f"{target} is a folder"
         if target.exists() and not self.may_replace(rel):
+            entry = self.ledger.files.get(rel)
+            if self.owns(rel) and entry is not None:
+                return f"{target} was written by trainer {entry.get('by')}, not by this command"
             return f"{target} was not written by the trainer (or changed since it was)"
         return None
 

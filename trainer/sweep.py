@@ -109,14 +109,17 @@ def prepare(sweep_file: str, out_dir: Optional[str] = None) -> Path:
     out = open_folder(root, "sweep", "sweep", "--dir", inputs, what="a sweep folder of the trainer")
     if (root / "tasks.json").is_file() and json.loads((root / "tasks.json").read_text()) != tasks:
         raise TrainerError(f"{root} holds a different sweep; choose another --dir or delete it")
+    # everything the sweep writes at a fixed name, checked before the first: a refusal changes nothing
+    out.check(["tasks.json", "sweep.json", "results.csv", "results.md"], folders=["status", "runs"])
     out.write_json("tasks.json", tasks)
     out.write_json("sweep.json", spec)
     return root
 
 
-def sweep_folder(sweep_dir, by: str) -> Folder:
-    """A sweep's folder to write into (its status and results): only one a sweep made."""
-    return open_folder(sweep_dir, "sweep", by, "sweep folder", what="a sweep folder of the trainer")
+def sweep_folder(sweep_dir) -> Folder:
+    """A sweep's folder to write into (its status and results): only one a sweep made. Everything in it is
+    written as the sweep's, `trainer collect` included (a rerun of either replaces the results)."""
+    return open_folder(sweep_dir, "sweep", "sweep", "sweep folder", what="a sweep folder of the trainer")
 
 
 def task_args(sweep_dir: str, index: int) -> List[str]:
@@ -139,7 +142,7 @@ def submit_slurm(sweep_dir: Path, script: str, sbatch_args: List[str]) -> str:
 def run_local(sweep_dir: Path) -> None:
     """Each task as its own process, one after another; a failed task is recorded and the sweep goes on."""
     tasks = json.loads((sweep_dir / "tasks.json").read_text())
-    out = sweep_folder(sweep_dir, "sweep")
+    out = sweep_folder(sweep_dir)
     for task in tasks:
         print(f"[sweep] task {task['index']}/{len(tasks) - 1}: {' '.join(task['args'][1:])}", flush=True)
         rc = subprocess.run([sys.executable, "-m", "trainer", "train", *task["args"]]).returncode
@@ -182,7 +185,7 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
     done.sort(key=lambda r: sign * r["value"])
     ordered = done + [r for r in rows if r not in done]
     columns = ["task", "status", "monitor", "value", "final_accuracy", *tasks[0]["values"].keys(), "run_dir"] if tasks else []
-    out = sweep_folder(root, "collect")
+    out = sweep_folder(root)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns)
     writer.writeheader()

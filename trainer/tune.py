@@ -361,9 +361,10 @@ def open_study(root: Path, spec: dict, seed: int, worker_index: int = 0):
                                direction=spec["direction"], sampler=sampler, pruner=PRUNERS[spec["pruner"]](optuna))
 
 
-def tune_folder(root: Path, by: str, inputs: Optional[Inputs] = None) -> Folder:
-    """A tune's folder to write into: new, empty, or a tune's own; never inside what its trials read."""
-    return open_folder(root, "tune", by, "tune folder", inputs, what="a tune folder of the trainer")
+def tune_folder(root: Path, inputs: Optional[Inputs] = None) -> Folder:
+    """A tune's folder to write into: new, empty, or a tune's own; never inside what its trials read. Everything
+    in it is written as the tune's (its workers' and `trainer collect`'s files included)."""
+    return open_folder(root, "tune", "tune", "tune folder", inputs, what="a tune folder of the trainer")
 
 
 def prepare(tune_file: str, out_dir: Optional[str], cli_overrides: List[str], storage: Optional[str]) -> Path:
@@ -374,12 +375,15 @@ def prepare(tune_file: str, out_dir: Optional[str], cli_overrides: List[str], st
     inputs = Inputs([("the tune file", tune_file), ("the recipe", spec["recipe"])])
     for values in corners(spec["parameters"]):
         inputs.extend(data_inputs(check_values(spec, values, root / "trials" / "0000").data))
-    out = tune_folder(root, "tune", inputs)
+    out = tune_folder(root, inputs)
     frozen = read_json(root / "tune.json") or None
     if frozen is not None and frozen != spec:
         changed = sorted(k for k in set(frozen) | set(spec) if frozen.get(k) != spec.get(k))
         raise TrainerError(f"{root} holds a different tune (its {', '.join(changed)} differ); choose another --dir "
                            f"or delete it")
+    # everything the tune writes at a fixed name, checked before the first: a refusal changes nothing
+    out.check(["tune.json", "results.csv", "results.md", "gpu_hours.json", "best.yaml"],
+              folders=["trials", "logs", "leases", "stop", "plots"])
     for sub in ("trials", "logs", "leases", "stop"):
         out.mkdir(sub)
     out.write_json("tune.json", spec)
@@ -636,7 +640,7 @@ def run_worker(root: Path, worker_id: str, index: int) -> int:
     busy = worker_busy(root, worker_id)
     if busy is not None and busy != os.getpid():
         raise TrainerError(f"worker {worker_id} of {root} is already running (pid {busy})")
-    out = tune_folder(root, "tune-worker")
+    out = tune_folder(root)
     out.write_json(f"leases/{worker_id}.pid", {"pid": os.getpid(), "host": os.uname().nodename})
     stop = _StopAsked()
     study = open_study(root, spec, spec["seed"], index)  # draws seeded per trial (see _seeded_per_trial)
@@ -736,7 +740,7 @@ def collect(tune_dir: str) -> List[dict]:
                              sign * (r["value"] if r["value"] is not None else 0), r["trial"]))
     columns = ["trial", "state", "value", "best_reported", "step", "pruned_at_step", *spec["parameters"], "wall_s",
                "reason", "run_dir"]
-    out = tune_folder(root, "collect")
+    out = tune_folder(root)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

@@ -253,7 +253,11 @@ def ensure_generated(root: Path, variant: str, image_size: int, seed: int, count
     def check_found() -> bool:
         if not marker.is_file():
             return False
-        found = json.loads(marker.read_text())
+        try:
+            found = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            raise DataError(f"{marker} is not the marker of a generated dataset (not readable JSON); choose another "
+                            f"data.root or move it away") from None
         if found != params:
             raise DataError(f"{root} holds a generated dataset with other parameters ({found}); "
                             f"choose another data.root or delete it")

@@ -1133,7 +1133,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
 COLLISIONS = ("a user's file at the target", "the target is an input", "the target lies inside the data",
               "the target is a file of the model read", "a user's file deep in the trainer's folder",
               "a trainer's sub-folder is a link", "a killed earlier run")
-SHARED_RUN = {"data.num_workers": 0, "model.name": "small_cnn", "train.max_steps": 2, "train.batch_size": 8,
+SHARED_RUN = {"data.num_workers": 0, "model.name": "small_cnn", "train.max_steps": 2, "train.batch_size": 4,
               "train.progress_bar": False, "eval.every_epochs": 0}
 
 
@@ -1158,7 +1158,7 @@ def shared_workspace(s: Path) -> dict:
     recipe.write_text("".join(f"{k}: {v}\n" for k, v in {
         "data": {"format": "imagefolder", "root": str(images), "image_size": 16, "val_fraction": 0.5,
                  "num_workers": 0}, "model": {"name": "small_cnn"},
-        "train": {"max_steps": 1, "batch_size": 8, "progress_bar": False}, "eval": {"every_epochs": 0}}.items()))
+        "train": {"max_steps": 1, "batch_size": 4, "progress_bar": False}, "eval": {"every_epochs": 0}}.items()))
     (s / "sweep.yaml").write_text(f"recipe: {recipe}\nparameters: {{optim.lr: [0.01]}}\n")
     (s / "tune.yaml").write_text(f"recipe: {recipe}\ntrials: 1\nsampler: random\npruner: none\n"
                                  f"parameters: {{optim.lr: {{type: float, low: 0.001, high: 0.1, log: true}}}}\n")
@@ -1274,7 +1274,10 @@ class Cell:
         elif kind == COLLISIONS[6]:
             self.run(cmd.argv(C, out, False, False), -signal.SIGKILL, script=ROOT / "tests" / "collision_driver.py",
                      env={"COLLISION_KILL_UNDER": str(C)})
-            self.plant_step({folder / f".{out.name}.tmp-99999-abcdef01": b"the user's, named like a temporary"})
+            lookalike = b"the user's, named like a temporary"
+            # beside the output, and inside its folder if the killed run made it (planting there would make it)
+            self.plant_step({out.parent / f".{out.name}.tmp-99999-abcdef01": lookalike},
+                            {folder / ".model.tmp-99999-abcdef01": lookalike} if folder != out.parent else {})
             self.run(cmd.argv(C, out, False, False), 0)
 
     @staticmethod
@@ -1286,9 +1289,11 @@ class Cell:
         self.steps.append(("run", {"argv": [str(a) for a in argv], "cwd": str(self.C), "expect": expect,
                                    **({"script": str(script)} if script else {}), **({"env": env} if env else {})}))
 
-    def plant_step(self, files: dict):
+    def plant_step(self, files: dict, if_there: dict = None):
+        """Plant the user's `files` (and those of `if_there` whose folder exists by then)."""
         def plant():
-            for path, data in files.items():
+            chosen = {**files, **{p: d for p, d in (if_there or {}).items() if p.parent.is_dir()}}
+            for path, data in chosen.items():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
                 self.planted[path] = data

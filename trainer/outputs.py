@@ -164,8 +164,12 @@ class LockFile:
                 continue
             except OSError as err:
                 raise disk_error(err, self.path) from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(json.dumps({**me(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": self.token}))
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(json.dumps({**me(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": self.token}))
+            except OSError as err:  # a full disk: no empty lock left behind for the next taker to wait on
+                self.path.unlink(missing_ok=True)
+                raise disk_error(err, self.path) from None
             return None
         raise TrainerError(f"could not lock {self.path}: other processes keep taking it")
 
@@ -462,18 +466,20 @@ class Folder:
             self.created += missing
 
     def owns(self, rel: str) -> bool:
-        """The file at `rel` is the trainer's: recorded and unchanged since, or one of the folder kind's live
-        files."""
+        """The file at `rel` is the trainer's: one of the folder kind's live files, or recorded and unchanged
+        since."""
         path = self.root / rel
-        entry = self.ledger.files.get(rel)
-        if entry is not None:
-            return unchanged(path, entry)
-        owner = self.ledger.owner
-        if owner and _in_tree(rel, LIVE_TREES.get(owner, ())):
-            return os.path.lexists(path)  # written for the trainer by another program (W&B), links included
-        if owner and _matches(rel, LIVE.get(owner, ())):
+        if self.live(rel):
+            if _in_tree(rel, LIVE_TREES.get(self.ledger.owner, ())):
+                return os.path.lexists(path)  # written for the trainer by another program (W&B), links included
             return os.path.isfile(path) and not os.path.islink(path)
-        return False
+        entry = self.ledger.files.get(rel)
+        return entry is not None and unchanged(path, entry)
+
+    def live(self, rel: str) -> bool:
+        """One of the files (or trees) the folder's kind owns by name (LIVE, LIVE_TREES)."""
+        owner = self.ledger.owner
+        return bool(owner) and (_matches(rel, LIVE.get(owner, ())) or _in_tree(rel, LIVE_TREES.get(owner, ())))
 
     def live_tree(self, rel: str) -> Optional[str]:
         """The top of the live tree (see LIVE_TREES) holding `rel`, if any."""
@@ -488,10 +494,10 @@ class Folder:
         """This command may write over `rel`: a file it wrote itself (unchanged since), one of the folder kind's
         live files, one recorded before ledgers said who wrote what, or one the user said to replace
         (--overwrite). Not another command's: `trainer eval --output RUN/config.yaml` is not a rerun of eval."""
-        if rel in self.granted:
+        if rel in self.granted or (self.live(rel) and self.owns(rel)):
             return True
         entry = self.ledger.files.get(rel)
-        return self.owns(rel) and (entry is None or entry.get("live") or entry.get("by") in (self.by, "adopted"))
+        return self.owns(rel) and entry is not None and (entry.get("live") or entry.get("by") in (self.by, "adopted"))
 
     def problem(self, rel: str, folder: bool = False) -> Optional[str]:
         """Why the trainer may not write (a file, or with `folder` a sub-folder) at `rel`, in a few words; None
@@ -530,6 +536,18 @@ class Folder:
                                f"{advice or 'Move it away or choose another place'}")
 
     # ---- writing ----
+
+    def _forget(self, *names: str) -> None:
+        """After a failure, the records of temporaries now gone. On a full disk even the ledger may not be
+        writable: the records then stay, and the next writer's clean-up drops them (their files are gone), so
+        the failure itself is what the user sees, not the ledger's."""
+        try:
+            with self._changing() as ledger:
+                for name in names:
+                    if not os.path.lexists(self.root / name):
+                        ledger.pending.pop(name, None)
+        except TrainerError:
+            pass
 
     def _tidy(self) -> None:
         """Before writing: what commands killed while writing here left (rule 6), if the ledger lists any."""
@@ -578,8 +596,7 @@ class Folder:
                 fsync_dir(target.parent)
         except BaseException as err:  # also a stop request raised mid-write: never leave the temporary
             (self.root / temp).unlink(missing_ok=True)
-            with self._changing() as ledger:
-                ledger.pending.pop(temp, None)
+            self._forget(temp)
             self.abandon()
             if isinstance(err, OSError):
                 raise disk_error(err, target) from None
@@ -670,10 +687,12 @@ class Folder:
             raise
         finally:
             shutil.rmtree(self.root / stage, ignore_errors=True)
-            with self._changing() as ledger:
-                ledger.pending.pop(stage, None)
             if failed:
+                self._forget(stage)
                 self.abandon()
+            else:
+                with self._changing() as ledger:
+                    ledger.pending.pop(stage, None)
 
     @contextmanager
     def replacing(self, rel: str, fsync: bool = False) -> Iterator[Path]:
@@ -719,10 +738,7 @@ class Folder:
             shutil.rmtree(self.root / tmp, ignore_errors=True)
             if os.path.lexists(self.root / old) and not os.path.lexists(target):  # cut between the two renames
                 os.rename(self.root / old, target)
-            with self._changing() as ledger:
-                ledger.pending.pop(tmp, None)
-                if not os.path.lexists(self.root / old):
-                    ledger.pending.pop(old, None)
+            self._forget(tmp, old)
             self.abandon()
             if isinstance(err, OSError):
                 raise disk_error(err, target) from None

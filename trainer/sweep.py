@@ -186,6 +186,7 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
     ordered = done + [r for r in rows if r not in done]
     columns = ["task", "status", "monitor", "value", "final_accuracy", *tasks[0]["values"].keys(), "run_dir"] if tasks else []
     out = sweep_folder(root)
+    out.check(["results.csv", "results.md"])  # both, before either is written: a refusal changes nothing
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns)
     writer.writeheader()

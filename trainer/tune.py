@@ -741,6 +741,7 @@ def collect(tune_dir: str) -> List[dict]:
     columns = ["trial", "state", "value", "best_reported", "step", "pruned_at_step", *spec["parameters"], "wall_s",
                "reason", "run_dir"]
     out = tune_folder(root)
+    out.check(["results.csv", "results.md", "gpu_hours.json", "best.yaml"])  # before any is written
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

@@ -179,6 +179,19 @@ def test_a_value_the_search_can_reach_and_the_config_refuses_stops_before_any_tr
     assert not (tmp_path / "tunes").exists()
 
 
+def test_a_tune_whose_every_trial_failed_exits_1_with_one_line(tmp_path):
+    """The issue's case: every trial failing (here its data is a file, which each trial's start refuses) used to
+    leave `trainer tune` with exit 0; the table still says why each failed."""
+    (tmp_path / "not_a_folder").write_text("x")
+    spec = tune_file(tmp_path, trials=2, pruner="none", **{"data.format": "imagefolder",
+                                                          "data.root": tmp_path / "not_a_folder"})
+    res = run_cli("tune", str(spec), "--local", "--dir", str(tmp_path / "t"), timeout=600)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "every trial of" in res.stderr.strip().splitlines()[-1] and "failed" in res.stderr
+    rows = trials_of(tmp_path / "t")
+    assert [r["state"] for r in rows] == ["fail", "fail"] and all("not_a_folder" in r["reason"] for r in rows)
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "cmaes", "qmc"])
 @pytest.mark.parametrize("pruner", ["asha", "hyperband", "median", "none"])
 def test_every_sampler_and_pruner_drives_a_study_in_the_journal(tmp_path, sampler, pruner):

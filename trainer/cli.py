@@ -204,9 +204,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             folder = tune.prepare(args.tune_file, args.dir, args.overrides, args.storage)
             if args.local:
                 code = tune.run_local(folder, args.workers)
-                tune.collect(str(folder))
+                rows = tune.collect(str(folder))
                 if code:
                     sys.exit(code)
+                if rows and all(row["state"] == "fail" for row in rows):  # nothing to show for it: not a success
+                    print(f"error: every trial of {folder} failed (the reason of each is in the table; their "
+                          f"output in {Path(folder) / 'logs'})", file=sys.stderr)
+                    sys.exit(1)
             else:
                 tune.submit_slurm(folder, args.slurm, args.workers, args.sbatch_arg)
         elif args.command == "tune-worker":

@@ -85,25 +85,34 @@ class Inputs:
 
     def __init__(self, named: Iterable[Tuple[str, Union[str, Path]]] = ()):
         self.items: List[Tuple[str, str, str]] = []  # (what, path as given, real path)
+        self._by_real: Dict[str, Tuple[str, str]] = {}  # real path -> (what, given): a lookup per target, not a scan
         for what, path in named:
             self.add(what, path)
 
     def add(self, what: str, path: Union[str, Path, None]) -> "Inputs":
         if path is not None and str(path) != "":
-            self.items.append((what, str(path), os.path.realpath(path)))
+            real = os.path.realpath(path)
+            self.items.append((what, str(path), real))
+            self._by_real.setdefault(real, (what, str(path)))
         return self
 
     def extend(self, other: "Inputs") -> "Inputs":
-        self.items += other.items
+        for what, given, _ in other.items:
+            self.add(what, given)
         return self
 
     def hit(self, target: Union[str, Path]) -> Optional[Tuple[str, str]]:
-        """(what, path) of the input that `target` is or lies inside, else None."""
+        """(what, path) of the input that `target` is or lies inside, else None: its real path and each folder
+        above it looked up (predict may have a million input images)."""
         real = os.path.realpath(target)
-        for what, given, path in self.items:
-            if real == path or real.startswith(path.rstrip(os.sep) + os.sep):
-                return what, given
-        return None
+        while True:
+            found = self._by_real.get(real)
+            if found is not None:
+                return found
+            parent = os.path.dirname(real)
+            if parent == real:
+                return None
+            real = parent
 
     def check(self, target: Union[str, Path], option: str) -> None:
         hit = self.hit(target)

@@ -29,6 +29,11 @@ def _refused(err: TrainerError) -> SystemExit:
     return SystemExit(f"error: {err}")
 
 
+def bench_folder(path: Union[str, Path], option: str) -> Folder:
+    """A folder a bench script writes into; `option` names it in messages (the flag that chose it)."""
+    return Folder(Path(path), BY, option=option)
+
+
 def result_files(name: str) -> list:
     return [f"{name}.json", f"{name}.md"]
 
@@ -37,7 +42,7 @@ def check_results(out: Union[str, Path], names: Sequence[str], option: str = "--
     """Before any work: refuse (in one line) the files in `out` this run could not write at the end, e.g. a file
     of the user's named like a result, so that a long measurement is not lost at its last step."""
     try:
-        Folder(Path(out), BY, option=option).check(names)
+        bench_folder(out, option).check(names)
     except TrainerError as err:
         raise _refused(err) from None
 
@@ -45,7 +50,7 @@ def check_results(out: Union[str, Path], names: Sequence[str], option: str = "--
 def write_results(out: Union[str, Path], name: str, data: Union[dict, list], markdown: str,
                   option: str = "--out") -> Path:
     """`out`/`name`.json (`data`) and `out`/`name`.md (`markdown`), both checked before either is written."""
-    folder = Folder(Path(out), BY, option=option)
+    folder = bench_folder(out, option)
     try:
         folder.check(result_files(name))
         folder.write_json(f"{name}.json", data)
@@ -57,7 +62,7 @@ def write_results(out: Union[str, Path], name: str, data: Union[dict, list], mar
 def write_file(out: Union[str, Path], rel: str, data: Union[str, bytes], option: str = "--out") -> Path:
     """One more file a bench script leaves in `out` (a side's result, a test report), under the same rule."""
     try:
-        return Folder(Path(out), BY, option=option).write(rel, data)
+        return bench_folder(out, option).write(rel, data)
     except TrainerError as err:
         raise _refused(err) from None
 
@@ -80,7 +85,7 @@ def made_once(root: Path, params: dict, fill: Callable[[Path], None], option: st
     run cut short never leaves a half-made folder that a later run would trust. A folder at `root` that the bench
     did not make is refused and left as it is: nothing found by a marker alone is ever deleted."""
     root = Path(root)
-    parent = Folder(root.parent, BY, option=option)
+    parent = bench_folder(root.parent, option)
     rel = root.name
     if os.path.lexists(root):
         if rel not in parent.ledger.dirs or not parent.owns(f"{rel}/{MARKER}"):

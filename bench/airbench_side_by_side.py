@@ -214,15 +214,15 @@ def smoke(out: Path) -> None:
     name = "airbench-side-by-side-smoke"
     check_results(out, [*result_files(name), "ours-seed0.json"])
 
-    def draw(data: Path) -> None:  # the staging folder made_once renames to out/data
+    def draw(data: Path) -> None:  # the staging class_dir made_once renames to out/data
         rng = torch.Generator().manual_seed(0)
         for split, count in (("train", 24), ("test", 8)):
             for label in range(3):  # each class its own mean colour, so a few updates can learn something
-                folder = data / split / f"class{label}"
-                folder.mkdir(parents=True)
+                class_dir = data / split / f"class{label}"
+                class_dir.mkdir(parents=True)
                 for i in range(count):
                     pixels = (torch.rand(32, 32, 3, generator=rng) * 96 + 80 * label).to(torch.uint8).numpy()
-                    Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+                    Image.fromarray(pixels).save(class_dir / f"{i}.jpg", quality=90)
 
     data = made_once(out / "data", {"made_by": "bench/airbench_side_by_side.py --smoke", "classes": 3,
                                     "train_per_class": 24, "test_per_class": 8, "seed": 0}, draw, option="--out")

@@ -85,10 +85,10 @@ def make_folder(root: Path, n_train: int) -> Path:
 
         def write_class(job):
             split, c, count = job
-            folder = staging / split / f"c{c:04d}"
-            folder.mkdir(parents=True, exist_ok=True)
+            class_dir = staging / split / f"c{c:04d}"
+            class_dir.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                (folder / f"{i:08d}.jpg").write_bytes(blobs[(c * 7919 + i) % DISTINCT])
+                (class_dir / f"{i:08d}.jpg").write_bytes(blobs[(c * 7919 + i) % DISTINCT])
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(write_class, jobs))

@@ -49,15 +49,15 @@ def files_under(folder: Path, limit: int) -> list:
     return [found[i] for i in sorted(rng.permutation(len(found))[:limit])] if len(found) > limit else found
 
 
-def make_photos(folder: Path, n: int) -> list:
-    """`n` photo-sized JPEGs in `folder`, a tempfile.TemporaryDirectory of main's."""
-    folder.mkdir(parents=True, exist_ok=True)
+def make_photos(into: Path, n: int) -> list:
+    """`n` photo-sized JPEGs in `into`, inside a tempfile.TemporaryDirectory of main's."""
+    into.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
         base = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)  # smooth-ish content, like a photo, not noise
         img = Image.fromarray(base).resize((640, 480), Image.BICUBIC)
-        path = folder / "c" / f"{i:05d}.jpg"
+        path = into / "c" / f"{i:05d}.jpg"
         path.parent.mkdir(exist_ok=True)
         img.save(path, quality=90)
         paths.append(str(path))

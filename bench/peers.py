@@ -162,16 +162,16 @@ def fail(message: str) -> None:
 
 def make_synthetic(root: Path, classes: int, per_class: int, size: int) -> Path:
     """classes x per_class JPEGs (quality 90) of smooth random content with a per-class tint, in train/<class>/.
-    `root` lies in a work folder of this run alone (a temporary folder, or a --work that was new or empty)."""
+    `root` lies in a work class_dir of this run alone (a temporary class_dir, or a --work that was new or empty)."""
     rng = np.random.default_rng(0)
     for c in range(classes):
-        folder = root / "train" / f"class{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        class_dir = root / "train" / f"class{c:02d}"
+        class_dir.mkdir(parents=True, exist_ok=True)
         tint = rng.integers(0, 255, 3)
         for i in range(per_class):
             base = rng.integers(0, 255, (max(size // 8, 2), max(size // 8, 2), 3)).astype(np.float32)
             pixels = (0.6 * base + 0.4 * tint).astype(np.uint8)
-            Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+            Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(class_dir / f"{i:05d}.jpg", quality=90)
     return root
 
 

@@ -214,7 +214,7 @@ def smoke(out: Path) -> None:
     name = "airbench-side-by-side-smoke"
     check_results(out, [*result_files(name), "ours-seed0.json"])
 
-    def draw(data: Path) -> None:  # the staging class_dir made_once renames to out/data
+    def draw(data: Path) -> None:  # the staging folder made_once renames to out/data
         rng = torch.Generator().manual_seed(0)
         for split, count in (("train", 24), ("test", 8)):
             for label in range(3):  # each class its own mean colour, so a few updates can learn something

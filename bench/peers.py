@@ -162,7 +162,7 @@ def fail(message: str) -> None:
 
 def make_synthetic(root: Path, classes: int, per_class: int, size: int) -> Path:
     """classes x per_class JPEGs (quality 90) of smooth random content with a per-class tint, in train/<class>/.
-    `root` lies in a work class_dir of this run alone (a temporary class_dir, or a --work that was new or empty)."""
+    `root` lies in a work folder of this run alone (a temporary folder, or a --work that was new or empty)."""
     rng = np.random.default_rng(0)
     for c in range(classes):
         class_dir = root / "train" / f"class{c:02d}"

@@ -6,7 +6,7 @@ prints and writes a table of test accuracy and wall time per variant.
         --test-tar ../shared/data/cifar10-jpeg-test.tar.gz --work /tmp/ablation --per-class 500 --epochs 15
     .venv/bin/python bench/ablation.py --smoke     # generated shapes, seconds per variant (what CI runs)
 
-Data: the first --per-class training images of each class (a fixed subset of `train/`, symlinked, so a
+Data: the first --per-class training images of each class (a fixed subset of `train/`, copied, so a
 small budget is an over-fitting regime where regularisers can show), and all of `test/`. The test split is
 the run's "val" split with `data.val_fraction=0` and `eval.every_epochs=0`: it is scored once, at the end,
 and never steers training. Wall time is the whole `trainer train` command, data decoding included.
@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
+
+from gate import MARKER, check_results, made_once, result_files, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,27 +43,33 @@ VARIANTS = {
 
 
 def extract(tar: Path, into: Path) -> Path:
-    """The tarball's top folder (train/ or test/) under `into`, extracted once."""
+    """The tarball's top folder (train/ or test/) as into/<top>, extracted once (made_once: reused while it is
+    the same tarball)."""
     with tarfile.open(tar) as t:
         top = t.getmembers()[0].name.split("/")[0]
-        if not (into / top).is_dir():
-            into.mkdir(parents=True, exist_ok=True)
-            t.extractall(into, filter="data")
-    return into / top
+
+        def below_top(member: tarfile.TarInfo, dest: str):  # top/x -> x: the staging folder becomes into/<top>
+            if not member.name.startswith(top + "/"):
+                return None
+            # "data": no absolute paths, links out or devices
+            return tarfile.data_filter(member.replace(name=member.name[len(top) + 1:], deep=False), dest)
+
+        return made_once(into / top, {"made_by": "bench/ablation.py", "tar": str(tar.resolve())},
+                         lambda staging: t.extractall(staging, filter=below_top))
 
 
 def subset(train: Path, test: Path, per_class: int, out: Path) -> Path:
-    """out/train/<class>/ with the first `per_class` files of each class (sorted names), out/test -> test."""
-    for cls in sorted(p for p in train.iterdir() if p.is_dir()):
-        dest = out / "train" / cls.name
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in sorted(cls.iterdir())[:per_class]:
-            link = dest / f.name
-            if not link.exists():
-                link.symlink_to(f.resolve())
-    if not (out / "test").exists():
-        (out / "test").symlink_to(test.resolve())
-    return out
+    """out/train/<class>/ with the first `per_class` files of each class (sorted names) and out/test/, all of
+    test; copies (the write gate records regular files, never links), made once."""
+    def draw(staging: Path) -> None:  # the staging folder made_once renames to `out`
+        for cls in sorted(p for p in train.iterdir() if p.is_dir()):
+            (staging / "train" / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:per_class]:
+                shutil.copyfile(f, staging / "train" / cls.name / f.name)
+        shutil.copytree(test, staging / "test", ignore=shutil.ignore_patterns(MARKER))  # extract's, not data
+
+    return made_once(out, {"made_by": "bench/ablation.py", "train": str(train.resolve()),
+                           "test": str(test.resolve()), "per_class": per_class}, draw)
 
 
 def run_variant(name: str, extra: list, base: list, work: Path, threads: int) -> dict:
@@ -104,6 +113,7 @@ def main(argv=None) -> None:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    check_results(args.work, result_files("ablation"), option="--work")
     if args.smoke:
         base = [args.recipe, "data.format=generated", f"data.root={args.work / 'gen'}", "data.generated.train_per_class=24",
                 "data.generated.val_per_class=6", "train.epochs=1", "train.batch_size=16", "data.num_workers=0",
@@ -122,9 +132,8 @@ def main(argv=None) -> None:
               flush=True)
     md = table(rows)
     print(md)
-    (args.work / "ablation.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                         "rows": rows}, indent=1))
-    (args.work / "ablation.md").write_text(md + "\n")
+    write_results(args.work, "ablation", {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, md,
+                  option="--work")
 
 
 if __name__ == "__main__":

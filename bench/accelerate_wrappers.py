@@ -15,13 +15,14 @@ the prepared calls (they handle gradient accumulation, loss scaling and DDP's no
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from gate import check_results, result_files, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +37,8 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.steps, args.repeats = 3, 2
+    results_name = "accelerate-wrappers" + ("-smoke" if args.smoke else "")
+    check_results(args.out, result_files(results_name))
     from accelerate import Accelerator
     import accelerate
 
@@ -91,14 +94,10 @@ def main() -> None:
               "prepared_minus_raw_ms": med["prepared"] - med["raw"],
               "torch": torch.__version__, "accelerate": accelerate.__version__,
               "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "accelerate-wrappers" + ("-smoke" if args.smoke else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = ["| loop | ms per step (median) | min | max |", "|---|---|---|---|"]
     lines += [f"| {n} | {med[n]:.3f} | {min(v):.3f} | {max(v):.3f} |" for n, v in ms.items()]
     lines.append(f"| prepared - raw | {result['prepared_minus_raw_ms']:+.3f} | | |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, results_name, result, "\n".join(lines))
     print("\n".join(lines))
 
 

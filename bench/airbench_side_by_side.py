@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from gate import bench_folder, check_results, fresh_log, made_once, result_files, write_file, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "airbench_cifar10.yaml"
 
@@ -64,15 +66,18 @@ def decode_folder(split_dir: Path):
 
 
 def write_reference_data(data: Path, work: Path) -> None:
-    """cifar10/train.pt and test.pt in airbench's own format, from the JPEG folders."""
-    out = work / "cifar10"
-    out.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        images, labels, classes = decode_folder(data / split)
-        if split == "train":  # no class order, as in the original arrays (see the module docstring)
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-            images, labels = images[order], labels[order]
-        torch.save({"images": images, "labels": labels, "classes": classes}, out / f"{split}.pt")
+    """work/cifar10/train.pt and test.pt in airbench's own format, from the JPEG folders; made once (reused
+    while --data is the same) through the write gate."""
+    def draw(staging: Path) -> None:  # the staging folder made_once renames to work/cifar10
+        for split in ("train", "test"):
+            images, labels, classes = decode_folder(data / split)
+            if split == "train":  # no class order, as in the original arrays (see the module docstring)
+                order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+                images, labels = images[order], labels[order]
+            torch.save({"images": images, "labels": labels, "classes": classes}, staging / f"{split}.pt")
+
+    made_once(work / "cifar10", {"made_by": "bench/airbench_side_by_side.py", "data": str(data)}, draw,
+              option="--out")
 
 
 class _WallEvent:
@@ -145,9 +150,9 @@ def run_reference(airbench: Path, work: Path, epochs: float, seed: int, precisio
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16", cache_enabled=False):
         ab.main(seed)
     per_epoch = [r["val_acc"] for r in rows if isinstance(r["epoch"], int)]
-    out.write_text(json.dumps({"side": "airbench94", "seed": seed, "precision": precision,
-                               "per_epoch": per_epoch, "final_tta": rows[-1]["tta_val_acc"],
-                               "wall_s": time.perf_counter() - start}, indent=1))
+    write_file(out.parent, out.name, json.dumps({"side": "airbench94", "seed": seed, "precision": precision,
+                                                 "per_epoch": per_epoch, "final_tta": rows[-1]["tta_val_acc"],
+                                                 "wall_s": time.perf_counter() - start}, indent=1))
 
 
 def ours_command(data: Path, run_dir: Path, epochs: int, seed: int, overrides) -> list:
@@ -164,8 +169,8 @@ def finish_ours(run_dir: Path, seed: int, out: Path, wall: float, recipe_tta: st
                     str(run_dir / "eval-tta.json"), f"eval.tta={recipe_tta}"], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
     final = json.loads((run_dir / "eval-tta.json").read_text())["accuracy"]
-    out.write_text(json.dumps({"side": "ours", "seed": seed, "per_epoch": per_epoch, "final_tta": final,
-                               "tta": recipe_tta, "wall_s": wall}, indent=1))
+    write_file(out.parent, out.name, json.dumps({"side": "ours", "seed": seed, "per_epoch": per_epoch,
+                                                 "final_tta": final, "tta": recipe_tta, "wall_s": wall}, indent=1))
 
 
 def recipe_tta(overrides: list) -> str:
@@ -206,15 +211,21 @@ def smoke(out: Path) -> None:
     """Our side on generated images for one epoch: the script's plumbing, not accuracy (CI)."""
     from PIL import Image
 
-    data = out / "data"
-    rng = torch.Generator().manual_seed(0)
-    for split, count in (("train", 24), ("test", 8)):
-        for label in range(3):  # each class its own mean colour, so a few updates can learn something
-            folder = data / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                pixels = (torch.rand(32, 32, 3, generator=rng) * 96 + 80 * label).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    name = "airbench-side-by-side-smoke"
+    check_results(out, [*result_files(name), "ours-seed0.json"])
+
+    def draw(data: Path) -> None:  # the staging folder made_once renames to out/data
+        rng = torch.Generator().manual_seed(0)
+        for split, count in (("train", 24), ("test", 8)):
+            for label in range(3):  # each class its own mean colour, so a few updates can learn something
+                class_dir = data / split / f"class{label}"
+                class_dir.mkdir(parents=True)
+                for i in range(count):
+                    pixels = (torch.rand(32, 32, 3, generator=rng) * 96 + 80 * label).to(torch.uint8).numpy()
+                    Image.fromarray(pixels).save(class_dir / f"{i}.jpg", quality=90)
+
+    data = made_once(out / "data", {"made_by": "bench/airbench_side_by_side.py --smoke", "classes": 3,
+                                    "train_per_class": 24, "test_per_class": 8, "seed": 0}, draw, option="--out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_dir = out / "ours-seed0"
     start = time.perf_counter()
@@ -225,8 +236,7 @@ def smoke(out: Path) -> None:
     result = json.loads((out / "ours-seed0.json").read_text())
     assert len(result["per_epoch"]) == 1 and 0 <= result["final_tta"] <= 1, result
     assert result["tta"] == "flip_translate", result  # the recipe's, not the run's eval.tta=none
-    (out / "airbench-side-by-side-smoke.json").write_text(json.dumps([result], indent=1))
-    (out / "airbench-side-by-side-smoke.md").write_text(table([result], 1))
+    write_results(out, name, [result], table([result], 1))
     print(table([result], 1))
 
 
@@ -248,20 +258,22 @@ def main() -> None:
     p.add_argument("--_reference", nargs=2, metavar=("SEED", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         return smoke(args.out)
     if args.report:
         return report(args.out, [json.loads(f.read_text()) for side in ("airbench94", "ours")
                                  for f in sorted(args.out.glob(f"{side}-seed*.json"))], args.epochs)
-    if args._reference:
+    if args._reference:  # a child of the run below, in --out, which the parent made
         torch.set_num_threads(args.threads)
         return run_reference(args.airbench.resolve(), args.out, args.epochs, int(args._reference[0]),
                              args.reference_precision, Path(args._reference[1]))
     if args.data is None or ("airbench94" in args.sides and args.airbench is None):
         p.error("--data is needed, and --airbench for the reference side")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    if "airbench94" in args.sides and not (args.out / "cifar10" / "test.pt").exists():
+    # every file this run leaves in --out, checked before hours of training
+    check_results(args.out, [*result_files("side_by_side"), *(f"{side}-seed{seed}.{ext}" for side in args.sides
+                                                             for seed in args.seeds for ext in ("json", "log"))])
+    if "airbench94" in args.sides:
         write_reference_data(args.data.resolve(), args.out)
     jobs = []  # (side, seed, command, result file, run dir)
     for seed in args.seeds:
@@ -277,8 +289,9 @@ def main() -> None:
                 jobs.append((side, seed, ours_command(args.data.resolve(), run_dir, args.epochs, seed, args.ours),
                              result, run_dir))
     running = []
+    out = bench_folder(args.out, "--out")
     for side, seed, cmd, result, run_dir in jobs:
-        log = open(args.out / f"{side}-seed{seed}.log", "w")
+        log = fresh_log(out, f"{side}-seed{seed}.log")
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         running.append((proc, side, seed, result, run_dir, time.perf_counter(), recipe_tta(args.ours)))
         if not args.parallel:
@@ -290,8 +303,7 @@ def main() -> None:
 
 def report(out: Path, results: list, epochs: int) -> None:
     md = table(results, epochs)
-    (out / "side_by_side.json").write_text(json.dumps(results, indent=1))
-    (out / "side_by_side.md").write_text(md)
+    write_results(out, "side_by_side", results, md)
     print(md)
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from gate import check_results, result_files, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 # the loop's fields a checkpoint must hold (their values do not matter here)
 LOOP_STATE = {"epoch": 0, "batch_in_epoch": 0, "samples_seen": 0, "metrics_rows": 0, "architecture": "bench",
@@ -40,6 +42,8 @@ def main() -> None:
     args = p.parse_args()
     if args.smoke:
         args.models, args.repeats = ["small_cnn"], 2
+    results_name = "checkpoint-io" + ("-smoke" if args.smoke else "")
+    check_results(args.out, result_files(results_name))
     from trainer.checkpoint import capture_rng, read_checkpoint, verify_checkpoint, write_checkpoint
     from trainer.models import build_model
     from trainer.outputs import Folder
@@ -79,10 +83,7 @@ def main() -> None:
               flush=True)
     result = {"benchmark": "checkpoint_io", "repeats": args.repeats, "rows": rows, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "checkpoint-io" + ("-smoke" if args.smoke else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+
     def cell(v, fmt="{:.3f}"):
         return "n/a" if v is None else fmt.format(v)
 
@@ -91,7 +92,7 @@ def main() -> None:
     lines += [f"| {r['model']} | {r['checkpoint_mb']} | {cell(r['median_s']['write'])} | {cell(r['median_s']['verify'])} "
               f"| {cell(r['median_s']['load'])} | {cell(r['warm_overhead'], '{:.0%}')} | {cell(r['median_s']['cold_load'])} "
               f"| {cell(r['median_s']['cold_resume'])} | {cell(r['cold_overhead'], '{:+.0%}')} |" for r in rows]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, results_name, result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -42,7 +42,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import psutil
@@ -52,38 +51,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 sys.path.insert(0, str(ROOT))
 
+from gate import check_results, made_once, result_files, write_file, write_results  # noqa: E402
+
 PER_CLASS = 1000
 DISTINCT = 256  # distinct JPEGs written in rotation
 FILE_CALLS = "openat,open,stat,lstat,fstat,newfstatat,statx,getdents64,access,faccessat,faccessat2,readlink,readlinkat"
-
-
-def folder_to_make(root: Path, params: dict) -> Optional[Path]:
-    """None when `root` already holds the synthetic folder `params` describe (its marker, dataset.json, says
-    so); else an empty temporary folder beside it to write it in, which finish_folder renames into place (a
-    run cut short leaves only that folder, ours by name). What an earlier run of the same script
-    (params["made_by"]) left at `root` is removed first; anything else there stops the script: it never deletes
-    a folder it did not make."""
-    marker = root / "dataset.json"
-    try:
-        found = json.loads(marker.read_text()) if marker.is_file() else None
-    except ValueError:
-        found = None
-    if found == params:
-        return None
-    if root.exists() and not (isinstance(found, dict) and found.get("made_by") == params["made_by"]):
-        raise SystemExit(f"error: {root} exists and was not made by {params['made_by']} (its dataset.json does "
-                         f"not say so); choose another --work")
-    shutil.rmtree(root, ignore_errors=True)
-    tmp = root.with_name(f".{root.name}.making")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def finish_folder(tmp: Path, root: Path, params: dict) -> Path:
-    (tmp / "dataset.json").write_text(json.dumps(params))
-    os.rename(tmp, root)
-    return root
 
 
 def noisy_jpegs(rng: np.random.Generator, width: int, height: int, count: int) -> list:
@@ -100,32 +72,33 @@ def noisy_jpegs(rng: np.random.Generator, width: int, height: int, count: int) -
 
 
 def make_folder(root: Path, n_train: int) -> Path:
-    """root/train/cNNNN/NNNNNNNN.jpg and root/val/..., once; a marker says it is complete."""
+    """root/train/cNNNN/NNNNNNNN.jpg and root/val/..., made once through the write gate (gate.made_once)."""
     per_class = min(PER_CLASS, max(n_train // 10, 1))
     classes = max(n_train // per_class, 2)
     params = {"made_by": "bench/data_scale.py", "n_train": n_train, "per_class": per_class, "classes": classes,
               "val_fraction": 0.02}
-    tmp = folder_to_make(root, params)
-    if tmp is None:
-        return root
-    blobs = noisy_jpegs(np.random.default_rng(0), 32, 32, DISTINCT)
-
-    def write_class(args):
-        split, c, count = args
-        folder = tmp / split / f"c{c:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            (folder / f"{i:08d}.jpg").write_bytes(blobs[(c * 7919 + i) % DISTINCT])
-
     val_per_class = max(int(per_class * params["val_fraction"]), 1)
     jobs = [("train", c, per_class) for c in range(classes)] + [("val", c, val_per_class) for c in range(classes)]
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(write_class, jobs))
-    return finish_folder(tmp, root, params)
+
+    def draw(staging: Path) -> None:  # into the staging folder made_once renames into place
+        blobs = noisy_jpegs(np.random.default_rng(0), 32, 32, DISTINCT)
+
+        def write_class(job):
+            split, c, count = job
+            class_dir = staging / split / f"c{c:04d}"
+            class_dir.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                (class_dir / f"{i:08d}.jpg").write_bytes(blobs[(c * 7919 + i) % DISTINCT])
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(write_class, jobs))
+
+    return made_once(root, params, draw)
 
 
 def make_shards(root: Path, dest: Path) -> dict:
-    """`trainer pack root dest` (256 MiB shards), once; how long it took is kept beside the shards."""
+    """`trainer pack root dest` (256 MiB shards), once; how long it took is kept beside the shards (the shards
+    are pack's own folder; the timing file is the bench's, written through the gate)."""
     timing = dest.with_name(dest.name + ".seconds.json")
     if (dest / "index.json").is_file() and timing.is_file():
         return json.loads(timing.read_text())
@@ -138,7 +111,7 @@ def make_shards(root: Path, dest: Path) -> dict:
     made = {"pack_seconds": time.perf_counter() - start,
             "shards": sum(len(v) for v in index["splits"].values()),
             "mib": sum(e["bytes"] for v in index["splits"].values() for e in v) / 2**20}
-    timing.write_text(json.dumps(made))
+    write_file(timing.parent, timing.name, json.dumps(made), option="--work")
     return made
 
 
@@ -184,7 +157,9 @@ def _peak_rss_mib(pid: int) -> float:
 
 
 def first_step(root: Path, tmp: Path, processes: int, verify: str, prefix=(), timeout: float = 3600) -> dict:
-    """Launch, wait for the first metrics row, take the memory readings, kill the tree."""
+    """Launch, wait for the first metrics row, take the memory readings, kill the tree. `tmp` is a
+    tempfile.mkdtemp folder of main's, this measurement's alone: its run, log and scan cache are written there
+    directly, and the run of the previous start is removed (the cache kept: a restart's)."""
     run_dir = tmp / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": PYTHONPATH,
@@ -366,6 +341,8 @@ def main() -> None:
     modes = args.verify.split(",")
     if args.strace and not shutil.which("strace"):
         raise SystemExit("error: --strace needs strace installed")
+    name = "data-scale" + ("-smoke" if args.smoke else "") + (f"-{args.label}" if args.label else "")
+    check_results(args.out, result_files(name))
     work = Path(args.work)
     rows = []
     for n in sizes:
@@ -378,7 +355,7 @@ def main() -> None:
             packed = work / f"shards-{n}"
             row["pack"] = make_shards(root, packed)
             print(f"[data_scale] {n}: packed {row['pack']}", flush=True)
-            tmp = Path(tempfile.mkdtemp(prefix="reads-", dir=work))
+            tmp = Path(tempfile.mkdtemp(prefix="reads-", dir=work))  # strace's counts; removed below
             row["reads"] = compare_reads(root, packed, min(n, args.read_images), args.repeats, args.strace, tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             print(f"[data_scale] {n}: reads {row['reads']}", flush=True)
@@ -403,10 +380,6 @@ def main() -> None:
     result = {"label": args.label, "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                                "platform": platform.platform()},
               "settings": {"sizes": sizes, "processes": procs, "verify": modes, "smoke": args.smoke}, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "data-scale" + ("-smoke" if args.smoke else "") + (f"-{args.label}" if args.label else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = ["| files | processes | data.verify_images | first start -> first step (s) | restart -> first step (s) | "
              "rank peak RSS (MiB) | worker peak RSS (MiB) | file calls per rank (restart) | worker USS after a pass (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -427,7 +400,7 @@ def main() -> None:
         for row in rows:
             lines.append(f"| {row['files']:,} " + pack_read_cells(row["pack"], row["reads"], "imagefolder",
                                                                   min(row["files"], args.read_images)))
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, name, result, "\n".join(lines))
     print("\n".join(lines))
 
 

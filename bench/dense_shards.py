@@ -36,8 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from data_scale import (FOLDER_FORMAT, PACK_READ_HEADER, compare_reads, finish_folder, folder_to_make,  # noqa: E402
-                        make_shards, noisy_jpegs, pack_read_cells)
+from data_scale import (FOLDER_FORMAT, PACK_READ_HEADER, compare_reads, make_shards, noisy_jpegs,  # noqa: E402
+                        pack_read_cells)
+from gate import check_results, made_once, result_files, write_results  # noqa: E402
 
 DISTINCT = 64  # distinct photos (and masks) written in rotation
 CLASSES = ["background", "red", "green", "blue"]  # masks: index 0 and 3 rectangle classes; coco: ids 1-3
@@ -65,20 +66,23 @@ def _mask_png(boxes: list, width: int, height: int) -> bytes:
 
 
 def make_dense(root: Path, kind: str, n_train: int, width: int) -> Path:
-    """A masks or COCO folder of n_train training images (and 2% for val) of width x 3/4 width, once; a marker
-    says it is complete and what it holds."""
+    """A masks or COCO folder of n_train training images (and 2% for val) of width x 3/4 width, made once
+    through the write gate (gate.made_once)."""
     height = width * 3 // 4
     params = {"made_by": "bench/dense_shards.py", "kind": kind, "n_train": n_train, "width": width,
               "height": height, "val_fraction": 0.02}
-    tmp = folder_to_make(root, params)
-    if tmp is None:
-        return root
+    return made_once(root, params, lambda staging: draw_dense(staging, kind, n_train, width, height,
+                                                              params["val_fraction"]))
+
+
+def draw_dense(tmp: Path, kind: str, n_train: int, width: int, height: int, val_fraction: float) -> None:
+    """make_dense's folder, drawn into the staging folder `tmp` that made_once renames into place."""
     rng = np.random.default_rng(0)
     photos = noisy_jpegs(rng, width, height, DISTINCT)
     boxes = [_boxes(rng, width, height) for _ in range(DISTINCT)]
     masks = [_mask_png(b, width, height) for b in boxes]
     (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in CLASSES))
-    for split, n in (("train", n_train), ("val", max(int(n_train * params["val_fraction"]), 2))):
+    for split, n in (("train", n_train), ("val", max(int(n_train * val_fraction), 2))):
         images = tmp / split / ("images" if kind == "masks" else "")
         images.mkdir(parents=True)
         if kind == "masks":
@@ -98,7 +102,6 @@ def make_dense(root: Path, kind: str, n_train: int, width: int) -> Path:
                                             "iscrowd": 0})
         if kind == "coco":
             (tmp / split / "annotations.json").write_text(json.dumps(coco))
-    return finish_folder(tmp, root, params)
 
 
 def main() -> None:
@@ -121,13 +124,15 @@ def main() -> None:
                          f"bench/data_scale.py --shards)")
     if args.strace and not shutil.which("strace"):
         raise SystemExit("error: --strace needs strace installed")
+    name = "dense-shards" + ("-smoke" if args.smoke else "")
+    check_results(args.out, result_files(name))
     work = Path(args.work)
     rows = []
     for kind in kinds:
         for width in (int(p) for p in args.px.split(",")):
             root = make_dense(work / f"{kind}-{width}px-{args.images}", kind, args.images, width)
             pack = make_shards(root, work / f"{kind}-{width}px-{args.images}-shards")
-            tmp = Path(tempfile.mkdtemp(prefix="reads-", dir=work))
+            tmp = Path(tempfile.mkdtemp(prefix="reads-", dir=work))  # strace's counts; removed below
             reads = compare_reads(root, work / f"{kind}-{width}px-{args.images}-shards", args.images, args.repeats,
                                   args.strace, tmp, kind=kind)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -136,15 +141,11 @@ def main() -> None:
             print(f"[dense_shards] {rows[-1]}", flush=True)
     result = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
               "settings": vars(args), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "dense-shards" + ("-smoke" if args.smoke else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = ["| kind | photo (px) " + PACK_READ_HEADER, "|---" * 11 + "|"]
     for row in rows:
         lines.append(f"| {row['kind']} | {row['width']}x{row['height']} "
                      + pack_read_cells(row["pack"], row["reads"], FOLDER_FORMAT[row["kind"]], row["images"]))
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, name, result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -9,7 +9,6 @@ detections are jittered copies of the ground truth plus random boxes, scores uni
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,6 +19,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gate import check_results, result_files, write_results  # noqa: E402
 from trainer.tasks.detect_metrics import evaluate_coco, metrics_from_cocoeval  # noqa: E402
 
 SIDE, CATEGORIES = 640, [1, 3, 7, 9]  # COCO-like image side (px) and non-contiguous category ids
@@ -58,6 +58,8 @@ def main() -> None:
     args = p.parse_args()
     sizes = [20] if args.smoke else [int(v) for v in args.images.split(",")]
     per_image, repeats = (5, 1) if args.smoke else (args.detections, args.repeats)
+    tag = "det-eval-smoke" if args.smoke else "det-eval"
+    check_results(args.out, result_files(tag))
     lines = ["| images | detections | COCOeval s (median) | min-max | map |", "|---|---|---|---|---|"]
     print("\n".join(lines))
     rows = []
@@ -72,11 +74,7 @@ def main() -> None:
         lines.append(f"| {n} | {len(dets)} | {statistics.median(times):.2f} | {min(times):.2f}-{max(times):.2f} | "
                      f"{m['map']:.3f} |")
         print(lines[-1], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "det-eval-smoke" if args.smoke else "det-eval"
-    (out / f"{tag}.json").write_text(json.dumps({"benchmark": "det_eval", "rows": rows}, indent=1))
-    (out / f"{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, tag, {"benchmark": "det_eval", "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

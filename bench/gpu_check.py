@@ -61,6 +61,8 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
+from gate import bench_folder, check_results, fresh_log, result_files, write_file, write_results  # noqa: E402
+
 OVERHEAD_SCRIPT = BENCH / "overhead.py"
 # what this check needs from bench/overhead.py besides its existing flags: both sides on the GPU at 224 px,
 # channels_last and compiled (without --device its bare loop runs on the CPU whatever the trainer uses), and
@@ -158,15 +160,18 @@ class Part:
 
 
 class Context:
-    """What every part shares: arguments, sizes, the clock of the budget, the work folder and the log."""
+    """What every part shares: arguments, sizes, the clock of the budget, the work folder and the log. The
+    files left in --out (the log, the tests' XML, the table) go through the write gate; the work folder is
+    this run's alone (a temporary folder, or a --work that check_args found new or empty)."""
 
     def __init__(self, args, sizes: Sizes, out: Path, work: Path, tag: str):
         self.args, self.sizes, self.out, self.work, self.tag = args, sizes, out, work, tag
         self.dry = args.dry_run
         self.budget = args.budget_s if args.budget_s is not None else sizes.budget_s
         self.t0 = STARTED
+        self.out_folder = bench_folder(out, "--out")
         self.log = out / f"{tag}.log"
-        self.log.write_text("")
+        fresh_log(self.out_folder, self.log.name).close()  # this run's alone: an earlier run's is removed
         self.parts: dict = {}
         self.environment: dict = {}  # filled by the environment part
         self.selected = (set(args.parts.split(",")) | {"environment"}) if args.parts else {name for name, _ in PARTS}
@@ -178,7 +183,7 @@ class Context:
         """Run cmd with its output appended to the log; at most until the part's cap or the budget's end."""
         cap, left = self.sizes.cap_s.get(part), self.left() - RESERVE_S
         timeout, limit = (cap, "its cap") if cap and cap < left else (max(left, 1.0), "the budget")
-        with open(self.log, "a") as log:
+        with self.out_folder.append(self.log.name) as log:
             log.write(f"\n==== {part}: {shlex.join(str(c) for c in cmd)}\n")
             log.flush()
             start = log.tell()
@@ -329,8 +334,9 @@ def junit_cases(path: Path) -> list:
 
 
 def correctness_part(ctx: Context):
-    xml = ctx.out / f"{ctx.tag}-cuda-tests.xml"
-    xml.unlink(missing_ok=True)  # an earlier run's file must not pass for this one's
+    # pytest writes it into the work folder (this run's alone), from where it is copied into --out
+    xml = ctx.work / f"{ctx.tag}-cuda-tests.xml"
+    ctx.out_folder.remove(xml.name)  # an earlier run's copy must not pass for this one's
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rs", "-p", "no:cacheprovider",
            f"--junitxml={xml}"]
     if importlib.util.find_spec("pytest_timeout"):
@@ -342,6 +348,7 @@ def correctness_part(ctx: Context):
     rc = ctx.run(cmd, "correctness", env=env, check=False)
     if not xml.is_file():
         raise Failed(f"pytest exit {rc} and no {xml.name} (output in {ctx.log.name})")
+    write_file(ctx.out, xml.name, xml.read_bytes())
     cases = junit_cases(xml)
     counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "skipped")}
     reasons = sorted({c["message"].removeprefix("Skipped: ") for c in cases if c["outcome"] == "skipped"})
@@ -443,7 +450,8 @@ def class_root(folder: Path, split: str) -> Path:
 
 
 def fake_cifar_tars(folder: Path) -> tuple:
-    """Dry run: 10 classes of small generated JPEGs packed as cifar10/train and cifar10/test tarballs."""
+    """Dry run: 10 classes of small generated JPEGs packed as cifar10/train and cifar10/test tarballs, in
+    `folder`, inside the run's own work folder (see Context)."""
     from peers import make_synthetic
 
     source = make_synthetic(folder / "source", 10, 8, 32)
@@ -457,7 +465,8 @@ def fake_cifar_tars(folder: Path) -> tuple:
 
 
 def cifar_root(ctx: Context) -> tuple:
-    """(folder with train/ and test/ of class folders, seconds spent unpacking)."""
+    """(folder with train/ and test/ of class folders, seconds spent unpacking). Unpacked and linked in the
+    run's own work folder (see Context): the links are why not through the write gate, which makes none."""
     args = ctx.args
     if args.cifar:
         return Path(args.cifar).resolve(), 0.0
@@ -613,11 +622,10 @@ def write_report(ctx: Context, parts: list) -> str:
             f"`{shlex.join(['python', 'bench/gpu_check.py', *sys.argv[1:]])}`: {elapsed:.0f} s of a "
             f"{ctx.budget:.0f} s budget", ""]
     text = "\n".join(head) + "\n" + table(parts, ctx.dry)
-    (ctx.out / f"{ctx.tag}.md").write_text(text)
-    (ctx.out / f"{ctx.tag}.json").write_text(json.dumps({
+    write_results(ctx.out, ctx.tag, {
         "benchmark": "gpu_check", "mode": "dry-run" if ctx.dry else "gpu", "dry_run": ctx.dry,
         "command": ["bench/gpu_check.py", *sys.argv[1:]], "budget_s": ctx.budget, "elapsed_s": elapsed,
-        "environment": env, "parts": [asdict(p) for p in parts]}, indent=1, default=str))
+        "environment": env, "parts": [asdict(p) for p in parts]}, text)
     return text
 
 
@@ -689,7 +697,7 @@ def main() -> None:
     sizes = DRY if args.dry_run else GPU
     tag = "gpu-check-dry-run" if args.dry_run else "gpu-check"
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_results(out, [*result_files(tag), f"{tag}.log", f"{tag}-cuda-tests.xml"])  # before the lease is spent
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(args.work).resolve() if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

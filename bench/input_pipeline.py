@@ -23,7 +23,6 @@ them (random 640x480 images, quality 90), so anyone can re-run it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gate import check_results, result_files, write_results  # noqa: E402
 from trainer.data.datasets import FileDataset, sample_seed, train_transform  # noqa: E402
 from trainer.data.device_decode import BatchDecoder, collate_encoded  # noqa: E402
 from trainer.data.folders import decode_rgb, is_image_file, load_rgb  # noqa: E402
@@ -49,14 +49,15 @@ def files_under(folder: Path, limit: int) -> list:
     return [found[i] for i in sorted(rng.permutation(len(found))[:limit])] if len(found) > limit else found
 
 
-def make_photos(folder: Path, n: int) -> list:
-    folder.mkdir(parents=True, exist_ok=True)
+def make_photos(into: Path, n: int) -> list:
+    """`n` photo-sized JPEGs in `into`, inside a tempfile.TemporaryDirectory of main's."""
+    into.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
         base = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)  # smooth-ish content, like a photo, not noise
         img = Image.fromarray(base).resize((640, 480), Image.BICUBIC)
-        path = folder / "c" / f"{i:05d}.jpg"
+        path = into / "c" / f"{i:05d}.jpg"
         path.parent.mkdir(exist_ok=True)
         img.save(path, quality=90)
         paths.append(str(path))
@@ -138,8 +139,10 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     if args.smoke:
         args.limit, args.repeats, workers = 20, 1, [0]
+    name = "input-pipeline" + ("-smoke" if args.smoke else "")
+    check_results(args.out, result_files(name))
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the generated photos: gone with it
         if args.cifar:
             results["cifar_32px"] = measure(files_under(Path(args.cifar), args.limit), 32, args.repeats, workers,
                                             args.decode_device)
@@ -151,10 +154,6 @@ def main() -> None:
     if args.decode_device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
     results["threads"] = torch.get_num_threads()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "input-pipeline" + ("-smoke" if args.smoke else "")
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
     cols = ["files", "read", "decode_pil", "decode_tv", "decode", "sample_pil", "sample"] + [f"loader_w{w}" for w in workers]
     if args.decode_device:
         cols += [f"{args.decode_device}_decode_w{w}" for w in workers]
@@ -162,7 +161,7 @@ def main() -> None:
     for key, r in results.items():
         if isinstance(r, dict):
             lines.append(f"| {key} | " + " | ".join(f"{r[c]:.0f}" for c in cols) + " |")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, name, results, "\n".join(lines))
     print("img/s per process (files: count)\n" + "\n".join(lines))
 
 

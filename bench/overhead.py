@@ -36,6 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gate import check_results, result_files, write_results  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import build_data  # noqa: E402
 from trainer.data.device import to_device_loader  # noqa: E402
@@ -149,6 +150,12 @@ def main() -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device")
+    # the original name for the original settings (CI's smoke test reads it); new settings add their own part
+    name = (f"overhead-{args.model}-{args.precision}{'-device' if args.loader == 'device' else ''}"
+            f"{'-cuda' if args.device == 'cuda' else ''}{f'-{args.image_size}px' if args.image_size != 32 else ''}"
+            f"{'-cl' if args.channels_last else ''}{'-compile' if args.compile else ''}"
+            f"{'-set' if args.trainer_set else ''}{'-smoke' if args.smoke else ''}")
+    check_results(args.out, result_files(name))
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -184,22 +191,13 @@ def main() -> None:
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.platform(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # the original name for the original settings (CI's smoke test reads it); new settings add their own part
-    name = (f"overhead-{args.model}-{args.precision}{'-device' if args.loader == 'device' else ''}"
-            f"{'-cuda' if args.device == 'cuda' else ''}{f'-{args.image_size}px' if args.image_size != 32 else ''}"
-            f"{'-cl' if args.channels_last else ''}{'-compile' if args.compile else ''}"
-            f"{'-set' if args.trainer_set else ''}{'-smoke' if args.smoke else ''}")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     row = (f"| {args.model} | {args.batch} | {args.precision} | {result['plain_median']:.1f} | "
            f"{result['trainer_median']:.1f} | {result['overhead_pct']:+.1f}% | "
            f"{result['overhead_pct_paired_median']:+.1f}% | {result['overhead_pct_best']:+.1f}% | "
            f"{result['extra_ms_per_step']:+.2f} |")
-    (out / f"{name}.md").write_text("| model | batch | precision | plain img/s | trainer img/s | overhead (medians) "
-                                    "| overhead (median of paired repeats) | overhead (best repeats) | "
-                                    "extra ms per step (medians) |\n"
-                                    "|---|---|---|---|---|---|---|---|---|\n" + row + "\n")
+    write_results(args.out, name, result, "| model | batch | precision | plain img/s | trainer img/s | overhead (medians) "
+                  "| overhead (median of paired repeats) | overhead (best repeats) | extra ms per step (medians) |\n"
+                  "|---|---|---|---|---|---|---|---|---|\n" + row + "\n")
     print(row)
 
 

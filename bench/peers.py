@@ -83,6 +83,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gate import bench_folder, check_results, fresh_log, result_files, write_file, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = ("ours", "timm", "accelerate")
 
@@ -159,16 +161,17 @@ def fail(message: str) -> None:
 # ---- data ----
 
 def make_synthetic(root: Path, classes: int, per_class: int, size: int) -> Path:
-    """classes x per_class JPEGs (quality 90) of smooth random content with a per-class tint, in train/<class>/."""
+    """classes x per_class JPEGs (quality 90) of smooth random content with a per-class tint, in train/<class>/.
+    `root` lies in a work folder of this run alone (a temporary folder, or a --work that was new or empty)."""
     rng = np.random.default_rng(0)
     for c in range(classes):
-        folder = root / "train" / f"class{c:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        class_dir = root / "train" / f"class{c:02d}"
+        class_dir.mkdir(parents=True, exist_ok=True)
         tint = rng.integers(0, 255, 3)
         for i in range(per_class):
             base = rng.integers(0, 255, (max(size // 8, 2), max(size // 8, 2), 3)).astype(np.float32)
             pixels = (0.6 * base + 0.4 * tint).astype(np.uint8)
-            Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(folder / f"{i:05d}.jpg", quality=90)
+            Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(class_dir / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -186,7 +189,9 @@ def train_files(data: Path) -> dict:
 
 
 def build_views(data: Path, files: dict, work: Path) -> tuple:
-    """Symlink views of the same files: ImageFolder (train/ + a 2-per-class val/) and the example's flat folder."""
+    """Symlink views of the same files: ImageFolder (train/ + a 2-per-class val/) and the example's flat folder,
+    in `work`, a folder of this run alone (a temporary folder, or a --work that was new or empty): the write gate
+    makes no links."""
     folder_view, flat_view = work / "view-imagefolder", work / "view-flat"
     folder_view.mkdir(parents=True)
     (folder_view / "train").symlink_to((data / "train").resolve(), target_is_directory=True)
@@ -204,7 +209,7 @@ def build_views(data: Path, files: dict, work: Path) -> tuple:
 # ---- sides ----
 
 def run_logged(cmd: list, log: Path, env: dict, cwd: Path, timeout: float) -> str:
-    with open(log, "w") as f:
+    with fresh_log(bench_folder(log.parent, "--work"), log.name) as f:
         try:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
@@ -399,6 +404,7 @@ def main() -> None:
     peer_env = {**env, "PYTHONPATH": os.pathsep.join(peer_path + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     tag = (f"{args.model}-{args.image_size}px-b{args.batch}-{args.precision}-{args.device}"
            f"{'-smoke' if args.smoke else ''}")
+    check_results(args.out, result_files(f"peers-{tag}"))
 
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp_name:
         work = Path(args.work).resolve() if args.work else Path(tmp_name)
@@ -412,7 +418,7 @@ def main() -> None:
         if images < 2 * args.batch:
             fail(f"{images} training images: need at least 2 batches of --batch {args.batch}")
         view, flat = build_views(data, files, work)
-        (work / "accelerate_shim.py").write_text(ACCELERATE_SHIM)
+        write_file(work, "accelerate_shim.py", ACCELERATE_SHIM, option="--work")
         versions = {"torch": torch.__version__}
         if checkouts:
             probe = ("import json, torch; v = {'peer_torch': torch.__version__}\n"
@@ -489,9 +495,6 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"peers-{tag}.json").write_text(json.dumps(result, indent=1))
     lines = [f"{args.model} ({args.peer_model} in timm), {args.image_size} px, batch {args.batch}, precision "
              f"{args.precision}, {args.device}, {args.workers} workers, {classes} classes x "
              f"{images // classes} images, {args.epochs} epochs (first not counted), {args.repeats} repeats; "
@@ -506,7 +509,7 @@ def main() -> None:
         note = s["notes"] + (f"; error: {s['error']}" if s["error"] else "")
         cmd = f"`{s['command_shown']}`" if s["command_shown"] else "-"
         lines.append(f"| {side} | {cmd} | {value} | {ratio} | {note.replace('|', '/')} |")
-    (out / f"peers-{tag}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, f"peers-{tag}", result, "\n".join(lines))
     print("\n".join(lines[2:]))
     if any(s["status"] == "failed" for s in sides.values()):
         raise SystemExit(1)

@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gate import check_results, result_files, write_results  # noqa: E402
+
 
 def one(args) -> None:
     """Inside each process: time the evaluation and its finish; rank 0 prints one JSON line."""
@@ -72,6 +74,8 @@ def main() -> None:
         args.images, args.size, args.repeats = 8, 16, 1
     if args.one:
         return one(args)
+    name = "seg-eval" + ("-smoke" if args.smoke else "")
+    check_results(args.out, result_files(name))
     rows = []
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # the caller's kept after
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
@@ -86,14 +90,10 @@ def main() -> None:
         rows.append(json.loads(line[-1]))
     result = {"benchmark": "seg_eval", "images": args.images, "size": args.size, "repeats": args.repeats,
               "rows": rows, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "seg-eval" + ("-smoke" if args.smoke else "")
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = ["| processes | evaluation s (median) | finish s (all-reduce + gather) | finish share |", "|---|---|---|---|"]
     lines += [f"| {r['processes']} | {r['total_s']:.3f} | {r['finish_s']:.4f} | {r['finish_s'] / r['total_s']:.2%} |"
               for r in rows]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, name, result, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gate import check_results, result_files, write_results  # noqa: E402
 from trainer.models import MODELS, build_model  # noqa: E402
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, model_kwargs  # noqa: E402
 from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model  # noqa: E402
@@ -282,6 +283,8 @@ def main() -> None:
     if args.smoke:
         args.models, args.image_size, args.batch, args.steps, args.warmup, args.repeats, args.compile = (
             "small_cnn,linear", 16, 8, 2, 1, 1, "off")
+    tag = "smoke" if args.smoke else f"{args.device}-{args.image_size}px"
+    check_results(args.out, result_files(f"step-throughput-{tag}"))
     split = lambda s: [v.strip() for v in s.split(",") if v.strip()]  # noqa: E731
     models, precisions, formats, compiles = (split(args.models), split(args.precisions), split(args.formats),
                                              split(args.compile))
@@ -311,11 +314,7 @@ def main() -> None:
     md = table(rows, args.device)
     result = {"benchmark": "step_throughput", "machine": info, "settings": settings, "rows": rows,
               "peak_memory": rows[0].get("peak_mem_kind") if rows else None}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "smoke" if args.smoke else f"{args.device}-{args.image_size}px"
-    (out / f"step-throughput-{tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"step-throughput-{tag}.md").write_text(md)
+    write_results(args.out, f"step-throughput-{tag}", result, md)
     print(f"\n{info['device_name']}, torch {torch.__version__}, {info['threads']} threads, batch {args.batch}, "
           f"{args.image_size}px\n\n{md}")
 

@@ -306,19 +306,20 @@ def test_a_trial_of_two_processes_through_a_launcher(tmp_path):
 
 def test_collect_says_who_holds_a_running_trial_and_what_to_do_when_its_worker_is_gone(tmp_path):
     from trainer import tune
-    from trainer.files import atomic_write_json
+    from trainer.outputs import Folder
 
     spec = {"name": "t", "direction": "maximize", "sampler": "random", "pruner": "none", "storage": None,
             "metric": "accuracy", "seed": 0, "gpus_per_trial": 1, "stale_after_s": 600,
             "parameters": {"optim.lr": {"type": "float", "low": 0.001, "high": 0.1, "log": False}}}
+    out = Folder(tmp_path, "tune", owner="tune")  # as `trainer tune` and its workers write them
     for sub in ("leases", "trials"):
-        (tmp_path / sub).mkdir()
-    atomic_write_json(tmp_path / "tune.json", spec)
+        out.mkdir(sub)
+    out.write_json("tune.json", spec)
     study = tune.open_study(tmp_path, spec, seed=0)
     for _ in range(2):
         tune._suggest(study.ask(), spec["parameters"])
-    atomic_write_json(tmp_path / "leases" / "123_0.json", {"trial": 0, "worker": "123_0"})
-    atomic_write_json(tmp_path / "leases" / "123_1.json", {"trial": 1, "worker": "123_1"})
+    out.write_json("leases/123_0.json", {"trial": 0, "worker": "123_0"})
+    out.write_json("leases/123_1.json", {"trial": 1, "worker": "123_1"})
     past = time.time() - 3600
     os.utime(tmp_path / "leases" / "123_0.json", (past, past))
     rows = {r["trial"]: r for r in tune.collect(str(tmp_path))}

@@ -1,10 +1,8 @@
-"""Writing files so that a crash, a full disk or a stop request never leaves half of one behind.
+"""File primitives: one-line wording of file-system errors, checksums, reading the user's text files and
+safetensors (never a pickle), fsync of a folder.
 
-Every file the trainer writes goes through here: written under a temporary sibling name (`.NAME.tmp-PID`),
-optionally fsynced, then renamed over the target in one step. On any failure (an exception, a full disk,
-a stop signal raised mid-write) the temporary is removed and the target is untouched. `fsync=True` is for
-what a resume depends on (checkpoints and their pointer); the rest is only renamed (a crash loses at most
-the newest version, never the old one).
+Writing is the write gate's (trainer/outputs.py): every file any command writes, replaces or deletes goes
+through it, under one policy; it uses these primitives.
 """
 from __future__ import annotations
 
@@ -13,10 +11,9 @@ import json
 import mmap
 import os
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Iterator, Union
 
 import xxhash
 
@@ -29,107 +26,12 @@ DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk 
                errno.EISDIR: "it is a folder", errno.ENAMETOOLONG: "file name too long"}
 
 
-def temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-def atomic_write(path: Union[str, Path], data: Union[str, bytes], fsync: bool = False) -> None:
-    """Replace `path` with `data` in one rename; nothing is left behind on failure."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        if fsync:
-            fsync_dir(path.parent)
-    except BaseException as err:  # also a stop request raised mid-write: never leave the temporary
-        _remove(tmp)
-        if isinstance(err, OSError):
-            raise disk_error(err, path) from None
-        raise
-
-
-def atomic_write_json(path: Union[str, Path], obj, fsync: bool = False) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, default=str) + "\n", fsync=fsync)
-
-
-@contextmanager
-def atomic_dir(target: Union[str, Path], fsync: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces `target` in one rename (the old
-    version moved aside first, removed last); on failure it is removed and `target` is as it was.
-
-    Whatever the old folder holds that the new one does not (a user's notes, an earlier report) is then
-    carried into the new one, so replacing a folder never deletes a file the caller did not write anew: the
-    temporary folder only ever holds our own files, and until every such file is carried over the old folder
-    (`.NAME.old-PID`) stays, where rundir.clean_leftovers finishes the job after a kill. A `target` that is a
-    symbolic link is replaced as a link: the folder it points to is never touched."""
-    target = Path(target)
-    tmp = temp_name(target)
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove(tmp)
-        tmp.mkdir()
-        yield tmp
-        if fsync:
-            for f in tmp.iterdir():
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            fsync_dir(tmp)
-        if os.path.lexists(target):
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if fsync:
-            fsync_dir(target.parent)
-    except BaseException as err:
-        _remove(tmp)
-        if os.path.lexists(old) and not os.path.lexists(target):  # the swap was cut between its two renames
-            os.rename(old, target)
-        if isinstance(err, OSError):
-            raise disk_error(err, target) from None
-        raise
-    stuck = carry_over(old, target)
-    if stuck:
-        raise TrainerError(f"{target} was replaced, but {len(stuck)} file(s) of its old version could not be moved "
-                           f"into it ({stuck[0][0]}: {stuck[0][1]}); they are kept in {old}")
-    _remove(old)
-
-
-def carry_over(old: Path, target: Path) -> list:
-    """Move what the folder `old` holds that the folder `target` does not into `target` (nothing when `old` is
-    a link or no folder); returns (name, why) of what could not be moved."""
-    stuck = []
-    if old.is_dir() and not old.is_symlink():
-        for entry in sorted(old.iterdir()):
-            if not os.path.lexists(target / entry.name):
-                try:
-                    os.rename(entry, target / entry.name)
-                except OSError as err:
-                    stuck.append((entry.name, err.strerror or str(err)))
-    return stuck
 
 
 # What detects bit rot and truncation in checkpoints: xxHash's XXH3, 128 bits (`xxhsum -H2 FILE` checks one by
@@ -178,14 +80,6 @@ def safetensors_os_errors(path: Union[str, Path]) -> Iterator[None]:
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
-
-
-def writes_to(path: Union[str, Path], fn: Callable[[], object]):
-    """Run `fn`, turning a file-system error on `path` into one line (see `disk_error`)."""
-    try:
-        return fn()
-    except OSError as err:
-        raise disk_error(err, path) from None
 
 
 def read_json(path: Union[str, Path], default=None):

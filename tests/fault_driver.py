@@ -23,8 +23,10 @@ import sys
 import time
 
 import trainer.checkpoint as C
+import trainer.evaluation as V
 import trainer.export as E
 import trainer.loop as L
+import trainer.session as S
 from trainer.cli import main
 
 KIND, AT = os.environ["FAULT"], int(os.environ.get("FAULT_AT", "0"))
@@ -84,7 +86,7 @@ def save_file(tensors, path, *a, **k):
 
 
 C.save_file = save_file
-original_evaluate = L.evaluate
+original_evaluate = V.evaluate
 
 
 def evaluate(*a, **k):
@@ -93,7 +95,7 @@ def evaluate(*a, **k):
     return original_evaluate(*a, **k)
 
 
-L.evaluate = evaluate
+V.evaluate = evaluate  # what the loop's scoring (evaluation.score) calls
 original_export_save = E.save_file
 
 
@@ -106,7 +108,7 @@ def export_save(tensors, path, *a, **k):
 
 
 E.save_file = export_save
-original_build_data = L.build_data_on_ranks
+original_build_data = S.build_data_on_ranks
 
 
 def build_data(*a, **k):
@@ -123,7 +125,7 @@ def build_data(*a, **k):
     return original_build_data(*a, **k)
 
 
-L.build_data_on_ranks = build_data
+S.build_data_on_ranks = build_data  # what the session's start-up calls
 
 
 def announced(module, name: str, phase: str) -> None:

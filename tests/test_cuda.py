@@ -49,6 +49,7 @@ if os.environ.get("PROBE_GLOO"):
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
 
 import trainer.loop as L
+import trainer.session as S
 from trainer.cli import main
 from trainer.tasks.classify import Classification
 
@@ -86,8 +87,8 @@ def seen_loader(loader):
 
 
 wrap(L, "make_accelerator", seen_accelerator)
-wrap(L, "optimizer_from", seen_optimizer)
-wrap(L, "build_train_loader", seen_loader)
+wrap(S, "optimizer_from", seen_optimizer)
+wrap(S, "build_train_loader", seen_loader)
 
 
 def parameters(model):

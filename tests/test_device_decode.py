@@ -152,8 +152,8 @@ def jpeg_folder(root: Path) -> Path:
 # data.decode_device=cuda with the refusal lifted, in a driver of the test: the decoder then runs on the run's
 # device, the CPU, through the real loop (the product itself refuses it there)
 CPU_DECODER = r'''
-import trainer.data.loaders as _loaders, trainer.loop as _loop
-_loaders.check_decode_device = _loop.check_decode_device = lambda *a: None
+import trainer.data.loaders as _loaders, trainer.session as _session
+_loaders.check_decode_device = _session.check_decode_device = lambda *a: None
 '''
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from trainer.errors import ConfigError, TrainerError
-from trainer.requests import StopRequested
+from trainer.preemption import StopRequested
 
 EXIT_STOPPED = 3  # stopped on request (signal) after saving a checkpoint: run the same command to resume
 USAGE_EXAMPLES = """examples:
@@ -160,11 +160,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            from trainer import requests
+            from trainer import preemption
 
             # first thing: from here on SIGTERM/SIGUSR1 mean "save at the next step and stop", never a lost run
-            requests.install_signal_handlers()
-            requests.stop_with_launcher()  # `accelerate launch` of one process forwards no signal
+            preemption.install_signal_handlers()
+            preemption.stop_with_launcher()  # `accelerate launch` of one process forwards no signal
             from trainer.config import load_config
 
             overrides = args.overrides + ([f"run.resume={args.resume}"] if args.resume else [])

@@ -52,6 +52,15 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 
     return acc
 
 
+def print0(acc):
+    """The one print gate: a print that only the global rank 0 does (accelerate's `acc.print` prints once per
+    node), flushed at once for SLURM and CI logs. `say = print0(acc)`, then `say(...)` on every rank."""
+    def say(*args) -> None:
+        if acc.is_main_process:
+            print(*args, flush=True)
+    return say
+
+
 def rendezvous_address() -> str:
     return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
 
@@ -151,7 +160,7 @@ def agree(accelerator, fn, main_only: bool = False, share: bool = False, gather:
     must pickle), the list of every rank's, in rank order, with `gather`, each rank's own without either.
     `fn` must run no collective itself: the all-gather here is the one every rank reaches whatever happened,
     which is what keeps a failure on one rank from hanging the others."""
-    from trainer.requests import StopRequested
+    from trainer.preemption import StopRequested
 
     if accelerator.num_processes == 1:
         return [fn()] if gather else fn()

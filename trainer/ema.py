@@ -21,7 +21,7 @@ is rank 0's that checkpoints hold, so a resumed run follows the same trajectory 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import distributed as dist
@@ -31,8 +31,17 @@ _UPDATES = "__updates__"  # the EMA's own update count, stored with its tensors
 
 
 class ModelEma:
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, warmup_power: float = 0.75):
-        self.decay, self.warmup, self.warmup_power = decay, warmup, warmup_power
+    """The EMA, and an extension of the step loop (trainer/extensions.py): updated every `every` optimizer
+    updates, its tensors in checkpoints under "ema", and the weights that evaluation scores (`scoring`)."""
+    key = "ema"
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True, warmup_power: float = 0.75,
+                 every: int = 1):
+        self.decay, self.warmup, self.warmup_power, self.every = decay, warmup, warmup_power, every
+        self._start(model)
+
+    def _start(self, model: nn.Module) -> None:
+        """The average begins as a copy of the model's weights."""
         self.updates = 0
         self.average: Dict[str, torch.Tensor] = {
             k: (v.detach().float() if v.is_floating_point() else v.detach()).clone()
@@ -57,12 +66,23 @@ class ModelEma:
                 avg.copy_(v)
         self.updates += 1
 
+    def after_update(self, core: nn.Module, update: int, total: int) -> None:
+        if update % self.every == 0:
+            self.update(core)
+
     def sync(self, accelerator) -> None:
         """Every rank gets rank 0's averaged buffers (the averaged weights already agree)."""
         if accelerator.num_processes == 1:
             return
         for k in self.buffer_keys:
             dist.broadcast(self.average[k], src=0)
+
+    @contextmanager
+    def scoring(self, model: nn.Module, accelerator) -> Iterator[None]:
+        """Around an evaluation on every rank: every rank's model holds rank 0's average inside the block."""
+        self.sync(accelerator)
+        with self.swapped_in(model):
+            yield
 
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
@@ -82,10 +102,17 @@ class ModelEma:
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {**self.average, _UPDATES: torch.tensor(self.updates, dtype=torch.int64)}
 
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: Optional[Dict[str, torch.Tensor]], model: Optional[nn.Module] = None
+                        ) -> Optional[str]:
+        """From a checkpoint; without a state (fine-tuning from a run without EMA) the average starts from the
+        loaded weights of `model`, and the note says so."""
+        if state is None:
+            self._start(model)
+            return "has no EMA state: the average starts from its weights"
         missing = sorted(set(self.average) - set(state))
         if missing:
             raise ValueError(f"EMA state lacks {missing[:3]}")
         for k, avg in self.average.items():
             avg.copy_(state[k])
         self.updates = int(state[_UPDATES]) if _UPDATES in state else 0
+        return None

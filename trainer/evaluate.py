@@ -9,18 +9,13 @@ from omegaconf import OmegaConf
 from trainer.config import eval_batch_size, load_config, load_yaml, task_data_mismatch
 from trainer.data import data_inputs
 from trainer.data.on_ranks import build_data_on_ranks
-from trainer.distributed import agree, make_accelerator
+from trainer.distributed import agree, make_accelerator, print0
 from trainer.errors import ConfigError, DataError
 from trainer.evaluation import evaluate
 from trainer.export import find_model_dir, load_exported
 from trainer.outputs import output_file
 from trainer.predict import model_inputs
 from trainer.tasks import report_files, task_from_meta
-
-
-def print_main(acc, *args) -> None:
-    if acc.is_main_process:  # global rank 0 (acc.print would print once per node)
-        print(*args, flush=True)
 
 
 def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None, overwrite: bool = False) -> dict:
@@ -54,8 +49,9 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     target = out.root / name
     # fp32 unless asked: the same arithmetic as `trainer predict`, so both give the same probabilities
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision if said("train.mixed_precision") else "no")
+    say = print0(acc)
     split = cfg.eval.split
-    data = build_data_on_ranks(acc, cfg.data, cfg.seed, (split,), lambda *a: print_main(acc, *a))
+    data = build_data_on_ranks(acc, cfg.data, cfg.seed, (split,), say)
     dataset = data.datasets[split]
     classes = meta["classes"]
 

@@ -10,14 +10,14 @@ and gives every rank the same metrics. What is gathered and how it is scored is 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from trainer.distributed import gather_to_main, sync_buffers
 from trainer.errors import TrainerError
-
-from trainer.distributed import gather_to_main
+from trainer.metrics import headline, scalar_metrics
 
 
 def batch_share(n: int, batch_size: int, rank: int, world: int) -> list:
@@ -78,3 +78,44 @@ def evaluation_threads(device):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- scoring a run's weights during training, and exporting the scored ones ----
+
+class Scores(NamedTuple):
+    """One scoring: the metrics of the scored weights (the same on every rank), their outputs for the reports
+    (main rank), and every scalar to log (with the EMA evaluated both ways, the raw weights' as raw_<name>)."""
+    metrics: dict
+    outputs: Optional[dict]
+    logged: dict
+
+    def headline(self) -> str:
+        return headline(self.metrics)
+
+
+def score(model, core, dataset, task, extensions, accelerator, batch_size: int, num_workers: int,
+          memory_format, tta: str) -> Scores:
+    """Every rank: the validation split scored on each of the weights the extensions name (the EMA's, the raw
+    ones, or both), with rank 0's BatchNorm statistics on every rank."""
+    sync_buffers(core, accelerator)  # every rank scores its shard with rank 0's BN statistics
+    logged, scored = {}, None
+    for prefix, weights in extensions.evaluations(core, accelerator):
+        with weights:
+            metrics, outputs = evaluate(model, dataset, task, accelerator, batch_size, num_workers, memory_format, tta)
+        logged.update({prefix + k: v for k, v in scalar_metrics(metrics).items()})
+        if prefix == extensions.scored_prefix():
+            scored = (metrics, outputs)
+    return Scores(scored[0], scored[1], logged)
+
+
+def export_scored(out, target: str, core, extensions, task, scores: Scores, card: dict, step: int) -> None:
+    """Main process: the scored weights with model.json (the model card, the task's fields with the threshold
+    used, the step, which weights, their metrics) and the task's report, replacing the run's folder `target`
+    (model or best) in one rename through the write gate."""
+    from trainer.export import write_model
+
+    with out.replacing(target, fsync=True) as tmp:  # a reader never sees half a model
+        with extensions.scored_weights(core):
+            write_model(core, tmp, {**card, **task.export_meta(scores.metrics), "step": step,
+                                    "weights": extensions.scored, "metrics": scalar_metrics(scores.metrics)})
+        task.write_report(tmp, scores.metrics, scores.outputs)

@@ -10,7 +10,7 @@ mobilenet/efficientnet/convnext (convnext's: LayerNorm2d + Linear), and our nets
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -74,9 +74,13 @@ class BackboneFreeze:
     update, no momentum or Adam state, no weight decay. The backbone's gradients are still computed (and
     all-reduced): freezing saves no backward time. Build it after anything that replaces modules
     (SyncBatchNorm conversion): it holds the BatchNorm modules it found.
+
+    As an extension of the step loop (trainer/extensions.py, model.freeze_backbone_epochs): it holds for the
+    first `until_epoch` epochs (a resume past them releases it at once) and does nothing after.
     """
 
-    def __init__(self, model: nn.Module, model_name: str):
+    def __init__(self, model: nn.Module, model_name: str, until_epoch: Optional[int] = None):
+        self.until_epoch, self.active = until_epoch, True
         self.model = _unwrap(model)
         head = model_levels(self.model, model_name, "model.freeze_backbone_epochs")[-1]
 
@@ -90,17 +94,25 @@ class BackboneFreeze:
         if _unwrap(model) is not self.model:
             raise ValueError("BackboneFreeze was built for another model")
 
+    def start_epoch(self, model: nn.Module, epoch: int) -> None:
+        if self.active and self.until_epoch is not None and epoch >= self.until_epoch:  # over (or resumed past)
+            self.release(model)
+
     def before_forward(self, model: nn.Module) -> None:
         """The backbone's BatchNorm layers in eval mode: they normalise with, and no longer update, their
         running statistics."""
         self._check(model)
+        if not self.active:
+            return
         for norm in self.norms:
             norm.eval()
 
-    def before_step(self, model: nn.Module) -> None:
+    def before_step(self, model: nn.Module, epoch: Optional[int] = None) -> None:
         """Drops the backbone's gradients, so the optimizer skips its parameters and gradient clipping sees
         only the head's."""
         self._check(model)
+        if not self.active:
+            return
         for p in self.params:
             p.grad = None
 
@@ -108,6 +120,7 @@ class BackboneFreeze:
         """The end of the freeze: the backbone's BatchNorm layers back in train mode if the model is training
         (a later .train() would do it too)."""
         self._check(model)
+        self.active = False
         for norm in self.norms:
             norm.train(self.model.training)
 

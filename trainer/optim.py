@@ -91,10 +91,33 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 class Lookahead:
     """A slow copy of the weights (float parameters and buffers) that the weights are pulled back to every few
     updates: slow += (1 - decay) x (weights - slow); weights = slow. `decay` 0 keeps the weights as they are,
-    1 replaces them by the slow copy (the final step). Its tensors go into every checkpoint (exact resume)."""
+    1 replaces them by the slow copy (the final step). Its tensors go into every checkpoint (exact resume).
 
-    def __init__(self, model: nn.Module):
+    As an extension of the step loop (trainer/extensions.py, optim.lookahead_every/lookahead_decay): every `every`
+    updates a step with decay `decay x (update / total)^3` (airbench's schedule), and at the run's end the
+    final step (the model becomes the slow copy), each after every rank took rank 0's BatchNorm statistics so
+    that the slow copy is the same on every rank."""
+    key = "lookahead"
+
+    def __init__(self, model: nn.Module, every: int = 1, decay: float = 0.0, acc=None):
+        self.every, self.decay, self.acc = every, decay, acc
+        self._start(model)
+
+    def _start(self, model: nn.Module) -> None:
         self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def after_update(self, core: nn.Module, update: int, total: int) -> None:
+        if update % self.every == 0:
+            self._synced_step(core, self.decay * (update / total) ** 3)
+
+    def end(self, core: nn.Module) -> None:
+        self._synced_step(core, 1.0)  # the final model is the slow copy
+
+    def _synced_step(self, core: nn.Module, decay: float) -> None:
+        from trainer.distributed import sync_buffers
+
+        sync_buffers(core, self.acc)  # the same slow copy on every rank
+        self.step(core, decay)
 
     @torch.no_grad()
     def step(self, model: nn.Module, decay: float) -> None:
@@ -106,12 +129,18 @@ class Lookahead:
     def state_dict(self) -> dict:
         return dict(self.slow)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: Optional[dict], model: Optional[nn.Module] = None) -> Optional[str]:
+        """From a checkpoint; without a state (weights from a run without Lookahead) the slow copy starts from
+        the loaded weights of `model`, and the note says so."""
+        if state is None:
+            self._start(model)
+            return "has no lookahead state: the slow weights start from its weights"
         missing = sorted(set(self.slow) - set(state))
         if missing:
             raise ValueError(f"lookahead state lacks {missing[:3]}")
         for k in self.slow:
             self.slow[k].copy_(state[k])
+        return None
 
 
 def lr_at(update: int, total_updates: int, peak_lr: float, warmup_updates: int = 0, schedule: str = "cosine",

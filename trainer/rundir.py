@@ -21,7 +21,13 @@ The promise: a user's files are never deleted or overwritten.
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from trainer.checkpoint import find_checkpoint, move_aside, resolve_resume
 from trainer.errors import TrainerError
+from trainer.files import read_json
 from trainer.outputs import GATE_FILES, Folder, Inputs, LockFile, open_folder
 
 MARKER = ".cnn-trainer-run"  # what marked a run before ledgers (still read: such runs are adopted)
@@ -244,6 +251,116 @@ def commit(plan: RunPlan) -> List[str]:
     lines += out.clean_leftovers()
     out.claim()  # from here on the folder is a run, even before its first file
     plan.committed = True  # a failure from now on keeps the folder
+    return lines
+
+
+def default_run_dir(name: Optional[str]) -> Path:
+    return Path("runs") / f"{name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def git_revision() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def environment(num_processes: int, device: str, mixed_precision: str) -> dict:
+    import accelerate
+    import torch
+    import torchvision
+
+    return {
+        "python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "num_processes": num_processes, "device": device, "mixed_precision": mixed_precision,
+        "git_revision": git_revision(), "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def new_run_id() -> str:
+    """An id for the W&B run, made once per training run and kept across restarts."""
+    return secrets.token_hex(4)
+
+
+def truncate_rows(out, rel: str, keep: int) -> int:
+    """Cut the run's metrics.jsonl (`rel` in the run's folder `out`) back to its first `keep` rows (those a
+    checkpoint knows of), so a resumed run neither repeats nor skips a step. Returns the highest step in the
+    file before cutting (-1 if none): W&B already has the rows up to there from before the interruption."""
+    path = out.root / rel
+    if not path.is_file():
+        return -1
+    lines = path.read_text().splitlines()
+    steps = []
+    for line in lines:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a line cut by a crash mid-write
+            pass
+    out.write(rel, "".join(line + "\n" for line in lines[:keep]))
+    return max(steps, default=-1)
+
+
+def start(plan: RunPlan, say, task, config_yaml: str, derived: dict, env: dict, loop,
+          resumed_from: Optional[Path]) -> int:
+    """Main process, once every check has passed: every file the run writes at a fixed name checked, the plan
+    committed (an overwrite's deletions, damaged checkpoints moved aside), then config.yaml (+ its copy in
+    config_history/), run.json (the derived numbers, the environment, every start) and metrics.jsonl cut back to
+    the checkpoint's rows (`loop`: the run's LoopState). Returns the last step W&B already holds (-1: none)."""
+    from trainer.tasks import report_files
+
+    check_targets(plan, report_files(task))
+    for line in commit(plan):
+        say(f"[trainer] {line}")
+    out, run_dir = plan.out, plan.dir
+    continues = plan.in_place or plan.kind == "restart"  # this run's own log: cut back to the checkpoint's rows
+    seen_step = truncate_rows(out, "metrics.jsonl", loop.metrics_rows) if continues else -1
+    previous = read_json(run_dir / "run.json").get("starts", [])  # deleted by an overwrite; none if new
+    number = len(previous) + 1
+    while os.path.lexists(run_dir / f"config_history/start-{number:03d}.yaml"):  # a file kept by that name
+        number += 1
+    history = f"config_history/start-{number:03d}.yaml"
+    out.write(history, config_yaml)
+    out.write("config.yaml", config_yaml)
+    out.write_json("run.json", {"derived": derived, "environment": env, "wandb_run_id": loop.wandb_run_id,
+                                "starts": previous + [{"update": loop.update, "kind": plan.kind, "config": history,
+                                                       "resumed_from": str(resumed_from) if resumed_from else None,
+                                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
+    return seen_step
+
+
+def finish(plan: RunPlan, summary: dict) -> Optional[Path]:
+    """Main process, at the end: the training curves (if there was anything to draw), then summary.json, last:
+    from then on the same command says the run is complete. Returns the curves' path."""
+    from trainer.reports import plot_training_curves
+
+    curves = plot_training_curves(plan.dir / "metrics.jsonl")
+    drawn = plan.out.write("plots/training_curves.png", curves) if curves else None
+    plan.out.write_json("summary.json", summary)
+    return drawn
+
+
+def complete_lines(run_dir: Path, seen: dict) -> List[str]:
+    """What a start of a complete run says: it has nothing to do, why it cannot continue if none of its
+    checkpoints loads (`seen`: what trainer.state.compare_with_checkpoint found), what it does not apply."""
+    lines = [f"[trainer] {run_dir} is already complete (update {seen.get('update', '?')}); nothing to do. "
+             f"Pass run.overwrite=true to train it again from scratch"]
+    if seen.get("unloadable"):
+        lines.append(f"[trainer] {seen['unloadable']}: the run cannot be continued from them; nothing was moved or "
+                     f"changed")
+    if seen.get("changes"):
+        lines.append(f"[trainer] not applied, this config differs from the run's: {'; '.join(seen['changes'])}"
+                     + ("" if seen.get("unloadable") else
+                        " (run.allow_config_change=true continues training it under them)"))
     return lines
 
 

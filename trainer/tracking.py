@@ -1,17 +1,11 @@
-"""What is logged into a run directory: metrics.jsonl (the source of truth) and, when enabled, W&B
-through accelerate's tracker; the environment a run records (trainer.rundir owns the folder itself). Only the
-main process writes; other ranks get no-ops, so call sites never branch on rank.
+"""What is logged into a run directory: metrics.jsonl (the source of truth) and, when enabled, W&B through
+accelerate's tracker, and the training rows' bookkeeping (`LossLog`, `TrainLog`). trainer.rundir owns the folder
+and its other files. Only the main process writes; other ranks get no-ops, so call sites never branch on rank.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import platform
-import secrets
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -20,62 +14,6 @@ import torch
 
 from trainer.distributed import SharedError, agree
 from trainer.files import disk_error
-
-
-def default_run_dir(name: Optional[str]) -> Path:
-    return Path("runs") / f"{name or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def git_revision() -> Optional[str]:
-    here = Path(__file__).resolve().parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if rev.returncode != 0:
-        return None
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def environment(num_processes: int, device: str, mixed_precision: str) -> dict:
-    import accelerate
-    import torch
-    import torchvision
-
-    return {
-        "python": sys.version.split()[0], "platform": platform.platform(), "host": socket.gethostname(),
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "num_processes": num_processes, "device": device, "mixed_precision": mixed_precision,
-        "git_revision": git_revision(), "command": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-    }
-
-
-def new_run_id() -> str:
-    """An id for the W&B run, made once per training run and kept across restarts."""
-    return secrets.token_hex(4)
-
-
-def truncate_rows(out, rel: str, keep: int) -> int:
-    """Cut the run's metrics.jsonl (`rel` in the run's folder `out`) back to its first `keep` rows (those a
-    checkpoint knows of), so a resumed run neither repeats nor skips a step. Returns the highest step in the
-    file before cutting (-1 if none): W&B already has the rows up to there from before the interruption."""
-    path = out.root / rel
-    if not path.is_file():
-        return -1
-    lines = path.read_text().splitlines()
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):  # a line cut by a crash mid-write
-            pass
-    out.write(rel, "".join(line + "\n" for line in lines[:keep]))
-    return max(steps, default=-1)
 
 
 class Tracker:
@@ -167,3 +105,44 @@ class LossLog:
                               f"lower optim.lr, set train.clip_grad_norm, or check the data")
         self.sum, self.count, self.from_update = self.sum * 0, 0, update
         return mean, dict(zip(self.parts, means[1:]))
+
+
+def replaced_on_all_ranks(acc, dataset) -> int:
+    """Unreadable training files stood in for since this start, over all ranks (a collective; see
+    datasets.FileDataset). Counted when read, so batches the workers read ahead count too: a console line and
+    summary.json carry it, not metrics.jsonl, whose rows a resumed run repeats exactly."""
+    from trainer.data.datasets import replaced_images
+
+    return int(acc.reduce(torch.tensor([replaced_images(dataset)], device=acc.device), "sum").item())
+
+
+class TrainLog:
+    """The training rows (every train.log_every_steps updates and at an epoch's end): the mean loss and its parts
+    over every rank since the last row, the learning rate, the throughput; a console line too unless a progress
+    bar shows. `loop`: the run's LoopState; `lr_of(update)`: the schedule; `dataset`: the training split (its files
+    stood in for are counted)."""
+
+    def __init__(self, acc, tracker: "Tracker", loss_log: "LossLog", loop, lr_of, dataset, say, bar: bool):
+        self.acc, self.tracker, self.loss_log, self.loop = acc, tracker, loss_log, loop
+        self.lr_of, self.dataset, self.say, self.bar = lr_of, dataset, say, bar
+        self.t, self.samples = time.time(), loop.samples_seen
+
+    def replaced(self) -> int:
+        return replaced_on_all_ranks(self.acc, self.dataset)
+
+    def __call__(self, epoch_float: float) -> float:
+        """Every rank (the mean loss is all-reduced); the main process writes the row. Returns the mean loss."""
+        loop = self.loop
+        mean_loss, parts = self.loss_log.mean_and_reset(loop.update)
+        replaced = self.replaced()
+        now = time.time()
+        lr, throughput = self.lr_of(max(loop.update - 1, 0)), (loop.samples_seen - self.samples) / max(now - self.t, 1e-9)
+        self.tracker.log({"type": "train", "step": loop.update, "epoch": round(epoch_float, 4),
+                          "samples_seen": loop.samples_seen, "lr": lr, "loss": mean_loss, **parts,
+                          "throughput": throughput})
+        if not self.bar:
+            self.say(f"[train] step {loop.update} epoch {epoch_float:.2f} loss {mean_loss:.4f} lr {lr:.3g} "
+                     f"{throughput:.0f} img/s" + (f" ({replaced} unreadable image(s) replaced since start)"
+                                                  if replaced else ""))
+        self.t, self.samples = now, loop.samples_seen
+        return mean_loss

@@ -148,3 +148,15 @@ def pending() -> Tuple[bool, bool]:
 
 def clear() -> None:
     _flags["save"] = _flags["stop"] = False
+
+
+def agreed(acc) -> Tuple[bool, bool]:
+    """(save, stop) requested on any rank; every rank gets the same answer at the same step (one all-reduce of
+    two flags; none on one process, so no GPU sync per update)."""
+    if acc.num_processes == 1:
+        return pending()
+    import torch
+
+    flags = torch.tensor([float(f) for f in pending()], device=acc.device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])

@@ -1,4 +1,4 @@
-"""Stop requests during start-up (trainer.requests), in this process: real signals to itself."""
+"""Stop requests during start-up (trainer.preemption), in this process: real signals to itself."""
 from __future__ import annotations
 
 import os
@@ -7,20 +7,20 @@ import time
 
 import pytest
 
-from trainer import requests
-from trainer.requests import STOP_SIGNALS, StopRequested
+from trainer import preemption
+from trainer.preemption import STOP_SIGNALS, StopRequested
 
 
 @pytest.fixture
 def handlers():
     saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    requests.clear()
-    requests.install_signal_handlers()
+    preemption.clear()
+    preemption.install_signal_handlers()
     try:
         yield
     finally:
-        requests.end_startup()
-        requests.clear()
+        preemption.end_startup()
+        preemption.clear()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 
@@ -29,7 +29,7 @@ def test_a_second_stop_request_does_not_cut_short_the_clean_up_of_the_first(hand
     """SLURM's SIGTERM reaches every task, then the batch script's stop file is seen (SIGUSR1 from the
     watcher): the second must not raise again inside the clean-up the first one started (a temporary file being
     removed, a run folder being undone), which would leave it half done."""
-    requests.begin_startup()
+    preemption.begin_startup()
     cleaned = False
     with pytest.raises(StopRequested, match="SIGTERM"):
         try:
@@ -40,13 +40,13 @@ def test_a_second_stop_request_does_not_cut_short_the_clean_up_of_the_first(hand
             time.sleep(0.05)  # the handler runs in here, if it is going to
             cleaned = True
     assert cleaned
-    assert requests.pending() == (False, True)  # still a stop: the run leaves
+    assert preemption.pending() == (False, True)  # still a stop: the run leaves
 
 
 def test_a_stop_request_while_leaving_on_ctrl_c_does_not_cut_its_clean_up_short(handlers):
     """Ctrl-C reaches `accelerate launch` and the trainer; the launcher dies of it, so the kernel SIGTERMs the
-    trainer (requests.stop_with_launcher) while it cleans up after its KeyboardInterrupt."""
-    requests.begin_startup()
+    trainer (preemption.stop_with_launcher) while it cleans up after its KeyboardInterrupt."""
+    preemption.begin_startup()
     cleaned = False
     with pytest.raises(KeyboardInterrupt):
         try:
@@ -56,17 +56,17 @@ def test_a_stop_request_while_leaving_on_ctrl_c_does_not_cut_its_clean_up_short(
             time.sleep(0.05)  # the handler runs in here
             cleaned = True
     assert cleaned
-    assert requests.pending() == (False, True)
+    assert preemption.pending() == (False, True)
 
 
 def test_a_stop_request_after_start_up_is_a_flag_for_the_next_step():
     saved = signal.getsignal(signal.SIGTERM)
-    requests.clear()
-    requests.install_signal_handlers([signal.SIGTERM])
+    preemption.clear()
+    preemption.install_signal_handlers([signal.SIGTERM])
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # no start-up under way: nothing raised
         time.sleep(0.05)
-        assert requests.pending() == (False, True)
+        assert preemption.pending() == (False, True)
     finally:
-        requests.clear()
+        preemption.clear()
         signal.signal(signal.SIGTERM, saved)

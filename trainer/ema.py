@@ -36,8 +36,9 @@ class ModelEma:
     key = "ema"
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True, warmup_power: float = 0.75,
-                 every: int = 1):
+                 every: int = 1, evaluate: str = "ema"):
         self.decay, self.warmup, self.warmup_power, self.every = decay, warmup, warmup_power, every
+        self.evaluate = evaluate  # ema.evaluate: the weights evaluation scores (raw, ema, both)
         self._start(model)
 
     def _start(self, model: nn.Module) -> None:

@@ -22,7 +22,7 @@ module, one line in `build_extensions`, its config section and its tests: the lo
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Dict, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -32,16 +32,17 @@ POINTS = ("start_epoch", "before_forward", "before_step", "after_update", "end")
 
 class Extensions:
     """The extensions of one run, called in order at each point; what checkpoints hold of them; and which
-    weights are scored (`scorer`: the member that swaps other weights in for evaluation, the EMA, if any)."""
+    weights are scored: a member with other weights to score (`scoring`, `swapped_in`, and `evaluate`: raw, its
+    own or both; the EMA) is the scorer, the last such member if several."""
 
-    def __init__(self, members: List[object], scorer: Optional[object] = None, evaluate: str = "raw",
-                 raw_scored: bool = False):
+    def __init__(self, members: List[object], raw_scored: bool = False):
         self.members = members
         self._calls: Dict[str, List[Callable]] = {p: [getattr(m, p) for m in members if hasattr(m, p)] for p in POINTS}
-        self.scorer, self.evaluate = scorer, evaluate if scorer is not None else "raw"
-        # the weights best/ and model/ stand for (and model.json's "weights"): the scorer's unless the monitor
-        # names the raw ones (eval.monitor=raw_<metric>) or it is not evaluated
-        self.scored = "raw" if self.evaluate == "raw" or raw_scored else "ema"
+        self.scorer = next((m for m in reversed(members) if hasattr(m, "scoring")), None)
+        self.evaluate = self.scorer.evaluate if self.scorer is not None else "raw"
+        # the weights best/ and model/ stand for (and model.json's "weights"): the scorer's (its key) unless the
+        # monitor names the raw ones (eval.monitor=raw_<metric>) or they are not evaluated
+        self.scored = "raw" if self.evaluate == "raw" or raw_scored else self.scorer.key
 
     def start_epoch(self, core: nn.Module, epoch: int) -> None:
         for call in self._calls["start_epoch"]:
@@ -89,7 +90,7 @@ class Extensions:
         if self.evaluate == "raw":
             return [("", nullcontext())]
         swapped = self.scorer.scoring(core, acc)
-        return [("", swapped)] if self.evaluate == "ema" else [("", swapped), ("raw_", nullcontext())]
+        return [("", swapped), ("raw_", nullcontext())] if self.evaluate == "both" else [("", swapped)]
 
     def scored_prefix(self) -> str:
         """The prefix of the evaluation that best/ and model/ stand for."""
@@ -98,7 +99,7 @@ class Extensions:
     def scored_weights(self, core: nn.Module) -> ContextManager:
         """The weights an export stands for, held in the model inside the block (the main process's: rank 0's
         average is the EMA)."""
-        return self.scorer.swapped_in(core) if self.scored == "ema" else nullcontext()
+        return self.scorer.swapped_in(core) if self.scored != "raw" else nullcontext()
 
 
 def build_extensions(cfg, core: nn.Module, acc) -> Extensions:
@@ -117,8 +118,7 @@ def build_extensions(cfg, core: nn.Module, acc) -> Extensions:
         members.append(FreezeAfter(core, cfg.optim.freeze_after_epochs))
     if cfg.optim.lookahead_every:  # the slow weights, the same on every rank (they follow the synchronised ones)
         members.append(Lookahead(core, every=cfg.optim.lookahead_every, decay=cfg.optim.lookahead_decay, acc=acc))
-    ema = None
-    if cfg.ema.decay > 0:
-        ema = ModelEma(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.warmup_power, every=cfg.ema.every)
-        members.append(ema)
-    return Extensions(members, scorer=ema, evaluate=cfg.ema.evaluate, raw_scored=names_raw(cfg.eval.monitor))
+    if cfg.ema.decay > 0:  # the average of the weights, scored instead of them (ema.evaluate)
+        members.append(ModelEma(core, cfg.ema.decay, cfg.ema.warmup, cfg.ema.warmup_power, every=cfg.ema.every,
+                                evaluate=cfg.ema.evaluate))
+    return Extensions(members, raw_scored=names_raw(cfg.eval.monitor))

@@ -5,14 +5,12 @@ Multi-class: C logits, CrossEntropyLoss (optional label smoothing and class weig
 The loss always receives raw logits: no sigmoid/softmax layer sits in front of it.
 
 `Task` is that loss-and-prediction head; `Classification` is the task behind the protocol of trainer/tasks
-(options checked against the data, training loss, evaluator, reports, model.json fields, predictions).
+(options checked against the data, training loss, evaluator, reports, model.json fields, predictions). Its
+metrics are in classify_metrics.py, its plots, summary and prediction CSV in classify_reports.py.
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,11 +20,10 @@ import torch.nn.functional as F
 from trainer.distributed import agree, gather_to_main
 from trainer.evaluation import split_order
 from trainer.errors import ConfigError, TrainerError
-from trainer.outputs import Folder
 from trainer.metrics import compute_metrics, higher_is_better, scalar_metrics, score_outputs
 from trainer.models import build_model, forward_tta
 from trainer.prediction_files import Given, output_path
-from trainer.reports import PLOT_FILES, format_summary, write_eval_report
+from trainer.tasks.classify_reports import PLOT_FILES, CsvPredictions, format_summary, write_eval_report
 
 
 def resolve_task(task: str, num_classes: int) -> str:
@@ -229,38 +226,11 @@ class Classification:
                 "positive_class": self.classes[self.positive_index] if binary else None}
 
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
-                          overwrite: bool = False) -> "CsvPredictions":
+                          overwrite: bool = False) -> CsvPredictions:
         """`trainer predict`: a CSV of labels and probabilities (`output` is its path)."""
         if overlay:
             raise TrainerError("--overlay is for segmentation models; this one classifies")
         return CsvPredictions(self, output_path(output, given, "CSV", overwrite))
-
-
-class CsvPredictions:
-    """One row per image (path, predicted class, every class's probability), written whole at the end."""
-
-    def __init__(self, task: Classification, out: Tuple[Folder, str]):
-        self.task, self.out, self.rows = task, out, []
-
-    def add(self, inputs: Sequence[Tuple[str, str]], logits: torch.Tensor, sizes, images=None) -> None:
-        """`inputs`: (image path, the folder it was found under) per image of the batch."""
-        paths = [path for path, _ in inputs]
-        probs = self.task.head.probabilities(logits).cpu()
-        labels = self.task.head.predict(probs, self.task.threshold, self.task.positive_index)
-        self.rows += [[path, self.task.classes[label]] + [repr(v) for v in p]  # repr: parses back exactly
-                      for path, p, label in zip(paths, probs.tolist(), labels.tolist())]
-
-    def abort(self) -> None:
-        """Nothing was written yet: the CSV is written whole in `close`."""
-
-    def close(self) -> int:
-        text = io.StringIO()
-        writer = csv.writer(text)
-        writer.writerow(["path", "label"] + [f"prob_{c}" for c in self.task.classes])
-        writer.writerows(self.rows)
-        folder, name = self.out
-        folder.write(name, text.getvalue())  # written whole, then renamed: never half a CSV
-        return len(self.rows)
 
 
 class ClassificationEvaluator:

@@ -19,7 +19,6 @@ one JSON list of COCO-style records.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,10 +32,10 @@ from trainer.data.coco import collate_detection
 from trainer.distributed import agree, gather_objects_to_main
 from trainer.errors import ConfigError, TrainerError
 from trainer.evaluation import split_order
-from trainer.outputs import Folder
 from trainer.prediction_files import Given, PredictionFolder, output_path
 from trainer.tasks.detect_metrics import evaluate_coco, metrics_from_cocoeval, precision_recall_curves, to_coco_records
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
+from trainer.tasks.detect_reports import PLOTS, BoxPredictions, format_detection_summary, write_detection_report
 
 SAMPLE_IMAGES = 8  # validation images kept (main rank: the first of its share) for the boxes grid
 METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100", "loss")
@@ -63,7 +62,7 @@ class Detection:
     derived: Tuple[str, ...] = ()
     name = "detection"
     default_monitor = "map"
-    report_plots = ("pr_curves.png", "boxes.png")  # what write_report may draw into plots/ (detect_reports)
+    report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = False
     collate = staticmethod(collate_detection)
 
@@ -163,13 +162,9 @@ class Detection:
     # -- reports, export, predictions --
 
     def write_report(self, out_dir, metrics: dict, outputs: dict, name: str = "eval.json") -> None:
-        from trainer.tasks.detect_reports import write_detection_report
-
         write_detection_report(out_dir, metrics, outputs, self.classes, name=name)
 
     def summary(self, metrics: dict) -> str:
-        from trainer.tasks.detect_reports import format_detection_summary
-
         return format_detection_summary(metrics)
 
     def export_meta(self, metrics: dict) -> dict:
@@ -177,7 +172,7 @@ class Detection:
                 "category_ids": list(self.category_ids), "model_kwargs": dict(self.options)}
 
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
-                          overwrite: bool = False) -> "BoxPredictions":
+                          overwrite: bool = False) -> BoxPredictions:
         if overlay:
             raise TrainerError("--overlay is for segmentation; a detection model draws its boxes with --draw DIR")
         out = output_path(output, given, "JSON", overwrite)
@@ -257,37 +252,3 @@ class DetectionEvaluator:
 
         metrics = agree(accelerator, score, main_only=True, share=True)
         return metrics, outputs
-
-
-class BoxPredictions:
-    """`trainer predict` for a detector: one JSON list of {"file", "category", "category_id", "bbox" [x, y, w, h]
-    in the input image's pixels, "score"}, written atomically when every image is done (a failure part-way
-    leaves --output as it was); with --draw DIR, each image with its boxes as DIR/<path below the folder
-    given>.jpg, through a PredictionFolder (moved into place at the end, never over an input or a file predict
-    did not write)."""
-
-    def __init__(self, task: Detection, out: Tuple[Folder, str], drawn: Optional[PredictionFolder]):
-        self.task, self.out, self.drawn, self.rows, self.count = task, out, drawn, [], 0
-
-    def add(self, inputs: Sequence[Tuple[str, str]], detections, sizes, images) -> None:
-        names = dict(zip(self.task.category_ids, self.task.classes))
-        for (path, _), det, image in zip(inputs, detections, images):
-            self.count += 1
-            for r in self.task.records(0, det):
-                self.rows.append({"file": path, "category": names[r["category_id"]], "category_id": r["category_id"],
-                                  "bbox": r["bbox"], "score": r["score"]})
-            if self.drawn is not None:
-                from trainer.tasks.detect_reports import draw_boxes
-
-                draw_boxes(image, det, self.task.classes, self.drawn.path(path, ".jpg"))
-
-    def abort(self) -> None:
-        if self.drawn is not None:
-            self.drawn.abort()
-
-    def close(self) -> int:
-        if self.drawn is not None:  # first: its last check may still refuse, and then --output stays as it was
-            self.drawn.close()
-        folder, name = self.out
-        folder.write(name, json.dumps(self.rows))
-        return self.count

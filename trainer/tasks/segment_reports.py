@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.reports import _fmt, _save, plot_confusion_matrix, plt, start_report
+from trainer.reports import fmt, plot_confusion_matrix, save_figure, start_report
+
+import matplotlib.pyplot as plt  # noqa: E402  (after trainer.reports, which sets the headless backend)
 
 PLOTS = ("confusion_matrix.png", "iou_per_class.png", "overlays.png")
 OVERLAY_ALPHA = 0.5
@@ -51,11 +53,11 @@ def plot_iou_per_class(metrics: dict, classes: list, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("IoU")
     miou = metrics.get("miou")
-    ax.set_title(f"IoU per class (mIoU {_fmt(miou)}; grey: absent from the split)")
+    ax.set_title(f"IoU per class (mIoU {fmt(miou)}; grey: absent from the split)")
     if miou is not None:
         ax.axhline(miou, color="tab:red", lw=1, ls="--")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_overlays(samples: list, classes: list, path: Path) -> None:
@@ -74,7 +76,7 @@ def plot_overlays(samples: list, classes: list, path: Path) -> None:
             axes[r][c].imshow(panel)
             axes[r][c].set_title(title, fontsize=9)
             axes[r][c].axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_segmentation_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:
@@ -90,14 +92,14 @@ def write_segmentation_report(out_dir, metrics: dict, outputs: dict, classes: li
 
 
 def format_segmentation_summary(metrics: dict, classes: list) -> str:
-    head = "  ".join(f"{k}={_fmt(metrics.get(k))}" for k in
+    head = "  ".join(f"{k}={fmt(metrics.get(k))}" for k in
                      ("num_images", "num_pixels", "miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice",
                       "fwiou", "loss"))
     lines = [head, "", f"{'class':<20} {'iou':>8} {'dice':>8} {'acc':>8} {'pixels':>12}"]
     for c in classes:
         row = metrics.get("per_class", {}).get(c, {})
-        lines.append(f"{c[:20]:<20} {_fmt(row.get('iou')):>8} {_fmt(row.get('dice')):>8} "
-                     f"{_fmt(row.get('accuracy')):>8} {row.get('pixels', 0):>12}")
+        lines.append(f"{c[:20]:<20} {fmt(row.get('iou')):>8} {fmt(row.get('dice')):>8} "
+                     f"{fmt(row.get('accuracy')):>8} {row.get('pixels', 0):>12}")
     if metrics.get("absent_classes"):
         lines.append(f"absent from the split (not in the means): {', '.join(metrics['absent_classes'])}")
     return "\n".join(lines)

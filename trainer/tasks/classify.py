@@ -17,12 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import agree, gather_to_main
-from trainer.evaluation import split_order
 from trainer.errors import ConfigError, TrainerError
-from trainer.metrics import compute_metrics, higher_is_better, scalar_metrics, score_outputs
+from trainer.metrics import higher_is_better, scalar_metrics
 from trainer.models import build_model, forward_tta
 from trainer.prediction_files import Given, output_path
+from trainer.tasks.classify_metrics import ClassificationEvaluator, compute_metrics
 from trainer.tasks.classify_reports import PLOT_FILES, CsvPredictions, format_summary, write_eval_report
 
 
@@ -204,7 +203,7 @@ class Classification:
     def forward(net, batch, tta: str = "none") -> torch.Tensor:
         return forward_tta(net, batch[0], tta)
 
-    def evaluator(self, dataset) -> "ClassificationEvaluator":
+    def evaluator(self, dataset) -> ClassificationEvaluator:
         return ClassificationEvaluator(self, len(dataset))
 
     # -- reports, export, predictions --
@@ -231,43 +230,3 @@ class Classification:
         if overlay:
             raise TrainerError("--overlay is for segmentation models; this one classifies")
         return CsvPredictions(self, output_path(output, given, "CSV", overwrite))
-
-
-class ClassificationEvaluator:
-    """Per-sample rows (probabilities, label, loss) of this rank's shard; `finish` gathers them to the main rank
-    (the one collective), checks that every sample of the split is there exactly once, scores them once
-    there and gives every rank the same metrics."""
-
-    def __init__(self, task: Classification, num_samples: int, score: bool = True):
-        self.task, self.num_samples, self.score, self.rows = task, num_samples, score, []
-        self.indices = torch.arange(num_samples)  # the split index of each row added (set by trainer.evaluation)
-        self.head = task.eval_head
-
-    def add(self, batch, logits: torch.Tensor) -> None:
-        y = batch[1]
-        losses = self.head.loss(logits, y, reduction="none")
-        self.rows.append(torch.cat([self.head.probabilities(logits), y[:, None].float(), losses[:, None]], dim=1).cpu())
-
-    def gather(self, accelerator) -> Optional[dict]:
-        """Every rank's rows on the main rank, in split order; None elsewhere."""
-        c = self.head.num_classes
-        local = torch.cat(self.rows) if self.rows else torch.zeros((0, c + 2))
-        table = gather_to_main(local.float(), accelerator)
-        order = split_order(self.indices, self.num_samples, accelerator)
-        if table is None:
-            return None
-        table = table[order]
-        return {"probs": table[:, :c].numpy(), "labels": table[:, c].round().long().numpy(),
-                "losses": table[:, c + 1].numpy()}
-
-    def finish(self, accelerator) -> Tuple[Optional[dict], Optional[dict]]:
-        """(metrics on every rank, the gathered outputs on the main rank for its reports); without `score`,
-        (None, outputs): the rows alone (metrics.collect_outputs)."""
-        outputs = self.gather(accelerator)
-        if not self.score:
-            return None, outputs
-        t = self.task
-        metrics = agree(accelerator, lambda: score_outputs(outputs, self.head, t.classes, t.threshold, t.topk,
-                                                           t.positive_index, t.threshold_tuning, t.target_recall),
-                        main_only=True, share=True)
-        return metrics, outputs

@@ -37,15 +37,12 @@ def collect_outputs(model, dataset, task: Task, accelerator, batch_size: int, nu
                     memory_format=torch.contiguous_format, tta: str = "none"):
     """Per-sample probabilities (N, C), labels (N,) and losses (N,) of the whole split, on the main process
     (None on the others): the rows the classification evaluator gathers, through the one evaluation
-    (trainer.evaluation), without scoring them."""
+    (trainer.evaluation)."""
     from trainer.evaluation import evaluate
     from trainer.tasks.classify import Classification
-    from trainer.tasks.classify_metrics import ClassificationEvaluator
 
     classify = Classification(task.kind, [str(i) for i in range(task.num_classes)], task)
-    rows = ClassificationEvaluator(classify, len(dataset), score=False)
-    return evaluate(model, dataset, classify, accelerator, batch_size, num_workers, memory_format, tta,
-                    evaluator=rows)[1]
+    return evaluate(model, dataset, classify, accelerator, batch_size, num_workers, memory_format, tta)[1]
 
 
 class IndexDataset(Dataset):

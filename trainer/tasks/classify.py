@@ -203,8 +203,8 @@ class Classification:
     def forward(net, batch, tta: str = "none") -> torch.Tensor:
         return forward_tta(net, batch[0], tta)
 
-    def evaluator(self, dataset) -> ClassificationEvaluator:
-        return ClassificationEvaluator(self, len(dataset))
+    def evaluator(self, dataset, indices: torch.Tensor) -> ClassificationEvaluator:
+        return ClassificationEvaluator(self, len(dataset), indices)
 
     # -- reports, export, predictions --
 

@@ -171,9 +171,9 @@ class ClassificationEvaluator:
     there and gives every rank the same metrics. `task`: the Classification scored (its classes, threshold,
     top-k and the plain log-loss head `eval_head`)."""
 
-    def __init__(self, task, num_samples: int, score: bool = True):
-        self.task, self.num_samples, self.score, self.rows = task, num_samples, score, []
-        self.indices = torch.arange(num_samples)  # the split index of each row added (set by trainer.evaluation)
+    def __init__(self, task, num_samples: int, indices: torch.Tensor):
+        self.task, self.num_samples, self.rows = task, num_samples, []
+        self.indices = indices  # the split index of each row this rank adds, in the order added
         self.head = task.eval_head
 
     def add(self, batch, logits: torch.Tensor) -> None:
@@ -193,12 +193,9 @@ class ClassificationEvaluator:
         return {"probs": table[:, :c].numpy(), "labels": table[:, c].round().long().numpy(),
                 "losses": table[:, c + 1].numpy()}
 
-    def finish(self, accelerator) -> Tuple[Optional[dict], Optional[dict]]:
-        """(metrics on every rank, the gathered outputs on the main rank for its reports); without `score`,
-        (None, outputs): the rows alone."""
+    def finish(self, accelerator) -> Tuple[dict, Optional[dict]]:
+        """(metrics on every rank, the gathered outputs on the main rank for its reports)."""
         outputs = self.gather(accelerator)
-        if not self.score:
-            return None, outputs
         t = self.task
         metrics = agree(accelerator, lambda: score_outputs(outputs, self.head, t.classes, t.threshold, t.topk,
                                                            t.positive_index, t.threshold_tuning, t.target_recall),

@@ -23,21 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from trainer.data.coco import collate_detection
-from trainer.distributed import agree, gather_objects_to_main
 from trainer.errors import ConfigError, TrainerError
-from trainer.evaluation import split_order
 from trainer.prediction_files import Given, PredictionFolder, output_path
-from trainer.tasks.detect_metrics import evaluate_coco, metrics_from_cocoeval, precision_recall_curves, to_coco_records
+from trainer.tasks.detect_metrics import DetectionEvaluator, to_coco_records
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
 from trainer.tasks.detect_reports import PLOTS, BoxPredictions, format_detection_summary, write_detection_report
 
-SAMPLE_IMAGES = 8  # validation images kept (main rank: the first of its share) for the boxes grid
 METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100", "loss")
 
 
@@ -156,8 +152,8 @@ class Detection:
                 det["losses"] = validation_losses(net, x, t)
         return out
 
-    def evaluator(self, dataset) -> "DetectionEvaluator":
-        return DetectionEvaluator(self, dataset)
+    def evaluator(self, dataset, indices: torch.Tensor) -> DetectionEvaluator:
+        return DetectionEvaluator(self, dataset, indices)
 
     # -- reports, export, predictions --
 
@@ -203,52 +199,3 @@ def validation_losses(net, image: torch.Tensor, target: dict) -> Dict[str, float
         for m, training in was.items():
             m.train(training)
     return {k: float(v) for k, v in parts.items()}
-
-
-class DetectionEvaluator:
-    """This rank's detections per image (COCO records, keyed by the image's split index); `finish` gathers them
-    once to the main rank, checks every image came exactly once, scores them with COCOeval against the split's
-    ground truth as the file states it, and shares the metrics with every rank."""
-
-    def __init__(self, task: Detection, dataset):
-        self.task, self.dataset = task, dataset
-        self.num_images = len(dataset)
-        self.records: List[List[dict]] = []  # per image added, in the order added
-        self.losses: List[Dict[str, float]] = []  # per image added: its validation loss parts
-        self.samples: list = []  # (image, detection) for the boxes grid
-        self.indices = torch.arange(self.num_images)  # the split index of each image added (set by trainer.evaluation)
-        self._seen = 0
-
-    def add(self, batch, outputs: List[Dict[str, torch.Tensor]]) -> None:
-        images, _ = batch
-        for image, det in zip(images, outputs):
-            index = int(self.indices[self._seen])
-            self._seen += 1
-            self.records.append(self.task.records(index, det))
-            self.losses.append(det.get("losses", {}))
-            if len(self.samples) < SAMPLE_IMAGES:
-                kept = {k: v.cpu() for k, v in det.items() if k != "losses"}
-                # a copy: on the CPU a view would keep its whole batch (a DetectionBatch's pixels) in memory
-                self.samples.append((index, image.to("cpu", copy=True), kept))
-
-    def finish(self, accelerator) -> Tuple[dict, Optional[dict]]:
-        gathered = gather_objects_to_main(list(zip(self.records, self.losses)), accelerator)  # main rank only
-        order = split_order(self.indices, self.num_images, accelerator)  # checks: each image exactly once
-        outputs = None
-
-        def score() -> dict:
-            nonlocal outputs
-            per_image = [gathered[int(i)] for i in order]
-            detections = [r for records, _ in per_image for r in records]
-            evaluator = evaluate_coco(self.dataset.split.to_coco_gt(), detections)
-            metrics = metrics_from_cocoeval(evaluator)
-            parts = sorted({name for _, losses in per_image for name in losses})
-            if parts:  # means over the images, summed in split order (the same float on any process count)
-                means = {name: float(np.mean([losses.get(name, 0.0) for _, losses in per_image])) for name in parts}
-                metrics.update(loss=float(np.sum([means[name] for name in parts])), **means)
-            outputs = {"samples": self.samples, "curves": precision_recall_curves(evaluator),
-                       "split": self.dataset.split}
-            return metrics
-
-        metrics = agree(accelerator, score, main_only=True, share=True)
-        return metrics, outputs

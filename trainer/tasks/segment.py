@@ -132,8 +132,8 @@ class Segmentation:
             logits = (logits + net(torch.flip(x, dims=[3]))["out"].float().flip(3)) / 2
         return logits
 
-    def evaluator(self, dataset) -> "SegmentationEvaluator":
-        return SegmentationEvaluator(self, len(dataset))
+    def evaluator(self, dataset, indices: torch.Tensor) -> "SegmentationEvaluator":
+        return SegmentationEvaluator(self, len(dataset), indices)
 
     # -- reports, export, predictions --
 
@@ -167,13 +167,13 @@ class SegmentationEvaluator:
     per-image loss sums; `finish` sums the matrices with one all-reduce (exact) and gathers the per-image
     losses in split order (so the mean loss is the same float on any process count)."""
 
-    def __init__(self, task: Segmentation, num_images: int):
+    def __init__(self, task: Segmentation, num_images: int, indices: torch.Tensor):
         self.task, self.num_images = task, num_images
         c = len(task.classes)
         self.cm = torch.zeros((c, c), dtype=torch.int64)
         self.losses: List[torch.Tensor] = []  # per image: [summed pixel loss, pixels], float64
         self.samples: list = []  # (image, mask, prediction) for the overlay grid
-        self.indices = torch.arange(num_images)  # the split index of each image added (set by trainer.evaluation)
+        self.indices = indices  # the split index of each image this rank adds, in the order added
 
     def add(self, batch, logits: torch.Tensor) -> None:
         x, masks = batch

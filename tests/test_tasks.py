@@ -65,7 +65,8 @@ CONTRACT = {"binary": (["a", "b"], "small_cnn", "generated"),
 
 def _detection_data(tmp_path, n: int):
     """A real (generated) COCO split of n 32-px images: its training batch and the dataset evaluation reads."""
-    from trainer.data.coco import DetectionDataset, collate_detection, read_coco, write_generated_coco
+    from trainer.data.coco import DetectionDataset, collate_detection, read_coco
+    from trainer.data.generated import write_generated_coco
 
     write_generated_coco(tmp_path / "coco", 32, 0, {"val": n})
     dataset = DetectionDataset(read_coco(tmp_path / "coco" / "val" / "annotations.json", tmp_path / "coco" / "val",

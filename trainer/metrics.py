@@ -3,14 +3,21 @@ one-line headline of them for logs. Each task computes its own metrics (trainer/
 """
 from __future__ import annotations
 
+import math
+
 
 def higher_is_better(metric: str) -> bool:
     return not (metric in ("loss", "log_loss") or metric.endswith("_loss"))
 
 
+def is_number(value, finite: bool = False) -> bool:
+    """An int or a float, not a bool (which Python counts as an int); with `finite`, not nan or inf either."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (not finite or math.isfinite(value))
+
+
 def scalar_metrics(metrics: dict) -> dict:
     """The single-number metrics (None where undefined), for metrics.jsonl, W&B and model.json."""
-    return {k: v for k, v in metrics.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+    return {k: v for k, v in metrics.items() if v is None or is_number(v)}
 
 
 def headline(metrics: dict) -> str:

@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
+from trainer.metrics import is_number  # noqa: E402
+
 DPI = 100
 CM_NUMBERS_MAX_CLASSES = 30  # above this, per-cell numbers become unreadable
 LABEL_MAX_CHARS = 20  # long class names would squeeze the plot area to nothing
@@ -132,10 +134,6 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _latest_history(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """A resumed run appends rows starting from its checkpoint again; when samples_seen goes back, the newer
     rows replace the older ones from that point on, so the line does not zigzag."""
@@ -149,7 +147,7 @@ def _latest_history(points: list[tuple[float, float]]) -> list[tuple[float, floa
 
 def _plot_series(ax, rows: list[dict], key: str, label: str, **style) -> None:
     points = _latest_history([(r["samples_seen"], r[key]) for r in rows
-                              if _is_number(r.get("samples_seen")) and _is_number(r.get(key))])
+                              if is_number(r.get("samples_seen"), finite=True) and is_number(r.get(key), finite=True)])
     if points:
         xs, ys = zip(*points)
         ax.plot(xs, ys, label=label, **style)

@@ -48,7 +48,7 @@ from trainer.errors import ConfigError, TrainerError
 from trainer.data import data_inputs
 from trainer.files import read_json
 from trainer.outputs import Folder, Inputs, open_folder
-from trainer.metrics import higher_is_better
+from trainer.metrics import higher_is_better, is_number
 from trainer.slurm_submit import submit_array
 
 TUNE_KEYS = {"name", "recipe", "overrides", "trials", "sampler", "pruner", "seed", "metric", "direction",
@@ -77,7 +77,7 @@ def _parameter(name: str, p) -> dict:
     number = float if p["type"] == "float" else int
     for key in ("low", "high"):
         value = p.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (number is int and value != int(value)):
+        if not is_number(value) or (number is int and value != int(value)):
             raise ConfigError(f"tune parameter {name}: '{key}' must be a{'n integer' if number is int else ' number'}, "
                               f"got {value!r}")
     if not p["low"] < p["high"]:
@@ -107,10 +107,10 @@ def load_tune(path: str, cli_overrides: Optional[List[str]] = None) -> dict:
     spec.setdefault("gpus_per_trial", 1)
     spec.setdefault("stale_after_s", 600)
     gpus = spec["gpus_per_trial"]
-    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus <= 0:
+    if not is_number(gpus) or gpus <= 0:
         raise ConfigError(f"tune gpus_per_trial must be a number > 0 (for the GPU-hour accounting), got {gpus!r}")
     stale = spec["stale_after_s"]
-    if isinstance(stale, bool) or not isinstance(stale, (int, float)) or stale < 2 * HEARTBEAT_S:
+    if not is_number(stale) or stale < 2 * HEARTBEAT_S:
         raise ConfigError(f"tune stale_after_s must be a number of seconds >= {2 * HEARTBEAT_S:.0f} (two heartbeats), "
                           f"got {stale!r}")
     if spec["sampler"] not in SAMPLERS:

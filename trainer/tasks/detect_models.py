@@ -55,7 +55,8 @@ from torch import nn
 
 from trainer.errors import ConfigError
 from trainer.metrics import is_number
-from trainer.tasks.segment_models import load_pretrained, read_state_dict
+from trainer.models import read_state_dict
+from trainer.tasks.segment_models import load_pretrained
 
 DETECTION_OPTIONS = ("min_size", "max_size", "anchor_sizes", "aspect_ratios", "trainable_backbone_layers",
                      "score_thresh", "nms_thresh", "detections_per_img")

@@ -31,7 +31,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.datasets import _SeededDataset, read_image, sample_seed
+from trainer.data.datasets import SeededDataset, read_image, sample_seed
 from trainer.data.folders import image_error
 from trainer.data.masks import VOC_CLASSES, checked_stored_size, image_orientation
 from trainer.errors import DataError
@@ -534,7 +534,7 @@ def voc_detection_split(root, year: str = "2012", image_set: str = "train", verb
 
 # ---- dataset ----
 
-class DetectionDataset(_SeededDataset):
+class DetectionDataset(SeededDataset):
     """The images of a CocoSplit; items are (image float32 [3,H,W] in [0,1], target {"boxes" float32 [N,4]
     XYXY, "labels" int64 [N] (1..K), "image_id": index in the split, "orig_size": (h, w) before the transform}).
 

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.config import eval_batch_size, load_config, load_yaml, task_data_mismatch
+from trainer.config import eval_batch_size, load_config, load_yaml
 from trainer.data import data_inputs
 from trainer.data.on_ranks import build_data_on_ranks
 from trainer.distributed import agree, make_accelerator
@@ -15,7 +15,7 @@ from trainer.evaluation import evaluate
 from trainer.export import find_model_dir, load_exported
 from trainer.outputs import output_file
 from trainer.predict import model_inputs
-from trainer.tasks import report_files, task_from_meta
+from trainer.tasks import report_files, task_data_mismatch, task_from_meta
 
 
 def print_main(acc, *args) -> None:

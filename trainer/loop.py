@@ -49,7 +49,7 @@ from trainer.models import build_model, check_input_size
 from trainer.optim import Lookahead, lr_at, optimizer_from, schedule_from
 from trainer.reports import plot_training_curves
 from trainer.rundir import check_targets, commit, open_run
-from trainer.tasks import build_task, report_files, task_kind
+from trainer.tasks import build_task, report_files, task_spec
 from trainer.tracking import LossLog, Tracker, default_run_dir, environment, new_run_id, truncate_rows
 
 
@@ -200,7 +200,7 @@ def run_training(cfg: Config, acc, plan, say, t_start: float) -> dict:
                                          drop_path=cfg.model.drop_path, dropout=cfg.model.dropout),
                              cfg.model.name, cfg.data.image_size)
 
-    if task_kind(cfg.task, cfg.data) == "classification":  # segmentation models take any size (they pad)
+    if task_spec(cfg.task, cfg.data).fixed_input_size:  # classification; segmentation pads, detection resizes
         agree(acc, probe_input_size)
 
     def check_gpu_keys() -> None:

@@ -6,10 +6,6 @@ from __future__ import annotations
 import math
 
 
-def higher_is_better(metric: str) -> bool:
-    return not (metric in ("loss", "log_loss") or metric.endswith("_loss"))
-
-
 def is_number(value, finite: bool = False) -> bool:
     """An int or a float, not a bool (which Python counts as an int); with `finite`, not nan or inf either."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and (not finite or math.isfinite(value))

@@ -43,19 +43,19 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from trainer.config import data_targets, load_config, load_spec_file
+from trainer.config import load_config, load_spec_file
 from trainer.errors import ConfigError, TrainerError
 from trainer.data import data_inputs
 from trainer.files import read_json
 from trainer.outputs import Folder, Inputs, open_folder
-from trainer.metrics import higher_is_better, is_number
+from trainer.metrics import is_number
 from trainer.slurm_submit import submit_array
+from trainer.tasks import task_spec
 
 TUNE_KEYS = {"name", "recipe", "overrides", "trials", "sampler", "pruner", "seed", "metric", "direction",
              "parameters", "launcher", "gpus_per_trial", "stale_after_s"}
 PARAM_TYPES = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
                "categorical": {"type", "choices"}}
-DEFAULT_METRIC = {"labels": "accuracy", "masks": "miou", "boxes": "map"}  # each task's own eval.monitor default
 POLL_S = 1.0  # how often a worker reads its trial's new metrics rows and looks for a stop request
 HEARTBEAT_S = 30.0  # how often a worker renews its lease (one metadata write on the shared file system)
 EXIT_STOPPED = 3  # as `trainer train`: stopped on request, run the same command again to continue
@@ -134,9 +134,11 @@ def load_tune(path: str, cli_overrides: Optional[List[str]] = None) -> dict:
             print(f"[tune] the grid has {size} points: trials {spec['trials']} -> {size}", flush=True)
             spec["trials"] = size
     base = load_config(spec["recipe"], spec["overrides"])  # the recipe and the fixed overrides, before any value
-    metric = spec.get("metric") or base.eval.monitor or DEFAULT_METRIC[data_targets(base.data)]
+    task = task_spec(base.task, base.data)  # its default eval.monitor, and which way each metric is better
+    metric = spec.get("metric") or base.eval.monitor or task.default_monitor
     spec["metric"] = metric
-    direction = spec.get("direction") or ("maximize" if higher_is_better(metric) else "minimize")
+    higher = task.higher_is_better(metric.removeprefix("raw_"))  # raw_<metric>: the raw weights' (ema.evaluate=both)
+    direction = spec.get("direction") or ("maximize" if higher else "minimize")
     if direction not in ("maximize", "minimize"):
         raise ConfigError(f"tune direction must be maximize or minimize, got {direction!r}")
     spec["direction"] = direction

@@ -17,12 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.errors import ConfigError, TrainerError
-from trainer.metrics import higher_is_better, scalar_metrics
+from trainer.data.datasets import eval_transform
+from trainer.errors import ConfigError, DataError, TrainerError
+from trainer.metrics import scalar_metrics
 from trainer.models import build_model, forward_tta
 from trainer.prediction_files import Given, output_path
 from trainer.tasks.classify_metrics import ClassificationEvaluator, compute_metrics
 from trainer.tasks.classify_reports import PLOT_FILES, CsvPredictions, format_summary, write_eval_report
+from trainer.tasks.classify_spec import ClassificationSpec
+from trainer.tasks.protocol import DataInfo, Sections, check_monitor, refuse_box_options, refuse_threshold
 
 
 def resolve_task(task: str, num_classes: int) -> str:
@@ -91,10 +94,10 @@ class Task:
         return probs.argmax(dim=1)
 
 
-# ---- the task protocol for binary and multi-class classification (see trainer/tasks/__init__.py) ----
+# ---- the task protocol for binary and multi-class classification (trainer/tasks/protocol.py) ----
 
 @dataclass
-class Classification:
+class Classification(ClassificationSpec):
     """Binary or multi-class image classification behind the task protocol: batches are (images, labels),
     the training loss is `head`'s, evaluation gathers every sample's probabilities to the main rank and scores
     them once with scikit-learn (exact on any process count), reports are eval.json + confusion/ROC/PR plots,
@@ -110,7 +113,6 @@ class Classification:
     topk: Sequence[int] = (5,)
     collate = None  # the default collate: (images, labels) batches
     drop_last = False  # every training image counts, the last batch too
-    default_monitor = "accuracy"  # what picks best/ unless eval.monitor says
     report_plots = tuple(PLOT_FILES.values())  # what write_report may draw into plots/
 
     @property
@@ -129,15 +131,18 @@ class Classification:
     # -- construction: every option checked against the data --
 
     @classmethod
-    def build(cls, task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg) -> "Classification":
+    def build(cls, classes: Sequence[str], data: DataInfo, cfg: Sections) -> "Classification":
+        loss_cfg, eval_cfg = cfg.loss, cfg.eval
+        if loss_cfg.name != "ce":
+            raise ConfigError(f"loss.name={loss_cfg.name} is for segmentation; classification trains with ce")
         classes = list(classes)
-        kind = resolve_task(task, len(classes))
+        kind = resolve_task(cfg.task, len(classes))
         if kind == "binary" and loss_cfg.label_smoothing > 0:
             raise ConfigError("loss.label_smoothing applies to multiclass tasks only")
         if kind == "multiclass" and loss_cfg.pos_weight is not None:
             raise ConfigError("loss.pos_weight applies to binary tasks only (use loss.class_weighted for multiclass)")
         head = Task(kind, len(classes), label_smoothing=loss_cfg.label_smoothing, pos_weight=loss_cfg.pos_weight,
-                    weights=class_weights(train_counts) if loss_cfg.class_weighted else None)
+                    weights=class_weights(data.train_counts) if loss_cfg.class_weighted else None)
         positive_index = 1
         if eval_cfg.positive_class is not None:
             if kind != "binary":
@@ -147,7 +152,7 @@ class Classification:
             positive_index = classes.index(eval_cfg.positive_class)
         made = cls(kind, classes, head, positive_index, eval_cfg.threshold, eval_cfg.threshold_tuning,
                    eval_cfg.target_recall, tuple(eval_cfg.topk))
-        made.check_monitor(eval_cfg.monitor or made.default_monitor)
+        check_monitor(made, eval_cfg.monitor or made.default_monitor)
         return made
 
     @classmethod
@@ -171,15 +176,6 @@ class Classification:
         probe = compute_metrics(np.eye(c, dtype=np.float32), np.arange(c), np.zeros(c), self.eval_head,
                                 self.classes, topk=self.topk)
         return [k for k in scalar_metrics(probe) if k not in ("num_samples", "threshold")]
-
-    def check_monitor(self, monitor: str) -> None:
-        names = self.metric_names()
-        if monitor not in names:
-            raise ConfigError(f"eval.monitor '{monitor}' is not a {self.kind} metric; choose one of {sorted(names)}")
-
-    @staticmethod
-    def higher_is_better(metric: str) -> bool:
-        return higher_is_better(metric)
 
     # -- training --
 
@@ -206,6 +202,16 @@ class Classification:
     def evaluator(self, dataset, indices: torch.Tensor) -> ClassificationEvaluator:
         return ClassificationEvaluator(self, len(dataset), indices)
 
+    def match_data(self, data, dataset) -> None:
+        """Classes in another order, or a subset, are scored by name; a class the model does not know cannot be."""
+        if data.classes == self.classes:
+            return
+        unknown = sorted(set(data.classes) - set(self.classes))
+        if unknown:
+            raise DataError(f"classes in {data.source} that the model does not know: {unknown} "
+                            f"(model classes: {self.classes})")
+        dataset.labels = [self.classes.index(data.classes[label]) for label in dataset.labels]
+
     # -- reports, export, predictions --
 
     def write_report(self, out_dir, metrics: dict, outputs: dict, name: str = "eval.json") -> None:
@@ -223,6 +229,18 @@ class Classification:
                 "class_to_idx": {c: i for i, c in enumerate(self.classes)},
                 "threshold": metrics.get("threshold", self.threshold) if binary else None,
                 "positive_class": self.classes[self.positive_index] if binary else None}
+
+    def check_predict_options(self, threshold: Optional[float], draw: Optional[str],
+                              score_threshold: Optional[float]) -> None:
+        refuse_box_options(self.kind, draw, score_threshold)
+        if self.kind != "binary":
+            hint = f" ({len(self.classes)} classes, predicted by the highest probability)"
+            refuse_threshold(self.kind, threshold, hint)
+
+    @staticmethod
+    def predict_batch(images: list, meta: dict, device) -> tuple:  # each image as evaluation reads it, stacked
+        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+        return (torch.stack([transform(image).to(device) for image in images]),)
 
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
                           overwrite: bool = False) -> CsvPredictions:

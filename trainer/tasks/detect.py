@@ -28,11 +28,13 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from trainer.data.coco import collate_detection
-from trainer.errors import ConfigError, TrainerError
+from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.prediction_files import Given, PredictionFolder, output_path
 from trainer.tasks.detect_metrics import DetectionEvaluator, to_coco_records
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
 from trainer.tasks.detect_reports import PLOTS, BoxPredictions, format_detection_summary, write_detection_report
+from trainer.tasks.detect_spec import DetectionSpec
+from trainer.tasks.protocol import DataInfo, Sections, check_monitor, refuse_threshold
 
 METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100", "loss")
 
@@ -49,7 +51,7 @@ def detector_options(model_cfg, image_size: int) -> dict:
 
 
 @dataclass
-class Detection:
+class Detection(DetectionSpec):
     classes: List[str]  # names, in the order of the file's category ids; label k + 1 is classes[k]
     category_ids: List[int]  # the file's id of each class
     options: dict = field(default_factory=dict)  # detect_models options (resolved when the model is built)
@@ -57,7 +59,6 @@ class Detection:
     # options filled in from data.image_size rather than given: dropped for a model with a fixed input size (SSDlite)
     derived: Tuple[str, ...] = ()
     name = "detection"
-    default_monitor = "map"
     report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = False
     collate = staticmethod(collate_detection)
@@ -69,18 +70,15 @@ class Detection:
     # -- construction --
 
     @classmethod
-    def build(cls, task: str, classes: Sequence[str], category_ids: Sequence[int], loss_cfg, eval_cfg,
-              options: dict, derived: Sequence[str] = ()) -> "Detection":
-        if eval_cfg.positive_class is not None or eval_cfg.threshold_tuning:
-            raise ConfigError("eval.positive_class and eval.threshold_tuning apply to binary classification only")
-        if loss_cfg.name != "ce" or loss_cfg.class_weighted or loss_cfg.label_smoothing or loss_cfg.pos_weight:
-            raise ConfigError("loss.* options are for classification and segmentation; a detector trains with its "
-                              "own loss (tune it through model.detection.*)")
-        made = cls(list(classes), [int(c) for c in category_ids], dict(options), derived=tuple(derived))
-        monitor = eval_cfg.monitor or made.default_monitor
-        if monitor not in made.metric_names():
-            raise ConfigError(f"eval.monitor '{monitor}' is not a detection metric; choose one of "
-                              f"{sorted(made.metric_names())}")
+    def build(cls, classes: Sequence[str], data: DataInfo, cfg: Sections) -> "Detection":
+        """`data.category_ids`: the annotation file's id of each class; the options are model.detection's, the
+        input size derived from data.image_size where not given (`detector_options`)."""
+        section = cfg.model.detection
+        derived = tuple(k for k in ("min_size", "max_size") if getattr(section, k) is None)
+        made = cls(list(classes), [int(c) for c in data.category_ids],
+                   detector_options(cfg.model, cfg.data.image_size), derived=derived)
+        check_monitor(made, cfg.eval.monitor or made.default_monitor)
+        made.check_model(cfg.model.name)
         return made
 
     @classmethod
@@ -114,10 +112,6 @@ class Detection:
 
     def metric_names(self) -> List[str]:
         return list(METRICS)
-
-    @staticmethod
-    def higher_is_better(metric: str) -> bool:
-        return metric != "loss"  # every detection metric is a precision or a recall
 
     def loss_parts(self, model_name: str) -> List[str]:
         return loss_part_names(model_name)
@@ -155,6 +149,12 @@ class Detection:
     def evaluator(self, dataset, indices: torch.Tensor) -> DetectionEvaluator:
         return DetectionEvaluator(self, dataset, indices)
 
+    def match_data(self, data, dataset) -> None:
+        if (data.classes, data.category_ids) != (self.classes, self.category_ids):
+            raise DataError(f"{data.source} has the categories {list(zip(data.category_ids, data.classes))}; the "
+                            f"model was trained on {list(zip(self.category_ids, self.classes))} (id, name): the "
+                            f"annotation file must use the same ones")
+
     # -- reports, export, predictions --
 
     def write_report(self, out_dir, metrics: dict, outputs: dict, name: str = "eval.json") -> None:
@@ -166,6 +166,16 @@ class Detection:
     def export_meta(self, metrics: dict) -> dict:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "category_ids": list(self.category_ids), "model_kwargs": dict(self.options)}
+
+    def check_predict_options(self, threshold: Optional[float], draw: Optional[str],
+                              score_threshold: Optional[float]) -> None:
+        refuse_threshold(self.name, threshold, "; use --score-threshold")
+
+    @staticmethod
+    def predict_batch(images: list, meta: dict, device) -> tuple:
+        """Each image as it is, in [0, 1] (as detection_eval_transform): a detector resizes and normalises inside,
+        and maps its boxes back to the image's pixels."""
+        return ([(image.float() / 255).to(device) for image in images],)
 
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
                           overwrite: bool = False) -> BoxPredictions:

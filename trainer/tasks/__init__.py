@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence
 
 from trainer.errors import ConfigError
 from trainer.targets import data_targets
-from trainer.tasks.classify_spec import ClassificationSpec
+from trainer.tasks.classify_spec import ClassificationSpec, resolve_task
 from trainer.tasks.detect_spec import DetectionSpec
 from trainer.tasks.protocol import DataInfo, Sections, TaskSpec
 from trainer.tasks.segment_spec import SegmentationSpec
@@ -106,8 +106,8 @@ def report_files(task, name: str = "eval.json") -> list:
 
 
 # the names of the task classes and their helpers, imported (with torch) when first asked for
-_CLASSES = {"Classification": "classify", "Task": "classify", "class_weights": "classify",
-            "resolve_task": "classify", "Segmentation": "segment", "Detection": "detect"}
+_CLASSES = {"Classification": "classify", "Task": "classify", "class_weights": "classify_metrics",
+            "Segmentation": "segment", "Detection": "detect"}
 
 
 def __getattr__(name: str):

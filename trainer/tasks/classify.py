@@ -22,24 +22,10 @@ from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.metrics import scalar_metrics
 from trainer.models import build_model, forward_tta
 from trainer.prediction_files import Given, output_path
-from trainer.tasks.classify_metrics import ClassificationEvaluator, compute_metrics
+from trainer.tasks.classify_metrics import ClassificationEvaluator, class_weights, compute_metrics
 from trainer.tasks.classify_reports import PLOT_FILES, CsvPredictions, format_summary, write_eval_report
-from trainer.tasks.classify_spec import ClassificationSpec
-from trainer.tasks.protocol import DataInfo, Sections, check_monitor, refuse_box_options, refuse_threshold
-
-
-def resolve_task(task: str, num_classes: int) -> str:
-    if task == "auto":
-        return "binary" if num_classes == 2 else "multiclass"
-    if task == "binary" and num_classes != 2:
-        raise ConfigError(f"task=binary needs exactly 2 classes, the data has {num_classes}")
-    return task
-
-
-def class_weights(counts: Sequence[int]) -> List[float]:
-    """N / (C x count_c): 1.0 for every class when balanced; a class with no images gets weight 0."""
-    total, c = sum(counts), len(counts)
-    return [total / (c * n) if n > 0 else 0.0 for n in counts]
+from trainer.tasks.classify_spec import ClassificationSpec, resolve_task
+from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_box_options, refuse_threshold
 
 
 @dataclass
@@ -248,3 +234,16 @@ class Classification(ClassificationSpec):
         if overlay:
             raise TrainerError("--overlay is for segmentation models; this one classifies")
         return CsvPredictions(self, output_path(output, given, "CSV", overwrite))
+
+    @classmethod
+    def example(cls, name: str, tmp) -> Example:
+        """Seeded random 16-px images with class labels."""
+        classes = ["a", "b"] if name == "binary" else ["a", "b", "c"]
+
+        def images(n: int, seed: int) -> tuple:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, len(classes), (n,), generator=g)
+
+        x, y = images(7, 1)
+        return Example(classes, "small_cnn", {"data.format": "generated"}, images(6, 0), list(zip(x, y)), x[:2],
+                       "preds.csv")

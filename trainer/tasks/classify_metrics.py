@@ -52,6 +52,12 @@ def _per_class(labels, preds, probs, classes) -> List[dict]:
     return table
 
 
+def class_weights(counts: Sequence[int]) -> List[float]:
+    """N / (C x count_c): 1.0 for every class when balanced; a class with no images gets weight 0."""
+    total, c = sum(counts), len(counts)
+    return [total / (c * n) if n > 0 else 0.0 for n in counts]
+
+
 def binary_metrics(score: np.ndarray, y: np.ndarray, threshold: float) -> dict:
     """y in {0,1} (1 = positive class), score = P(positive); predicted positive when score >= threshold."""
     pred = (score >= threshold).astype(int)

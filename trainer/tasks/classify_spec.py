@@ -79,3 +79,12 @@ class ClassificationSpec:
 def _cuda_decode_is_for_files(fmt: str) -> str:
     return (f"data.decode_device=cuda decodes the JPEGs of image folders and their shards (classification); "
             f"data.format={fmt} is decoded on the CPU: set data.decode_device=cpu")
+
+
+def resolve_task(task: str, num_classes: int) -> str:
+    """binary or multiclass: the task named, or for task=auto the one the class count says."""
+    if task == "auto":
+        return "binary" if num_classes == 2 else "multiclass"
+    if task == "binary" and num_classes != 2:
+        raise ConfigError(f"task=binary needs exactly 2 classes, the data has {num_classes}")
+    return task

@@ -27,14 +27,15 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from trainer.data.coco import collate_detection
+from trainer.data.coco import DetectionDataset, collate_detection, read_coco
+from trainer.data.generated import GENERATED_CATEGORY_IDS, write_generated_coco
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.prediction_files import Given, PredictionFolder, output_path
 from trainer.tasks.detect_metrics import DetectionEvaluator, to_coco_records
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
 from trainer.tasks.detect_reports import PLOTS, BoxPredictions, format_detection_summary, write_detection_report
 from trainer.tasks.detect_spec import DetectionSpec
-from trainer.tasks.protocol import DataInfo, Sections, check_monitor, refuse_threshold
+from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_threshold
 
 METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100", "loss")
 
@@ -183,6 +184,16 @@ class Detection(DetectionSpec):
             raise TrainerError("--overlay is for segmentation; a detection model draws its boxes with --draw DIR")
         out = output_path(output, given, "JSON", overwrite)
         return BoxPredictions(self, out, PredictionFolder(Path(draw), "--draw", given, (".jpg",)) if draw else None)
+
+    @classmethod
+    def example(cls, name: str, tmp) -> Example:
+        """A generated COCO split of 7 images of 32 px (its first 6 as the training batch)."""
+        write_generated_coco(Path(tmp) / "coco", 32, 0, {"val": 7})
+        split = Path(tmp) / "coco" / "val"
+        dataset = DetectionDataset(read_coco(split / "annotations.json", split, verbose=lambda *_: None))
+        return Example(list(GENERATED_CATEGORY_IDS), "retinanet_small", {"data.format": "coco", "data.image_size": 32},
+                       collate_detection([dataset[i] for i in range(6)]), dataset, [dataset[0][0], dataset[1][0]],
+                       "preds.json", list(GENERATED_CATEGORY_IDS.values()))
 
     def records(self, image_id, detection: Dict[str, torch.Tensor]) -> List[dict]:
         """One image's detections as COCO result records in the file's category ids."""

@@ -114,6 +114,10 @@ class TrainingTask(TaskSpec, Protocol):
                           overwrite: bool = False) -> Any:
         """What `trainer predict` writes: `.add(inputs, outputs, sizes, images)` per batch, `.close()`."""
 
+    @classmethod
+    def example(cls, name: str, tmp) -> "Example":
+        """A tiny case of the task `name`, which the contract test (tests/test_tasks.py) runs every task through."""
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -131,6 +135,20 @@ class Sections:
     eval: Any
     data: Any
     model: Any = None
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tiny case of a task (`example`): what the contract test builds it from, trains on a batch of, evaluates
+    and predicts, so the test holds every entry of TASKS to the protocol without knowing any of them."""
+    classes: List[str]
+    model: str  # a small model of the task
+    config: dict  # the config keys (dotted) that say what the data is
+    batch: Any  # a training batch of 6 samples
+    dataset: Any  # an evaluation split of 7 (an odd size)
+    inputs: Any  # 2 images, as `forward` takes them in `trainer predict`
+    output: str  # the name of what `prediction_writer` writes (a file, or a folder)
+    category_ids: Sequence[int] = ()  # detection: the data's id of each class
 
 
 def check_monitor(task, monitor: str) -> None:

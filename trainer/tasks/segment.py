@@ -24,7 +24,7 @@ from trainer.prediction_files import Given, PredictionFolder
 from trainer.tasks.segment_metrics import (confusion_matrix, cross_entropy_loss, dice_loss, metrics_from_confusion,
                                            pixel_class_weights)
 from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model
-from trainer.tasks.protocol import DataInfo, Sections, check_monitor, refuse_box_options, refuse_threshold
+from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_box_options, refuse_threshold
 from trainer.tasks.segment_reports import PLOTS, MaskPredictions, format_segmentation_summary, write_segmentation_report
 from trainer.tasks.segment_spec import SegmentationSpec
 
@@ -155,6 +155,18 @@ class Segmentation(SegmentationSpec):
         """Each image resized and normalised as evaluation reads it, stacked (`masks_at` sizes the masks back)."""
         transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
         return (torch.stack([transform(image).to(device) for image in images]),)
+
+    @classmethod
+    def example(cls, name: str, tmp) -> Example:
+        """Seeded random 16-px images with masks of class indices."""
+        classes = ["background", "a", "b"]
+
+        def images(n: int, seed: int) -> tuple:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, len(classes), (n, 16, 16), generator=g)
+
+        x, y = images(7, 1)
+        return Example(classes, "unet", {"data.format": "masks"}, images(6, 0), list(zip(x, y)), x[:2], "masks")
 
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
                           overwrite: bool = False) -> MaskPredictions:

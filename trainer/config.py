@@ -564,7 +564,7 @@ def validate(cfg: Config) -> None:
     if jitter is not None and (len(jitter) != 2 or not jitter[0] <= jitter[1]):
         raise ConfigError(f"data.augment.scale_jitter must be [min, max] with min <= max, got {list(jitter)}")
     # each task's rules: the data it trains on, the keys only it reads (trainer/tasks, above this module: imported
-    # when a config is checked; the package's face imports no torch, so a mistake still fails in a tenth of a second)
+    # when a config is checked; the package's face imports no torch, so a mistake still fails in 0.3 s)
     from trainer.tasks import check_config as check_task_config
 
     check_task_config(cfg)
@@ -602,8 +602,8 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_regularisation(cfg: Config) -> None:
-    """The rules of EMA, mixing, policies, erasing, drop path, freezing, layer decay and early stopping that
-    relate keys to each other or to the data (their ranges are in the schema)."""
+    """The rules of EMA, per-image policies on the device loader, freezing and early stopping that relate keys to
+    each other (their ranges are in the schema; which task each key is for, the tasks' check_config says)."""
     aug = cfg.data.augment
     if cfg.ema.decay == 0 and cfg.ema.evaluate != "ema":
         raise ConfigError(f"ema.evaluate={cfg.ema.evaluate} needs EMA on (ema.decay > 0)")

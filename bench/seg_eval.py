@@ -30,7 +30,7 @@ def one(args) -> None:
     import torch
 
     from trainer.distributed import make_accelerator
-    from trainer.evaluation import evaluate
+    from trainer.evaluation import batch_share, evaluate
     from trainer.tasks import Segmentation
 
     acc = make_accelerator("cpu", "no")
@@ -42,7 +42,8 @@ def one(args) -> None:
             for _ in range(args.images)]
     totals, finishes = [], []
     for _ in range(args.repeats):
-        evaluator = task.evaluator(data)
+        mine = batch_share(len(data), 16, acc.process_index, acc.num_processes)  # as evaluate shares the split
+        evaluator = task.evaluator(data, torch.tensor(mine, dtype=torch.int64))
         inner = evaluator.finish
 
         def timed_finish(accelerator):

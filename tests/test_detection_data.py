@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data.coco import (GENERATED_CATEGORY_IDS, DetectionDataset, check_same_categories, collate_detection,
-                               detection_eval_transform, detection_scene_rng, detection_train_transform,
-                               find_coco_splits, read_coco, read_coco_splits, voc_detection_split,
-                               write_generated_coco)
-from trainer.data.generated import SHAPES, plan_scene, render_scene
+from trainer.data.coco import (DetectionDataset, check_same_categories, collate_detection, detection_eval_transform,
+                               detection_train_transform, find_coco_splits, read_coco, read_coco_splits,
+                               voc_detection_split)
+from trainer.data.generated import (GENERATED_CATEGORY_IDS, SHAPES, detection_scene_rng, plan_scene, render_scene,
+                                    write_generated_coco)
 from trainer.data.masks import VOC_CLASSES
 from trainer.errors import DataError
 

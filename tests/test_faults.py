@@ -817,7 +817,7 @@ DETECTION_DEFECTS = {"det_ok": None, "det_notcoco": _drop_annotations_key, "det_
 
 def coco_folder(root: Path, defect=None) -> Path:
     """A tiny generated COCO folder (train/ and val/, 32 px), `defect` applied to train/annotations.json."""
-    from trainer.data.coco import write_generated_coco
+    from trainer.data.generated import write_generated_coco
 
     write_generated_coco(root, 32, 0, {"train": 8, "val": 4})
     if defect is not None:

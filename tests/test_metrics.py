@@ -17,9 +17,10 @@ from sklearn import metrics as skm
 from torch import nn
 from torch.utils.data import Dataset
 
+from trainer.distributed import shard_bounds
 from trainer.errors import TrainerError
-from trainer.metrics import collect_outputs, compute_metrics, shard_bounds, tune_threshold
 from trainer.tasks import Task
+from trainer.tasks.classify_metrics import compute_metrics, tune_threshold
 
 CASES = {
     # name: (kind, num_classes, n, label sampler)
@@ -30,6 +31,18 @@ CASES = {
     "multiclass_absent_class": ("multiclass", 4, 101, lambda rng, n: rng.choice([0, 1, 3], n)),
     "tiny_split": ("multiclass", 3, 2, lambda rng, n: np.array([0, 2])),  # fewer samples than processes
 }
+
+
+def collect_outputs(model, dataset, task: Task, accelerator, batch_size: int, num_workers: int = 0,
+                    memory_format=torch.contiguous_format, tta: str = "none"):
+    """Per-sample probabilities (N, C), labels (N,) and losses (N,) of the whole split, on the main process
+    (None on the others): the rows the classification evaluator gathers, through the one evaluation
+    (trainer.evaluation)."""
+    from trainer.evaluation import evaluate
+    from trainer.tasks.classify import Classification
+
+    classify = Classification(task.kind, [str(i) for i in range(task.num_classes)], task)
+    return evaluate(model, dataset, classify, accelerator, batch_size, num_workers, memory_format, tta)[1]
 
 
 class IndexDataset(Dataset):

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from trainer.outputs import Folder
-from trainer.reports import (PLOT_FILES, format_summary, plot_confusion_matrix, plot_pr, plot_roc,
-                             plot_training_curves, row_normalise, write_eval_report)
+from trainer.reports import plot_confusion_matrix, plot_training_curves, row_normalise
+from trainer.tasks.classify_reports import PLOT_FILES, format_summary, plot_pr, plot_roc, write_eval_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

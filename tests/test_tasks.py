@@ -48,60 +48,33 @@ def test_resolve_task():
 
 # ---- the task protocol: one contract, checked for every entry of TASKS ----
 
-def _tiny_batch(task, n=6, side=16, seed=0):
-    """A batch of the task's kind: (images, labels) for classification, (images, masks) for segmentation."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, side, side, generator=g)
-    if task.name == "segmentation":
-        return x, torch.randint(0, len(task.classes), (n, side, side), generator=g)
-    return x, torch.randint(0, len(task.classes), (n,), generator=g)
-
-
-CONTRACT = {"binary": (["a", "b"], "small_cnn", "generated"),
-            "multiclass": (["a", "b", "c"], "small_cnn", "generated"),
-            "segmentation": (["background", "a", "b"], "unet", "masks"),
-            "detection": (["circle", "cross", "square", "triangle"], "retinanet_small", "coco")}
-
-
-def _detection_data(tmp_path, n: int):
-    """A real (generated) COCO split of n 32-px images: its training batch and the dataset evaluation reads."""
-    from trainer.data.coco import DetectionDataset, collate_detection, read_coco, write_generated_coco
-
-    write_generated_coco(tmp_path / "coco", 32, 0, {"val": n})
-    dataset = DetectionDataset(read_coco(tmp_path / "coco" / "val" / "annotations.json", tmp_path / "coco" / "val",
-                                         verbose=lambda *_: None))
-    return collate_detection([dataset[i] for i in range(min(n, 6))]), dataset
-
-
 @pytest.mark.parametrize("name", sorted(__import__("trainer.tasks", fromlist=["TASKS"]).TASKS))
 def test_every_task_keeps_the_contract(name, tmp_path):
     """Built from classes, counts and its config sections; a model of its own; a loss to backpropagate; an
     evaluator whose finish gives metrics naming what eval.monitor may name; a report and model.json fields;
-    rebuilt from model.json; a writer of predictions."""
+    rebuilt from model.json; a writer of predictions. Each task gives its own tiny case (`example`)."""
     from trainer.config import Config
     from trainer.distributed import make_accelerator
     from trainer.evaluation import evaluate
     from trainer.outputs import Inputs
     from trainer.prediction_files import Given
-    from trainer.tasks import build_task, task_from_meta
+    from trainer.tasks import TASKS, build_task, implementation, task_from_meta
 
-    assert name in CONTRACT, f"add {name} to CONTRACT: every task is held to the contract"
-    classes, model_name, data_format = CONTRACT[name]
+    example = implementation(TASKS[name]).example(name, tmp_path)
+    classes, model_name = example.classes, example.model
     cfg = Config()
-    cfg.data.format = data_format
-    if name == "detection":
-        cfg.data.image_size = 32
-        cfg.model.name = model_name
-    task = build_task(name, classes, [4] * len(classes), cfg.loss, cfg.eval, cfg.data, cfg.model, [2, 3, 5, 7])
+    cfg.model.name = model_name
+    for key, value in example.config.items():
+        *path, last = key.split(".")
+        section = cfg
+        for part in path:
+            section = getattr(section, part)
+        setattr(section, last, value)
+    task = build_task(name, classes, [4] * len(classes), cfg.loss, cfg.eval, cfg.data, cfg.model,
+                      example.category_ids)
     assert task.name == name and task.classes == classes
     model = task.build_model(model_name, 16)
-    if name == "detection":
-        batch, dataset = _detection_data(tmp_path, 7)  # an odd-sized split
-        x = [image for image, _ in (dataset[0], dataset[1])]
-    else:
-        batch = _tiny_batch(task)
-        x, y = _tiny_batch(task, n=7, seed=1)
-        dataset = list(zip(x, y))  # an odd-sized split
+    batch, dataset, x = example.batch, example.dataset, example.inputs
     loss, n, parts = task.train_loss(model, batch)
     assert loss.ndim == 0 and n == 6 and set(parts) == set(task.loss_parts(model_name))
     loss.backward()
@@ -119,7 +92,7 @@ def test_every_task_keeps_the_contract(name, tmp_path):
     assert again.name == name and again.classes == classes and again.num_outputs == task.num_outputs
     assert isinstance(task.summary(metrics), str)
     assert task.higher_is_better(monitor) and not task.higher_is_better("loss")
-    output = {"segmentation": "masks", "detection": "preds.json"}.get(name, "preds.csv")
+    output = example.output
     found = Given([(str(tmp_path / "in" / "p.png"), str(tmp_path / "in")),
                    (str(tmp_path / "in" / "q.png"), str(tmp_path / "in"))], [str(tmp_path / "in")], [],
                   Inputs([("the input folder", tmp_path / "in")]))

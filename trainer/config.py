@@ -433,50 +433,6 @@ RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_s
                     "ema.evaluate")
 
 
-def data_targets(data_cfg) -> str:
-    """What the data's targets are: "masks" (segmentation), "boxes" (detection) or "labels" (classification)."""
-    generated = data_cfg.generated.variant if data_cfg.format == "generated" else None
-    if data_cfg.format == "shards" and data_cfg.root:  # what was packed: its index says (a masks folder's: masks)
-        from trainer.data.shards import packed_kind
-
-        return {"masks": "masks", "coco": "boxes"}.get(packed_kind(data_cfg.root), "labels")
-    if data_cfg.format in ("masks", "voc") or generated == "segmentation":
-        return "masks"
-    if data_cfg.format in ("coco", "voc_detection") or generated == "detection":
-        return "boxes"
-    return "labels"
-
-
-def mask_data(data_cfg) -> bool:
-    """Data whose targets are per-pixel masks (segmentation)."""
-    return data_targets(data_cfg) == "masks"
-
-
-# the targets each explicit task trains on, and how to get such data
-_TASK_TARGETS = {"segmentation": ("masks", "data.format=masks or voc, shards of a masks folder, or "
-                                           "data.generated.variant=segmentation"),
-                 "detection": ("boxes", "data.format=coco or voc_detection, shards of a COCO folder, or "
-                                        "data.generated.variant=detection"),
-                 "binary": ("labels", "an image folder of class folders, cifar, or a generated classification variant"),
-                 "multiclass": ("labels", "an image folder of class folders, cifar, or a generated classification "
-                                          "variant")}
-_TASK_OF_TARGETS = {"masks": "segmentation", "boxes": "detection", "labels": "binary or multiclass"}
-
-
-def task_data_mismatch(task: str, data_cfg, advise: bool = True) -> Optional[str]:
-    """Why `task` cannot train on this data (None when it can); `advise`: with the task that would."""
-    if task not in _TASK_TARGETS:
-        return None
-    wanted, how = _TASK_TARGETS[task]
-    found = data_targets(data_cfg)
-    if found != wanted:
-        source = (f"data.generated.variant={data_cfg.generated.variant}" if data_cfg.format == "generated"
-                  else f"data.format={data_cfg.format}")
-        return (f"task={task} trains on {wanted} ({how}), but {source} holds {found}"
-                + (f": use task={_TASK_OF_TARGETS[found]} (or task=auto)" if advise else ""))
-    return None
-
-
 def _flatten(tree: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in tree.items():
@@ -602,38 +558,16 @@ def validate(cfg: Config) -> None:
     needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO", "shards": "packed (trainer pack)"}
     if cfg.data.format in needs_root and not cfg.data.root:
         raise ConfigError(f"missing required value: data.root (the {needs_root[cfg.data.format]} folder to train on)")
-    mismatch = task_data_mismatch(cfg.task, cfg.data)
-    if mismatch:
-        raise ConfigError(mismatch)
-    targets = data_targets(cfg.data)
-    if cfg.data.loader == "device" and targets != "labels":
-        raise ConfigError(f"data.loader=device is for classification; {_TASK_OF_TARGETS[targets]} reads images and "
-                          f"their {targets} through data.loader=workers")
-    if cfg.data.sampler == "weighted" and targets != "labels":
-        raise ConfigError(f"data.sampler=weighted draws images by class label; {_TASK_OF_TARGETS[targets]} data has "
-                          f"no one label per image (segmentation: try loss.class_weighted=true)")
     if cfg.data.coco_files is not None and cfg.data.format != "coco":
         raise ConfigError(f"data.coco_files is for data.format=coco (it is {cfg.data.format})")
     jitter = cfg.data.augment.scale_jitter
     if jitter is not None and (len(jitter) != 2 or not jitter[0] <= jitter[1]):
         raise ConfigError(f"data.augment.scale_jitter must be [min, max] with min <= max, got {list(jitter)}")
-    if targets != "boxes" and (jitter is not None or cfg.data.augment.iou_crop):
-        raise ConfigError("data.augment.scale_jitter and data.augment.iou_crop are for detection; classification "
-                          "and segmentation crop with data.augment.random_resized_crop")
-    if targets == "boxes" and cfg.data.augment.random_resized_crop:
-        raise ConfigError("data.augment.random_resized_crop crops classification and segmentation images; a detector's "
-                          "boxes are cropped with data.augment.iou_crop (and rescaled by data.augment.scale_jitter)")
-    defaults = dataclasses.asdict(DetectionModelCfg())
-    changed = sorted(k for k, v in dataclasses.asdict(cfg.model.detection).items() if v != defaults[k])
-    if targets != "boxes" and changed:
-        raise ConfigError(f"model.detection.{changed[0]} is for detection models; a {_TASK_OF_TARGETS[targets]} model "
-                          f"takes no model.detection.* option")
-    if targets == "boxes" and cfg.eval.tta != "none":
-        raise ConfigError(f"eval.tta={cfg.eval.tta} averages logits; a detector's boxes are not averaged that way: "
-                          "use eval.tta=none for detection")
-    if targets == "masks" and cfg.eval.tta == "flip_translate":
-        raise ConfigError("eval.tta=flip_translate is for classification (shifted masks are not shifted back): "
-                          "use eval.tta=flip for segmentation")
+    # each task's rules: the data it trains on, the keys only it reads (trainer/tasks, above this module: imported
+    # when a config is checked; the package's face imports no torch, so a mistake still fails in 0.3 s)
+    from trainer.tasks import check_config as check_task_config
+
+    check_task_config(cfg)
     legacy = {"true": "full", "false": "off"}  # the key was a boolean: true meant a full decode
     cfg.data.verify_images = legacy.get(str(cfg.data.verify_images).lower(), cfg.data.verify_images)
     if cfg.data.verify_images not in VERIFY_MODES:
@@ -662,42 +596,23 @@ def validate(cfg: Config) -> None:
         if cfg.data.loader != "workers":
             raise ConfigError("data.decode_device=cuda is for data.loader=workers (data.loader=device decodes the "
                               "split once, at start-up, on the CPU)")
-        if targets != "labels" or cfg.data.format not in ("imagefolder", "shards"):
-            raise ConfigError(f"data.decode_device=cuda decodes the JPEGs of image folders and their shards "
-                              f"(classification); data.format={cfg.data.format} is decoded on the CPU: set "
-                              f"data.decode_device=cpu")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
-    _validate_regularisation(cfg, targets)
+    _validate_regularisation(cfg)
 
 
-def _validate_regularisation(cfg: Config, targets: str) -> None:
-    """The rules of EMA, mixing, policies, erasing, drop path, freezing, layer decay and early stopping that
-    relate keys to each other or to the data (their ranges are in the schema)."""
+def _validate_regularisation(cfg: Config) -> None:
+    """The rules of EMA, per-image policies on the device loader, freezing and early stopping that relate keys to
+    each other (their ranges are in the schema; which task each key is for, the tasks' check_config says)."""
     aug = cfg.data.augment
     if cfg.ema.decay == 0 and cfg.ema.evaluate != "ema":
         raise ConfigError(f"ema.evaluate={cfg.ema.evaluate} needs EMA on (ema.decay > 0)")
     if (cfg.eval.monitor or "").startswith("raw_") and cfg.ema.evaluate != "both":
         raise ConfigError(f"eval.monitor={cfg.eval.monitor} names the raw weights' metric, logged only with "
                           f"ema.evaluate=both (and ema.decay > 0)")
-    if targets != "labels":
-        for key, on in (("mixup_alpha", aug.mixup_alpha > 0), ("cutmix_alpha", aug.cutmix_alpha > 0),
-                        ("auto_augment", aug.auto_augment != "none"), ("random_erasing", aug.random_erasing > 0)):
-            if on:
-                raise ConfigError(f"data.augment.{key} is for classification; {_TASK_OF_TARGETS[targets]} "
-                                  f"data would need its {targets} transformed alike")
     if cfg.data.loader == "device" and (aug.auto_augment != "none" or aug.random_erasing > 0):
         raise ConfigError("data.augment.auto_augment and data.augment.random_erasing are per-image transforms: use "
                           "data.loader=workers (data.loader=device does pad-crop, flip, mixup and CutMix)")
-    if targets != "labels":
-        for key, on in (("model.drop_path", cfg.model.drop_path is not None),
-                        ("model.dropout", cfg.model.dropout is not None),
-                        ("model.freeze_backbone_epochs", cfg.model.freeze_backbone_epochs > 0),
-                        ("optim.head_lr_scale", cfg.optim.head_lr_scale != 1),
-                        ("optim.layer_decay", cfg.optim.layer_decay is not None)):
-            if on:
-                raise ConfigError(f"{key} is for classification models; {_TASK_OF_TARGETS[targets]} models do not "
-                                  f"take it")
     if cfg.model.freeze_backbone_epochs >= cfg.train.epochs:
         raise ConfigError(f"model.freeze_backbone_epochs={cfg.model.freeze_backbone_epochs} must be smaller than "
                           f"train.epochs={cfg.train.epochs} (the backbone would never train)")

@@ -6,16 +6,16 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.config import eval_batch_size, load_config, load_yaml, task_data_mismatch
+from trainer.config import eval_batch_size, load_config, load_yaml
 from trainer.data import data_inputs
 from trainer.data.on_ranks import build_data_on_ranks
 from trainer.distributed import agree, make_accelerator, print0
-from trainer.errors import ConfigError, DataError
+from trainer.errors import ConfigError
 from trainer.evaluation import evaluate
 from trainer.export import find_model_dir, load_exported
 from trainer.outputs import output_file
 from trainer.predict import model_inputs
-from trainer.tasks import report_files, task_from_meta
+from trainer.tasks import report_files, task_data_mismatch, task_from_meta
 
 
 def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None, overwrite: bool = False) -> dict:
@@ -53,24 +53,7 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     split = cfg.eval.split
     data = build_data_on_ranks(acc, cfg.data, cfg.seed, (split,), say)
     dataset = data.datasets[split]
-    classes = meta["classes"]
-
-    def match_classes() -> None:
-        if meta["task"] == "detection" and (data.classes, data.category_ids) != (classes, meta["category_ids"]):
-            raise DataError(f"{data.source} has the categories {list(zip(data.category_ids, data.classes))}; the "
-                            f"model was trained on {list(zip(meta['category_ids'], classes))} (id, name): the "
-                            f"annotation file must use the same ones")
-        if data.classes != classes and meta["task"] == "segmentation":  # mask values are class indices
-            raise DataError(f"{data.source} has the classes {data.classes}; the model was trained on {classes} "
-                            f"(mask values are class indices, so the lists must be the same, in the same order)")
-        if data.classes != classes:  # same names in another order, or a subset: map labels by name
-            unknown = sorted(set(data.classes) - set(classes))
-            if unknown:
-                raise DataError(f"classes in {data.source} that the model does not know: {unknown} "
-                                f"(model classes: {classes})")
-            dataset.labels = [classes.index(data.classes[label]) for label in dataset.labels]
-
-    agree(acc, match_classes)
+    agree(acc, lambda: task.match_data(data, dataset))  # the data's classes against the model's
     if said("eval.threshold"):  # else the model's own (possibly tuned) threshold
         task.threshold = cfg.eval.threshold
     task.topk = tuple(cfg.eval.topk)

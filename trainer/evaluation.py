@@ -48,9 +48,8 @@ def evaluate(model, dataset, task, accelerator, batch_size: int, num_workers: in
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    evaluator = evaluator or task.evaluator(dataset)
     mine = batch_share(len(dataset), batch_size, accelerator.process_index, accelerator.num_processes)
-    evaluator.indices = torch.tensor(mine, dtype=torch.int64)  # the split index of each image, in the order given
+    evaluator = evaluator or task.evaluator(dataset, torch.tensor(mine, dtype=torch.int64))  # its images' indices
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=accelerator.device.type == "cuda", collate_fn=task.collate)
     try:

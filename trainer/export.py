@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from trainer.errors import TrainerError
 from trainer.files import load_safetensors, safetensors_os_errors
 from trainer.models import TTA_MODES
+from trainer.tasks import TASKS, task_from_meta
 
 FORMAT = "cnn-trainer-model"
 FORMAT_VERSION = 1
@@ -86,21 +87,12 @@ def read_meta(model_dir: Path) -> dict:
     if wrong:
         raise TrainerError(f"{path}: {', '.join(f'{k} is not a {REQUIRED[k].__name__}' for k in wrong)}")
     classes, kind = meta["classes"], meta["task"]
-    if kind not in ("binary", "multiclass", "segmentation", "detection"):
-        raise TrainerError(f"{path}: task '{kind}' is not binary, multiclass, segmentation or detection")
+    if kind not in TASKS:
+        names = list(TASKS)
+        raise TrainerError(f"{path}: task '{kind}' is not {', '.join(names[:-1])} or {names[-1]}")
     if len(classes) < 2 or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise TrainerError(f"{path}: classes must be 2 or more distinct names, got {classes}")
-    if kind == "detection":
-        ids, kwargs = meta.get("category_ids"), meta.get("model_kwargs")
-        if not isinstance(ids, list) or len(ids) != len(classes) or not all(isinstance(c, int) for c in ids) \
-                or len(set(ids)) != len(ids):
-            raise TrainerError(f"{path}: category_ids must be one distinct integer per class, got {ids}")
-        if not isinstance(kwargs, dict):
-            raise TrainerError(f"{path}: a detection model needs model_kwargs (a mapping), got {kwargs!r}")
-    outputs = {"binary": 1, "detection": len(classes) + 1}.get(kind, len(classes))  # detection: + background
-    if meta["num_outputs"] != outputs or (kind == "binary" and len(classes) != 2):
-        raise TrainerError(f"{path}: {len(classes)} classes do not fit {meta['num_outputs']} output(s) of a "
-                           f"{kind} model")
+    TASKS[kind].check_meta(meta, path)  # its own fields, and its classes against its outputs
     if meta["image_size"] <= 0:
         raise TrainerError(f"{path}: image_size must be > 0, got {meta['image_size']}")
     for key in ("mean", "std"):
@@ -108,11 +100,6 @@ def read_meta(model_dir: Path) -> dict:
             raise TrainerError(f"{path}: {key} must be 3 numbers, got {meta[key]}")
     if min(meta["std"]) <= 0:
         raise TrainerError(f"{path}: std must be > 0, got {meta['std']}")
-    threshold = meta.get("threshold")
-    if kind == "binary" and threshold is not None and not (isinstance(threshold, (int, float)) and 0 < threshold < 1):
-        raise TrainerError(f"{path}: threshold must be in (0, 1), got {threshold}")
-    if meta.get("positive_class") is not None and meta["positive_class"] not in classes:
-        raise TrainerError(f"{path}: positive_class '{meta['positive_class']}' is not one of {classes}")
     if meta.get("tta", "none") not in TTA_MODES:
         raise TrainerError(f"{path}: tta '{meta['tta']}' is not one of {', '.join(TTA_MODES)}")
     return meta
@@ -122,8 +109,6 @@ def load_exported(path: str, detection_options: Optional[dict] = None) -> Tuple[
     """The model and its model.json; `detection_options` override a detector's own (e.g. its score threshold)."""
     model_dir = find_model_dir(path)
     meta = read_meta(model_dir)
-    from trainer.tasks import task_from_meta  # the task builds its own kind of network
-
     if detection_options:
         meta = {**meta, "model_kwargs": {**meta["model_kwargs"], **detection_options}}
     try:

@@ -307,28 +307,38 @@ def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_s
     return model
 
 
+def read_state_dict(path: str, what: str = "pretrained weights file") -> Dict[str, torch.Tensor]:
+    """Names -> tensors from a .safetensors file, or from a torch.save file read with weights_only=True (no
+    code runs). A .pth may hold the state dict itself or a checkpoint dict with it under "model" (torchvision's
+    reference scripts) or "state_dict". `what` names the file in errors (the config key that gave it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} does not exist: {path}")
+    if p.suffix == ".safetensors":
+        state = load_safetensors(p, what)
+    else:
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(f"{what} {path} is not a plain state dict: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        for key in ("model", "state_dict"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ConfigError(f"{what} {path} is not a state dict (names -> tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper prefix
+
+
 def load_pretrained(model: nn.Module, path: str, verbose=print) -> None:
     """Load a local state dict without running code: .safetensors, or a .pth read with weights_only=True.
 
     Tensors whose shape differs (the classifier head for another class count, a changed stem) are left
     at their fresh initialisation and listed; any other missing or unexpected key is an error.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"model.pretrained_path does not exist: {path}")
-    if p.suffix == ".safetensors":
-        state = load_safetensors(p, "model.pretrained_path")
-    else:
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ConfigError(f"model.pretrained_path {path} is not a plain state dict: {err}".splitlines()[0]) from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ConfigError(f"model.pretrained_path {path} is not a state dict (names -> tensors)")
+    state = read_state_dict(path, "model.pretrained_path")
     own = model.state_dict()
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     reinit = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     missing = sorted(k for k in own if k not in state)

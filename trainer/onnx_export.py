@@ -41,6 +41,7 @@ from trainer.errors import TrainerError
 from trainer.export import find_model_dir, load_exported, read_meta
 from trainer.outputs import output_file
 from trainer.predict import list_inputs, model_inputs
+from trainer.tasks import TASKS, task_from_meta
 
 FORMAT = "cnn-trainer-onnx"
 FORMAT_VERSION = 1
@@ -181,10 +182,10 @@ def to_onnx(module: nn.Module, example: torch.Tensor, opset: int, dynamic_size: 
                                  verbose=False)
 
 
-def export_program(module: nn.Module, example: torch.Tensor, opset: int, segmentation: bool, architecture: str):
-    """(ONNX program, whether H/W are dynamic). Segmentation tries dynamic H/W first and falls back to the
-    fixed training size if the exporter cannot keep them free."""
-    attempts = [True, False] if segmentation else [False]
+def export_program(module: nn.Module, example: torch.Tensor, opset: int, any_size: bool, architecture: str):
+    """(ONNX program, whether H/W are dynamic). A network that takes any input size (`any_size`: segmentation's)
+    tries dynamic H/W first and falls back to the fixed training size if the exporter cannot keep them free."""
+    attempts = [True, False] if any_size else [False]
     for dynamic_size in attempts:
         try:
             return to_onnx(module, example, opset, dynamic_size), dynamic_size
@@ -202,30 +203,26 @@ def shape_of(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def model_properties(meta: dict, source: Path, input_shape: list, output_shape: list) -> dict:
+def model_properties(meta: dict, task_fields: dict, source: Path, input_shape: list, output_shape: list) -> dict:
     """What a program needs to use the ONNX file without model.json: the same fields in the ONNX file's
-    metadata_props (as strings) and in the sidecar JSON."""
-    kind = meta["task"]
+    metadata_props (as strings) and in the sidecar JSON. `task_fields`: the task's own (`onnx_fields`), how to
+    read the logits as "probabilities" among them."""
+    task_fields = dict(task_fields)
     props = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "task": kind, "architecture": meta["architecture"], "classes": list(meta["classes"]),
+        "task": meta["task"], "architecture": meta["architecture"], "classes": list(meta["classes"]),
         "num_outputs": meta["num_outputs"], "image_size": meta["image_size"],
         "mean": list(meta["mean"]), "std": list(meta["std"]),
         "input": "float32 RGB, resized to image_size x image_size, then (pixel / 255 - mean) / std",
         "input_layout": "NCHW", "input_dtype": "float32", "input_shape": input_shape,
         "output": "logits", "output_shape": output_shape,
-        "probabilities": {"binary": "sigmoid (one logit: P(classes[1]))", "multiclass": "softmax over axis 1",
-                          "segmentation": "softmax over axis 1 (classes), per pixel"}[kind],
+        "probabilities": task_fields.pop("probabilities"),
         "tta": "none",  # one plain forward, whatever model.json says
         "model_tta": meta.get("tta", "none"),  # what `trainer predict` applies; not in this graph
         "exif_orientation": meta.get("exif_orientation", False),
         "source": str(source),
     }
-    if kind == "binary":
-        props.update(threshold=meta.get("threshold") or 0.5, positive_class=meta.get("positive_class"))
-    if kind == "segmentation":
-        props["ignore_index"] = meta.get("ignore_index", 255)
-    return props
+    return {**props, **task_fields}
 
 
 def run_onnx(session, batch: torch.Tensor) -> torch.Tensor:
@@ -284,14 +281,10 @@ def export_onnx(model_path: str, output: str, images: Optional[Sequence[str]] = 
                                companions=[sidecar_path(Path(output)).name])
     out = folder.root / name
     meta = read_meta(model_dir)
-    if meta["task"] == "detection":
-        raise TrainerError("detection models cannot be exported to ONNX faithfully: torchvision's detectors "
-                           "resize inside, return a data-dependent number of boxes and run NMS, which the "
-                           "exporter does not reproduce; use trainer predict")
+    spec = TASKS[meta["task"]]
+    task_fields = spec.onnx_fields(meta)  # a task whose models cannot be exported says so here
     import onnx
     import onnxruntime
-
-    from trainer.tasks import task_from_meta
 
     model, meta = load_exported(str(model_dir))
     module = TaskLogits(model.float().eval(), task_from_meta(meta)).eval()
@@ -299,8 +292,7 @@ def export_onnx(model_path: str, output: str, images: Optional[Sequence[str]] = 
     if why_not_real:
         log(f"[export] no real images for the parity check ({why_not_real}): checking on {source}; "
             f"give --images for a check on real data")
-    program, dynamic_size = export_program(module, batch[:2], opset, meta["task"] == "segmentation",
-                                           meta["architecture"])
+    program, dynamic_size = export_program(module, batch[:2], opset, not spec.fixed_input_size, meta["architecture"])
     proto = program.model_proto
     got_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got_opset != opset:
@@ -309,7 +301,7 @@ def export_onnx(model_path: str, output: str, images: Optional[Sequence[str]] = 
     input_shape, output_shape = shape_of(proto.graph.input[0]), shape_of(proto.graph.output[0])
     if input_shape[0] != "batch":
         raise TrainerError(f"the exporter fixed the batch axis of {meta['architecture']} at {input_shape[0]}")
-    props = model_properties(meta, model_dir.resolve(), input_shape, output_shape)
+    props = model_properties(meta, task_fields, model_dir.resolve(), input_shape, output_shape)
     onnx.helper.set_model_props(proto, {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()})
 
     checks = [batch, batch[:1]]  # the dynamic batch axis at N >= 2, and a single image

@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from trainer.data.datasets import eval_transform, read_image
+from trainer.data.datasets import read_image
 from trainer.data.folders import describe_skipped, walk_image_files
 from trainer.errors import TrainerError
 from trainer.evaluation import evaluation_threads
@@ -18,10 +18,6 @@ from trainer.files import disk_error, read_lines
 from trainer.outputs import Inputs
 from trainer.prediction_files import Given
 from trainer.tasks import task_from_meta
-
-
-def detection_image(image: torch.Tensor) -> torch.Tensor:
-    return image.float() / 255  # uint8 -> [0, 1], as detection_eval_transform (ToDtype with scale)
 
 
 def list_images(inputs: Iterable[str]) -> List[str]:
@@ -120,36 +116,26 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
     check_predict_args(output, batch_size, threshold, device)
     if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:  # NaN fails this too
         raise TrainerError(f"--score-threshold must be in [0, 1], got {score_threshold}")
-    meta = read_meta(find_model_dir(model_path))
-    detection = meta["task"] == "detection"
-    if (draw is not None or score_threshold is not None) and not detection:
-        raise TrainerError(f"--draw and --score-threshold are for detection models; this one is {meta['task']}")
-    if threshold is not None and meta["task"] != "binary":
-        raise TrainerError(f"--threshold applies to binary models only; this one is {meta['task']}"
-                           + ("" if detection else f" ({len(meta['classes'])} classes, predicted by the highest "
-                                                   f"probability)") + ("; use --score-threshold" if detection else ""))
-    task = task_from_meta(meta)
+    task = task_from_meta(read_meta(find_model_dir(model_path)))
+    task.check_predict_options(threshold, draw, score_threshold)  # those of another task's models, refused
     found = list_inputs(inputs)
     found.protected.extend(model_inputs(find_model_dir(model_path)))
     # checked here, before the model is loaded: never over an input or a file predict did not write
-    writer = task.prediction_writer(output, found, overlay, draw, overwrite)  # draw: detection only (refused above)
+    writer = task.prediction_writer(output, found, overlay, draw, overwrite)
     try:
         model, meta = load_exported(model_path,
                                     {"score_thresh": score_threshold} if score_threshold is not None else None)
         if threshold is not None:
             task.threshold = threshold
         model.to(device)
-        # a detector takes each image as it is (it resizes and normalises inside, and maps its boxes back)
-        transform = (detection_image if detection
-                     else eval_transform(meta["image_size"], meta["mean"], meta["std"]))
         exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
         tta = meta.get("tta", "none")  # the model's test-time augmentation, as in training's evaluation
         for start in range(0, len(found.images), batch_size):
             chunk = found.images[start:start + batch_size]
             raw = [read_image(path, exif) for path, _ in chunk]  # as training's evaluation reads it
-            x = [transform(image).to(device) for image in raw]
+            batch = task.predict_batch(raw, meta, device)  # resized and normalised as the task's evaluation does
             with evaluation_threads(device):  # as evaluation computes, so predictions reproduce eval.json
-                outputs = task.forward(model, (x if detection else torch.stack(x),), tta)
+                outputs = task.forward(model, batch, tta)
             writer.add(chunk, outputs, [tuple(image.shape[-2:]) for image in raw], raw)
         return writer.close()
     except OSError as err:

@@ -22,7 +22,7 @@ from trainer.extensions import Extensions, build_extensions
 from trainer.models import build_model, check_input_size
 from trainer.monitor import task_metric
 from trainer.optim import optimizer_from, schedule_from
-from trainer.tasks import build_task, task_kind
+from trainer.tasks import build_task, task_spec
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Session:
 
 def build_session(cfg, acc, say: Callable) -> Session:
     small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
-    if task_kind(cfg.task, cfg.data) == "classification":  # segmentation and detection models take any size
+    if task_spec(cfg.task, cfg.data).fixed_input_size:  # classification; segmentation pads, detection resizes
         agree(acc, lambda: probe_input_size(cfg.model, cfg.data.image_size, small_stem))
     agree(acc, lambda: check_gpu_keys(cfg.model.sync_bn, cfg.data.decode_device, acc.device))
     # the main process scans first; the start-up checks of the files are split across ranks

@@ -31,9 +31,9 @@ import numpy as np
 from trainer.config import load_config, load_spec_file
 from trainer.data import data_inputs
 from trainer.errors import ConfigError, TrainerError
-from trainer.metrics import higher_is_better
 from trainer.slurm_submit import submit_array
 from trainer.outputs import Folder, Inputs, open_folder
+from trainer.tasks import TASKS
 
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform")
 SWEEP_KEYS = {"name", "recipe", "overrides", "method", "samples", "seed", "max_parallel", "parameters"}
@@ -160,7 +160,7 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
     if not (root / "tasks.json").is_file():
         raise TrainerError(f"{sweep_dir} is not a sweep folder (no tasks.json) nor a tune folder (no tune.json)")
     tasks = json.loads((root / "tasks.json").read_text())
-    rows = []
+    rows, trained = [], {}  # trained: each done run's task, which says which way its monitor is better
     for task in tasks:
         run_dir = Path(task["run_dir"])
         summary_path = run_dir / "summary.json"
@@ -170,6 +170,7 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
                "final_accuracy": None, **{k: v for k, v in task["values"].items()}, "run_dir": str(run_dir)}
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
+            trained[task["index"]] = TASKS.get(summary.get("task"))
             monitor = metric or summary.get("monitor", "accuracy")
             best = summary.get("best") or {}
             row.update(status="done", monitor=monitor, value=best.get(monitor),
@@ -180,8 +181,8 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
             row["status"] = "unfinished"
         rows.append(row)
     done = [r for r in rows if r["status"] == "done" and r["value"] is not None]
-    monitor = done[0]["monitor"] if done else (metric or "accuracy")
-    sign = -1 if higher_is_better(monitor) else 1
+    spec = trained[done[0]["task"]] if done else None
+    sign = -1 if spec is None or spec.higher_is_better(done[0]["monitor"].removeprefix("raw_")) else 1
     done.sort(key=lambda r: sign * r["value"])
     ordered = done + [r for r in rows if r not in done]
     columns = ["task", "status", "monitor", "value", "final_accuracy", *tasks[0]["values"].keys(), "run_dir"] if tasks else []

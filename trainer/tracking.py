@@ -14,6 +14,7 @@ import torch
 
 from trainer.distributed import SharedError, agree
 from trainer.files import disk_error
+from trainer.metrics import is_number
 
 
 class Tracker:
@@ -42,8 +43,7 @@ class Tracker:
             raise disk_error(err, self.path) from None
         if self.use_wandb and row["step"] > self.wandb_after_step:
             prefix = f"{row['split']}/" if row.get("type") == "eval" else "train/"
-            numbers = {prefix + k: v for k, v in row.items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            numbers = {prefix + k: v for k, v in row.items() if is_number(v) and k != "step"}
             self.accelerator.log(numbers, step=row["step"])
 
     def log_images(self, images: dict, step: int) -> None:

@@ -43,19 +43,19 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
-from trainer.config import data_targets, load_config, load_spec_file
+from trainer.config import load_config, load_spec_file
 from trainer.errors import ConfigError, TrainerError
 from trainer.data import data_inputs
 from trainer.files import read_json
 from trainer.outputs import Folder, Inputs, open_folder
-from trainer.metrics import higher_is_better
+from trainer.metrics import is_number
 from trainer.slurm_submit import submit_array
+from trainer.tasks import task_spec
 
 TUNE_KEYS = {"name", "recipe", "overrides", "trials", "sampler", "pruner", "seed", "metric", "direction",
              "parameters", "launcher", "gpus_per_trial", "stale_after_s"}
 PARAM_TYPES = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
                "categorical": {"type", "choices"}}
-DEFAULT_METRIC = {"labels": "accuracy", "masks": "miou", "boxes": "map"}  # each task's own eval.monitor default
 POLL_S = 1.0  # how often a worker reads its trial's new metrics rows and looks for a stop request
 HEARTBEAT_S = 30.0  # how often a worker renews its lease (one metadata write on the shared file system)
 EXIT_STOPPED = 3  # as `trainer train`: stopped on request, run the same command again to continue
@@ -77,7 +77,7 @@ def _parameter(name: str, p) -> dict:
     number = float if p["type"] == "float" else int
     for key in ("low", "high"):
         value = p.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (number is int and value != int(value)):
+        if not is_number(value) or (number is int and value != int(value)):
             raise ConfigError(f"tune parameter {name}: '{key}' must be a{'n integer' if number is int else ' number'}, "
                               f"got {value!r}")
     if not p["low"] < p["high"]:
@@ -107,10 +107,10 @@ def load_tune(path: str, cli_overrides: Optional[List[str]] = None) -> dict:
     spec.setdefault("gpus_per_trial", 1)
     spec.setdefault("stale_after_s", 600)
     gpus = spec["gpus_per_trial"]
-    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus <= 0:
+    if not is_number(gpus) or gpus <= 0:
         raise ConfigError(f"tune gpus_per_trial must be a number > 0 (for the GPU-hour accounting), got {gpus!r}")
     stale = spec["stale_after_s"]
-    if isinstance(stale, bool) or not isinstance(stale, (int, float)) or stale < 2 * HEARTBEAT_S:
+    if not is_number(stale) or stale < 2 * HEARTBEAT_S:
         raise ConfigError(f"tune stale_after_s must be a number of seconds >= {2 * HEARTBEAT_S:.0f} (two heartbeats), "
                           f"got {stale!r}")
     if spec["sampler"] not in SAMPLERS:
@@ -134,9 +134,11 @@ def load_tune(path: str, cli_overrides: Optional[List[str]] = None) -> dict:
             print(f"[tune] the grid has {size} points: trials {spec['trials']} -> {size}", flush=True)
             spec["trials"] = size
     base = load_config(spec["recipe"], spec["overrides"])  # the recipe and the fixed overrides, before any value
-    metric = spec.get("metric") or base.eval.monitor or DEFAULT_METRIC[data_targets(base.data)]
+    task = task_spec(base.task, base.data)  # its default eval.monitor, and which way each metric is better
+    metric = spec.get("metric") or base.eval.monitor or task.default_monitor
     spec["metric"] = metric
-    direction = spec.get("direction") or ("maximize" if higher_is_better(metric) else "minimize")
+    higher = task.higher_is_better(metric.removeprefix("raw_"))  # raw_<metric>: the raw weights' (ema.evaluate=both)
+    direction = spec.get("direction") or ("maximize" if higher else "minimize")
     if direction not in ("maximize", "minimize"):
         raise ConfigError(f"tune direction must be maximize or minimize, got {direction!r}")
     spec["direction"] = direction

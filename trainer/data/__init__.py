@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from trainer.config import data_targets
 from trainer.data import generated
 from trainer.data.coco import (DetectionDataset, check_same_categories, detection_eval_transform,
                                detection_train_transform, read_coco_splits, voc_detection_split)
@@ -30,6 +29,7 @@ from trainer.data.manifest import load as load_manifest
 from trainer.data.manifest import save as save_manifest
 from trainer.errors import DataError
 from trainer.outputs import Inputs
+from trainer.targets import data_targets
 
 # Published CIFAR statistics (per channel, [0,1] scale) as used by most CIFAR recipes.
 CIFAR_STATS = {
@@ -70,10 +70,9 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     result when already made (build_data_on_ranks: the checks it holds were split across the processes)."""
     fmt = data_cfg.format
     size = data_cfg.image_size
-    if data_targets(data_cfg) == "masks":
-        return build_mask_data(data_cfg, seed, splits, verbose)
-    if data_targets(data_cfg) == "boxes":
-        return build_box_data(data_cfg, seed, splits, verbose)
+    builder = BUILDERS.get(data_targets(data_cfg))  # images with masks or boxes (else labels: below)
+    if builder is not None:
+        return builder(data_cfg, seed, splits, verbose)
     if fmt in ("cifar10", "cifar100"):
         train_set, test_set, root = _load_cifar(fmt, data_cfg.root, data_cfg.download)
         classes = list(train_set.classes)
@@ -411,6 +410,10 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
     first = found[splits[0]]
     return Data(classes=first.class_names, datasets=made, mean=list(DETECTOR_MEAN), std=list(DETECTOR_STD),
                 train_counts=counts, source=f"{fmt} at {root}", category_ids=[cid for cid, _ in first.categories])
+
+
+# the data of each kind of targets (trainer/targets.py) other than a class label per image, which build_data reads
+BUILDERS = {"masks": build_mask_data, "boxes": build_box_data}
 
 
 def _why_empty(split: str, root, val_fraction: float) -> str:

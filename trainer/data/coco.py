@@ -1,5 +1,5 @@
-"""Object-detection data: COCO JSON files (any of three folder layouts), Pascal VOC XML, the generated shapes
-written as COCO, box-aware transforms and collation.
+"""Object-detection data: COCO JSON files (any of three folder layouts), Pascal VOC XML, box-aware transforms
+and collation. (The generated shapes are written as a COCO folder by trainer/data/generated.py.)
 
 Everything is read into a `CocoSplit`: per image its path, real size and id, and its boxes as numpy arrays
 (one concatenated array per field plus offsets; no dict per annotation survives the parse, since COCO's
@@ -27,14 +27,12 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.datasets import _SeededDataset, read_image, sample_seed
+from trainer.data.datasets import SeededDataset, read_image, sample_seed
 from trainer.data.folders import image_error
-from trainer.data.generated import SHAPES, SPLITS, SUPERSAMPLE, _draw_shape, plan_scene, render_scene
 from trainer.data.masks import VOC_CLASSES, checked_stored_size, image_orientation
 from trainer.errors import DataError
 
@@ -42,10 +40,6 @@ COCO_KEYS = ("images", "annotations", "categories")
 # a box may overhang its image by this much (pixels) before it counts as a wrong box rather than rounding or
 # an annotation tool's slack: max(5% of that side, 2 px); a smaller overhang is clipped to the image
 OVERHANG_FRACTION, OVERHANG_MIN_PX = 0.05, 2.0
-# the generated set's category ids: deliberately neither contiguous nor starting at 1, so that every run that
-# uses it goes through the id <-> label mapping (label = position in id order + 1)
-GENERATED_CATEGORY_IDS = {"circle": 2, "cross": 3, "square": 5, "triangle": 7}
-MIN_VISIBLE_PIXELS = 4  # a generated shape covered down to fewer visible pixels gets no box
 LAYOUTS = ("ROOT/<split>/annotations.json or ROOT/<split>/_annotations.coco.json (Roboflow; its 'valid' folder "
            "for val) with the images beside it; ROOT/annotations/instances_<split>20XX.json with the images in "
            "ROOT/<split>20XX/ (COCO 2017); or data.coco_files {split: {annotations: FILE, images: DIR}}")
@@ -540,7 +534,7 @@ def voc_detection_split(root, year: str = "2012", image_set: str = "train", verb
 
 # ---- dataset ----
 
-class DetectionDataset(_SeededDataset):
+class DetectionDataset(SeededDataset):
     """The images of a CocoSplit; items are (image float32 [3,H,W] in [0,1], target {"boxes" float32 [N,4]
     XYXY, "labels" int64 [N] (1..K), "image_id": index in the split, "orig_size": (h, w) before the transform}).
 
@@ -686,58 +680,3 @@ def detection_train_transform(hflip: bool, scale_jitter: Optional[Tuple[float, f
 def detection_eval_transform() -> DetectionTransform:
     """To float in [0,1] only: the detectors resize internally and map their boxes back to these pixels."""
     return DetectionTransform([])
-
-
-# ---- the generated detection set ----
-
-def detection_scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    # a fourth number, 7: never the stream of a segmentation scene ([seed, split, index]) or a classification
-    # image ([seed, split, class, index] has class < 7)
-    return np.random.default_rng([seed, SPLITS[split], index, 7])
-
-
-def visible_shapes(plan, size: int) -> np.ndarray:
-    """(size, size) uint8 map of which shape (j + 1 for plan.shapes[j], 0 none) is the visible one at each pixel:
-    the shapes drawn at SUPERSAMPLE x with render_scene's geometry, later ones over earlier ones, and each
-    pixel given to the shape covering most of its subpixels (ties to the lower number), as render_scene's mask
-    does per class. Two touching shapes of one kind stay apart here."""
-    big = size * SUPERSAMPLE
-    ids = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(ids)
-    for j, s in enumerate(plan.shapes):
-        _draw_shape(draw, s.kind, s.cx, s.cy, s.radius, s.angle, j + 1)
-    blocks = np.asarray(ids).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE)
-    votes = np.stack([(blocks == j).sum(axis=(1, 3)) for j in range(len(plan.shapes) + 1)])
-    return votes.argmax(axis=0).astype(np.uint8)
-
-
-def write_generated_coco(tmp: Path, image_size: int, seed: int, counts: dict) -> None:
-    """For each split, `counts[split]` images tmp/<split>/NNNNN.png of the segmentation scenes (1-4 shapes on a
-    noisy gradient with distractor lines) and tmp/<split>/annotations.json: one annotation per shape, its box
-    the tight box of the pixels where that shape is visible (a shape covered down to under MIN_VISIBLE_PIXELS
-    gets none), area = those pixels. Byte-identical for the same arguments."""
-    tmp = Path(tmp)
-    categories = [{"id": GENERATED_CATEGORY_IDS[name], "name": name, "supercategory": "shape"} for name in SHAPES]
-    for split, n in counts.items():
-        folder = tmp / split
-        folder.mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        for i in range(n):
-            plan = plan_scene(image_size, detection_scene_rng(seed, split, i))
-            img, _ = render_scene(plan, image_size)
-            name = f"{i:05d}.png"
-            img.save(folder / name, optimize=False)
-            images.append({"id": i + 1, "file_name": name, "width": image_size, "height": image_size})
-            shown = visible_shapes(plan, image_size)
-            for j, s in enumerate(plan.shapes):
-                ys, xs = np.nonzero(shown == j + 1)
-                if len(xs) < MIN_VISIBLE_PIXELS:
-                    continue
-                x0, y0 = int(xs.min()), int(ys.min())
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
-                                    "category_id": GENERATED_CATEGORY_IDS[s.kind],
-                                    "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
-                                    "area": int(len(xs)), "iscrowd": 0})
-        coco = {"info": {"description": f"generated shapes, seed {seed}, {image_size} px"},
-                "images": images, "annotations": annotations, "categories": categories}
-        (folder / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")))

@@ -69,7 +69,11 @@ def decode_named(data: bytes, exif_orientation: bool, name, hint: str = "") -> t
         raise DataError(f"cannot read image {name}: {image_error(err)}{hint}") from None
 
 
-class _SeededDataset(Dataset):
+class SeededDataset(Dataset):
+    """The base of every dataset of trainer/data (image folders, arrays, masks, boxes, shards): a sample is
+    `load(index)` through `transform`, its random draws seeded by (seed, epoch, index), so augmentation does not
+    depend on which worker or process loads it, and a resumed epoch repeats it."""
+
     def __init__(self, transform, seed: int):
         self.transform = transform
         self.seed = seed
@@ -170,7 +174,7 @@ STAND_IN_TRIES = 10
 WORKER_SLOTS = 256  # counters of replaced files: one per DataLoader worker (slot 0: the main process)
 
 
-class FileDataset(_SeededDataset):
+class FileDataset(SeededDataset):
     """Images listed as (path, label) pairs; any image mode is converted to RGB, and the EXIF orientation
     applied when `exif_orientation` (data.exif_orientation; the device loader's batched decode reads it too).
     The paths are a PathTable and the labels an int64 array: memory that does not grow with the workers.
@@ -238,7 +242,7 @@ def replaced_images(dataset) -> int:
     return dataset.replaced() if isinstance(dataset, FileDataset) else 0
 
 
-class ArrayDataset(_SeededDataset):
+class ArrayDataset(SeededDataset):
     """Images held in memory as a uint8 (N, H, W, 3) array (CIFAR)."""
 
     def __init__(self, images: np.ndarray, labels: Sequence[int], transform=None, seed: int = 0):
@@ -376,7 +380,7 @@ def train_transform(image_size: int, mean, std, hflip: bool, crop_padding: int, 
     return v2.Compose(steps)
 
 
-def measure_mean_std(dataset: _SeededDataset, image_size: int, max_images: int = 2000, seed: int = 0):
+def measure_mean_std(dataset: SeededDataset, image_size: int, max_images: int = 2000, seed: int = 0):
     """Per-channel mean and std in [0,1] over up to `max_images` training images (a seeded subset)."""
     n = len(dataset)
     idx = np.random.default_rng(seed).permutation(n)[:max_images] if n > max_images else np.arange(n)

@@ -3,7 +3,7 @@
 The DataLoader workers only read: each training file's bytes and, from its header, its EXIF orientation.
 The main process decodes a batch's JPEGs in one call to torchvision's `decode_jpeg` on the GPU (nvJPEG),
 turns each upright as the CPU decoder would, and augments each on the GPU with the same transform and the
-same per-sample seed as the worker path (`_SeededDataset.augment`: (seed, epoch, index)). So the order of an
+same per-sample seed as the worker path (`SeededDataset.augment`: (seed, epoch, index)). So the order of an
 epoch, its augmentation draws, exact resume and the stand-ins for files gone bad are the worker path's.
 
 Why: at ImageNet sizes a worker's work per training image is the decode and the crop's resize

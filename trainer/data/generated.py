@@ -10,6 +10,8 @@ The segmentation variant is written as a `masks` folder instead (trainer.data.ma
 NNNNN.png with ROOT/<split>/masks/NNNNN.png (mode L, class indices) and ROOT/classes.txt. Each image holds
 1-4 shapes of random kinds over the same kind of background; every shape's colour is drawn anew, so a
 pixel's colour says "some shape" (or a distractor line) but not which kind: that takes the shape around it.
+The detection variant draws the same kind of scenes and writes them as a COCO folder (trainer.data.coco reads
+it): ROOT/<split>/NNNNN.png with ROOT/<split>/annotations.json, a tight box per visible shape.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ CLASSES = {
     "binary": ["cross", "square"],
     "multiclass": ["circle", "cross", "square", "triangle"],
     "segmentation": ["background", "circle", "cross", "square", "triangle"],  # mask value = list index
-    "detection": ["circle", "cross", "square", "triangle"],  # COCO category ids: trainer/data/coco.py
+    "detection": ["circle", "cross", "square", "triangle"],  # COCO category ids: GENERATED_CATEGORY_IDS
 }
 SHAPES = CLASSES["multiclass"]  # the kinds a segmentation image draws from; mask value of SHAPES[k] is k + 1
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -199,7 +201,7 @@ SEGMENTATION_IMAGES_PER_COUNT = len(SHAPES)
 def _params(variant: str, image_size: int, seed: int, counts: dict) -> dict:
     params = {"format_version": FORMAT_VERSION, "variant": variant, "image_size": image_size, "seed": seed,
               "classes": CLASSES[variant], "per_class": counts}
-    if variant in ("segmentation", "detection"):  # a key of its own: the classification markers stay as they were
+    if variant in SCENE_WRITERS:  # a key of its own: the classification markers stay as they were
         params["images_per_split"] = {k: n * SEGMENTATION_IMAGES_PER_COUNT for k, n in counts.items()}
     return params
 
@@ -216,14 +218,17 @@ def _write_segmentation(tmp: Path, image_size: int, seed: int, counts: dict) -> 
             mask.save(masks / f"{i:05d}.png", optimize=False)
 
 
-def _write_variant(tmp: Path, variant: str, image_size: int, seed: int, counts: dict) -> None:
-    if variant == "segmentation":
-        _write_segmentation(tmp, image_size, seed, counts)
-        return
-    if variant == "detection":  # the same scenes, a tight box per shape, as a COCO folder
-        from trainer.data.coco import write_generated_coco  # coco imports this module's drawing
+def _write_detection(tmp: Path, image_size: int, seed: int, counts: dict) -> None:
+    write_generated_coco(tmp, image_size, seed, {k: n * SEGMENTATION_IMAGES_PER_COUNT for k, n in counts.items()})
 
-        write_generated_coco(tmp, image_size, seed, {k: n * SEGMENTATION_IMAGES_PER_COUNT for k, n in counts.items()})
+
+# the variants drawn as scenes of several shapes, by the writer of each (the others are class folders)
+SCENE_WRITERS = {"segmentation": _write_segmentation, "detection": _write_detection}
+
+
+def _write_variant(tmp: Path, variant: str, image_size: int, seed: int, counts: dict) -> None:
+    if variant in SCENE_WRITERS:
+        SCENE_WRITERS[variant](tmp, image_size, seed, counts)
         return
     for split, n in counts.items():
         for class_idx, kind in enumerate(CLASSES[variant]):
@@ -232,6 +237,67 @@ def _write_variant(tmp: Path, variant: str, image_size: int, seed: int, counts: 
             for i in range(n):
                 rng = np.random.default_rng([seed, SPLITS[split], class_idx, i])
                 draw_image(kind, image_size, rng).save(folder / f"{i:05d}.png", optimize=False)
+
+
+# ---- the detection variant: the segmentation scenes as a COCO folder ----
+
+# the generated set's category ids: deliberately neither contiguous nor starting at 1, so that every run that
+# uses it goes through the id <-> label mapping (label = position in id order + 1)
+GENERATED_CATEGORY_IDS = {"circle": 2, "cross": 3, "square": 5, "triangle": 7}
+MIN_VISIBLE_PIXELS = 4  # a generated shape covered down to fewer visible pixels gets no box
+
+
+def detection_scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    # a fourth number, 7: never the stream of a segmentation scene ([seed, split, index]) or a classification
+    # image ([seed, split, class, index] has class < 7)
+    return np.random.default_rng([seed, SPLITS[split], index, 7])
+
+
+def visible_shapes(plan, size: int) -> np.ndarray:
+    """(size, size) uint8 map of which shape (j + 1 for plan.shapes[j], 0 none) is the visible one at each pixel:
+    the shapes drawn at SUPERSAMPLE x with render_scene's geometry, later ones over earlier ones, and each
+    pixel given to the shape covering most of its subpixels (ties to the lower number), as render_scene's mask
+    does per class. Two touching shapes of one kind stay apart here."""
+    big = size * SUPERSAMPLE
+    ids = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(ids)
+    for j, s in enumerate(plan.shapes):
+        _draw_shape(draw, s.kind, s.cx, s.cy, s.radius, s.angle, j + 1)
+    blocks = np.asarray(ids).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE)
+    votes = np.stack([(blocks == j).sum(axis=(1, 3)) for j in range(len(plan.shapes) + 1)])
+    return votes.argmax(axis=0).astype(np.uint8)
+
+
+def write_generated_coco(tmp: Path, image_size: int, seed: int, counts: dict) -> None:
+    """For each split, `counts[split]` images tmp/<split>/NNNNN.png of the segmentation scenes (1-4 shapes on a
+    noisy gradient with distractor lines) and tmp/<split>/annotations.json: one annotation per shape, its box
+    the tight box of the pixels where that shape is visible (a shape covered down to under MIN_VISIBLE_PIXELS
+    gets none), area = those pixels. Byte-identical for the same arguments."""
+    tmp = Path(tmp)
+    categories = [{"id": GENERATED_CATEGORY_IDS[name], "name": name, "supercategory": "shape"} for name in SHAPES]
+    for split, n in counts.items():
+        folder = tmp / split
+        folder.mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for i in range(n):
+            plan = plan_scene(image_size, detection_scene_rng(seed, split, i))
+            img, _ = render_scene(plan, image_size)
+            name = f"{i:05d}.png"
+            img.save(folder / name, optimize=False)
+            images.append({"id": i + 1, "file_name": name, "width": image_size, "height": image_size})
+            shown = visible_shapes(plan, image_size)
+            for j, s in enumerate(plan.shapes):
+                ys, xs = np.nonzero(shown == j + 1)
+                if len(xs) < MIN_VISIBLE_PIXELS:
+                    continue
+                x0, y0 = int(xs.min()), int(ys.min())
+                annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                    "category_id": GENERATED_CATEGORY_IDS[s.kind],
+                                    "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
+                                    "area": int(len(xs)), "iscrowd": 0})
+        coco = {"info": {"description": f"generated shapes, seed {seed}, {image_size} px"},
+                "images": images, "annotations": annotations, "categories": categories}
+        (folder / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")))
 
 
 class _Finished(Exception):

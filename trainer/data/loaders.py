@@ -72,7 +72,9 @@ class WorkerLoader:
         return batches if self.mixer is None else self._mixed(batches, skip)
 
     def _mixed(self, batches, skip: int):
-        # the batch's index within the epoch, counted from `skip`: a resumed epoch mixes as the original did
+        # mixing is classification's ((images, labels) batches): the config refuses it for any other task
+        # (ClassificationSpec.check_config). The batch's index within the epoch, counted from `skip`: a resumed
+        # epoch mixes as the original did
         for index, (x, y) in enumerate(batches, start=skip):
             yield self.mixer(x, y, self.epoch, index)
 

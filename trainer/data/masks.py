@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from trainer.data.datasets import _SeededDataset, decode_named, open_source, read_bytes, read_image, sample_seed
+from trainer.data.datasets import SeededDataset, decode_named, open_source, read_bytes, read_image, sample_seed
 from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, ends_complete, image_error
 from trainer.errors import DataError
 from trainer.files import read_lines
@@ -348,7 +348,7 @@ def check_masks(pairs: Sequence[Pair], num_classes: int, ignore_index: int, thre
 
 # ---- dataset ----
 
-class MaskDataset(_SeededDataset):
+class MaskDataset(SeededDataset):
     """(image, mask) pairs; items are transform(image, mask) under a per-sample seeded RNG: (seed, epoch, index)
     decides every random choice, so a resumed run sees the same augmentation."""
 

@@ -42,7 +42,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from trainer.data.datasets import PathTable, _SeededDataset, read_image
+from trainer.data.datasets import PathTable, SeededDataset, read_image
 from trainer.data.folders import _check_one, lost_class_message, scan_imagefolder
 from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
 from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
@@ -403,7 +403,7 @@ class Shards:
         return data
 
 
-class ShardDataset(_SeededDataset):
+class ShardDataset(SeededDataset):
     """A split of a packed dataset: `rows` into `shards`, with labels and the original relative paths (the
     data fingerprint is then the folder's). Images decode as the folder path decodes the same files."""
 
@@ -431,7 +431,7 @@ class ShardMaskDataset(MaskDataset):
 
     def __init__(self, shards: Shards, rows: np.ndarray, paths: PathTable, mask_paths: PathTable, transform=None,
                  seed: int = 0, exif_orientation: bool = True):
-        _SeededDataset.__init__(self, transform, seed)
+        SeededDataset.__init__(self, transform, seed)
         self.shards, self.rows, self.paths, self.mask_paths = shards, rows, paths, mask_paths
         self.exif_orientation = exif_orientation
 

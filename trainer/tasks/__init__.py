@@ -1,69 +1,75 @@
-"""What a task means, behind one small protocol; the loop never looks inside a batch.
+"""What a task means, behind one protocol (trainer/tasks/protocol.py); the loop never looks inside a batch.
 
-A task module (classify.py: binary and multi-class; segment.py; detect.py) offers an object with:
+`TASKS` is the one table of tasks: each name (the config's `task`, model.json's "task") to its spec, the half of
+a task read without torch: the data it trains on, its monitor, the config keys it owns, its model.json and ONNX
+fields. The spec's `implementation` names the task class (<task>.py, with its *_metrics, *_models and *_reports
+modules), built by `build_task` from the data's classes and counts plus its config sections, and by
+`task_from_meta` from an exported model. No registration decorators; the contract test in tests/test_tasks.py
+runs over every entry.
 
-    name, classes, num_outputs          what it is
-    collate                             the DataLoader collate function (None: the default)
-    metric_names(), higher_is_better(m) what eval.monitor may name, and which way is better
-    train_loss(model, batch, memory_format) -> (loss, samples in this process's batch, {part name: loss part})
-    loss_parts(model name)              the names of those parts (logged beside the loss; [] for none)
-    to_device(batch, device, memory_format), forward(net, batch, tta) -> outputs
-    evaluator(dataset)                  .add(batch, outputs) on every rank for each batch of its shard;
-                                        .finish(accelerator) -> (metrics, outputs): the one collective, the same
-                                        metrics on every rank, the gathered outputs on the main rank
-    write_report(dir, metrics, outputs, name), summary(metrics)   eval.json, plots, the printed table (into a
-                                        staging folder of the write gate, trainer/outputs.py)
-    report_plots                        the file names write_report may draw into plots/ (`report_files`)
-    export_meta(metrics)                its fields of model.json
-    from_meta(meta)                     (a classmethod) the task of an exported model, for eval and predict
-    prediction_writer(output, inputs, overlay, draw)   what `trainer predict` writes (.add per batch, .close)
+A new task is: its modules here (<task>_spec.py, <task>.py and its parts), one line in TASKS, the reader of its
+data (trainer/data, and the targets it holds: trainer/targets.py), and its tests.
 
-It is built from the data's class names and counts plus its own config sections, and checks its options
-against them there. Tasks are chosen by the plain dict TASKS (no registration decorators); the one
-contract test in tests/test_tasks.py runs over every entry.
+Nothing here imports torch (config.validate calls `check_config` before torch is imported: a config is checked
+in 0.3 s, where importing the task classes takes 5 s):
+the task classes are imported when first built, or first named (`from trainer.tasks import Segmentation`).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+import importlib
+from typing import Dict, Optional, Sequence
 
-from trainer.config import data_targets, task_data_mismatch
 from trainer.errors import ConfigError
-from trainer.tasks.classify import Classification, Task, class_weights, resolve_task
-from trainer.tasks.detect import Detection, detector_options
-from trainer.tasks.segment import Segmentation
+from trainer.targets import data_targets
+from trainer.tasks.classify_spec import ClassificationSpec, resolve_task
+from trainer.tasks.detect_spec import DetectionSpec
+from trainer.tasks.protocol import DataInfo, Sections, TaskSpec
+from trainer.tasks.segment_spec import SegmentationSpec
 
-__all__ = ["TASKS", "build_task", "report_files", "task_from_meta", "task_kind", "Classification", "Detection", "Segmentation", "Task",
-           "class_weights", "resolve_task"]
+__all__ = ["TASKS", "build_task", "check_config", "implementation", "report_files", "task_data_mismatch",
+           "task_from_meta", "task_spec", "Classification", "Detection", "Segmentation", "Task", "class_weights",
+           "resolve_task"]
 
-# name -> builder(task name, classes, train counts (images; pixels for segmentation), loss config, eval config,
-# **options of the data the task needs, such as ignore_index)
-TASKS: Dict[str, Callable] = {
-    "binary": Classification.build,
-    "multiclass": Classification.build,
-    "segmentation": Segmentation.build,
-    "detection": Detection.build,
-}
-# the task of an exported model, by model.json's "task"
-FROM_META: Dict[str, Callable[[dict], object]] = {
-    "binary": Classification.from_meta,
-    "multiclass": Classification.from_meta,
-    "segmentation": Segmentation.from_meta,
-    "detection": Detection.from_meta,
+TASKS: Dict[str, TaskSpec] = {
+    "binary": ClassificationSpec,
+    "multiclass": ClassificationSpec,
+    "segmentation": SegmentationSpec,
+    "detection": DetectionSpec,
 }
 
 
-def report_files(task, name: str = "eval.json") -> list:
-    """What `task.write_report(dir, ..., name)` may write, relative to dir (checked by the write gate before
-    any work, and an earlier report's plots this one does not draw are removed)."""
-    return [name, *(f"plots/{p}" for p in task.report_plots)]
+def task_spec(task: str, data_cfg) -> TaskSpec:
+    """The spec of the task a config trains: the one it names, or for task=auto the one whose targets its data
+    holds (binary and multiclass share theirs: the class count chooses, when the task is built)."""
+    return TASKS[task] if task in TASKS else _training_on(data_targets(data_cfg))
 
 
-_KIND_OF_TARGETS = {"masks": "segmentation", "boxes": "detection", "labels": "classification"}
+def _training_on(targets: str) -> TaskSpec:
+    return next(spec for spec in TASKS.values() if spec.targets == targets)
 
 
-def task_kind(task: str, data_cfg) -> str:
-    """classification, segmentation or detection, from the config alone (before any data is read)."""
-    return _KIND_OF_TARGETS[data_targets(data_cfg)]  # an explicit task must match its data (task_data_mismatch)
+def task_data_mismatch(task: str, data_cfg, advise: bool = True) -> Optional[str]:
+    """Why `task` cannot train on this data (None when it can); `advise`: with the task that would."""
+    if task not in TASKS:  # auto
+        return None
+    wanted, found = TASKS[task], data_targets(data_cfg)
+    if found == wanted.targets:
+        return None
+    source = (f"data.generated.variant={data_cfg.generated.variant}" if data_cfg.format == "generated"
+              else f"data.format={data_cfg.format}")
+    return (f"task={task} trains on {wanted.targets} ({wanted.data_hint}), but {source} holds {found}"
+            + (f": use task={_training_on(found).title} (or task=auto)" if advise else ""))
+
+
+def check_config(cfg) -> None:
+    """Every task's rules about a whole config (trainer.config.validate calls this at load): the task must fit
+    its data, then each task's `check_config` (its own keys refused while another task trains)."""
+    mismatch = task_data_mismatch(cfg.task, cfg.data)
+    if mismatch:
+        raise ConfigError(mismatch)
+    trained = task_spec(cfg.task, cfg.data)
+    for spec in dict.fromkeys(TASKS.values()):
+        spec.check_config(cfg, trained)
 
 
 def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg, data_cfg,
@@ -74,24 +80,37 @@ def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], l
     mismatch = task_data_mismatch(task, data_cfg)
     if mismatch:
         raise ConfigError(mismatch)
-    kind = task_kind(task, data_cfg)
-    if kind == "segmentation":
-        return Segmentation.build(task, classes, train_counts, loss_cfg, eval_cfg, ignore_index=data_cfg.ignore_index)
-    if kind == "detection":
-        d = model_cfg.detection
-        made = Detection.build(task, classes, category_ids, loss_cfg, eval_cfg,
-                               detector_options(model_cfg, data_cfg.image_size),
-                               derived=[k for k in ("min_size", "max_size") if getattr(d, k) is None])
-        made.check_model(model_cfg.name)
-        return made
-    if loss_cfg.name != "ce":
-        raise ConfigError(f"loss.name={loss_cfg.name} is for segmentation; classification trains with ce")
-    name = resolve_task(task, len(classes))
-    return TASKS[name](task, classes, train_counts, loss_cfg, eval_cfg)
+    made = implementation(task_spec(task, data_cfg))
+    return made.build(list(classes), DataInfo(train_counts, category_ids),
+                      Sections(task, loss_cfg, eval_cfg, data_cfg, model_cfg))
+
+
+def implementation(spec: TaskSpec):
+    """The task class a spec names (imported with torch on first use)."""
+    module, name = spec.implementation.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
 
 
 def task_from_meta(meta: dict):
-    if meta["task"] not in FROM_META:
+    """The task of an exported model, from its model.json."""
+    if meta["task"] not in TASKS:
         raise ConfigError(f"model.json names task '{meta['task']}', which this trainer does not know "
-                          f"({', '.join(sorted(FROM_META))})")
-    return FROM_META[meta["task"]](meta)
+                          f"({', '.join(sorted(TASKS))})")
+    return implementation(TASKS[meta["task"]]).from_meta(meta)
+
+
+def report_files(task, name: str = "eval.json") -> list:
+    """What `task.write_report(dir, ..., name)` may write, relative to dir (checked by the write gate before
+    any work, and an earlier report's plots this one does not draw are removed)."""
+    return [name, *(f"plots/{p}" for p in task.report_plots)]
+
+
+# the names of the task classes and their helpers, imported (with torch) when first asked for
+_CLASSES = {"Classification": "classify", "Task": "classify", "class_weights": "classify_metrics",
+            "Segmentation": "segment", "Detection": "detect"}
+
+
+def __getattr__(name: str):
+    if name in _CLASSES:
+        return getattr(importlib.import_module(f"trainer.tasks.{_CLASSES[name]}"), name)
+    raise AttributeError(f"module 'trainer.tasks' has no attribute '{name}'")

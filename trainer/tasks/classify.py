@@ -5,42 +5,27 @@ Multi-class: C logits, CrossEntropyLoss (optional label smoothing and class weig
 The loss always receives raw logits: no sigmoid/softmax layer sits in front of it.
 
 `Task` is that loss-and-prediction head; `Classification` is the task behind the protocol of trainer/tasks
-(options checked against the data, training loss, evaluator, reports, model.json fields, predictions).
+(options checked against the data, training loss, evaluator, reports, model.json fields, predictions). Its
+metrics are in classify_metrics.py, its plots, summary and prediction CSV in classify_reports.py.
 """
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import agree, gather_to_main
-from trainer.evaluation import split_order
-from trainer.errors import ConfigError, TrainerError
-from trainer.outputs import Folder
-from trainer.metrics import compute_metrics, higher_is_better, scalar_metrics, score_outputs
+from trainer.data.datasets import eval_transform
+from trainer.errors import ConfigError, DataError, TrainerError
+from trainer.metrics import scalar_metrics
 from trainer.models import build_model, forward_tta
 from trainer.prediction_files import Given, output_path
-from trainer.reports import PLOT_FILES, format_summary, write_eval_report
-
-
-def resolve_task(task: str, num_classes: int) -> str:
-    if task == "auto":
-        return "binary" if num_classes == 2 else "multiclass"
-    if task == "binary" and num_classes != 2:
-        raise ConfigError(f"task=binary needs exactly 2 classes, the data has {num_classes}")
-    return task
-
-
-def class_weights(counts: Sequence[int]) -> List[float]:
-    """N / (C x count_c): 1.0 for every class when balanced; a class with no images gets weight 0."""
-    total, c = sum(counts), len(counts)
-    return [total / (c * n) if n > 0 else 0.0 for n in counts]
+from trainer.tasks.classify_metrics import ClassificationEvaluator, class_weights, compute_metrics
+from trainer.tasks.classify_reports import PLOT_FILES, CsvPredictions, format_summary, write_eval_report
+from trainer.tasks.classify_spec import ClassificationSpec, resolve_task
+from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_box_options, refuse_threshold
 
 
 @dataclass
@@ -95,10 +80,10 @@ class Task:
         return probs.argmax(dim=1)
 
 
-# ---- the task protocol for binary and multi-class classification (see trainer/tasks/__init__.py) ----
+# ---- the task protocol for binary and multi-class classification (trainer/tasks/protocol.py) ----
 
 @dataclass
-class Classification:
+class Classification(ClassificationSpec):
     """Binary or multi-class image classification behind the task protocol: batches are (images, labels),
     the training loss is `head`'s, evaluation gathers every sample's probabilities to the main rank and scores
     them once with scikit-learn (exact on any process count), reports are eval.json + confusion/ROC/PR plots,
@@ -114,7 +99,6 @@ class Classification:
     topk: Sequence[int] = (5,)
     collate = None  # the default collate: (images, labels) batches
     drop_last = False  # every training image counts, the last batch too
-    default_monitor = "accuracy"  # what picks best/ unless eval.monitor says
     report_plots = tuple(PLOT_FILES.values())  # what write_report may draw into plots/
 
     @property
@@ -133,15 +117,18 @@ class Classification:
     # -- construction: every option checked against the data --
 
     @classmethod
-    def build(cls, task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg) -> "Classification":
+    def build(cls, classes: Sequence[str], data: DataInfo, cfg: Sections) -> "Classification":
+        loss_cfg, eval_cfg = cfg.loss, cfg.eval
+        if loss_cfg.name != "ce":
+            raise ConfigError(f"loss.name={loss_cfg.name} is for segmentation; classification trains with ce")
         classes = list(classes)
-        kind = resolve_task(task, len(classes))
+        kind = resolve_task(cfg.task, len(classes))
         if kind == "binary" and loss_cfg.label_smoothing > 0:
             raise ConfigError("loss.label_smoothing applies to multiclass tasks only")
         if kind == "multiclass" and loss_cfg.pos_weight is not None:
             raise ConfigError("loss.pos_weight applies to binary tasks only (use loss.class_weighted for multiclass)")
         head = Task(kind, len(classes), label_smoothing=loss_cfg.label_smoothing, pos_weight=loss_cfg.pos_weight,
-                    weights=class_weights(train_counts) if loss_cfg.class_weighted else None)
+                    weights=class_weights(data.train_counts) if loss_cfg.class_weighted else None)
         positive_index = 1
         if eval_cfg.positive_class is not None:
             if kind != "binary":
@@ -151,7 +138,7 @@ class Classification:
             positive_index = classes.index(eval_cfg.positive_class)
         made = cls(kind, classes, head, positive_index, eval_cfg.threshold, eval_cfg.threshold_tuning,
                    eval_cfg.target_recall, tuple(eval_cfg.topk))
-        made.check_monitor(eval_cfg.monitor or made.default_monitor)
+        check_monitor(made, eval_cfg.monitor or made.default_monitor)
         return made
 
     @classmethod
@@ -176,15 +163,6 @@ class Classification:
                                 self.classes, topk=self.topk)
         return [k for k in scalar_metrics(probe) if k not in ("num_samples", "threshold")]
 
-    def check_monitor(self, monitor: str) -> None:
-        names = self.metric_names()
-        if monitor not in names:
-            raise ConfigError(f"eval.monitor '{monitor}' is not a {self.kind} metric; choose one of {sorted(names)}")
-
-    @staticmethod
-    def higher_is_better(metric: str) -> bool:
-        return higher_is_better(metric)
-
     # -- training --
 
     def train_loss(self, model, batch, memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, int, dict]:
@@ -207,8 +185,18 @@ class Classification:
     def forward(net, batch, tta: str = "none") -> torch.Tensor:
         return forward_tta(net, batch[0], tta)
 
-    def evaluator(self, dataset) -> "ClassificationEvaluator":
-        return ClassificationEvaluator(self, len(dataset))
+    def evaluator(self, dataset, indices: torch.Tensor) -> ClassificationEvaluator:
+        return ClassificationEvaluator(self, len(dataset), indices)
+
+    def match_data(self, data, dataset) -> None:
+        """Classes in another order, or a subset, are scored by name; a class the model does not know cannot be."""
+        if data.classes == self.classes:
+            return
+        unknown = sorted(set(data.classes) - set(self.classes))
+        if unknown:
+            raise DataError(f"classes in {data.source} that the model does not know: {unknown} "
+                            f"(model classes: {self.classes})")
+        dataset.labels = [self.classes.index(data.classes[label]) for label in dataset.labels]
 
     # -- reports, export, predictions --
 
@@ -228,76 +216,34 @@ class Classification:
                 "threshold": metrics.get("threshold", self.threshold) if binary else None,
                 "positive_class": self.classes[self.positive_index] if binary else None}
 
+    def check_predict_options(self, threshold: Optional[float], draw: Optional[str],
+                              score_threshold: Optional[float]) -> None:
+        refuse_box_options(self.kind, draw, score_threshold)
+        if self.kind != "binary":
+            hint = f" ({len(self.classes)} classes, predicted by the highest probability)"
+            refuse_threshold(self.kind, threshold, hint)
+
+    @staticmethod
+    def predict_batch(images: list, meta: dict, device) -> tuple:  # each image as evaluation reads it, stacked
+        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+        return (torch.stack([transform(image).to(device) for image in images]),)
+
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
-                          overwrite: bool = False) -> "CsvPredictions":
+                          overwrite: bool = False) -> CsvPredictions:
         """`trainer predict`: a CSV of labels and probabilities (`output` is its path)."""
         if overlay:
             raise TrainerError("--overlay is for segmentation models; this one classifies")
         return CsvPredictions(self, output_path(output, given, "CSV", overwrite))
 
+    @classmethod
+    def example(cls, name: str, tmp) -> Example:
+        """Seeded random 16-px images with class labels."""
+        classes = ["a", "b"] if name == "binary" else ["a", "b", "c"]
 
-class CsvPredictions:
-    """One row per image (path, predicted class, every class's probability), written whole at the end."""
+        def images(n: int, seed: int) -> tuple:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, len(classes), (n,), generator=g)
 
-    def __init__(self, task: Classification, out: Tuple[Folder, str]):
-        self.task, self.out, self.rows = task, out, []
-
-    def add(self, inputs: Sequence[Tuple[str, str]], logits: torch.Tensor, sizes, images=None) -> None:
-        """`inputs`: (image path, the folder it was found under) per image of the batch."""
-        paths = [path for path, _ in inputs]
-        probs = self.task.head.probabilities(logits).cpu()
-        labels = self.task.head.predict(probs, self.task.threshold, self.task.positive_index)
-        self.rows += [[path, self.task.classes[label]] + [repr(v) for v in p]  # repr: parses back exactly
-                      for path, p, label in zip(paths, probs.tolist(), labels.tolist())]
-
-    def abort(self) -> None:
-        """Nothing was written yet: the CSV is written whole in `close`."""
-
-    def close(self) -> int:
-        text = io.StringIO()
-        writer = csv.writer(text)
-        writer.writerow(["path", "label"] + [f"prob_{c}" for c in self.task.classes])
-        writer.writerows(self.rows)
-        folder, name = self.out
-        folder.write(name, text.getvalue())  # written whole, then renamed: never half a CSV
-        return len(self.rows)
-
-
-class ClassificationEvaluator:
-    """Per-sample rows (probabilities, label, loss) of this rank's shard; `finish` gathers them to the main rank
-    (the one collective), checks that every sample of the split is there exactly once, scores them once
-    there and gives every rank the same metrics."""
-
-    def __init__(self, task: Classification, num_samples: int, score: bool = True):
-        self.task, self.num_samples, self.score, self.rows = task, num_samples, score, []
-        self.indices = torch.arange(num_samples)  # the split index of each row added (set by trainer.evaluation)
-        self.head = task.eval_head
-
-    def add(self, batch, logits: torch.Tensor) -> None:
-        y = batch[1]
-        losses = self.head.loss(logits, y, reduction="none")
-        self.rows.append(torch.cat([self.head.probabilities(logits), y[:, None].float(), losses[:, None]], dim=1).cpu())
-
-    def gather(self, accelerator) -> Optional[dict]:
-        """Every rank's rows on the main rank, in split order; None elsewhere."""
-        c = self.head.num_classes
-        local = torch.cat(self.rows) if self.rows else torch.zeros((0, c + 2))
-        table = gather_to_main(local.float(), accelerator)
-        order = split_order(self.indices, self.num_samples, accelerator)
-        if table is None:
-            return None
-        table = table[order]
-        return {"probs": table[:, :c].numpy(), "labels": table[:, c].round().long().numpy(),
-                "losses": table[:, c + 1].numpy()}
-
-    def finish(self, accelerator) -> Tuple[Optional[dict], Optional[dict]]:
-        """(metrics on every rank, the gathered outputs on the main rank for its reports); without `score`,
-        (None, outputs): the rows alone (metrics.collect_outputs)."""
-        outputs = self.gather(accelerator)
-        if not self.score:
-            return None, outputs
-        t = self.task
-        metrics = agree(accelerator, lambda: score_outputs(outputs, self.head, t.classes, t.threshold, t.topk,
-                                                           t.positive_index, t.threshold_tuning, t.target_recall),
-                        main_only=True, share=True)
-        return metrics, outputs
+        x, y = images(7, 1)
+        return Example(classes, "small_cnn", {"data.format": "generated"}, images(6, 0), list(zip(x, y)), x[:2],
+                       "preds.csv")

@@ -19,26 +19,24 @@ one JSON list of COCO-style records.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from trainer.data.coco import collate_detection
-from trainer.distributed import agree, gather_objects_to_main
-from trainer.errors import ConfigError, TrainerError
-from trainer.evaluation import split_order
-from trainer.outputs import Folder
+from trainer.data.coco import DetectionDataset, collate_detection, read_coco
+from trainer.data.generated import GENERATED_CATEGORY_IDS, write_generated_coco
+from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.prediction_files import Given, PredictionFolder, output_path
-from trainer.tasks.detect_metrics import evaluate_coco, metrics_from_cocoeval, precision_recall_curves, to_coco_records
+from trainer.tasks.detect_metrics import DetectionEvaluator, to_coco_records
 from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
+from trainer.tasks.detect_reports import PLOTS, BoxPredictions, format_detection_summary, write_detection_report
+from trainer.tasks.detect_spec import DetectionSpec
+from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_threshold
 
-SAMPLE_IMAGES = 8  # validation images kept (main rank: the first of its share) for the boxes grid
 METRICS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100", "loss")
 
 
@@ -54,7 +52,7 @@ def detector_options(model_cfg, image_size: int) -> dict:
 
 
 @dataclass
-class Detection:
+class Detection(DetectionSpec):
     classes: List[str]  # names, in the order of the file's category ids; label k + 1 is classes[k]
     category_ids: List[int]  # the file's id of each class
     options: dict = field(default_factory=dict)  # detect_models options (resolved when the model is built)
@@ -62,8 +60,7 @@ class Detection:
     # options filled in from data.image_size rather than given: dropped for a model with a fixed input size (SSDlite)
     derived: Tuple[str, ...] = ()
     name = "detection"
-    default_monitor = "map"
-    report_plots = ("pr_curves.png", "boxes.png")  # what write_report may draw into plots/ (detect_reports)
+    report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = False
     collate = staticmethod(collate_detection)
 
@@ -74,18 +71,15 @@ class Detection:
     # -- construction --
 
     @classmethod
-    def build(cls, task: str, classes: Sequence[str], category_ids: Sequence[int], loss_cfg, eval_cfg,
-              options: dict, derived: Sequence[str] = ()) -> "Detection":
-        if eval_cfg.positive_class is not None or eval_cfg.threshold_tuning:
-            raise ConfigError("eval.positive_class and eval.threshold_tuning apply to binary classification only")
-        if loss_cfg.name != "ce" or loss_cfg.class_weighted or loss_cfg.label_smoothing or loss_cfg.pos_weight:
-            raise ConfigError("loss.* options are for classification and segmentation; a detector trains with its "
-                              "own loss (tune it through model.detection.*)")
-        made = cls(list(classes), [int(c) for c in category_ids], dict(options), derived=tuple(derived))
-        monitor = eval_cfg.monitor or made.default_monitor
-        if monitor not in made.metric_names():
-            raise ConfigError(f"eval.monitor '{monitor}' is not a detection metric; choose one of "
-                              f"{sorted(made.metric_names())}")
+    def build(cls, classes: Sequence[str], data: DataInfo, cfg: Sections) -> "Detection":
+        """`data.category_ids`: the annotation file's id of each class; the options are model.detection's, the
+        input size derived from data.image_size where not given (`detector_options`)."""
+        section = cfg.model.detection
+        derived = tuple(k for k in ("min_size", "max_size") if getattr(section, k) is None)
+        made = cls(list(classes), [int(c) for c in data.category_ids],
+                   detector_options(cfg.model, cfg.data.image_size), derived=derived)
+        check_monitor(made, cfg.eval.monitor or made.default_monitor)
+        made.check_model(cfg.model.name)
         return made
 
     @classmethod
@@ -120,10 +114,6 @@ class Detection:
     def metric_names(self) -> List[str]:
         return list(METRICS)
 
-    @staticmethod
-    def higher_is_better(metric: str) -> bool:
-        return metric != "loss"  # every detection metric is a precision or a recall
-
     def loss_parts(self, model_name: str) -> List[str]:
         return loss_part_names(model_name)
 
@@ -157,31 +147,53 @@ class Detection:
                 det["losses"] = validation_losses(net, x, t)
         return out
 
-    def evaluator(self, dataset) -> "DetectionEvaluator":
-        return DetectionEvaluator(self, dataset)
+    def evaluator(self, dataset, indices: torch.Tensor) -> DetectionEvaluator:
+        return DetectionEvaluator(self, dataset, indices)
+
+    def match_data(self, data, dataset) -> None:
+        if (data.classes, data.category_ids) != (self.classes, self.category_ids):
+            raise DataError(f"{data.source} has the categories {list(zip(data.category_ids, data.classes))}; the "
+                            f"model was trained on {list(zip(self.category_ids, self.classes))} (id, name): the "
+                            f"annotation file must use the same ones")
 
     # -- reports, export, predictions --
 
     def write_report(self, out_dir, metrics: dict, outputs: dict, name: str = "eval.json") -> None:
-        from trainer.tasks.detect_reports import write_detection_report
-
         write_detection_report(out_dir, metrics, outputs, self.classes, name=name)
 
     def summary(self, metrics: dict) -> str:
-        from trainer.tasks.detect_reports import format_detection_summary
-
         return format_detection_summary(metrics)
 
     def export_meta(self, metrics: dict) -> dict:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "category_ids": list(self.category_ids), "model_kwargs": dict(self.options)}
 
+    def check_predict_options(self, threshold: Optional[float], draw: Optional[str],
+                              score_threshold: Optional[float]) -> None:
+        refuse_threshold(self.name, threshold, "; use --score-threshold")
+
+    @staticmethod
+    def predict_batch(images: list, meta: dict, device) -> tuple:
+        """Each image as it is, in [0, 1] (as detection_eval_transform): a detector resizes and normalises inside,
+        and maps its boxes back to the image's pixels."""
+        return ([(image.float() / 255).to(device) for image in images],)
+
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
-                          overwrite: bool = False) -> "BoxPredictions":
+                          overwrite: bool = False) -> BoxPredictions:
         if overlay:
             raise TrainerError("--overlay is for segmentation; a detection model draws its boxes with --draw DIR")
         out = output_path(output, given, "JSON", overwrite)
         return BoxPredictions(self, out, PredictionFolder(Path(draw), "--draw", given, (".jpg",)) if draw else None)
+
+    @classmethod
+    def example(cls, name: str, tmp) -> Example:
+        """A generated COCO split of 7 images of 32 px (its first 6 as the training batch)."""
+        write_generated_coco(Path(tmp) / "coco", 32, 0, {"val": 7})
+        split = Path(tmp) / "coco" / "val"
+        dataset = DetectionDataset(read_coco(split / "annotations.json", split, verbose=lambda *_: None))
+        return Example(list(GENERATED_CATEGORY_IDS), "retinanet_small", {"data.format": "coco", "data.image_size": 32},
+                       collate_detection([dataset[i] for i in range(6)]), dataset, [dataset[0][0], dataset[1][0]],
+                       "preds.json", list(GENERATED_CATEGORY_IDS.values()))
 
     def records(self, image_id, detection: Dict[str, torch.Tensor]) -> List[dict]:
         """One image's detections as COCO result records in the file's category ids."""
@@ -208,86 +220,3 @@ def validation_losses(net, image: torch.Tensor, target: dict) -> Dict[str, float
         for m, training in was.items():
             m.train(training)
     return {k: float(v) for k, v in parts.items()}
-
-
-class DetectionEvaluator:
-    """This rank's detections per image (COCO records, keyed by the image's split index); `finish` gathers them
-    once to the main rank, checks every image came exactly once, scores them with COCOeval against the split's
-    ground truth as the file states it, and shares the metrics with every rank."""
-
-    def __init__(self, task: Detection, dataset):
-        self.task, self.dataset = task, dataset
-        self.num_images = len(dataset)
-        self.records: List[List[dict]] = []  # per image added, in the order added
-        self.losses: List[Dict[str, float]] = []  # per image added: its validation loss parts
-        self.samples: list = []  # (image, detection) for the boxes grid
-        self.indices = torch.arange(self.num_images)  # the split index of each image added (set by trainer.evaluation)
-        self._seen = 0
-
-    def add(self, batch, outputs: List[Dict[str, torch.Tensor]]) -> None:
-        images, _ = batch
-        for image, det in zip(images, outputs):
-            index = int(self.indices[self._seen])
-            self._seen += 1
-            self.records.append(self.task.records(index, det))
-            self.losses.append(det.get("losses", {}))
-            if len(self.samples) < SAMPLE_IMAGES:
-                kept = {k: v.cpu() for k, v in det.items() if k != "losses"}
-                # a copy: on the CPU a view would keep its whole batch (a DetectionBatch's pixels) in memory
-                self.samples.append((index, image.to("cpu", copy=True), kept))
-
-    def finish(self, accelerator) -> Tuple[dict, Optional[dict]]:
-        gathered = gather_objects_to_main(list(zip(self.records, self.losses)), accelerator)  # main rank only
-        order = split_order(self.indices, self.num_images, accelerator)  # checks: each image exactly once
-        outputs = None
-
-        def score() -> dict:
-            nonlocal outputs
-            per_image = [gathered[int(i)] for i in order]
-            detections = [r for records, _ in per_image for r in records]
-            evaluator = evaluate_coco(self.dataset.split.to_coco_gt(), detections)
-            metrics = metrics_from_cocoeval(evaluator)
-            parts = sorted({name for _, losses in per_image for name in losses})
-            if parts:  # means over the images, summed in split order (the same float on any process count)
-                means = {name: float(np.mean([losses.get(name, 0.0) for _, losses in per_image])) for name in parts}
-                metrics.update(loss=float(np.sum([means[name] for name in parts])), **means)
-            outputs = {"samples": self.samples, "curves": precision_recall_curves(evaluator),
-                       "split": self.dataset.split}
-            return metrics
-
-        metrics = agree(accelerator, score, main_only=True, share=True)
-        return metrics, outputs
-
-
-class BoxPredictions:
-    """`trainer predict` for a detector: one JSON list of {"file", "category", "category_id", "bbox" [x, y, w, h]
-    in the input image's pixels, "score"}, written atomically when every image is done (a failure part-way
-    leaves --output as it was); with --draw DIR, each image with its boxes as DIR/<path below the folder
-    given>.jpg, through a PredictionFolder (moved into place at the end, never over an input or a file predict
-    did not write)."""
-
-    def __init__(self, task: Detection, out: Tuple[Folder, str], drawn: Optional[PredictionFolder]):
-        self.task, self.out, self.drawn, self.rows, self.count = task, out, drawn, [], 0
-
-    def add(self, inputs: Sequence[Tuple[str, str]], detections, sizes, images) -> None:
-        names = dict(zip(self.task.category_ids, self.task.classes))
-        for (path, _), det, image in zip(inputs, detections, images):
-            self.count += 1
-            for r in self.task.records(0, det):
-                self.rows.append({"file": path, "category": names[r["category_id"]], "category_id": r["category_id"],
-                                  "bbox": r["bbox"], "score": r["score"]})
-            if self.drawn is not None:
-                from trainer.tasks.detect_reports import draw_boxes
-
-                draw_boxes(image, det, self.task.classes, self.drawn.path(path, ".jpg"))
-
-    def abort(self) -> None:
-        if self.drawn is not None:
-            self.drawn.abort()
-
-    def close(self) -> int:
-        if self.drawn is not None:  # first: its last check may still refuse, and then --output stays as it was
-            self.drawn.close()
-        folder, name = self.out
-        folder.write(name, json.dumps(self.rows))
-        return self.count

@@ -1,4 +1,5 @@
-"""COCO box metrics, computed by pycocotools' COCOeval itself (the reference implementation).
+"""COCO box metrics, computed by pycocotools' COCOeval itself (the reference implementation), and the evaluator
+that gathers a split's detections and scores them (`DetectionEvaluator`).
 
 Why pycocotools and not a re-implementation or torchmetrics: the acceptance check re-scores our predictions with
 pycocotools, and only the same code gives the same numbers to the last bit (torchmetrics' float32 recall
@@ -24,16 +25,19 @@ import contextlib
 import copy
 import io
 from collections import Counter
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from trainer.distributed import agree, gather_objects_to_main
 from trainer.errors import TrainerError
+from trainer.evaluation import split_order
 
 # COCOeval.stats, in the order summarize() fills it (default params only)
+SAMPLE_IMAGES = 8  # validation images kept (main rank: the first of its share) for the boxes grid
 _STATS = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large",
           "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
 
@@ -200,3 +204,55 @@ def precision_recall_curves(evaluator: COCOeval) -> Dict[str, Optional[dict]]:
                                  "precision": evaluator.eval["precision"][t, :, k, a, -1].tolist(),
                                  "score": evaluator.eval["scores"][t, :, k, a, -1].tolist()}
     return curves
+
+
+# ---- the evaluator ----
+
+class DetectionEvaluator:
+    """This rank's detections per image (COCO records, keyed by the image's split index); `finish` gathers them
+    once to the main rank, checks every image came exactly once, scores them with COCOeval against the split's
+    ground truth as the file states it, and shares the metrics with every rank. `task`: the Detection scored
+    (`records`: one image's detections as COCO records in the file's category ids)."""
+
+    def __init__(self, task, dataset, indices: torch.Tensor):
+        self.task, self.dataset = task, dataset
+        self.num_images = len(dataset)
+        self.records: List[List[dict]] = []  # per image added, in the order added
+        self.losses: List[Dict[str, float]] = []  # per image added: its validation loss parts
+        self.samples: list = []  # (image, detection) for the boxes grid
+        self.indices = indices  # the split index of each image this rank adds, in the order added
+        self._seen = 0
+
+    def add(self, batch, outputs: List[Dict[str, torch.Tensor]]) -> None:
+        images, _ = batch
+        for image, det in zip(images, outputs):
+            index = int(self.indices[self._seen])
+            self._seen += 1
+            self.records.append(self.task.records(index, det))
+            self.losses.append(det.get("losses", {}))
+            if len(self.samples) < SAMPLE_IMAGES:
+                kept = {k: v.cpu() for k, v in det.items() if k != "losses"}
+                # a copy: on the CPU a view would keep its whole batch (a DetectionBatch's pixels) in memory
+                self.samples.append((index, image.to("cpu", copy=True), kept))
+
+    def finish(self, accelerator) -> Tuple[dict, Optional[dict]]:
+        gathered = gather_objects_to_main(list(zip(self.records, self.losses)), accelerator)  # main rank only
+        order = split_order(self.indices, self.num_images, accelerator)  # checks: each image exactly once
+        outputs = None
+
+        def score() -> dict:
+            nonlocal outputs
+            per_image = [gathered[int(i)] for i in order]
+            detections = [r for records, _ in per_image for r in records]
+            evaluator = evaluate_coco(self.dataset.split.to_coco_gt(), detections)
+            metrics = metrics_from_cocoeval(evaluator)
+            parts = sorted({name for _, losses in per_image for name in losses})
+            if parts:  # means over the images, summed in split order (the same float on any process count)
+                means = {name: float(np.mean([losses.get(name, 0.0) for _, losses in per_image])) for name in parts}
+                metrics.update(loss=float(np.sum([means[name] for name in parts])), **means)
+            outputs = {"samples": self.samples, "curves": precision_recall_curves(evaluator),
+                       "split": self.dataset.split}
+            return metrics
+
+        metrics = agree(accelerator, score, main_only=True, share=True)
+        return metrics, outputs

@@ -54,7 +54,9 @@ import torch
 from torch import nn
 
 from trainer.errors import ConfigError
-from trainer.tasks.segment_models import load_pretrained, read_state_dict
+from trainer.metrics import is_number
+from trainer.models import read_state_dict
+from trainer.tasks.segment_models import load_pretrained
 
 DETECTION_OPTIONS = ("min_size", "max_size", "anchor_sizes", "aspect_ratios", "trainable_backbone_layers",
                      "score_thresh", "nms_thresh", "detections_per_img")
@@ -238,11 +240,7 @@ def _check_name(name: str) -> None:
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    return is_number(v) and isinstance(v, int)
 
 
 def _per_level(value, levels: int, option: str, name: str) -> List[List[float]]:
@@ -250,13 +248,13 @@ def _per_level(value, levels: int, option: str, name: str) -> List[List[float]]:
     list meaning every level."""
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"detection option {option} must be a non-empty list, got {value!r}")
-    if option == "aspect_ratios" and all(_is_number(v) for v in value):
+    if option == "aspect_ratios" and all(is_number(v, finite=True) for v in value):
         value = [list(value)] * levels
     if len(value) != levels:
         raise ConfigError(f"detection option {option} for model {name} needs {levels} entries, one per feature "
                           f"level, got {len(value)}: {value!r}")
     out = [list(v) if isinstance(v, (list, tuple)) else [v] for v in value]
-    if not all(v and all(_is_number(x) and x > 0 for x in v) for v in out):
+    if not all(v and all(is_number(x, finite=True) and x > 0 for x in v) for v in out):
         raise ConfigError(f"detection option {option} must hold positive numbers, got {value!r}")
     return out
 
@@ -281,7 +279,7 @@ def model_kwargs(name: str, options: Optional[dict] = None) -> dict:
         if key in kw and not (_is_int(kw[key]) and kw[key] >= 1):
             raise ConfigError(f"detection option {key} must be an int >= 1, got {kw[key]!r}")
     for key in ("score_thresh", "nms_thresh"):
-        if not (_is_number(kw[key]) and 0 <= kw[key] <= 1):
+        if not (is_number(kw[key], finite=True) and 0 <= kw[key] <= 1):
             raise ConfigError(f"detection option {key} must be a number in [0, 1], got {kw[key]!r}")
     if "trainable_backbone_layers" in kw:
         top = defaults["trainable_backbone_layers"]

@@ -1,20 +1,25 @@
 """Detection reports: eval.json, per-class precision-recall curves (IoU 0.5, COCOeval's own accumulated
 arrays), a grid of validation images with ground-truth and predicted boxes (labels and scores), and the
-printed summary; `draw_boxes` for `trainer predict --draw`. The JSON writer and figure saving are the
-shared ones of trainer.reports.
+printed summary; what `trainer predict` writes for a detector (`BoxPredictions`: the JSON of boxes, and with
+--draw the pictures, `draw_boxes`). The JSON writer and figure saving are the shared ones of trainer.reports.
 """
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.reports import _fmt, _save, plt, start_report
-from trainer.tasks.detect import Detection
+from trainer.outputs import Folder
+from trainer.prediction_files import PredictionFolder
+from trainer.reports import fmt, save_figure, start_report
 
-PLOTS = Detection.report_plots
+import matplotlib.pyplot as plt  # noqa: E402  (after trainer.reports, which sets the headless backend)
+
+PLOTS = ("pr_curves.png", "boxes.png")  # what write_detection_report may draw into plots/
 DRAW_MIN_SCORE = 0.3  # boxes drawn in pictures (not scored): the model keeps low scores for mAP, too many to see
 GT_COLOUR, PRED_COLOUR = (0, 200, 0), (230, 30, 30)
 
@@ -27,7 +32,7 @@ def plot_pr_curves(curves: dict, path: Path) -> None:
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
            title="precision-recall per class (IoU 0.5, COCOeval)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _draw(image_rgb: np.ndarray, boxes, colour, labels=None) -> Image.Image:
@@ -63,7 +68,7 @@ def plot_boxes(samples: list, split, classes: list, path: Path) -> None:
             axes[r][c].imshow(panel)
             axes[r][c].set_title(title, fontsize=9)
             axes[r][c].axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def draw_boxes(image, det: dict, classes: list, path: Path) -> None:
@@ -87,11 +92,45 @@ def write_detection_report(out_dir, metrics: dict, outputs: dict, classes: list,
 
 
 def format_detection_summary(metrics: dict) -> str:
-    head = "  ".join(f"{k}={_fmt(metrics.get(k))}" for k in
+    head = "  ".join(f"{k}={fmt(metrics.get(k))}" for k in
                      ("num_images", "num_detections", "map", "map_50", "map_75", "mar_100"))
     lines = [head, "", f"{'class':<20} {'ap':>8} {'ap50':>8}"]
     for name, row in metrics.get("per_class", {}).items():
-        lines.append(f"{name[:20]:<20} {_fmt(row.get('ap')):>8} {_fmt(row.get('ap50')):>8}")
+        lines.append(f"{name[:20]:<20} {fmt(row.get('ap')):>8} {fmt(row.get('ap50')):>8}")
     if metrics.get("absent_classes"):
         lines.append(f"absent from the split (AP undefined): {', '.join(metrics['absent_classes'])}")
     return "\n".join(lines)
+
+
+# ---- predictions ----
+
+class BoxPredictions:
+    """`trainer predict` for a detector: one JSON list of {"file", "category", "category_id", "bbox" [x, y, w, h]
+    in the input image's pixels, "score"}, written atomically when every image is done (a failure part-way
+    leaves --output as it was); with --draw DIR, each image with its boxes as DIR/<path below the folder
+    given>.jpg, through a PredictionFolder (moved into place at the end, never over an input or a file predict
+    did not write). `task`: the Detection whose category ids the records carry."""
+
+    def __init__(self, task, out: Tuple[Folder, str], drawn: Optional[PredictionFolder]):
+        self.task, self.out, self.drawn, self.rows, self.count = task, out, drawn, [], 0
+
+    def add(self, inputs: Sequence[Tuple[str, str]], detections, sizes, images) -> None:
+        names = dict(zip(self.task.category_ids, self.task.classes))
+        for (path, _), det, image in zip(inputs, detections, images):
+            self.count += 1
+            for r in self.task.records(0, det):
+                self.rows.append({"file": path, "category": names[r["category_id"]], "category_id": r["category_id"],
+                                  "bbox": r["bbox"], "score": r["score"]})
+            if self.drawn is not None:
+                draw_boxes(image, det, self.task.classes, self.drawn.path(path, ".jpg"))
+
+    def abort(self) -> None:
+        if self.drawn is not None:
+            self.drawn.abort()
+
+    def close(self) -> int:
+        if self.drawn is not None:  # first: its last check may still refuse, and then --output stays as it was
+            self.drawn.close()
+        folder, name = self.out
+        folder.write(name, json.dumps(self.rows))
+        return self.count

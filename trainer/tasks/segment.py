@@ -14,24 +14,26 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 
+from trainer.data.datasets import eval_transform
 from trainer.data.masks import collate_masks
 from trainer.distributed import agree, gather_to_main
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, DataError
 from trainer.evaluation import split_order
 from trainer.prediction_files import Given, PredictionFolder
 from trainer.tasks.segment_metrics import (confusion_matrix, cross_entropy_loss, dice_loss, metrics_from_confusion,
                                            pixel_class_weights)
 from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model
-from trainer.tasks.segment_reports import PLOTS, format_segmentation_summary, write_segmentation_report
+from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_box_options, refuse_threshold
+from trainer.tasks.segment_reports import PLOTS, MaskPredictions, format_segmentation_summary, write_segmentation_report
+from trainer.tasks.segment_spec import SegmentationSpec
 
 OVERLAY_IMAGES = 8  # validation images kept (main rank, the first of its shard) for the overlay grid
 METRICS = ("miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice", "fwiou", "loss")
 
 
 @dataclass
-class Segmentation:
+class Segmentation(SegmentationSpec):
     classes: List[str]
     ignore_index: int = 255
     loss_name: str = "ce"  # ce | dice | ce+dice
@@ -40,7 +42,6 @@ class Segmentation:
     label_smoothing: float = 0.0
     class_weights: Optional[List[float]] = None
     name = "segmentation"
-    default_monitor = "miou"
     report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = True  # a last training batch of one image would break BatchNorm in DeepLabV3's pooling branch
     collate = staticmethod(collate_masks)  # evaluation: images of different sizes keep their own masks
@@ -52,20 +53,16 @@ class Segmentation:
     # -- construction --
 
     @classmethod
-    def build(cls, task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg,
-              ignore_index: int = 255) -> "Segmentation":
-        """`train_counts`: pixels per class in the training masks (for loss.class_weighted)."""
-        if eval_cfg.positive_class is not None or eval_cfg.threshold_tuning:
-            raise ConfigError("eval.positive_class and eval.threshold_tuning apply to binary classification only")
+    def build(cls, classes: Sequence[str], data: DataInfo, cfg: Sections) -> "Segmentation":
+        """`data.train_counts`: pixels per class in the training masks (for loss.class_weighted)."""
+        loss_cfg, ignore_index = cfg.loss, cfg.data.ignore_index
         if not 0 <= ignore_index <= 255 or ignore_index < len(classes):
             raise ConfigError(f"data.ignore_index={ignore_index} must be in [{len(classes)}, 255]: a class index "
                               f"cannot be ignored, and masks are 8-bit PNGs")
+        weights = pixel_class_weights(data.train_counts) if loss_cfg.class_weighted else None
         made = cls(list(classes), ignore_index, loss_cfg.name, loss_cfg.dice_weight, loss_cfg.aux_weight,
-                   loss_cfg.label_smoothing, pixel_class_weights(train_counts) if loss_cfg.class_weighted else None)
-        monitor = eval_cfg.monitor or made.default_monitor
-        if monitor not in made.metric_names():
-            raise ConfigError(f"eval.monitor '{monitor}' is not a segmentation metric; choose one of "
-                              f"{sorted(made.metric_names())}")
+                   loss_cfg.label_smoothing, weights)
+        check_monitor(made, cfg.eval.monitor or made.default_monitor)
         return made
 
     @classmethod
@@ -86,10 +83,6 @@ class Segmentation:
 
     def metric_names(self) -> List[str]:
         return list(METRICS)
-
-    @staticmethod
-    def higher_is_better(metric: str) -> bool:
-        return metric != "loss"
 
     # -- training --
 
@@ -132,8 +125,13 @@ class Segmentation:
             logits = (logits + net(torch.flip(x, dims=[3]))["out"].float().flip(3)) / 2
         return logits
 
-    def evaluator(self, dataset) -> "SegmentationEvaluator":
-        return SegmentationEvaluator(self, len(dataset))
+    def evaluator(self, dataset, indices: torch.Tensor) -> "SegmentationEvaluator":
+        return SegmentationEvaluator(self, len(dataset), indices)
+
+    def match_data(self, data, dataset) -> None:
+        if data.classes != self.classes:  # mask values are class indices
+            raise DataError(f"{data.source} has the classes {data.classes}; the model was trained on {self.classes} "
+                            f"(mask values are class indices, so the lists must be the same, in the same order)")
 
     # -- reports, export, predictions --
 
@@ -147,8 +145,31 @@ class Segmentation:
         return {"task": self.name, "num_outputs": self.num_outputs, "classes": list(self.classes),
                 "class_to_idx": {c: i for i, c in enumerate(self.classes)}, "ignore_index": self.ignore_index}
 
+    def check_predict_options(self, threshold: Optional[float], draw: Optional[str],
+                              score_threshold: Optional[float]) -> None:
+        refuse_box_options(self.name, draw, score_threshold)
+        refuse_threshold(self.name, threshold, f" ({len(self.classes)} classes, predicted by the highest probability)")
+
+    @staticmethod
+    def predict_batch(images: list, meta: dict, device) -> tuple:
+        """Each image resized and normalised as evaluation reads it, stacked (`masks_at` sizes the masks back)."""
+        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+        return (torch.stack([transform(image).to(device) for image in images]),)
+
+    @classmethod
+    def example(cls, name: str, tmp) -> Example:
+        """Seeded random 16-px images with masks of class indices."""
+        classes = ["background", "a", "b"]
+
+        def images(n: int, seed: int) -> tuple:
+            g = torch.Generator().manual_seed(seed)
+            return torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, len(classes), (n, 16, 16), generator=g)
+
+        x, y = images(7, 1)
+        return Example(classes, "unet", {"data.format": "masks"}, images(6, 0), list(zip(x, y)), x[:2], "masks")
+
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,
-                          overwrite: bool = False) -> "MaskPredictions":
+                          overwrite: bool = False) -> MaskPredictions:
         """`trainer predict`: one PNG of class indices per image into the folder `output` (--overwrite is for
         single files: a folder of masks is new, empty or predict's own)."""
         suffixes = (".png", ".overlay.jpg") if overlay else (".png",)
@@ -167,13 +188,13 @@ class SegmentationEvaluator:
     per-image loss sums; `finish` sums the matrices with one all-reduce (exact) and gathers the per-image
     losses in split order (so the mean loss is the same float on any process count)."""
 
-    def __init__(self, task: Segmentation, num_images: int):
+    def __init__(self, task: Segmentation, num_images: int, indices: torch.Tensor):
         self.task, self.num_images = task, num_images
         c = len(task.classes)
         self.cm = torch.zeros((c, c), dtype=torch.int64)
         self.losses: List[torch.Tensor] = []  # per image: [summed pixel loss, pixels], float64
         self.samples: list = []  # (image, mask, prediction) for the overlay grid
-        self.indices = torch.arange(num_images)  # the split index of each image added (set by trainer.evaluation)
+        self.indices = indices  # the split index of each image this rank adds, in the order added
 
     def add(self, batch, logits: torch.Tensor) -> None:
         x, masks = batch
@@ -209,34 +230,3 @@ class SegmentationEvaluator:
         metrics = agree(accelerator, score, main_only=True, share=True)
         outputs = {"samples": self.samples} if accelerator.is_main_process else None
         return metrics, outputs
-
-
-class MaskPredictions:
-    """One single-channel PNG of class indices per image, at the image's own size, named after its path below
-    the folder it was given in (suffix .png); with `overlay`, a colour overlay beside it (NAME.overlay.jpg: not
-    a .png, so a glob of the masks never picks it up). The files go through a PredictionFolder: moved into
-    --output only when every image is done, never over an input or a file predict did not write."""
-
-    def __init__(self, task: Segmentation, files: PredictionFolder, overlay: bool):
-        self.task, self.files, self.overlay = task, files, overlay
-
-    def add(self, inputs: Sequence[Tuple[str, str]], logits: torch.Tensor, sizes, images) -> None:
-        for (path, _), mask, image in zip(inputs, self.task.masks_at(logits, sizes), images):
-            indices = mask.to(torch.uint8).cpu().numpy()
-            write_png(self.files.path(path, ".png"), Image.fromarray(indices, "L"))
-            if self.overlay:
-                from trainer.tasks.segment_reports import overlay
-
-                blended = overlay(image.permute(1, 2, 0).numpy(), indices, len(self.task.classes))
-                write_png(self.files.path(path, ".overlay.jpg"), Image.fromarray(blended), fmt="JPEG")
-
-    def abort(self) -> None:
-        self.files.abort()
-
-    def close(self) -> int:
-        return self.files.close()
-
-
-def write_png(path: Path, image, fmt: str = "PNG") -> None:
-    """Into the staging folder of a PredictionFolder, which places it whole."""
-    image.save(path, format=fmt)

@@ -153,6 +153,6 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, eps
 
 def pixel_class_weights(counts: Sequence[int]) -> List[float]:
     """N / (C x count_c) from each class's training pixel count (ignored pixels not counted): 1.0 for every
-    class when balanced; a class with no pixel gets 0. The same formula as trainer.tasks.classify.class_weights."""
+    class when balanced; a class with no pixel gets 0. The same formula as classify_metrics.class_weights."""
     total, c = sum(counts), len(counts)
     return [total / (c * n) if n > 0 else 0.0 for n in counts]

@@ -18,7 +18,6 @@ image crashes it: drop the last incomplete training batch).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import ConfigError
-from trainer.files import load_safetensors
+from trainer.models import read_state_dict
 
 # ---- our U-Net ----
 
@@ -165,30 +164,6 @@ def build_segmentation_model(name: str, num_classes: int, pretrained_path: Optio
 
 
 # ---- local pretrained weights ----
-
-
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Names -> tensors from a .safetensors file, or from a torch.save file read with weights_only=True (no
-    code runs). A .pth may hold the state dict itself or a checkpoint dict with it under "model" (torchvision's
-    reference scripts) or "state_dict"."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"pretrained weights file does not exist: {path}")
-    if p.suffix == ".safetensors":
-        state = load_safetensors(p, "pretrained weights file")
-    else:
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ConfigError(f"pretrained weights file {path} is not a plain state dict: "
-                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-        for key in ("model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ConfigError(f"pretrained weights file {path} is not a state dict (names -> tensors)")
-    return {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper prefix
 
 
 def _candidate_names(key: str) -> List[str]:

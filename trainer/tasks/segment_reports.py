@@ -1,14 +1,22 @@
 """Segmentation reports: eval.json, the confusion matrix (counts and row-normalised), a per-class IoU bar
-chart and a grid of validation images with their ground truth and prediction overlaid; the printed summary.
+chart and a grid of validation images with their ground truth and prediction overlaid; the printed summary;
+what `trainer predict` writes for a segmentation model (`MaskPredictions`: a PNG of class indices per image,
+and with --overlay a colour overlay beside it).
 The JSON writer, the confusion-matrix drawing and the training curves are the shared ones of trainer.reports.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence, Tuple
 
 import numpy as np
+import torch
+from PIL import Image
 
-from trainer.reports import _fmt, _save, plot_confusion_matrix, plt, start_report
+from trainer.prediction_files import PredictionFolder
+from trainer.reports import fmt, plot_confusion_matrix, save_figure, start_report
+
+import matplotlib.pyplot as plt  # noqa: E402  (after trainer.reports, which sets the headless backend)
 
 PLOTS = ("confusion_matrix.png", "iou_per_class.png", "overlays.png")
 OVERLAY_ALPHA = 0.5
@@ -51,11 +59,11 @@ def plot_iou_per_class(metrics: dict, classes: list, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("IoU")
     miou = metrics.get("miou")
-    ax.set_title(f"IoU per class (mIoU {_fmt(miou)}; grey: absent from the split)")
+    ax.set_title(f"IoU per class (mIoU {fmt(miou)}; grey: absent from the split)")
     if miou is not None:
         ax.axhline(miou, color="tab:red", lw=1, ls="--")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_overlays(samples: list, classes: list, path: Path) -> None:
@@ -66,15 +74,13 @@ def plot_overlays(samples: list, classes: list, path: Path) -> None:
         rgb = image.permute(1, 2, 0).numpy()  # normalised: stretched back to [0, 255] for display
         rgb = ((rgb - rgb.min()) / max(float(rgb.max() - rgb.min()), 1e-6) * 255).astype(np.uint8)
         h, w = target.shape
-        from PIL import Image
-
         rgb = np.asarray(Image.fromarray(rgb).resize((w, h)))
         for c, (title, panel) in enumerate((("image", rgb), ("ground truth", overlay(rgb, target.numpy(), len(classes))),
                                             ("prediction", overlay(rgb, pred.numpy(), len(classes))))):
             axes[r][c].imshow(panel)
             axes[r][c].set_title(title, fontsize=9)
             axes[r][c].axis("off")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_segmentation_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:
@@ -90,14 +96,45 @@ def write_segmentation_report(out_dir, metrics: dict, outputs: dict, classes: li
 
 
 def format_segmentation_summary(metrics: dict, classes: list) -> str:
-    head = "  ".join(f"{k}={_fmt(metrics.get(k))}" for k in
+    head = "  ".join(f"{k}={fmt(metrics.get(k))}" for k in
                      ("num_images", "num_pixels", "miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice",
                       "fwiou", "loss"))
     lines = [head, "", f"{'class':<20} {'iou':>8} {'dice':>8} {'acc':>8} {'pixels':>12}"]
     for c in classes:
         row = metrics.get("per_class", {}).get(c, {})
-        lines.append(f"{c[:20]:<20} {_fmt(row.get('iou')):>8} {_fmt(row.get('dice')):>8} "
-                     f"{_fmt(row.get('accuracy')):>8} {row.get('pixels', 0):>12}")
+        lines.append(f"{c[:20]:<20} {fmt(row.get('iou')):>8} {fmt(row.get('dice')):>8} "
+                     f"{fmt(row.get('accuracy')):>8} {row.get('pixels', 0):>12}")
     if metrics.get("absent_classes"):
         lines.append(f"absent from the split (not in the means): {', '.join(metrics['absent_classes'])}")
     return "\n".join(lines)
+
+
+# ---- predictions ----
+
+class MaskPredictions:
+    """One single-channel PNG of class indices per image, at the image's own size, named after its path below
+    the folder it was given in (suffix .png); with `overlay`, a colour overlay beside it (NAME.overlay.jpg: not
+    a .png, so a glob of the masks never picks it up). The files go through a PredictionFolder: moved into
+    --output only when every image is done, never over an input or a file predict did not write."""
+
+    def __init__(self, task, files: PredictionFolder, overlay: bool):
+        self.task, self.files, self.overlay = task, files, overlay
+
+    def add(self, inputs: Sequence[Tuple[str, str]], logits: torch.Tensor, sizes, images) -> None:
+        for (path, _), mask, image in zip(inputs, self.task.masks_at(logits, sizes), images):
+            indices = mask.to(torch.uint8).cpu().numpy()
+            write_png(self.files.path(path, ".png"), Image.fromarray(indices, "L"))
+            if self.overlay:
+                blended = overlay(image.permute(1, 2, 0).numpy(), indices, len(self.task.classes))
+                write_png(self.files.path(path, ".overlay.jpg"), Image.fromarray(blended), fmt="JPEG")
+
+    def abort(self) -> None:
+        self.files.abort()
+
+    def close(self) -> int:
+        return self.files.close()
+
+
+def write_png(path: Path, image, fmt: str = "PNG") -> None:
+    """Into the staging folder of a PredictionFolder, which places it whole."""
+    image.save(path, format=fmt)

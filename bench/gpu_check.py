@@ -265,7 +265,7 @@ def environment_part(ctx: Context):
     import torchvision
 
     from step_throughput import cpu_model
-    from trainer.tracking import git_revision
+    from trainer.rundir import git_revision
 
     env = {"mode": "dry-run" if ctx.dry else "gpu", "python": platform.python_version(), "torch": torch.__version__,
            "torchvision": torchvision.__version__, "accelerate": accelerate.__version__, "cuda": torch.version.cuda,

@@ -37,7 +37,10 @@ class Extensions:
 
     def __init__(self, members: List[object], raw_scored: bool = False):
         self.members = members
-        self._calls: Dict[str, List[Callable]] = {p: [getattr(m, p) for m in members if hasattr(m, p)] for p in POINTS}
+        # each point's methods, in order (a member implements the points it needs; an attribute that happens to
+        # share a point's name is not a point)
+        self._calls: Dict[str, List[Callable]] = {p: [getattr(m, p) for m in members if callable(getattr(m, p, None))]
+                                                  for p in POINTS}
         self.scorer = next((m for m in reversed(members) if hasattr(m, "scoring")), None)
         self.evaluate = self.scorer.evaluate if self.scorer is not None else "raw"
         # the weights best/ and model/ stand for (and model.json's "weights"): the scorer's (its key) unless the

@@ -77,7 +77,9 @@ launch_nodes() {
   local nproc_per_node=$1
   local total=$((SLURM_NNODES * nproc_per_node))
   echo "[slurm] + srun (1 per node) accelerate launch --num_machines $SLURM_NNODES --num_processes $total -m trainer train ${ARGS[*]}" >&2
-  run_and_wait srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+  # the node and task counts said, not inherited from the job's request: a job requeued onto fewer nodes
+  # (scontrol update NumNodes=...) keeps its first SLURM_NTASKS, which would put two launches on one node
+  run_and_wait srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
     exec "$0" -m accelerate.commands.launch --config_file launch/accelerate/multinode.yaml \
       --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" --num_processes "$1" \
       --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" -m trainer train "${@:2}"' \

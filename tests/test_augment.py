@@ -116,7 +116,7 @@ def test_device_loader_mixes_and_resume_at_batch_k_mixes_batch_k_alike():
     assert full[0][0].is_contiguous(memory_format=torch.channels_last)  # mixing keeps the memory format
     kinds = {dl.mixer.plan(2, b, 8, 8)[1] is None for b in range(len(full))}
     assert kinds == {True, False}  # this epoch has both mixup and CutMix batches
-    tail = list(dl.batches(skip=3))
+    tail = list(dl.batches(start=3 * dl.dealing.chunk))
     assert len(tail) == len(full) - 3
     for (a, b), (c, d) in zip(full[3:], tail):
         assert torch.equal(a, c) and torch.equal(b, d)
@@ -149,7 +149,7 @@ def test_worker_loader_from_the_config_mixes_and_resumes_exactly():
     assert len(full) == 8 and all(y.is_floating_point() for _, y in full)
     assert all(torch.allclose(y.sum(1), torch.ones(len(y))) for _, y in full)
     loader.set_epoch(1)  # as a resumed run does (accelerate's seedable sampler moves on after each pass)
-    tail = list(loader.batches(skip=3))
+    tail = list(loader.batches(start=3 * loader.dealing.chunk))
     assert len(tail) == len(full) - 3
     for (a, b), (c, d) in zip(full[3:], tail):
         assert torch.equal(a, c) and torch.equal(b, d)

@@ -98,7 +98,7 @@ def test_batches_decoded_by_the_batch_decoder_are_those_of_the_worker_path_and_r
             loader.set_epoch(epoch)
             epochs[which, epoch] = [(x.clone(), y.clone()) for x, y in loader.batches()]
         loader.set_epoch(1)
-        epochs[which, "resumed"] = list(loader.batches(skip=2))
+        epochs[which, "resumed"] = list(loader.batches(start=2 * loader.dealing.chunk))
     for key in (0, 1, "resumed"):
         assert len(epochs[0, key]) == len(epochs[1, key]) > 0
         for (a, b), (c, d) in zip(epochs[0, key], epochs[1, key]):

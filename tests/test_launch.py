@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, tiny_overrides
 from tests.slurm_cluster import SlurmCluster, unavailable_reason
+from tests.test_elastic import trained
 from trainer.errors import ConfigError
 from trainer.sweep import collect, expand, load_sweep, prepare
 
@@ -167,6 +168,35 @@ def test_usr1_requeues_resumes_and_ends_bitwise_identical(cluster, reference_job
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"train"' in l]
     assert steps == sorted(set(steps))
+
+
+@pytest.mark.slow
+def test_a_job_preempted_on_two_nodes_and_requeued_onto_one_trains_every_sample_once(cluster, tmp_path):
+    """The multi-node script, stopped (USR1) on 2 nodes, requeued with its node count changed to 1 while it waits
+    to restart: train.global_batch_size keeps the global batch, and the sample trace of both attempts holds
+    every training sample once per epoch, in the order of the epoch."""
+    args = slurm_args(tmp_path, "run", **{"train.epochs": 4, "train.batch_size": 16, "train.global_batch_size": 16})
+    job = cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/multinode_cpu.sbatch", *args, cwd=ROOT,
+                         env={"TRAINER_SAMPLE_TRACE": str(tmp_path / "trace")})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and sum(1 for _ in metrics.open()) >= 3):  # training under way: preempt it
+        assert time.time() < deadline, "training never started: " + job_output(tmp_path, job)
+        time.sleep(0.2)
+    cluster.signal_batch(job, "USR1")
+    while cluster.job(job).get("JobState") != "PENDING":  # requeued: it waits cred_expire + 1 s to restart
+        assert time.time() < deadline + 120, "never requeued: " + job_output(tmp_path, job)
+        time.sleep(0.1)
+    # one node, one task (the script launches one task per node it has)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1"], check=True, env=cluster.env)
+    info = cluster.wait(job, timeout_s=300)
+    out = job_output(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
+    assert "checkpoint written by 2 process(es), resuming on 1 with the same global batch of 16" in out
+    got = trained(tmp_path / "trace")
+    assert len(got) == 4 and all(sorted(v) == list(range(80)) for v in got.values()), out
+    starts = json.loads((tmp_path / "run" / "run.json").read_text())["starts"]
+    assert [(s["processes"], s["global_batch"]) for s in starts] == [(2, 16), (1, 16)]
 
 
 @pytest.mark.slow

@@ -338,6 +338,8 @@ ALLOWED = {
     ("trainer/data/generated.py", "write_generated_coco"): STAGING + " (ensure_generated)",
     ("trainer/tune.py", "_plots"): STAGING,
     ("trainer/rundir.py", "_beat"): "the run lock's heartbeat: the lock file is the run's own (outputs.LIVE)",
+    ("trainer/data/order.py", "line"): "the test-only sample trace: a file the test names in TRAINER_SAMPLE_TRACE, "
+                                       "appended, never a run's output (off unless that variable is set)",
     ("trainer/tasks/segment_reports.py", "write_png"): STAGING + " (predict's PredictionFolder)",
     # ---- bench/: results, logs and data folders go through bench/gate.py; these are what is left ----
     ("bench/gate.py", "made_once"): STAGING + " (the marker, into Folder.replacing's staging folder)",

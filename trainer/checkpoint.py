@@ -41,7 +41,9 @@ FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state
 # what a resume reads from state.json; a checkpoint lacking one is damaged, not a KeyError later
 REQUIRED_STATE_KEYS = ("update", "epoch", "samples_seen", "metrics_rows", "optimizer", "rng", "architecture", "task",
                        "classes", "model_shapes", "done")
-POSITION_KEYS = ("batch_in_epoch", "step_in_epoch")  # the batch within the epoch (its name before "step" meant updates)
+# the position within the epoch: global samples (trainer/data/order.py), or in checkpoints before that this
+# process's batch index (its name before "step" meant updates: step_in_epoch), converted by state.sample_position
+POSITION_KEYS = ("sample_in_epoch", "batch_in_epoch", "step_in_epoch")
 
 
 def _absent(state: dict) -> List[str]:

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import OmegaConf
@@ -273,6 +273,10 @@ class TrainCfg:
     epochs: int = ranged(10, "[1, inf)")
     batch_size: int = ranged(64, "[1, inf)")  # per process; global batch = batch_size x processes x grad_accum_steps
     grad_accum_steps: int = ranged(1, "[1, inf)")
+    # the global batch, whatever the allocation: each start derives the accumulation (and, where it must, a
+    # smaller per-process batch) from its process count, train.batch_size being the most one process takes.
+    # One flag for a job that may be requeued onto another number of GPUs (`batching`); null = off
+    global_batch_size: Optional[int] = ranged(None, "[1, inf)")
     # drop each epoch's last, smaller training batch; null = the task's choice (classification and detection
     # keep it, segmentation drops it: a batch of one breaks DeepLabV3's BatchNorm). airbench94 drops it.
     drop_last: Optional[bool] = None
@@ -443,14 +447,20 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# what a process count splits: a resume compares the global batch they make (trainer/state.py), not each key, so
+# that a requeue onto another allocation with the same global batch continues (batch halved on twice the GPUs)
+BATCH_KEYS = ("train.batch_size", "train.grad_accum_steps", "train.global_batch_size")
+
+
 def config_changes(old: dict, new: dict) -> List[str]:
     """`key: old -> new` for every key that differs and is not resume-safe (a key one side lacks counts
-    as changed only if the other side does not hold its default)."""
+    as changed only if the other side does not hold its default); the batch keys are compared as the global
+    batch they make, by the caller."""
     defaults = _flatten(to_dict(Config()))
     a, b = _flatten(old), _flatten(new)
     changes = []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUME_SAFE_KEYS):
+        if key.startswith(RESUME_SAFE_KEYS) or key in BATCH_KEYS:
             continue
         before, after = a.get(key, defaults.get(key)), b.get(key, defaults.get(key))
         if before != after:
@@ -560,6 +570,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"missing required value: data.root (the {needs_root[cfg.data.format]} folder to train on)")
     if cfg.data.coco_files is not None and cfg.data.format != "coco":
         raise ConfigError(f"data.coco_files is for data.format=coco (it is {cfg.data.format})")
+    if cfg.train.global_batch_size is not None and cfg.train.grad_accum_steps != 1:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} derives the accumulation from the "
+                          f"process count: leave train.grad_accum_steps at 1 (it is {cfg.train.grad_accum_steps})")
     jitter = cfg.data.augment.scale_jitter
     if jitter is not None and (len(jitter) != 2 or not jitter[0] <= jitter[1]):
         raise ConfigError(f"data.augment.scale_jitter must be [min, max] with min <= max, got {list(jitter)}")
@@ -618,6 +631,22 @@ def _validate_regularisation(cfg: Config) -> None:
                           f"train.epochs={cfg.train.epochs} (the backbone would never train)")
     if cfg.train.early_stopping.patience and not cfg.eval.every_epochs:
         raise ConfigError("train.early_stopping.patience needs evaluations during training (eval.every_epochs > 0)")
+
+
+def batching(train_cfg, processes: int) -> Tuple[int, int]:
+    """(per-process batch, accumulation steps) of a start on `processes` processes: the config's own, or with
+    train.global_batch_size the fewest accumulation steps whose per-process batch divides the global batch
+    exactly and is at most train.batch_size (so a requeue onto half the GPUs accumulates twice as many)."""
+    total = train_cfg.global_batch_size
+    if total is None:
+        return train_cfg.batch_size, train_cfg.grad_accum_steps
+    if total % processes:
+        raise ConfigError(f"train.global_batch_size={total} cannot be split evenly over {processes} processes; "
+                          f"choose a multiple of the process count")
+    per_process = total // processes
+    steps = next(a for a in range(1, per_process + 1) if per_process % a == 0
+                 and per_process // a <= train_cfg.batch_size)
+    return per_process // steps, steps
 
 
 def eval_batch_size(cfg: Config) -> int:

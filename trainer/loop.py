@@ -14,7 +14,9 @@ without knowing which are on; which metric picks the best to trainer/monitor.py;
 
 Resuming is exact: the shuffle order is a pure function of (seed, epoch), augmentation of (seed, epoch,
 sample), and the checkpoint holds everything else (weights, optimizer, the extensions' state, every rank's
-RNG, the position in the epoch, the logging accumulators), so a resumed run continues bit for bit.
+RNG, the position in the epoch's order in samples, the schedule, the logging accumulators), so a resumed run
+continues bit for bit, and on another process count continues the same order, each sample once
+(trainer/data/order.py; the global batch kept, or its change refused unless allowed: trainer/state.py).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from trainer import preemption, rundir
-from trainer.config import Config, to_dict, to_yaml
+from trainer.config import Config, batching, to_dict, to_yaml
 from trainer.data import data_inputs
 from trainer.distributed import agree, check_processes, make_accelerator, print0
 from trainer.evaluation import export_scored, score
@@ -53,6 +55,10 @@ def train(cfg: Config) -> dict:
                                cfg.train.dist_timeout_s, log_with="wandb" if cfg.wandb.enabled else None)
         say = print0(acc)
         check_processes(acc, say, cfg.train.dist_timeout_s)
+        # this start's split of the global batch (train.global_batch_size: derived from the process count)
+        cfg.train.batch_size, cfg.train.grad_accum_steps = agree(acc, lambda: batching(cfg.train, acc.num_processes))
+        acc.gradient_accumulation_steps = cfg.train.grad_accum_steps
+        global_batch = cfg.train.batch_size * acc.num_processes * cfg.train.grad_accum_steps
         set_seed(cfg.seed)  # same on every rank: identical initial weights, one shuffle order
 
         # ---- run directory: checked and locked by the main process; nothing is written before every check ----
@@ -63,19 +69,21 @@ def train(cfg: Config) -> dict:
         plan = agree(acc, lambda: rundir.open_run(Path(cfg.run.dir), cfg.run.resume, cfg.run.overwrite, inputs),
                      main_only=True, share=True)
         with plan:  # the main process holds the run's lock until the end; a failed start leaves nothing behind
-            seen = agree(acc, lambda: compare_with_checkpoint(plan, cfg, to_dict(cfg)), main_only=True, share=True)
+            seen = agree(acc, lambda: compare_with_checkpoint(plan, cfg, to_dict(cfg), global_batch), main_only=True,
+                         share=True)
             result = None
             if plan.kind != "complete":
                 s = build_session(cfg, acc, say)
                 ts = TrainState(acc, s.core, s.opt, s.extensions, {
                     "config": to_dict(cfg), "data_fingerprint": s.fingerprint, "architecture": cfg.model.name,
-                    "task": s.task.name, "classes": s.data.classes}, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best)
+                    "task": s.task.name, "classes": s.data.classes, "global_batch": global_batch},
+                    cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, s.schedule, s.total_from)
                 if plan.kind == "resume":
                     for note in agree(acc, lambda: ts.restore(plan.checkpoint, plan.in_place,
                                                               cfg.run.allow_config_change)):
                         say(f"[trainer] {note}")
                     say(f"[trainer] resuming from {plan.checkpoint} (update {ts.loop.update}, epoch {ts.loop.epoch}, "
-                        f"batch {ts.loop.batch_in_epoch} of the epoch)")
+                        f"sample {ts.loop.sample_in_epoch} of the epoch's {s.epoch_samples})")
                 seen = {"update": ts.loop.update}
                 if not ts.loop.done:
                     result = run(cfg, acc, plan, s, ts, say, t_start)
@@ -96,15 +104,18 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
     """The run itself, once it is built (`s`: its session.Session) and its state restored: the run directory
     written, the step loop with its inline blocks, and at the last update the final evaluation, export and save."""
     loop, ext, task, core, model, opt = ts.loop, s.extensions, s.task, s.core, s.model, s.opt
+    total_updates = ts.schedule.total_updates  # this start's plan, or a resume's re-planned one
+    derived = {**s.derived, "total_updates": total_updates}
 
     def lr_for(update: int) -> float:  # through this module's `lr_at`: the fault drivers' seam (tests/)
-        return lr_at(update, **s.schedule)
+        return lr_at(ts.schedule.position(update), **ts.schedule.kwargs)
 
     # ---- the run directory is written now that every check has passed ----
     loop.wandb_run_id = agree(acc, lambda: loop.wandb_run_id or rundir.new_run_id(), main_only=True, share=True)
     resumed_from = plan.checkpoint if plan.kind == "resume" else None
-    seen_step = agree(acc, lambda: rundir.start(plan, say, task, to_yaml(cfg), s.derived, rundir.environment(
-        acc.num_processes, str(acc.device), acc.mixed_precision), loop, resumed_from), main_only=True, share=True)
+    seen_step = agree(acc, lambda: rundir.start(plan, say, task, to_yaml(cfg), derived, rundir.environment(
+        acc.num_processes, str(acc.device), acc.mixed_precision), loop, resumed_from, ts.replanned), main_only=True,
+                      share=True)
     tracker = Tracker(acc, plan.out, cfg.wandb.enabled, rows=loop.metrics_rows, wandb_after_step=seen_step)
     if cfg.wandb.enabled:
         acc.init_trackers(cfg.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": {
@@ -112,7 +123,7 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
             "id": loop.wandb_run_id, "resume": "allow"}})
     say(f"[trainer] {task.name} | {len(s.data.classes)} classes | {len(s.train_set)} train / {len(s.val_set)} val "
         f"images | model {cfg.model.name}")
-    say("[trainer] " + " ".join(f"{k}={s.derived[k]}" for k in (
+    say("[trainer] " + " ".join(f"{k}={derived[k]}" for k in (
         "processes", "device", "mixed_precision", "per_device_batch", "grad_accum_steps", "global_batch",
         "batches_per_epoch", "updates_per_epoch", "total_updates", "peak_lr")))
     say(f"[trainer] run directory: {plan.dir}")
@@ -125,23 +136,25 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
     show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
     log_train = TrainLog(acc, tracker, loss_log, loop, lr_for, s.train_set, say, show_bar)
 
-    def checkpoint(epoch: int, batch_in_epoch: int, done: bool = False) -> None:  # every rank
-        ts.save_checkpoint(plan.out, epoch, batch_in_epoch, loss_log, tracker.rows, done)
+    def checkpoint(epoch: int, sample_in_epoch: int, done: bool = False) -> None:  # every rank
+        ts.save_checkpoint(plan.out, epoch, sample_in_epoch, loss_log, tracker.rows, done)
 
     # ---- the step loop: epochs of batches; an update when the gradients of `grad_accum_steps` are in ----
-    last = loop.update >= s.total_updates  # (a resume under fewer epochs may start past the end)
+    last = loop.update >= total_updates  # (a resume under fewer epochs may start past the end)
     stopped = False
     for epoch in range(loop.epoch, max(cfg.train.epochs, loop.epoch + 1)):
         s.loader.set_epoch(epoch)
         ext.start_epoch(core, epoch)
-        skip = loop.batch_in_epoch if epoch == loop.epoch else 0  # batches this epoch already trained on
-        loop.epoch, loop.batch_in_epoch = epoch, skip
-        bar = tqdm(total=s.batches_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-                   disable=not show_bar or last, dynamic_ncols=True)
-        for batch in ([] if last else s.loader.batches(skip)):
+        # where this epoch starts in its one global order of samples: a resume continues it on any process count
+        start = loop.sample_in_epoch if epoch == loop.epoch else 0
+        loop.epoch, loop.sample_in_epoch = epoch, start
+        bar = tqdm(total=s.batches_per_epoch, initial=s.batches_per_epoch - len(s.loader.dealing.steps(start)),
+                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, disable=not show_bar or last,
+                   dynamic_ncols=True)
+        for position, batch in ([] if last else s.loader.steps(start)):
             with acc.accumulate(model):
                 ext.before_forward(core)
-                loss, batch_size, parts = task.train_loss(model, batch, s.memory_format)
+                loss, _, parts = task.train_loss(model, batch, s.memory_format)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     ext.before_step(core, epoch)  # e.g. a frozen backbone's gradients dropped: clipping sees the rest
@@ -152,21 +165,21 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
                 opt.step()  # a no-op on accumulation micro-batches (accelerate skips it)
                 opt.zero_grad(set_to_none=True)
             loss_log.add(loss, parts)
-            loop.samples_seen += batch_size * acc.num_processes
-            loop.batch_in_epoch += 1
+            loop.samples_seen += position - loop.sample_in_epoch  # this micro-step's samples, on every process
+            loop.sample_in_epoch = position
             bar.update(1)
             if not acc.sync_gradients:
                 continue
             # -- an optimizer update is complete: the only place where the run may be saved or stopped --
             loop.update += 1
-            last = loop.update >= s.total_updates
-            ext.after_update(core, loop.update, s.total_updates)
+            last = loop.update >= total_updates
+            ext.after_update(core, loop.update, total_updates)
             if loop.update % cfg.train.log_every_steps == 0:
-                bar.set_postfix(loss=f"{log_train(epoch + loop.batch_in_epoch / s.batches_per_epoch):.4f}")
+                bar.set_postfix(loss=f"{log_train(epoch + loop.sample_in_epoch / s.epoch_samples):.4f}")
             save_now, stopped = preemption.agreed(acc)  # asked on any rank: every rank answers alike
             if not last and (save_now or stopped or (cfg.checkpoint.every_steps
                                                      and loop.update % cfg.checkpoint.every_steps == 0)):
-                checkpoint(epoch, loop.batch_in_epoch)
+                checkpoint(epoch, loop.sample_in_epoch)
                 preemption.clear()
             if last or stopped:
                 break
@@ -178,7 +191,7 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
 
         # -- the end of an epoch (or of the run): log, evaluate, keep the best, stop early, save --
         last = last or epoch >= cfg.train.epochs - 1
-        epoch_float = epoch + loop.batch_in_epoch / s.batches_per_epoch
+        epoch_float = epoch + loop.sample_in_epoch / s.epoch_samples
         if loss_log.count:
             log_train(epoch_float)
         if last:
@@ -197,7 +210,7 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
             why = agree(acc, lambda: monitor.stop_reason(scores.logged), main_only=True, share=True)
             if why is not None and not last:
                 loop.stopped_early, last = why, True
-                say(f"[trainer] {why}: the run ends here, at update {loop.update} of {s.total_updates}")
+                say(f"[trainer] {why}: the run ends here, at update {loop.update} of {total_updates}")
         if not last and cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0:
             checkpoint(epoch + 1, 0)
         if last:

@@ -7,7 +7,8 @@ the update count.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -165,6 +166,41 @@ def lr_at(update: int, total_updates: int, peak_lr: float, warmup_updates: int =
     if schedule == "linear":
         return peak_lr + (floor - peak_lr) * progress
     return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Schedule:
+    """The learning rate of every update of a run: `lr_at`'s arguments (`kwargs`, in the updates of the
+    schedule as first planned), the update the run ends at (`total_updates`), and `anchor` once a resume changed
+    the global batch: (update u0, its position p0 in the planned schedule, planned updates per update), so that
+    update u stands at p0 + (u - u0) x rate. A checkpoint holds it (trainer/state.py)."""
+    kwargs: dict
+    total_updates: int
+    anchor: Optional[Tuple[int, float, float]] = None
+
+    def position(self, update: int) -> float:
+        """Where update `update` stands in the planned schedule (itself, unless a resume re-planned it)."""
+        if self.anchor is None:
+            return update
+        u0, p0, rate = self.anchor
+        return p0 + (update - u0) * rate
+
+    def stretched(self, update: int, total_updates: int) -> "Schedule":
+        """The rest of this schedule spread over the updates from `update` to `total_updates` (a resume with
+        another global batch: the samples left take another number of updates). The learning rate follows the
+        samples trained: its curve keeps its shape and ends where it would have."""
+        p0 = self.position(update)
+        rate = (self.kwargs["total_updates"] - p0) / max(total_updates - update, 1)
+        return Schedule(self.kwargs, total_updates, (update, p0, rate))
+
+    def to_json(self) -> dict:
+        return {"kwargs": self.kwargs, "total_updates": self.total_updates,
+                "anchor": list(self.anchor) if self.anchor is not None else None}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "Schedule":
+        return cls(dict(saved["kwargs"]), saved["total_updates"],
+                   tuple(saved["anchor"]) if saved.get("anchor") is not None else None)
 
 
 # ---- from the config section (the builders' boundary: only these two read `optim`) ----

@@ -311,11 +311,12 @@ def truncate_rows(out, rel: str, keep: int) -> int:
 
 
 def start(plan: RunPlan, say, task, config_yaml: str, derived: dict, env: dict, loop,
-          resumed_from: Optional[Path]) -> int:
+          resumed_from: Optional[Path], replanned: Optional[str] = None) -> int:
     """Main process, once every check has passed: every file the run writes at a fixed name checked, the plan
     committed (an overwrite's deletions, damaged checkpoints moved aside), then config.yaml (+ its copy in
     config_history/), run.json (the derived numbers, the environment, every start) and metrics.jsonl cut back to
-    the checkpoint's rows (`loop`: the run's LoopState). Returns the last step W&B already holds (-1: none)."""
+    the checkpoint's rows (`loop`: the run's LoopState; `replanned`: what a resume with another global batch did
+    to the schedule, recorded in the start's entry). Returns the last step W&B already holds (-1: none)."""
     from trainer.tasks import report_files
 
     check_targets(plan, report_files(task))
@@ -334,6 +335,9 @@ def start(plan: RunPlan, say, task, config_yaml: str, derived: dict, env: dict, 
     out.write_json("run.json", {"derived": derived, "environment": env, "wandb_run_id": loop.wandb_run_id,
                                 "starts": previous + [{"update": loop.update, "kind": plan.kind, "config": history,
                                                        "resumed_from": str(resumed_from) if resumed_from else None,
+                                                       "processes": derived["processes"],
+                                                       "global_batch": derived["global_batch"],
+                                                       **({"schedule": replanned} if replanned else {}),
                                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
     return seen_step
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,7 +21,7 @@ from trainer.export import model_card
 from trainer.extensions import Extensions, build_extensions
 from trainer.models import build_model, check_input_size
 from trainer.monitor import task_metric
-from trainer.optim import optimizer_from, schedule_from
+from trainer.optim import Schedule, optimizer_from, schedule_from
 from trainer.tasks import build_task, task_spec
 
 
@@ -34,18 +34,33 @@ class Session:
     model: torch.nn.Module
     core: torch.nn.Module
     opt: torch.optim.Optimizer
-    loader: Any  # .batches(skip), .set_epoch(e), len()
+    loader: Any  # .steps(start), .set_epoch(e), len(), .dealing (trainer/data/loaders.py)
     memory_format: torch.memory_format
     extensions: Extensions
     small_stem: bool
-    batches_per_epoch: int
+    batches_per_epoch: int  # micro-steps, per process
+    epoch_samples: int  # the samples an epoch trains, over all processes (its order less a dropped last batch)
     updates_per_epoch: int
-    total_updates: int
-    schedule: dict  # the keyword arguments of optim.lr_at besides the update
+    grad_accum_steps: int
+    epochs: int
+    max_steps: Optional[int]
+    schedule: Schedule  # the learning rate of each update as this start plans it (a resume may restore another)
     fingerprint: str  # the training data's identity (data_fingerprint), which checkpoints record
     card: dict  # model.json's fields that are not the task's (export.model_card)
     eval_batch: int  # images per evaluation batch, per process
     derived: dict  # the numbers run.json records and the start-up prints (processes, batches, updates, lr, data)
+
+    @property
+    def total_updates(self) -> int:
+        return self.schedule.total_updates
+
+    def total_from(self, update: int, epoch: int, position: int) -> int:
+        """The update the run ends at when update `update` leaves it at sample `position` of `epoch`: the
+        micro-steps left in that epoch (grouped into updates) and its remaining epochs, on this start's
+        process count and batch (what a resume with another global batch re-plans the schedule over)."""
+        this_epoch = math.ceil(len(self.loader.dealing.steps(position)) / self.grad_accum_steps)
+        total = update + this_epoch + max(self.epochs - epoch - 1, 0) * self.updates_per_epoch
+        return total if self.max_steps is None else min(total, self.max_steps)
 
     @property
     def train_set(self):
@@ -77,18 +92,19 @@ def build_session(cfg, acc, say: Callable) -> Session:
     total_updates = cfg.train.epochs * updates_per_epoch
     if cfg.train.max_steps is not None:
         total_updates = min(total_updates, cfg.train.max_steps)
-    schedule = schedule_from(cfg.optim, total_updates, updates_per_epoch)
+    schedule = Schedule(schedule_from(cfg.optim, total_updates, updates_per_epoch), total_updates)
     train_set, val_set = data.datasets["train"], data.datasets["val"]
     derived = {"processes": acc.num_processes, "device": str(acc.device), "mixed_precision": acc.mixed_precision,
                "per_device_batch": cfg.train.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
                "global_batch": cfg.train.batch_size * acc.num_processes * cfg.train.grad_accum_steps,
                "batches_per_epoch": batches_per_epoch, "updates_per_epoch": updates_per_epoch,
-               "total_updates": total_updates, "warmup_updates": schedule["warmup_updates"], "peak_lr": cfg.optim.lr,
+               "total_updates": total_updates, "warmup_updates": schedule.kwargs["warmup_updates"], "peak_lr": cfg.optim.lr,
                "task": task.name, "classes": data.classes, "train_samples": len(train_set),
                "val_samples": len(val_set), "train_class_counts": data.train_counts, "skipped_images": data.skipped,
                "data": data.source, "mean": data.mean, "std": data.std}
     return Session(data, task, model, core, opt, loader, memory_format, extensions, small_stem, batches_per_epoch,
-                   updates_per_epoch, total_updates, schedule, data_fingerprint(train_set, data.classes),
+                   loader.dealing.end, updates_per_epoch, cfg.train.grad_accum_steps, cfg.train.epochs,
+                   cfg.train.max_steps, schedule, data_fingerprint(train_set, data.classes),
                    model_card(cfg, data.mean, data.std, small_stem), eval_batch_size(cfg), derived)
 
 

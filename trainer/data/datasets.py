@@ -261,8 +261,8 @@ class ArrayDataset(SeededDataset):
 class EpochWeightedSampler(Sampler):
     """Draws `num_samples` indices with replacement by weight, from a generator seeded by (seed, epoch).
 
-    Every process draws the same list; accelerate's batch-sampler sharding then gives each rank its own
-    batches of that one draw, so the weighting holds however many processes there are.
+    Every process draws the same list, the epoch's one order (trainer/data/order.py deals it to the ranks),
+    so the weighting holds however many processes there are, and a resume anywhere continues the draw.
     """
 
     def __init__(self, weights: Sequence[float], num_samples: int, seed: int):
@@ -274,9 +274,12 @@ class EpochWeightedSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def draw(self) -> list:
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 & 0xFFFFFFFF))
-        return iter(torch.multinomial(self.weights, self.num_samples, replacement=True, generator=gen).tolist())
+        return torch.multinomial(self.weights, self.num_samples, replacement=True, generator=gen).tolist()
+
+    def __iter__(self):
+        return iter(self.draw())
 
     def __len__(self) -> int:
         return self.num_samples

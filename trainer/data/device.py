@@ -8,10 +8,11 @@ removes that cost.
 
 Order and augmentation are pure functions of (seed, epoch): one permutation and one set of crop offsets
 and flips per epoch, drawn by a generator seeded from them, indexed by position in the epoch. Every rank
-holds the whole uint8 split and takes its own slice of each global batch (rank r gets positions
-[r x B, (r + 1) x B) of it), so the batches seen are the same on 1 process with batch 2B as on 2 processes
-with batch B, and resuming at batch k of an epoch needs nothing but k. Mixup/CutMix (trainer.data.mixing), when
-on, mixes each rank's batch on the device, seeded by (seed, epoch, batch index, rank): k is still all it needs.
+holds the whole uint8 split and takes its own slice of each global batch (trainer/data/order.py deals them:
+rank r gets positions [r x B, (r + 1) x B) of it), so the batches seen are the same on 1 process with batch 2B
+as on 2 processes with batch B, and a resume continues from the epoch's sample position on any process count.
+Mixup/CutMix (trainer.data.mixing), when on, mixes each rank's batch on the device, seeded by (seed, epoch,
+micro-step index, rank).
 """
 from __future__ import annotations
 
@@ -20,13 +21,11 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from accelerate.data_loader import DataLoaderStateMixin
-from accelerate.state import GradientState
 
 from trainer.data.datasets import ArrayDataset, FileDataset, init_sample, sample_seed
-from trainer.distributed import shard_bounds
 from trainer.data.folders import decode_jpeg_rgb
 from trainer.data.mixing import BatchMixer
+from trainer.data.order import Dealing, EpochSteps, rank_batches
 from trainer.data.shards import ShardDataset
 from trainer.errors import DataError
 
@@ -98,17 +97,14 @@ def _read_files(paths) -> list:
     return out
 
 
-class DeviceLoader(DataLoaderStateMixin):
+class DeviceLoader(EpochSteps):
     """Batches of (normalised float images, labels) from a uint8 split held on `device`.
 
     Per epoch: a permutation, a crop offset in [0, 2 x padding] per axis and a flip bit per image, all drawn
     at once from a generator seeded by (seed, epoch). A batch is one gather from the uint8 tensor whose row
     and column indices already include the reflect padding, the crop and the flip; then it is converted to
     float and normalised, and mixed by `mixer` (mixup/CutMix) when there is one. The last, smaller global
-    batch is kept when every rank gets at least one image from it, unless `drop_last`.
-
-    It is an accelerate `DataLoaderStateMixin` so that `accelerator.accumulate` knows where the epoch ends
-    (gradient accumulation then syncs on the last batch, as with a prepared DataLoader).
+    batch is kept when every rank gets at least one image from it, unless `drop_last` (order.Dealing).
     """
 
     def __init__(self, images: torch.Tensor, labels, batch_size: int, mean, std, seed: int, rank: int = 0,
@@ -125,16 +121,14 @@ class DeviceLoader(DataLoaderStateMixin):
         self.mean = (torch.tensor(mean, dtype=torch.float32, device=images.device) * scale).view(1, 3, 1, 1)
         self.std = (torch.tensor(std, dtype=torch.float32, device=images.device) * scale).view(1, 3, 1, 1)
         self.epoch = 0
-        self.gradient_state = GradientState()
-        self._drop_last = True  # accelerate reads this; the remainder bookkeeping is for gather_for_metrics
-        n, g = len(self.labels), batch_size * world
-        self.num_batches = n // g + (1 if n % g >= world and not drop_last else 0)  # per process, on every rank
+        n = len(self.labels)
+        self.dealing = Dealing(n, batch_size, world, drop_last)
         # alternating flip: which images start mirrored, fixed for the whole run (not per epoch)
         base = torch.Generator().manual_seed(sample_seed(seed, -1 & 0xFFFFFFFF, 0))
         self.flip_base = torch.rand(n, generator=base) < 0.5
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.dealing.steps_per_epoch()
 
     def prepare(self, accelerator) -> None:
         """Nothing for accelerate to wrap: already on the device and sharded (trainer.data.loaders)."""
@@ -178,34 +172,29 @@ class DeviceLoader(DataLoaderStateMixin):
 
         return reflect(rows), reflect(cols)
 
-    def batches(self, skip: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's batches of the epoch, starting after `skip` of them (resume)."""
+    def steps(self, start: int = 0) -> Iterator[Tuple[int, Tuple[torch.Tensor, torch.Tensor]]]:
+        """(position after the step, this rank's batch) of each micro-step of the epoch from global position
+        `start` (trainer/data/order.py)."""
         order, offsets, flips = self.epoch_plan()
-        n, g = len(self.labels), self.batch_size * self.world
-        self.begin()
-        try:
-            for b in range(skip, self.num_batches):
-                start = b * g
-                size = min(g, n - start)
-                if size == g:
-                    lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-                else:  # the last, smaller global batch, split as evenly as possible
-                    part = shard_bounds(size, self.rank, self.world)
-                    lo, hi = part.start, part.stop
-                index = order[start + lo:start + hi]
-                rows, cols = self._indices(index, offsets, flips)
-                dev = self.images.device
-                index_d, rows_d, cols_d = (t.to(dev, non_blocking=True) for t in (index, rows, cols))
-                x = self.images[index_d[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
-                                rows_d[:, None, :, None], cols_d[:, None, None, :]]
-                x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-                y = self.labels[index_d]
-                if self.mixer is not None:  # b: the batch's index within the epoch, whatever `skip` was
-                    x, y = self.mixer(x, y, self.epoch, b)
-                self.end_of_dataloader = b == self.num_batches - 1
-                yield x, y
-        finally:
-            self.end()
+        return self.stepping(self._dealt(order, offsets, flips, start), len(self.dealing.steps(start)))
+
+    def batches(self, start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        return (batch for _, batch in self.steps(start))
+
+    def _dealt(self, order, offsets, flips, start: int):
+        dev = self.images.device
+        for b, (stop, mine) in enumerate(rank_batches(order.tolist(), self.dealing, self.rank, self.epoch, start),
+                                         start=start // self.dealing.chunk):
+            index = torch.tensor(mine, dtype=torch.long)
+            rows, cols = self._indices(index, offsets, flips)
+            index_d, rows_d, cols_d = (t.to(dev, non_blocking=True) for t in (index, rows, cols))
+            x = self.images[index_d[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
+                            rows_d[:, None, :, None], cols_d[:, None, None, :]]
+            x = ((x.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            y = self.labels[index_d]
+            if self.mixer is not None:  # b: the micro-step's index within the epoch
+                x, y = self.mixer(x, y, self.epoch, b)
+            yield stop, (x, y)
 
     def __iter__(self):
         return self.batches()

@@ -3,22 +3,26 @@
 (`trainer.data.device.DeviceLoader`). With data.decode_device=cuda the workers only read the files, and each
 batch is decoded and augmented on the GPU (`trainer.data.device_decode`). Both offer:
 
-    set_epoch(epoch)   the shuffle order and augmentation of that epoch (pure functions of seed and epoch)
-    batches(skip)      this process's batches of the epoch, after the first `skip` (an exact resume); with
-                       mixup/CutMix on (data.augment), each mixed after collation (trainer.data.mixing),
-                       seeded by (seed, epoch, batch index, rank) so batch `skip + i` mixes as it would have
-    len(loader)        batches per epoch, per process
+    set_epoch(epoch)   the order and augmentation of that epoch (pure functions of seed and epoch)
+    steps(start)       (position after the step, this process's batch) of each micro-step of the epoch from
+                       global sample position `start` of the epoch's one order (trainer/data/order.py: a
+                       resume on any process count continues the order); with mixup/CutMix on
+                       (data.augment), each batch mixed after collation (trainer.data.mixing), seeded by
+                       (seed, epoch, micro-step index, rank)
+    batches(start)     the batches alone
+    len(loader)        micro-steps per epoch, per process
     first(count)       the first `count` training images, normalised, unaugmented (data-dependent init)
-    prepare(acc)       what accelerate must wrap (the DataLoader: sharding, seeding, device placement)
+    prepare(acc)       the device batches go to
 
 `build_train_loader` chooses from `data.loader`; the loop never asks which it got.
 """
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from trainer.data import class_balanced_sampler
@@ -26,62 +30,97 @@ from trainer.data.datasets import eval_transform, init_sample
 from trainer.data.device import to_device_loader
 from trainer.data.device_decode import BatchDecoder, collate_encoded
 from trainer.data.mixing import BatchMixer, build_mixer
+from trainer.data.order import Dealing, EpochSteps, rank_batches, shuffled_order
 from trainer.errors import ConfigError
 
 
-class WorkerLoader:
-    """A DataLoader over the training split, prepared by accelerate (its batch sampler sharded across
-    processes, seeded by (seed, epoch)), with the dataset's per-sample augmentation seeds and an optional
-    class-balanced sampler moved to each epoch; `mixer` (mixup/CutMix, optional) mixes each collated batch;
-    `decoder` (data.decode_device=cuda): the workers read the files and it decodes and augments each batch."""
+class WorkerLoader(EpochSteps):
+    """A DataLoader over the training split whose batches this process deals itself (trainer/data/order.py:
+    the epoch's one global order, from any position, for any process count), with the dataset's per-sample
+    augmentation seeds and an optional class-balanced sampler's draw moved to each epoch; `mixer` (mixup/CutMix,
+    optional) mixes each collated batch; `decoder` (data.decode_device=cuda): the workers read the files and it
+    decodes and augments each batch. Not prepared by accelerate (whose sharding counts batches per process):
+    `prepare` only says where batches go."""
 
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
                  first_transform, sampler=None, drop_last: bool = False, collate=None,
-                 mixer: Optional[BatchMixer] = None, decoder: Optional[BatchDecoder] = None):
+                 mixer: Optional[BatchMixer] = None, decoder: Optional[BatchDecoder] = None, rank: int = 0,
+                 processes: int = 1):
         self.dataset, self.sampler, self.first_transform, self.mixer = dataset, sampler, first_transform, mixer
-        self.decoder = decoder
-        self.seed = seed
+        self.decoder, self.seed, self.rank = decoder, seed, rank
         self.epoch = 0
+        self.dealing = Dealing(len(sampler) if sampler is not None else len(dataset), batch_size, processes, drop_last)
+        self.batch_sampler = _DealtBatches(self)
         if decoder is not None:
             dataset, collate = decoder.samples, collate_encoded
         # persistent: workers are started once (the epoch reaches them through shared memory, see datasets.py)
-        self.dl = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+        self.dl = DataLoader(dataset, batch_sampler=self.batch_sampler, collate_fn=collate,
                              # its own generator: worker seeds never draw from the global RNG (exact resume)
-                             generator=torch.Generator().manual_seed(seed), drop_last=drop_last, collate_fn=collate,
+                             generator=torch.Generator().manual_seed(seed),
                              num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                              prefetch_factor=prefetch_factor if num_workers > 0 else None)
-        self.accelerator = None
+        self.device, self.non_blocking = torch.device("cpu"), False
 
     def prepare(self, accelerator) -> None:
-        self.dl, self.accelerator = accelerator.prepare(self.dl), accelerator
+        self.device, self.non_blocking = accelerator.device, self.dl.pin_memory
 
     def __len__(self) -> int:
-        return len(self.dl)
+        return self.dealing.steps_per_epoch()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch  # the mixer's seeds
+        self.epoch = epoch  # the order's and the mixer's seeds
         self.dataset.set_epoch(epoch)  # per-sample augmentation seeds
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
-        self.dl.set_epoch(epoch)  # seedable shuffle order
 
-    def batches(self, skip: int = 0):
-        batches = self.accelerator.skip_first_batches(self.dl, skip) if skip else self.dl
+    def order(self) -> Sequence[int]:
+        """This epoch's global order of dataset indices: the class-balanced draw, or the shuffle."""
+        if self.sampler is not None:
+            return self.sampler.draw()
+        return shuffled_order(len(self.dataset), self.seed, self.epoch).tolist()
+
+    def steps(self, start: int = 0):
+        """(position after the step, this process's batch) of each micro-step of the epoch from global position
+        `start` (trainer/data/order.py)."""
+        self.batch_sampler.start = start
+        ends = [stop for _, stop in self.dealing.steps(start)]
+        batches = (send_to_device(b, self.device, non_blocking=self.non_blocking) for b in self.dl)
         if self.decoder is not None:
             batches = map(self.decoder, batches)
-        return batches if self.mixer is None else self._mixed(batches, skip)
+        if self.mixer is not None:
+            batches = self._mixed(batches, start)
+        return self.stepping(zip(ends, batches), len(ends))
 
-    def _mixed(self, batches, skip: int):
+    def batches(self, start: int = 0):
+        return (batch for _, batch in self.steps(start))
+
+    def _mixed(self, batches, start: int):
         # mixing is classification's ((images, labels) batches): the config refuses it for any other task
-        # (ClassificationSpec.check_config). The batch's index within the epoch, counted from `skip`: a resumed
-        # epoch mixes as the original did
-        for index, (x, y) in enumerate(batches, start=skip):
+        # (ClassificationSpec.check_config). Seeded by the micro-step's index within the epoch (on the process
+        # count that started the epoch: a resume there mixes as the original did)
+        for index, (x, y) in enumerate(batches, start=start // self.dealing.chunk):
             yield self.mixer(x, y, self.epoch, index)
 
     def first(self, count: int) -> torch.Tensor:
         """Up to `count` training images, normalised as for evaluation (`init_sample`: which)."""
         return torch.stack([self.first_transform(self.dataset.load(i))
                             for i in init_sample(len(self.dataset), count, self.seed).tolist()])
+
+
+class _DealtBatches:
+    """The DataLoader's batch sampler: this rank's dataset indices of each micro-step of the loader's epoch, from
+    the loader's start position (set before each epoch's iterator is made; read in the main process, where
+    the DataLoader asks for indices, so persistent workers need nothing)."""
+
+    def __init__(self, loader: WorkerLoader):
+        self.loader, self.start = loader, 0
+
+    def __iter__(self):
+        lo = self.loader
+        return (mine for _, mine in rank_batches(lo.order(), lo.dealing, lo.rank, lo.epoch, self.start))
+
+    def __len__(self) -> int:
+        return len(self.loader.dealing.steps(self.start))
 
 
 def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerator, mean, std, num_classes: int,
@@ -112,7 +151,8 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
     return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
                         pin_memory=accelerator.device.type == "cuda",
                         first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler,
-                        drop_last=drop_last, collate=collate, mixer=mixer, decoder=decoder)
+                        drop_last=drop_last, collate=collate, mixer=mixer, decoder=decoder,
+                        rank=accelerator.process_index, processes=accelerator.num_processes)
 
 
 def check_decode_device(decode_device: str, device: torch.device) -> None:

@@ -53,8 +53,12 @@ def segment_args(tmp: Path, run: str, **extra) -> list:
 
 
 def launch(args: list, processes: int, trace: Path, fault: str = "", at: int = 0):
-    """One attempt: `trainer train - ARGS` on `processes` processes, through the fault driver, traced."""
-    env = {"TRAINER_SAMPLE_TRACE": str(trace), "FAULT": fault or "none", "FAULT_AT": str(at)}
+    """One attempt: `trainer train - ARGS` on `processes` processes, through the fault driver, traced (each
+    launch numbered in the trace)."""
+    attempt = len(list(trace.parent.glob(trace.name + ".launch-*")))
+    (trace.parent / f"{trace.name}.launch-{attempt}").touch()
+    env = {"TRAINER_SAMPLE_TRACE": str(trace), "TRAINER_SAMPLE_TRACE_ATTEMPT": str(attempt),
+           "FAULT": fault or "none", "FAULT_AT": str(at)}
     if processes == 1:
         return run_forked(["train", "-", *args], env=env, timeout=300, script=DRIVER)
     return run_torchrun(["train", "-", *args], processes, env=env, timeout=300, script=DRIVER)
@@ -62,16 +66,16 @@ def launch(args: list, processes: int, trace: Path, fault: str = "", at: int = 0
 
 def read_trace(prefix: Path) -> list:
     """Each attempt's (first start (epoch, position), {(epoch, position): {rank: indices}}), in order, from the
-    trace files of `prefix` (one per rank; a start line with a new pid in a file begins that rank's next attempt)."""
-    attempts = defaultdict(lambda: (set(), defaultdict(dict)))
+    trace files of `prefix` (one per rank, appended by every attempt; a start line says which attempt the lines
+    after it belong to)."""
+    attempts = defaultdict(lambda: ([], defaultdict(dict)))
     for path in sorted(prefix.parent.glob(prefix.name + ".rank*")):
-        attempt, pid = -1, None
+        attempt = None
         for line in path.read_text().splitlines():
             fields = line.split()
             if fields[0] == "start":
-                if fields[4] != pid:
-                    attempt, pid = attempt + 1, fields[4]
-                attempts[attempt][0].add((int(fields[1]), int(fields[2])))
+                attempt = int(fields[4])
+                attempts[attempt][0].append((int(fields[1]), int(fields[2])))
             else:
                 epoch, position, rank = map(int, fields[:3])
                 attempts[attempt][1][epoch, position][rank] = [int(i) for i in fields[3].split(",")]
@@ -96,6 +100,10 @@ def trained(prefix: Path) -> dict:
 
 def train_rows(run: Path) -> list:
     return [(r["step"], r["samples_seen"], r["lr"], round(r["epoch"], 4)) for r in rows(run) if r["type"] == "train"]
+
+
+def eval_rows(run: Path) -> list:
+    return [(r["step"], r["samples_seen"], r["epoch"]) for r in rows(run) if r["type"] == "eval"]
 
 
 def reference(tmp: Path, args_of, processes: int = 1) -> tuple:
@@ -133,8 +141,9 @@ def test_a_resume_on_another_process_count_trains_each_sample_once_in_the_uninte
     assert got == expected  # each epoch: the same samples, each once, in the same global order
     if "weighted" not in case:
         assert all(sorted(v) == list(range(160)) for v in got.values())
-    # the same updates, learning rates, samples_seen and epoch counter at every logged step
+    # the same updates, learning rates, samples_seen and epoch counter at every logged step and evaluation
     assert train_rows(tmp_path / "run") == train_rows(ref_run)
+    assert eval_rows(tmp_path / "run") == eval_rows(ref_run)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["samples_seen"] == 2 * 160 and summary["updates"] == 2 * 14
     starts = json.loads((tmp_path / "run" / "run.json").read_text())["starts"]
@@ -152,6 +161,28 @@ def test_a_segmentation_run_resumed_on_another_process_count_trains_each_sample_
     got = trained(tmp_path / "trace")
     assert got == expected and all(sorted(v) == sorted(expected[0]) for v in got.values())
     assert len(expected[0]) == len(set(expected[0])) > GLOBAL_BATCH
+    assert train_rows(tmp_path / "run") == train_rows(ref_run)
+
+
+@pytest.mark.slow
+def test_packed_shards_resumed_on_another_process_count_train_each_sample_once(tmp_path):
+    from trainer.data.generated import ensure_generated
+
+    folder = ensure_generated(tmp_path / "folder", "multiclass", 32, 0, {"train": 40, "val": 5, "test": 1})
+    assert run_forked(["pack", str(folder), str(tmp_path / "packed"), "--shard-mb", "0.05"]).returncode == 0
+
+    def args_of(tmp, run, **extra):
+        return classify_args(tmp, run, **{"data.format": "shards", "data.root": str(tmp_path / "packed"),
+                                          "data.image_size": 32, **extra})
+
+    expected, ref_run = reference(tmp_path, args_of)
+    args = args_of(tmp_path, "run", **{"checkpoint.every_steps": 4})
+    first = launch(args, 2, tmp_path / "trace", "kill_at_update", 11)
+    assert first.returncode != 0, first.stdout[-1500:] + first.stderr[-1500:]
+    second = launch(args, 1, tmp_path / "trace")
+    assert second.returncode == 0, second.stdout[-1500:] + second.stderr[-1500:]
+    got = trained(tmp_path / "trace")
+    assert got == expected and all(sorted(v) == list(range(160)) for v in got.values())
     assert train_rows(tmp_path / "run") == train_rows(ref_run)
 
 

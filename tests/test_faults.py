@@ -955,7 +955,7 @@ def cases(w: Path, p: dict) -> list:
         ("resume another run's schedule", ["train", "-", *g(w), f"run.resume={p['ckpt']}"], "train.max_steps: 2 -> None"),
         ("resume a damaged checkpoint", ["train", "-", *g(w), f"run.resume={w / 'bad_ckpt'}"], "not a loadable checkpoint"),
         ("resume with another batch size", ["train", "-", *tiny_overrides(w, "multiclass", **{
-            "run.dir": str(w / "unfinished"), "train.max_steps": 2, "train.batch_size": 8})], "train.batch_size: 16 -> 8"),
+            "run.dir": str(w / "unfinished"), "train.max_steps": 2, "train.batch_size": 8})], "would change from 16 to 8"),
         ("resume into a run", ["train", "-", *g(w), f"run.dir={done}", f"run.resume={p['ckpt']}"], "already holds a run"),
         # -- eval --
         ("eval model missing", ["eval", "--model", str(w / "nope")], "does not exist"),

@@ -15,8 +15,9 @@ does the same).
 
 TRAINER_SAMPLE_TRACE=<prefix> (tests only) appends each micro-step's dataset indices of this rank to
 <prefix>.rank<r> as `epoch position rank i,j,...` when the step's batch is dealt, after a `start epoch position
-processes pid` line at each epoch a process starts, so that a test can prove the union of a stopped and resumed
-run's samples (a new pid in a file: the next attempt).
+processes attempt` line at each epoch a process starts, so that a test can prove the union of a stopped and
+resumed run's samples. The attempt: TRAINER_SAMPLE_TRACE_ATTEMPT (a test numbers its launches), else SLURM's
+SLURM_RESTART_COUNT (a requeued job), else 0.
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def rank_batches(order: Sequence[int], dealing: Dealing, rank: int, epoch: int, 
     TRAINER_SAMPLE_TRACE is set."""
     trace = Trace.open(rank)
     if trace is not None:
-        trace.line(f"start {epoch} {start} {dealing.processes} {os.getpid()}")
+        trace.line(f"start {epoch} {start} {dealing.processes} {Trace.attempt()}")
     for first, stop in dealing.steps(start):
         part = dealing.rank_slice(first, stop, rank)
         mine = [int(i) for i in order[part.start:part.stop]]
@@ -98,6 +99,10 @@ class Trace:
     def open(cls, rank: int):
         prefix = os.environ.get(TRACE_ENV)
         return cls(f"{prefix}.rank{rank}") if prefix else None
+
+    @staticmethod
+    def attempt() -> int:
+        return int(os.environ.get(TRACE_ENV + "_ATTEMPT") or os.environ.get("SLURM_RESTART_COUNT") or 0)
 
     def line(self, text: str) -> None:
         with open(self.path, "a") as fh:  # a test's own file, named by its environment (not a run's output)

@@ -336,6 +336,7 @@ ALLOWED = {
     ("trainer/data/generated.py", "_write_variant"): STAGING + " (ensure_generated)",
     ("trainer/data/generated.py", "ensure_generated"): STAGING,
     ("trainer/data/generated.py", "write_generated_coco"): STAGING + " (ensure_generated)",
+    ("trainer/data/generated.py", "write_generated_multilabel"): STAGING + " (ensure_generated)",
     ("trainer/tune.py", "_plots"): STAGING,
     ("trainer/rundir.py", "_beat"): "the run lock's heartbeat: the lock file is the run's own (outputs.LIVE)",
     ("trainer/tasks/segment_reports.py", "write_png"): STAGING + " (predict's PredictionFolder)",

@@ -208,6 +208,27 @@ def test_csv_columns_and_separator_are_configurable(tmp_path):
     assert data.classes == ["bird", "cat", "dog"] and data.datasets["val"].labels[1].tolist() == [1, 0, 1]
 
 
+def test_an_image_folder_holding_train_csv_is_read_as_a_multilabel_folder(tmp_path):
+    from trainer.data import build_data
+    from trainer.tasks import task_spec
+
+    root = csv_folder(tmp_path / "d")
+    cfg = load_config(None, ["data.format=imagefolder", f"data.root={root}", "data.image_size=16"])
+    assert task_spec(cfg.task, cfg.data).title == "multilabel"
+    assert build_data(cfg.data, 0, ("train", "val"), verbose=lambda *_: None).classes == ["bird", "cat", "dog"]
+
+
+def test_predicted_labels_are_the_classes_at_their_thresholds_and_one_threshold_sets_all():
+    from trainer.tasks import task_from_meta
+
+    task = task_from_meta({"task": "multilabel", "classes": ["a", "b", "c"], "thresholds": [0.5, 0.2, 0.9]})
+    logits = torch.logit(torch.tensor([[0.6, 0.3, 0.95], [0.4, 0.1, 0.5]]))
+    probs, cells = task.csv_predictions(logits)
+    assert cells == ["a b c", ""] and torch.allclose(probs, torch.sigmoid(logits))
+    task.threshold = 0.45  # `trainer predict --threshold 0.45`: b is no longer in, 0.5 of c is
+    assert task.thresholds == [0.45] * 3 and task.csv_predictions(logits)[1] == ["a c", "c"]
+
+
 def one_line(err) -> str:
     text = str(err.value)
     assert "\n" not in text

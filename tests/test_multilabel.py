@@ -286,6 +286,14 @@ def test_a_multilabel_run_reports_map_and_predict_reproduces_eval(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["thresholds"] == meta["thresholds"]  # the model's own, tuned in training
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                          "trainer", "eval", "--model", str(run), "--output", str(tmp_path / "two" / "eval.json")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": PYTHONPATH})
+    assert two.returncode == 0, two.stderr[-2000:]
+    on_two = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert (on_two.pop("processes"), report.get("processes")) == (2, 1)
+    assert on_two == {k: v for k, v in report.items() if k != "processes"}  # exactly, every float
     res = run_cli("predict", "--model", str(run), str(tmp_path / "gen-multilabel" / "val"), "--output",
                   str(tmp_path / "p.csv"))
     assert res.returncode == 0, res.stderr[-2000:]

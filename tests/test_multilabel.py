@@ -148,7 +148,6 @@ def test_tune_and_sweep_monitor_map_through_the_task():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["data.augment.mixup_alpha=0.2"], "data.augment.mixup_alpha"),
     (["data.sampler=weighted"], "data.sampler=weighted"),
     (["eval.threshold_tuning=youden"], "eval.threshold_tuning=max_f1"),
     (["loss.pos_weight=3"], "loss.class_weighted=true"),
@@ -158,6 +157,23 @@ def test_tune_and_sweep_monitor_map_through_the_task():
 def test_what_multilabel_cannot_serve_is_refused_naming_the_key(overrides, expected):
     with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
         load_config(None, ["data.generated.variant=multilabel", *overrides])
+
+
+def test_mixup_and_cutmix_mix_the_multi_hot_targets_as_the_images():
+    from trainer.data.mixing import BatchMixer
+
+    cfg = load_config(None, ["data.generated.variant=multilabel", "data.augment.mixup_alpha=0.4",
+                             "data.augment.cutmix_alpha=1.0", "model.dropout=0.1"])  # accepted: image-level targets
+    assert cfg.data.augment.mixup_alpha == 0.4
+    mixer = BatchMixer(3, 0.4, 1.0, seed=0)
+    y = torch.tensor([[1., 0, 1], [0, 0, 0], [0, 1, 1], [1, 1, 0]])
+    for batch in range(6):  # both kinds drawn over these batches
+        x = torch.rand(4, 3, 8, 8)
+        lam, box = mixer.plan(0, batch, 8, 8)
+        mixed_x, targets = mixer(x.clone(), y.clone(), 0, batch)
+        assert torch.allclose(targets, lam * y + (1 - lam) * y.flip(0))
+        if box is None:  # mixup: the pixels by the same lam
+            assert torch.allclose(mixed_x, lam * x + (1 - lam) * x.flip(0))
 
 
 def test_csv_keys_are_refused_while_another_task_trains():

@@ -72,7 +72,8 @@ class WorkerLoader:
         return batches if self.mixer is None else self._mixed(batches, skip)
 
     def _mixed(self, batches, skip: int):
-        # mixing is classification's ((images, labels) batches): the config refuses it for any other task
+        # mixing is classification's and multi-label's ((images, labels or multi-hot rows) batches): the config
+        # refuses it for any other task
         # (ClassificationSpec.check_config). The batch's index within the epoch, counted from `skip`: a resumed
         # epoch mixes as the original did
         for index, (x, y) in enumerate(batches, start=skip):

@@ -24,9 +24,10 @@ class MultilabelSpec:
     default_monitor = "map"  # macro average precision: threshold-free, the usual multi-label headline
     fixed_input_size = True  # classification networks (strided stems and pooling)
     tunes_thresholds = True  # eval.threshold_tuning is its own too (max_f1, per class)
-    # classification's networks (their options: dropout, drop_path, fine-tuning) and per-image augmentation
-    # (auto_augment, random_erasing: the labels do not move with the pixels); classify_spec reads both
-    classification_networks = True
+    # targets of the whole image, on classification's networks: the per-image policies (auto_augment,
+    # random_erasing), mixup/CutMix (trainer/data/mixing.py mixes multi-hot rows) and the network options
+    # (dropout, drop_path, fine-tuning) apply; classify_spec, which owns those keys, reads this
+    image_level_targets = True
     implementation = "trainer.tasks.multilabel.Multilabel"
 
     @staticmethod

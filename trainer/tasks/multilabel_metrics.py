@@ -38,10 +38,10 @@ def multilabel_metrics(probs: np.ndarray, targets: np.ndarray, losses: np.ndarra
     for c, name in enumerate(classes):
         yc, positives = y[:, c], int(y[:, c].sum())
         pr, rc, f1, _ = _sk(skm.precision_recall_fscore_support, yc, pred[:, c], average="binary", zero_division=0)
-        table.append({"class": name, "ap": float(_sk(skm.average_precision_score, yc, p64[:, c])) if positives else None,
-                      "f1": float(f1), "precision": float(pr), "recall": float(rc), "support": positives,
-                      "roc_auc": float(skm.roc_auc_score(yc, p64[:, c])) if 0 < positives < n else None,
-                      "threshold": float(t[c])})
+        ap = float(_sk(skm.average_precision_score, yc, p64[:, c])) if positives else None  # none: undefined
+        auc = float(skm.roc_auc_score(yc, p64[:, c])) if 0 < positives < n else None  # needs both labels
+        table.append({"class": name, "ap": ap, "f1": float(f1), "precision": float(pr), "recall": float(rc),
+                      "support": positives, "roc_auc": auc, "threshold": float(t[c])})
     aps = [row["ap"] for row in table if row["ap"] is not None]
     aucs = [row["roc_auc"] for row in table if row["roc_auc"] is not None]
     out["loss"] = float(np.mean(losses, dtype=np.float64))

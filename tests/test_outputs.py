@@ -336,6 +336,7 @@ ALLOWED = {
     ("trainer/data/generated.py", "_write_variant"): STAGING + " (ensure_generated)",
     ("trainer/data/generated.py", "ensure_generated"): STAGING,
     ("trainer/data/generated.py", "write_generated_coco"): STAGING + " (ensure_generated)",
+    ("trainer/data/generated.py", "write_generated_multilabel"): STAGING + " (ensure_generated)",
     ("trainer/tune.py", "_plots"): STAGING,
     ("trainer/rundir.py", "_beat"): "the run lock's heartbeat: the lock file is the run's own (outputs.LIVE)",
     ("trainer/data/order.py", "line"): "the test-only sample trace: a file the test names in TRAINER_SAMPLE_TRACE, "

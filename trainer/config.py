@@ -130,7 +130,8 @@ class AugmentCfg:
 class GeneratedCfg:
     # segmentation: several shapes per image with their pixel masks, written as a `masks` folder;
     # detection: the same scenes with a tight box per shape, written as a COCO folder
-    variant: Literal["binary", "multiclass", "segmentation", "detection"] = "multiclass"
+    # multilabel: the same scenes, each image labelled with the kinds of shape visible in it (a CSV per split)
+    variant: Literal["binary", "multiclass", "segmentation", "detection", "multilabel"] = "multiclass"
     train_per_class: int = ranged(1000, "[1, inf)")
     val_per_class: int = ranged(150, "[1, inf)")
     test_per_class: int = ranged(150, "[0, inf)")  # 0 = no test split
@@ -139,9 +140,17 @@ class GeneratedCfg:
 
 
 @dataclass
+class CsvCfg:
+    """data.format=multilabel: the columns of each split's CSV (the Kaggle/fastai convention by default)."""
+    image_column: str = "image"  # the image's path, relative to the CSV's folder (or absolute)
+    labels_column: str = "labels"  # the class names of the image, joined by `separator`; empty = no label
+    separator: str = " "
+
+
+@dataclass
 class DataCfg:
     format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc", "coco", "voc_detection",
-                    "shards"] = \
+                    "shards", "multilabel"] = \
         "generated"
     # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
     # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
@@ -151,7 +160,9 @@ class DataCfg:
     # coco (detection): ROOT/<split>/annotations.json (or Roboflow's _annotations.coco.json) beside the images,
     # or the standard ROOT/annotations/instances_<split>2017.json + ROOT/<split>2017/; voc_detection: VOC's
     # Annotations/ XML boxes from the same VOC root; shards: a folder `trainer pack` wrote from an image folder
-    # (classification), a masks folder (segmentation) or a COCO folder (detection).
+    # (classification), a masks folder (segmentation) or a COCO folder (detection); multilabel: ROOT/train.csv,
+    # ROOT/val.csv (+ ROOT/test.csv), each row an image path (relative to ROOT) and its class names (data.csv),
+    # with ROOT/classes.txt or else the sorted union of train.csv's labels as the classes.
     root: Optional[str] = None
     # coco: explicit files per split, winning over the layouts above: {train: {annotations: FILE, images: DIR}}
     coco_files: Optional[Dict[str, Any]] = None
@@ -200,6 +211,7 @@ class DataCfg:
     sampler: Literal["random", "weighted"] = "random"  # weighted: class-balanced draw with replacement
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     generated: GeneratedCfg = field(default_factory=GeneratedCfg)
+    csv: CsvCfg = field(default_factory=CsvCfg)
 
 
 @dataclass
@@ -412,9 +424,10 @@ class RunCfg:
 @dataclass
 class Config:
     # auto: segmentation for mask data (data.format masks/voc, the generated segmentation variant), detection
-    # for box data (coco, voc_detection, the generated detection variant), else binary
+    # for box data (coco, voc_detection, the generated detection variant), multilabel for label sets
+    # (data.format=multilabel, the generated multilabel variant), else binary
     # when the data has 2 classes, else multiclass
-    task: Literal["auto", "binary", "multiclass", "segmentation", "detection"] = "auto"
+    task: Literal["auto", "binary", "multiclass", "segmentation", "detection", "multilabel"] = "auto"
     seed: int = ranged(0, "[0, 4294967295]")  # accelerate's set_seed seeds numpy, whose seeds are 32-bit
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -565,7 +578,8 @@ def validate(cfg: Config) -> None:
     check_ranges(cfg)
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError("run.resume and run.overwrite=true contradict each other: choose one")
-    needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO", "shards": "packed (trainer pack)"}
+    needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO", "shards": "packed (trainer pack)",
+                  "multilabel": "multi-label CSV"}
     if cfg.data.format in needs_root and not cfg.data.root:
         raise ConfigError(f"missing required value: data.root (the {needs_root[cfg.data.format]} folder to train on)")
     if cfg.data.coco_files is not None and cfg.data.format != "coco":

@@ -80,7 +80,7 @@ def build_session(cfg, acc, say: Callable) -> Session:
     data = build_data_on_ranks(acc, cfg.data, cfg.seed, ("train", "val"), say)
     task_eval = replace(cfg.eval, monitor=task_metric(cfg.eval.monitor))  # the task knows its own metric names
     task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, task_eval, cfg.data,
-                                         cfg.model, data.category_ids))
+                                         cfg.model, data.category_ids, len(data.datasets["train"])))
     # a bad file met while decoding the split (airbench's whitening reads a sample) ends every rank alike
     model, loader = agree(acc, lambda: model_and_loader(cfg, acc, data, task, small_stem, say))
     model, opt, memory_format = prepare(model, loader, cfg.model, cfg.optim, cfg.train, acc)

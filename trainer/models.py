@@ -160,16 +160,46 @@ def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.T
     raise ConfigError(f"unknown test-time augmentation '{tta}' ({', '.join(TTA_MODES)})")
 
 
-def _small_stem(model: nn.Module, name: str) -> None:
-    """Keep full resolution in the first layer for 32x32-class inputs (the usual CIFAR adaptation)."""
-    if name.startswith("resnet"):
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    elif name.startswith(("mobilenet", "efficientnet")):
-        model.features[0][0].stride = (1, 1)
-    elif name.startswith("convnext"):
-        old = model.features[0][0]  # 4x4 stride-4 patchify conv -> 3x3 stride-1
-        model.features[0][0] = nn.Conv2d(3, old.out_channels, kernel_size=3, stride=1, padding=1)
+def _stride_one(conv: nn.Conv2d) -> None:
+    conv.stride = (1, 1)
+
+
+def _resnet_stem(model) -> None:  # ResNet, ResNeXt, Wide ResNet: 7x7 stride-2 conv + max-pool -> one 3x3 stride-1 conv
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def _densenet_stem(model) -> None:  # the same change on DenseNet's conv0 / pool0
+    model.features.conv0 = nn.Conv2d(3, model.features.conv0.out_channels, kernel_size=3, stride=1, padding=1,
+                                     bias=False)
+    model.features.pool0 = nn.Identity()
+
+
+def _convnext_stem(model) -> None:  # 4x4 stride-4 patchify conv -> 3x3 stride-1
+    old = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(3, old.out_channels, kernel_size=3, stride=1, padding=1)
+
+
+def _shufflenet_stem(model) -> None:
+    _stride_one(model.conv1[0])
+    model.maxpool = nn.Identity()
+
+
+# torchvision class name -> how its stem keeps full resolution for 32x32-class inputs (the usual CIFAR adaptation:
+# the first stride-2 layers become stride 1). Parameter shapes change only where a 7x7 or 4x4 conv becomes 3x3
+# (ResNet family, DenseNet, ConvNeXt). A class missing here (ViT, Swin, MaxViT, VGG, AlexNet, GoogLeNet, Inception
+# v3, SqueezeNet) keeps its stem: `model.small_input_stem=true` is refused for it.
+_SMALL_STEMS: Dict[str, Callable[[nn.Module], None]] = {
+    "ResNet": _resnet_stem,
+    "DenseNet": _densenet_stem,
+    "ConvNeXt": _convnext_stem,
+    "ShuffleNetV2": _shufflenet_stem,
+    "MobileNetV2": lambda m: _stride_one(m.features[0][0]),
+    "MobileNetV3": lambda m: _stride_one(m.features[0][0]),
+    "EfficientNet": lambda m: _stride_one(m.features[0][0]),
+    "MNASNet": lambda m: _stride_one(m.layers[0]),
+    "RegNet": lambda m: _stride_one(m.stem[0]),
+}
 
 
 # ---- stochastic depth and head dropout ----
@@ -233,9 +263,11 @@ def final_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-# torchvision's builders take these themselves; the ResNets get stochastic depth from `_add_resnet_drop_path`
-_TAKES_STOCHASTIC_DEPTH = ("convnext", "efficientnet")
-_TAKES_DROPOUT = ("mobilenet", "efficientnet")
+# torchvision's builders take these themselves (as stochastic_depth_prob / dropout); the ResNet family gets stochastic
+# depth from `_add_resnet_drop_path`, the rest of the nets with a final nn.Linear get head dropout from `_HeadDropout`
+_TAKES_STOCHASTIC_DEPTH = ("convnext", "efficientnet", "swin", "maxvit")
+_TAKES_DROPOUT = ("mobilenet", "efficientnet", "mnasnet", "squeezenet", "vgg", "alexnet", "googlenet", "inception")
+_RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 
 
 def _torchvision(name: str) -> Callable:
@@ -250,12 +282,26 @@ def _torchvision(name: str) -> Callable:
             kwargs["stochastic_depth_prob"] = drop_path
         if dropout is not None and name.startswith(_TAKES_DROPOUT):
             kwargs["dropout"] = dropout
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_outputs, **kwargs)
-        if small_input_stem if small_input_stem is not None else image_size <= 64:
-            _small_stem(model, name)
-        if drop_path and name.startswith("resnet"):
+        if name.startswith("vit_"):  # the position embedding is sized for the input: any multiple of the patch
+            kwargs["image_size"] = image_size
+        if name == "maxvit_t":  # its attention grids are sized for the input (a multiple of 224 runs)
+            kwargs["input_size"] = (image_size, image_size)
+        if name in ("googlenet", "inception_v3"):  # one logits tensor in train mode too (no aux heads' tuple);
+            kwargs.update(aux_logits=False, init_weights=True)  # init_weights: torchvision's own, without its warning
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_outputs, **kwargs)
+        except (ValueError, AssertionError) as err:  # ViT: a multiple of its patch; MaxViT: of 224 (its 7x7 grids)
+            raise ConfigError(f"data.image_size={image_size} does not fit model {name}: "
+                              f"{str(err).splitlines()[0]}") from None
+        stem = _SMALL_STEMS.get(type(model).__name__)
+        if small_input_stem and stem is None:
+            raise ConfigError(f"model.small_input_stem=true: model {name} has no small-image stem here; it works "
+                              f"with the {', '.join(sorted(_SMALL_STEMS))} families")
+        if stem is not None and (small_input_stem if small_input_stem is not None else image_size <= 64):
+            stem(model)
+        if drop_path and name.startswith(_RESNET_FAMILY):
             _add_resnet_drop_path(model, drop_path)
-        if dropout and not name.startswith(_TAKES_DROPOUT):  # ResNet, ConvNeXt: no dropout layer of their own
+        if dropout and not name.startswith(_TAKES_DROPOUT):  # ResNet, ConvNeXt, ...: no dropout layer of their own
             final_linear(model).register_forward_pre_hook(_HeadDropout(dropout))
         return model
 
@@ -273,19 +319,34 @@ def _ours(cls) -> Callable:
     return build
 
 
-MODELS: Dict[str, Callable[..., nn.Module]] = {
+def _torchvision_classifiers() -> list:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)  # 80 in torchvision 0.29
+
+
+OWN_MODELS: Dict[str, Callable[..., nn.Module]] = {
     "tutorial_cnn": _ours(TutorialNet),
     "binary_cnn": _ours(SingleConvCNN),  # BinaryCNN: the same net with one output
     "multiclass_cnn": _ours(SingleConvCNN),  # MultiClassCNN
     "small_cnn": _ours(SmallCNN),
     "airbench": _ours(AirbenchNet),  # the CIFAR speed-recipe net (configs/airbench_cifar10.yaml)
     "linear": _ours(LinearModel),
-    **{name: _torchvision(name) for name in (
-        "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-        "convnext_tiny")},
 }
-# model.drop_path: the nets with residual blocks that take stochastic depth (MobileNetV3's torchvision build has none)
-DROP_PATH_MODELS = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny")
+# every classifier torchvision has, by its own name (resnet18, regnet_y_400mf, vit_b_16, ...)
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    **OWN_MODELS, **{name: _torchvision(name) for name in _torchvision_classifiers()}}
+# model.drop_path: the nets with residual blocks that take stochastic depth (MobileNet, RegNet, DenseNet: none here)
+DROP_PATH_MODELS = tuple(n for n in MODELS if n.startswith(_RESNET_FAMILY + _TAKES_STOCHASTIC_DEPTH))
+
+
+def unknown_name(key: str, name: str, valid) -> ConfigError:
+    """The error for a model name that is not one of `valid`: the closest names first (difflib), then all."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return ConfigError(f"unknown {key} '{name}'{hint} valid names: {', '.join(sorted(valid))}")
 
 
 def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
@@ -296,10 +357,10 @@ def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_s
     Neither changes parameter names, and both act only in training mode: a model built without them loads
     the same weights and gives the same eval-mode outputs (exports are rebuilt that way)."""
     if name not in MODELS:
-        raise ConfigError(f"unknown model.name '{name}'; valid names: {', '.join(sorted(MODELS))}")
+        raise unknown_name("model.name", name, MODELS)
     if drop_path and name not in DROP_PATH_MODELS:
-        raise ConfigError(f"model.drop_path={drop_path}: model {name} has no stochastic depth; it works with "
-                          f"{', '.join(DROP_PATH_MODELS)}")
+        raise ConfigError(f"model.drop_path={drop_path}: model {name} has no stochastic depth; it works with the "
+                          f"{', '.join(_RESNET_FAMILY + _TAKES_STOCHASTIC_DEPTH)} models")
     model = MODELS[name](num_outputs, image_size=image_size, small_input_stem=small_input_stem,
                          drop_path=drop_path, dropout=dropout)
     if pretrained_path:

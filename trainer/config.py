@@ -229,6 +229,11 @@ class ModelCfg:
     name: str = "multiclass_cnn"
     small_input_stem: Optional[bool] = None  # torchvision models: 3x3 stride-1 stem for small images; null = auto (image_size <= 64)
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
+    # pretrained weights by name: DEFAULT, or one of the model's torchvision weights (ResNet50_Weights.IMAGENET1K_V2,
+    # or the tag alone), read from torch.hub's cache ($TORCH_HOME/hub/checkpoints, else ~/.cache/torch/...) and
+    # loaded as pretrained_path is; their mean/std are data.mean/std's default
+    weights: Optional[str] = None
+    weights_download: bool = False  # fetch a missing weights file into that cache (needs network)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
     # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;
@@ -430,7 +435,7 @@ class Config:
 RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_steps", "train.progress_bar",
                     "train.dist_timeout_s", "train.cudnn_benchmark", "train.deterministic", "train.device", "data.num_workers",
                     "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile",
-                    "ema.evaluate")
+                    "model.weights_download", "ema.evaluate")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -553,6 +558,8 @@ def validate(cfg: Config) -> None:
     """Each number inside the range its field declares (`check_ranges`), then the rules that relate keys to
     each other and to the data, which one field's range cannot express; each names its key."""
     check_ranges(cfg)
+    if cfg.model.weights and cfg.model.pretrained_path:
+        raise ConfigError("model.weights and model.pretrained_path both name the starting weights: choose one")
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError("run.resume and run.overwrite=true contradict each other: choose one")
     needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO", "shards": "packed (trainer pack)"}

@@ -33,6 +33,7 @@ from trainer.config import Config, to_dict, to_yaml
 from trainer.data import data_inputs
 from trainer.distributed import agree, check_processes, make_accelerator, print0
 from trainer.evaluation import export_scored, score
+from trainer.models import pretrained_source
 from trainer.monitor import Monitor
 from trainer.optim import lr_at
 from trainer.session import build_session
@@ -59,7 +60,9 @@ def train(cfg: Config) -> dict:
         # Each start-up step runs through `agree`: an error on any rank ends every rank with the same one line.
         cfg.run.dir = agree(acc, lambda: str(cfg.run.dir or rundir.default_run_dir(cfg.run.name)), main_only=True,
                             share=True)
-        inputs = data_inputs(cfg.data).add("model.pretrained_path", cfg.model.pretrained_path)
+        # model.weights: found (or, if allowed, fetched) now, so that a missing file is refused before any write
+        pretrained = agree(acc, lambda: pretrained_source(cfg.model, say), main_only=True, share=True)
+        inputs = data_inputs(cfg.data).add("model.weights" if cfg.model.weights else "model.pretrained_path", pretrained)
         plan = agree(acc, lambda: rundir.open_run(Path(cfg.run.dir), cfg.run.resume, cfg.run.overwrite, inputs),
                      main_only=True, share=True)
         with plan:  # the main process holds the run's lock until the end; a failed start leaves nothing behind

@@ -392,20 +392,79 @@ def read_state_dict(path: str, what: str = "pretrained weights file") -> Dict[st
     return {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper prefix
 
 
-def load_pretrained(model: nn.Module, path: str, verbose=print) -> None:
+# ---- pretrained weights by name (model.weights), from torch.hub's local cache only ----
+
+def torchvision_weights(name: str, weights: str):
+    """The torchvision weights enum member that `model.weights` names for model `name`: DEFAULT, a tag of the
+    model's own enum (IMAGENET1K_V2) or the full name (ResNet50_Weights.IMAGENET1K_V2). ConfigError otherwise,
+    listing what the model has."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError:
+        raise ConfigError(f"model.weights={weights}: model {name} has no torchvision weights (use "
+                          f"model.pretrained_path for a local file)") from None
+    tag = weights.removeprefix(f"{enum.__name__}.")
+    if "." in tag:  # another model's enum
+        raise ConfigError(f"model.weights={weights} are not {name}'s weights; its weights: {enum.__name__}.*")
+    if tag != "DEFAULT" and tag not in enum.__members__:
+        raise ConfigError(f"model.weights={weights}: {name} has {', '.join(['DEFAULT', *enum.__members__])}")
+    return enum[tag]
+
+
+def weights_file(name: str, weights: str, download: bool = False, verbose=print) -> str:
+    """The local file of torchvision weights `weights` for model `name`: torch.hub's cache (TORCH_HOME, else
+    ~/.cache/torch, then hub/checkpoints/), under the last part of the weights' url, as torchvision's own
+    builders look for it. Never downloads unless `download` (model.weights_download=true): a missing file is one
+    line naming the file, the folder and the command that fetches it on a machine with network."""
+    import torch.hub
+
+    entry = torchvision_weights(name, weights)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / entry.url.rsplit("/", 1)[-1]
+    if not path.is_file() and download:
+        verbose(f"downloading {entry.url} to {folder} (model.weights_download=true)")
+        torch.hub.load_state_dict_from_url(entry.url, progress=False, check_hash=True, weights_only=True)
+    if not path.is_file():
+        fetch = f"python -c \"import torch.hub; torch.hub.load_state_dict_from_url('{entry.url}')\""
+        raise ConfigError(f"model.weights={weights}: {path.name} is not in {folder} (nothing is downloaded unless "
+                          f"model.weights_download=true); on a machine with network run {fetch} and copy "
+                          f"~/.cache/torch/hub/checkpoints/{path.name} into {folder} (or set TORCH_HOME)")
+    return str(path)
+
+
+def pretrained_source(model_cfg, verbose=print) -> Optional[str]:
+    """The file a run's model starts from: model.pretrained_path, or the local file of model.weights."""
+    if model_cfg.weights:
+        return weights_file(model_cfg.name, model_cfg.weights, model_cfg.weights_download, verbose)
+    return model_cfg.pretrained_path
+
+
+def weights_normalisation(model_cfg) -> Optional[tuple]:
+    """(mean, std) of model.weights' own preprocessing (torchvision's weights.transforms()), None without
+    weights or where they define none. The default of data.mean / data.std: pretrained features expect them."""
+    if not model_cfg.weights:
+        return None
+    transforms = torchvision_weights(model_cfg.name, model_cfg.weights).transforms()
+    mean, std = getattr(transforms, "mean", None), getattr(transforms, "std", None)
+    return (list(mean), list(std)) if mean is not None and std is not None else None
+
+
+def load_pretrained(model: nn.Module, path: str, verbose=print, what: str = "model.pretrained_path") -> None:
     """Load a local state dict without running code: .safetensors, or a .pth read with weights_only=True.
 
     Tensors whose shape differs (the classifier head for another class count, a changed stem) are left
     at their fresh initialisation and listed; any other missing or unexpected key is an error.
     """
-    state = read_state_dict(path, "model.pretrained_path")
+    state = read_state_dict(path, what)
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     reinit = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     if missing or unexpected:
-        raise ConfigError(f"model.pretrained_path {path} does not fit model: missing {missing[:5]}, "
+        raise ConfigError(f"{what} {path} does not fit model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     model.load_state_dict({**own, **kept})
     verbose(f"loaded {len(kept)} pretrained tensors from {path}; re-initialised (shape differs): {reinit or 'none'}")

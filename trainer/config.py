@@ -21,6 +21,10 @@ from trainer.errors import ConfigError
 
 
 VERIFY_MODES = ("header", "full", "off")  # data.verify_images
+# tracking.log_with: accelerate's trackers the trainer drives, each with the module it imports and the pip
+# package that provides it (mlflow-skinny: MLflow's client without its server and UI, all accelerate's tracker needs)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
+            "wandb": ("wandb", "wandb")}
 
 
 # ---- ranges: every number in the schema says which values it takes, next to its default ----
@@ -387,6 +391,18 @@ class WandbCfg:
 
 
 @dataclass
+class TrackingCfg:
+    # Loggers besides metrics.jsonl (always written: the run's own record), each through accelerate's tracker in
+    # its local mode inside the run directory: tensorboard (<run>/tensorboard/), mlflow (<run>/mlflow/, a file
+    # store), wandb (<run>/wandb/; wandb.enabled=true adds it). E.g. tracking.log_with=[tensorboard,mlflow]
+    log_with: List[str] = field(default_factory=list)
+    mlflow_experiment: str = "cnn-trainer"
+    # null = the run's own file store (<run>/mlflow); or a tracking server or database of your own
+    # (http://host:5000, sqlite:///path/mlflow.db), which the trainer then does not manage
+    mlflow_uri: Optional[str] = None
+
+
+@dataclass
 class CheckpointCfg:
     # optimizer updates between checkpoints; 0 = only per epoch / at the end / on request
     every_steps: int = ranged(0, "[0, inf)")
@@ -426,16 +442,17 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
 
 # Keys that may differ between a checkpoint and the run resuming it: they change how the run is watched,
 # evaluated, saved, launched or read from disk, not which batches it sees or which lr each update gets.
 # (data.root may move, e.g. a node-local copy: the data's identity is checked by its fingerprint instead.)
-RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_steps", "train.progress_bar",
-                    "train.dist_timeout_s", "train.cudnn_benchmark", "train.deterministic", "train.device", "data.num_workers",
-                    "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile",
-                    "model.weights_download", "ema.evaluate")
+RESUME_SAFE_KEYS = ("run.", "wandb.", "tracking.", "checkpoint.", "eval.", "train.log_every_steps",
+                    "train.progress_bar", "train.dist_timeout_s", "train.cudnn_benchmark", "train.deterministic",
+                    "train.device", "data.num_workers", "data.prefetch_factor", "data.verify_images", "data.root",
+                    "data.download", "model.compile", "model.weights_download", "ema.evaluate")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -606,6 +623,26 @@ def validate(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
     _validate_regularisation(cfg)
+    _validate_trackers(cfg)
+
+
+def trackers(cfg: Config) -> List[str]:
+    """The loggers a run drives: tracking.log_with, plus wandb when wandb.enabled, each once."""
+    return list(dict.fromkeys([*cfg.tracking.log_with, *(["wandb"] if cfg.wandb.enabled else [])]))
+
+
+def _validate_trackers(cfg: Config) -> None:
+    """Each logger known, and its package installed (accelerate would drop a missing one without a word)."""
+    import importlib.util
+
+    for name in trackers(cfg):
+        if name not in TRACKERS:
+            raise ConfigError(f"tracking.log_with: unknown logger '{name}'; valid: {', '.join(sorted(TRACKERS))}")
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            key = "wandb.enabled=true" if name == "wandb" and name not in cfg.tracking.log_with else "tracking.log_with"
+            raise ConfigError(f"{key} logs with {name}, whose package is not installed: pip install {package} "
+                              f"-c launch/constraints.txt (or pip install -e '.[{name}]')")
 
 
 def _validate_regularisation(cfg: Config) -> None:

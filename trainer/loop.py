@@ -51,7 +51,7 @@ def train(cfg: Config) -> dict:
     try:
         # ---- setup: processes, seeds ----
         acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
-                               cfg.train.dist_timeout_s, log_with="wandb" if cfg.wandb.enabled else None)
+                               cfg.train.dist_timeout_s)
         say = print0(acc)
         check_processes(acc, say, cfg.train.dist_timeout_s)
         set_seed(cfg.seed)  # same on every rank: identical initial weights, one shuffle order
@@ -104,15 +104,13 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
         return lr_at(update, **s.schedule)
 
     # ---- the run directory is written now that every check has passed ----
-    loop.wandb_run_id = agree(acc, lambda: loop.wandb_run_id or rundir.new_run_id(), main_only=True, share=True)
+    loop.run_ids["wandb"] = agree(acc, lambda: loop.run_ids.get("wandb") or rundir.new_run_id(), main_only=True,
+                                  share=True)
     resumed_from = plan.checkpoint if plan.kind == "resume" else None
     seen_step = agree(acc, lambda: rundir.start(plan, say, task, to_yaml(cfg), s.derived, rundir.environment(
         acc.num_processes, str(acc.device), acc.mixed_precision), loop, resumed_from), main_only=True, share=True)
-    tracker = Tracker(acc, plan.out, cfg.wandb.enabled, rows=loop.metrics_rows, wandb_after_step=seen_step)
-    if cfg.wandb.enabled:
-        acc.init_trackers(cfg.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": {
-            "name": plan.dir.name, "dir": str(plan.dir), "tags": list(cfg.wandb.tags), "entity": cfg.wandb.entity,
-            "id": loop.wandb_run_id, "resume": "allow"}})
+    tracker = Tracker(acc, plan.out, rows=loop.metrics_rows)
+    agree(acc, lambda: tracker.start_loggers(cfg, plan.dir, loop, seen_step), main_only=True)
     say(f"[trainer] {task.name} | {len(s.data.classes)} classes | {len(s.train_set)} train / {len(s.val_set)} val "
         f"images | model {cfg.model.name}")
     say("[trainer] " + " ".join(f"{k}={s.derived[k]}" for k in (
@@ -229,7 +227,7 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
 
 def end_of_run(plan, tracker: Tracker, s, update: int, scores, summary: dict) -> None:
     """Main process: the final model and its reports, the training curves, then summary.json (from then on the
-    same command says the run is complete); the plots to W&B when it is on."""
+    same command says the run is complete); the plots to the loggers that take images."""
     export_scored(plan.out, "model", s.core, s.extensions, s.task, scores, s.card, update)
     curves = rundir.finish(plan, summary)
     tracker.log_images({"plots/training_curves": curves or plan.dir / "plots" / "none",

@@ -1,4 +1,5 @@
-"""Model builders: a plain dict from name to builder. Every model returns raw logits (no sigmoid/softmax layer:
+"""Model builders: a plain dict from name to builder, and timm's models by their hub id (timm/<name>). Every
+model returns raw logits (no sigmoid/softmax layer:
 the loss applies its own, numerically stable, one).
 """
 from __future__ import annotations
@@ -338,15 +339,61 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     **OWN_MODELS, **{name: _torchvision(name) for name in _torchvision_classifiers()}}
 # model.drop_path: the nets with residual blocks that take stochastic depth (MobileNet, RegNet, DenseNet: none here)
 DROP_PATH_MODELS = tuple(n for n in MODELS if n.startswith(_RESNET_FAMILY + _TAKES_STOCHASTIC_DEPTH))
+# model.name=timm/<name>: one of timm's models by its Hugging Face hub id (timm/resnet50.a1_in1k; the tag after the
+# dot names pretrained weights, unused here). The prefix is required: resnet50, efficientnet_b0, ... name different
+# nets in torchvision and timm, and a model.json must rebuild the same one whatever either library adds later.
+TIMM_PREFIX = "timm/"
 
 
-def unknown_name(key: str, name: str, valid) -> ConfigError:
-    """The error for a model name that is not one of `valid`: the closest names first (difflib), then all."""
+def _timm(name: str) -> Callable:
+    def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
+              drop_path: Optional[float] = None, dropout: Optional[float] = None) -> nn.Module:
+        import timm
+
+        if small_input_stem:
+            raise ConfigError(f"model.small_input_stem=true: timm's models have no small-image stem here (model "
+                              f"{TIMM_PREFIX}{name}); leave it null")
+        # timm's own arguments; None leaves the model's default (timm drops None-valued ones)
+        kwargs = dict(pretrained=False, num_classes=num_outputs, drop_path_rate=drop_path, drop_rate=dropout)
+        try:  # transformers size their position embeddings for the input; the CNNs take no img_size
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:
+            pass
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as err:  # e.g. a net without stochastic depth given model.drop_path
+            raise ConfigError(f"model {TIMM_PREFIX}{name} does not take these settings (model.drop_path / "
+                              f"model.dropout): {str(err).splitlines()[0]}") from None
+
+    return build
+
+
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """model.name's builder: MODELS', or timm's for timm/<name> (refused with the closest names otherwise)."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        if not timm.is_model(name[len(TIMM_PREFIX):]):
+            raise unknown_name("model.name", name, [TIMM_PREFIX + n for n in timm.list_models()], list_all=False)
+        return _timm(name[len(TIMM_PREFIX):])
+    if name not in MODELS:
+        import timm
+
+        if timm.is_model(name):
+            raise ConfigError(f"unknown model.name '{name}': timm's is model.name={TIMM_PREFIX}{name}")
+        raise unknown_name("model.name", name, MODELS)
+    return MODELS[name]
+
+
+def unknown_name(key: str, name: str, valid, list_all: bool = True) -> ConfigError:
+    """The error for a model name that is not one of `valid`: the closest names first (difflib), then all (or,
+    without `list_all`, for timm's ~1,400, where to find them)."""
     import difflib
 
     close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return ConfigError(f"unknown {key} '{name}'{hint} valid names: {', '.join(sorted(valid))}")
+    listed = f"valid names: {', '.join(sorted(valid))}" if list_all else "valid names: timm.list_models()"
+    return ConfigError(f"unknown {key} '{name}'{hint} {listed}")
 
 
 def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
@@ -356,13 +403,12 @@ def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_s
     before the classifier head (0 = off). None = the model's own (torchvision's defaults, see `_torchvision`).
     Neither changes parameter names, and both act only in training mode: a model built without them loads
     the same weights and gives the same eval-mode outputs (exports are rebuilt that way)."""
-    if name not in MODELS:
-        raise unknown_name("model.name", name, MODELS)
-    if drop_path and name not in DROP_PATH_MODELS:
+    builder = model_builder(name)
+    if drop_path and name not in DROP_PATH_MODELS and not name.startswith(TIMM_PREFIX):
         raise ConfigError(f"model.drop_path={drop_path}: model {name} has no stochastic depth; it works with the "
                           f"{', '.join(_RESNET_FAMILY + _TAKES_STOCHASTIC_DEPTH)} models")
-    model = MODELS[name](num_outputs, image_size=image_size, small_input_stem=small_input_stem,
-                         drop_path=drop_path, dropout=dropout)
+    model = builder(num_outputs, image_size=image_size, small_input_stem=small_input_stem, drop_path=drop_path,
+                    dropout=dropout)
     if pretrained_path:
         load_pretrained(model, pretrained_path, verbose)
     return model

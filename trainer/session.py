@@ -19,7 +19,7 @@ from trainer.distributed import agree
 from trainer.errors import ConfigError
 from trainer.export import model_card
 from trainer.extensions import Extensions, build_extensions
-from trainer.models import build_model, check_input_size, pretrained_source, weights_normalisation
+from trainer.models import TIMM_PREFIX, build_model, check_input_size, pretrained_source, weights_normalisation
 from trainer.monitor import task_metric
 from trainer.optim import optimizer_from, schedule_from
 from trainer.tasks import build_task, task_spec
@@ -57,7 +57,9 @@ class Session:
 
 
 def build_session(cfg, acc, say: Callable) -> Session:
-    small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
+    # auto: small images get the small-image stem, but timm's nets keep their own (model.json says so)
+    small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else (
+        cfg.data.image_size <= 64 and not cfg.model.name.startswith(TIMM_PREFIX))
     if task_spec(cfg.task, cfg.data).fixed_input_size:  # classification; segmentation pads, detection resizes
         agree(acc, lambda: probe_input_size(cfg.model, cfg.data.image_size, small_stem))
     agree(acc, lambda: check_gpu_keys(cfg.model.sync_bn, cfg.data.decode_device, acc.device))

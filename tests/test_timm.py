@@ -1,5 +1,6 @@
 """timm's models by their hub id (model.name=timm/<name>): built with timm's own arguments, split into backbone and
-head for fine-tuning, trained through the CLI and resumed bitwise after a SIGKILL, rebuilt from model.json."""
+head for fine-tuning, trained through the CLI and resumed bitwise after a SIGKILL, rebuilt from model.json by
+eval, predict and the ONNX export."""
 from __future__ import annotations
 
 import json
@@ -44,9 +45,10 @@ def test_unknown_and_bare_timm_names_are_refused_with_the_name_to_use():
 
 
 @pytest.mark.slow
-def test_a_timm_model_trains_resumes_bitwise_after_sigkill_and_its_export_rebuilds(tmp_path):
+@pytest.mark.parametrize("name", ["timm/mobilenetv3_small_050", "timm/resnet10t"])
+def test_a_timm_model_trains_resumes_bitwise_after_sigkill_and_its_export_rebuilds(tmp_path, name):
     # dropout and stochastic depth: the resumed run must restore the RNG too
-    extra = {"model.name": "timm/mobilenetv3_small_050", "model.dropout": 0.2, "model.drop_path": 0.1,
+    extra = {"model.name": name, "model.dropout": 0.2, "model.drop_path": 0.1,
              "train.epochs": 2, "train.log_every_steps": 2, "checkpoint.every_steps": 3}
     ref = run_cli("train", "-", *tiny_overrides(tmp_path, **{**extra, "run.dir": tmp_path / "ref"}))
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -61,3 +63,9 @@ def test_a_timm_model_trains_resumes_bitwise_after_sigkill_and_its_export_rebuil
     assert json.loads((tmp_path / "run" / "model" / "model.json").read_text())["architecture"] == extra["model.name"]
     scored = run_cli("eval", "--model", str(tmp_path / "run" / "model"))  # rebuilt from model.json alone
     assert scored.returncode == 0, scored.stderr[-2000:]
+    predicted = run_cli("predict", "--model", str(tmp_path / "run" / "model"), "--output",
+                        str(tmp_path / "predictions.csv"), str(tmp_path / "gen-multiclass" / "test"))
+    assert predicted.returncode == 0, predicted.stderr[-2000:]
+    exported = run_cli("export", "--model", str(tmp_path / "run" / "model"), "--format", "onnx", "--output",
+                       str(tmp_path / "model.onnx"))  # its parity check with PyTorch included
+    assert exported.returncode == 0, exported.stderr[-2000:]

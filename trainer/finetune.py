@@ -42,7 +42,8 @@ def model_levels(model: nn.Module, model_name: str, key: str) -> List[List[str]]
         own = [name for name, _ in model.named_parameters(recurse=False)]  # ViT's class_token: with the stem
         return [own + body[:1]] + [[name] for name in body[1:]] + [[head]]
     raise ConfigError(f"{key}: model {model_name} has no backbone/head split; it works with the classification "
-                      f"models with a linear head ({', '.join(sorted(OWN_MODELS))}, torchvision's classifiers but SqueezeNet, timm's)")
+                      f"models with a linear head ({', '.join(sorted(OWN_MODELS))}, torchvision's classifiers but "
+                      f"SqueezeNet, timm's)")
 
 
 def _level_of(name: str, levels: List[List[str]]) -> int:

@@ -9,8 +9,9 @@ from trainer.models import MODELS, OWN_MODELS, build_model, check_input_size
 CORE = sorted(OWN_MODELS) + ["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
                              "efficientnet_b0", "convnext_tiny"]
 TORCHVISION_CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
-# the smallest side that runs, where 32 px does not: no small-image stem for these (check_input_size names it)
-MIN_SIDE = {"alexnet": 63, "inception_v3": 75, "maxvit_t": 224}
+# the smallest side that runs, where 32 px does not: no small-image stem for these (check_input_size names it);
+# vit_h_14: a multiple of its 14 px patch
+MIN_SIDE = {"alexnet": 63, "inception_v3": 75, "maxvit_t": 224, "vit_h_14": 42}
 
 
 def _params(name: str) -> int:

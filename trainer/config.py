@@ -455,11 +455,12 @@ RESUME_SAFE_KEYS = ("run.", "wandb.", "tracking.", "checkpoint.", "eval.", "trai
                     "data.download", "model.compile", "model.weights_download", "ema.evaluate")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys (data.image_size: 32): what a resume compares, MLflow's parameters."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -468,8 +469,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def config_changes(old: dict, new: dict) -> List[str]:
     """`key: old -> new` for every key that differs and is not resume-safe (a key one side lacks counts
     as changed only if the other side does not hold its default)."""
-    defaults = _flatten(to_dict(Config()))
-    a, b = _flatten(old), _flatten(new)
+    defaults = flatten(to_dict(Config()))
+    a, b = flatten(old), flatten(new)
     changes = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(RESUME_SAFE_KEYS):

@@ -69,7 +69,7 @@ class Tracker:
         run this run's checkpoint names (`loop.run_ids`), which then gets only the rows after `seen_step` (W&B
         refuses a step twice, MLflow would keep both). A new run's id goes into `loop.run_ids` (saved by the
         main process with the next checkpoint). The config goes to each new logger run that takes one."""
-        from trainer.config import to_dict, trackers
+        from trainer.config import flatten, to_dict, trackers
 
         for name in trackers(cfg):
             continued = seen_step >= 0 and bool(loop.run_ids.get(name))  # else a new logger run
@@ -80,7 +80,7 @@ class Tracker:
             if name == "wandb":  # W&B takes the config nested, and a resumed run's changes (allow_val_change)
                 logger.store_init_configuration(to_dict(cfg))
             elif name == "mlflow" and not continued:  # MLflow refuses to change a parameter: the first start's
-                logger.store_init_configuration(flat(to_dict(cfg)))
+                logger.store_init_configuration(flatten(to_dict(cfg)))
             self.loggers[name] = logger
             self.after_step[name] = seen_step if continued and name != "tensorboard" else -1  # tb: purge_step
 
@@ -129,14 +129,6 @@ class Tracker:
         for logger in self.loggers.values():
             logger.finish()
         self.loggers = {}
-
-
-def flat(tree: dict, prefix: str = "") -> dict:
-    """A nested config as dotted keys (data.image_size: 32), as MLflow's parameters take it."""
-    out = {}
-    for key, value in tree.items():
-        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
 
 
 class LossLog:

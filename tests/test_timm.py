@@ -44,6 +44,19 @@ def test_unknown_and_bare_timm_names_are_refused_with_the_name_to_use():
         build_model("resnet10t", 3)
 
 
+def test_without_timm_a_timm_name_says_how_to_install_it_and_other_names_still_work(monkeypatch):
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else found(name, *a))
+    with pytest.raises(ConfigError, match=r"^model.name=timm/resnet10t needs timm, which is not installed: "
+                                          r"pip install timm"):
+        build_model("timm/resnet10t", 3)
+    with pytest.raises(ConfigError, match=r"^unknown model.name 'resnet10t'; .*valid names: "):
+        build_model("resnet10t", 3)
+    assert build_model("small_cnn", 3)(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["timm/mobilenetv3_small_050", "timm/resnet10t"])
 def test_a_timm_model_trains_resumes_bitwise_after_sigkill_and_its_export_rebuilds(tmp_path, name):

@@ -370,17 +370,23 @@ def _timm(name: str) -> Callable:
 
 def model_builder(name: str) -> Callable[..., nn.Module]:
     """model.name's builder: MODELS', or timm's for timm/<name> (refused with the closest names otherwise)."""
+    import importlib.util
+
     if name.startswith(TIMM_PREFIX):
+        if importlib.util.find_spec("timm") is None:  # a dependency, but a hand-made environment may lack it
+            raise ConfigError(f"model.name={name} needs timm, which is not installed: pip install timm "
+                              f"-c launch/constraints.txt")
         import timm
 
         if not timm.is_model(name[len(TIMM_PREFIX):]):
             raise unknown_name("model.name", name, [TIMM_PREFIX + n for n in timm.list_models()], list_all=False)
         return _timm(name[len(TIMM_PREFIX):])
     if name not in MODELS:
-        import timm
+        if importlib.util.find_spec("timm") is not None:
+            import timm
 
-        if timm.is_model(name):
-            raise ConfigError(f"unknown model.name '{name}': timm's is model.name={TIMM_PREFIX}{name}")
+            if timm.is_model(name):
+                raise ConfigError(f"unknown model.name '{name}': timm's is model.name={TIMM_PREFIX}{name}")
         raise unknown_name("model.name", name, MODELS)
     return MODELS[name]
 

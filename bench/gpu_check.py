@@ -76,7 +76,7 @@ RESERVE_S = 10  # of the budget, kept for writing the table after the last part
 NEEDED = {"torch": "torch", "torchvision": "torchvision", "accelerate": "accelerate", "omegaconf": "omegaconf",
           "safetensors": "safetensors", "numpy": "numpy", "PIL": "pillow", "tqdm": "tqdm",
           "matplotlib": "matplotlib", "sklearn": "scikit-learn", "xxhash": "xxhash", "pycocotools": "pycocotools",
-          "pytest": "pytest"}
+          "timm": "timm", "pytest": "pytest"}
 
 
 # ---- sizes: a lease (GPU) and the dry run (CPU) ----

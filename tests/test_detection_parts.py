@@ -21,7 +21,7 @@ from trainer.tasks.detect_models import (DETECTION_MODELS, DETECTION_OPTIONS, bu
 # every model small enough for a quick step where it can be (SSDlite always resizes to 320x320)
 SMALL = {name: ({"min_size": 64, "max_size": 96} if "min_size" in model_kwargs(name) else {})
          for name in DETECTION_MODELS}
-SLOW = {"fasterrcnn_resnet50_fpn_v2"}  # 8.7 s alone on an idle 2-core CPU (1 thread), > 10 s under load
+SLOW = {"fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn", "ssd300_vgg16"}  # 8.7 s (ssd300: 7.5 s) alone on an idle 2-core CPU (1 thread), > 10 s under load
 
 
 @pytest.fixture
@@ -136,6 +136,11 @@ def test_bad_option_values(options, match):
         model_kwargs("fasterrcnn_mobilenet_v3_large_320_fpn", options)
 
 
+def test_mask_and_keypoint_models_say_why_they_are_not_offered():
+    with pytest.raises(ConfigError, match="maskrcnn_resnet50_fpn is not offered: it trains on instance masks"):
+        build_detection_model("maskrcnn_resnet50_fpn", 3)
+
+
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ConfigError, match="valid names: .*retinanet_small"):
         build_detection_model("yolo", 3)
@@ -159,6 +164,9 @@ ROUND_TRIP = {  # options that change the architecture, per model
                                   "trainable_backbone_layers": 1},
     "fcos_resnet50_fpn": {"trainable_backbone_layers": 4, "min_size": 64, "max_size": 96},
     "ssdlite320_mobilenet_v3_large": {"detections_per_img": 50},
+    "fasterrcnn_resnet50_fpn": {"trainable_backbone_layers": 3, "min_size": 64, "max_size": 96},
+    "retinanet_resnet50_fpn": {"anchor_sizes": [[16, 24]] * 5, "aspect_ratios": [1.0], "nms_thresh": 0.4},
+    "ssd300_vgg16": {"score_thresh": 0.2},
 }
 
 

@@ -768,7 +768,37 @@ def build_workspace(w: Path) -> dict:
     (w / "det_packed_noann" / "val-annotations.json").unlink()
     mask_folder(w / "seg_flat_src")
     shutil.copytree(w / "seg_flat_src" / "train", w / "seg_flat")
+    # multi-label CSV folders, each with one defect
+    for name in ("ml_ok", "ml_missing", "ml_unknown", "ml_empty_class", "ml_unreadable", "ml_nocolumn"):
+        multilabel_folder(w / name)
+    (w / "ml_missing" / "img" / "v1.png").unlink()
+    (w / "ml_unknown" / "val.csv").write_text("image,labels\nimg/v0.png,cat zebra\n")
+    (w / "ml_empty_class" / "classes.txt").write_text("cat\ndog\nfish\n")
+    (w / "ml_unreadable" / "img" / "v1.png").write_text("not an image")
+    (w / "ml_nocolumn" / "train.csv").write_text("image,tags\nimg/t0.png,cat\n")
     return p
+
+
+def multilabel_folder(root: Path) -> Path:
+    """A tiny multi-label CSV folder: 6 training and 3 validation images, labels cat/dog (one with none)."""
+    sets = {"train": ["cat", "dog", "cat dog", "", "dog", "cat"], "val": ["cat", "dog cat", ""]}
+    for split, labels in sets.items():
+        rows = []
+        for i, labs in enumerate(labels):
+            name = f"img/{split[0]}{i}.png"
+            write_image(root / name, seed=i + 10 * len(split))
+            rows.append(f"{name},{labs}\n")
+        (root / f"{split}.csv").write_text("image,labels\n" + "".join(rows))
+    return root
+
+
+def ml_args(root: Path, **extra) -> list:
+    """A multi-label folder to train on, and a run directory of its own (which must never appear)."""
+    base = {"data.format": "multilabel", "data.root": str(root), "data.image_size": 16, "data.num_workers": 0,
+            "model.name": "small_cnn", "train.epochs": 1, "train.batch_size": 2, "train.progress_bar": False,
+            "run.dir": str(root.parent / "runs" / f"run{next(RUN_NAMES)}")}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
 
 
 def _drop_annotations_key(coco, root):
@@ -1043,6 +1073,19 @@ def cases(w: Path, p: dict) -> list:
                                               "--skip-bad-images"], "--skip-bad-images cannot"),
         ("det: --draw for a classifier", [*pred, "--draw", str(w / "out" / "drawn")], "--draw"),
         ("predict garbage model.json", ["predict", "--model", str(m / "garbage_json"), str(w / "gen-multiclass" / "val"), "--output", str(w / "out" / "p.csv")], "not valid JSON"),
+        # -- multi-label CSV folders --
+        ("ml: a missing image file", ["train", "-", *ml_args(w / "ml_missing")], "val.csv line 3: image"),
+        ("ml: a val label not in train", ["train", "-", *ml_args(w / "ml_unknown")], "label 'zebra' is not a class"),
+        ("ml: a class with no image", ["train", "-", *ml_args(w / "ml_empty_class")], "class 'fish' has no positive"),
+        ("ml: an unreadable image", ["train", "-", *ml_args(w / "ml_unreadable")], "v1.png"),
+        ("ml: a CSV without its column", ["train", "-", *ml_args(w / "ml_nocolumn")], "has no column 'labels'"),
+        ("ml: youden thresholds", ["train", "-", *ml_args(w / "ml_ok", **{"eval.threshold_tuning": "youden"})],
+         "eval.threshold_tuning=max_f1"),
+        ("ml: the weighted sampler", ["train", "-", *ml_args(w / "ml_ok", **{"data.sampler": "weighted"})],
+         "data.sampler=weighted"),
+        ("ml: csv keys on image folders", ["train", "-", *g(w), "data.csv.labels_column=tags"],
+         "data.csv.labels_column"),
+        ("pack a multi-label folder", ["pack", str(w / "ml_ok"), str(w / "out" / "packed")], "multi-label CSV folder"),
         # -- sweeps --
         ("sweep invalid yaml", ["sweep", str(w / "sweeps" / "bad.yaml"), "--local", "--dir", str(w / "sw")], "not valid YAML"),
         ("sweep without parameters", ["sweep", str(w / "sweeps" / "noparams.yaml"), "--local", "--dir", str(w / "sw")], "parameters"),

@@ -1,11 +1,42 @@
 import pytest
 import torch
+import torchvision
 
 from trainer.errors import ConfigError
-from trainer.models import MODELS, build_model
+from trainer.models import MODELS, OWN_MODELS, build_model, check_input_size
+
+# the models each training feature is tested on: ours and the torchvision classifiers the recipes use
+CORE = sorted(OWN_MODELS) + ["resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
+                             "efficientnet_b0", "convnext_tiny"]
+TORCHVISION_CLASSIFIERS = torchvision.models.list_models(module=torchvision.models)
+# the smallest side that runs, where 32 px does not: no small-image stem for these (check_input_size names it);
+# vit_h_14: a multiple of its 14 px patch
+MIN_SIDE = {"alexnet": 63, "inception_v3": 75, "maxvit_t": 224, "vit_h_14": 42}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+def _params(name: str) -> int:
+    """Parameters with 1,000 classes, from torchvision's weights meta: known without building the model."""
+    return torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if _params(n) > 50e6 else n
+                                  for n in TORCHVISION_CLASSIFIERS])
+def test_every_torchvision_classifier_builds_by_its_name_and_runs(name):
+    """Every classifier torchvision lists is a model.name: built at 32 px (or its smallest size) for 3 classes,
+    one eval forward pass gives 3 logits per image. Models over 50 M parameters (VGG, ViT-L/H, RegNet 16-128 GF,
+    ...) are slow: seconds to initialise each."""
+    assert name in MODELS
+    size = MIN_SIDE.get(name, 32)
+    torch.manual_seed(0)
+    model = build_model(name, 3, image_size=size).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 3)
+    if name in MIN_SIDE:  # a smaller size is refused at start-up, naming the key
+        with pytest.raises(ConfigError, match="data.image_size=16"):
+            check_input_size(build_model(name, 3, image_size=16).eval(), name, 16)
+
+
+@pytest.mark.parametrize("name", CORE)
 @pytest.mark.parametrize("num_outputs", [1, 3])
 def test_every_model_forward_backward(name, num_outputs):
     torch.manual_seed(0)
@@ -35,7 +66,25 @@ def test_small_stem_keeps_resolution():
 def test_unknown_model_lists_valid_names():
     with pytest.raises(ConfigError) as err:
         build_model("resnet19", 2)
-    assert "resnet19" in str(err.value) and "resnet18" in str(err.value) and "tutorial_cnn" in str(err.value)
+    assert "resnet19" in str(err.value) and "did you mean resnet18" in str(err.value)
+    assert "tutorial_cnn" in str(err.value)
+    with pytest.raises(ConfigError, match="did you mean regnet_y_400mf"):
+        build_model("regnet_y_400", 2)
+
+
+@pytest.mark.parametrize("name, attr", [("resnext50_32x4d", "conv1"), ("wide_resnet50_2", "conv1"),
+                                        ("regnet_y_400mf", "stem.0"), ("densenet121", "features.conv0"),
+                                        ("shufflenet_v2_x0_5", "conv1.0"), ("mnasnet0_5", "layers.0"),
+                                        ("mobilenet_v2", "features.0.0"), ("efficientnet_v2_s", "features.0.0")])
+def test_small_stem_on_every_family_that_has_one(name, attr):
+    """At 32 px the first stride-2 layer keeps full resolution; at 224 px it is torchvision's own."""
+    assert build_model(name, 3, image_size=32).get_submodule(attr).stride == (1, 1)
+    assert build_model(name, 3, image_size=224).get_submodule(attr).stride == (2, 2)
+
+
+def test_small_stem_refused_where_there_is_none():
+    with pytest.raises(ConfigError, match="vit_b_16 has no small-image stem"):
+        build_model("vit_b_16", 3, image_size=32, small_input_stem=True)
 
 
 def test_pretrained_from_local_file_reinitialises_head(tmp_path):

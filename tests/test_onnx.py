@@ -15,13 +15,16 @@ from tests.conftest import ROOT, run_cli, tiny_overrides
 from trainer.cli import main
 from trainer.errors import TrainerError
 from trainer.export import export_model
-from trainer.models import MODELS, build_model, forward_tta
+from trainer.models import OWN_MODELS, build_model, forward_tta
 from trainer.onnx_export import DEFAULT_OPSET, PARITY_ABS, PARITY_REL, export_onnx
 from trainer.outputs import LEDGER
 from trainer.tasks.segment_models import build_segmentation_model
 
 # export takes 4-11 s each on one thread of this CPU for these (against 1-3 s for the rest): in the default
 # suite still, but deselectable with -m "not slow"
+# ours and the torchvision classifiers the recipes use (tests/test_models.py runs every other one)
+CORE = [*OWN_MODELS, "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+        "convnext_tiny"]
 SLOW = {"resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"}
 
 
@@ -68,7 +71,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 # ---- every model, built directly (no training) and exported through the module-level function ----
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CORE])
 def test_every_classification_model_exports_with_parity(name, tmp_path):
     task = "binary" if name == "binary_cnn" else "multiclass"
     classes = ["no", "yes"] if task == "binary" else ["a", "b", "c"]

@@ -255,6 +255,30 @@ def test_removing_a_tree_deletes_only_the_trainers_files_and_empty_folders(tmp_p
     assert not (tmp_path / "wandb").exists() or not any((tmp_path / "wandb").iterdir())
 
 
+
+def test_the_loggers_folders_are_the_runs_own_and_a_users_file_beside_them_stays(tmp_path):
+    """tracking.log_with's libraries write for the run (outputs.LIVE_TREES): TensorBoard's event files, MLflow's
+    file store. An overwrite removes them; a user's file in those folders is kept."""
+    run = Folder(tmp_path, "train", owner="run")
+    written = {"tensorboard/events.out.tfevents.1796510268.vm.19804.0": "events",
+               "mlflow/0/meta.yaml": "default experiment", "mlflow/98950568/meta.yaml": "experiment",
+               "mlflow/98950568/22cbe533/metrics/train/loss": "1 0.5 2", "mlflow/98950568/22cbe533/params/seed": "0"}
+    for rel, text in written.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "mlflow" / ".trash").mkdir()
+    run.write("config.yaml", "the run's")  # the folder claimed as a run: its ledger names the owner
+    assert all(run.owns(rel) for rel in written), [rel for rel in written if not run.owns(rel)]
+    mine = users(tmp_path, {"tensorboard/my_notes.txt": "n", "mlflow/my_notes.txt": "m"})
+    assert not any(run.owns(rel) for rel in mine)
+    deleted, kept = run.remove_tree()
+    assert deleted == 4  # config.yaml, the event file, the two experiments' folders
+    # an empty folder is no file: left, like W&B's empty wandb/ (MLflow's store reuses it)
+    assert sorted(p.name for p in (tmp_path / "mlflow").iterdir()) == [".trash", "my_notes.txt"]
+    assert sorted(kept) == sorted(mine)
+    assert unchanged_files(tmp_path, mine)
+
+
 # ---- rule 4: a folder named as an output ----
 
 def test_an_output_folder_must_be_new_empty_or_the_same_commands(tmp_path):
@@ -336,6 +360,7 @@ ALLOWED = {
     ("trainer/data/generated.py", "_write_variant"): STAGING + " (ensure_generated)",
     ("trainer/data/generated.py", "ensure_generated"): STAGING,
     ("trainer/data/generated.py", "write_generated_coco"): STAGING + " (ensure_generated)",
+    ("trainer/data/generated.py", "write_generated_multilabel"): STAGING + " (ensure_generated)",
     ("trainer/tune.py", "_plots"): STAGING,
     ("trainer/rundir.py", "_beat"): "the run lock's heartbeat: the lock file is the run's own (outputs.LIVE)",
     ("trainer/data/order.py", "line"): "the test-only sample trace: a file the test names in TRAINER_SAMPLE_TRACE, "

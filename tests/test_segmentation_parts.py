@@ -14,7 +14,7 @@ from trainer.tasks.segment_metrics import (confusion_matrix, cross_entropy_loss,
 from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model, min_input_size
 
 IGNORE = 255
-WITH_AUX = {"fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large"}
+WITH_AUX = {"fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large"}
 
 
 @pytest.fixture

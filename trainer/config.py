@@ -21,6 +21,10 @@ from trainer.errors import ConfigError
 
 
 VERIFY_MODES = ("header", "full", "off")  # data.verify_images
+# tracking.log_with: accelerate's trackers the trainer drives, each with the module it imports and the pip
+# package that provides it (mlflow-skinny: MLflow's client without its server and UI, all accelerate's tracker needs)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
+            "wandb": ("wandb", "wandb")}
 
 
 # ---- ranges: every number in the schema says which values it takes, next to its default ----
@@ -130,7 +134,8 @@ class AugmentCfg:
 class GeneratedCfg:
     # segmentation: several shapes per image with their pixel masks, written as a `masks` folder;
     # detection: the same scenes with a tight box per shape, written as a COCO folder
-    variant: Literal["binary", "multiclass", "segmentation", "detection"] = "multiclass"
+    # multilabel: the same scenes, each image labelled with the kinds of shape visible in it (a CSV per split)
+    variant: Literal["binary", "multiclass", "segmentation", "detection", "multilabel"] = "multiclass"
     train_per_class: int = ranged(1000, "[1, inf)")
     val_per_class: int = ranged(150, "[1, inf)")
     test_per_class: int = ranged(150, "[0, inf)")  # 0 = no test split
@@ -139,9 +144,17 @@ class GeneratedCfg:
 
 
 @dataclass
+class CsvCfg:
+    """data.format=multilabel: the columns of each split's CSV (the Kaggle/fastai convention by default)."""
+    image_column: str = "image"  # the image's path, relative to the CSV's folder (or absolute)
+    labels_column: str = "labels"  # the class names of the image, joined by `separator`; empty = no label
+    separator: str = " "
+
+
+@dataclass
 class DataCfg:
     format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc", "coco", "voc_detection",
-                    "shards"] = \
+                    "shards", "multilabel"] = \
         "generated"
     # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
     # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
@@ -151,7 +164,9 @@ class DataCfg:
     # coco (detection): ROOT/<split>/annotations.json (or Roboflow's _annotations.coco.json) beside the images,
     # or the standard ROOT/annotations/instances_<split>2017.json + ROOT/<split>2017/; voc_detection: VOC's
     # Annotations/ XML boxes from the same VOC root; shards: a folder `trainer pack` wrote from an image folder
-    # (classification), a masks folder (segmentation) or a COCO folder (detection).
+    # (classification), a masks folder (segmentation) or a COCO folder (detection); multilabel: ROOT/train.csv,
+    # ROOT/val.csv (+ ROOT/test.csv), each row an image path (relative to ROOT) and its class names (data.csv),
+    # with ROOT/classes.txt or else the sorted union of train.csv's labels as the classes.
     root: Optional[str] = None
     # coco: explicit files per split, winning over the layouts above: {train: {annotations: FILE, images: DIR}}
     coco_files: Optional[Dict[str, Any]] = None
@@ -200,6 +215,7 @@ class DataCfg:
     sampler: Literal["random", "weighted"] = "random"  # weighted: class-balanced draw with replacement
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     generated: GeneratedCfg = field(default_factory=GeneratedCfg)
+    csv: CsvCfg = field(default_factory=CsvCfg)
 
 
 @dataclass
@@ -229,6 +245,11 @@ class ModelCfg:
     name: str = "multiclass_cnn"
     small_input_stem: Optional[bool] = None  # torchvision models: 3x3 stride-1 stem for small images; null = auto (image_size <= 64)
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
+    # pretrained weights by name: DEFAULT, or one of the model's torchvision weights (ResNet50_Weights.IMAGENET1K_V2,
+    # or the tag alone), read from torch.hub's cache ($TORCH_HOME/hub/checkpoints, else ~/.cache/torch/...) and
+    # loaded as pretrained_path is; their mean/std are data.mean/std's default
+    weights: Optional[str] = None
+    weights_download: bool = False  # fetch a missing weights file into that cache (needs network)
     channels_last: bool = False
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
     # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;
@@ -386,6 +407,18 @@ class WandbCfg:
 
 
 @dataclass
+class TrackingCfg:
+    # Loggers besides metrics.jsonl (always written: the run's own record), each through accelerate's tracker in
+    # its local mode inside the run directory: tensorboard (<run>/tensorboard/), mlflow (<run>/mlflow/, a file
+    # store), wandb (<run>/wandb/; wandb.enabled=true adds it). E.g. tracking.log_with=[tensorboard,mlflow]
+    log_with: List[str] = field(default_factory=list)
+    mlflow_experiment: str = "cnn-trainer"
+    # null = the run's own file store (<run>/mlflow); or a tracking server or database of your own
+    # (http://host:5000, sqlite:///path/mlflow.db), which the trainer then does not manage
+    mlflow_uri: Optional[str] = None
+
+
+@dataclass
 class CheckpointCfg:
     # optimizer updates between checkpoints; 0 = only per epoch / at the end / on request
     every_steps: int = ranged(0, "[0, inf)")
@@ -412,9 +445,10 @@ class RunCfg:
 @dataclass
 class Config:
     # auto: segmentation for mask data (data.format masks/voc, the generated segmentation variant), detection
-    # for box data (coco, voc_detection, the generated detection variant), else binary
+    # for box data (coco, voc_detection, the generated detection variant), multilabel for label sets
+    # (data.format=multilabel, the generated multilabel variant), else binary
     # when the data has 2 classes, else multiclass
-    task: Literal["auto", "binary", "multiclass", "segmentation", "detection"] = "auto"
+    task: Literal["auto", "binary", "multiclass", "segmentation", "detection", "multilabel"] = "auto"
     seed: int = ranged(0, "[0, 4294967295]")  # accelerate's set_seed seeds numpy, whose seeds are 32-bit
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -425,23 +459,25 @@ class Config:
     eval: EvalCfg = field(default_factory=EvalCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     wandb: WandbCfg = field(default_factory=WandbCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
     run: RunCfg = field(default_factory=RunCfg)
 
 
 # Keys that may differ between a checkpoint and the run resuming it: they change how the run is watched,
 # evaluated, saved, launched or read from disk, not which batches it sees or which lr each update gets.
 # (data.root may move, e.g. a node-local copy: the data's identity is checked by its fingerprint instead.)
-RESUME_SAFE_KEYS = ("run.", "wandb.", "checkpoint.", "eval.", "train.log_every_steps", "train.progress_bar",
-                    "train.dist_timeout_s", "train.cudnn_benchmark", "train.deterministic", "train.device", "data.num_workers",
-                    "data.prefetch_factor", "data.verify_images", "data.root", "data.download", "model.compile",
-                    "ema.evaluate")
+RESUME_SAFE_KEYS = ("run.", "wandb.", "tracking.", "checkpoint.", "eval.", "train.log_every_steps",
+                    "train.progress_bar", "train.dist_timeout_s", "train.cudnn_benchmark", "train.deterministic",
+                    "train.device", "data.num_workers", "data.prefetch_factor", "data.verify_images", "data.root",
+                    "data.download", "model.compile", "model.weights_download", "ema.evaluate")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted keys (data.image_size: 32): what a resume compares, MLflow's parameters."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -456,8 +492,8 @@ def config_changes(old: dict, new: dict) -> List[str]:
     """`key: old -> new` for every key that differs and is not resume-safe (a key one side lacks counts
     as changed only if the other side does not hold its default); the batch keys are compared as the global
     batch they make, by the caller."""
-    defaults = _flatten(to_dict(Config()))
-    a, b = _flatten(old), _flatten(new)
+    defaults = flatten(to_dict(Config()))
+    a, b = flatten(old), flatten(new)
     changes = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(RESUME_SAFE_KEYS) or key in BATCH_KEYS:
@@ -563,9 +599,12 @@ def validate(cfg: Config) -> None:
     """Each number inside the range its field declares (`check_ranges`), then the rules that relate keys to
     each other and to the data, which one field's range cannot express; each names its key."""
     check_ranges(cfg)
+    if cfg.model.weights and cfg.model.pretrained_path:
+        raise ConfigError("model.weights and model.pretrained_path both name the starting weights: choose one")
     if cfg.run.resume and cfg.run.overwrite:
         raise ConfigError("run.resume and run.overwrite=true contradict each other: choose one")
-    needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO", "shards": "packed (trainer pack)"}
+    needs_root = {"imagefolder": "image", "masks": "masks", "coco": "COCO", "shards": "packed (trainer pack)",
+                  "multilabel": "multi-label CSV"}
     if cfg.data.format in needs_root and not cfg.data.root:
         raise ConfigError(f"missing required value: data.root (the {needs_root[cfg.data.format]} folder to train on)")
     if cfg.data.coco_files is not None and cfg.data.format != "coco":
@@ -612,6 +651,26 @@ def validate(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
     _validate_regularisation(cfg)
+    _validate_trackers(cfg)
+
+
+def trackers(cfg: Config) -> List[str]:
+    """The loggers a run drives: tracking.log_with, plus wandb when wandb.enabled, each once."""
+    return list(dict.fromkeys([*cfg.tracking.log_with, *(["wandb"] if cfg.wandb.enabled else [])]))
+
+
+def _validate_trackers(cfg: Config) -> None:
+    """Each logger known, and its package installed (accelerate would drop a missing one without a word)."""
+    import importlib.util
+
+    for name in trackers(cfg):
+        if name not in TRACKERS:
+            raise ConfigError(f"tracking.log_with: unknown logger '{name}'; valid: {', '.join(sorted(TRACKERS))}")
+        module, package = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            key = "wandb.enabled=true" if name == "wandb" and name not in cfg.tracking.log_with else "tracking.log_with"
+            raise ConfigError(f"{key} logs with {name}, whose package is not installed: pip install {package} "
+                              f"-c launch/constraints.txt (or pip install -e '.[{name}]')")
 
 
 def _validate_regularisation(cfg: Config) -> None:

@@ -16,8 +16,8 @@ from accelerate.utils import gather_object
 from trainer.errors import ConfigError, TrainerError
 
 
-def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 1, timeout_s: int = 300,
-                     log_with=None) -> Accelerator:
+def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 1,
+                     timeout_s: int = 300) -> Accelerator:
     """An Accelerator that really runs every launched process, on GPU or (gloo) CPU."""
     use_cpu = device == "cpu" or not torch.cuda.is_available()
     expected = int(os.environ.get("WORLD_SIZE", "1"))
@@ -39,7 +39,6 @@ def make_accelerator(device: str, mixed_precision: str, grad_accum_steps: int = 
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=not use_cpu),
             # a finite wait for every collective: a lost peer fails the run instead of hanging for 30 minutes
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))],
-            log_with=log_with,
         )
     except (RuntimeError, ValueError) as err:  # DistNetworkError / DistStoreError subclass RuntimeError
         if expected == 1:

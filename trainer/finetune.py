@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainer.errors import ConfigError
-from trainer.models import MODELS, final_linear
+from trainer.models import MODELS, OWN_MODELS, TIMM_PREFIX, final_linear
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -27,17 +27,23 @@ def model_levels(model: nn.Module, model_name: str, key: str) -> List[List[str]]
     """Module names level by level, from the stem to the head (the last level). A name in a later level wins
     over one in an earlier (our nets' head lies inside their last child). `key`: the config key that asked,
     for the error on a model without a split (segmentation, detection)."""
-    if model_name.startswith("resnet"):
+    if model_name.startswith(("resnet", "resnext", "wide_resnet")):
         return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"], ["fc"]]
     if model_name.startswith(("mobilenet_v3", "efficientnet", "convnext")):
         return [[f"features.{i}"] for i in range(len(model.features))] + [["classifier"]]
-    if model_name in MODELS:  # our own nets: top-level children that hold more than the head, then the head
-        head = next(name for name, m in model.named_modules() if m is final_linear(model))
+    timm_head = model.pretrained_cfg.get("classifier") if model_name.startswith(TIMM_PREFIX) else None
+    if timm_head or (model_name in MODELS and any(isinstance(m, nn.Linear) for m in model.modules())):
+        # our own nets, the other torchvision classifiers and timm's (whose config names the head: fc, head.fc,
+        # classifier): top-level children that hold more than the head, then the head (SqueezeNet has no nn.Linear
+        # head: its classifier is a 1x1 conv)
+        head = timm_head or next(name for name, m in model.named_modules() if m is final_linear(model))
         body = [name for name, child in model.named_children()
                 if any(not _under(f"{name}.{p}", head) for p, _ in child.named_parameters())]
-        return [[name] for name in body] + [[head]]
+        own = [name for name, _ in model.named_parameters(recurse=False)]  # ViT's class_token: with the stem
+        return [own + body[:1]] + [[name] for name in body[1:]] + [[head]]
     raise ConfigError(f"{key}: model {model_name} has no backbone/head split; it works with the classification "
-                      f"models ({', '.join(sorted(MODELS))})")
+                      f"models with a linear head ({', '.join(sorted(OWN_MODELS))}, torchvision's classifiers but "
+                      f"SqueezeNet, timm's)")
 
 
 def _level_of(name: str, levels: List[List[str]]) -> int:

@@ -35,6 +35,7 @@ from trainer.config import Config, batching, to_dict, to_yaml
 from trainer.data import data_inputs
 from trainer.distributed import agree, check_processes, make_accelerator, print0
 from trainer.evaluation import export_scored, score
+from trainer.models import pretrained_source
 from trainer.monitor import Monitor
 from trainer.optim import lr_at
 from trainer.session import build_session
@@ -52,7 +53,7 @@ def train(cfg: Config) -> dict:
     try:
         # ---- setup: processes, seeds ----
         acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
-                               cfg.train.dist_timeout_s, log_with="wandb" if cfg.wandb.enabled else None)
+                               cfg.train.dist_timeout_s)
         say = print0(acc)
         check_processes(acc, say, cfg.train.dist_timeout_s)
         # this start's split of the global batch (train.global_batch_size: derived from the process count)
@@ -65,7 +66,9 @@ def train(cfg: Config) -> dict:
         # Each start-up step runs through `agree`: an error on any rank ends every rank with the same one line.
         cfg.run.dir = agree(acc, lambda: str(cfg.run.dir or rundir.default_run_dir(cfg.run.name)), main_only=True,
                             share=True)
-        inputs = data_inputs(cfg.data).add("model.pretrained_path", cfg.model.pretrained_path)
+        # model.weights: found (or, if allowed, fetched) now, so that a missing file is refused before any write
+        pretrained = agree(acc, lambda: pretrained_source(cfg.model, say), main_only=True, share=True)
+        inputs = data_inputs(cfg.data).add("model.weights" if cfg.model.weights else "model.pretrained_path", pretrained)
         plan = agree(acc, lambda: rundir.open_run(Path(cfg.run.dir), cfg.run.resume, cfg.run.overwrite, inputs),
                      main_only=True, share=True)
         with plan:  # the main process holds the run's lock until the end; a failed start leaves nothing behind
@@ -111,16 +114,14 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
         return lr_at(ts.schedule.position(update), **ts.schedule.kwargs)
 
     # ---- the run directory is written now that every check has passed ----
-    loop.wandb_run_id = agree(acc, lambda: loop.wandb_run_id or rundir.new_run_id(), main_only=True, share=True)
+    loop.run_ids["wandb"] = agree(acc, lambda: loop.run_ids.get("wandb") or rundir.new_run_id(), main_only=True,
+                                  share=True)
     resumed_from = plan.checkpoint if plan.kind == "resume" else None
     seen_step = agree(acc, lambda: rundir.start(plan, say, task, to_yaml(cfg), derived, rundir.environment(
         acc.num_processes, str(acc.device), acc.mixed_precision), loop, resumed_from, ts.replanned), main_only=True,
                       share=True)
-    tracker = Tracker(acc, plan.out, cfg.wandb.enabled, rows=loop.metrics_rows, wandb_after_step=seen_step)
-    if cfg.wandb.enabled:
-        acc.init_trackers(cfg.wandb.project, config=to_dict(cfg), init_kwargs={"wandb": {
-            "name": plan.dir.name, "dir": str(plan.dir), "tags": list(cfg.wandb.tags), "entity": cfg.wandb.entity,
-            "id": loop.wandb_run_id, "resume": "allow"}})
+    tracker = Tracker(acc, plan.out, rows=loop.metrics_rows)
+    agree(acc, lambda: tracker.start_loggers(cfg, plan.dir, loop, seen_step), main_only=True)
     say(f"[trainer] {task.name} | {len(s.data.classes)} classes | {len(s.train_set)} train / {len(s.val_set)} val "
         f"images | model {cfg.model.name}")
     say("[trainer] " + " ".join(f"{k}={derived[k]}" for k in (
@@ -239,7 +240,7 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
 
 def end_of_run(plan, tracker: Tracker, s, update: int, scores, summary: dict) -> None:
     """Main process: the final model and its reports, the training curves, then summary.json (from then on the
-    same command says the run is complete); the plots to W&B when it is on."""
+    same command says the run is complete); the plots to the loggers that take images."""
     export_scored(plan.out, "model", s.core, s.extensions, s.task, scores, s.card, update)
     curves = rundir.finish(plan, summary)
     tracker.log_images({"plots/training_curves": curves or plan.dir / "plots" / "none",

@@ -1,4 +1,5 @@
-"""Model builders: a plain dict from name to builder. Every model returns raw logits (no sigmoid/softmax layer:
+"""Model builders: a plain dict from name to builder, and timm's models by their hub id (timm/<name>). Every
+model returns raw logits (no sigmoid/softmax layer:
 the loss applies its own, numerically stable, one).
 """
 from __future__ import annotations
@@ -160,16 +161,46 @@ def forward_tta(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.T
     raise ConfigError(f"unknown test-time augmentation '{tta}' ({', '.join(TTA_MODES)})")
 
 
-def _small_stem(model: nn.Module, name: str) -> None:
-    """Keep full resolution in the first layer for 32x32-class inputs (the usual CIFAR adaptation)."""
-    if name.startswith("resnet"):
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    elif name.startswith(("mobilenet", "efficientnet")):
-        model.features[0][0].stride = (1, 1)
-    elif name.startswith("convnext"):
-        old = model.features[0][0]  # 4x4 stride-4 patchify conv -> 3x3 stride-1
-        model.features[0][0] = nn.Conv2d(3, old.out_channels, kernel_size=3, stride=1, padding=1)
+def _stride_one(conv: nn.Conv2d) -> None:
+    conv.stride = (1, 1)
+
+
+def _resnet_stem(model) -> None:  # ResNet, ResNeXt, Wide ResNet: 7x7 stride-2 conv + max-pool -> one 3x3 stride-1 conv
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def _densenet_stem(model) -> None:  # the same change on DenseNet's conv0 / pool0
+    model.features.conv0 = nn.Conv2d(3, model.features.conv0.out_channels, kernel_size=3, stride=1, padding=1,
+                                     bias=False)
+    model.features.pool0 = nn.Identity()
+
+
+def _convnext_stem(model) -> None:  # 4x4 stride-4 patchify conv -> 3x3 stride-1
+    old = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(3, old.out_channels, kernel_size=3, stride=1, padding=1)
+
+
+def _shufflenet_stem(model) -> None:
+    _stride_one(model.conv1[0])
+    model.maxpool = nn.Identity()
+
+
+# torchvision class name -> how its stem keeps full resolution for 32x32-class inputs (the usual CIFAR adaptation:
+# the first stride-2 layers become stride 1). Parameter shapes change only where a 7x7 or 4x4 conv becomes 3x3
+# (ResNet family, DenseNet, ConvNeXt). A class missing here (ViT, Swin, MaxViT, VGG, AlexNet, GoogLeNet, Inception
+# v3, SqueezeNet) keeps its stem: `model.small_input_stem=true` is refused for it.
+_SMALL_STEMS: Dict[str, Callable[[nn.Module], None]] = {
+    "ResNet": _resnet_stem,
+    "DenseNet": _densenet_stem,
+    "ConvNeXt": _convnext_stem,
+    "ShuffleNetV2": _shufflenet_stem,
+    "MobileNetV2": lambda m: _stride_one(m.features[0][0]),
+    "MobileNetV3": lambda m: _stride_one(m.features[0][0]),
+    "EfficientNet": lambda m: _stride_one(m.features[0][0]),
+    "MNASNet": lambda m: _stride_one(m.layers[0]),
+    "RegNet": lambda m: _stride_one(m.stem[0]),
+}
 
 
 # ---- stochastic depth and head dropout ----
@@ -233,9 +264,11 @@ def final_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-# torchvision's builders take these themselves; the ResNets get stochastic depth from `_add_resnet_drop_path`
-_TAKES_STOCHASTIC_DEPTH = ("convnext", "efficientnet")
-_TAKES_DROPOUT = ("mobilenet", "efficientnet")
+# torchvision's builders take these themselves (as stochastic_depth_prob / dropout); the ResNet family gets stochastic
+# depth from `_add_resnet_drop_path`, the rest of the nets with a final nn.Linear get head dropout from `_HeadDropout`
+_TAKES_STOCHASTIC_DEPTH = ("convnext", "efficientnet", "swin", "maxvit")
+_TAKES_DROPOUT = ("mobilenet", "efficientnet", "mnasnet", "squeezenet", "vgg", "alexnet", "googlenet", "inception")
+_RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 
 
 def _torchvision(name: str) -> Callable:
@@ -250,12 +283,26 @@ def _torchvision(name: str) -> Callable:
             kwargs["stochastic_depth_prob"] = drop_path
         if dropout is not None and name.startswith(_TAKES_DROPOUT):
             kwargs["dropout"] = dropout
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_outputs, **kwargs)
-        if small_input_stem if small_input_stem is not None else image_size <= 64:
-            _small_stem(model, name)
-        if drop_path and name.startswith("resnet"):
+        if name.startswith("vit_"):  # the position embedding is sized for the input: any multiple of the patch
+            kwargs["image_size"] = image_size
+        if name == "maxvit_t":  # its attention grids are sized for the input (a multiple of 224 runs)
+            kwargs["input_size"] = (image_size, image_size)
+        if name in ("googlenet", "inception_v3"):  # one logits tensor in train mode too (no aux heads' tuple);
+            kwargs.update(aux_logits=False, init_weights=True)  # init_weights: torchvision's own, without its warning
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_outputs, **kwargs)
+        except (ValueError, AssertionError) as err:  # ViT: a multiple of its patch; MaxViT: of 224 (its 7x7 grids)
+            raise ConfigError(f"data.image_size={image_size} does not fit model {name}: "
+                              f"{str(err).splitlines()[0]}") from None
+        stem = _SMALL_STEMS.get(type(model).__name__)
+        if small_input_stem and stem is None:
+            raise ConfigError(f"model.small_input_stem=true: model {name} has no small-image stem here; it works "
+                              f"with the {', '.join(sorted(_SMALL_STEMS))} families")
+        if stem is not None and (small_input_stem if small_input_stem is not None else image_size <= 64):
+            stem(model)
+        if drop_path and name.startswith(_RESNET_FAMILY):
             _add_resnet_drop_path(model, drop_path)
-        if dropout and not name.startswith(_TAKES_DROPOUT):  # ResNet, ConvNeXt: no dropout layer of their own
+        if dropout and not name.startswith(_TAKES_DROPOUT):  # ResNet, ConvNeXt, ...: no dropout layer of their own
             final_linear(model).register_forward_pre_hook(_HeadDropout(dropout))
         return model
 
@@ -273,19 +320,86 @@ def _ours(cls) -> Callable:
     return build
 
 
-MODELS: Dict[str, Callable[..., nn.Module]] = {
+def _torchvision_classifiers() -> list:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)  # 80 in torchvision 0.29
+
+
+OWN_MODELS: Dict[str, Callable[..., nn.Module]] = {
     "tutorial_cnn": _ours(TutorialNet),
     "binary_cnn": _ours(SingleConvCNN),  # BinaryCNN: the same net with one output
     "multiclass_cnn": _ours(SingleConvCNN),  # MultiClassCNN
     "small_cnn": _ours(SmallCNN),
     "airbench": _ours(AirbenchNet),  # the CIFAR speed-recipe net (configs/airbench_cifar10.yaml)
     "linear": _ours(LinearModel),
-    **{name: _torchvision(name) for name in (
-        "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-        "convnext_tiny")},
 }
-# model.drop_path: the nets with residual blocks that take stochastic depth (MobileNetV3's torchvision build has none)
-DROP_PATH_MODELS = ("resnet18", "resnet34", "resnet50", "efficientnet_b0", "convnext_tiny")
+# every classifier torchvision has, by its own name (resnet18, regnet_y_400mf, vit_b_16, ...)
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    **OWN_MODELS, **{name: _torchvision(name) for name in _torchvision_classifiers()}}
+# model.drop_path: the nets with residual blocks that take stochastic depth (MobileNet, RegNet, DenseNet: none here)
+DROP_PATH_MODELS = tuple(n for n in MODELS if n.startswith(_RESNET_FAMILY + _TAKES_STOCHASTIC_DEPTH))
+# model.name=timm/<name>: one of timm's models by its Hugging Face hub id (timm/resnet50.a1_in1k; the tag after the
+# dot names pretrained weights, unused here). The prefix is required: resnet50, efficientnet_b0, ... name different
+# nets in torchvision and timm, and a model.json must rebuild the same one whatever either library adds later.
+TIMM_PREFIX = "timm/"
+
+
+def _timm(name: str) -> Callable:
+    def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
+              drop_path: Optional[float] = None, dropout: Optional[float] = None) -> nn.Module:
+        import timm
+
+        if small_input_stem:
+            raise ConfigError(f"model.small_input_stem=true: timm's models have no small-image stem here (model "
+                              f"{TIMM_PREFIX}{name}); leave it null")
+        # timm's own arguments; None leaves the model's default (timm drops None-valued ones)
+        kwargs = dict(pretrained=False, num_classes=num_outputs, drop_path_rate=drop_path, drop_rate=dropout)
+        try:  # transformers size their position embeddings for the input; the CNNs take no img_size
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError:
+            pass
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as err:  # e.g. a net without stochastic depth given model.drop_path
+            raise ConfigError(f"model {TIMM_PREFIX}{name} does not take these settings (model.drop_path / "
+                              f"model.dropout): {str(err).splitlines()[0]}") from None
+
+    return build
+
+
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """model.name's builder: MODELS', or timm's for timm/<name> (refused with the closest names otherwise)."""
+    import importlib.util
+
+    if name.startswith(TIMM_PREFIX):
+        if importlib.util.find_spec("timm") is None:  # a dependency, but a hand-made environment may lack it
+            raise ConfigError(f"model.name={name} needs timm, which is not installed: pip install timm "
+                              f"-c launch/constraints.txt")
+        import timm
+
+        if not timm.is_model(name[len(TIMM_PREFIX):]):
+            raise unknown_name("model.name", name, [TIMM_PREFIX + n for n in timm.list_models()], list_all=False)
+        return _timm(name[len(TIMM_PREFIX):])
+    if name not in MODELS:
+        if importlib.util.find_spec("timm") is not None:
+            import timm
+
+            if timm.is_model(name):
+                raise ConfigError(f"unknown model.name '{name}': timm's is model.name={TIMM_PREFIX}{name}")
+        raise unknown_name("model.name", name, MODELS)
+    return MODELS[name]
+
+
+def unknown_name(key: str, name: str, valid, list_all: bool = True) -> ConfigError:
+    """The error for a model name that is not one of `valid`: the closest names first (difflib), then all (or,
+    without `list_all`, for timm's ~1,400, where to find them)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    listed = f"valid names: {', '.join(sorted(valid))}" if list_all else "valid names: timm.list_models()"
+    return ConfigError(f"unknown {key} '{name}'{hint} {listed}")
 
 
 def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
@@ -295,13 +409,12 @@ def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_s
     before the classifier head (0 = off). None = the model's own (torchvision's defaults, see `_torchvision`).
     Neither changes parameter names, and both act only in training mode: a model built without them loads
     the same weights and gives the same eval-mode outputs (exports are rebuilt that way)."""
-    if name not in MODELS:
-        raise ConfigError(f"unknown model.name '{name}'; valid names: {', '.join(sorted(MODELS))}")
-    if drop_path and name not in DROP_PATH_MODELS:
-        raise ConfigError(f"model.drop_path={drop_path}: model {name} has no stochastic depth; it works with "
-                          f"{', '.join(DROP_PATH_MODELS)}")
-    model = MODELS[name](num_outputs, image_size=image_size, small_input_stem=small_input_stem,
-                         drop_path=drop_path, dropout=dropout)
+    builder = model_builder(name)
+    if drop_path and name not in DROP_PATH_MODELS and not name.startswith(TIMM_PREFIX):
+        raise ConfigError(f"model.drop_path={drop_path}: model {name} has no stochastic depth; it works with the "
+                          f"{', '.join(_RESNET_FAMILY + _TAKES_STOCHASTIC_DEPTH)} models")
+    model = builder(num_outputs, image_size=image_size, small_input_stem=small_input_stem, drop_path=drop_path,
+                    dropout=dropout)
     if pretrained_path:
         load_pretrained(model, pretrained_path, verbose)
     return model
@@ -331,20 +444,79 @@ def read_state_dict(path: str, what: str = "pretrained weights file") -> Dict[st
     return {k.removeprefix("module."): v for k, v in state.items()}  # DDP's wrapper prefix
 
 
-def load_pretrained(model: nn.Module, path: str, verbose=print) -> None:
+# ---- pretrained weights by name (model.weights), from torch.hub's local cache only ----
+
+def torchvision_weights(name: str, weights: str):
+    """The torchvision weights enum member that `model.weights` names for model `name`: DEFAULT, a tag of the
+    model's own enum (IMAGENET1K_V2) or the full name (ResNet50_Weights.IMAGENET1K_V2). ConfigError otherwise,
+    listing what the model has."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except ValueError:
+        raise ConfigError(f"model.weights={weights}: model {name} has no torchvision weights (use "
+                          f"model.pretrained_path for a local file)") from None
+    tag = weights.removeprefix(f"{enum.__name__}.")
+    if "." in tag:  # another model's enum
+        raise ConfigError(f"model.weights={weights} are not {name}'s weights; its weights: {enum.__name__}.*")
+    if tag != "DEFAULT" and tag not in enum.__members__:
+        raise ConfigError(f"model.weights={weights}: {name} has {', '.join(['DEFAULT', *enum.__members__])}")
+    return enum[tag]
+
+
+def weights_file(name: str, weights: str, download: bool = False, verbose=print) -> str:
+    """The local file of torchvision weights `weights` for model `name`: torch.hub's cache (TORCH_HOME, else
+    ~/.cache/torch, then hub/checkpoints/), under the last part of the weights' url, as torchvision's own
+    builders look for it. Never downloads unless `download` (model.weights_download=true): a missing file is one
+    line naming the file, the folder and the command that fetches it on a machine with network."""
+    import torch.hub
+
+    entry = torchvision_weights(name, weights)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / entry.url.rsplit("/", 1)[-1]
+    if not path.is_file() and download:
+        verbose(f"downloading {entry.url} to {folder} (model.weights_download=true)")
+        torch.hub.load_state_dict_from_url(entry.url, progress=False, check_hash=True, weights_only=True)
+    if not path.is_file():
+        fetch = f"python -c \"import torch.hub; torch.hub.load_state_dict_from_url('{entry.url}')\""
+        raise ConfigError(f"model.weights={weights}: {path.name} is not in {folder} (nothing is downloaded unless "
+                          f"model.weights_download=true); on a machine with network run {fetch} and copy "
+                          f"~/.cache/torch/hub/checkpoints/{path.name} into {folder} (or set TORCH_HOME)")
+    return str(path)
+
+
+def pretrained_source(model_cfg, verbose=print) -> Optional[str]:
+    """The file a run's model starts from: model.pretrained_path, or the local file of model.weights."""
+    if model_cfg.weights:
+        return weights_file(model_cfg.name, model_cfg.weights, model_cfg.weights_download, verbose)
+    return model_cfg.pretrained_path
+
+
+def weights_normalisation(model_cfg) -> Optional[tuple]:
+    """(mean, std) of model.weights' own preprocessing (torchvision's weights.transforms()), None without
+    weights or where they define none. The default of data.mean / data.std: pretrained features expect them."""
+    if not model_cfg.weights:
+        return None
+    transforms = torchvision_weights(model_cfg.name, model_cfg.weights).transforms()
+    mean, std = getattr(transforms, "mean", None), getattr(transforms, "std", None)
+    return (list(mean), list(std)) if mean is not None and std is not None else None
+
+
+def load_pretrained(model: nn.Module, path: str, verbose=print, what: str = "model.pretrained_path") -> None:
     """Load a local state dict without running code: .safetensors, or a .pth read with weights_only=True.
 
     Tensors whose shape differs (the classifier head for another class count, a changed stem) are left
     at their fresh initialisation and listed; any other missing or unexpected key is an error.
     """
-    state = read_state_dict(path, "model.pretrained_path")
+    state = read_state_dict(path, what)
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     reinit = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
     if missing or unexpected:
-        raise ConfigError(f"model.pretrained_path {path} does not fit model: missing {missing[:5]}, "
+        raise ConfigError(f"{what} {path} does not fit model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     model.load_state_dict({**own, **kept})
     verbose(f"loaded {len(kept)} pretrained tensors from {path}; re-initialised (shape differs): {reinit or 'none'}")

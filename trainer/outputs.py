@@ -62,8 +62,11 @@ LIVE = {
     "tune": ("study.journal", "study.journal.lock", "leases/*.json", "leases/*.pid", "stop/*", "logs/*.log",
              "trials/*.json"),
 }
-# Sub-trees another program writes for the trainer inside its folder (W&B's run folders): wholly the trainer's.
-LIVE_TREES = {"run": ("wandb/run-*", "wandb/offline-run-*", "wandb/latest-run", "wandb/debug*.log")}
+# Sub-trees another program writes for the trainer inside its folder (the loggers of tracking.log_with): wholly the
+# trainer's. W&B's run folders; TensorBoard's event files (one per start); MLflow's file store: an experiment per
+# numbered folder (0 is its default one) and its deleted runs' .trash
+LIVE_TREES = {"run": ("wandb/run-*", "wandb/offline-run-*", "wandb/latest-run", "wandb/debug*.log",
+                      "tensorboard/events.out.tfevents.*", "mlflow/[0-9]*", "mlflow/.trash")}
 
 
 def _matches(rel: str, patterns: Iterable[str]) -> bool:

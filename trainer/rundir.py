@@ -295,7 +295,7 @@ def new_run_id() -> str:
 def truncate_rows(out, rel: str, keep: int) -> int:
     """Cut the run's metrics.jsonl (`rel` in the run's folder `out`) back to its first `keep` rows (those a
     checkpoint knows of), so a resumed run neither repeats nor skips a step. Returns the highest step in the
-    file before cutting (-1 if none): W&B already has the rows up to there from before the interruption."""
+    file before cutting (-1 if none): a continued logger run has the rows up to there from before the interruption."""
     path = out.root / rel
     if not path.is_file():
         return -1
@@ -316,7 +316,8 @@ def start(plan: RunPlan, say, task, config_yaml: str, derived: dict, env: dict, 
     committed (an overwrite's deletions, damaged checkpoints moved aside), then config.yaml (+ its copy in
     config_history/), run.json (the derived numbers, the environment, every start) and metrics.jsonl cut back to
     the checkpoint's rows (`loop`: the run's LoopState; `replanned`: what a resume with another global batch did
-    to the schedule, recorded in the start's entry). Returns the last step W&B already holds (-1: none)."""
+    to the schedule, recorded in the start's entry). Returns the last step the loggers' runs a resume continues
+    already hold (-1: none; a restart without a checkpoint starts new ones)."""
     from trainer.tasks import report_files
 
     check_targets(plan, report_files(task))
@@ -332,14 +333,14 @@ def start(plan: RunPlan, say, task, config_yaml: str, derived: dict, env: dict, 
     history = f"config_history/start-{number:03d}.yaml"
     out.write(history, config_yaml)
     out.write("config.yaml", config_yaml)
-    out.write_json("run.json", {"derived": derived, "environment": env, "wandb_run_id": loop.wandb_run_id,
+    out.write_json("run.json", {"derived": derived, "environment": env, "wandb_run_id": loop.run_ids.get("wandb"),
                                 "starts": previous + [{"update": loop.update, "kind": plan.kind, "config": history,
                                                        "resumed_from": str(resumed_from) if resumed_from else None,
                                                        "processes": derived["processes"],
                                                        "global_batch": derived["global_batch"],
                                                        **({"schedule": replanned} if replanned else {}),
                                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
-    return seen_step
+    return seen_step if plan.in_place else -1
 
 
 def finish(plan: RunPlan, summary: dict) -> Optional[Path]:

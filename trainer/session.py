@@ -19,7 +19,7 @@ from trainer.distributed import agree
 from trainer.errors import ConfigError
 from trainer.export import model_card
 from trainer.extensions import Extensions, build_extensions
-from trainer.models import build_model, check_input_size
+from trainer.models import TIMM_PREFIX, build_model, check_input_size, pretrained_source, weights_normalisation
 from trainer.monitor import task_metric
 from trainer.optim import Schedule, optimizer_from, schedule_from
 from trainer.tasks import build_task, task_spec
@@ -72,15 +72,20 @@ class Session:
 
 
 def build_session(cfg, acc, say: Callable) -> Session:
-    small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else cfg.data.image_size <= 64
+    # auto: small images get the small-image stem, but timm's nets keep their own (model.json says so)
+    small_stem = cfg.model.small_input_stem if cfg.model.small_input_stem is not None else (
+        cfg.data.image_size <= 64 and not cfg.model.name.startswith(TIMM_PREFIX))
     if task_spec(cfg.task, cfg.data).fixed_input_size:  # classification; segmentation pads, detection resizes
         agree(acc, lambda: probe_input_size(cfg.model, cfg.data.image_size, small_stem))
     agree(acc, lambda: check_gpu_keys(cfg.model.sync_bn, cfg.data.decode_device, acc.device))
+    # pretrained weights by name normalise as they were trained, unless data.mean/std say otherwise
+    weights_stats = None if cfg.data.mean and cfg.data.std else agree(acc, lambda: weights_normalisation(cfg.model))
+    data_cfg = replace(cfg.data, mean=weights_stats[0], std=weights_stats[1]) if weights_stats else cfg.data
     # the main process scans first; the start-up checks of the files are split across ranks
-    data = build_data_on_ranks(acc, cfg.data, cfg.seed, ("train", "val"), say)
+    data = build_data_on_ranks(acc, data_cfg, cfg.seed, ("train", "val"), say)
     task_eval = replace(cfg.eval, monitor=task_metric(cfg.eval.monitor))  # the task knows its own metric names
     task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, task_eval, cfg.data,
-                                         cfg.model, data.category_ids))
+                                         cfg.model, data.category_ids, len(data.datasets["train"])))
     # a bad file met while decoding the split (airbench's whitening reads a sample) ends every rank alike
     model, loader = agree(acc, lambda: model_and_loader(cfg, acc, data, task, small_stem, say))
     model, opt, memory_format = prepare(model, loader, cfg.model, cfg.optim, cfg.train, acc)
@@ -132,13 +137,14 @@ def model_and_loader(cfg, acc, data, task, small_stem: bool, say: Callable) -> t
     if global_batch > len(train_set):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {acc.num_processes} process(es) = "
                           f"{global_batch} is larger than the training split ({len(train_set)} images)")
-    model = task.build_model(cfg.model.name, cfg.data.image_size, small_stem, cfg.model.pretrained_path, verbose=say,
+    pretrained = pretrained_source(cfg.model, say)  # model.pretrained_path, or model.weights' local file
+    model = task.build_model(cfg.model.name, cfg.data.image_size, small_stem, pretrained, verbose=say,
                              drop_path=cfg.model.drop_path, dropout=cfg.model.dropout)
     loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, acc, data.mean, data.std,
                                 len(data.classes), cfg.model.channels_last, say,
                                 drop_last=task.drop_last if cfg.train.drop_last is None else cfg.train.drop_last,
                                 collate=task.collate)
-    if hasattr(model, "init_from_data") and not cfg.model.pretrained_path:  # e.g. airbench's whitening filters
+    if hasattr(model, "init_from_data") and not pretrained:  # e.g. airbench's whitening filters
         model.init_from_data(loader.first(5000))
     return model, loader
 

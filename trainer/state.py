@@ -41,7 +41,8 @@ class LoopState:
     metrics_rows: int = 0  # rows in metrics.jsonl (a resume cuts the file back to them)
     best: dict = field(default_factory=lambda: {"value": None, "update": None, "metrics": None})
     log: Optional[dict] = None  # the loss accumulators since the last log row (tracking.LossLog.state)
-    wandb_run_id: Optional[str] = None
+    # each logger's own run that a resume continues, by logger: {"wandb": made by us, "mlflow": made by MLflow}
+    run_ids: dict = field(default_factory=dict)
     done: bool = False
     # early stopping (trainer/monitor.py): evaluations in a row without an improvement larger than min_delta
     # over `reference`
@@ -53,7 +54,7 @@ class LoopState:
         """The checkpoint's copy; `epoch`/`sample_in_epoch` say where to resume (the next epoch after its end)."""
         return {"update": self.update, "epoch": epoch, "sample_in_epoch": sample_in_epoch,
                 "samples_seen": self.samples_seen, "metrics_rows": self.metrics_rows, "best": self.best,
-                "wandb_run_id": self.wandb_run_id, "done": done, "stale_evals": self.stale_evals,
+                "run_ids": dict(self.run_ids), "done": done, "stale_evals": self.stale_evals,
                 "reference": self.reference, "stopped_early": self.stopped_early}
 
     @classmethod
@@ -61,7 +62,10 @@ class LoopState:
         return cls(update=saved["update"], epoch=saved["epoch"], sample_in_epoch=sample_position(saved),
                    samples_seen=saved["samples_seen"], metrics_rows=saved["metrics_rows"],
                    best=saved.get("best") or cls().best, log=saved.get("log"),
-                   wandb_run_id=saved.get("wandb_run_id"), done=saved["done"],
+                   # checkpoints before tracking.log_with kept only the W&B run's id
+                   run_ids=saved.get("run_ids") or ({"wandb": saved["wandb_run_id"]} if saved.get("wandb_run_id")
+                                                    else {}),
+                   done=saved["done"],
                    stale_evals=saved.get("stale_evals", 0), reference=saved.get("reference"),
                    stopped_early=saved.get("stopped_early"))
 
@@ -125,7 +129,7 @@ class TrainState:
 
     def restore(self, path: Path, in_place: bool, allow_config_change: bool) -> List[str]:
         """Every rank: the checkpoint at `path` into the model, optimizer, extensions, scaler, RNG and loop state,
-        checked against this run's identity first. `in_place`: the run's own checkpoint (its log and W&B run
+        checked against this run's identity first. `in_place`: the run's own checkpoint (its log and logger runs
         continue); else another run's weights and position (run.resume). Returns the notes to print."""
         acc, identity = self.acc, self.identity
         ckpt = read_checkpoint(path)
@@ -172,8 +176,8 @@ class TrainState:
             self.replanned = (f"global batch {before} -> {identity['global_batch']} at update {loop.update}: the "
                               f"checkpoint (of an earlier version) holds no schedule; this start's own applies")
             notes.append(self.replanned)
-        if not in_place:  # weights and position from another run; this run keeps its own log and W&B run
-            loop.metrics_rows, loop.wandb_run_id, loop.done = 0, None, False
+        if not in_place:  # weights and position from another run; this run keeps its own log and logger runs
+            loop.metrics_rows, loop.run_ids, loop.done = 0, {}, False
         if loop.done and allow_config_change:  # a finished run continued under a changed config
             loop.done = False
         self.loop = loop

@@ -1,11 +1,13 @@
-"""What is logged into a run directory: metrics.jsonl (the source of truth) and, when enabled, W&B through
-accelerate's tracker, and the training rows' bookkeeping (`LossLog`, `TrainLog`). trainer.rundir owns the folder
-and its other files. Only the main process writes; other ranks get no-ops, so call sites never branch on rank.
+"""What is logged into a run directory: metrics.jsonl (the source of truth) and the loggers of tracking.log_with
+(TensorBoard, MLflow, W&B) through accelerate's trackers, and the training rows' bookkeeping (`LossLog`,
+`TrainLog`). trainer.rundir owns the folder and its other files. Only the main process writes; other ranks get
+no-ops, so call sites never branch on rank.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
@@ -17,18 +19,70 @@ from trainer.files import disk_error
 from trainer.metrics import is_number
 
 
-class Tracker:
-    """metrics.jsonl on the main process, plus W&B through accelerate when enabled."""
+def _wandb(cfg, run_dir: Path, loop):
+    from accelerate.tracking import WandBTracker
 
-    def __init__(self, accelerator, out, use_wandb: bool, rows: int = 0, wandb_after_step: int = -1):
+    return WandBTracker(cfg.wandb.project, name=run_dir.name, dir=str(run_dir), tags=list(cfg.wandb.tags),
+                        entity=cfg.wandb.entity, id=loop.run_ids["wandb"], resume="allow")
+
+
+def _tensorboard(cfg, run_dir: Path, loop):
+    from accelerate.tracking import TensorBoardTracker
+
+    # One log folder across restarts, a new event file per start. purge_step: tensorboard's reader drops every
+    # event at or after this step written before this file starts, i.e. what a killed start logged past its
+    # last checkpoint, which this start logs again (so the events read back equal metrics.jsonl's rows)
+    return TensorBoardTracker("", str(run_dir / "tensorboard"), purge_step=loop.update + 1)
+
+
+def _mlflow(cfg, run_dir: Path, loop):
+    import mlflow
+    from accelerate.tracking import MLflowTracker
+
+    if cfg.tracking.mlflow_uri is None:
+        # MLflow 3 refuses its file store unless told (it prefers SQLite, whose tables take ~9 s to create per
+        # run, and whose locking network file systems do not honour); the file store is what a run folder wants
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow.set_tracking_uri(cfg.tracking.mlflow_uri or (run_dir / "mlflow").resolve().as_uri())
+    return MLflowTracker(cfg.tracking.mlflow_experiment, run_id=loop.run_ids.get("mlflow"), run_name=run_dir.name)
+
+
+# tracking.log_with's names (config.TRACKERS) -> the accelerate tracker of this run, in its local mode
+LOGGERS = {"wandb": _wandb, "tensorboard": _tensorboard, "mlflow": _mlflow}
+
+
+class Tracker:
+    """metrics.jsonl on the main process, plus the loggers of tracking.log_with through accelerate's trackers."""
+
+    def __init__(self, accelerator, out, rows: int = 0):
         """`out`: the run's folder (the write gate), where the main process appends to metrics.jsonl."""
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
-        self.use_wandb = use_wandb
         self.rows = rows  # rows in metrics.jsonl so far (checkpoints record it)
-        self.wandb_after_step = wandb_after_step  # rows up to this step reached W&B before a restart
+        self.loggers = {}  # name -> started accelerate tracker (main process only)
+        self.after_step = {}  # name -> rows up to this step reached that logger's run before a restart
         self.path = out.root / "metrics.jsonl"
         self._fh = out.append("metrics.jsonl") if self.is_main else None  # line-buffered: each row lands whole
+
+    def start_loggers(self, cfg, run_dir: Path, loop, seen_step: int) -> None:
+        """Main process: each logger of `config.trackers(cfg)` started inside `run_dir`, continuing the logger
+        run this run's checkpoint names (`loop.run_ids`), which then gets only the rows after `seen_step` (W&B
+        refuses a step twice, MLflow would keep both). A new run's id goes into `loop.run_ids` (saved by the
+        main process with the next checkpoint). The config goes to each new logger run that takes one."""
+        from trainer.config import flatten, to_dict, trackers
+
+        for name in trackers(cfg):
+            continued = seen_step >= 0 and bool(loop.run_ids.get(name))  # else a new logger run
+            logger = LOGGERS[name](cfg, run_dir, loop)
+            logger.start()
+            if name == "mlflow":
+                loop.run_ids[name] = logger.tracker.info.run_id
+            if name == "wandb":  # W&B takes the config nested, and a resumed run's changes (allow_val_change)
+                logger.store_init_configuration(to_dict(cfg))
+            elif name == "mlflow" and not continued:  # MLflow refuses to change a parameter: the first start's
+                logger.store_init_configuration(flatten(to_dict(cfg)))
+            self.loggers[name] = logger
+            self.after_step[name] = seen_step if continued and name != "tensorboard" else -1  # tb: purge_step
 
     def log(self, row: dict) -> None:
         """Every rank calls it; the main process writes (a failed write, e.g. a full disk, ends every rank
@@ -41,24 +95,40 @@ class Tracker:
             self._fh.write(json.dumps(row) + "\n")
         except OSError as err:
             raise disk_error(err, self.path) from None
-        if self.use_wandb and row["step"] > self.wandb_after_step:
-            prefix = f"{row['split']}/" if row.get("type") == "eval" else "train/"
-            numbers = {prefix + k: v for k, v in row.items() if is_number(v) and k != "step"}
-            self.accelerator.log(numbers, step=row["step"])
+        prefix = f"{row['split']}/" if row.get("type") == "eval" else "train/"
+        numbers = {prefix + k: v for k, v in row.items() if is_number(v) and k != "step"}
+        for name, logger in self.loggers.items():
+            if row["step"] > self.after_step[name]:
+                logger.log(numbers, step=row["step"])
 
     def log_images(self, images: dict, step: int) -> None:
-        """PNG files as W&B images (main process, W&B on); metrics.jsonl keeps only numbers."""
-        if not (self.is_main and self.use_wandb):
-            return
-        import wandb
+        """PNG files (name -> path) to each logger that takes images: W&B images, TensorBoard images, MLflow
+        artifacts under the name's folder. metrics.jsonl keeps only numbers."""
+        files = {name: Path(path) for name, path in images.items() if Path(path).is_file()}
+        if "wandb" in self.loggers:
+            import wandb
 
-        self.accelerator.log({name: wandb.Image(str(path)) for name, path in images.items() if Path(path).is_file()},
-                             step=step)
+            self.loggers["wandb"].log({name: wandb.Image(str(path)) for name, path in files.items()}, step=step)
+        if "tensorboard" in self.loggers:
+            import numpy as np
+            from PIL import Image
+
+            self.loggers["tensorboard"].log_images(
+                {name: np.asarray(Image.open(path).convert("RGB"))[None] for name, path in files.items()},
+                step=step, dataformats="NHWC")
+        if "mlflow" in self.loggers:
+            import mlflow
+
+            for name, path in files.items():
+                mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent))
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        for logger in self.loggers.values():
+            logger.finish()
+        self.loggers = {}
 
 
 class LossLog:

@@ -24,6 +24,7 @@ from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_ignore_index, ch
 from trainer.data.folders import (SkippedPath, describe_skipped, find_bad_images, find_classes, imagefolder_splits,
                                   lost_class_message, scan_imagefolder, scan_split, stratified_split, verify_images)
 from trainer.data.manifest import Manifest, cache_file
+from trainer.data.multilabel import build_multilabel_data
 from trainer.data.shards import ShardDataset, ShardDetectionDataset, ShardMaskDataset, read_packed, read_packed_coco
 from trainer.data.manifest import load as load_manifest
 from trainer.data.manifest import save as save_manifest
@@ -413,7 +414,7 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
 
 
 # the data of each kind of targets (trainer/targets.py) other than a class label per image, which build_data reads
-BUILDERS = {"masks": build_mask_data, "boxes": build_box_data}
+BUILDERS = {"masks": build_mask_data, "boxes": build_box_data, "label sets": build_multilabel_data}
 
 
 def _why_empty(split: str, root, val_fraction: float) -> str:
@@ -499,7 +500,7 @@ def data_fingerprint(dataset, classes: Sequence[str]) -> str:
         coco = dataset.split
         targets = [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
                    for a in (coco.boxes, coco.labels, coco.iscrowd, coco.starts)]
-    else:
-        targets = [int(v) for v in dataset.labels]
+    else:  # a class per image (ints), or a multi-hot row per image (multi-label: lists of 0.0/1.0)
+        targets = np.asarray(dataset.labels).tolist()
     body = json.dumps([list(classes), items, targets])
     return hashlib.sha256(body.encode()).hexdigest()

@@ -213,8 +213,9 @@ class FileDataset(SeededDataset):
             return fh.read()
 
     def _stand_in(self, index: int, err: DataError) -> torch.Tensor:
-        label = int(self.labels[index])
-        same = np.flatnonzero(self.labels == label)
+        # the samples with the same targets: one class, or (multi-label rows) the same label set
+        labels = self.labels.reshape(len(self.labels), -1)
+        same = np.flatnonzero((labels == labels[index]).all(1))
         rng = np.random.default_rng([self.seed, self.epoch, index])
         for _ in range(STAND_IN_TRIES):
             other = int(same[rng.integers(len(same))])

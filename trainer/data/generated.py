@@ -12,9 +12,14 @@ NNNNN.png with ROOT/<split>/masks/NNNNN.png (mode L, class indices) and ROOT/cla
 pixel's colour says "some shape" (or a distractor line) but not which kind: that takes the shape around it.
 The detection variant draws the same kind of scenes and writes them as a COCO folder (trainer.data.coco reads
 it): ROOT/<split>/NNNNN.png with ROOT/<split>/annotations.json, a tight box per visible shape.
+The multilabel variant draws them once more and writes a multi-label CSV folder (trainer.data.multilabel):
+ROOT/<split>/NNNNN.png, ROOT/<split>.csv (image, labels: the kinds of shape visible, space-separated) and
+ROOT/classes.txt.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from pathlib import Path
@@ -31,6 +36,7 @@ CLASSES = {
     "multiclass": ["circle", "cross", "square", "triangle"],
     "segmentation": ["background", "circle", "cross", "square", "triangle"],  # mask value = list index
     "detection": ["circle", "cross", "square", "triangle"],  # COCO category ids: GENERATED_CATEGORY_IDS
+    "multilabel": ["circle", "cross", "square", "triangle"],  # an image holds 1-4 shapes: 1-4 of these labels
 }
 SHAPES = CLASSES["multiclass"]  # the kinds a segmentation image draws from; mask value of SHAPES[k] is k + 1
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -222,8 +228,14 @@ def _write_detection(tmp: Path, image_size: int, seed: int, counts: dict) -> Non
     write_generated_coco(tmp, image_size, seed, {k: n * SEGMENTATION_IMAGES_PER_COUNT for k, n in counts.items()})
 
 
+def _write_multilabel(tmp: Path, image_size: int, seed: int, counts: dict) -> None:
+    write_generated_multilabel(tmp, image_size, seed,
+                               {k: n * SEGMENTATION_IMAGES_PER_COUNT for k, n in counts.items()})
+
+
 # the variants drawn as scenes of several shapes, by the writer of each (the others are class folders)
-SCENE_WRITERS = {"segmentation": _write_segmentation, "detection": _write_detection}
+SCENE_WRITERS = {"segmentation": _write_segmentation, "detection": _write_detection,
+                 "multilabel": _write_multilabel}
 
 
 def _write_variant(tmp: Path, variant: str, image_size: int, seed: int, counts: dict) -> None:
@@ -298,6 +310,38 @@ def write_generated_coco(tmp: Path, image_size: int, seed: int, counts: dict) ->
         coco = {"info": {"description": f"generated shapes, seed {seed}, {image_size} px"},
                 "images": images, "annotations": annotations, "categories": categories}
         (folder / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")))
+
+
+# ---- the multilabel variant: the scenes as a multi-label CSV folder ----
+
+def multilabel_scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    # a fourth number, 11: never the stream of a segmentation (3 numbers), detection (7) or classification
+    # image (its class < 7)
+    return np.random.default_rng([seed, SPLITS[split], index, 11])
+
+
+def write_generated_multilabel(tmp: Path, image_size: int, seed: int, counts: dict) -> None:
+    """For each split, `counts[split]` scenes tmp/<split>/NNNNN.png and tmp/<split>.csv naming, per image, the
+    kinds of shape visible in it (at least MIN_VISIBLE_PIXELS pixels, as the detection variant's boxes), sorted
+    and space-separated: a scene's 1-4 shapes give 1-4 labels (two shapes of a kind, one). Byte-identical for
+    the same arguments."""
+    tmp = Path(tmp)
+    (tmp / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES["multilabel"]))
+    for split, n in counts.items():
+        folder = tmp / split
+        folder.mkdir(parents=True, exist_ok=True)
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["image", "labels"])
+        for i in range(n):
+            plan = plan_scene(image_size, multilabel_scene_rng(seed, split, i))
+            img, _ = render_scene(plan, image_size)
+            name = f"{split}/{i:05d}.png"
+            img.save(tmp / name, optimize=False)
+            shown = visible_shapes(plan, image_size)
+            kinds = {s.kind for j, s in enumerate(plan.shapes) if (shown == j + 1).sum() >= MIN_VISIBLE_PIXELS}
+            writer.writerow([name, " ".join(sorted(kinds))])
+        (tmp / f"{split}.csv").write_text(text.getvalue())
 
 
 class _Finished(Exception):

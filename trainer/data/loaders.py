@@ -95,9 +95,9 @@ class WorkerLoader(EpochSteps):
         return (batch for _, batch in self.steps(start))
 
     def _mixed(self, batches, start: int):
-        # mixing is classification's ((images, labels) batches): the config refuses it for any other task
-        # (ClassificationSpec.check_config). Seeded by the micro-step's index within the epoch (on the process
-        # count that started the epoch: a resume there mixes as the original did)
+        # mixing is classification's and multi-label's ((images, labels or multi-hot rows) batches): the config
+        # refuses it for any other task (ClassificationSpec.check_config). Seeded by the micro-step's index within
+        # the epoch (on the process count that started the epoch: a resume there mixes as the original did)
         for index, (x, y) in enumerate(batches, start=start // self.dealing.chunk):
             yield self.mixer(x, y, self.epoch, index)
 

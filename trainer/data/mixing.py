@@ -1,4 +1,5 @@
-"""Mixup and CutMix: batch transforms for classification, applied by the training loaders after collation.
+"""Mixup and CutMix: batch transforms for classification (and multi-label classification), applied by the
+training loaders after collation.
 
 timm's semantics in its "batch" mode (timm/data/mixup.py; written anew here, not copied): per batch, with
 probability `mix_prob` the batch is mixed at all; when both alphas are on, CutMix with probability
@@ -36,9 +37,13 @@ def cutmix_box(rng: np.random.Generator, lam: float, height: int, width: int) ->
 
 
 def mixed_targets(labels: torch.Tensor, num_classes: int, lam: float) -> torch.Tensor:
-    """(N, C) float32 class probabilities: lam of each sample's own class, 1 - lam of its partner's."""
-    # scatter, not F.one_hot: one_hot checks the label range, a GPU sync per batch
-    onehot = torch.zeros((len(labels), num_classes), device=labels.device).scatter_(1, labels.long()[:, None], 1.0)
+    """(N, C) float32 targets: lam of each sample's own, 1 - lam of its partner's. `labels`: class indices (N,),
+    or multi-hot float rows (N, C) of multi-label data, mixed as they are (each class's target becomes the
+    share of the mixed image that shows it: timm's multi-label mixing)."""
+    if labels.is_floating_point():
+        onehot = labels.float().clone()  # a copy: the loader's batch is not changed in place
+    else:  # scatter, not F.one_hot: one_hot checks the label range, a GPU sync per batch
+        onehot = torch.zeros((len(labels), num_classes), device=labels.device).scatter_(1, labels.long()[:, None], 1.0)
     partner = onehot.flip(0)  # a copy, taken before the in-place scaling below
     return onehot.mul_(lam).add_(partner, alpha=1.0 - lam)
 
@@ -79,7 +84,8 @@ class BatchMixer:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int):
         """`x`: (N, C, H, W) float images, mixed in place (the loader's own fresh batch; its memory format kept);
-        `y`: (N,) class indices. `batch`: the index of this batch within the epoch on this process."""
+        `y`: (N,) class indices, or (N, C) multi-hot rows (multi-label). `batch`: the index of this batch within
+        the epoch on this process."""
         planned = self.plan(epoch, batch, x.shape[-2], x.shape[-1])
         if planned is None:
             return x, y

@@ -19,12 +19,14 @@ from typing import Dict, Sequence
 from trainer.data import Data, build_data, scan_files, save_scan, unchecked
 from trainer.data.folders import find_bad_images
 from trainer.distributed import agree, main_first, shard_bounds
+from trainer.targets import data_targets
 
 
 def build_data_on_ranks(acc, data_cfg, seed: int, splits: Sequence[str], verbose) -> Data:
     """build_data on every rank of `acc`, the file checks split across them (image folders; any other source
     is built by the main rank first, then by the others: it may write the generated dataset)."""
-    if acc.num_processes == 1 or data_cfg.format != "imagefolder" or "all" in splits:
+    if (acc.num_processes == 1 or data_cfg.format != "imagefolder" or "all" in splits
+            or data_targets(data_cfg) != "labels"):  # a CSV folder given as an image folder: multilabel's builder
         return main_first(acc, lambda: build_data(data_cfg, seed, splits, verbose=verbose))
     scan = main_first(acc, lambda: scan_files(data_cfg, splits, verbose))
     todo = agree(acc, lambda: unchecked(scan, data_cfg, splits), main_only=True, share=True)

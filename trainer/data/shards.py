@@ -266,6 +266,9 @@ def _check_every_class_kept(src: Path, classes: List[str], items: Sequence[Item]
 def _layout(src: Path) -> str:
     """"masks" for a segmentation folder (split/images + split/masks), "coco" for a COCO folder (annotation
     files), else "classes" (class folders)."""
+    if (src / "train.csv").is_file():  # a multi-label CSV folder (trainer/data/multilabel.py): no packed form
+        raise DataError(f"{src} is a multi-label CSV folder (train.csv): trainer pack does not pack it (its rows "
+                        f"would need their label sets in the index); train from the folder, data.format=multilabel")
     splits = [src] + [src / name for name in ("train", "val", "test") if (src / name).is_dir()]
     masks = [d for d in splits if (d / "images").is_dir() and (d / "masks").is_dir()]
     coco = (src / "annotations").is_dir() or any((d / name).is_file() for d in splits

@@ -23,11 +23,12 @@ from trainer.errors import ConfigError
 from trainer.targets import data_targets
 from trainer.tasks.classify_spec import ClassificationSpec, resolve_task
 from trainer.tasks.detect_spec import DetectionSpec
+from trainer.tasks.multilabel_spec import MultilabelSpec
 from trainer.tasks.protocol import DataInfo, Sections, TaskSpec
 from trainer.tasks.segment_spec import SegmentationSpec
 
 __all__ = ["TASKS", "build_task", "check_config", "implementation", "report_files", "task_data_mismatch",
-           "task_from_meta", "task_spec", "Classification", "Detection", "Segmentation", "Task", "class_weights",
+           "task_from_meta", "task_spec", "Classification", "Detection", "Multilabel", "Segmentation", "Task", "class_weights",
            "resolve_task"]
 
 TASKS: Dict[str, TaskSpec] = {
@@ -35,6 +36,7 @@ TASKS: Dict[str, TaskSpec] = {
     "multiclass": ClassificationSpec,
     "segmentation": SegmentationSpec,
     "detection": DetectionSpec,
+    "multilabel": MultilabelSpec,
 }
 
 
@@ -73,15 +75,17 @@ def check_config(cfg) -> None:
 
 
 def build_task(task: str, classes: Sequence[str], train_counts: Sequence[int], loss_cfg, eval_cfg, data_cfg,
-               model_cfg=None, category_ids: Sequence[int] = ()):
-    """The task a run trains (`task=auto`: segmentation for mask data, detection for box data, else binary for
+               model_cfg=None, category_ids: Sequence[int] = (), num_images: int = 0):
+    """The task a run trains (`task=auto`: segmentation for mask data, detection for box data, multilabel for
+    label sets, else binary for
     2 classes, else multiclass), its options checked against the data. `model_cfg`: the model section (a
-    detector's options); `category_ids`: detection data's own id of each class."""
+    detector's options); `category_ids`: detection data's own id of each class; `num_images`: the training
+    split's size."""
     mismatch = task_data_mismatch(task, data_cfg)
     if mismatch:
         raise ConfigError(mismatch)
     made = implementation(task_spec(task, data_cfg))
-    return made.build(list(classes), DataInfo(train_counts, category_ids),
+    return made.build(list(classes), DataInfo(train_counts, category_ids, num_images),
                       Sections(task, loss_cfg, eval_cfg, data_cfg, model_cfg))
 
 
@@ -107,7 +111,7 @@ def report_files(task, name: str = "eval.json") -> list:
 
 # the names of the task classes and their helpers, imported (with torch) when first asked for
 _CLASSES = {"Classification": "classify", "Task": "classify", "class_weights": "classify_metrics",
-            "Segmentation": "segment", "Detection": "detect"}
+            "Segmentation": "segment", "Detection": "detect", "Multilabel": "multilabel"}
 
 
 def __getattr__(name: str):

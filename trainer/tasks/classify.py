@@ -235,6 +235,14 @@ class Classification(ClassificationSpec):
             raise TrainerError("--overlay is for segmentation models; this one classifies")
         return CsvPredictions(self, output_path(output, given, "CSV", overwrite))
 
+    csv_label_column = "label"  # the prediction CSV's column of the predicted class
+
+    def csv_predictions(self, logits: torch.Tensor) -> tuple:
+        """(N, C) probabilities on the CPU, and each image's predicted class name (CsvPredictions' row cells)."""
+        probs = self.head.probabilities(logits).cpu()
+        labels = self.head.predict(probs, self.threshold, self.positive_index)
+        return probs, [self.classes[label] for label in labels.tolist()]
+
     @classmethod
     def example(cls, name: str, tmp) -> Example:
         """Seeded random 16-px images with class labels."""

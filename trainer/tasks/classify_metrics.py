@@ -171,6 +171,17 @@ def _between_scores(score: np.ndarray, chosen: float) -> float:
 
 # ---- the evaluator ----
 
+def gathered_rows(rows: List[torch.Tensor], width: int, indices: torch.Tensor, num_samples: int,
+                  accelerator) -> Optional[torch.Tensor]:
+    """The one collective of a per-sample evaluator: this rank's float32 rows (`width` columns each; the split
+    index of each in `indices`) gathered to the main rank and put in split order, every sample of the split
+    there exactly once; None on the other ranks. Classification and multi-label gather their rows with it."""
+    local = torch.cat(rows) if rows else torch.zeros((0, width))
+    table = gather_to_main(local.float(), accelerator)
+    order = split_order(indices, num_samples, accelerator)
+    return None if table is None else table[order]
+
+
 class ClassificationEvaluator:
     """Per-sample rows (probabilities, label, loss) of this rank's shard; `finish` gathers them to the main rank
     (the one collective), checks that every sample of the split is there exactly once, scores them once
@@ -190,12 +201,9 @@ class ClassificationEvaluator:
     def gather(self, accelerator) -> Optional[dict]:
         """Every rank's rows on the main rank, in split order; None elsewhere."""
         c = self.head.num_classes
-        local = torch.cat(self.rows) if self.rows else torch.zeros((0, c + 2))
-        table = gather_to_main(local.float(), accelerator)
-        order = split_order(self.indices, self.num_samples, accelerator)
+        table = gathered_rows(self.rows, c + 2, self.indices, self.num_samples, accelerator)
         if table is None:
             return None
-        table = table[order]
         return {"probs": table[:, :c].numpy(), "labels": table[:, c].round().long().numpy(),
                 "losses": table[:, c + 1].numpy()}
 

@@ -203,8 +203,10 @@ def _is_topk(key: str) -> bool:
     return key.startswith("top") and key.endswith("_accuracy") and middle.isdigit()
 
 
-def _per_class_table(rows: list[dict], classes: list[str]) -> list[str]:
-    columns = ["precision", "recall", "f1", "support"] + (["roc_auc"] if any("roc_auc" in r for r in rows) else [])
+def _per_class_table(rows: list[dict], classes: list[str], columns: Sequence[str] = ()) -> list[str]:
+    """The aligned per-class table of a summary (`columns`: the row keys shown; by default classification's)."""
+    columns = list(columns) or (["precision", "recall", "f1", "support"]
+                                + (["roc_auc"] if any("roc_auc" in r for r in rows) else []))
     shown = rows[:SUMMARY_MAX_ROWS]
     names = [short(str(r.get("class", classes[i] if i < len(classes) else i)), 30) for i, r in enumerate(shown)]
     name_width = max(len("class"), *(len(n) for n in names))
@@ -221,8 +223,10 @@ def _per_class_table(rows: list[dict], classes: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ predictions
 
 class CsvPredictions:
-    """`trainer predict`: one row per image (path, predicted class, every class's probability), written whole at
-    the end. `task`: the Classification whose head turns logits into probabilities and labels."""
+    """`trainer predict`: one row per image (path, what was predicted, every class's probability), written whole
+    at the end. `task` turns logits into both (`csv_predictions`: (N, C) probabilities and a cell per image)
+    and names the column of what it predicts (`csv_label_column`: classification's "label", multi-label's
+    "labels")."""
 
     def __init__(self, task, out: Tuple[Folder, str]):
         self.task, self.out, self.rows = task, out, []
@@ -230,10 +234,9 @@ class CsvPredictions:
     def add(self, inputs: Sequence[Tuple[str, str]], logits: torch.Tensor, sizes, images=None) -> None:
         """`inputs`: (image path, the folder it was found under) per image of the batch."""
         paths = [path for path, _ in inputs]
-        probs = self.task.head.probabilities(logits).cpu()
-        labels = self.task.head.predict(probs, self.task.threshold, self.task.positive_index)
-        self.rows += [[path, self.task.classes[label]] + [repr(v) for v in p]  # repr: parses back exactly
-                      for path, p, label in zip(paths, probs.tolist(), labels.tolist())]
+        probs, predicted = self.task.csv_predictions(logits)
+        self.rows += [[path, cell] + [repr(v) for v in p]  # repr: parses back exactly
+                      for path, p, cell in zip(paths, probs.tolist(), predicted)]
 
     def abort(self) -> None:
         """Nothing was written yet: the CSV is written whole in `close`."""
@@ -241,7 +244,7 @@ class CsvPredictions:
     def close(self) -> int:
         text = io.StringIO()
         writer = csv.writer(text)
-        writer.writerow(["path", "label"] + [f"prob_{c}" for c in self.task.classes])
+        writer.writerow(["path", self.task.csv_label_column] + [f"prob_{c}" for c in self.task.classes])
         writer.writerows(self.rows)
         folder, name = self.out
         folder.write(name, text.getvalue())  # written whole, then renamed: never half a CSV

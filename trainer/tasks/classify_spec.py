@@ -42,9 +42,13 @@ class ClassificationSpec:
                               f"label per image (segmentation: try loss.class_weighted=true)")
         if cuda_decode:
             raise ConfigError(_cuda_decode_is_for_files(data.format))
+        # a task of image-level targets on classification's networks (multilabel: its targets do not move with the
+        # pixels, and mixing.py mixes its multi-hot rows) takes the per-image policies, batch mixing and the
+        # network options
+        image_level = getattr(trained, "image_level_targets", False)
         for key, on in (("mixup_alpha", aug.mixup_alpha > 0), ("cutmix_alpha", aug.cutmix_alpha > 0),
                         ("auto_augment", aug.auto_augment != "none"), ("random_erasing", aug.random_erasing > 0)):
-            if on:
+            if on and not image_level:
                 raise ConfigError(f"data.augment.{key} is for classification; {trained.title} data would need its "
                                   f"{trained.targets} transformed alike")
         for key, on in (("model.drop_path", cfg.model.drop_path is not None),
@@ -52,10 +56,12 @@ class ClassificationSpec:
                         ("model.freeze_backbone_epochs", cfg.model.freeze_backbone_epochs > 0),
                         ("optim.head_lr_scale", cfg.optim.head_lr_scale != 1),
                         ("optim.layer_decay", cfg.optim.layer_decay is not None)):
-            if on:
+            if on and not image_level:
                 raise ConfigError(f"{key} is for classification models; {trained.title} models do not take it")
-        if cfg.eval.positive_class is not None or cfg.eval.threshold_tuning:
-            raise ConfigError("eval.positive_class and eval.threshold_tuning apply to binary classification only")
+        if cfg.eval.positive_class is not None:
+            raise ConfigError("eval.positive_class applies to binary classification only")
+        if cfg.eval.threshold_tuning and not getattr(trained, "tunes_thresholds", False):  # multilabel: per class
+            raise ConfigError("eval.threshold_tuning applies to binary and multilabel classification only")
 
     @staticmethod
     def check_meta(meta: dict, path) -> None:

@@ -32,7 +32,7 @@ from trainer.data.generated import GENERATED_CATEGORY_IDS, write_generated_coco
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.prediction_files import Given, PredictionFolder, output_path
 from trainer.tasks.detect_metrics import DetectionEvaluator, to_coco_records
-from trainer.tasks.detect_models import DETECTION_MODELS, build_detection_model, loss_part_names, model_kwargs
+from trainer.tasks.detect_models import build_detection_model, check_name, loss_part_names, model_kwargs
 from trainer.tasks.detect_reports import PLOTS, BoxPredictions, format_detection_summary, write_detection_report
 from trainer.tasks.detect_spec import DetectionSpec
 from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_threshold
@@ -92,9 +92,7 @@ class Detection(DetectionSpec):
                     dropout: Optional[float] = None):
         if drop_path or dropout is not None:  # the config refuses them first; a direct caller is told here too
             raise ConfigError(f"model.drop_path and model.dropout are for classification models; {name} keeps its own")
-        if name not in DETECTION_MODELS:
-            raise ConfigError(f"model.name '{name}' is not a detection model; valid: "
-                              f"{', '.join(sorted(DETECTION_MODELS))}")
+        check_name(name)
         self.options, self.architecture = self.resolved(name), name  # what model.json records
         return build_detection_model(name, self.num_outputs, self.options, pretrained_path, verbose=verbose)
 
@@ -106,9 +104,7 @@ class Detection(DetectionSpec):
 
     def check_model(self, name: str) -> None:
         """At start-up, before the model is built: the model exists and takes every option given."""
-        if name not in DETECTION_MODELS:
-            raise ConfigError(f"model.name '{name}' is not a detection model; valid: "
-                              f"{', '.join(sorted(DETECTION_MODELS))}")
+        check_name(name)
         self.resolved(name)
 
     def metric_names(self) -> List[str]:

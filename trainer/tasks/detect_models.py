@@ -55,7 +55,7 @@ from torch import nn
 
 from trainer.errors import ConfigError
 from trainer.metrics import is_number
-from trainer.models import read_state_dict
+from trainer.models import read_state_dict, unknown_name
 from trainer.tasks.segment_models import load_pretrained
 
 DETECTION_OPTIONS = ("min_size", "max_size", "anchor_sizes", "aspect_ratios", "trainable_backbone_layers",
@@ -180,11 +180,18 @@ DETECTION_MODELS: Dict[str, Callable[[int, dict], nn.Module]] = {
     "retinanet_small": _retinanet_small,  # 1.05 M params; the CPU/CI model, from scratch on 64-128 px
     "fasterrcnn_mobilenet_v3_large_fpn": _torchvision("fasterrcnn_mobilenet_v3_large_fpn"),  # 19 M
     "fasterrcnn_mobilenet_v3_large_320_fpn": _torchvision("fasterrcnn_mobilenet_v3_large_320_fpn"),  # 19 M
+    "fasterrcnn_resnet50_fpn": _torchvision("fasterrcnn_resnet50_fpn"),  # 41 M
     "fasterrcnn_resnet50_fpn_v2": _torchvision("fasterrcnn_resnet50_fpn_v2"),  # 43 M
+    "retinanet_resnet50_fpn": _torchvision("retinanet_resnet50_fpn"),  # 34 M
     "retinanet_resnet50_fpn_v2": _torchvision("retinanet_resnet50_fpn_v2"),  # 36 M
     "fcos_resnet50_fpn": _torchvision("fcos_resnet50_fpn"),  # 32 M
     "ssdlite320_mobilenet_v3_large": _torchvision("ssdlite320_mobilenet_v3_large"),  # 2.2 M (reduced tail)
+    "ssd300_vgg16": _torchvision("ssd300_vgg16"),  # 35.6 M
 }
+# torchvision's other detection builders need targets this task does not read: why, for the error naming them
+NOT_BOX_DETECTORS = {name: "it trains on instance masks (segmentation polygons), not boxes alone"
+                     for name in ("maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2")}
+NOT_BOX_DETECTORS["keypointrcnn_resnet50_fpn"] = "it trains on keypoints, not boxes alone"
 
 # ---- options: each model's defaults (torchvision 0.29's own values; a test compares them with built models) ----
 
@@ -201,6 +208,9 @@ _DEFAULTS: Dict[str, dict] = {
                         "score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 100},
     "fasterrcnn_mobilenet_v3_large_fpn": {"min_size": 800, "max_size": 1333, **_MOBILENET_FPN},
     "fasterrcnn_mobilenet_v3_large_320_fpn": {"min_size": 320, "max_size": 640, **_MOBILENET_FPN},
+    "fasterrcnn_resnet50_fpn": {"min_size": 800, "max_size": 1333, "anchor_sizes": [[32], [64], [128], [256], [512]],
+                                "aspect_ratios": [_RCNN_ANCHOR_RATIOS] * 5, "trainable_backbone_layers": 5,
+                                **_FASTERRCNN_POST},
     "fasterrcnn_resnet50_fpn_v2": {  # 5 levels: strides 4, 8, 16, 32 and a max-pooled 64
         "min_size": 800, "max_size": 1333, "anchor_sizes": [[32], [64], [128], [256], [512]],
         "aspect_ratios": [_RCNN_ANCHOR_RATIOS] * 5, "trainable_backbone_layers": 5, **_FASTERRCNN_POST},
@@ -209,9 +219,15 @@ _DEFAULTS: Dict[str, dict] = {
         "anchor_sizes": [[x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))] for x in (32, 64, 128, 256, 512)],
         "aspect_ratios": [_RCNN_ANCHOR_RATIOS] * 5, "trainable_backbone_layers": 5,
         "score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 300},
+    "retinanet_resnet50_fpn": {  # the v2's anchors, levels and post-processing (its FPN's P6 comes from C5)
+        "min_size": 800, "max_size": 1333,
+        "anchor_sizes": [[x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))] for x in (32, 64, 128, 256, 512)],
+        "aspect_ratios": [_RCNN_ANCHOR_RATIOS] * 5, "trainable_backbone_layers": 5,
+        "score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 300},
     "fcos_resnet50_fpn": {"min_size": 800, "max_size": 1333, "trainable_backbone_layers": 5,
                           "score_thresh": 0.2, "nms_thresh": 0.6, "detections_per_img": 100},
     "ssdlite320_mobilenet_v3_large": {"score_thresh": 0.001, "nms_thresh": 0.55, "detections_per_img": 300},
+    "ssd300_vgg16": {"score_thresh": 0.01, "nms_thresh": 0.45, "detections_per_img": 200},
 }
 
 # Why a model cannot take an option: the ConfigError says so.
@@ -225,18 +241,27 @@ _CANNOT = {
     ("ssdlite320_mobilenet_v3_large", "trainable_backbone_layers"):
         "its backbone is split into SSD's own blocks; freezing by stage is not offered",
     ("retinanet_small", "trainable_backbone_layers"): "it trains from scratch: there is no pretrained backbone",
+    ("ssd300_vgg16", "min_size"): "SSD300 resizes every image to a fixed 300x300",
+    ("ssd300_vgg16", "max_size"): "SSD300 resizes every image to a fixed 300x300",
+    ("ssd300_vgg16", "anchor_sizes"): "SSD300's default boxes are fixed (DefaultBoxGenerator)",
+    ("ssd300_vgg16", "aspect_ratios"): "SSD300's default boxes are fixed (DefaultBoxGenerator)",
+    ("ssd300_vgg16", "trainable_backbone_layers"): "its VGG backbone is split into SSD's own blocks; freezing by "
+                                                   "stage is not offered",
 }
 
 # what trainable_backbone_layers counts, and which classification files fit the body (load_detection_pretrained)
 _BACKBONE_KIND = {
     "fasterrcnn_mobilenet_v3_large_fpn": "mobilenet", "fasterrcnn_mobilenet_v3_large_320_fpn": "mobilenet",
     "fasterrcnn_resnet50_fpn_v2": "resnet", "retinanet_resnet50_fpn_v2": "resnet", "fcos_resnet50_fpn": "resnet",
+    "fasterrcnn_resnet50_fpn": "resnet", "retinanet_resnet50_fpn": "resnet",
 }
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    if name in NOT_BOX_DETECTORS:
+        raise ConfigError(f"detection model {name} is not offered: {NOT_BOX_DETECTORS[name]}")
     if name not in DETECTION_MODELS:
-        raise ConfigError(f"unknown detection model '{name}'; valid names: {', '.join(sorted(DETECTION_MODELS))}")
+        raise unknown_name("model.name (a detection model)", name, DETECTION_MODELS)
 
 
 def _is_int(v) -> bool:
@@ -264,7 +289,7 @@ def model_kwargs(name: str, options: Optional[dict] = None) -> dict:
     else its default. JSON-serialisable (ints, floats, lists); store it in model.json next to the name and
     num_classes, and `build_detection_model(name, num_classes, that_dict)` rebuilds the same architecture.
     ConfigError for an unknown option, an option the model cannot take, or a bad value."""
-    _check_name(name)
+    check_name(name)
     options = {k: v for k, v in (options or {}).items() if v is not None}
     unknown = sorted(set(options) - set(DETECTION_OPTIONS))
     if unknown:
@@ -299,7 +324,7 @@ def model_kwargs(name: str, options: Optional[dict] = None) -> dict:
 
 def loss_part_names(name: str) -> List[str]:
     """The keys of the loss dict model `name` returns in train mode, in its order (the total loss is their sum)."""
-    _check_name(name)
+    check_name(name)
     if name.startswith("fasterrcnn"):
         return list(_RCNN_LOSSES)
     if name.startswith("fcos"):

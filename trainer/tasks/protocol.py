@@ -122,9 +122,12 @@ class TrainingTask(TaskSpec, Protocol):
 @dataclass(frozen=True)
 class DataInfo:
     """What a task is built from besides the class names: the training split's counts per class (images;
-    pixels for segmentation; boxes for detection) and, for detection, the annotation file's id of each class."""
+    pixels for segmentation; boxes for detection; positive images for multi-label), for detection the
+    annotation file's id of each class, and the number of training images (multi-label's pos_weight is
+    negatives / positives: the counts alone do not say the negatives once an image may hold several classes)."""
     train_counts: Sequence[int]
     category_ids: Sequence[int] = ()
+    num_images: int = 0
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from trainer.data.masks import collate_masks
 from trainer.distributed import agree, gather_to_main
 from trainer.errors import ConfigError, DataError
 from trainer.evaluation import split_order
+from trainer.models import unknown_name
 from trainer.prediction_files import Given, PredictionFolder
 from trainer.tasks.segment_metrics import (confusion_matrix, cross_entropy_loss, dice_loss, metrics_from_confusion,
                                            pixel_class_weights)
@@ -76,8 +77,7 @@ class Segmentation(SegmentationSpec):
         if drop_path or dropout is not None:  # the config refuses them first; a direct caller is told here too
             raise ConfigError(f"model.drop_path and model.dropout are for classification models; {name} keeps its own")
         if name not in SEGMENTATION_MODELS:
-            raise ConfigError(f"model.name '{name}' is not a segmentation model; valid: "
-                              f"{', '.join(sorted(SEGMENTATION_MODELS))}")
+            raise unknown_name(f"model.name (a segmentation model)", name, SEGMENTATION_MODELS)
         return build_segmentation_model(name, len(self.classes), pretrained_path, aux_loss=self.aux_weight > 0,
                                         verbose=verbose)
 

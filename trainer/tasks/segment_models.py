@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import ConfigError
-from trainer.models import read_state_dict
+from trainer.models import read_state_dict, unknown_name
 
 # ---- our U-Net ----
 
@@ -114,7 +114,9 @@ def _ours(cls) -> Callable[[int, bool], nn.Module]:
 SEGMENTATION_MODELS: Dict[str, Callable[[int, bool], nn.Module]] = {
     "unet": _ours(UNet),  # 0.84 M params; the CPU/CI model
     "fcn_resnet50": _torchvision("fcn_resnet50", has_aux=True),  # 35.3 M
+    "fcn_resnet101": _torchvision("fcn_resnet101", has_aux=True),  # 54.3 M
     "deeplabv3_resnet50": _torchvision("deeplabv3_resnet50", has_aux=True),  # 42.0 M
+    "deeplabv3_resnet101": _torchvision("deeplabv3_resnet101", has_aux=True),  # 61.0 M
     "deeplabv3_mobilenet_v3_large": _torchvision("deeplabv3_mobilenet_v3_large", has_aux=True),  # 11.0 M
     "lraspp_mobilenet_v3_large": _torchvision("lraspp_mobilenet_v3_large", has_aux=False),  # 3.2 M
 }
@@ -126,7 +128,9 @@ SEGMENTATION_MODELS: Dict[str, Callable[[int, bool], nn.Module]] = {
 _MIN_SIDE_AT_BATCH_1: Dict[str, Optional[int]] = {
     "unet": 17,  # padded to 32: a 2x2 bottleneck (16 pads to 16: a 1x1 one)
     "fcn_resnet50": 9,  # output stride 8 (dilated layer3/4)
+    "fcn_resnet101": 9,  # the same output stride
     "deeplabv3_resnet50": None,  # ASPP's image-pooling branch: BatchNorm on a 1x1 map, whatever the size
+    "deeplabv3_resnet101": None,
     "deeplabv3_mobilenet_v3_large": None,  # the same ASPP
     "lraspp_mobilenet_v3_large": 17,  # output stride 16
 }
@@ -147,7 +151,7 @@ def min_input_size(name: str, per_process_batch: int = 2) -> int:
 
 def _check_name(name: str) -> None:
     if name not in SEGMENTATION_MODELS:
-        raise ConfigError(f"unknown segmentation model '{name}'; valid names: {', '.join(sorted(SEGMENTATION_MODELS))}")
+        raise unknown_name("segmentation model", name, SEGMENTATION_MODELS)
 
 
 def build_segmentation_model(name: str, num_classes: int, pretrained_path: Optional[str] = None,

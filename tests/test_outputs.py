@@ -3,7 +3,6 @@ kind of collision, are in test_faults.py (the collision table)."""
 from __future__ import annotations
 
 import ast
-import json
 import multiprocessing
 import os
 import signal

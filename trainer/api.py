@@ -11,7 +11,7 @@ written. Unlike the CLI, the API installs no SIGTERM/SIGUSR1 handlers: the host 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Union
 
 if TYPE_CHECKING:  # the package's face imports no torch: these are imported when called
     from trainer.config import Config

@@ -77,7 +77,7 @@ class Segmentation(SegmentationSpec):
         if drop_path or dropout is not None:  # the config refuses them first; a direct caller is told here too
             raise ConfigError(f"model.drop_path and model.dropout are for classification models; {name} keeps its own")
         if name not in SEGMENTATION_MODELS:
-            raise unknown_name(f"model.name (a segmentation model)", name, SEGMENTATION_MODELS)
+            raise unknown_name("model.name (a segmentation model)", name, SEGMENTATION_MODELS)
         return build_segmentation_model(name, len(self.classes), pretrained_path, aux_loss=self.aux_weight > 0,
                                         verbose=verbose)
 

@@ -292,6 +292,16 @@ def _to_normalised_tensor(mean, std) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
+def set_split_transforms(datasets: dict, aug, image_size: int, mean, std) -> None:
+    """Each split's transform: the training split's augmentation (`aug`: the data.augment section), resize and
+    normalise for the others."""
+    for split, ds in datasets.items():
+        ds.transform = (train_transform(image_size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
+                                        aug.rrc_min_scale, aug.color_jitter, aug.auto_augment,
+                                        aug.randaugment_num_ops, aug.randaugment_magnitude, aug.random_erasing)
+                        if split == "train" else eval_transform(image_size, mean, std))
+
+
 def eval_transform(image_size: int, mean, std):
     """Resize to the square network input and normalise; the same for eval, predict and the exported model."""
     return v2.Compose([v2.Resize((image_size, image_size), antialias=True)] + _to_normalised_tensor(mean, std))

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from trainer.data import generated
-from trainer.data.datasets import FileDataset, eval_transform, measure_mean_std, train_transform
+from trainer.data.datasets import FileDataset, measure_mean_std, set_split_transforms
 from trainer.data.folders import verify_images
 from trainer.errors import DataError
 
@@ -175,11 +175,7 @@ def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], verbose=pr
         stats = made.get("train") or MultilabelDataset(found["train"][0], found["train"][1],
                                                         exif_orientation=data_cfg.exif_orientation)
         mean, std = measure_mean_std(stats, size, seed=data_cfg.split_seed)
-    for split, ds in made.items():
-        ds.transform = (train_transform(size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
-                                        aug.rrc_min_scale, aug.color_jitter, aug.auto_augment,
-                                        aug.randaugment_num_ops, aug.randaugment_magnitude, aug.random_erasing)
-                        if split == "train" else eval_transform(size, mean, std))
+    set_split_transforms(made, aug, size, mean, std)
     if skipped:
         verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
     return Data(classes=list(classes), datasets=made, mean=list(mean), std=list(std), train_counts=counts,

@@ -82,8 +82,33 @@ class Task:
 
 # ---- the task protocol for binary and multi-class classification (trainer/tasks/protocol.py) ----
 
+class ImageBatches:
+    """What the tasks of whole-image targets (classification, multi-label) do alike: a classification network
+    with an output per logit; a batch of (images, targets) with one loss, no parts, moved to the device, the
+    network (with test-time augmentation) on its images."""
+
+    def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
+                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                    dropout: Optional[float] = None):
+        """`drop_path`, `dropout`: None = the model's own (see `trainer.models.build_model`)."""
+        return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
+                           pretrained_path=pretrained_path, verbose=verbose, drop_path=drop_path, dropout=dropout)
+
+    @staticmethod
+    def loss_parts(model_name: str) -> List[str]:
+        return []
+
+    def to_device(self, batch, device, memory_format=torch.contiguous_format):
+        x, y = batch
+        return (x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True))
+
+    @staticmethod
+    def forward(net, batch, tta: str = "none") -> torch.Tensor:
+        return forward_tta(net, batch[0], tta)
+
+
 @dataclass
-class Classification(ClassificationSpec):
+class Classification(ImageBatches, ClassificationSpec):
     """Binary or multi-class image classification behind the task protocol: batches are (images, labels),
     the training loss is `head`'s, evaluation gathers every sample's probabilities to the main rank and scores
     them once with scikit-learn (exact on any process count), reports are eval.json + confusion/ROC/PR plots,
@@ -149,13 +174,6 @@ class Classification(ClassificationSpec):
         return cls(meta["task"], classes, Task(meta["task"], len(classes)), positive_index,
                    meta.get("threshold") or 0.5)
 
-    def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
-                    dropout: Optional[float] = None):
-        """`drop_path`, `dropout`: None = the model's own (see `trainer.models.build_model`)."""
-        return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
-                           pretrained_path=pretrained_path, verbose=verbose, drop_path=drop_path, dropout=dropout)
-
     def metric_names(self) -> List[str]:
         """The scalar metrics an evaluation reports (what eval.monitor may name)."""
         c = len(self.classes)
@@ -171,19 +189,7 @@ class Classification(ClassificationSpec):
         x = x.to(memory_format=memory_format)
         return self.head.loss(model(x), y), x.shape[0], {}
 
-    @staticmethod
-    def loss_parts(model_name: str) -> List[str]:
-        return []
-
     # -- evaluation --
-
-    def to_device(self, batch, device, memory_format=torch.contiguous_format):
-        x, y = batch
-        return (x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True))
-
-    @staticmethod
-    def forward(net, batch, tta: str = "none") -> torch.Tensor:
-        return forward_tta(net, batch[0], tta)
 
     def evaluator(self, dataset, indices: torch.Tensor) -> ClassificationEvaluator:
         return ClassificationEvaluator(self, len(dataset), indices)

@@ -20,8 +20,8 @@ import torch
 from trainer.data.datasets import eval_transform
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.metrics import scalar_metrics
-from trainer.models import build_model, forward_tta
 from trainer.prediction_files import Given, output_path
+from trainer.tasks.classify import ImageBatches
 from trainer.tasks.classify_reports import CsvPredictions
 from trainer.tasks.multilabel_metrics import MultilabelEvaluator, multilabel_metrics, per_sample_loss
 from trainer.tasks.multilabel_reports import PLOT_FILES, format_summary, write_multilabel_report
@@ -35,7 +35,7 @@ def positive_weights(positives: Sequence[int], num_images: int) -> List[float]:
 
 
 @dataclass
-class Multilabel(MultilabelSpec):
+class Multilabel(ImageBatches, MultilabelSpec):
     classes: List[str]
     thresholds: List[float]  # per class: predicted present when P(class) >= its threshold
     pos_weight: Optional[List[float]] = None  # per class (loss.class_weighted)
@@ -80,12 +80,6 @@ class Multilabel(MultilabelSpec):
     def from_meta(cls, meta: dict) -> "Multilabel":
         return cls(list(meta["classes"]), [float(t) for t in meta["thresholds"]])
 
-    def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
-                    dropout: Optional[float] = None):
-        return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
-                           pretrained_path=pretrained_path, verbose=verbose, drop_path=drop_path, dropout=dropout)
-
     def metric_names(self) -> List[str]:
         c = len(self.classes)
         eye = np.eye(c, dtype=np.float32)
@@ -102,19 +96,7 @@ class Multilabel(MultilabelSpec):
         weight = None if self.pos_weight is None else logits.new_tensor(self.pos_weight, dtype=torch.float32)
         return per_sample_loss(logits, y, weight).mean(), x.shape[0], {}
 
-    @staticmethod
-    def loss_parts(model_name: str) -> List[str]:
-        return []
-
     # -- evaluation --
-
-    def to_device(self, batch, device, memory_format=torch.contiguous_format):
-        x, y = batch
-        return (x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True))
-
-    @staticmethod
-    def forward(net, batch, tta: str = "none") -> torch.Tensor:
-        return forward_tta(net, batch[0], tta)
 
     def evaluator(self, dataset, indices: torch.Tensor) -> MultilabelEvaluator:
         return MultilabelEvaluator(self, len(dataset), indices)

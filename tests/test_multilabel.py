@@ -343,3 +343,20 @@ def test_sigkill_in_a_multilabel_run_then_the_same_command_is_bitwise_identical(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_the_quick_start_recipe_learns_well_above_chance(tmp_path):
+    """configs/quickstart_multilabel.yaml shortened to 6 of its 30 epochs (~50 s on one thread) must reach a val
+    mAP well above what scores without information reach: each class's AP is then its positive rate (0.48 on
+    average here). Measured 2026-12-05: mAP 0.635 after 6 epochs (0.891 after 30)."""
+    res = run_cli("train", str(ROOT / "configs" / "quickstart_multilabel.yaml"), f"data.root={tmp_path / 'gen'}",
+                  f"run.dir={tmp_path / 'run'}", "train.epochs=6", "eval.every_epochs=0", "train.progress_bar=false",
+                  timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with open(tmp_path / "gen" / "val.csv", newline="") as fh:
+        label_sets = [set(row["labels"].split()) for row in csv.DictReader(fh)]
+    classes = (tmp_path / "gen" / "classes.txt").read_text().split()
+    chance = float(np.mean([sum(c in s for s in label_sets) / len(label_sets) for c in classes]))
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())["final"]
+    assert final["map"] > chance + 0.1, (final["map"], chance)

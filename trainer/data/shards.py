@@ -93,7 +93,7 @@ def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List
     if kind == "multilabel":  # read and checked as a training start reads the folder (its data.csv: csv_cfg)
         splits = [split for split, name in SPLIT_FILES.items() if (src / name).is_file()]
         classes, found = read_multilabel_splits(src, csv_cfg, splits)
-        check_classes(classes, found["train"][1], src)
+        check_classes(classes, found["train"][1], src / SPLIT_FILES["train"])
         return classes, {split: [((path,), tuple(np.flatnonzero(targets[r]).tolist())) for r, path in enumerate(paths)]
                          for split, (paths, targets, _) in found.items()}, {}
     if kind == "masks":

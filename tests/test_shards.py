@@ -567,3 +567,19 @@ def test_multilabel_from_shards_trains_evaluates_and_predicts_as_from_the_csv_fo
                    str(tmp_path / "preds.csv"))
     assert pred.returncode == 0, pred.stderr[-2000:]
     assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + 4 * 2
+
+
+def test_a_multilabel_folder_with_its_own_columns_packs_with_data_csv_overrides(multilabel_folder, tmp_path):
+    for name in ("train.csv", "val.csv", "test.csv"):
+        path = multilabel_folder / name
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(["file,tags"] + [line.replace(" ", ";") for line in lines[1:]]) + "\n")
+    keys = {"data.csv.image_column": "file", "data.csv.labels_column": "tags", "data.csv.separator": ";"}
+    res = run_cli("pack", str(multilabel_folder), str(tmp_path / "packed"), *[f"{k}={v}" for k, v in keys.items()],
+                  "--shard-mb", "0.004")  # (argparse takes the positional overrides before an option)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = build_data(ml_cfg(multilabel_folder, "multilabel", **keys), seed=0, splits=("train", "val"), verbose=quiet)
+    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train", "val"), verbose=quiet)
+    for split in ("train", "val"):
+        assert a.datasets[split].labels.tolist() == b.datasets[split].labels.tolist()
+    assert a.datasets["train"].labels.sum(1).max() > 1  # the separator was read: several labels in a row

@@ -1,5 +1,5 @@
-"""Packed shards of an image folder or a segmentation (masks) folder: `trainer pack SRC DEST` writes them,
-data.format=shards trains from them.
+"""Packed shards of an image folder, a segmentation (masks) folder, a COCO folder or a multi-label CSV folder:
+`trainer pack SRC DEST` writes them, data.format=shards trains from them.
 
 Why: a million small files cost a million opens per epoch and per rank, which shared cluster file systems
 serve slowly and their administrators ration (../shared/docs/tuning-and-data-at-scale.md, part B). A few
@@ -313,6 +313,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     # DEST: new, empty, or a pack's own (one cut short resumes); never inside the folder packed
     out = open_folder(dest, "pack", "pack", "DEST", Inputs([("the folder packed", src)]), what="a pack of the trainer")
     kind = _layout(src)
+    if kind != "multilabel" and csv_cfg is not None and csv_cfg != CsvCfg():
+        raise DataError(f"data.csv.* is for a multi-label CSV folder (train.csv, val.csv); {src} is not one")
     if kind == "coco" and skip_bad:
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
                         f"name them; fix or remove the bad ones (and their annotations)")

@@ -372,14 +372,15 @@ def test_detection_from_shards_trains_as_from_the_coco_folder(coco_folder, tmp_p
     assert json.loads((tmp_path / "eval.json").read_text())["map"] == final["map"]
 
 
-@pytest.mark.parametrize("kind", ["classes", "masks", "coco"])
+@pytest.mark.parametrize("kind", ["classes", "masks", "coco", "multilabel"])
 @pytest.mark.parametrize("damage", ["overwritten", "cut short"])
 def test_an_image_damaged_in_its_shard_after_the_start_is_one_line_naming_it_and_the_shards(
-        kind, damage, folder, masks_folder, coco_folder, tmp_path):
+        kind, damage, folder, masks_folder, coco_folder, multilabel_folder, tmp_path):
     """The pack was whole when training started (build_data checked it); a shard changed since is found when a
     sample is read: one DataError naming the image's path in the packed folder and the shards, not a PIL error."""
     src, kw = {"classes": (folder, {}), "masks": (masks_folder, {"task": "segmentation", "data.image_size": 32}),
-               "coco": (coco_folder, {"task": "detection", "data.image_size": 64})}[kind]
+               "coco": (coco_folder, {"task": "detection", "data.image_size": 64}),
+               "multilabel": (multilabel_folder, {"task": "multilabel"})}[kind]
     dest = tmp_path / "packed"
     shards.pack(src, dest, shard_mb=1, say=quiet)
     ds = build_data(data_cfg(dest, "shards", **kw), seed=0, splits=("train",), verbose=quiet).datasets["train"]

@@ -372,14 +372,15 @@ def test_detection_from_shards_trains_as_from_the_coco_folder(coco_folder, tmp_p
     assert json.loads((tmp_path / "eval.json").read_text())["map"] == final["map"]
 
 
-@pytest.mark.parametrize("kind", ["classes", "masks", "coco"])
+@pytest.mark.parametrize("kind", ["classes", "masks", "coco", "multilabel"])
 @pytest.mark.parametrize("damage", ["overwritten", "cut short"])
 def test_an_image_damaged_in_its_shard_after_the_start_is_one_line_naming_it_and_the_shards(
-        kind, damage, folder, masks_folder, coco_folder, tmp_path):
+        kind, damage, folder, masks_folder, coco_folder, multilabel_folder, tmp_path):
     """The pack was whole when training started (build_data checked it); a shard changed since is found when a
     sample is read: one DataError naming the image's path in the packed folder and the shards, not a PIL error."""
     src, kw = {"classes": (folder, {}), "masks": (masks_folder, {"task": "segmentation", "data.image_size": 32}),
-               "coco": (coco_folder, {"task": "detection", "data.image_size": 64})}[kind]
+               "coco": (coco_folder, {"task": "detection", "data.image_size": 64}),
+               "multilabel": (multilabel_folder, {"task": "multilabel"})}[kind]
     dest = tmp_path / "packed"
     shards.pack(src, dest, shard_mb=1, say=quiet)
     ds = build_data(data_cfg(dest, "shards", **kw), seed=0, splits=("train",), verbose=quiet).datasets["train"]
@@ -397,3 +398,189 @@ def test_an_image_damaged_in_its_shard_after_the_start_is_one_line_naming_it_and
     with pytest.raises(DataError, match=rf"^cannot read image {re.escape(ds.paths[i])} \(in the shards at "
                                         rf"{re.escape(str(dest))}\): "):
         ds[i]
+
+
+# ---- multi-label: a CSV folder packed ----
+
+@pytest.fixture
+def multilabel_folder(tmp_path):
+    root = generated(tmp_path, "multilabel", 16, {"train": 6, "val": 2, "test": 2})
+    train = (root / "train.csv").read_text().splitlines()
+    image = train[2].split(",")[0]
+    train[2] = f"{image},"  # an image with no label (every class negative): a row of no class indices
+    (root / "train.csv").write_text("\n".join(train) + "\n")
+    return root
+
+
+def ml_cfg(root: Path, fmt: str, **kw):
+    return data_cfg(root, fmt, task="multilabel", **kw)
+
+
+def test_a_multilabel_folder_packs_into_shards_that_give_its_images_targets_and_fingerprint(multilabel_folder,
+                                                                                            tmp_path):
+    index = shards.pack(multilabel_folder, tmp_path / "packed", shard_mb=0.004, say=quiet)
+    assert index["kind"] == "multilabel" and len(index["splits"]["train"]) > 1 and set(index["splits"]) == \
+        {"train", "val", "test"}
+    splits = ("train", "val", "test")
+    a = build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, splits=splits, verbose=quiet)
+    shutil.move(multilabel_folder, tmp_path / "aside")  # the shards alone: no CSV, no image file
+    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=splits, verbose=quiet)
+    for split in splits:
+        for i in range(len(b.datasets[split])):
+            b.datasets[split][i]  # every image read from the shards, the folder out of the way
+    shutil.move(tmp_path / "aside", multilabel_folder)
+    assert (a.classes, a.train_counts, a.mean, a.std) == (b.classes, b.train_counts, b.mean, b.std)
+    for split in splits:
+        da, db = a.datasets[split], b.datasets[split]
+        assert da.labels.dtype == db.labels.dtype and da.labels.tolist() == db.labels.tolist()
+        for i in range(len(da)):
+            assert da.load(i).equal(db.load(i))
+            (xa, ya), (xb, yb) = da[i], db[i]  # the same augmentation, seeded by (seed, epoch, index)
+            assert xa.equal(xb) and ya.tolist() == yb.tolist()
+    assert a.datasets["train"].labels[1].sum() == 0  # the row with no label stayed one
+    assert data_fingerprint(a.datasets["train"], a.classes) == data_fingerprint(b.datasets["train"], b.classes)
+    # scoring one split (trainer eval): the model's statistics, and no training split needed
+    c = build_data(ml_cfg(tmp_path / "packed", "shards", **{"data.mean": a.mean, "data.std": a.std}), seed=0,
+                   splits=("test",), verbose=quiet)
+    assert c.datasets["test"].labels.tolist() == a.datasets["test"].labels.tolist()
+
+
+def test_a_cut_short_multilabel_pack_resumes_and_another_label_set_writes_its_shard_again(multilabel_folder,
+                                                                                          tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    shards.pack(multilabel_folder, whole, shard_mb=0.004, say=quiet)
+    real, written = shards._write_shard, []
+
+    def dies_after_two(out, target, *a, **k):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(target.name)
+        return real(out, target, *a, **k)
+
+    monkeypatch.setattr(shards, "_write_shard", dies_after_two)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        shards.pack(multilabel_folder, cut, shard_mb=0.004, say=quiet)
+    monkeypatch.setattr(shards, "_write_shard", real)
+    kept = {name: (cut / name).stat().st_mtime_ns for name in written}
+    shards.pack(multilabel_folder, cut, shard_mb=0.004, say=quiet)
+    assert {name: (cut / name).stat().st_mtime_ns for name in written} == kept
+    assert digests(cut) == digests(whole)
+    # the same files with another label set: the listing differs, so an unfinished pack rewrites that shard
+    (cut / "index.json").unlink()
+    (cut / "rows.arrow").unlink()
+    train = (multilabel_folder / "train.csv").read_text().splitlines()
+    train[1] = train[1].split(",")[0] + ",circle"
+    (multilabel_folder / "train.csv").write_text("\n".join(train) + "\n")
+    shards.pack(multilabel_folder, cut, shard_mb=0.004, say=quiet)
+    assert (cut / "train-00000.arrow").stat().st_mtime_ns != kept["train-00000.arrow"]
+    data = build_data(ml_cfg(cut, "shards"), seed=0, splits=("train",), verbose=quiet)
+    assert data.datasets["train"].labels[0].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("defect, message", [
+    ("unknown val label", r"val.csv line 2: label 'zebra' is not a class of .*classes.txt"),
+    ("missing image", r"val.csv line 3: image .* not found"),
+    ("class without image", r"class 'star' has no positive image in .*train.csv"),
+])
+def test_a_multilabel_folder_is_checked_when_packed_as_when_training_and_nothing_is_written(
+        multilabel_folder, tmp_path, defect, message):
+    val = multilabel_folder / "val.csv"
+    if defect == "unknown val label":
+        lines = val.read_text().splitlines()
+        lines[1] = lines[1].split(",")[0] + ",circle zebra"
+        val.write_text("\n".join(lines) + "\n")
+    elif defect == "missing image":
+        (multilabel_folder / val.read_text().splitlines()[2].split(",")[0]).unlink()
+    else:
+        with (multilabel_folder / "classes.txt").open("a") as fh:
+            fh.write("star\n")
+    with pytest.raises(DataError, match=message):
+        build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, verbose=quiet)
+    with pytest.raises(DataError, match=message):
+        shards.pack(multilabel_folder, tmp_path / "packed", shard_mb=0.004, say=quiet)
+    assert not (tmp_path / "packed").exists()
+
+
+def test_an_unreadable_multilabel_image_is_named_when_packed_and_skipped_as_the_folder_skips_it(multilabel_folder,
+                                                                                               tmp_path):
+    name = (multilabel_folder / "train.csv").read_text().splitlines()[4].split(",")[0]
+    bad = multilabel_folder / name
+    bad.write_bytes(bad.read_bytes()[:60])  # cut short
+    with pytest.raises(DataError, match=f"cannot read image {re.escape(str(bad))}: .*--skip-bad-images"):
+        shards.pack(multilabel_folder, tmp_path / "a", shard_mb=0.004, say=quiet)
+    index = shards.pack(multilabel_folder, tmp_path / "b", shard_mb=0.004, skip_bad=True, say=quiet)
+    assert [path for path, _ in index["skipped"]] == [name]
+    kw = {"data.skip_bad_images": "true", "data.verify_images": "full"}
+    a = build_data(ml_cfg(multilabel_folder, "multilabel", **kw), seed=0, verbose=quiet)
+    b = build_data(ml_cfg(tmp_path / "b", "shards"), seed=0, verbose=quiet)
+    assert len(b.datasets["train"]) == len(a.datasets["train"]) == 4 * 6 - 1
+    assert b.datasets["train"].labels.tolist() == a.datasets["train"].labels.tolist()
+    assert (a.train_counts, a.mean, a.std) == (b.train_counts, b.mean, b.std)
+
+
+def test_skipping_every_image_of_a_multilabel_class_is_refused_when_packed(tmp_path):
+    from tests.conftest import write_image
+
+    root = tmp_path / "ml"
+    for i in range(4):
+        write_image(root / f"img/t{i}.png", seed=i)
+        write_image(root / f"img/v{i}.png", seed=10 + i)
+    (root / "train.csv").write_text("image,labels\nimg/t0.png,cat\nimg/t1.png,cat dog\nimg/t2.png,cat\n"
+                                    "img/t3.png,cat\n")
+    (root / "val.csv").write_text("image,labels\nimg/v0.png,dog\n")
+    (root / "img/t1.png").write_bytes(b"not an image")  # dog's only training image
+    with pytest.raises(DataError, match=re.escape("class 'dog' has no readable training image left: "
+                                                  "--skip-bad-images dropped all 1 of its files, e.g. img/t1.png")):
+        shards.pack(root, tmp_path / "packed", shard_mb=1, skip_bad=True, say=quiet)
+    assert not (tmp_path / "packed" / "index.json").exists()
+
+
+def test_packs_of_the_other_kinds_hold_no_label_sets(folder, tmp_path):
+    import pyarrow.ipc
+
+    shards.pack(folder, tmp_path / "packed", shard_mb=1, say=quiet)
+    for name in ("rows.arrow", "train-00000.arrow"):
+        with pyarrow.OSFile(str(tmp_path / "packed" / name)) as source:
+            assert "labels" not in pyarrow.ipc.open_file(source).schema.names
+
+
+@pytest.mark.slow
+def test_multilabel_from_shards_trains_evaluates_and_predicts_as_from_the_csv_folder(multilabel_folder, tmp_path):
+    """Same seed: bitwise the same weights and metrics rows (mAP included), with DataLoader workers; trainer eval
+    reads the shards and scores them as the folder; the model predicts."""
+    assert run_cli("pack", str(multilabel_folder), str(tmp_path / "packed"), "--shard-mb", "0.004").returncode == 0
+    common = ["task=multilabel", "data.image_size=16", "model.name=small_cnn", "train.epochs=2",
+              "train.batch_size=8", "data.num_workers=2", "train.progress_bar=false"]
+    runs = tmp_path / "runs"  # not in the generated folder's tmp_path / "multilabel"
+    for fmt, root in (("multilabel", multilabel_folder), ("shards", tmp_path / "packed")):
+        res = run_cli("train", "-", f"data.format={fmt}", f"data.root={root}", f"run.dir={runs / fmt}", *common)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_run(tmp_path / "runs" / "multilabel", tmp_path / "runs" / "shards")
+    scores = {}
+    for fmt in ("multilabel", "shards"):
+        out = tmp_path / f"eval-{fmt}.json"
+        ev = run_cli("eval", "--model", str(tmp_path / "runs" / fmt), "--output", str(out), "eval.split=test")
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        scores[fmt] = {k: v for k, v in json.loads(out.read_text()).items() if k not in ("model", "data")}
+    assert scores["multilabel"] == scores["shards"] and "map" in scores["shards"]  # all but which model, which data
+    pred = run_cli("predict", "--model", str(tmp_path / "runs" / "shards"), str(multilabel_folder / "test"), "--output",
+                   str(tmp_path / "preds.csv"))
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    assert len((tmp_path / "preds.csv").read_text().splitlines()) == 1 + 4 * 2
+
+
+def test_a_multilabel_folder_with_its_own_columns_packs_with_data_csv_overrides(multilabel_folder, tmp_path):
+    for name in ("train.csv", "val.csv", "test.csv"):
+        path = multilabel_folder / name
+        lines = path.read_text().splitlines()
+        path.write_text("\n".join(["file,tags"] + [line.replace(" ", ";") for line in lines[1:]]) + "\n")
+    keys = {"data.csv.image_column": "file", "data.csv.labels_column": "tags", "data.csv.separator": ";"}
+    res = run_cli("pack", str(multilabel_folder), str(tmp_path / "packed"), *[f"{k}={v}" for k, v in keys.items()],
+                  "--shard-mb", "0.004")  # (argparse takes the positional overrides before an option)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = build_data(ml_cfg(multilabel_folder, "multilabel", **keys), seed=0, splits=("train", "val"), verbose=quiet)
+    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train", "val"), verbose=quiet)
+    for split in ("train", "val"):
+        assert a.datasets[split].labels.tolist() == b.datasets[split].labels.tolist()
+    assert a.datasets["train"].labels.sum(1).max() > 1  # the separator was read: several labels in a row

@@ -40,17 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing --output file (and plots beside "
                    "it) that the trainer did not write")
     e.add_argument("overrides", nargs="*", help="key=value for data.* and eval.*, e.g. eval.split=test")
-    pk = sub.add_parser("pack", help="pack an image, masks or COCO folder into a few large shards "
+    pk = sub.add_parser("pack", help="pack an image, masks, COCO or multi-label CSV folder into a few large shards "
                         "(data.format=shards): one file per few hundred MB instead of one per image; resumable, "
                         "every image checked once")
     pk.add_argument("src", help="the image folder (train/ [val/ test/] of class folders, or class folders), a "
-                    "masks folder (<split>/images + <split>/masks + classes.txt) or a COCO folder (as "
-                    "data.format=coco reads it)")
+                    "masks folder (<split>/images + <split>/masks + classes.txt), a COCO folder (as "
+                    "data.format=coco reads it) or a multi-label CSV folder (train.csv, val.csv [test.csv])")
     pk.add_argument("dest", help="a new or empty folder for the shards (or one a cut-short pack left: it resumes)")
     pk.add_argument("--shard-mb", type=float, default=256, help="images per shard, in MiB of files (default 256, "
                     "at most 1024)")
     pk.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (listed in "
                     "index.json) instead of stopping at the first")
+    pk.add_argument("overrides", nargs="*", help="data.csv.KEY=VALUE: a multi-label CSV folder's columns and "
+                    "separator, as training from the folder reads them")
     w = sub.add_parser("sweep", help="expand a sweep file into runs: a SLURM job array or local runs")
     w.add_argument("sweep_file")
     w.add_argument("--dir", help="sweep folder (default sweeps/<name>)")
@@ -156,6 +158,25 @@ def _rank() -> int:
         return 0
 
 
+def pack_csv(overrides: List[str]):
+    """`trainer pack`'s data.csv.KEY=VALUE overrides as a data.csv section (its defaults without any)."""
+    from trainer.config import CsvCfg
+
+    csv_cfg = CsvCfg()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        name = key[len("data.csv."):]
+        if not sep or not key.startswith("data.csv.") or not hasattr(csv_cfg, name):
+            raise ConfigError(f"trainer pack takes data.csv.KEY=VALUE (KEY: image_column, labels_column or "
+                              f"separator), got {item!r}")
+        if not value:
+            raise ConfigError(f"{key} must be a non-empty string, got {item!r}")
+        setattr(csv_cfg, name, value)
+    if csv_cfg.image_column == csv_cfg.labels_column:
+        raise ConfigError(f"data.csv.image_column and data.csv.labels_column are both '{csv_cfg.image_column}'")
+    return csv_cfg
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -182,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "pack":
             from trainer.data.shards import pack
 
-            pack(args.src, args.dest, args.shard_mb, args.skip_bad_images)
+            pack(args.src, args.dest, args.shard_mb, args.skip_bad_images, csv_cfg=pack_csv(args.overrides))
         elif args.command == "sweep":
             from trainer import sweep
 

@@ -15,7 +15,7 @@ FORMAT_TARGETS = {"masks": "masks", "voc": "masks", "coco": "boxes", "voc_detect
 # the generated variants written in another format than class folders (trainer/data/generated.py)
 GENERATED_FORMATS = {"segmentation": "masks", "detection": "coco", "multilabel": "multilabel"}
 # what `trainer pack` packed (its index's "kind"), as the format of the folder it packed
-PACKED_FORMATS = {"masks": "masks", "coco": "coco"}
+PACKED_FORMATS = {"masks": "masks", "coco": "coco", "multilabel": "multilabel"}
 
 
 def data_targets(data_cfg) -> str:

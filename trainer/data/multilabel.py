@@ -12,8 +12,10 @@ data.skip_bad_images, as image folders), a label of val or test that is not a cl
 never seen in train.csv), and a class with no positive training image (nothing to learn it from).
 
 The targets of an image are a float32 multi-hot row (1 = the class is present): what BCEWithLogitsLoss takes.
-Not covered: the scan cache (image folders only; masks and COCO folders have none either) and `trainer pack`
-(refused there in one line: trainer/data/shards.py).
+`trainer pack` packs such a folder (trainer/data/shards.py, kind "multilabel": each row's classes stored with
+its image, the classes in the index; the checks above made when packing), and data.format=shards reads it here
+as the same samples, in the same order, with the same targets. Not covered: the scan cache (image folders only;
+masks and COCO folders have none either).
 """
 from __future__ import annotations
 
@@ -121,6 +123,18 @@ def read_multilabel_splits(root, csv_cfg, splits: Sequence[str]) -> Tuple[List[s
     return classes, found
 
 
+def check_classes(classes: Sequence[str], train_targets: np.ndarray, where) -> None:
+    """Every class has a positive training image (`where`: the train split's source, for the message), and
+    there are at least 2 classes: checked by a training start and by trainer pack alike."""
+    empty = [name for name, n in zip(classes, train_targets.sum(0)) if n == 0]
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DataError(f"class '{empty[0]}'{more} has no positive image in {where}: nothing to learn it from; "
+                        f"label some images with it, or remove it from classes.txt")
+    if len(classes) < 2:  # one class is a binary task: an image folder of 2 class folders trains it
+        raise DataError(f"need at least 2 classes, found {len(classes)} ({list(classes)}) in {where}")
+
+
 def check_mode(verify_images: str, split: str) -> Optional[bool]:
     """As image folders (trainer.data.check_of): evaluation splits always checked (fully unless header), the
     training split as data.verify_images says (True a full decode, False the header, None not at all)."""
@@ -130,14 +144,27 @@ def check_mode(verify_images: str, split: str) -> Optional[bool]:
 
 
 def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], verbose=print):
-    """The Data of a multi-label CSV folder (or the generated multilabel variant, written first if missing);
-    `train_counts` are the training split's positive images per class (pos_weight from them: the task)."""
+    """The Data of a multi-label CSV folder (or the generated multilabel variant, written first if missing, or
+    such a folder packed by trainer pack); `train_counts` are the training split's positive images per class
+    (pos_weight from them: the task)."""
     from trainer.data import Data  # the package imports this module: its Data only once both exist
+    from trainer.data.shards import ShardDataset, read_packed  # and trainer.data.shards imports it too
 
     fmt, size, aug = data_cfg.format, data_cfg.image_size, data_cfg.augment
-    if fmt == "shards":
-        raise DataError("a multi-label CSV folder cannot be packed (trainer pack); train from the folder itself")
-    if fmt == "generated":
+    pack = None
+    if fmt == "shards":  # the folder packed: its rows and their classes, in the folder's order; checked when packed
+        root, verify = Path(data_cfg.root), "off"
+        pack = read_packed(root)
+        classes, found = pack.classes, {}
+        for split in splits:
+            if split not in SPLIT_FILES:
+                raise DataError(f"eval.split={split} is for image folders; a multi-label folder has train, val and "
+                                f"test")
+            if split not in pack.found:
+                raise DataError(f"the shards at {root} hold no {split} split (found: {', '.join(sorted(pack.found))})")
+            rows = np.array([row for row, _ in pack.found[split]], dtype=np.int64)
+            found[split] = (rows, pack.multi_hot(rows), None)
+    elif fmt == "generated":
         g = data_cfg.generated
         root = Path(data_cfg.root) if data_cfg.root else generated.default_root(g.variant, size, g.seed)
         per_split = {"train": g.train_per_class, "val": g.val_per_class, "test": g.test_per_class}
@@ -145,11 +172,21 @@ def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], verbose=pr
         verify = "off"  # written by us: never checked (as the other generated variants)
     else:
         root, verify = Path(data_cfg.root), data_cfg.verify_images
-    classes, found = read_multilabel_splits(root, data_cfg.csv, splits)
+    if pack is None:
+        classes, found = read_multilabel_splits(root, data_cfg.csv, splits)
+
+    def dataset(paths, targets, stand_ins: bool = False):
+        if pack is None:
+            return MultilabelDataset(paths, targets, seed=seed, exif_orientation=data_cfg.exif_orientation,
+                                     stand_ins=stand_ins)
+        # packed (`paths` are rows): the same images as bytes from the shards, named by their packed paths
+        return ShardDataset(pack.shards, paths, np.ascontiguousarray(targets, dtype=np.float32),
+                            pack.paths.take(paths), seed=seed, exif_orientation=data_cfg.exif_orientation)
+
     made, skipped = {}, []
     for split in splits:
         paths, targets, lines = found[split]
-        full = None if fmt == "generated" else check_mode(verify, split)
+        full = None if fmt in ("generated", "shards") else check_mode(verify, split)
         if full is not None:
             good, bad = verify_images([(p, r) for r, p in enumerate(paths)], data_cfg.skip_bad_images, full=full)
             skipped += bad
@@ -159,21 +196,18 @@ def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], verbose=pr
             keep = [r for _, r in good]
             paths, targets = [paths[r] for r in keep], targets[keep]
         if split == "train":
-            empty = [name for name, n in zip(classes, targets.sum(0)) if n == 0]
-            if empty:
-                more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
-                raise DataError(f"class '{empty[0]}'{more} has no positive image in {root / 'train.csv'}: nothing "
-                                f"to learn it from; label some images with it, or remove it from classes.txt")
-        made[split] = MultilabelDataset(paths, targets, seed=seed, exif_orientation=data_cfg.exif_orientation,
-                                        stand_ins=split == "train")
-    if len(classes) < 2:  # one class is a binary task: an image folder of 2 class folders trains it
+            check_classes(classes, targets, root / "train.csv" if pack is None else f"the shards at {root}")
+        made[split] = dataset(paths, targets, stand_ins=split == "train")
+    if len(classes) < 2:  # (checked with the training split's classes above when it is read)
         raise DataError(f"need at least 2 classes, found {len(classes)} ({classes}) in {root}")
     counts = made["train"].labels.sum(0).astype(int).tolist() if "train" in made else []
     if data_cfg.mean and data_cfg.std:
         mean, std = list(data_cfg.mean), list(data_cfg.std)
     else:
-        stats = made.get("train") or MultilabelDataset(found["train"][0], found["train"][1],
-                                                        exif_orientation=data_cfg.exif_orientation)
+        if "train" not in found and pack is not None:  # evaluating a pack: its training rows, for the statistics
+            rows = np.array([row for row, _ in pack.found["train"]], dtype=np.int64)
+            found["train"] = (rows, pack.multi_hot(rows), None)
+        stats = made.get("train") or dataset(found["train"][0], found["train"][1])
         mean, std = measure_mean_std(stats, size, seed=data_cfg.split_seed)
     set_split_transforms(made, aug, size, mean, std)
     if skipped:

@@ -1,5 +1,5 @@
-"""Packed shards of an image folder or a segmentation (masks) folder: `trainer pack SRC DEST` writes them,
-data.format=shards trains from them.
+"""Packed shards of an image folder, a segmentation (masks) folder, a COCO folder or a multi-label CSV folder:
+`trainer pack SRC DEST` writes them, data.format=shards trains from them.
 
 Why: a million small files cost a million opens per epoch and per rank, which shared cluster file systems
 serve slowly and their administrators ration (../shared/docs/tuning-and-data-at-scale.md, part B). A few
@@ -9,6 +9,9 @@ Format: Arrow IPC files (pyarrow), each holding about `shard_mb` of images in ro
 (the file's bytes exactly as they were: nothing re-encoded), `label` (int64) and `path` (relative to SRC):
 any Arrow tool reads them. A segmentation folder's rows also hold `mask` (the mask PNG's bytes) and
 `mask_path`, and its label is 0; the index keeps its class names (classes.txt) and says `"kind": "masks"`.
+A multi-label CSV folder's rows (kind "multilabel", label 0) also hold `labels`: the indices of the row's
+classes (list<int32>, in the index's class order; empty for an image with no label), so that reading the pack
+needs no CSV.
 Where each image's (and mask's) bytes lie in its shard (offset, length) is recorded when packing, in
 `rows.arrow` with every row's shard, label and path, so reading an image is one positioned read (pread) of
 its bytes: any row at any time (map-style), so the sampler, the per-sample augmentation seeds, exact resume,
@@ -46,6 +49,8 @@ from trainer.data.datasets import PathTable, SeededDataset, read_image
 from trainer.data.folders import _check_one, lost_class_message, scan_imagefolder
 from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
 from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
+from trainer.data.multilabel import SPLIT_FILES, check_classes, read_multilabel_splits
+from trainer.config import CsvCfg
 from trainer.errors import DataError, TrainerError
 from trainer.files import read_json
 from trainer.outputs import Folder, Inputs, open_folder
@@ -57,8 +62,10 @@ MAX_OPEN_SHARDS = 256  # per process (each DataLoader worker): ImageNet packs in
 READ_THREADS = 8  # reads overlap (latency-bound on a network file system); PIL's decode releases the GIL
 
 
-Item = Tuple[Tuple[str, ...], int]  # (the files of one row: the image, and its mask for a masks folder; label)
-KINDS = ("classes", "masks", "coco")
+# (the files of one row: the image, and its mask for a masks folder; label: a class index, or a multi-label
+# row's tuple of class indices)
+Item = Tuple[Tuple[str, ...], object]
+KINDS = ("classes", "masks", "coco", "multilabel")
 
 
 def _pyarrow():
@@ -72,7 +79,7 @@ def _pyarrow():
 
 # ---- packing ----
 
-def _scan(src: Path, kind: str) -> Tuple[List[str], Dict[str, List[Item]], dict]:
+def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List[Item]], dict]:
     """The class names and each split's rows of `src`: (image,) and its label for class folders (sorted by
     class, then path); (image, mask) and 0 for a masks folder (sorted by image path, as its training reads);
     (image,) and 0 for a COCO folder, in the order of its annotation file's images, whose annotation files
@@ -83,6 +90,12 @@ def _scan(src: Path, kind: str) -> Tuple[List[str], Dict[str, List[Item]], dict]
         classes, splits = scan_imagefolder(src)
         return classes, {split: [((path,), label) for path, label in samples]
                          for split, samples in splits.items()}, {}
+    if kind == "multilabel":  # read and checked as a training start reads the folder (its data.csv: csv_cfg)
+        splits = [split for split, name in SPLIT_FILES.items() if (src / name).is_file()]
+        classes, found = read_multilabel_splits(src, csv_cfg, splits)
+        check_classes(classes, found["train"][1], src / SPLIT_FILES["train"])
+        return classes, {split: [((path,), tuple(np.flatnonzero(targets[r]).tolist())) for r, path in enumerate(paths)]
+                         for split, (paths, targets, _) in found.items()}, {}
     if kind == "masks":
         return read_class_names(src, None), {split: [(pair, 0) for pair in scan_pairs(src / split)]
                                              for split in ("train", "val", "test") if (src / split).is_dir()}, {}
@@ -95,11 +108,11 @@ def _scan(src: Path, kind: str) -> Tuple[List[str], Dict[str, List[Item]], dict]
             annotations)
 
 
-def _plan(src: Path, shard_mb: float, kind: str) -> Tuple[dict, Dict[str, List[Item]]]:
+def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None) -> Tuple[dict, Dict[str, List[Item]]]:
     """Which files go into which shard: consecutive rows of a split until the shard holds `shard_mb`. A pure
     function of the listing, so a resumed pack makes the same shards. Returns the plan and the scanned rows of
     each split."""
-    classes, splits, annotations = _scan(src, kind)
+    classes, splits, annotations = _scan(src, kind, csv_cfg)
     limit = shard_mb * 2**20
     plan = {"version": VERSION, "kind": kind, "source": str(src.resolve()), "classes": classes,
             "shard_mb": shard_mb, "splits": {}}
@@ -117,7 +130,8 @@ def _plan(src: Path, shard_mb: float, kind: str) -> Tuple[dict, Dict[str, List[I
             if size and size + nbytes > limit:
                 shards.append((start, i, part.hexdigest()))
                 start, size, part = i, 0, hashlib.sha256()
-            line = f"{split}\0{os.path.relpath(files[0], src)}\0{label}\0{sizes[0]}"  # an image folder's as before
+            # an image folder's as before; a multi-label row's label is its classes, e.g. "(0, 2)"
+            line = f"{split}\0{os.path.relpath(files[0], src)}\0{label}\0{sizes[0]}"
             line += "".join(f"\0{os.path.relpath(path, src)}\0{n}" for path, n in zip(files[1:], sizes[1:])) + "\n"
             line = line.encode("utf-8", "surrogateescape")
             listing.update(line)
@@ -174,8 +188,10 @@ def _contents(data) -> dict:
     pa = _pyarrow()
     whole = pa.py_buffer(data)
     reader = pa.ipc.open_file(pa.BufferReader(whole))
-    masks = "mask" in reader.schema.names
+    masks, multilabel = "mask" in reader.schema.names, "labels" in reader.schema.names
     out = {"label": [], "path": [], "offset": [], "length": []}
+    if multilabel:
+        out["labels"] = []
     if masks:
         out.update({"mask_path": [], "mask_offset": [], "mask_length": []})
     for i in range(reader.num_record_batches):
@@ -192,6 +208,8 @@ def _contents(data) -> dict:
         out["path"] += batch.column("path").to_pylist()
         if masks:
             out["mask_path"] += batch.column("mask_path").to_pylist()
+        if multilabel:
+            out["labels"] += batch.column("labels").to_pylist()
     meta = reader.schema.metadata or {}
     out["skipped"] = json.loads(meta.get(b"skipped", b"[]"))
     out["listing"] = meta.get(b"listing", b"").decode()
@@ -210,12 +228,15 @@ def _write_shard(out: Folder, target: Path, src: Path, items: Sequence[Item], sk
         more = f" (and {len(bad) - 1} more in this shard)" if len(bad) > 1 else ""
         raise DataError(f"{lines[0]}{more}; {fix}")
     keep = [(files, label, data) for (files, label), (data, why, _) in zip(items, read) if not why]
+    multilabel = bool(items) and isinstance(items[0][1], tuple)  # a multi-label row's label is its classes
     columns = {"image": pa.array([data[0] for _, _, data in keep], type=pa.binary()),
-               "label": pa.array([label for _, label, _ in keep], type=pa.int64()),
+               "label": pa.array([0 if multilabel else label for _, label, _ in keep], type=pa.int64()),
                "path": pa.array([os.path.relpath(files[0], src) for files, _, _ in keep], type=pa.string())}
     if items and len(items[0][0]) > 1:  # a masks folder: each image's mask beside it
         columns["mask"] = pa.array([data[1] for _, _, data in keep], type=pa.binary())
         columns["mask_path"] = pa.array([os.path.relpath(files[1], src) for files, _, _ in keep], type=pa.string())
+    if multilabel:
+        columns["labels"] = pa.array([list(label) for _, label, _ in keep], type=pa.list_(pa.int32()))
     table = pa.table(columns)
     # what it holds, for a resumed pack to know it: the digest of its files' names, labels and sizes
     table = table.replace_schema_metadata({"skipped": json.dumps(bad), "listing": listing})
@@ -256,19 +277,20 @@ def _check_every_class_kept(src: Path, classes: List[str], items: Sequence[Item]
     and the same command, once the files are fixed or removed, keeps the shards still holding their files."""
     lost = sorted(set(range(len(classes))) - kept)
     if lost:
-        label_of = {os.path.relpath(files[0], src): label for files, label in items}
-        dropped = [path for path, _ in skipped if label_of.get(path) == lost[0]]
+        # the classes of each file: its label, or a multi-label row's tuple of them
+        classes_of = {os.path.relpath(files[0], src): label if isinstance(label, tuple) else (label,)
+                      for files, label in items}
+        dropped = [path for path, _ in skipped if lost[0] in classes_of.get(path, ())]
         raise DataError(lost_class_message(classes[lost[0]], "--skip-bad-images", dropped, len(lost) - 1)
                         + "; fix or remove them, then run the same trainer pack again (the pack is not usable "
                         "until then)")
 
 
 def _layout(src: Path) -> str:
-    """"masks" for a segmentation folder (split/images + split/masks), "coco" for a COCO folder (annotation
-    files), else "classes" (class folders)."""
-    if (src / "train.csv").is_file():  # a multi-label CSV folder (trainer/data/multilabel.py): no packed form
-        raise DataError(f"{src} is a multi-label CSV folder (train.csv): trainer pack does not pack it (its rows "
-                        f"would need their label sets in the index); train from the folder, data.format=multilabel")
+    """"multilabel" for a multi-label CSV folder (train.csv), "masks" for a segmentation folder (split/images +
+    split/masks), "coco" for a COCO folder (annotation files), else "classes" (class folders)."""
+    if (src / "train.csv").is_file():  # as training reads it (trainer/targets.py): what it is, whatever else
+        return "multilabel"
     splits = [src] + [src / name for name in ("train", "val", "test") if (src / name).is_dir()]
     masks = [d for d in splits if (d / "images").is_dir() and (d / "masks").is_dir()]
     coco = (src / "annotations").is_dir() or any((d / name).is_file() for d in splits
@@ -279,9 +301,10 @@ def _layout(src: Path) -> str:
     return "masks" if masks else "coco" if coco else "classes"
 
 
-def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) -> dict:
-    """Pack the image folder or masks folder `src` into shards in `dest`; returns the index. Resumable: run it
-    again."""
+def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, csv_cfg=None) -> dict:
+    """Pack the image folder, masks folder, COCO folder or multi-label CSV folder `src` into shards in `dest`;
+    returns the index. Resumable: run it again. `csv_cfg`: a multi-label folder's data.csv (the defaults if
+    None)."""
     _pyarrow()
     src, dest = Path(src), Path(dest)
     if not 0 < shard_mb <= MAX_SHARD_MB:
@@ -290,10 +313,12 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     # DEST: new, empty, or a pack's own (one cut short resumes); never inside the folder packed
     out = open_folder(dest, "pack", "pack", "DEST", Inputs([("the folder packed", src)]), what="a pack of the trainer")
     kind = _layout(src)
+    if kind != "multilabel" and csv_cfg is not None and csv_cfg != CsvCfg():
+        raise DataError(f"data.csv.* is for a multi-label CSV folder (train.csv, val.csv); {src} is not one")
     if kind == "coco" and skip_bad:
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
                         f"name them; fix or remove the bad ones (and their annotations)")
-    plan, splits = _plan(src, shard_mb, kind)
+    plan, splits = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg())
     fix = ("fix or replace it (its annotations name it)" if kind == "coco"
            else "fix or remove it, or pack with --skip-bad-images")
     if (dest / INDEX).is_file():
@@ -318,6 +343,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     rows = {"shard": [], "offset": [], "length": [], "label": [], "path": []}  # every row, in index order
     if kind == "masks":
         rows.update({"mask_offset": [], "mask_length": [], "mask_path": []})
+    if kind == "multilabel":
+        rows["labels"] = []
     for split, shards in plan["splits"].items():
         entries, kept = [], set()
         for shard in shards:
@@ -329,7 +356,10 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
                                      shard["listing"], fix)
             contents = entry.pop("contents")
             skipped += contents["skipped"]
-            kept.update(contents["label"])
+            if kind == "multilabel":  # a class is kept by any row holding it
+                kept.update(i for row in contents["labels"] for i in row)
+            else:
+                kept.update(contents["label"])
             rows["shard"] += [sum(len(v) for v in index["splits"].values()) + len(entries)] * entry["rows"]
             for key in rows:
                 if key != "shard":
@@ -338,11 +368,11 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
             done += planned
             say(f"[pack] {target.name}: {entry['rows']} images, {entry['bytes'] / 2**20:.1f} MiB ({done}/{total})")
         index["splits"][split] = entries
-        if kind == "classes" and split == "train":
+        if kind in ("classes", "multilabel") and split == "train":
             _check_every_class_kept(src, plan["classes"], splits[split], kept, skipped)
     index["skipped"] = skipped
     pa = _pyarrow()
-    types = {"shard": pa.int32(), "path": pa.string(), "mask_path": pa.string()}
+    types = {"shard": pa.int32(), "path": pa.string(), "mask_path": pa.string(), "labels": pa.list_(pa.int32())}
     table = pa.table({key: pa.array(values, type=types.get(key, pa.int64())) for key, values in rows.items()})
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as writer:
@@ -354,7 +384,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print) ->
     for stale in dest.iterdir():  # shards of an earlier plan of this pack (e.g. before a bad file was fixed)
         if re.fullmatch(r"(train|val|test)-\d{5}\.arrow", stale.name) and stale.name not in planned:
             out.remove(stale.name)  # only a shard the pack wrote: never a file of the user's
-    what = {"masks": "images with masks", "coco": "images with COCO annotations"}.get(kind, "images")
+    what = {"masks": "images with masks", "coco": "images with COCO annotations",
+            "multilabel": "images with label sets"}.get(kind, "images")
     say(f"[pack] {len(rows['label'])} {what} of {len(index['classes'])} classes in "
         f"{sum(len(v) for v in index['splits'].values())} shard(s) in {dest}"
         + (f"; {len(skipped)} unreadable file(s) left out, e.g. {skipped[0][0]}" if skipped else ""))
@@ -473,6 +504,19 @@ class Packed(NamedTuple):
     mask_paths: Optional[PathTable]
     annotations: Dict[str, dict]
     skipped: List[list] = []  # [path as in the packed folder, why] of the files --skip-bad-images left out
+    # a multi-label pack's classes of every row: row r's are label_values[label_offsets[r]:label_offsets[r + 1]]
+    label_offsets: Optional[np.ndarray] = None
+    label_values: Optional[np.ndarray] = None
+
+    def multi_hot(self, rows: np.ndarray) -> np.ndarray:
+        """The (len(rows), classes) float32 targets of a multi-label pack's `rows`: what its CSV folder gives."""
+        starts, ends = self.label_offsets[rows], self.label_offsets[rows + 1]
+        counts = ends - starts
+        out = np.zeros((len(rows), len(self.classes)), dtype=np.float32)
+        # the position of every class index of the selected rows in label_values, row after row
+        at = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        out[np.repeat(np.arange(len(rows)), counts), self.label_values[at]] = 1.0
+        return out
 
 
 def read_packed_coco(pack: Packed, split: str, verbose=print, exif_orientation: bool = True
@@ -562,7 +606,15 @@ def read_packed(root) -> Packed:
         columns = {k: table.column(k).to_numpy() for k in numbers}
         paths = _strings(table, "path")
         mask_paths = _strings(table, "mask_path") if kind == "masks" else None
-    except (OSError, pa.ArrowInvalid, KeyError) as err:
+        label_offsets = label_values = None
+        if kind == "multilabel":
+            labels = table.column("labels").combine_chunks()
+            label_offsets = labels.offsets.to_numpy().astype(np.int64)
+            label_offsets -= label_offsets[0]  # from the first row's (flatten starts there)
+            label_values = labels.flatten().to_numpy().astype(np.int64)
+            if len(label_values) and not 0 <= label_values.min() <= label_values.max() < len(classes):
+                raise ValueError(f"a class index outside the index's {len(classes)} classes")
+    except (OSError, pa.ArrowInvalid, KeyError, ValueError) as err:
         raise DataError(f"{root / ROWS} cannot be read ({err}): pack again") from None
     counts = np.bincount(shard, minlength=len(entries)) if len(shard) else np.zeros(len(entries), np.int64)
     for k, (split, name, rows, _) in enumerate(entries):
@@ -576,4 +628,5 @@ def read_packed(root) -> Packed:
     shards = Shards(root, [e[1] for e in entries], shard, columns["offset"], columns["length"],
                     columns.get("mask_offset"), columns.get("mask_length"))
     return Packed(kind, classes, found, shards, paths, mask_paths, dict(index.get("annotations") or {}),
-                  [entry for entry in index.get("skipped") or [] if isinstance(entry, list) and entry])
+                  [entry for entry in index.get("skipped") or [] if isinstance(entry, list) and entry],
+                  label_offsets, label_values)

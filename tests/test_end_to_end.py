@@ -1,6 +1,7 @@
 """Whole runs through the CLI, as a user runs them: train, then eval and predict from the exported model."""
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -144,6 +145,44 @@ def test_same_command_on_a_finished_run_changes_nothing(binary_run):
         "data.generated.train_per_class": 400, "data.generated.val_per_class": 31}), f"run.dir={run_dir}")
     assert res.returncode == 0 and "already complete" in res.stdout, res.stdout + res.stderr
     assert (run_dir / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_finished_run_whose_model_was_deleted_exports_it_again(tiny, tmp_path):
+    """A user who deleted model/ runs the same command and gets the same final model back (from the final
+    checkpoint, through the write gate), instead of "nothing to do"."""
+    command = ["train", "-", *tiny(**{"train.max_steps": 3, "eval.every_epochs": 0})]
+    assert run_cli(*command).returncode == 0
+    model = tmp_path / "run" / "model"
+    first = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file() and p.suffix != ".png"}
+    shutil.rmtree(model)
+    again = run_cli(*command)
+    assert again.returncode == 0, again.stderr
+    assert "exported again from the final checkpoint" in again.stdout and "already complete" in again.stdout
+    assert "nothing to do" not in again.stdout, again.stdout
+    redone = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file() and p.suffix != ".png"}
+    assert redone == first  # the weights, model.json (metrics included) and eval.json, byte for byte
+    assert (model / "plots" / "confusion_matrix.png").is_file()
+    third = run_cli(*command)  # now whole again: nothing to do
+    assert "nothing to do" in third.stdout and "exported again" not in third.stdout, third.stdout
+
+
+def test_eval_of_a_folder_of_class_folders_scores_every_image(binary_run, tmp_path):
+    """`trainer eval --model RUN data.root=FOLDER` on class folders without train/val/test scores every image of
+    it (not the seeded 10% hold-out), and says which split and how many images it scored."""
+    tmp, run_dir, _ = binary_run
+    flat = tmp_path / "flat"
+    shutil.copytree(tmp / "gen-binary" / "val", flat)  # cross/ and square/, 62 images
+    n = sum(1 for p in flat.rglob("*.png"))
+    res = run_cli("eval", "--model", str(run_dir), "data.format=imagefolder", f"data.root={flat}",
+                  "--output", str(tmp_path / "all.json"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "all.json").read_text())["num_samples"] == n == 62
+    assert f"scoring the all split of imagefolder at {flat}: {n} images" in res.stdout, res.stdout
+    held_out = run_cli("eval", "--model", str(run_dir), "data.format=imagefolder", f"data.root={flat}",
+                       "eval.split=val", "--output", str(tmp_path / "val.json"))
+    assert held_out.returncode == 0, held_out.stderr
+    scored = json.loads((tmp_path / "val.json").read_text())["num_samples"]
+    assert scored < n and f"scoring the val split of imagefolder at {flat}: {scored} images" in held_out.stdout
 
 
 def test_refuses_a_non_empty_folder_that_is_not_a_run(tiny, tmp_path):

@@ -166,6 +166,28 @@ def test_a_finished_run_whose_model_was_deleted_exports_it_again(tiny, tmp_path)
     assert "nothing to do" in third.stdout and "exported again" not in third.stdout, third.stdout
 
 
+def test_exporting_again_keeps_a_users_file_and_never_writes_through_a_link(tiny, tmp_path):
+    """The re-export goes through the write gate: a file of the user's in model/ stays, and a model/ that is a link
+    to a folder of the user's is refused in one line, that folder left as it was."""
+    command = ["train", "-", *tiny(**{"train.max_steps": 2, "eval.every_epochs": 0})]
+    assert run_cli(*command).returncode == 0
+    model = tmp_path / "run" / "model"
+    shutil.rmtree(model)
+    model.mkdir()
+    (model / "notes.txt").write_text("mine")
+    again = run_cli(*command)
+    assert again.returncode == 0 and "exported again" in again.stdout, again.stdout + again.stderr
+    assert (model / "notes.txt").read_text() == "mine" and (model / "model.safetensors").is_file()
+    shutil.rmtree(model)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("the user's")
+    model.symlink_to(elsewhere)
+    linked = run_cli(*command)
+    assert linked.returncode == 2 and len(linked.stderr.strip().splitlines()) == 1, linked.stdout + linked.stderr
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"] and model.is_symlink()
+
+
 def test_eval_of_a_folder_of_class_folders_scores_every_image(binary_run, tmp_path):
     """`trainer eval --model RUN data.root=FOLDER` on class folders without train/val/test scores every image of
     it (not the seeded 10% hold-out), and says which split and how many images it scored."""

@@ -33,13 +33,16 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE_EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            description="`trainer COMMAND --help` says more about each")
-    t = sub.add_parser("train", help="train a model from a recipe plus key=value overrides into a run directory; the same "
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:  # its line in `trainer --help` heads its own help
+        return sub.add_parser(name, help=text, description=text)
+    t = command("train", "train a model from a recipe plus key=value overrides into a run directory; the same "
                        "command again resumes it from its latest checkpoint")
     t.add_argument("recipe", help="YAML recipe (configs/*.yaml), or - for the defaults")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=0.01 train.epochs=5")
     t.add_argument("--resume", metavar="PATH", help="resume from this checkpoint folder or run folder "
                    "(same as run.resume=PATH; by default an existing run.dir resumes from its latest checkpoint)")
-    e = sub.add_parser("eval", help="score an exported model on a dataset split (a folder of class folders without "
+    e = command("eval", "score an exported model on a dataset split (a folder of class folders without "
                        "train/val/test: every image) and write eval.json with its plots")
     e.add_argument("--model", required=True, help="a run folder or an exported model folder")
     e.add_argument("--output", help="where to write eval.json, its plots in plots/ beside it (default: the model's "
@@ -47,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing --output file (and plots beside "
                    "it) that the trainer did not write")
     e.add_argument("overrides", nargs="*", help="key=value for data.* and eval.*, e.g. eval.split=test")
-    pk = sub.add_parser("pack", help="pack an image, masks, COCO or multi-label CSV folder into a few large shards "
+    pk = command("pack", "pack an image, masks, COCO or multi-label CSV folder into a few large shards "
                         "(data.format=shards): one file per few hundred MB instead of one per image; resumable, "
                         "every image checked once")
     pk.add_argument("src", help="the image folder (train/ [val/ test/] of class folders, or class folders), a "
@@ -60,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                     "index.json) instead of stopping at the first")
     pk.add_argument("overrides", nargs="*", help="data.csv.KEY=VALUE: a multi-label CSV folder's columns and "
                     "separator, as training from the folder reads them")
-    w = sub.add_parser("sweep", help="expand a sweep file into runs: a SLURM job array or local runs")
+    w = command("sweep", "expand a sweep file into runs: a SLURM job array or local runs")
     w.add_argument("sweep_file", help="a sweep file: a recipe and the config keys to vary (configs/sweeps/)")
     w.add_argument("--dir", help="sweep folder (default sweeps/<name>)")
     how = w.add_mutually_exclusive_group(required=True)
@@ -71,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("sweep-args")  # used by slurm/lib.sh: one task's arguments (no help: not listed)
     a.add_argument("sweep_dir")
     a.add_argument("index", type=int)
-    u = sub.add_parser("tune", help="hyperparameter search with Optuna: workers pull trials from one study, "
+    u = command("tune", "hyperparameter search with Optuna: workers pull trials from one study, "
                        "the pruner stops bad trials early, a preempted trial continues as the same trial")
     u.add_argument("tune_file", help="a tune file: a recipe, the search space, sampler and pruner "
                    "(configs/tunes/)")
@@ -89,11 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("tune_dir")
     k.add_argument("--worker-id", required=True)
     k.add_argument("--worker-index", type=int, default=0)
-    c = sub.add_parser("collect", help="table of a sweep's runs or a tune's trials (best metric, values, status), "
+    c = command("collect", "table of a sweep's runs or a tune's trials (best metric, values, status), "
                        "best first; for a tune also best.yaml and plots")
     c.add_argument("sweep_dir", metavar="DIR", help="a sweep folder (sweeps/<name>) or a tune folder (tunes/<name>)")
     c.add_argument("--metric", help="rank by this metric (default: each run's eval.monitor)")
-    r = sub.add_parser("predict", help="predictions for image files: a CSV (classification, multi-label), "
+    r = command("predict", "predictions for image files: a CSV (classification, multi-label), "
                        "index PNGs (segmentation) or a JSON of boxes (detection)")
     r.add_argument("--model", required=True, help="a run folder or an exported model folder")
     r.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or @list.txt")
@@ -108,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --output file that the trainer "
                    "did not write (never an input)")
-    x = sub.add_parser("export", help="an exported model as an ONNX file (logits of a normalised float32 NCHW "
+    x = command("export", "an exported model as an ONNX file (logits of a normalised float32 NCHW "
                        "batch), checked against PyTorch with ONNX Runtime before it is written")
     x.add_argument("--model", required=True, help="a run folder or an exported model folder")
     x.add_argument("--format", required=True, choices=["onnx"])

@@ -177,7 +177,7 @@ def _help(parser: argparse.ArgumentParser) -> str:
 
 def cli_reference() -> str:
     out = []
-    for name, summary, text in cli_commands():
+    for name, _, text in cli_commands():
         title = "trainer" if name == "trainer" else f"trainer {name}"
-        out += [f"## `{title}`", "", summary.replace("\n", " "), "", "```text", text.rstrip(), "```", ""]
+        out += [f"## `{title}`", "", "```text", text.rstrip(), "```", ""]  # its help opens with the summary
     return "\n".join(out)

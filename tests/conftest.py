@@ -215,7 +215,7 @@ if "TRAINER_TESTS_TMPDIR" not in os.environ:
 # The test files whose tests take longest, heaviest first (worker seconds in a CI=true run of the suite here,
 # 2026-12-03, with --durations=0: detection 400, faults ~360 once its two-process runs were forked, segmentation
 # 338, launch 333, bench 272, tune 252, checkpoint ~200, bench_gpu_check 136, end_to_end 127, ema 123, onnx 100,
-# bench_throughput 80; every other file under 60; docs ~115 measured alone on 2026-12-06 with the cores shared). pytest-xdist (--dist loadfile --no-loadscope-reorder, as
+# bench_throughput 80; every other file under 60; docs ~100 measured alone on 2026-12-06 with the cores shared). pytest-xdist (--dist loadfile --no-loadscope-reorder, as
 # launch/test.sh runs it) hands whole files to its workers in collection order, so the longest go first and the
 # short ones fill in at the end: otherwise one worker can still be running a long file minutes after the other
 # has finished. Without --no-loadscope-reorder xdist orders the files by their number of tests instead, and

@@ -207,6 +207,24 @@ def test_eval_of_a_folder_of_class_folders_scores_every_image(binary_run, tmp_pa
     assert scored < n and f"scoring the val split of imagefolder at {flat}: {scored} images" in held_out.stdout
 
 
+def test_which_split_eval_scores_by_default(tmp_path):
+    """Whole: a folder of class folders named on the command line. Its hold-out: the folder the run trained on (else
+    training images would be scored), a folder with train/ (it has splits), or eval.split given."""
+    from trainer.config import DataCfg
+    from trainer.evaluate import eval_split
+
+    flat, split = tmp_path / "flat", tmp_path / "split"
+    for folder in (flat / "cat", flat / "dog", split / "train" / "cat"):
+        folder.mkdir(parents=True)
+    as_given = DataCfg(format="imagefolder", root=str(flat))
+    assert eval_split(as_given, "val", False, None)[0] == "all"
+    assert eval_split(as_given, "val", False, str(tmp_path / "elsewhere"))[0] == "all"
+    assert eval_split(as_given, "val", False, str(flat))[0] == "val"  # the run's own training folder
+    assert eval_split(as_given, "test", True, None)[0] == "test"  # eval.split=test said
+    assert eval_split(DataCfg(format="imagefolder", root=str(split)), "val", False, None)[0] == "val"
+    assert eval_split(DataCfg(format="masks", root=str(flat)), "val", False, None)[0] == "val"
+
+
 def test_refuses_a_non_empty_folder_that_is_not_a_run(tiny, tmp_path):
     other = tmp_path / "precious"
     other.mkdir()

@@ -112,12 +112,12 @@ class AugmentCfg:
     # detection: each image rescaled by a factor drawn from [min, max] of its own size before the detector's
     # own resize (null = off), and SSD's random IoU crop (a zoom that keeps objects whole)
     scale_jitter: Optional[List[float]] = ranged(None, "(0, inf)")
-    iou_crop: bool = False
+    iou_crop: bool = False  # detection: SSD's random IoU crop (see scale_jitter above)
     # classification, data.loader=workers: a policy of torchvision.transforms.v2 on the uint8 image, after the
     # crop and flip; randaugment takes the two numbers below (torchvision's defaults)
     auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment", "augmix"] = "none"
-    randaugment_num_ops: int = ranged(2, "[1, 16]")
-    randaugment_magnitude: int = ranged(9, "[0, 30]")  # of 31 levels
+    randaugment_num_ops: int = ranged(2, "[1, 16]")  # auto_augment=randaugment: operations per image
+    randaugment_magnitude: int = ranged(9, "[0, 30]")  # auto_augment=randaugment: strength, of 31 levels
     # classification: probability that a rectangle of each image is replaced by noise, after normalisation
     # (Zhong et al.; timm's --reprob); 0 = off
     random_erasing: float = ranged(0.0, "[0, 1]")
@@ -125,9 +125,9 @@ class AugmentCfg:
     # when both are on, each mixed batch uses CutMix with probability mix_switch_prob, else mixup; a batch is
     # mixed at all with probability mix_prob. Targets become soft (loss.label_smoothing applies to them).
     mixup_alpha: float = ranged(0.0, "[0, inf)")
-    cutmix_alpha: float = ranged(0.0, "[0, inf)")
-    mix_prob: float = ranged(1.0, "[0, 1]")
-    mix_switch_prob: float = ranged(0.5, "[0, 1]")
+    cutmix_alpha: float = ranged(0.0, "[0, inf)")  # CutMix's Beta(alpha, alpha); 0 = off
+    mix_prob: float = ranged(1.0, "[0, 1]")  # probability that a batch is mixed at all
+    mix_switch_prob: float = ranged(0.5, "[0, 1]")  # both on: probability of CutMix, else mixup
 
 
 @dataclass
@@ -136,8 +136,8 @@ class GeneratedCfg:
     # detection: the same scenes with a tight box per shape, written as a COCO folder
     # multilabel: the same scenes, each image labelled with the kinds of shape visible in it (a CSV per split)
     variant: Literal["binary", "multiclass", "segmentation", "detection", "multilabel"] = "multiclass"
-    train_per_class: int = ranged(1000, "[1, inf)")
-    val_per_class: int = ranged(150, "[1, inf)")
+    train_per_class: int = ranged(1000, "[1, inf)")  # training images per class
+    val_per_class: int = ranged(150, "[1, inf)")  # validation images per class
     test_per_class: int = ranged(150, "[0, inf)")  # 0 = no test split
     # the data is a pure function of (variant, counts, image_size, seed); numpy's SeedSequence takes no negative
     seed: int = ranged(0, "[0, inf)")
@@ -148,14 +148,14 @@ class CsvCfg:
     """data.format=multilabel: the columns of each split's CSV (the Kaggle/fastai convention by default)."""
     image_column: str = "image"  # the image's path, relative to the CSV's folder (or absolute)
     labels_column: str = "labels"  # the class names of the image, joined by `separator`; empty = no label
-    separator: str = " "
+    separator: str = " "  # between the class names of one cell
 
 
 @dataclass
 class DataCfg:
     format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc", "coco", "voc_detection",
                     "shards", "multilabel"] = \
-        "generated"
+        "generated"  # where the images come from and how they are laid out (see data.root)
     # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
     # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
     # (default data/generated/<variant>-<size>px-seed<seed>-v<format> under the current directory);
@@ -174,7 +174,7 @@ class DataCfg:
     # takes 8-bit values only, and none that is a class's index
     ignore_index: int = ranged(255, "[0, 255]")
     class_names: Optional[List[str]] = None  # masks: class names by index (instead of ROOT/classes.txt)
-    voc_year: str = "2012"
+    voc_year: str = "2012"  # voc, voc_detection: the year of VOCdevkit/VOC<year>
     download: bool = False  # cifar only: fetch from the internet when absent
     image_size: int = ranged(32, "[1, inf)")  # side in pixels of the square network input
     # used when there is no val/ folder: a seeded, stratified split of train. 0 = train on all of train and
@@ -185,7 +185,7 @@ class DataCfg:
     # per channel, of pixel values in [0, 1]; null = measured on the training images. A std is at most 0.5
     # there (1 leaves the scale as is): the ranges refuse 0-255-scale values such as 123.7 or 58.4
     mean: Optional[List[float]] = ranged(None, "[0, 1]")
-    std: Optional[List[float]] = ranged(None, "(0, 1]")
+    std: Optional[List[float]] = ranged(None, "(0, 1]")  # per channel, as mean; null = measured
     # DataLoader workers per process (persistent: started once per run); 0 = loaded in the main process
     num_workers: int = ranged(2, "[0, inf)")
     prefetch_factor: int = ranged(2, "[1, inf)")  # batches each worker loads ahead
@@ -242,7 +242,7 @@ class DetectionModelCfg:
 
 @dataclass
 class ModelCfg:
-    name: str = "multiclass_cnn"
+    name: str = "multiclass_cnn"  # a name of trainer/models.py, a torchvision classifier, timm/<name>, or a task's own
     small_input_stem: Optional[bool] = None  # torchvision models: 3x3 stride-1 stem for small images; null = auto (image_size <= 64)
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
     # pretrained weights by name: DEFAULT, or one of the model's torchvision weights (ResNet50_Weights.IMAGENET1K_V2,
@@ -250,7 +250,7 @@ class ModelCfg:
     # loaded as pretrained_path is; their mean/std are data.mean/std's default
     weights: Optional[str] = None
     weights_download: bool = False  # fetch a missing weights file into that cache (needs network)
-    channels_last: bool = False
+    channels_last: bool = False  # NHWC memory format (faster convolutions with bf16 on GPUs)
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
     # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;
     # rising linearly from 0 at the first block, as torchvision and timm do); null = the model's own
@@ -291,9 +291,9 @@ class EarlyStoppingCfg:
 
 @dataclass
 class TrainCfg:
-    epochs: int = ranged(10, "[1, inf)")
+    epochs: int = ranged(10, "[1, inf)")  # passes over the training split
     batch_size: int = ranged(64, "[1, inf)")  # per process; global batch = batch_size x processes x grad_accum_steps
-    grad_accum_steps: int = ranged(1, "[1, inf)")
+    grad_accum_steps: int = ranged(1, "[1, inf)")  # micro-batches per optimizer update
     # the global batch, whatever the allocation: each start derives the accumulation (and, where it must, a
     # smaller per-process batch) from its process count, train.batch_size being the most one process takes.
     # One flag for a job that may be requeued onto another number of GPUs (`batching`); null = off
@@ -304,12 +304,12 @@ class TrainCfg:
     # the largest global L2 norm of the gradients; null = no clipping (a negative norm turned every update
     # around: gradient ascent)
     clip_grad_norm: Optional[float] = ranged(None, "(0, inf)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype; fp16 (with a grad scaler) needs a GPU
     # stop after this many optimizer updates (smoke tests); null = epochs
     max_steps: Optional[int] = ranged(None, "[1, inf)")
     log_every_steps: int = ranged(20, "[1, inf)")  # optimizer updates between metrics.jsonl rows
     device: Literal["auto", "cpu"] = "auto"  # auto = GPU when available
-    progress_bar: bool = True
+    progress_bar: bool = True  # a bar on a terminal; in a log file a plain line per log step either way
     # longest wait for a peer in any collective (start-up included) before failing
     dist_timeout_s: int = ranged(300, "[1, inf)")
     # GPU only: let cuDNN time its algorithms per shape (faster convolutions; results are then not bitwise
@@ -324,13 +324,13 @@ class TrainCfg:
 
 @dataclass
 class OptimCfg:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"  # the optimizer
     lr: float = ranged(0.05, "(0, inf)")  # peak lr per optimizer update (0 would train nothing)
     momentum: float = ranged(0.9, "[0, 1)")  # sgd only; at 1 the velocity never decays
-    nesterov: bool = False
+    nesterov: bool = False  # sgd only: Nesterov momentum
     betas: List[float] = ranged([0.9, 0.999], "[0, 1)")  # adamw only (torch refuses others)
     weight_decay: float = ranged(5e-4, "[0, inf)")  # not applied to norm and bias parameters (unless bias_decay)
-    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"  # lr after warmup, counted in updates
     warmup_epochs: float = ranged(0.0, "[0, inf)")  # linear warmup, in epochs of optimizer updates
     warmup_start_ratio: float = ranged(0.0, "[0, 1]")  # warmup starts at this fraction of lr (0: from ~0)
     # cosine / linear floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
@@ -371,7 +371,7 @@ class EmaCfg:
     # short runs: the decay used at EMA update t is min(decay, 1 - (1 + t)^-warmup_power) (timm's warm-up), so
     # the average does not hold on to the random initial weights
     warmup: bool = True
-    warmup_power: float = ranged(0.75, "(0, inf)")
+    warmup_power: float = ranged(0.75, "(0, inf)")  # the power of that warm-up (timm: 3/4)
     every: int = ranged(1, "[1, inf)")  # optimizer updates between EMA updates
     # which weights evaluation scores: ema, raw (the trained weights), or both (raw metrics logged as raw_<name>;
     # eval.monitor may name either, and best/ holds the weights it monitors)
@@ -395,15 +395,17 @@ class EvalCfg:
     # (classification) = airbench94's 6 views: flip, plus flip of the image shifted 1 px up-left and down-right
     # (trainer.models.forward_tta); recorded in model.json, so `trainer eval` and `trainer predict` apply the same
     tta: Literal["none", "flip", "flip_translate"] = "none"
-    split: Literal["val", "test", "train", "all"] = "val"  # which split `trainer eval` scores; all = every image under data.root/<class>/
+    # which split `trainer eval` scores; all = every image under data.root/<class>/, what `trainer eval` scores by
+    # default when the data.root it is given is a folder of class folders without train/ (trainer/evaluate.py)
+    split: Literal["val", "test", "train", "all"] = "val"
 
 
 @dataclass
 class WandbCfg:
-    enabled: bool = False
-    project: str = "cnn-trainer"
-    entity: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    enabled: bool = False  # log to Weights & Biases (the wandb extra); off: wandb is never imported
+    project: str = "cnn-trainer"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; null = your default
+    tags: List[str] = field(default_factory=list)  # W&B run tags
 
 
 @dataclass
@@ -412,7 +414,7 @@ class TrackingCfg:
     # its local mode inside the run directory: tensorboard (<run>/tensorboard/), mlflow (<run>/mlflow/, a file
     # store), wandb (<run>/wandb/; wandb.enabled=true adds it). E.g. tracking.log_with=[tensorboard,mlflow]
     log_with: List[str] = field(default_factory=list)
-    mlflow_experiment: str = "cnn-trainer"
+    mlflow_experiment: str = "cnn-trainer"  # the MLflow experiment the run is logged under
     # null = the run's own file store (<run>/mlflow); or a tracking server or database of your own
     # (http://host:5000, sqlite:///path/mlflow.db), which the trainer then does not manage
     mlflow_uri: Optional[str] = None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -18,6 +18,25 @@ from trainer.predict import model_inputs
 from trainer.tasks import report_files, task_data_mismatch, task_from_meta
 
 
+def eval_split(data_cfg, configured: str, as_configured: bool, trained_on: Optional[str]) -> Tuple[str, str]:
+    """Which split `trainer eval` scores, and why, in words for its output. A folder of class folders with no
+    train/ (so no val/ or test/ either) named by data.root on the command line is scored whole: a user pointing
+    eval at a folder of test images expects every image, not the seeded data.val_fraction hold-out that training
+    would take from it. Not when it is the folder the run trained on: scoring it whole would score training
+    images; nor when this command says eval.split (or `as_configured` says otherwise)."""
+    if as_configured or data_cfg.format != "imagefolder" or not data_cfg.root:
+        return configured, f"eval.split={configured}"
+    root = Path(data_cfg.root)
+    split_layout = (root / "train").is_dir() or (root / "train.csv").is_file()  # a multi-label folder has splits
+    if not root.is_dir() or split_layout:
+        return configured, f"eval.split={configured}"
+    if trained_on and Path(trained_on).resolve() == root.resolve():
+        return configured, (f"eval.split={configured}: the run trained on this folder, so only its held-out "
+                            f"share is scored")
+    return "all", ("a folder of class folders without train/, val/ or test/ is scored whole; eval.split=val scores "
+                   "its seeded data.val_fraction hold-out instead")
+
+
 def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None, overwrite: bool = False) -> dict:
     def said(key: str) -> bool:  # did this command set the key itself?
         return any(o.startswith(f"{key}=") for o in overrides)
@@ -30,6 +49,8 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
                           f"e.g. trainer eval --model {model_path} data.root=/path/to/images")
     base = OmegaConf.to_container(load_yaml(run_dir / "config.yaml", "run config")) if run_dir else None
     cfg = load_config(None, overrides, base=base)
+    split, why = eval_split(cfg.data, cfg.eval.split, said("eval.split") or not said("data.root"),
+                            (base or {}).get("data", {}).get("root"))
     model, meta = load_exported(str(model_dir))
     mismatch = task_data_mismatch(meta["task"], cfg.data, advise=False)
     if mismatch:  # before any data is read: a classifier would try to score boxes as labels
@@ -50,9 +71,9 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     # fp32 unless asked: the same arithmetic as `trainer predict`, so both give the same probabilities
     acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision if said("train.mixed_precision") else "no")
     say = print0(acc)
-    split = cfg.eval.split
     data = build_data_on_ranks(acc, cfg.data, cfg.seed, (split,), say)
     dataset = data.datasets[split]
+    say(f"[eval] scoring the {split} split of {data.source}: {len(dataset)} images ({why})")
     agree(acc, lambda: task.match_data(data, dataset))  # the data's classes against the model's
     if said("eval.threshold"):  # else the model's own (possibly tuned) threshold
         task.threshold = cfg.eval.threshold

@@ -74,13 +74,10 @@ def train(cfg: Config) -> dict:
         with plan:  # the main process holds the run's lock until the end; a failed start leaves nothing behind
             seen = agree(acc, lambda: compare_with_checkpoint(plan, cfg, to_dict(cfg), global_batch), main_only=True,
                          share=True)
-            result = None
+            result, exported = None, False
             if plan.kind != "complete":
                 s = build_session(cfg, acc, say)
-                ts = TrainState(acc, s.core, s.opt, s.extensions, {
-                    "config": to_dict(cfg), "data_fingerprint": s.fingerprint, "architecture": cfg.model.name,
-                    "task": s.task.name, "classes": s.data.classes, "global_batch": global_batch},
-                    cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, s.schedule, s.total_from)
+                ts = train_state(cfg, acc, s, global_batch)
                 if plan.kind == "resume":
                     for note in agree(acc, lambda: ts.restore(plan.checkpoint, plan.in_place,
                                                               cfg.run.allow_config_change)):
@@ -91,8 +88,10 @@ def train(cfg: Config) -> dict:
                 if not ts.loop.done:
                     result = run(cfg, acc, plan, s, ts, say, t_start)
                 s = ts = None  # DDP's model released before the process group (gloo aborts at exit otherwise)
-            if result is None:  # complete: the same command has nothing to do
-                for line in rundir.complete_lines(plan.dir, seen):
+            elif agree(acc, lambda: rundir.model_missing(plan, seen), main_only=True, share=True):
+                exported = re_export(cfg, acc, plan, say, global_batch)
+            if result is None:  # complete: the same command has nothing (more) to do
+                for line in rundir.complete_lines(plan.dir, seen, exported):
                     say(line)
                 summary = plan.dir / "summary.json"
                 result = json.loads(summary.read_text()) if summary.is_file() else {}
@@ -101,6 +100,38 @@ def train(cfg: Config) -> dict:
             return result
     finally:
         preemption.end_startup()
+
+
+def train_state(cfg: Config, acc, s, global_batch: int) -> TrainState:
+    """The state a start restores into and checkpoints from: the session's model, optimizer and extensions,
+    with the identity a checkpoint is compared against."""
+    return TrainState(acc, s.core, s.opt, s.extensions, {
+        "config": to_dict(cfg), "data_fingerprint": s.fingerprint, "architecture": cfg.model.name,
+        "task": s.task.name, "classes": s.data.classes, "global_batch": global_batch},
+        cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, s.schedule, s.total_from)
+
+
+def re_export(cfg: Config, acc, plan, say, global_batch: int) -> bool:
+    """A finished run whose final model (model/) was deleted: exported again from the run's final checkpoint,
+    scored on val as the end of training scored it, through the write gate. The final checkpoint is taken after
+    the last update (and after Lookahead's last pull), so its weights are the ones first exported; nothing else
+    of the run is written. A newest loadable checkpoint that is not the final one (the final one damaged) cannot
+    give the final model: that is said, and nothing is written."""
+    s = build_session(cfg, acc, say)
+    ts = train_state(cfg, acc, s, global_batch)
+    agree(acc, lambda: ts.restore(plan.checkpoint, plan.in_place, False))
+    if not ts.loop.done:
+        say(f"[trainer] {plan.dir / 'model'} is missing and the newest loadable checkpoint ({plan.checkpoint.name}) "
+            f"is not the final one, so the final model cannot be exported again; best/ holds the best model, or "
+            f"pass run.overwrite=true to train the run again")
+        return False
+    scores = score(s.model, s.core, s.val_set, s.task, s.extensions, acc, s.eval_batch, cfg.data.num_workers,
+                   s.memory_format, cfg.eval.tta)
+    agree(acc, lambda: export_scored(plan.out, "model", s.core, s.extensions, s.task, scores, s.card,
+                                     ts.loop.update), main_only=True)
+    say(f"[trainer] {plan.dir / 'model'} was missing: exported again from the final checkpoint "
+        f"{plan.checkpoint.name} (val {scores.headline()})")
+    return True
 
 
 def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:

@@ -1,7 +1,7 @@
 """One gate for every file the trainer writes, replaces or deletes.
 
 Every command (train, eval, predict, export, pack, sweep, tune, collect, the scan cache, the generated data)
-writes through here, under one policy (RELIABILITY.md; the README's "Your files are never lost"):
+writes through here, under one policy (RELIABILITY.md; docs/checkpoints.md, "Your files are never lost"):
 
 1. Never inside or over an input. `Inputs` holds what a command reads (data roots and annotation files,
    predict's images, folders and @lists, the model folder, a pack's source); a target that is one of them or

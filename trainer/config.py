@@ -330,10 +330,19 @@ class OptimCfg:
     nesterov: bool = False
     betas: List[float] = ranged([0.9, 0.999], "[0, 1)")  # adamw only (torch refuses others)
     weight_decay: float = ranged(5e-4, "[0, inf)")  # not applied to norm and bias parameters (unless bias_decay)
-    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    # poly: (1 - progress)^poly_power after the warm-up (torchvision's segmentation reference); one_cycle: torch's
+    # OneCycleLR with max_lr = optim.lr (the one_cycle_* keys; it warms up itself); all counted in updates
+    schedule: Literal["cosine", "linear", "step", "constant", "poly", "one_cycle"] = "cosine"
+    poly_power: float = ranged(0.9, "(0, inf)")  # 0.9: torchvision's segmentation reference and DeepLab's
+    # one_cycle, as torch's OneCycleLR's arguments and defaults: the fraction of the updates spent rising to
+    # optim.lr; the start at optim.lr / div_factor; the end at that start / final_div_factor; the annealing
+    one_cycle_pct_start: float = ranged(0.3, "(0, 1)")
+    one_cycle_div_factor: float = ranged(25.0, "[1, inf)")
+    one_cycle_final_div_factor: float = ranged(1.0e4, "[1, inf)")
+    one_cycle_anneal: Literal["cos", "linear"] = "cos"
     warmup_epochs: float = ranged(0.0, "[0, inf)")  # linear warmup, in epochs of optimizer updates
     warmup_start_ratio: float = ranged(0.0, "[0, 1]")  # warmup starts at this fraction of lr (0: from ~0)
-    # cosine / linear floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
+    # cosine / linear / poly floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
     min_lr_ratio: float = ranged(0.0, "[0, 1]")
     step_milestones: List[float] = ranged([], "[0, inf)")  # step schedule: epochs where lr *= step_gamma
     step_gamma: float = ranged(0.1, "(0, 1]")  # a decay: above 1 the lr would climb past the peak optim.lr
@@ -648,6 +657,9 @@ def validate(cfg: Config) -> None:
         if cfg.data.loader != "workers":
             raise ConfigError("data.decode_device=cuda is for data.loader=workers (data.loader=device decodes the "
                               "split once, at start-up, on the CPU)")
+    if cfg.optim.schedule == "one_cycle" and cfg.optim.warmup_epochs > 0:
+        raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} with optim.schedule=one_cycle: the cycle "
+                          f"warms up itself (optim.one_cycle_pct_start of the updates); set optim.warmup_epochs=0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
     _validate_regularisation(cfg)

@@ -113,6 +113,18 @@ class AugmentCfg:
     # own resize (null = off), and SSD's random IoU crop (a zoom that keeps objects whole)
     scale_jitter: Optional[List[float]] = ranged(None, "(0, inf)")
     iou_crop: bool = False
+    # segmentation and detection: scale jitter both ways, [min, max] (null = off; torchvision's references: 0.5-2):
+    # each training image resized by a factor drawn from it (segmentation: of the S x S training frame;
+    # detection: of the image fitted into S x S, aspect kept), padded right/bottom to S x S where smaller (the
+    # mean colour; masks data.ignore_index) and randomly cropped to S x S, S = data.image_size; boxes clipped,
+    # those under 1 px dropped. Replaces the resize + crop_padding / random_resized_crop of segmentation;
+    # a detector's own resize is skipped in training (evaluation still resizes to model.detection.min_size)
+    scale_range: Optional[List[float]] = ranged(None, "(0, inf)")
+    # detection: multi-scale training, the short side of each micro-step's images drawn from this list (px; the
+    # long side capped at model.detection.max_size; the detector's own resize skipped in training), seeded by
+    # (seed, epoch, batch position); evaluation at model.detection.min_size. torchvision's "multiscale" preset:
+    # [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]. null = off
+    multiscale_sizes: Optional[List[int]] = ranged(None, "[1, inf)")
     # classification, data.loader=workers: a policy of torchvision.transforms.v2 on the uint8 image, after the
     # crop and flip; randaugment takes the two numbers below (torchvision's defaults)
     auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment", "augmix"] = "none"
@@ -624,6 +636,16 @@ def validate(cfg: Config) -> None:
     jitter = cfg.data.augment.scale_jitter
     if jitter is not None and (len(jitter) != 2 or not jitter[0] <= jitter[1]):
         raise ConfigError(f"data.augment.scale_jitter must be [min, max] with min <= max, got {list(jitter)}")
+    scale_range = cfg.data.augment.scale_range
+    if scale_range is not None:
+        if len(scale_range) != 2 or not scale_range[0] <= scale_range[1]:
+            raise ConfigError(f"data.augment.scale_range must be [min, max] with min <= max, got {list(scale_range)}")
+        if cfg.data.augment.random_resized_crop:
+            raise ConfigError("data.augment.scale_range and data.augment.random_resized_crop both choose the scale "
+                              "and crop of a training image: turn one off")
+        if cfg.data.augment.multiscale_sizes:
+            raise ConfigError("data.augment.scale_range and data.augment.multiscale_sizes both size a detector's "
+                              "training images (a fixed square canvas, or a short side per batch): choose one")
     # each task's rules: the data it trains on, the keys only it reads (trainer/tasks, above this module: imported
     # when a config is checked; the package's face imports no torch, so a mistake still fails in 0.3 s)
     from trainer.tasks import check_config as check_task_config

@@ -45,8 +45,9 @@ class WorkerLoader(EpochSteps):
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
                  first_transform, sampler=None, drop_last: bool = False, collate=None,
                  mixer: Optional[BatchMixer] = None, decoder: Optional[BatchDecoder] = None, rank: int = 0,
-                 processes: int = 1):
+                 processes: int = 1, resizer=None):
         self.dataset, self.sampler, self.first_transform, self.mixer = dataset, sampler, first_transform, mixer
+        self.resizer = resizer  # detection's multi-scale training (trainer/data/scale.py), or None
         self.decoder, self.seed, self.rank = decoder, seed, rank
         self.epoch = 0
         self.dealing = Dealing(len(sampler) if sampler is not None else len(dataset), batch_size, processes, drop_last)
@@ -87,6 +88,9 @@ class WorkerLoader(EpochSteps):
         batches = (send_to_device(b, self.device, non_blocking=self.non_blocking) for b in self.dl)
         if self.decoder is not None:
             batches = map(self.decoder, batches)
+        if self.resizer is not None:  # one size per micro-step, seeded by its first global position: any rank
+            firsts = [first for first, _ in self.dealing.steps(start)]
+            batches = (self.resizer(b, self.epoch, first) for b, first in zip(batches, firsts))
         if self.mixer is not None:
             batches = self._mixed(batches, start)
         return self.stepping(zip(ends, batches), len(ends))
@@ -124,10 +128,11 @@ class _DealtBatches:
 
 
 def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerator, mean, std, num_classes: int,
-                       channels_last: bool, say=print, drop_last: bool = False, collate=None):
+                       channels_last: bool, say=print, drop_last: bool = False, collate=None, resizer=None):
     """The loader `data.loader` asks for (`data_cfg` is the `data` section). `drop_last`, `collate`: the task's
     (segmentation drops a last batch of one image, which would break BatchNorm in DeepLabV3's pooling branch;
-    detection batches lists of images of different sizes)."""
+    detection batches lists of images of different sizes); `resizer`: the task's per-batch resize (detection's
+    multi-scale training), called with (batch, epoch, first global position of the micro-step)."""
     aug = data_cfg.augment
     mixer = build_mixer(aug, num_classes, seed, accelerator.process_index)  # None unless mixup/CutMix is on
     if mixer is not None:
@@ -152,7 +157,7 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
                         pin_memory=accelerator.device.type == "cuda",
                         first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler,
                         drop_last=drop_last, collate=collate, mixer=mixer, decoder=decoder,
-                        rank=accelerator.process_index, processes=accelerator.num_processes)
+                        rank=accelerator.process_index, processes=accelerator.num_processes, resizer=resizer)
 
 
 def check_decode_device(decode_device: str, device: torch.device) -> None:

@@ -225,6 +225,14 @@ class DataCfg:
     # (recorded in model.json)
     exif_orientation: bool = True
     sampler: Literal["random", "weighted"] = "random"  # weighted: class-balanced draw with replacement
+    # detection: aspect-ratio grouping, torchvision's --aspect-ratio-group-factor (its reference uses 3): images
+    # in 2k + 2 groups of width/height, each global batch drawn from one group (trainer/data/detection_order.py);
+    # 0 = off
+    aspect_ratio_group_factor: int = ranged(0, "[0, inf)")
+    # detection: repeat-factor sampling for rare categories (LVIS: 0.001): an image is repeated
+    # max(1, sqrt(t / f_c)) times per epoch in expectation, f_c the fraction of training images holding its
+    # rarest category (stochastic rounding, each epoch the same length); null = off
+    repeat_factor_threshold: Optional[float] = ranged(None, "(0, 1]")
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     generated: GeneratedCfg = field(default_factory=GeneratedCfg)
     csv: CsvCfg = field(default_factory=CsvCfg)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from trainer.data import class_balanced_sampler
 from trainer.data.datasets import eval_transform, init_sample
 from trainer.data.device import to_device_loader
+from trainer.data.detection_order import detection_sampler
 from trainer.data.device_decode import BatchDecoder, collate_encoded
 from trainer.data.mixing import BatchMixer, build_mixer
 from trainer.data.order import Dealing, EpochSteps, rank_batches, shuffled_order
@@ -128,11 +129,13 @@ class _DealtBatches:
 
 
 def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerator, mean, std, num_classes: int,
-                       channels_last: bool, say=print, drop_last: bool = False, collate=None, resizer=None):
+                       channels_last: bool, say=print, drop_last: bool = False, collate=None, resizer=None,
+                       global_batch: int = 1):
     """The loader `data.loader` asks for (`data_cfg` is the `data` section). `drop_last`, `collate`: the task's
     (segmentation drops a last batch of one image, which would break BatchNorm in DeepLabV3's pooling branch;
     detection batches lists of images of different sizes); `resizer`: the task's per-batch resize (detection's
-    multi-scale training), called with (batch, epoch, first global position of the micro-step)."""
+    multi-scale training), called with (batch, epoch, first global position of the micro-step); `global_batch`:
+    detection's aspect-ratio groups are of that many images."""
     aug = data_cfg.augment
     mixer = build_mixer(aug, num_classes, seed, accelerator.process_index)  # None unless mixup/CutMix is on
     if mixer is not None:
@@ -147,6 +150,9 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
             f"{accelerator.device} ({loader.images.numel() / 2**20:.0f} MiB) in {time.time() - start:.1f} s")
         return loader
     sampler = class_balanced_sampler(dataset.labels, num_classes, seed) if data_cfg.sampler == "weighted" else None
+    if data_cfg.aspect_ratio_group_factor or data_cfg.repeat_factor_threshold is not None:  # detection's (config)
+        sampler = detection_sampler(dataset.split, seed, data_cfg.aspect_ratio_group_factor, global_batch,
+                                    data_cfg.repeat_factor_threshold, say)
     decoder = None
     check_decode_device(data_cfg.decode_device, accelerator.device)
     if data_cfg.decode_device == "cuda":  # the config allows it for image folders and their shards only

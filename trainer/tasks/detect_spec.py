@@ -35,6 +35,10 @@ class DetectionSpec:
                     "scale_jitter" if aug.scale_jitter is not None else "iou_crop")
                 raise ConfigError(f"data.augment.{key} is for detection; classification and segmentation crop with "
                                   f"data.augment.random_resized_crop (segmentation also data.augment.scale_range)")
+            if cfg.data.aspect_ratio_group_factor or cfg.data.repeat_factor_threshold is not None:
+                key = "aspect_ratio_group_factor" if cfg.data.aspect_ratio_group_factor else "repeat_factor_threshold"
+                raise ConfigError(f"data.{key} is a detection sampler; a {trained.title} run samples with "
+                                  f"data.sampler")
             if aug.scale_range is not None and trained.title != "segmentation":
                 raise ConfigError(f"data.augment.scale_range is for segmentation and detection; a {trained.title} "
                                   f"model crops with data.augment.random_resized_crop")
@@ -45,6 +49,9 @@ class DetectionSpec:
                 raise ConfigError(f"model.detection.{changed[0]} is for detection models; a {trained.title} model "
                                   f"takes no model.detection.* option")
             return
+        if cfg.data.sampler != "random":
+            raise ConfigError(f"data.sampler={cfg.data.sampler} draws by image class; detection samples rare "
+                              f"categories with data.repeat_factor_threshold")
         if aug.random_resized_crop:
             raise ConfigError("data.augment.random_resized_crop crops classification and segmentation images; a "
                               "detector's boxes are cropped with data.augment.iou_crop (and rescaled by "

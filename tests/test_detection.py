@@ -188,3 +188,20 @@ def test_sigkill_in_a_detection_run_then_the_same_command_is_bitwise_identical(t
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+# Faster R-CNN v2's box head runs four 256-channel convolutions on 512 sampled RoIs per image whatever the image
+# size (~5 s per image and update on one CPU core): its run is one update of one image
+@pytest.mark.parametrize("recipe, batch", [pytest.param("fasterrcnn_coco", 1, marks=pytest.mark.slow), ("retinanet_coco", 2)])
+def test_the_coco_recipes_run_their_keys_on_generated_scenes(recipe, batch, tmp_path):
+    """configs/<recipe>.yaml as written (SGD, the step schedule with its warm-up, aspect-ratio grouping, the
+    ResNet-50 FPN v2 detector), only the data and the sizes made tiny: an update or two and an evaluation."""
+    res = run_cli("train", ROOT / "configs" / f"{recipe}.yaml", "data.format=generated",
+                  "data.generated.variant=detection", "data.generated.train_per_class=2",
+                  "data.generated.val_per_class=1", "data.generated.test_per_class=1", "data.image_size=64",
+                  f"data.root={tmp_path / 'gen'}", "data.num_workers=0", "train.mixed_precision=no",
+                  f"train.batch_size={batch}", f"train.max_steps={3 - batch}", "train.progress_bar=false",
+                  "eval.batch_size=2", f"run.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "aspect-ratio grouping (factor 3)" in res.stdout and f"total_updates={3 - batch}" in res.stdout
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import debug_launcher
 from PIL import Image
 from torch import nn
@@ -234,3 +235,18 @@ def test_sigkill_in_a_segmentation_run_then_the_same_command_is_bitwise_identica
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_the_voc_recipe_runs_its_keys_on_generated_scenes(tmp_path):
+    """configs/deeplabv3_voc.yaml as written (poly schedule, scale jitter 0.5-2 with its crop, DeepLabV3 with the
+    aux loss), only the data and the sizes made tiny and the GPU-only keys off: two updates and an evaluation."""
+    res = run_cli("train", ROOT / "configs" / "deeplabv3_voc.yaml", "data.format=generated",
+                  "data.generated.variant=segmentation", "data.generated.train_per_class=1",
+                  "data.generated.val_per_class=1", "data.generated.test_per_class=1", "data.image_size=32",
+                  f"data.root={tmp_path / 'gen'}", "data.num_workers=0", "model.sync_bn=false",
+                  "train.mixed_precision=no", "train.batch_size=2", "train.max_steps=2", "train.progress_bar=false",
+                  f"run.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "total_updates=2" in res.stdout and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["optim"]["schedule"] == "poly" and saved["data"]["augment"]["scale_range"] == [0.5, 2.0]

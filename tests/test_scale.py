@@ -118,3 +118,19 @@ def test_scale_keys_are_refused_where_they_mean_nothing(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=overrides)
+
+
+def test_the_validation_loss_of_a_detector_trained_on_sized_images_is_taken_at_the_evaluated_size():
+    from trainer.tasks.detect import validation_losses
+    from trainer.tasks.detect_models import build_detection_model
+
+    torch.manual_seed(0)
+    plain = build_detection_model("retinanet_small", 3, {"min_size": 64, "max_size": 64})
+    skipping = build_detection_model("retinanet_small", 3, {"min_size": 64, "max_size": 64})
+    skipping.load_state_dict(plain.state_dict())
+    skipping.transform._skip_resize = True
+    image = torch.rand(3, 32, 32)
+    target = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0]]), "labels": torch.tensor([1]), "image_id": 0}
+    with torch.no_grad():  # as evaluation calls it
+        assert validation_losses(skipping.eval(), image, target) == validation_losses(plain.eval(), image, target)
+    assert skipping.transform._skip_resize and not skipping.training  # put back as it was

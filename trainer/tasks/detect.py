@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
 from trainer.data.coco import DetectionDataset, collate_detection, read_coco
@@ -225,7 +226,12 @@ def validation_losses(net, image: torch.Tensor, target: dict) -> Dict[str, float
     sampling of proposals and RoIs (R-CNN) runs under a torch RNG seeded by the image's split index, forked so
     the training RNG is untouched: the same numbers on any number of processes, and an exact resume."""
     was = {m: m.training for m in net.modules()}
+    # the loss at the size evaluation sees: a detector whose training images the data sizes (_skip_resize,
+    # Detection.skip_train_resize) would otherwise take this image at its own size in training mode
+    sizers = [m for m in net.modules() if isinstance(m, GeneralizedRCNNTransform) and m._skip_resize]
     net.train()
+    for m in sizers:
+        m._skip_resize = False
     for m in net.modules():
         if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Dropout, FrozenBatchNorm2d)):
             m.eval()
@@ -236,4 +242,6 @@ def validation_losses(net, image: torch.Tensor, target: dict) -> Dict[str, float
     finally:
         for m, training in was.items():
             m.train(training)
+        for m in sizers:
+            m._skip_resize = True
     return {k: float(v) for k, v in parts.items()}

@@ -167,3 +167,26 @@ def test_one_cycle_refuses_a_separate_warm_up():
         load_config(overrides=["optim.schedule=one_cycle", "optim.warmup_epochs=1"])
     with pytest.raises(ConfigError, match="optim.one_cycle_pct_start"):
         load_config(overrides=["optim.schedule=one_cycle", "optim.one_cycle_pct_start=1.5"])
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_one_cycle_cycles_the_momentum_as_torchs_one_cycle_lr(name):
+    """cycle_momentum, torch's default: SGD's momentum or AdamW's beta1, 0.95 -> 0.85 at the peak -> 0.95,
+    set on every group by the loop through `momentum_at` and `set_momentum`."""
+    from trainer.optim import momentum_at, set_momentum
+
+    total, kw = 23, dict(one_cycle_pct_start=0.4, one_cycle_anneal="cos", one_cycle_momentum=[0.85, 0.95])
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = (torch.optim.SGD([param], lr=0.1, momentum=0.9) if name == "sgd"
+           else torch.optim.AdamW([param], lr=0.1, betas=(0.9, 0.999)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total, pct_start=0.4)
+    ours = build_optimizer(build_model("linear", 2), name, 0.1, 0.0)
+    for u in range(total):
+        theirs = opt.param_groups[0]["momentum" if name == "sgd" else "betas"]
+        for group in ours.param_groups:
+            set_momentum(group, momentum_at(u, total, "one_cycle", **kw))
+        mine = ours.param_groups[0]["momentum" if name == "sgd" else "betas"]
+        assert mine == pytest.approx(theirs, rel=1e-9), u
+        opt.step()
+        sched.step()
+    assert momentum_at(5, total, "cosine", **kw) is None and momentum_at(5, total, "one_cycle") is None

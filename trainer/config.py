@@ -360,6 +360,9 @@ class OptimCfg:
     one_cycle_div_factor: float = ranged(25.0, "[1, inf)")
     one_cycle_final_div_factor: float = ranged(1.0e4, "[1, inf)")
     one_cycle_anneal: Literal["cos", "linear"] = "cos"
+    # one_cycle's momentum cycle [base, max] (SGD's momentum, AdamW's beta1): max at the start, base at the lr's
+    # peak, max at the end, replacing optim.momentum / betas[0]; torch's cycle_momentum defaults; null = keep it
+    one_cycle_momentum: Optional[List[float]] = ranged([0.85, 0.95], "[0, 1)")
     warmup_epochs: float = ranged(0.0, "[0, inf)")  # linear warmup, in epochs of optimizer updates
     warmup_start_ratio: float = ranged(0.0, "[0, 1]")  # warmup starts at this fraction of lr (0: from ~0)
     # cosine / linear / poly floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
@@ -690,6 +693,9 @@ def validate(cfg: Config) -> None:
     if cfg.optim.schedule == "one_cycle" and cfg.optim.warmup_epochs > 0:
         raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} with optim.schedule=one_cycle: the cycle "
                           f"warms up itself (optim.one_cycle_pct_start of the updates); set optim.warmup_epochs=0")
+    cycle = cfg.optim.one_cycle_momentum
+    if cycle is not None and (len(cycle) != 2 or not cycle[0] <= cycle[1]):
+        raise ConfigError(f"optim.one_cycle_momentum must be [base, max] with base <= max, got {list(cycle)}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
     _validate_regularisation(cfg)

@@ -134,3 +134,26 @@ def test_the_validation_loss_of_a_detector_trained_on_sized_images_is_taken_at_t
     with torch.no_grad():  # as evaluation calls it
         assert validation_losses(skipping.eval(), image, target) == validation_losses(plain.eval(), image, target)
     assert skipping.transform._skip_resize and not skipping.training  # put back as it was
+
+
+def test_multiscale_sizes_in_the_loader_follow_the_position_so_a_resume_and_every_rank_agree(tmp_path):
+    from trainer.data.coco import DetectionDataset, collate_detection, detection_eval_transform, read_coco
+    from trainer.data.generated import write_generated_coco
+    from trainer.data.loaders import WorkerLoader
+
+    write_generated_coco(tmp_path, 32, seed=0, counts={"train": 12})
+    split = read_coco(tmp_path / "train" / "annotations.json", tmp_path / "train", verbose=lambda *_: None)
+    resize = MultiScale([24, 40, 56], max_size=100, seed=9)
+
+    def sides(start, rank=0, processes=1, batch=4):
+        loader = WorkerLoader(DetectionDataset(split, seed=9), batch, 9, 0, 2, False, detection_eval_transform(),
+                              collate=collate_detection, rank=rank, processes=processes, resizer=resize)
+        loader.set_epoch(2)
+        return [(stop, {tuple(x.shape[-2:]) for x in images}) for stop, (images, _) in loader.steps(start)]
+
+    whole = sides(0)
+    # the generated images are square: each step's images are its drawn side squared
+    assert whole == [(stop, {(resize.size_for(2, stop - 4),) * 2}) for stop in (4, 8, 12)]
+    assert sides(8) == whole[2:]  # resumed at position 8: the sizes the uninterrupted epoch had from there
+    for rank in range(2):  # 2 processes x 2 images: each micro-step's ranks resize to the one side of its position
+        assert [s for _, s in sides(0, rank, 2, 2)] == [s for _, s in whole]

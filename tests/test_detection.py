@@ -175,7 +175,11 @@ def test_the_quick_start_clearly_beats_an_untrained_detector(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_in_a_detection_run_then_the_same_command_is_bitwise_identical(tmp_path):
-    extra = {"checkpoint.every_steps": 3, "data.augment.scale_jitter": "[0.8,1.25]", "data.augment.iou_crop": "true"}
+    # with every seeded draw detection has: the per-sample augmentation, the per-batch multi-scale side, the
+    # repeat-factor epoch (53 positions for 48 images) and the aspect-ratio grouping of the order
+    extra = {"checkpoint.every_steps": 3, "data.augment.scale_jitter": "[0.8,1.25]", "data.augment.iou_crop": "true",
+             "data.augment.multiscale_sizes": "[48,56,64]", "data.repeat_factor_threshold": 0.5,
+             "data.aspect_ratio_group_factor": 3}
     ref = run_cli("train", "-", *det_args(tmp_path, "ref", **extra))
     assert ref.returncode == 0, ref.stderr[-2000:]
     args = det_args(tmp_path, "run", **extra)

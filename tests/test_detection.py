@@ -196,7 +196,8 @@ def test_sigkill_in_a_detection_run_then_the_same_command_is_bitwise_identical(t
 
 # Faster R-CNN v2's box head runs four 256-channel convolutions on 512 sampled RoIs per image whatever the image
 # size (~5 s per image and update on one CPU core): its run is one update of one image
-@pytest.mark.parametrize("recipe, batch", [pytest.param("fasterrcnn_coco", 1, marks=pytest.mark.slow), ("retinanet_coco", 2)])
+@pytest.mark.parametrize("recipe, batch", [pytest.param("fasterrcnn_coco", 1, marks=pytest.mark.slow),
+                                           ("retinanet_coco", 2)])
 def test_the_coco_recipes_run_their_keys_on_generated_scenes(recipe, batch, tmp_path):
     """configs/<recipe>.yaml as written (SGD, the step schedule with its warm-up, aspect-ratio grouping, the
     ResNet-50 FPN v2 detector), only the data and the sizes made tiny: an update or two and an evaluation."""

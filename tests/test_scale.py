@@ -7,7 +7,6 @@ import torch
 from trainer.data.coco import DETECTOR_MEAN_UINT8, detection_train_transform
 from trainer.data.masks import mask_train_transform
 from trainer.data.scale import MultiScale
-from trainer.tasks.detect import Detection
 
 GREY, RED = (128, 128, 128), (220, 30, 30)
 
@@ -108,7 +107,8 @@ def test_the_detector_skips_its_own_resize_in_training_only_when_the_data_sizes_
     (["data.generated.variant=segmentation", "data.augment.scale_range=[0.5,2]",
       "data.augment.random_resized_crop=true"], "scale_range and data.augment.random_resized_crop"),
     (["data.generated.variant=multiclass", "data.augment.scale_range=[0.5,2]"], "scale_range is for segmentation"),
-    (["data.generated.variant=segmentation", "data.augment.multiscale_sizes=[32]"], "multiscale_sizes is for detection"),
+    (["data.generated.variant=segmentation", "data.augment.multiscale_sizes=[32]"],
+     "multiscale_sizes is for detection"),
     (["data.generated.variant=detection", "data.augment.multiscale_sizes=[32]", "data.augment.scale_range=[0.5,2]"],
      "choose one"),
 ])

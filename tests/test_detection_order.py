@@ -69,3 +69,19 @@ def test_the_order_is_one_per_epoch_whatever_the_process_count_and_every_positio
                 if stop - first == 8 and first + 8 <= len(order) - 3 * 8:  # a full block: one group per batch
                     assert len({groups[i] for i in mine}) == 1
         assert dealt == order[:dealing.end]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.generated.variant=segmentation", "data.aspect_ratio_group_factor=3"],
+     "data.aspect_ratio_group_factor is a detection sampler"),
+    (["data.generated.variant=multiclass", "data.repeat_factor_threshold=0.001"],
+     "data.repeat_factor_threshold is a detection sampler"),
+    (["data.generated.variant=detection", "data.sampler=weighted"], "detection data has no one label per image"),
+    (["data.generated.variant=detection", "data.repeat_factor_threshold=0"], "must be in \\(0, 1\\]"),
+])
+def test_the_sampler_keys_are_refused_where_they_mean_nothing(overrides, message):
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)

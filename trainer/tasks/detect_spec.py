@@ -49,9 +49,6 @@ class DetectionSpec:
                 raise ConfigError(f"model.detection.{changed[0]} is for detection models; a {trained.title} model "
                                   f"takes no model.detection.* option")
             return
-        if cfg.data.sampler != "random":
-            raise ConfigError(f"data.sampler={cfg.data.sampler} draws by image class; detection samples rare "
-                              f"categories with data.repeat_factor_threshold")
         if aug.random_resized_crop:
             raise ConfigError("data.augment.random_resized_crop crops classification and segmentation images; a "
                               "detector's boxes are cropped with data.augment.iou_crop (and rescaled by "

@@ -19,7 +19,7 @@ from accelerate import debug_launcher
 from PIL import Image
 from torch import nn
 
-from tests.conftest import PYTHONPATH, ROOT, assert_same_run, run_cli
+from tests.conftest import PYTHONPATH, ROOT, assert_same_run, rows, run_cli
 
 C, S = 4, 8  # classes (the last absent from every target), network input side
 IGNORE = 255
@@ -252,3 +252,6 @@ def test_the_voc_recipe_runs_its_keys_on_generated_scenes(tmp_path):
     assert "total_updates=2" in res.stdout and (tmp_path / "run" / "model" / "model.safetensors").is_file()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["optim"]["schedule"] == "poly" and saved["data"]["augment"]["scale_range"] == [0.5, 2.0]
+    # the second (last) update's lr on the poly curve: 0.02 x (1 - 1/2)^0.9
+    last = [r for r in rows(tmp_path / "run") if r["type"] == "train"][-1]
+    assert last["step"] == 2 and last["lr"] == pytest.approx(0.02 * 0.5 ** 0.9)

@@ -113,6 +113,18 @@ class AugmentCfg:
     # own resize (null = off), and SSD's random IoU crop (a zoom that keeps objects whole)
     scale_jitter: Optional[List[float]] = ranged(None, "(0, inf)")
     iou_crop: bool = False  # detection: SSD's random IoU crop (see scale_jitter above)
+    # segmentation and detection: scale jitter both ways, [min, max] (null = off; torchvision's references: 0.5-2):
+    # each training image resized by a factor drawn from it (segmentation: of the S x S training frame;
+    # detection: of the image fitted into S x S, aspect kept), padded right/bottom to S x S where smaller (the
+    # mean colour; masks data.ignore_index) and randomly cropped to S x S, S = data.image_size; boxes clipped,
+    # those under 1 px dropped. Replaces the resize + crop_padding / random_resized_crop of segmentation;
+    # a detector's own resize is skipped in training (evaluation still resizes to model.detection.min_size)
+    scale_range: Optional[List[float]] = ranged(None, "(0, inf)")
+    # detection: multi-scale training, the short side of each micro-step's images drawn from this list (px; the
+    # long side capped at model.detection.max_size; the detector's own resize skipped in training), seeded by
+    # (seed, epoch, batch position); evaluation at model.detection.min_size. torchvision's "multiscale" preset:
+    # [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]. null = off
+    multiscale_sizes: Optional[List[int]] = ranged(None, "[1, inf)")
     # classification, data.loader=workers: a policy of torchvision.transforms.v2 on the uint8 image, after the
     # crop and flip; randaugment takes the two numbers below (torchvision's defaults)
     auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment", "augmix"] = "none"
@@ -213,6 +225,14 @@ class DataCfg:
     # (recorded in model.json)
     exif_orientation: bool = True
     sampler: Literal["random", "weighted"] = "random"  # weighted: class-balanced draw with replacement
+    # detection: aspect-ratio grouping, torchvision's --aspect-ratio-group-factor (its reference uses 3): images
+    # in 2k + 2 groups of width/height, each global batch drawn from one group (trainer/data/detection_order.py);
+    # 0 = off
+    aspect_ratio_group_factor: int = ranged(0, "[0, inf)")
+    # detection: repeat-factor sampling for rare categories (LVIS: 0.001): an image is repeated
+    # max(1, sqrt(t / f_c)) times per epoch in expectation, f_c the fraction of training images holding its
+    # rarest category (stochastic rounding, each epoch the same length); null = off
+    repeat_factor_threshold: Optional[float] = ranged(None, "(0, 1]")
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     generated: GeneratedCfg = field(default_factory=GeneratedCfg)
     csv: CsvCfg = field(default_factory=CsvCfg)
@@ -330,10 +350,21 @@ class OptimCfg:
     nesterov: bool = False  # sgd only: Nesterov momentum
     betas: List[float] = ranged([0.9, 0.999], "[0, 1)")  # adamw only (torch refuses others)
     weight_decay: float = ranged(5e-4, "[0, inf)")  # not applied to norm and bias parameters (unless bias_decay)
-    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"  # lr after warmup, counted in updates
+    # poly: (1 - progress)^poly_power after the warm-up (torchvision's segmentation reference); one_cycle: torch's
+    # OneCycleLR with max_lr = optim.lr (the one_cycle_* keys; it warms up itself); all counted in updates
+    schedule: Literal["cosine", "linear", "step", "constant", "poly", "one_cycle"] = "cosine"
+    poly_power: float = ranged(0.9, "(0, inf)")  # 0.9: torchvision's segmentation reference and DeepLab's
+    # one_cycle: torch's OneCycleLR's arguments, with its defaults
+    one_cycle_pct_start: float = ranged(0.3, "(0, 1)")  # one_cycle: fraction of the updates rising to optim.lr
+    one_cycle_div_factor: float = ranged(25.0, "[1, inf)")  # one_cycle starts at optim.lr / this
+    one_cycle_final_div_factor: float = ranged(1.0e4, "[1, inf)")  # one_cycle ends at its start / this
+    one_cycle_anneal: Literal["cos", "linear"] = "cos"  # one_cycle's annealing curve, up and down
+    # one_cycle's momentum cycle [base, max] (SGD's momentum, AdamW's beta1): max at the start, base at the lr's
+    # peak, max at the end, replacing optim.momentum / betas[0]; torch's cycle_momentum defaults; null = keep it
+    one_cycle_momentum: Optional[List[float]] = ranged([0.85, 0.95], "[0, 1)")
     warmup_epochs: float = ranged(0.0, "[0, inf)")  # linear warmup, in epochs of optimizer updates
     warmup_start_ratio: float = ranged(0.0, "[0, 1]")  # warmup starts at this fraction of lr (0: from ~0)
-    # cosine / linear floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
+    # cosine / linear / poly floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
     min_lr_ratio: float = ranged(0.0, "[0, 1]")
     step_milestones: List[float] = ranged([], "[0, inf)")  # step schedule: epochs where lr *= step_gamma
     step_gamma: float = ranged(0.1, "(0, 1]")  # a decay: above 1 the lr would climb past the peak optim.lr
@@ -617,6 +648,16 @@ def validate(cfg: Config) -> None:
     jitter = cfg.data.augment.scale_jitter
     if jitter is not None and (len(jitter) != 2 or not jitter[0] <= jitter[1]):
         raise ConfigError(f"data.augment.scale_jitter must be [min, max] with min <= max, got {list(jitter)}")
+    scale_range = cfg.data.augment.scale_range
+    if scale_range is not None:
+        if len(scale_range) != 2 or not scale_range[0] <= scale_range[1]:
+            raise ConfigError(f"data.augment.scale_range must be [min, max] with min <= max, got {list(scale_range)}")
+        if cfg.data.augment.random_resized_crop:
+            raise ConfigError("data.augment.scale_range and data.augment.random_resized_crop both choose the scale "
+                              "and crop of a training image: turn one off")
+        if cfg.data.augment.multiscale_sizes:
+            raise ConfigError("data.augment.scale_range and data.augment.multiscale_sizes both size a detector's "
+                              "training images (a fixed square canvas, or a short side per batch): choose one")
     # each task's rules: the data it trains on, the keys only it reads (trainer/tasks, above this module: imported
     # when a config is checked; the package's face imports no torch, so a mistake still fails in 0.3 s)
     from trainer.tasks import check_config as check_task_config
@@ -650,6 +691,12 @@ def validate(cfg: Config) -> None:
         if cfg.data.loader != "workers":
             raise ConfigError("data.decode_device=cuda is for data.loader=workers (data.loader=device decodes the "
                               "split once, at start-up, on the CPU)")
+    if cfg.optim.schedule == "one_cycle" and cfg.optim.warmup_epochs > 0:
+        raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} with optim.schedule=one_cycle: the cycle "
+                          f"warms up itself (optim.one_cycle_pct_start of the updates); set optim.warmup_epochs=0")
+    cycle = cfg.optim.one_cycle_momentum
+    if cycle is not None and (len(cycle) != 2 or not cycle[0] <= cycle[1]):
+        raise ConfigError(f"optim.one_cycle_momentum must be [base, max] with base <= max, got {list(cycle)}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
     _validate_regularisation(cfg)

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -37,7 +38,7 @@ from trainer.distributed import agree, check_processes, make_accelerator, print0
 from trainer.evaluation import export_scored, score
 from trainer.models import pretrained_source
 from trainer.monitor import Monitor
-from trainer.optim import lr_at
+from trainer.optim import lr_at, momentum_at, set_momentum
 from trainer.session import build_session
 from trainer.state import TrainState, compare_with_checkpoint
 from trainer.tracking import LossLog, Tracker, TrainLog
@@ -144,6 +145,9 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
     def lr_for(update: int) -> float:  # through this module's `lr_at`: the fault drivers' seam (tests/)
         return lr_at(ts.schedule.position(update), **ts.schedule.kwargs)
 
+    def momentum_for(update: int) -> Optional[float]:  # None unless the schedule cycles it (one_cycle)
+        return momentum_at(ts.schedule.position(update), **ts.schedule.kwargs)
+
     # ---- the run directory is written now that every check has passed ----
     loop.run_ids["wandb"] = agree(acc, lambda: loop.run_ids.get("wandb") or rundir.new_run_id(), main_only=True,
                                   share=True)
@@ -192,8 +196,11 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
                     ext.before_step(core, epoch)  # e.g. a frozen backbone's gradients dropped: clipping sees the rest
                     if cfg.train.clip_grad_norm is not None:
                         acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+                    momentum = momentum_for(loop.update)
                     for group in opt.param_groups:
                         group["lr"] = lr_for(loop.update) * group.get("lr_scale", 1.0)
+                        if momentum is not None:
+                            set_momentum(group, momentum)
                 opt.step()  # a no-op on accumulation micro-batches (accelerate skips it)
                 opt.zero_grad(set_to_none=True)
             loss_log.add(loss, parts)

@@ -143,7 +143,8 @@ def model_and_loader(cfg, acc, data, task, small_stem: bool, say: Callable) -> t
     loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, acc, data.mean, data.std,
                                 len(data.classes), cfg.model.channels_last, say,
                                 drop_last=task.drop_last if cfg.train.drop_last is None else cfg.train.drop_last,
-                                collate=task.collate)
+                                collate=task.collate, resizer=task.train_resizer(cfg.seed),
+                                global_batch=cfg.train.batch_size * acc.num_processes * cfg.train.grad_accum_steps)
     if hasattr(model, "init_from_data") and not pretrained:  # e.g. airbench's whitening filters
         model.init_from_data(loader.first(5000))
     return model, loader

@@ -345,7 +345,8 @@ def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -
         mean, std = measure_mean_std(stats, size, seed=data_cfg.split_seed)
     for split, ds in made.items():
         ds.transform = (mask_train_transform(size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
-                                             aug.rrc_min_scale, aug.color_jitter, data_cfg.ignore_index)
+                                             aug.rrc_min_scale, aug.color_jitter, data_cfg.ignore_index,
+                                             aug.scale_range)
                         if split == "train" else mask_eval_transform(size, mean, std))
     return Data(classes=list(classes), datasets=made, mean=list(mean), std=list(std), train_counts=counts,
                 source=f"{fmt} at {root}")
@@ -399,7 +400,7 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
         if split == "train":
             counts = np.bincount(coco.labels[~coco.iscrowd], minlength=coco.num_classes + 1)[1:].tolist()
         transform = (detection_train_transform(aug.hflip, tuple(aug.scale_jitter) if aug.scale_jitter else None,
-                                               aug.iou_crop, aug.color_jitter)
+                                               aug.iou_crop, aug.color_jitter, aug.scale_range, data_cfg.image_size)
                      if split == "train" else detection_eval_transform())
         made[split] = (DetectionDataset(coco, transform, seed=seed) if pack is None else
                        ShardDetectionDataset(coco, pack.shards, rows[split], transform, seed=seed))

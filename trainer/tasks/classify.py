@@ -94,6 +94,9 @@ class ImageBatches:
         return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
                            pretrained_path=pretrained_path, verbose=verbose, drop_path=drop_path, dropout=dropout)
 
+    def train_resizer(self, seed: int) -> None:
+        return None  # every training image has the one input size
+
     @staticmethod
     def loss_parts(model_name: str) -> List[str]:
         return []

@@ -105,6 +105,9 @@ class Segmentation(SegmentationSpec):
             loss = loss + self.aux_weight * self.pixel_loss(out["aux"], y.long())
         return loss, x.shape[0], {}
 
+    def train_resizer(self, seed: int) -> None:
+        return None  # every training image has the one input size
+
     @staticmethod
     def loss_parts(model_name: str) -> List[str]:
         return []

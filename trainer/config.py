@@ -177,6 +177,17 @@ class DataCfg:
     voc_year: str = "2012"
     download: bool = False  # cifar only: fetch from the internet when absent
     image_size: int = ranged(32, "[1, inf)")  # side in pixels of the square network input
+    # classification and multi-label: how an image becomes that input in evaluation, `trainer predict`, the ONNX
+    # export's check and training without random_resized_crop (timm's names; trainer/data/datasets.py `Fit`):
+    # squash = both sides resized to image_size / crop_pct; center = the shorter side resized to image_size /
+    # crop_pct, aspect kept; then the centre image_size square is kept. Each null = the pretrained weights' own
+    # (model.weights: torchvision's weights.transforms(), timm's pretrained_cfg), else squash, crop_pct 1 (no crop)
+    # and bilinear (antialiased). Recorded in model.json
+    crop_mode: Optional[Literal["squash", "center"]] = None
+    # the fraction of the resized side the centre crop keeps (ResNet-50's IMAGENET1K_V2: 224 / 232; timm's
+    # default 0.875); 1 = no crop
+    crop_pct: Optional[float] = ranged(None, "(0, 1]")
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None  # of that resize and of RandomResizedCrop
     # used when there is no val/ folder: a seeded, stratified split of train. 0 = train on all of train and
     # validate on test/ (CIFAR: the test set), as the classic recipes do; then evaluate only at the end
     # (eval.every_epochs=0) so the test split never steers training

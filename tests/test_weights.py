@@ -123,7 +123,8 @@ def test_the_weights_preprocessing_is_their_own_resize_crop_and_interpolation():
             Image.fromarray(x.permute(1, 2, 0).numpy())), ("center", 0.95, "bicubic", 235)),
     ]
     for name, weights, theirs, expected in cases:
-        found = weights_preprocessing(load_config(overrides=[f"model.name={name}", f"model.weights={weights}"]).model)
+        model_cfg = load_config(overrides=[f"model.name={name}", f"model.weights={weights}"]).model
+        found = weights_preprocessing(model_cfg)
         fit = Fit(found["crop_mode"], found["crop_pct"], found["interpolation"])
         assert (fit.crop_mode, fit.crop_pct, fit.interpolation, fit.resize_size(224)) == pytest.approx(expected)
         assert found["mean"] == pytest.approx(IMAGENET_MEAN) and found["image_size"] == 224

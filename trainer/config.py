@@ -187,7 +187,8 @@ class DataCfg:
     # the fraction of the resized side the centre crop keeps (ResNet-50's IMAGENET1K_V2: 224 / 232; timm's
     # default 0.875); 1 = no crop
     crop_pct: Optional[float] = ranged(None, "(0, 1]")
-    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None  # of that resize and of RandomResizedCrop
+    # of that resize and of RandomResizedCrop
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
     # used when there is no val/ folder: a seeded, stratified split of train. 0 = train on all of train and
     # validate on test/ (CIFAR: the test set), as the classic recipes do; then evaluate only at the end
     # (eval.every_epochs=0) so the test split never steers training

@@ -37,9 +37,10 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
         raise ConfigError(f"{model_dir} holds a {meta['task']} model, which cannot score this data ({mismatch})")
     # the input pipeline is the model's, not re-measured on the new data
     cfg.data.image_size, cfg.data.mean, cfg.data.std = meta["image_size"], meta["mean"], meta["std"]
-    if TASKS[meta["task"]].fixed_input_size:  # the classifiers' resize and crop (segmentation and detection: their own)
+    if TASKS[meta["task"]].fixed_input_size:  # the classifiers' resize and crop (segmentation, detection: their own)
         fit = Fit.from_meta(meta)
-        cfg.data.crop_mode, cfg.data.crop_pct, cfg.data.interpolation = fit.crop_mode, fit.crop_pct, fit.interpolation
+        cfg.data.crop_mode, cfg.data.crop_pct, cfg.data.interpolation = (fit.crop_mode, fit.crop_pct,
+                                                                          fit.interpolation)
     cfg.data.exif_orientation = meta.get("exif_orientation", False)
     task = task_from_meta(meta)
     if output is None and run_dir is None:

@@ -359,7 +359,14 @@ def _timm(name: str) -> Callable:
         if pretrained_state is not None:  # read without pickle by the caller, loaded by timm's own loader: its
             # checkpoint filter (a ViT's position embedding resampled to img_size) and its classifier handling
             # (dropped for another class count); source "" so that timm never looks at the hub itself
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(state_dict=pretrained_state, source=""))
+            overlay = dict(state_dict=pretrained_state, source="")
+            cfg = timm.models.get_pretrained_cfg(name)
+            heads = cfg.classifier if cfg is not None else None
+            heads = [heads] if isinstance(heads, str) else list(heads or ())
+            rows = [pretrained_state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in pretrained_state]
+            if rows:  # the file's own class count, not the tag's: a head of this run's size is kept (an export)
+                overlay["num_classes"] = rows[0]
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         try:  # transformers size their position embeddings for the input; the CNNs take no img_size
             return timm.create_model(name, img_size=image_size, **kwargs)
         except TypeError:
@@ -516,7 +523,10 @@ def timm_pretrained_cfg(name: str, weights: str):
     if named_tag and tag != named_tag:
         raise ConfigError(f"model.weights={weights}: model.name={name} already names the tag {named_tag}; use "
                           f"model.weights=DEFAULT (or model.name={TIMM_PREFIX}{arch})")
-    cfg = timm.models.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    try:
+        cfg = timm.models.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    except RuntimeError:  # timm's "Invalid pretrained tag"
+        cfg = None
     if cfg is None or not cfg.hf_hub_id:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
         raise ConfigError(f"model.weights={weights}: timm has no such weights on the Hugging Face hub for {arch}; "

@@ -88,7 +88,8 @@ def build_session(cfg, acc, say: Callable) -> Session:
     task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, task_eval, cfg.data,
                                          cfg.model, data.category_ids, len(data.datasets["train"])))
     # a bad file met while decoding the split (airbench's whitening reads a sample) ends every rank alike
-    model, loader = agree(acc, lambda: model_and_loader(replace(cfg, data=data_cfg), acc, data, task, small_stem, say))
+    resolved = replace(cfg, data=data_cfg)  # the loader's first images (airbench's whitening) fit as evaluation's
+    model, loader = agree(acc, lambda: model_and_loader(resolved, acc, data, task, small_stem, say))
     model, opt, memory_format = prepare(model, loader, cfg.model, cfg.optim, cfg.train, acc)
     core = acc.unwrap_model(model)  # the module itself (DDP's wrapper shares its tensors)
     extensions = agree(acc, lambda: build_extensions(cfg, core, acc))

@@ -259,9 +259,13 @@ class ModelCfg:
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
     # pretrained weights by name: DEFAULT, or one of the model's torchvision weights (ResNet50_Weights.IMAGENET1K_V2,
     # or the tag alone), read from torch.hub's cache ($TORCH_HOME/hub/checkpoints, else ~/.cache/torch/...) and
-    # loaded as pretrained_path is; their mean/std are data.mean/std's default
+    # loaded as pretrained_path is; for model.name=timm/<arch>[.<tag>], DEFAULT (the name's tag, else timm's
+    # default one) or a tag (a1_in1k), read as model.safetensors from the Hugging Face cache ($HF_HUB_CACHE, else
+    # $HF_HOME/hub, else ~/.cache/huggingface/hub). Their mean/std, resize, crop and interpolation are the
+    # defaults of data.mean/std/crop_mode/crop_pct/interpolation
     weights: Optional[str] = None
-    weights_download: bool = False  # fetch a missing weights file into that cache (needs network)
+    # fetch a missing weights file into that cache (needs network; never while HF_HUB_OFFLINE is set, for timm's)
+    weights_download: bool = False
     channels_last: bool = False
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
     # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;

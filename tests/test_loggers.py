@@ -117,3 +117,27 @@ def test_tensorboard_and_mlflow_hold_metrics_jsonl_across_a_sigkill_and_resume(t
         for m in history:
             assert m.value == by_step[m.step], (tag, m.step)
     assert "plots/training_curves.png" in [a.path for a in client.list_artifacts(run_id, "plots")]
+
+
+def test_mlflow_logs_into_the_store_the_user_names_and_not_into_the_run(tmp_path, monkeypatch):
+    """tracking.mlflow_uri: a file store of the user's own (MLflow 3 refused one without MLFLOW_ALLOW_FILE_STORE,
+    a traceback after the run had started), shared by runs: it holds this run's rows, the run folder none."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    store = (tmp_path / "shared store").resolve().as_uri()  # a space: the URI is quoted, the folder is not
+    args = tiny_overrides(tmp_path, **{"train.max_steps": 3, "train.log_every_steps": 1, "eval.every_epochs": 0,
+                                       "tracking.log_with": "[mlflow]", "tracking.mlflow_uri": store,
+                                       "tracking.mlflow_experiment": "mine"})
+    done = run_cli("train", "-", *args)  # its environment is this one: without MLFLOW_ALLOW_FILE_STORE
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "run"
+    assert (tmp_path / "shared store").is_dir() and not (run / "mlflow").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this reader's own opt-in
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    assert [r.info.run_name for r in runs] == ["run"]
+    expected = jsonl_scalars(run, skip=("throughput",))
+    assert expected["train/loss"].keys() == {1, 2, 3}
+    for tag, by_step in expected.items():
+        assert {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, tag)} == by_step, tag

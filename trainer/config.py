@@ -429,8 +429,9 @@ class TrackingCfg:
     # store), wandb (<run>/wandb/; wandb.enabled=true adds it). E.g. tracking.log_with=[tensorboard,mlflow]
     log_with: List[str] = field(default_factory=list)
     mlflow_experiment: str = "cnn-trainer"
-    # null = the run's own file store (<run>/mlflow); or a tracking server or database of your own
-    # (http://host:5000, sqlite:///path/mlflow.db), which the trainer then does not manage
+    # null = the run's own file store (<run>/mlflow); or a tracking server, database or file store of your own
+    # (http://host:5000, sqlite:///path/mlflow.db, file:///shared/mlruns or a folder), which the trainer then
+    # does not manage
     mlflow_uri: Optional[str] = None
 
 

@@ -39,9 +39,11 @@ def _mlflow(cfg, run_dir: Path, loop):
     import mlflow
     from accelerate.tracking import MLflowTracker
 
-    if cfg.tracking.mlflow_uri is None:
+    uri = cfg.tracking.mlflow_uri
+    if uri is None or "://" not in uri or uri.startswith("file:"):
         # MLflow 3 refuses its file store unless told (it prefers SQLite, whose tables take ~9 s to create per
-        # run, and whose locking network file systems do not honour); the file store is what a run folder wants
+        # run, and whose locking network file systems do not honour); the file store is what a run folder wants,
+        # and a file store the user names (a path or file:// URI) is one they chose: without this, a traceback
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow.set_tracking_uri(cfg.tracking.mlflow_uri or (run_dir / "mlflow").resolve().as_uri())
     return MLflowTracker(cfg.tracking.mlflow_experiment, run_id=loop.run_ids.get("mlflow"), run_name=run_dir.name)

@@ -24,7 +24,7 @@ VERIFY_MODES = ("header", "full", "off")  # data.verify_images
 # tracking.log_with: accelerate's trackers the trainer drives, each with the module it imports and the pip
 # package that provides it (mlflow-skinny: MLflow's client without its server and UI, all accelerate's tracker needs)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
-            "wandb": ("wandb", "wandb")}
+            "wandb": ("wandb", "wandb"), "comet_ml": ("comet_ml", "comet_ml")}
 
 
 # ---- ranges: every number in the schema says which values it takes, next to its default ----
@@ -426,8 +426,10 @@ class WandbCfg:
 class TrackingCfg:
     # Loggers besides metrics.jsonl (always written: the run's own record), each through accelerate's tracker in
     # its local mode inside the run directory: tensorboard (<run>/tensorboard/), mlflow (<run>/mlflow/, a file
-    # store), wandb (<run>/wandb/; wandb.enabled=true adds it). E.g. tracking.log_with=[tensorboard,mlflow]
+    # store), wandb (<run>/wandb/; wandb.enabled=true adds it), comet_ml (offline: an archive per start in
+    # <run>/comet_ml/, for `comet upload`). E.g. tracking.log_with=[tensorboard,mlflow]
     log_with: List[str] = field(default_factory=list)
+    project: str = "cnn-trainer"  # comet_ml's project name
     mlflow_experiment: str = "cnn-trainer"
     # null = the run's own file store (<run>/mlflow); or a tracking server, database or file store of your own
     # (http://host:5000, sqlite:///path/mlflow.db, file:///shared/mlruns or a folder), which the trainer then

@@ -1,7 +1,7 @@
 """What is logged into a run directory: metrics.jsonl (the source of truth) and the loggers of tracking.log_with
 (TensorBoard, MLflow, W&B, Comet offline) through accelerate's trackers, and the training rows' bookkeeping
-(`LossLog`, `TrainLog`). trainer.rundir owns the folder and its other files. Only the main process writes; other ranks get
-no-ops, so call sites never branch on rank.
+(`LossLog`, `TrainLog`). trainer.rundir owns the folder and its other files. Only the main process writes;
+other ranks get no-ops, so call sites never branch on rank.
 """
 from __future__ import annotations
 

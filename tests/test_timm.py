@@ -172,3 +172,39 @@ def test_a_run_with_timm_weights_reads_images_as_the_tag_says(tmp_path, hf_cache
     assert (card["crop_mode"], card["crop_pct"], card["interpolation"]) == ("center", 0.875, "bicubic")
     assert card["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert "the weights' own input is 176 px" in done.stdout
+
+
+# ---- timm feature backbones for segmentation (model.name=timm/<arch> with segmentation data) ----
+
+def test_a_timm_backbone_segments_any_size_and_takes_a_classifiers_weights_by_name(hf_cache):
+    from trainer.models import timm_weights_file
+    from trainer.tasks.segment_models import build_segmentation_model, min_input_size
+
+    source, _ = place_timm_weights(hf_cache)
+    said = []
+    model = build_segmentation_model("timm/resnet10t", 3, timm_weights_file("timm/resnet10t", "DEFAULT"),
+                                     verbose=said.append)
+    assert torch.equal(model.backbone.conv1[0].weight, source.conv1[0].weight)
+    assert torch.equal(model.backbone.layer4[0].bn2.running_mean, source.layer4[0].bn2.running_mean)
+    assert "not in the file: ['head.*', 'up.*']" in said[0] and "fit no name: ['fc']" in said[0]
+    model.eval()
+    for h, w in ((30, 36), (64, 64)):  # padded to the deepest stride (32) and cropped back
+        assert model(torch.randn(1, 3, h, w))["out"].shape == (1, 3, h, w)
+    assert min_input_size("timm/resnet10t", 1) == 33 and min_input_size("timm/resnet10t", 2) == 1
+
+
+def test_a_segmentation_run_on_a_timm_backbone_with_its_tag_normalises_as_the_tag_and_predicts(tmp_path, hf_cache):
+    place_timm_weights(hf_cache)
+    run = tmp_path / "run"
+    args = tiny_overrides(tmp_path, "segmentation", **{"model.name": "timm/resnet10t", "model.weights": "DEFAULT",
+                                                       "train.max_steps": 2, "eval.every_epochs": 0,
+                                                       "train.batch_size": 4})
+    done = run_cli("train", "-", *args, env={"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tensors from" in done.stdout and "snapshots/0123abcd/model.safetensors" in done.stdout
+    card = json.loads((run / "model" / "model.json").read_text())
+    assert card["task"] == "segmentation" and card["architecture"] == "timm/resnet10t"
+    assert card["mean"] == pytest.approx([0.485, 0.456, 0.406]) and "crop_mode" not in card  # masks: no crop
+    predicted = run_cli("predict", "--model", str(run), "--output", str(tmp_path / "masks"),
+                        str(tmp_path / "gen-segmentation" / "test" / "images"))  # rebuilt from model.json alone
+    assert predicted.returncode == 0, predicted.stderr[-2000:]

@@ -172,6 +172,11 @@ def test_a_run_with_timm_weights_reads_images_as_the_tag_says(tmp_path, hf_cache
     assert (card["crop_mode"], card["crop_pct"], card["interpolation"]) == ("center", 0.875, "bicubic")
     assert card["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert "the weights' own input is 176 px" in done.stdout
+    # trainer eval reads the images as model.json says (resize 36, crop 32, bicubic): the run's own final loss
+    scored = run_cli("eval", "--model", str(run / "model"), "--output", str(tmp_path / "eval.json"))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    final = json.loads((run / "model" / "eval.json").read_text())["loss"]
+    assert json.loads((tmp_path / "eval.json").read_text())["loss"] == final
 
 
 # ---- timm feature backbones for segmentation (model.name=timm/<arch> with segmentation data) ----

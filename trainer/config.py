@@ -24,7 +24,7 @@ VERIFY_MODES = ("header", "full", "off")  # data.verify_images
 # tracking.log_with: accelerate's trackers the trainer drives, each with the module it imports and the pip
 # package that provides it (mlflow-skinny: MLflow's client without its server and UI, all accelerate's tracker needs)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
-            "wandb": ("wandb", "wandb")}
+            "wandb": ("wandb", "wandb"), "comet_ml": ("comet_ml", "comet_ml")}
 
 
 # ---- ranges: every number in the schema says which values it takes, next to its default ----
@@ -189,6 +189,18 @@ class DataCfg:
     voc_year: str = "2012"  # voc, voc_detection: the year of VOCdevkit/VOC<year>
     download: bool = False  # cifar only: fetch from the internet when absent
     image_size: int = ranged(32, "[1, inf)")  # side in pixels of the square network input
+    # classification and multi-label: how an image becomes that input in evaluation, `trainer predict`, the ONNX
+    # export's check and training without random_resized_crop (timm's names; trainer/data/datasets.py `Fit`):
+    # squash = both sides resized to image_size / crop_pct; center = the shorter side resized to image_size /
+    # crop_pct, aspect kept; then the centre image_size square is kept. Each null = the pretrained weights' own
+    # (model.weights: torchvision's weights.transforms(), timm's pretrained_cfg), else squash, crop_pct 1 (no crop)
+    # and bilinear (antialiased). Recorded in model.json
+    crop_mode: Optional[Literal["squash", "center"]] = None
+    # the fraction of the resized side the centre crop keeps (ResNet-50's IMAGENET1K_V2: 224 / 232; timm's
+    # default 0.875); 1 = no crop
+    crop_pct: Optional[float] = ranged(None, "(0, 1]")
+    # of that resize and of RandomResizedCrop
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
     # used when there is no val/ folder: a seeded, stratified split of train. 0 = train on all of train and
     # validate on test/ (CIFAR: the test set), as the classic recipes do; then evaluate only at the end
     # (eval.every_epochs=0) so the test split never steers training
@@ -267,9 +279,13 @@ class ModelCfg:
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
     # pretrained weights by name: DEFAULT, or one of the model's torchvision weights (ResNet50_Weights.IMAGENET1K_V2,
     # or the tag alone), read from torch.hub's cache ($TORCH_HOME/hub/checkpoints, else ~/.cache/torch/...) and
-    # loaded as pretrained_path is; their mean/std are data.mean/std's default
+    # loaded as pretrained_path is; for model.name=timm/<arch>[.<tag>], DEFAULT (the name's tag, else timm's
+    # default one) or a tag (a1_in1k), read as model.safetensors from the Hugging Face cache ($HF_HUB_CACHE, else
+    # $HF_HOME/hub, else ~/.cache/huggingface/hub). Their mean/std, resize, crop and interpolation are the
+    # defaults of data.mean/std/crop_mode/crop_pct/interpolation
     weights: Optional[str] = None
-    weights_download: bool = False  # fetch a missing weights file into that cache (needs network)
+    # fetch a missing weights file into that cache (needs network; never while HF_HUB_OFFLINE is set, for timm's)
+    weights_download: bool = False
     channels_last: bool = False  # NHWC memory format (faster convolutions with bf16 on GPUs)
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
     # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;
@@ -443,11 +459,14 @@ class WandbCfg:
 class TrackingCfg:
     # Loggers besides metrics.jsonl (always written: the run's own record), each through accelerate's tracker in
     # its local mode inside the run directory: tensorboard (<run>/tensorboard/), mlflow (<run>/mlflow/, a file
-    # store), wandb (<run>/wandb/; wandb.enabled=true adds it). E.g. tracking.log_with=[tensorboard,mlflow]
+    # store), wandb (<run>/wandb/; wandb.enabled=true adds it), comet_ml (offline: an archive per start in
+    # <run>/comet_ml/, for `comet upload`). E.g. tracking.log_with=[tensorboard,mlflow]
     log_with: List[str] = field(default_factory=list)
+    project: str = "cnn-trainer"  # comet_ml's project name
     mlflow_experiment: str = "cnn-trainer"  # the MLflow experiment the run is logged under
-    # null = the run's own file store (<run>/mlflow); or a tracking server or database of your own
-    # (http://host:5000, sqlite:///path/mlflow.db), which the trainer then does not manage
+    # null = the run's own file store (<run>/mlflow); or a tracking server, database or file store of your own
+    # (http://host:5000, sqlite:///path/mlflow.db, file:///shared/mlruns or a folder), which the trainer then
+    # does not manage
     mlflow_uri: Optional[str] = None
 
 

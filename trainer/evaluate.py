@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from trainer.config import eval_batch_size, load_config, load_yaml
 from trainer.data import data_inputs
+from trainer.data.datasets import Fit
 from trainer.data.on_ranks import build_data_on_ranks
 from trainer.distributed import agree, make_accelerator, print0
 from trainer.errors import ConfigError
@@ -15,7 +16,7 @@ from trainer.evaluation import evaluate
 from trainer.export import find_model_dir, load_exported
 from trainer.outputs import output_file
 from trainer.predict import model_inputs
-from trainer.tasks import report_files, task_data_mismatch, task_from_meta
+from trainer.tasks import TASKS, report_files, task_data_mismatch, task_from_meta
 
 
 def eval_split(data_cfg, configured: str, as_configured: bool, trained_on: Optional[str]) -> Tuple[str, str]:
@@ -57,6 +58,10 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
         raise ConfigError(f"{model_dir} holds a {meta['task']} model, which cannot score this data ({mismatch})")
     # the input pipeline is the model's, not re-measured on the new data
     cfg.data.image_size, cfg.data.mean, cfg.data.std = meta["image_size"], meta["mean"], meta["std"]
+    if TASKS[meta["task"]].fixed_input_size:  # the classifiers' resize and crop (segmentation, detection: their own)
+        fit = Fit.from_meta(meta)
+        cfg.data.crop_mode, cfg.data.crop_pct, cfg.data.interpolation = (fit.crop_mode, fit.crop_pct,
+                                                                          fit.interpolation)
     cfg.data.exif_orientation = meta.get("exif_orientation", False)
     task = task_from_meta(meta)
     if output is None and run_dir is None:

@@ -17,7 +17,7 @@ import numpy as np
 from trainer.data import generated
 from trainer.data.coco import (DetectionDataset, check_same_categories, detection_eval_transform,
                                detection_train_transform, read_coco_splits, voc_detection_split)
-from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, measure_mean_std,
+from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, Fit, measure_mean_std,
                                    set_split_transforms)
 from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_ignore_index, check_masks, mask_eval_transform,
                                 mask_train_transform, read_class_names, scan_mask_folder, voc_pairs, with_val_split)
@@ -157,7 +157,7 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     for split, ds in made.items():  # whatever the path above: never train or evaluate on nothing
         if len(ds) == 0:
             raise DataError(f"the {split} split of {source} is empty")
-    set_split_transforms(made, data_cfg.augment, size, mean, std)
+    set_split_transforms(made, data_cfg.augment, size, mean, std, Fit.from_cfg(data_cfg))
     if skipped:
         verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
     return Data(classes=classes, datasets=made, mean=list(mean), std=list(std), train_counts=counts,

@@ -26,7 +26,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from trainer.data import class_balanced_sampler
-from trainer.data.datasets import eval_transform, init_sample
+from trainer.data.datasets import Fit, eval_transform, init_sample
 from trainer.data.device import to_device_loader
 from trainer.data.detection_order import detection_sampler
 from trainer.data.device_decode import BatchDecoder, collate_encoded
@@ -161,7 +161,8 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
             f"and augmented on {accelerator.device}")
     return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
                         pin_memory=accelerator.device.type == "cuda",
-                        first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler,
+                        first_transform=eval_transform(data_cfg.image_size, mean, std, Fit.from_cfg(data_cfg)),
+                        sampler=sampler,
                         drop_last=drop_last, collate=collate, mixer=mixer, decoder=decoder,
                         rank=accelerator.process_index, processes=accelerator.num_processes, resizer=resizer)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.data.datasets import eval_transform
+from trainer.data.datasets import Fit, eval_transform
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.metrics import scalar_metrics
 from trainer.models import build_model, forward_tta
@@ -234,7 +234,7 @@ class Classification(ImageBatches, ClassificationSpec):
 
     @staticmethod
     def predict_batch(images: list, meta: dict, device) -> tuple:  # each image as evaluation reads it, stacked
-        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"], Fit.from_meta(meta))
         return (torch.stack([transform(image).to(device) for image in images]),)
 
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,

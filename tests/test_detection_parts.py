@@ -3,6 +3,7 @@ import contextlib
 import copy
 import io
 import json
+import tempfile
 import urllib.request
 
 import numpy as np
@@ -398,3 +399,37 @@ def test_box_conversions():
     assert records == [{"image_id": 5, "category_id": 7, "bbox": [1.0, 2.0, 10.0, 5.0], "score": 0.5}]
     with pytest.raises(TrainerError, match="1..3"):
         to_coco_records(5, xyxy, torch.tensor([0.5]), torch.tensor([0]), category_ids=[3, 7, 90])
+
+
+def test_the_validation_loss_is_scored_only_on_request():
+    """eval.detection_loss: off (the default), an evaluation runs each image once and reports no loss, and
+    eval.monitor=loss is refused at start-up; on, the loss and its parts are there (their mean per image summed),
+    and the detections and COCO numbers are the same either way. Refused for the other tasks."""
+    from trainer.config import Config, load_config
+    from trainer.distributed import make_accelerator
+    from trainer.evaluation import evaluate
+    from trainer.tasks import build_task
+    from trainer.tasks.detect import Detection
+
+    cfg = Config()
+    cfg.task, cfg.data.format, cfg.eval.monitor, cfg.model.name = "detection", "coco", "loss", "retinanet_small"
+    with pytest.raises(ConfigError, match="eval.monitor 'loss' is not a detection metric"):
+        build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2])
+    cfg.eval.detection_loss = True
+    assert build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2]).validation_loss
+    with pytest.raises(ConfigError, match="eval.detection_loss is for detection"):
+        load_config(None, ["task=multiclass", "eval.detection_loss=true"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        example = Detection.example("retinanet_small", tmp)  # 7 generated images of 32 px
+        task = Detection(example.classes, list(example.category_ids))
+        torch.manual_seed(0)
+        model = task.build_model("retinanet_small", 32, verbose=lambda *_: None)
+        acc = make_accelerator("cpu", "no")
+        plain, _ = evaluate(model, example.dataset, task, acc, 4)
+        task.validation_loss = True
+        scored, _ = evaluate(model, example.dataset, task, acc, 4)
+    parts = loss_part_names("retinanet_small")
+    assert "loss" not in plain and not set(parts) & set(plain) and "loss" in task.metric_names()
+    assert scored["loss"] == pytest.approx(sum(scored[p] for p in parts), abs=1e-12) and scored["loss"] > 0
+    assert {k: v for k, v in scored.items() if k != "loss" and k not in parts} == plain

@@ -346,6 +346,7 @@ ALLOWED = {
     ("trainer/outputs.py", "*"): "the gate",
     ("trainer/checkpoint.py", "write_checkpoint"): STAGING,
     ("trainer/export.py", "write_model"): STAGING,
+    ("trainer/evaluation.py", "write_best_report"): STAGING + " (best/'s weights and model.json, copied as they are)",
     ("trainer/onnx_export.py", "export_onnx"): STAGING,
     ("trainer/tasks/classify_reports.py", "write_eval_report"): STAGING,
     ("trainer/reports.py", "start_report"): STAGING,

@@ -396,6 +396,15 @@ class EvalCfg:
     # (trainer.models.forward_tta); recorded in model.json, so `trainer eval` and `trainer predict` apply the same
     tta: Literal["none", "flip", "flip_translate"] = "none"
     split: Literal["val", "test", "train", "all"] = "val"  # which split `trainer eval` scores; all = every image under data.root/<class>/
+    # when best/ gets its plots: end = once, at the end of the run, those of the final best (a new best during
+    # training writes its weights, model.json and eval.json at once, so a run killed early still leaves a usable
+    # best/; drawing every plot at every improvement was most of an epoch's export time, BENCHMARKS.md); every =
+    # with each new best, as before
+    best_plots: Literal["end", "every"] = "end"
+    # detection: also score the validation loss (metric `loss` and its parts): a second pass of every image with the
+    # detector in training mode, which doubled the evaluation's time (bench/det_eval.py --eval-epoch, BENCHMARKS.md).
+    # Classification and segmentation compute theirs from the logits they already have, at no cost, and ignore it
+    detection_loss: bool = False
 
 
 @dataclass

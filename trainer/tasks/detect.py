@@ -59,6 +59,8 @@ class Detection(DetectionSpec):
     architecture: Optional[str] = None
     # options filled in from data.image_size rather than given: dropped for a model with a fixed input size (SSDlite)
     derived: Tuple[str, ...] = ()
+    # eval.detection_loss: evaluation also runs each image in training mode for its loss parts (validation_losses)
+    validation_loss: bool = False
     name = "detection"
     report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = False
@@ -77,7 +79,8 @@ class Detection(DetectionSpec):
         section = cfg.model.detection
         derived = tuple(k for k in ("min_size", "max_size") if getattr(section, k) is None)
         made = cls(list(classes), [int(c) for c in data.category_ids],
-                   detector_options(cfg.model, cfg.data.image_size), derived=derived)
+                   detector_options(cfg.model, cfg.data.image_size), derived=derived,
+                   validation_loss=cfg.eval.detection_loss)
         check_monitor(made, cfg.eval.monitor or made.default_monitor)
         made.check_model(cfg.model.name)
         return made
@@ -108,7 +111,7 @@ class Detection(DetectionSpec):
         self.resolved(name)
 
     def metric_names(self) -> List[str]:
-        return list(METRICS)
+        return [m for m in METRICS if m != "loss" or self.validation_loss]  # a loss only where it is scored
 
     def loss_parts(self, model_name: str) -> List[str]:
         return loss_part_names(model_name)
@@ -132,13 +135,13 @@ class Detection(DetectionSpec):
             moved.append(t)
         return [x.to(device, non_blocking=True) for x in images], moved
 
-    @staticmethod
-    def forward(net, batch, tta: str = "none") -> List[Dict[str, torch.Tensor]]:
+    def forward(self, net, batch, tta: str = "none") -> List[Dict[str, torch.Tensor]]:
         """The detections of each image, one image per forward (see the module docstring); where the batch has
-        targets (evaluation), each image's validation loss parts too, under "losses" (validation_losses)."""
+        targets (evaluation) and eval.detection_loss is on, each image's validation loss parts too, under
+        "losses" (validation_losses)."""
         images, targets = (batch[0], batch[1]) if len(batch) > 1 else (batch[0], None)
         out = [net([x])[0] for x in images]
-        if targets is not None:
+        if targets is not None and self.validation_loss:
             for det, x, t in zip(out, images, targets):
                 det["losses"] = validation_losses(net, x, t)
         return out

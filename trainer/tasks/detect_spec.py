@@ -39,6 +39,9 @@ class DetectionSpec:
             if changed:
                 raise ConfigError(f"model.detection.{changed[0]} is for detection models; a {trained.title} model "
                                   f"takes no model.detection.* option")
+            if cfg.eval.detection_loss:
+                raise ConfigError(f"eval.detection_loss is for detection; a {trained.title} model's evaluation "
+                                  f"computes its loss from the logits anyway")
             return
         if aug.random_resized_crop:
             raise ConfigError("data.augment.random_resized_crop crops classification and segmentation images; a "

@@ -334,15 +334,22 @@ def test_coco_metrics_equal_pycocotools(tmp_path, capsys):
             "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
     assert [m[k] for k in keys] == [None if s == -1 else float(s) for s in ref.stats]
     assert 0 < m["map"] < 1 and m["map_large"] is None  # no GT of 96^2 px or more: -1 in COCOeval
-    # per class as summarize() averages: entries > -1 of precision[:, :, k, area all, maxDets 100]
+    # per class as summarize() averages: entries > -1 of precision[:, :, k, area all, maxDets 100] (IoU rows 0
+    # and 5 are 0.50 and 0.75), and of recall[:, k, area all, maxDets 100]
+    assert list(ref.params.iouThrs[[0, 5]]) == [0.5, 0.75]
     for k, cat in enumerate(ref.params.catIds):
         name = {c["id"]: c["name"] for c in gt["categories"]}[cat]
-        p = ref.eval["precision"][:, :, k, 0, 2]
+        p, r = ref.eval["precision"][:, :, k, 0, 2], ref.eval["recall"][:, k, 0, 2]
         if name == "absent":
-            assert m["per_class"][name] == {"ap": None, "ap50": None}
+            assert m["per_class"][name] == {"ap": None, "ap50": None, "ap75": None, "recall": None}
         else:
-            assert m["per_class"][name]["ap"] == float(np.mean(p[p > -1]))
-            assert m["per_class"][name]["ap50"] == float(np.mean(p[0][p[0] > -1]))
+            assert m["per_class"][name] == {"ap": float(np.mean(p[p > -1])), "ap50": float(np.mean(p[0][p[0] > -1])),
+                                            "ap75": float(np.mean(p[5][p[5] > -1])), "recall": float(np.mean(r))}
+    # and the table adds up to COCO's own summary: each present class has all its entries defined, so the
+    # mean over classes of a column is the summary number (pycocotools' stats[0], [1], [2], [8])
+    present = [row for name, row in m["per_class"].items() if name != "absent"]
+    for column, stat in (("ap", 0), ("ap50", 1), ("ap75", 2), ("recall", 8)):
+        assert np.mean([row[column] for row in present]) == pytest.approx(ref.stats[stat], abs=1e-12), column
     assert m["absent_classes"] == ["absent"]
     assert (m["num_images"], m["num_detections"]) == (3, 8)
     json.dumps(m, allow_nan=False)
@@ -357,7 +364,8 @@ def test_perfect_and_no_detections():
     assert all(v["ap"] == 1.0 for k, v in m["per_class"].items() if k != "absent")
     none = coco_metrics(gt, [])  # pycocotools' loadRes([]) would raise
     assert none["map"] == none["map_50"] == none["mar_100"] == 0.0 and none["num_detections"] == 0
-    assert none["per_class"]["circle"] == {"ap": 0.0, "ap50": 0.0} and none["per_class"]["absent"]["ap"] is None
+    assert none["per_class"]["circle"] == {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, "recall": 0.0}
+    assert none["per_class"]["absent"]["ap"] is None
     assert none["map_large"] is None
     json.dumps(none, allow_nan=False)
 
@@ -373,6 +381,33 @@ def test_summary_text_and_pr_curves():
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in gt["annotations"] if not a["iscrowd"]]
     assert all(p == 1.0 for p in precision_recall_curves(evaluate_coco(gt, perfect))["square"]["precision"])
+
+
+def test_the_report_holds_the_per_class_table_and_pr_curves_of_pycocotools(tmp_path):
+    """eval.json's per-class table, the printed one and pr_curves.png, from pycocotools' own arrays (the oracle:
+    precision[IoU 0.5, :, k, area all, maxDets 100] is each class's curve)."""
+    from tests.test_reports import assert_valid_png
+    from trainer.tasks.detect_reports import format_detection_summary, write_detection_report
+
+    gt, dets = _case()
+    ref = _pycocotools(gt, dets, tmp_path)
+    ev = evaluate_coco(gt, dets)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    curves = precision_recall_curves(ev)
+    for k, cat in enumerate(ref.params.catIds):
+        if names[cat] != "absent":
+            assert curves[names[cat]]["precision"] == ref.eval["precision"][0, :, k, 0, 2].tolist()
+    metrics = metrics_from_cocoeval(ev)
+    write_detection_report(tmp_path / "report", metrics, {"curves": curves, "samples": []}, list(names.values()))
+    saved = json.loads((tmp_path / "report" / "eval.json").read_text())
+    assert saved["per_class"] == metrics["per_class"] and set(saved["per_class"]["circle"]) == {"ap", "ap50", "ap75",
+                                                                                                 "recall"}
+    assert_valid_png(tmp_path / "report" / "plots" / "pr_curves.png")
+    table = format_detection_summary(metrics).splitlines()
+    assert table[2].split() == ["class", "ap", "ap50", "ap75", "recall"]
+    circle = metrics["per_class"]["circle"]
+    assert table[3].split() == ["circle", *(f"{circle[c]:.4f}" for c in ("ap", "ap50", "ap75", "recall"))]
+    assert "absent" in table[-1]
 
 
 def test_bad_inputs_are_named():

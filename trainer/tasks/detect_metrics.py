@@ -155,22 +155,27 @@ def _absent_categories(gt: dict) -> List[int]:
 
 
 def metrics_from_cocoeval(evaluator: COCOeval) -> dict:
-    """The summary numbers (COCOeval.stats as they are, -1 -> None) plus per-class AP and AP50.
+    """The summary numbers (COCOeval.stats as they are, -1 -> None) plus the per-class table: AP, AP50, AP75
+    and recall (AR@100) of each class, COCO's map, map_50, map_75 and mar_100 restricted to it.
 
     Per class k: precision[T, R, k, area all, maxDets 100] averaged over the IoU thresholds and recall points
-    whose entry is > -1 (how summarize() averages), and the same at IoU 0.5 only. A class without non-crowd
-    ground truth in this split has AP None and is listed in `absent_classes`."""
+    whose entry is > -1 (how summarize() averages), the same at IoU 0.5 and at 0.75 only, and recall[T, k,
+    area all, maxDets 100] averaged over the IoU thresholds. A class without non-crowd ground truth in this
+    split has every entry None and is listed in `absent_classes`."""
     params = evaluator.params
     precision = evaluator.eval["precision"]  # [T iou, R recall, K class, A area, M maxDets], -1 = undefined
+    recall = evaluator.eval["recall"]  # [T iou, K class, A area, M maxDets], -1 = undefined
     area_all = params.areaRngLbl.index("all")
     iou_50 = np.where(params.iouThrs == 0.5)[0]  # exact, as summarize() compares
+    iou_75 = np.where(params.iouThrs == 0.75)[0]
     names = {c["id"]: c["name"] for c in evaluator.cocoGt.dataset["categories"]}
     absent = set(_absent_categories(evaluator.cocoGt.dataset))
     per_class = {}
     for k, cat_id in enumerate(params.catIds):
         p = precision[:, :, k, area_all, -1]
-        per_class[names[cat_id]] = {"ap": None if cat_id in absent else _mean_defined(p),
-                                    "ap50": None if cat_id in absent else _mean_defined(p[iou_50])}
+        row = {"ap": _mean_defined(p), "ap50": _mean_defined(p[iou_50]), "ap75": _mean_defined(p[iou_75]),
+               "recall": _mean_defined(recall[:, k, area_all, -1])}
+        per_class[names[cat_id]] = {key: None for key in row} if cat_id in absent else row
     out = {key: _opt(v) for key, v in zip(_STATS, evaluator.stats)}
     out.update(per_class=per_class, absent_classes=[names[c] for c in params.catIds if c in absent],
                num_images=len(params.imgIds), num_detections=len(evaluator.cocoDt.dataset["annotations"]))
@@ -179,7 +184,8 @@ def metrics_from_cocoeval(evaluator: COCOeval) -> dict:
 
 def coco_metrics(gt: dict, detections: List[dict]) -> dict:
     """COCO box metrics of `detections` against `gt` (see the module docstring): map (AP@[.50:.95]), map_50,
-    map_75, map_small/medium/large, mar_1/10/100, mar_small/medium/large, per_class {name: {ap, ap50}},
+    map_75, map_small/medium/large, mar_1/10/100, mar_small/medium/large, per_class {name: {ap, ap50, ap75,
+    recall}},
     absent_classes, num_images, num_detections. Undefined numbers are None. For the printed summary or PR
     curves, call `evaluate_coco` and `metrics_from_cocoeval` yourself and keep the evaluator."""
     return metrics_from_cocoeval(evaluate_coco(gt, detections))

@@ -18,6 +18,7 @@ from tests.conftest import ROOT
     ("checkpoint_io.py", [], "checkpoint-io-smoke"),
     ("seg_eval.py", [], "seg-eval-smoke"),
     ("det_eval.py", [], "det-eval-smoke"),
+    ("eval_epoch.py", [], "eval-epoch-smoke"),
     ("airbench_side_by_side.py", [], "airbench-side-by-side-smoke")])
 def test_benchmark_smoke(tmp_path, script, extra, name):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path), *extra],

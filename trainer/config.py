@@ -402,7 +402,7 @@ class EvalCfg:
     # with each new best, as before
     best_plots: Literal["end", "every"] = "end"
     # detection: also score the validation loss (metric `loss` and its parts): a second pass of every image with the
-    # detector in training mode, which doubled the evaluation's time (bench/det_eval.py --eval-epoch, BENCHMARKS.md).
+    # detector in training mode, which doubled the evaluation's time (bench/eval_epoch.py, BENCHMARKS.md).
     # Classification and segmentation compute theirs from the logits they already have, at no cost, and ignore it
     detection_loss: bool = False
 

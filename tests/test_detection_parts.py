@@ -448,7 +448,7 @@ def test_the_validation_loss_is_scored_only_on_request():
 
     cfg = Config()
     cfg.task, cfg.data.format, cfg.eval.monitor, cfg.model.name = "detection", "coco", "loss", "retinanet_small"
-    with pytest.raises(ConfigError, match="eval.monitor 'loss' is not a detection metric"):
+    with pytest.raises(ConfigError, match="eval.monitor=loss needs .* eval.detection_loss=true"):
         build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2])
     cfg.eval.detection_loss = True
     assert build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2]).validation_loss

@@ -81,6 +81,9 @@ class Detection(DetectionSpec):
         made = cls(list(classes), [int(c) for c in data.category_ids],
                    detector_options(cfg.model, cfg.data.image_size), derived=derived,
                    validation_loss=cfg.eval.detection_loss)
+        if cfg.eval.monitor == "loss" and not made.validation_loss:
+            raise ConfigError("eval.monitor=loss needs the detector's validation loss, which is scored only with "
+                              "eval.detection_loss=true (a second pass of every image: about twice the evaluation)")
         check_monitor(made, cfg.eval.monitor or made.default_monitor)
         made.check_model(cfg.model.name)
         return made

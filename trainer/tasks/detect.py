@@ -31,7 +31,7 @@ from trainer.data.coco import DetectionDataset, collate_detection, read_coco
 from trainer.data.generated import GENERATED_CATEGORY_IDS, write_generated_coco
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.prediction_files import Given, PredictionFolder, output_path
-from trainer.tasks.detect_metrics import DetectionEvaluator, to_coco_records
+from trainer.tasks.detect_metrics import DetectionEvaluator, coco_classes, to_coco_records
 from trainer.tasks.detect_models import build_detection_model, check_name, loss_part_names, model_kwargs
 from trainer.tasks.detect_reports import PLOTS, BoxPredictions, format_detection_summary, write_detection_report
 from trainer.tasks.detect_spec import DetectionSpec
@@ -61,6 +61,7 @@ class Detection(DetectionSpec):
     derived: Tuple[str, ...] = ()
     # eval.detection_loss: evaluation also runs each image in training mode for its loss parts (validation_losses)
     validation_loss: bool = False
+    coco_backend: str = "pycocotools"  # eval.coco_backend: what scores the detections (detect_metrics.coco_classes)
     name = "detection"
     report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = False
@@ -80,7 +81,8 @@ class Detection(DetectionSpec):
         derived = tuple(k for k in ("min_size", "max_size") if getattr(section, k) is None)
         made = cls(list(classes), [int(c) for c in data.category_ids],
                    detector_options(cfg.model, cfg.data.image_size), derived=derived,
-                   validation_loss=cfg.eval.detection_loss)
+                   validation_loss=cfg.eval.detection_loss, coco_backend=cfg.eval.coco_backend)
+        coco_classes(made.coco_backend)  # at start-up: a backend that is not installed is refused now
         if cfg.eval.monitor == "loss" and not made.validation_loss:
             raise ConfigError("eval.monitor=loss needs the detector's validation loss, which is scored only with "
                               "eval.detection_loss=true (a second pass of every image: about twice the evaluation)")

@@ -42,6 +42,8 @@ class DetectionSpec:
             if cfg.eval.detection_loss:
                 raise ConfigError(f"eval.detection_loss is for detection; a {trained.title} model's evaluation "
                                   f"computes its loss from the logits anyway")
+            if cfg.eval.coco_backend != "pycocotools":
+                raise ConfigError(f"eval.coco_backend scores detections; a {trained.title} model has none")
             return
         if aug.random_resized_crop:
             raise ConfigError("data.augment.random_resized_crop crops classification and segmentation images; a "

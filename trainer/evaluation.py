@@ -138,7 +138,10 @@ def rescore_exported(folder: Path, model, core, dataset, task, accelerator, batc
     kept = {k: v.detach().clone() for k, v in core.state_dict().items()}
     core.load_state_dict(exported, strict=True)
     try:
-        metrics, outputs = evaluate(model, dataset, task, accelerator, batch_size, num_workers, memory_format, tta)
+        # under a forked RNG: a DataLoader draws its base seed from torch's, and this scoring happens only after a
+        # resume, so the final checkpoint's RNG state is the same as an uninterrupted run's
+        with torch.random.fork_rng(devices=[]):
+            metrics, outputs = evaluate(model, dataset, task, accelerator, batch_size, num_workers, memory_format, tta)
     finally:
         core.load_state_dict(kept, strict=True)
     return Scores(metrics, outputs, scalar_metrics(metrics))

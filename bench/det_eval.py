@@ -2,8 +2,11 @@
 trainer/tasks/detect_metrics.py runs it, on the main rank) for --images images with ~3 ground-truth boxes each
 and --detections detections per image (the detectors' default keeps up to 100), synthetic with a fixed seed:
 detections are jittered copies of the ground truth plus random boxes, scores uniform. Medians of --repeats.
+--backends names the scoring backends (eval.coco_backend) to time side by side, alternating within each repeat;
+each row's map and its ratio to the first backend's time.
 
     .venv/bin/python bench/det_eval.py --images 500,5000 --detections 100 --repeats 3
+    .venv/bin/python bench/det_eval.py --images 5000 --backends pycocotools,faster_coco_eval --repeats 3
     .venv/bin/python bench/det_eval.py --smoke
 """
 from __future__ import annotations
@@ -53,6 +56,7 @@ def main() -> None:
     p.add_argument("--images", default="500,5000")
     p.add_argument("--detections", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backends", default="pycocotools", help="comma-separated: pycocotools, faster_coco_eval")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args()
@@ -60,20 +64,26 @@ def main() -> None:
     per_image, repeats = (5, 1) if args.smoke else (args.detections, args.repeats)
     tag = "det-eval-smoke" if args.smoke else "det-eval"
     check_results(args.out, result_files(tag))
-    lines = ["| images | detections | COCOeval s (median) | min-max | map |", "|---|---|---|---|---|"]
+    backends = args.backends.split(",")
+    lines = ["| images | detections | backend | COCOeval s (median) | min-max | map | time / first backend's |",
+             "|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     rows = []
     for n in sizes:
         gt, dets = synthetic(n, per_image)
-        times, m = [], None
-        for _ in range(repeats):
-            start = time.perf_counter()
-            m = metrics_from_cocoeval(evaluate_coco(gt, dets))
-            times.append(time.perf_counter() - start)
-        rows.append({"images": n, "detections": len(dets), "seconds": times, "map": m["map"]})
-        lines.append(f"| {n} | {len(dets)} | {statistics.median(times):.2f} | {min(times):.2f}-{max(times):.2f} | "
-                     f"{m['map']:.3f} |")
-        print(lines[-1], flush=True)
+        times, maps = {b: [] for b in backends}, {}
+        for r in range(repeats):
+            for backend in backends[r % len(backends):] + backends[:r % len(backends)]:  # each goes first in turn
+                start = time.perf_counter()
+                maps[backend] = metrics_from_cocoeval(evaluate_coco(gt, dets, backend))["map"]
+                times[backend].append(time.perf_counter() - start)
+        for backend in backends:
+            t = times[backend]
+            rows.append({"images": n, "detections": len(dets), "backend": backend, "seconds": t,
+                         "map": maps[backend]})
+            lines.append(f"| {n} | {len(dets)} | {backend} | {statistics.median(t):.2f} | {min(t):.2f}-{max(t):.2f} | "
+                         f"{maps[backend]:.6f} | {statistics.median(t) / statistics.median(times[backends[0]]):.2f}x |")
+            print(lines[-1], flush=True)
     write_results(args.out, tag, {"benchmark": "det_eval", "rows": rows}, "\n".join(lines))
 
 

@@ -18,6 +18,7 @@ from tests.conftest import ROOT
     ("checkpoint_io.py", [], "checkpoint-io-smoke"),
     ("seg_eval.py", [], "seg-eval-smoke"),
     ("det_eval.py", [], "det-eval-smoke"),
+    ("eval_epoch.py", [], "eval-epoch-smoke"),
     ("airbench_side_by_side.py", [], "airbench-side-by-side-smoke")])
 def test_benchmark_smoke(tmp_path, script, extra, name):
     res = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(tmp_path), *extra],
@@ -69,3 +70,14 @@ def test_dense_shards_smoke_reads_masks_and_coco_from_folder_and_shards(tmp_path
         assert r["pack"]["shards"] == 2  # train and val, one shard each at this size
         assert r["reads"][folder]["images_per_s"] > 0 and r["reads"]["shards"]["images_per_s"] > 0
     assert len((tmp_path / "dense-shards-smoke.md").read_text().strip().splitlines()) == 2 + 2
+
+
+@pytest.mark.slow
+def test_unet_study_smoke_runs_every_row_on_both_sides(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "unet_study.py"), "--smoke", "--work", str(tmp_path / "w"),
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "unet-study-smoke.json").read_text())["rows"]
+    assert [r["side"] for r in rows] == ["recipe"] * 7 + ["plain"] * 3
+    assert all(0 <= run["miou"] <= 1 and 0 <= run["fg_iou"] <= 1 for r in rows for run in r["runs"])

@@ -105,7 +105,7 @@ def test_eval_is_exact_on_1_2_and_3_processes_and_predict_reproduces_it_under_py
     reports = {n: _eval(run, root, tmp_path / f"p{n}" / "eval.json", n) for n in (1, 2, 3)}
     one = reports[1]
     assert one["num_images"] == 13 and one["absent_classes"] == ["triangle"]
-    assert one["per_class"]["triangle"] == {"ap": None, "ap50": None}
+    assert one["per_class"]["triangle"] == {"ap": None, "ap50": None, "ap75": None, "recall": None}
     assert one.pop("processes") == 1
     for n in (2, 3):
         r = dict(reports[n])

@@ -3,6 +3,7 @@ import contextlib
 import copy
 import io
 import json
+import tempfile
 import urllib.request
 
 import numpy as np
@@ -333,15 +334,22 @@ def test_coco_metrics_equal_pycocotools(tmp_path, capsys):
             "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large"]
     assert [m[k] for k in keys] == [None if s == -1 else float(s) for s in ref.stats]
     assert 0 < m["map"] < 1 and m["map_large"] is None  # no GT of 96^2 px or more: -1 in COCOeval
-    # per class as summarize() averages: entries > -1 of precision[:, :, k, area all, maxDets 100]
+    # per class as summarize() averages: entries > -1 of precision[:, :, k, area all, maxDets 100] (IoU rows 0
+    # and 5 are 0.50 and 0.75), and of recall[:, k, area all, maxDets 100]
+    assert list(ref.params.iouThrs[[0, 5]]) == [0.5, 0.75]
     for k, cat in enumerate(ref.params.catIds):
         name = {c["id"]: c["name"] for c in gt["categories"]}[cat]
-        p = ref.eval["precision"][:, :, k, 0, 2]
+        p, r = ref.eval["precision"][:, :, k, 0, 2], ref.eval["recall"][:, k, 0, 2]
         if name == "absent":
-            assert m["per_class"][name] == {"ap": None, "ap50": None}
+            assert m["per_class"][name] == {"ap": None, "ap50": None, "ap75": None, "recall": None}
         else:
-            assert m["per_class"][name]["ap"] == float(np.mean(p[p > -1]))
-            assert m["per_class"][name]["ap50"] == float(np.mean(p[0][p[0] > -1]))
+            assert m["per_class"][name] == {"ap": float(np.mean(p[p > -1])), "ap50": float(np.mean(p[0][p[0] > -1])),
+                                            "ap75": float(np.mean(p[5][p[5] > -1])), "recall": float(np.mean(r))}
+    # and the table adds up to COCO's own summary: each present class has all its entries defined, so the
+    # mean over classes of a column is the summary number (pycocotools' stats[0], [1], [2], [8])
+    present = [row for name, row in m["per_class"].items() if name != "absent"]
+    for column, stat in (("ap", 0), ("ap50", 1), ("ap75", 2), ("recall", 8)):
+        assert np.mean([row[column] for row in present]) == pytest.approx(ref.stats[stat], abs=1e-12), column
     assert m["absent_classes"] == ["absent"]
     assert (m["num_images"], m["num_detections"]) == (3, 8)
     json.dumps(m, allow_nan=False)
@@ -356,7 +364,8 @@ def test_perfect_and_no_detections():
     assert all(v["ap"] == 1.0 for k, v in m["per_class"].items() if k != "absent")
     none = coco_metrics(gt, [])  # pycocotools' loadRes([]) would raise
     assert none["map"] == none["map_50"] == none["mar_100"] == 0.0 and none["num_detections"] == 0
-    assert none["per_class"]["circle"] == {"ap": 0.0, "ap50": 0.0} and none["per_class"]["absent"]["ap"] is None
+    assert none["per_class"]["circle"] == {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, "recall": 0.0}
+    assert none["per_class"]["absent"]["ap"] is None
     assert none["map_large"] is None
     json.dumps(none, allow_nan=False)
 
@@ -372,6 +381,33 @@ def test_summary_text_and_pr_curves():
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                for a in gt["annotations"] if not a["iscrowd"]]
     assert all(p == 1.0 for p in precision_recall_curves(evaluate_coco(gt, perfect))["square"]["precision"])
+
+
+def test_the_report_holds_the_per_class_table_and_pr_curves_of_pycocotools(tmp_path):
+    """eval.json's per-class table, the printed one and pr_curves.png, from pycocotools' own arrays (the oracle:
+    precision[IoU 0.5, :, k, area all, maxDets 100] is each class's curve)."""
+    from tests.test_reports import assert_valid_png
+    from trainer.tasks.detect_reports import format_detection_summary, write_detection_report
+
+    gt, dets = _case()
+    ref = _pycocotools(gt, dets, tmp_path)
+    ev = evaluate_coco(gt, dets)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    curves = precision_recall_curves(ev)
+    for k, cat in enumerate(ref.params.catIds):
+        if names[cat] != "absent":
+            assert curves[names[cat]]["precision"] == ref.eval["precision"][0, :, k, 0, 2].tolist()
+    metrics = metrics_from_cocoeval(ev)
+    write_detection_report(tmp_path / "report", metrics, {"curves": curves, "samples": []}, list(names.values()))
+    saved = json.loads((tmp_path / "report" / "eval.json").read_text())
+    assert saved["per_class"] == metrics["per_class"] and set(saved["per_class"]["circle"]) == {"ap", "ap50", "ap75",
+                                                                                                 "recall"}
+    assert_valid_png(tmp_path / "report" / "plots" / "pr_curves.png")
+    table = format_detection_summary(metrics).splitlines()
+    assert table[2].split() == ["class", "ap", "ap50", "ap75", "recall"]
+    circle = metrics["per_class"]["circle"]
+    assert table[3].split() == ["circle", *(f"{circle[c]:.4f}" for c in ("ap", "ap50", "ap75", "recall"))]
+    assert "absent" in table[-1]
 
 
 def test_bad_inputs_are_named():
@@ -398,3 +434,74 @@ def test_box_conversions():
     assert records == [{"image_id": 5, "category_id": 7, "bbox": [1.0, 2.0, 10.0, 5.0], "score": 0.5}]
     with pytest.raises(TrainerError, match="1..3"):
         to_coco_records(5, xyxy, torch.tensor([0.5]), torch.tensor([0]), category_ids=[3, 7, 90])
+
+
+def test_the_validation_loss_is_scored_only_on_request():
+    """eval.detection_loss: off (the default), an evaluation runs each image once and reports no loss, and
+    eval.monitor=loss is refused at start-up; on, the loss and its parts are there (their mean per image summed),
+    and the detections and COCO numbers are the same either way. Refused for the other tasks."""
+    from trainer.config import Config, load_config
+    from trainer.distributed import make_accelerator
+    from trainer.evaluation import evaluate
+    from trainer.tasks import build_task
+    from trainer.tasks.detect import Detection
+
+    cfg = Config()
+    cfg.task, cfg.data.format, cfg.eval.monitor, cfg.model.name = "detection", "coco", "loss", "retinanet_small"
+    with pytest.raises(ConfigError, match="eval.monitor=loss needs .* eval.detection_loss=true"):
+        build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2])
+    cfg.eval.detection_loss = True
+    assert build_task("detection", ["a", "b"], [1, 1], cfg.loss, cfg.eval, cfg.data, cfg.model, [1, 2]).validation_loss
+    with pytest.raises(ConfigError, match="eval.detection_loss is for detection"):
+        load_config(None, ["task=multiclass", "eval.detection_loss=true"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        example = Detection.example("retinanet_small", tmp)  # 7 generated images of 32 px
+        task = Detection(example.classes, list(example.category_ids))
+        torch.manual_seed(0)
+        model = task.build_model("retinanet_small", 32, verbose=lambda *_: None)
+        acc = make_accelerator("cpu", "no")
+        plain, _ = evaluate(model, example.dataset, task, acc, 4)
+        task.validation_loss = True
+        scored, _ = evaluate(model, example.dataset, task, acc, 4)
+    parts = loss_part_names("retinanet_small")
+    assert "loss" not in plain and not set(parts) & set(plain) and "loss" in task.metric_names()
+    assert scored["loss"] == pytest.approx(sum(scored[p] for p in parts), abs=1e-12) and scored["loss"] > 0
+    assert {k: v for k, v in scored.items() if k != "loss" and k not in parts} == plain
+
+
+def test_faster_coco_eval_gives_pycocotools_numbers():
+    """eval.coco_backend=faster_coco_eval against pycocotools (the oracle) on the hand-made case and on a
+    synthetic split of 200 images x 100 detections: every number to 1e-12 and every undefined one (None) alike
+    (its C++ accumulation may round an entry differently in the last bits: 2e-16 measured)."""
+    pytest.importorskip("faster_coco_eval")
+    rng = np.random.default_rng(0)  # 200 images of 640 px, 1-5 boxes each, 100 detections: near hits and guesses
+    big = {"images": [{"id": i, "width": 640, "height": 640} for i in range(200)], "annotations": [],
+           "categories": [{"id": c, "name": f"c{c}"} for c in (1, 3, 7, 9)]}
+    guesses = []
+    for i in range(200):
+        for _ in range(int(rng.integers(1, 6))):
+            box, cat = [*rng.uniform(0, 450, 2), *rng.uniform(16, 190, 2)], int(rng.choice([1, 3, 7, 9]))
+            big["annotations"].append({"id": len(big["annotations"]) + 1, "image_id": i, "category_id": cat,
+                                       "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+            guesses.append({"image_id": i, "category_id": cat, "score": float(rng.uniform()),
+                            "bbox": [v + rng.normal(0, 4) for v in box]})
+        guesses += [{"image_id": i, "category_id": int(rng.choice([1, 3, 7, 9])), "score": float(rng.uniform()),
+                     "bbox": [*rng.uniform(0, 500, 2), *rng.uniform(8, 128, 2)]} for _ in range(95)]
+    gt, dets = _case()
+    for case in ((gt, dets), (gt, []), (big, guesses)):
+        ref, fast = evaluate_coco(*case), evaluate_coco(*case, backend="faster_coco_eval")
+        a, b = metrics_from_cocoeval(ref), metrics_from_cocoeval(fast)
+        assert a.keys() == b.keys() and a["per_class"].keys() == b["per_class"].keys()
+        for key in set(a) - {"per_class"}:  # None where undefined; counts and names equal; floats to the last bits
+            assert (a[key] == b[key] if not isinstance(a[key], float) else a[key] == pytest.approx(b[key], abs=1e-12)), (key, a[key], b[key])
+        for name, row in a["per_class"].items():
+            assert row.keys() == b["per_class"][name].keys()
+            for col, v in row.items():
+                assert (v is None) == (b["per_class"][name][col] is None)
+                assert v is None or v == pytest.approx(b["per_class"][name][col], abs=1e-12)
+        assert np.allclose(ref.eval["precision"], fast.eval["precision"], rtol=0, atol=1e-12)
+        assert fast.summary_text.count("Average Precision") == 6  # its summary is printed, and kept, alike
+    from trainer.config import load_config
+    with pytest.raises(ConfigError, match="eval.coco_backend scores detections"):
+        load_config(None, ["task=multiclass", "eval.coco_backend=faster_coco_eval"])

@@ -247,3 +247,35 @@ def test_format_summary_tolerates_missing_keys():
     assert format_summary({}, ["a", "b"], "multiclass")
     text = format_summary({"accuracy": 0.9}, ["a", "b"], "binary")
     assert "accuracy=0.9000" in text and "roc_auc" not in text
+
+
+# ---- best/ during a run: usable at once, its plots once at the end (eval.best_plots) ----
+
+def test_a_killed_run_leaves_a_usable_best_and_the_resumed_end_draws_the_final_bests_plots(tmp_path):
+    """A new best writes weights, model.json and eval.json at once (no plots): a run killed afterwards leaves
+    a best/ that loads. The same command then finishes the run, and best/'s plots are drawn at its end for the
+    final best: the same bytes as `trainer eval` of best/ draws. Here best/ is from epoch 1 (accuracy 0.27,
+    then 0.19 and 0.21 at this seed), written before the kill, so its plots come from its weights scored again."""
+    from tests.conftest import ROOT, run_cli, run_forked, tiny_overrides
+    from trainer.export import load_exported
+
+    args = ["train", "-", *tiny_overrides(tmp_path, **{"train.epochs": 3})]
+    killed = run_forked(args, env={"FAULT": "kill_at_update", "FAULT_AT": "21"},  # the first update of epoch 3
+                        script=ROOT / "tests" / "fault_driver.py")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    best = tmp_path / "run" / "best"
+    assert sorted(p.name for p in best.iterdir() if not p.name.startswith(".")) == \
+        ["eval.json", "model.json", "model.safetensors"]
+    model, meta = load_exported(str(best))  # usable as it is
+    assert meta["step"] == 10 and json.loads((best / "eval.json").read_text())["accuracy"] == meta["metrics"]["accuracy"]
+    weights_before, eval_before = (best / "model.safetensors").read_bytes(), (best / "eval.json").read_text()
+
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (best / "model.safetensors").read_bytes() == weights_before and (best / "eval.json").read_text() == eval_before
+    ref = run_cli("eval", "--model", str(best), "--output", str(tmp_path / "ref" / "eval.json"))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    drawn = sorted(p.name for p in (best / "plots").iterdir())
+    assert drawn == ["confusion_matrix.png", "pr_curve.png", "roc_curve.png"]
+    for name in drawn:
+        assert (best / "plots" / name).read_bytes() == (tmp_path / "ref" / "plots" / name).read_bytes(), name

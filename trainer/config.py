@@ -445,6 +445,19 @@ class EvalCfg:
     # which split `trainer eval` scores; all = every image under data.root/<class>/, what `trainer eval` scores by
     # default when the data.root it is given is a folder of class folders without train/ (trainer/evaluate.py)
     split: Literal["val", "test", "train", "all"] = "val"
+    # when best/ gets its plots: end = once, at the end of the run, those of the final best (a new best during
+    # training writes its weights, model.json and eval.json at once, so a run killed early still leaves a usable
+    # best/; drawing every plot at every improvement was most of an epoch's export time, BENCHMARKS.md); every =
+    # with each new best, as before
+    best_plots: Literal["end", "every"] = "end"
+    # detection: also score the validation loss (metric `loss` and its parts): a second pass of every image with the
+    # detector in training mode, which doubled the evaluation's time (bench/eval_epoch.py, BENCHMARKS.md).
+    # Classification and segmentation compute theirs from the logits they already have, at no cost, and ignore it
+    detection_loss: bool = False
+    # detection: what scores the boxes. pycocotools (the reference, and the tests' oracle) or faster_coco_eval, its
+    # C++ port (pip install faster-coco-eval): the same numbers up to the last bits of a float (2e-16 measured),
+    # 2.7x faster on 5,000 images (bench/det_eval.py --backends, BENCHMARKS.md)
+    coco_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
 
 
 @dataclass

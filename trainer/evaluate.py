@@ -83,6 +83,8 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     if said("eval.threshold"):  # else the model's own (possibly tuned) threshold
         task.threshold = cfg.eval.threshold
     task.topk = tuple(cfg.eval.topk)
+    if hasattr(task, "validation_loss"):  # a detector: its loss scored only on request (eval.detection_loss)
+        task.validation_loss, task.coco_backend = cfg.eval.detection_loss, cfg.eval.coco_backend
     model.to(acc.device)
     # the model's own test-time augmentation (model.json), unless this command says eval.tta=...
     tta = cfg.eval.tta if said("eval.tta") else meta.get("tta", "none")

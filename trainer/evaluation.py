@@ -10,6 +10,7 @@ and gives every rank the same metrics. What is gathered and how it is scored is 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -107,14 +108,50 @@ def score(model, core, dataset, task, extensions, accelerator, batch_size: int, 
     return Scores(scored[0], scored[1], logged)
 
 
-def export_scored(out, target: str, core, extensions, task, scores: Scores, card: dict, step: int) -> None:
+def export_scored(out, target: str, core, extensions, task, scores: Scores, card: dict, step: int,
+                  plots: bool = True) -> None:
     """Main process: the scored weights with model.json (the model card, the task's fields with the threshold
     used, the step, which weights, their metrics) and the task's report, replacing the run's folder `target`
-    (model or best) in one rename through the write gate."""
+    (model or best) in one rename through the write gate. `plots=False`: eval.json only, the plots left to
+    `write_best_report` at the end of the run (a new best during training: eval.best_plots=end)."""
     from trainer.export import write_model
+    from trainer.reports import start_report
 
     with out.replacing(target, fsync=True) as tmp:  # a reader never sees half a model
         with extensions.scored_weights(core):
             write_model(core, tmp, {**card, **task.export_meta(scores.metrics), "step": step,
                                     "weights": extensions.scored, "metrics": scalar_metrics(scores.metrics)})
+        if plots:
+            task.write_report(tmp, scores.metrics, scores.outputs)
+        else:  # the same eval.json the report starts with (trainer.reports.start_report), no figure drawn
+            start_report(tmp, scores.metrics, "eval.json")
+
+
+def rescore_exported(folder: Path, model, core, dataset, task, accelerator, batch_size: int, num_workers: int,
+                     memory_format, tta: str) -> Scores:
+    """Every rank: the weights exported in `folder` (a run's best/, written by an earlier start of the run)
+    scored again, for the plots of its report; the run's own weights are put back afterwards. An evaluation is
+    a pure function of the weights (see the module docstring), so the metrics are those of its eval.json."""
+    from trainer.files import load_safetensors
+
+    exported = load_safetensors(Path(folder) / "model.safetensors", "best model weights")
+    kept = {k: v.detach().clone() for k, v in core.state_dict().items()}
+    core.load_state_dict(exported, strict=True)
+    try:
+        # under a forked RNG: a DataLoader draws its base seed from torch's, and this scoring happens only after a
+        # resume, so the final checkpoint's RNG state is the same as an uninterrupted run's
+        with torch.random.fork_rng(devices=[]):
+            metrics, outputs = evaluate(model, dataset, task, accelerator, batch_size, num_workers, memory_format, tta)
+    finally:
+        core.load_state_dict(kept, strict=True)
+    return Scores(metrics, outputs, scalar_metrics(metrics))
+
+
+def write_best_report(out, target: str, task, scores: Scores) -> None:
+    """Main process, at the end of a run: the folder `target` (best) again, its weights and model.json as they
+    are, with the task's whole report (eval.json and plots) of `scores`, its scoring; one rename through the
+    write gate, like every export."""
+    with out.replacing(target, fsync=True) as tmp:
+        for name in ("model.safetensors", "model.json"):  # as export_scored wrote them: the bytes, unchanged
+            (tmp / name).write_bytes((out.root / target / name).read_bytes())
         task.write_report(tmp, scores.metrics, scores.outputs)

@@ -35,7 +35,7 @@ from trainer import preemption, rundir
 from trainer.config import Config, batching, to_dict, to_yaml
 from trainer.data import data_inputs
 from trainer.distributed import agree, check_processes, make_accelerator, print0
-from trainer.evaluation import export_scored, score
+from trainer.evaluation import export_scored, rescore_exported, score, write_best_report
 from trainer.models import pretrained_source
 from trainer.monitor import Monitor
 from trainer.optim import lr_at, momentum_at, set_momentum
@@ -172,6 +172,12 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
     show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
     log_train = TrainLog(acc, tracker, loss_log, loop, lr_for, s.train_set, say, show_bar)
 
+    # this start's best scoring (its outputs for the plots on the main rank), drawn into best/ at the end of the
+    # run (eval.best_plots=end): a new best writes its weights, model.json and eval.json at once, the plots once.
+    # Memory: one evaluation's outputs more, held between evaluations (what the reports draw from: e.g.
+    # classification's N x C probabilities, 200 MB for 50,000 images x 1,000 classes in float32)
+    best_scores = None
+
     def checkpoint(epoch: int, sample_in_epoch: int, done: bool = False) -> None:  # every rank
         ts.save_checkpoint(plan.out, epoch, sample_in_epoch, loss_log, tracker.rows, done)
 
@@ -241,8 +247,10 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
             tracker.log({"type": "eval", "split": "val", "step": loop.update, "epoch": round(epoch_float, 4),
                          "samples_seen": loop.samples_seen, **scores.logged})
             if monitor.new_best(scores.logged, loop.update):
-                agree(acc, lambda: export_scored(plan.out, "best", core, ext, task, scores, s.card, loop.update),
-                      main_only=True)
+                every = cfg.eval.best_plots == "every"
+                agree(acc, lambda: export_scored(plan.out, "best", core, ext, task, scores, s.card, loop.update,
+                                                 plots=every), main_only=True)
+                best_scores = None if every else scores
             say(f"[eval] step {loop.update} epoch {epoch_float:.2f}: {scores.headline()}"
                 + (f" ({ext.scored} weights)" if ext.scorer is not None else ""))
             # the metrics are the same on every rank; rank 0's decision is shared all the same (one tiny collective)
@@ -264,7 +272,13 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
                   "monitor": monitor.name, "weights": ext.scored, "stopped_early": loop.stopped_early,
                   "seconds": round(time.time() - t_start, 1),
                   "replaced_images_this_start": log_train.replaced()}
-        agree(acc, lambda: end_of_run(plan, tracker, s, loop.update, scores, result), main_only=True)
+        if best_scores is None and cfg.eval.best_plots == "end" and loop.best["update"] is not None and \
+                (plan.dir / "best" / "model.safetensors").is_file():
+            # best/ was written by an earlier start of this run (before a resume): its weights scored again (every
+            # rank) for the plots; the metrics are those of its eval.json (an evaluation is exact)
+            best_scores = rescore_exported(plan.dir / "best", model, core, s.val_set, task, acc, s.eval_batch,
+                                           cfg.data.num_workers, s.memory_format, cfg.eval.tta)
+        agree(acc, lambda: end_of_run(plan, tracker, s, loop.update, scores, result, best_scores), main_only=True)
         checkpoint(cfg.train.epochs, 0, done=True)  # the same command run again now says "complete"
         say(f"[trainer] final model on the val split:\n{task.summary(scores.metrics)}")
         final, best = (f"{v:.4f}" if v is not None else "n/a" for v in (monitor.value(scores.logged),
@@ -276,10 +290,13 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
     return result
 
 
-def end_of_run(plan, tracker: Tracker, s, update: int, scores, summary: dict) -> None:
-    """Main process: the final model and its reports, the training curves, then summary.json (from then on the
-    same command says the run is complete); the plots to the loggers that take images."""
+def end_of_run(plan, tracker: Tracker, s, update: int, scores, summary: dict, best_scores=None) -> None:
+    """Main process: the final model and its reports, best/'s plots (`best_scores`: the final best's scoring,
+    when its plots were left to the end), the training curves, then summary.json (from then on the same command
+    says the run is complete); the plots to the loggers that take images."""
     export_scored(plan.out, "model", s.core, s.extensions, s.task, scores, s.card, update)
+    if best_scores is not None:
+        write_best_report(plan.out, "best", s.task, best_scores)
     curves = rundir.finish(plan, summary)
     tracker.log_images({"plots/training_curves": curves or plan.dir / "plots" / "none",
                         **{f"plots/{p.stem}": p for p in sorted((plan.dir / "model" / "plots").glob("*.png"))}},

@@ -33,7 +33,7 @@ from trainer.data.generated import GENERATED_CATEGORY_IDS, write_generated_coco
 from trainer.data.scale import MultiScale
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.prediction_files import Given, PredictionFolder, output_path
-from trainer.tasks.detect_metrics import DetectionEvaluator, to_coco_records
+from trainer.tasks.detect_metrics import DetectionEvaluator, coco_classes, to_coco_records
 from trainer.tasks.detect_models import build_detection_model, check_name, loss_part_names, model_kwargs
 from trainer.tasks.detect_reports import PLOTS, BoxPredictions, format_detection_summary, write_detection_report
 from trainer.tasks.detect_spec import DetectionSpec
@@ -66,6 +66,9 @@ class Detection(DetectionSpec):
     # and "multiscale" presets; evaluation and prediction still resize to min_size
     skip_train_resize: bool = False
     multiscale_sizes: Optional[Tuple[int, ...]] = None
+    # eval.detection_loss: evaluation also runs each image in training mode for its loss parts (validation_losses)
+    validation_loss: bool = False
+    coco_backend: str = "pycocotools"  # eval.coco_backend: what scores the detections (detect_metrics.coco_classes)
     name = "detection"
     report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = False
@@ -87,7 +90,12 @@ class Detection(DetectionSpec):
         multiscale = tuple(int(v) for v in aug.multiscale_sizes) if aug.multiscale_sizes else None
         made = cls(list(classes), [int(c) for c in data.category_ids],
                    detector_options(cfg.model, cfg.data.image_size), derived=derived,
-                   skip_train_resize=aug.scale_range is not None or multiscale is not None, multiscale_sizes=multiscale)
+                   skip_train_resize=aug.scale_range is not None or multiscale is not None, multiscale_sizes=multiscale,
+                   validation_loss=cfg.eval.detection_loss, coco_backend=cfg.eval.coco_backend)
+        coco_classes(made.coco_backend)  # at start-up: a backend that is not installed is refused now
+        if cfg.eval.monitor == "loss" and not made.validation_loss:
+            raise ConfigError("eval.monitor=loss needs the detector's validation loss, which is scored only with "
+                              "eval.detection_loss=true (a second pass of every image: about twice the evaluation)")
         check_monitor(made, cfg.eval.monitor or made.default_monitor)
         made.check_model(cfg.model.name)
         return made
@@ -130,7 +138,7 @@ class Detection(DetectionSpec):
         self.resolved(name)
 
     def metric_names(self) -> List[str]:
-        return list(METRICS)
+        return [m for m in METRICS if m != "loss" or self.validation_loss]  # a loss only where it is scored
 
     def loss_parts(self, model_name: str) -> List[str]:
         return loss_part_names(model_name)
@@ -154,13 +162,13 @@ class Detection(DetectionSpec):
             moved.append(t)
         return [x.to(device, non_blocking=True) for x in images], moved
 
-    @staticmethod
-    def forward(net, batch, tta: str = "none") -> List[Dict[str, torch.Tensor]]:
+    def forward(self, net, batch, tta: str = "none") -> List[Dict[str, torch.Tensor]]:
         """The detections of each image, one image per forward (see the module docstring); where the batch has
-        targets (evaluation), each image's validation loss parts too, under "losses" (validation_losses)."""
+        targets (evaluation) and eval.detection_loss is on, each image's validation loss parts too, under
+        "losses" (validation_losses)."""
         images, targets = (batch[0], batch[1]) if len(batch) > 1 else (batch[0], None)
         out = [net([x])[0] for x in images]
-        if targets is not None:
+        if targets is not None and self.validation_loss:
             for det, x, t in zip(out, images, targets):
                 det["losses"] = validation_losses(net, x, t)
         return out

@@ -24,11 +24,13 @@ DRAW_MIN_SCORE = 0.3  # boxes drawn in pictures (not scored): the model keeps lo
 GT_COLOUR, PRED_COLOUR = (0, 200, 0), (230, 30, 30)
 
 
-def plot_pr_curves(curves: dict, path: Path) -> None:
+def plot_pr_curves(curves: dict, path: Path, per_class: Optional[dict] = None) -> None:
+    """One curve per class at IoU 0.5; `per_class` (eval.json's table) adds each class's AP50 to its label."""
     fig, ax = plt.subplots(figsize=(6, 5), layout="constrained")
     for name, curve in curves.items():
         if curve is not None:
-            ax.plot(curve["recall"], curve["precision"], label=name)
+            ap50 = (per_class or {}).get(name, {}).get("ap50")
+            ax.plot(curve["recall"], curve["precision"], label=name if ap50 is None else f"{name} (AP50 {ap50:.3f})")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
            title="precision-recall per class (IoU 0.5, COCOeval)")
     ax.legend(fontsize=8)
@@ -86,7 +88,7 @@ def write_detection_report(out_dir, metrics: dict, outputs: dict, classes: list,
     if not outputs:
         return
     plots.mkdir(exist_ok=True)
-    plot_pr_curves(outputs["curves"], plots / "pr_curves.png")
+    plot_pr_curves(outputs["curves"], plots / "pr_curves.png", metrics.get("per_class"))
     if outputs.get("samples"):
         plot_boxes(outputs["samples"], outputs["split"], list(classes), plots / "boxes.png")
 
@@ -94,9 +96,10 @@ def write_detection_report(out_dir, metrics: dict, outputs: dict, classes: list,
 def format_detection_summary(metrics: dict) -> str:
     head = "  ".join(f"{k}={fmt(metrics.get(k))}" for k in
                      ("num_images", "num_detections", "map", "map_50", "map_75", "mar_100"))
-    lines = [head, "", f"{'class':<20} {'ap':>8} {'ap50':>8}"]
+    columns = ("ap", "ap50", "ap75", "recall")  # per class: COCO's map, map_50, map_75 and mar_100 for it alone
+    lines = [head, "", f"{'class':<20} " + " ".join(f"{c:>8}" for c in columns)]
     for name, row in metrics.get("per_class", {}).items():
-        lines.append(f"{name[:20]:<20} {fmt(row.get('ap')):>8} {fmt(row.get('ap50')):>8}")
+        lines.append(f"{name[:20]:<20} " + " ".join(f"{fmt(row.get(c)):>8}" for c in columns))
     if metrics.get("absent_classes"):
         lines.append(f"absent from the split (AP undefined): {', '.join(metrics['absent_classes'])}")
     return "\n".join(lines)

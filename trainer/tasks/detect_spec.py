@@ -48,6 +48,11 @@ class DetectionSpec:
             if changed:
                 raise ConfigError(f"model.detection.{changed[0]} is for detection models; a {trained.title} model "
                                   f"takes no model.detection.* option")
+            if cfg.eval.detection_loss:
+                raise ConfigError(f"eval.detection_loss is for detection; a {trained.title} model's evaluation "
+                                  f"computes its loss from the logits anyway")
+            if cfg.eval.coco_backend != "pycocotools":
+                raise ConfigError(f"eval.coco_backend scores detections; a {trained.title} model has none")
             return
         if aug.random_resized_crop:
             raise ConfigError("data.augment.random_resized_crop crops classification and segmentation images; a "

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.folders import Sample, decode_bytes, image_error
+from trainer.data.folders import Sample, decode_bytes, decode_region, image_error, jpeg_header
 from trainer.errors import ConfigError, DataError
 
 
@@ -92,8 +92,57 @@ class SeededDataset(Dataset):
         """The image as a (3, H, W) uint8 RGB tensor; every transform below takes that."""
         raise NotImplementedError
 
+    # data.scaled_decode: a JPEG whose transform starts with a crop-and-resize is decoded at the smallest DCT
+    # scale that keeps the crop's pixels at the output size (`scaled_sample`); set by build_data
+    scaled_decode = False
+
     def __getitem__(self, index: int):
+        if self.scaled_decode:
+            image = self.scaled_sample(index)
+            if image is not None:
+                return image, self.labels[index]
         return self.augment(self.load(index), index), self.labels[index]
+
+    def scaled_sample(self, index: int):
+        """Sample `index` with its JPEG decoded at a reduced DCT scale (trainer.data.folders.decode_region), or
+        None where the full path (load, then augment) must make it: no file bytes, not a JPEG Pillow can scale,
+        a transform that does not start with a crop-and-resize (first_resize), or a decoder error (the full path
+        then names the file, or stands another file in for it).
+
+        The crop is drawn from the header's size before anything is decoded, by the transform's own first step
+        under the same seed as `augment` (the global torch RNG seeded by (seed, epoch, index)), and the rest of
+        the transform draws on after it: the draws are those of the full path, so what a sample is stays a pure
+        function of (seed, epoch, index), and where the scale is 1 the pixels are the full path's, bit for bit."""
+        first = first_resize(self.transform)
+        if first is None or not hasattr(self, "file_bytes"):
+            return None
+        try:
+            data = self.file_bytes(index)
+        except (OSError, DataError):
+            return None
+        exif = getattr(self, "exif_orientation", True)
+        header = jpeg_header(data, exif)
+        if header is None:
+            return None
+        height, width = header.upright_size()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            if isinstance(first, v2.RandomResizedCrop):
+                # its draw needs only the size: a tensor of 0 channels holds no pixel
+                p = first.make_params([torch.empty(0, height, width, dtype=torch.uint8)])
+                box, size = (p["top"], p["left"], p["height"], p["width"]), first.size
+            else:  # Resize to a fixed (height, width): the whole image
+                box, size = (0, 0, height, width), first.size
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    image = decode_region(data, header, box, size, exif,
+                                          first.interpolation, first.antialias)
+            except Exception:  # Pillow's errors for a damaged file: the full path says what is wrong
+                return None
+            for step in self.transform.transforms[1:]:
+                image = step(image)
+            return image
 
     def augment(self, image: torch.Tensor, index: int) -> torch.Tensor:
         """The transform of sample `index` in this epoch, on `image` wherever it is (the DataLoader workers' CPU,
@@ -287,6 +336,19 @@ class EpochWeightedSampler(Sampler):
 
 
 # ---- transforms ----
+
+def first_resize(transform):
+    """The first step of a v2 chain when it is what `scaled_sample` can draw before decoding: RandomResizedCrop,
+    or Resize to a fixed (height, width) (evaluation's); None otherwise (PadCropFlip, a short-side Resize...)."""
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, v2.Compose) or not steps:
+        return None
+    first = steps[0]
+    if isinstance(first, v2.RandomResizedCrop) or (type(first) is v2.Resize and first.max_size is None
+                                                   and len(first.size) == 2):
+        return first
+    return None
+
 
 def _to_normalised_tensor(mean, std) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]

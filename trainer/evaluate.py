@@ -37,6 +37,7 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     # the input pipeline is the model's, not re-measured on the new data
     cfg.data.image_size, cfg.data.mean, cfg.data.std = meta["image_size"], meta["mean"], meta["std"]
     cfg.data.exif_orientation = meta.get("exif_orientation", False)
+    cfg.data.scaled_decode = meta.get("scaled_decode", False)  # older models were evaluated on whole decodes
     task = task_from_meta(meta)
     if output is None and run_dir is None:
         raise ConfigError(f"{model_dir} is an exported model outside a run: its eval.json and plots are its "

@@ -30,7 +30,9 @@ def model_card(cfg, mean, std, small_input_stem: bool) -> dict:
     return {"architecture": cfg.model.name, "image_size": cfg.data.image_size, "small_input_stem": small_input_stem,
             "mean": list(mean), "std": list(std),
             "tta": cfg.eval.tta,  # applied by `trainer eval` and `trainer predict` too
-            "exif_orientation": cfg.data.exif_orientation}
+            "exif_orientation": cfg.data.exif_orientation,
+            # JPEGs decoded at a reduced DCT scale before evaluation's resize (trainer.data.folders.decode_fit)
+            "scaled_decode": cfg.data.scaled_decode}
 
 
 def write_model(model: torch.nn.Module, folder: Path, meta: dict) -> None:

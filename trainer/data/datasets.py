@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.folders import Sample, decode_bytes, decode_region, image_error, jpeg_header
+from trainer.data.folders import Sample, decode_bytes, decode_fit, decode_region, image_error, jpeg_header
 from trainer.errors import ConfigError, DataError
 
 
@@ -56,6 +56,22 @@ def read_image(source, exif_orientation: bool, hint: str = "") -> torch.Tensor:
     """An image file (a path, or a PackedFile) as a (3, H, W) uint8 RGB tensor (decode_rgb), or a DataError
     naming the file: a bare PIL error says nothing about which one."""
     return decode_named(read_bytes(source, hint), exif_orientation, source, hint)
+
+
+def read_eval_image(source, exif_orientation: bool, fit=None) -> torch.Tensor:
+    """An image file as evaluation reads it: read_image, or with `fit` (the (height, width) evaluation resizes
+    to; a model trained with data.scaled_decode) a JPEG decoded at the smallest DCT scale that keeps `fit`
+    (decode_fit), exactly as the eval splits' `scaled_sample` decodes it: `trainer predict` reproduces eval."""
+    if fit is None:
+        return read_image(source, exif_orientation)
+    data = read_bytes(source)
+    header = jpeg_header(data, exif_orientation)
+    if header is not None:
+        try:
+            return decode_fit(data, header, fit, exif_orientation)
+        except Exception:  # a damaged file: the full decode below names it
+            pass
+    return decode_named(data, exif_orientation, source)
 
 
 def decode_named(data: bytes, exif_orientation: bool, name, hint: str = "") -> torch.Tensor:
@@ -124,20 +140,20 @@ class SeededDataset(Dataset):
         header = jpeg_header(data, exif)
         if header is None:
             return None
+        if not isinstance(first, v2.RandomResizedCrop):  # evaluation's Resize: the whole image, then the chain
+            try:
+                image = decode_fit(data, header, first.size, exif)
+            except Exception:  # Pillow's errors for a damaged file: the full path says what is wrong
+                return None
+            return self.augment(image, index)
         height, width = header.upright_size()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            if isinstance(first, v2.RandomResizedCrop):
-                # its draw needs only the size: a tensor of 0 channels holds no pixel
-                p = first.make_params([torch.empty(0, height, width, dtype=torch.uint8)])
-                box, size = (p["top"], p["left"], p["height"], p["width"]), first.size
-            else:  # Resize to a fixed (height, width): the whole image
-                box, size = (0, 0, height, width), first.size
+            # its draw needs only the size: a tensor of 0 channels holds no pixel
+            p = first.make_params([torch.empty(0, height, width, dtype=torch.uint8)])
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    image = decode_region(data, header, box, size, exif,
-                                          first.interpolation, first.antialias)
+                image = decode_region(data, header, (p["top"], p["left"], p["height"], p["width"]), first.size,
+                                      exif, first.interpolation, first.antialias)
             except Exception:  # Pillow's errors for a damaged file: the full path says what is wrong
                 return None
             for step in self.transform.transforms[1:]:

@@ -229,6 +229,25 @@ def decode_region(data: bytes, header: JpegHeader, box: Tuple[int, int, int, int
     return upright(out, header.orientation).contiguous()
 
 
+
+def decode_fit(data: bytes, header: JpegHeader, size: Sequence[int], exif_orientation: bool = True) -> torch.Tensor:
+    """A JPEG's whole upright image as a (3, H, W) uint8 tensor, decoded at the smallest DCT scale at which it
+    still has `size` (height, width) pixels or more: what evaluation's Resize to `size` then shrinks (the eval
+    splits with data.scaled_decode, and `trainer predict` of their models: the same function, so both give the
+    same pixels). Scale 1: decode_bytes itself. Raises what Pillow raises for a file it cannot decode."""
+    from trainer.data.device_decode import upright
+
+    height, width = header.upright_size()
+    s = dct_scale(height, width, int(size[0]), int(size[1]))
+    if s == 1:
+        return decode_bytes(data, exif_orientation)
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (header.width // s, header.height // s))
+        img.load()
+        pixels = np.array(img if img.mode == "RGB" else img.convert("RGB"))
+    return upright(torch.from_numpy(pixels).permute(2, 0, 1), header.orientation).contiguous()
+
+
 # ---- walking folders ----
 
 class SkippedPath(NamedTuple):

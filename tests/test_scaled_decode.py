@@ -227,3 +227,13 @@ def test_predicts_read_is_the_eval_splits_bit_for_bit(tmp_path):
     for i, path in enumerate(paths):
         assert torch.equal(scaled[i][0], transform(read_eval_image(path, True, (SIZE, SIZE))))
     assert torch.equal(read_eval_image(paths[0], True), decode_bytes(open(paths[0], "rb").read()))  # fit None: whole
+
+
+def test_dataloader_workers_give_the_main_processs_batches(tmp_path):
+    """Which worker decodes a sample, and when, changes nothing (exact resume relies on it)."""
+    paths = [write(tmp_path, f"{i}.jpg", jpeg_bytes(photo(400, 300, i), 1 + i % 8)) for i in range(6)]
+    _, scaled = datasets(paths, rrc(), seed=1)
+    scaled.set_epoch(2)
+    batches = [torch.cat([x for x, _ in torch.utils.data.DataLoader(scaled, batch_size=2, num_workers=w)])
+               for w in (0, 2)]
+    assert torch.equal(*batches)

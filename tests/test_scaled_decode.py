@@ -219,13 +219,14 @@ def test_build_data_sets_the_key_on_every_split(tmp_path):
 def test_predicts_read_is_the_eval_splits_bit_for_bit(tmp_path):
     """`trainer predict` of a model trained with data.scaled_decode decodes as its evaluation split did
     (read_eval_image with the model's image size), so its probabilities reproduce eval.json."""
-    from trainer.data.datasets import read_eval_image
+    from trainer.data.datasets import fit_size, read_eval_image
 
     paths = [write(tmp_path, f"{i}.jpg", jpeg_bytes(photo(400, 300, i), 1 + 2 * i)) for i in range(4)]
     transform = eval_transform(SIZE, [0.5] * 3, [0.25] * 3)
+    assert fit_size(transform) == (SIZE, SIZE) and fit_size(rrc()) is None
     _, scaled = datasets(paths, transform)
     for i, path in enumerate(paths):
-        assert torch.equal(scaled[i][0], transform(read_eval_image(path, True, (SIZE, SIZE))))
+        assert torch.equal(scaled[i][0], transform(read_eval_image(path, True, fit_size(transform))))
     assert torch.equal(read_eval_image(paths[0], True), decode_bytes(open(paths[0], "rb").read()))  # fit None: whole
 
 

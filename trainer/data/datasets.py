@@ -377,6 +377,14 @@ def first_resize(transform):
     return None
 
 
+def fit_size(transform):
+    """The (height, width) an evaluation transform first resizes the whole image to, when `scaled_sample` decodes
+    its JPEGs at a reduced scale for it (first_resize: a fixed-size Resize); None when it decodes them whole.
+    `trainer predict` asks this of the transform it applies, so that it decodes as the eval splits did."""
+    first = first_resize(transform)
+    return None if first is None or isinstance(first, v2.RandomResizedCrop) else tuple(first.size)
+
+
 def _to_normalised_tensor(mean, std) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 

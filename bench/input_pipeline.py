@@ -140,15 +140,16 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
         out["sample"] = rate(dataset.__getitem__, range(len(dataset)), repeats)
     device = torch.device(decode_device or "cpu")
     for w in workers:
-        loader = torch.utils.data.DataLoader(today if image_size > 64 else dataset, batch_size=64, shuffle=True,
-                                             num_workers=w, generator=torch.Generator().manual_seed(0))
-        out[f"loader_w{w}"] = rate(lambda _: delivered(loader, lambda b: b[0].to(device), device), [0],
-                                   repeats) * len(dataset)
+        loaders = {f"loader_w{w}": today if image_size > 64 else dataset}
         if image_size > 64:
-            loader = torch.utils.data.DataLoader(scaled, batch_size=64, shuffle=True, num_workers=w,
-                                                 generator=torch.Generator().manual_seed(0))
-            out[f"scaled_w{w}"] = rate(lambda _: delivered(loader, lambda b: b[0].to(device), device), [0],
-                                       repeats) * len(dataset)
+            loaders[f"scaled_w{w}"] = scaled
+        loaders = {name: torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=w,
+                                                     generator=torch.Generator().manual_seed(0))
+                   for name, ds in loaders.items()}
+        # whole passes, alternated per repeat
+        passes = side_by_side({name: (lambda _, dl=dl: delivered(dl, lambda b: b[0].to(device), device))
+                               for name, dl in loaders.items()}, [0], repeats)
+        out.update({name: v * len(dataset) for name, v in passes.items()})
         if decode_device:
             decoder = BatchDecoder(dataset, device)
             encoded = torch.utils.data.DataLoader(decoder.samples, batch_size=64, shuffle=True, num_workers=w,
@@ -160,14 +161,18 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
 
 
 def side_by_side(fns: dict, items, repeats: int) -> dict:
-    """img/s of each function over `items`: per repeat each runs once in turn; the median of the repeats."""
+    """img/s of each function over `items`, the median of `repeats` passes. Interleaved item by item (each
+    function on item 1, then each on item 2, ...): a burst of the VM's other load hits every function alike."""
     times = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for item in items:
+        spent = dict.fromkeys(fns, 0.0)
+        for item in items:
+            for name, fn in fns.items():
+                start = time.perf_counter()
                 fn(item)
-            times[name].append(time.perf_counter() - start)
+                spent[name] += time.perf_counter() - start
+        for name in fns:
+            times[name].append(spent[name])
     return {name: len(items) / statistics.median(t) for name, t in times.items()}
 
 

@@ -238,3 +238,28 @@ def test_dataloader_workers_give_the_main_processs_batches(tmp_path):
     batches = [torch.cat([x for x, _ in torch.utils.data.DataLoader(scaled, batch_size=2, num_workers=w)])
                for w in (0, 2)]
     assert torch.equal(*batches)
+
+
+def test_packed_shards_decode_their_jpeg_bytes_at_the_same_scale_as_the_folder(tmp_path):
+    from trainer.config import load_config
+    from trainer.data import build_data, shards
+
+    for split, n in (("train", 3), ("val", 1)):
+        for cls in ("a", "b"):
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / "d" / split / cls / f"{i}.jpg").write_bytes(jpeg_bytes(photo(400, 300, i), 1 + 3 * i))
+    shards.pack(tmp_path / "d", tmp_path / "packed", say=lambda *_: None)
+
+    def data(root, fmt):
+        cfg = load_config(None, [f"data.root={root}", f"data.format={fmt}", f"data.image_size={SIZE}",
+                                 "data.augment.random_resized_crop=true", "data.cache_dir=off"])
+        return build_data(cfg.data, seed=0, verbose=lambda *_: None)
+
+    a, b = data(tmp_path / "d", "imagefolder"), data(tmp_path / "packed", "shards")
+    for split in ("train", "val"):
+        da, db = a.datasets[split], b.datasets[split]
+        assert da.scaled_decode and db.scaled_decode
+        for i in range(len(da)):
+            assert db.scaled_sample(i) is not None  # the shard's bytes took the scaled path
+            assert torch.equal(da[i][0], db[i][0])

@@ -138,6 +138,7 @@ def test_scaled_samples_are_close_to_the_full_decode_of_the_same_crop(tmp_path):
                                    snapped[3] - snapped[1], [SIZE, SIZE], antialias=True).float()
             assert (got - want).abs().mean() < 1.5, (i, box)  # levels of 255
         # evaluation: the whole image at 1/4 (75 x 100 rows and columns cover 48), close to the full decode
+        assert scaled.scaled_sample(i) is not None
         assert (full[i][0] - scaled[i][0]).abs().mean() < 1.5
     assert scales == {1, 2, 4}
 
@@ -148,6 +149,7 @@ def test_exif_orientation_is_applied_at_every_scale(tmp_path, orientation):
     path = write(tmp_path, "a.jpg", jpeg_bytes(img, orientation))
     full, scaled = datasets([path], eval_transform(SIZE, [0.0] * 3, [1 / 255] * 3))
     assert jpeg_header(open(path, "rb").read()).orientation == orientation
+    assert scaled.scaled_sample(0) is not None
     got, want = scaled[0][0], full[0][0]
     assert (got - want).abs().mean() < 1.5
     stored = TF.resize(torch.from_numpy(np.array(img)).permute(2, 0, 1), [SIZE, SIZE], antialias=True).float()
@@ -263,3 +265,13 @@ def test_packed_shards_decode_their_jpeg_bytes_at_the_same_scale_as_the_folder(t
         for i in range(len(da)):
             assert db.scaled_sample(i) is not None  # the shard's bytes took the scaled path
             assert torch.equal(da[i][0], db[i][0])
+
+
+@pytest.mark.parametrize("kind", ["grayscale", "progressive"])
+def test_grayscale_and_progressive_jpegs_decode_at_a_reduced_scale_too(tmp_path, kind):
+    img = photo(400, 300)
+    data = jpeg_bytes(img.convert("L")) if kind == "grayscale" else jpeg_bytes(img, progressive=True)
+    path = write(tmp_path, "a.jpg", data)
+    full, scaled = datasets([path], eval_transform(SIZE, [0.0] * 3, [1 / 255] * 3))
+    assert jpeg_header(data) is not None and scaled.scaled_sample(0) is not None  # not the full path's fallback
+    assert (full[0][0] - scaled[0][0]).abs().mean() < 1.5  # at 1/4: 75 x 100 covers 48

@@ -215,14 +215,14 @@ if "TRAINER_TESTS_TMPDIR" not in os.environ:
 # The test files whose tests take longest, heaviest first (worker seconds in a CI=true run of the suite here,
 # 2026-12-03, with --durations=0: detection 400, faults ~360 once its two-process runs were forked, segmentation
 # 338, launch 333, bench 272, tune 252, checkpoint ~200, bench_gpu_check 136, end_to_end 127, ema 123, onnx 100,
-# bench_throughput 80; every other file under 60). pytest-xdist (--dist loadfile --no-loadscope-reorder, as
+# bench_throughput 80; every other file under 60; docs ~100 measured alone on 2026-12-06 with the cores shared). pytest-xdist (--dist loadfile --no-loadscope-reorder, as
 # launch/test.sh runs it) hands whole files to its workers in collection order, so the longest go first and the
 # short ones fill in at the end: otherwise one worker can still be running a long file minutes after the other
 # has finished. Without --no-loadscope-reorder xdist orders the files by their number of tests instead, and
 # test_detection.py (few, long tests) ran last.
 HEAVIEST_FIRST = ("test_detection.py", "test_faults.py", "test_segmentation.py", "test_launch.py", "test_bench.py",
-                  "test_tune.py", "test_checkpoint.py", "test_bench_gpu_check.py", "test_end_to_end.py", "test_ema.py",
-                  "test_onnx.py", "test_bench_throughput.py")
+                  "test_tune.py", "test_checkpoint.py", "test_bench_gpu_check.py", "test_end_to_end.py", "test_docs.py",
+                  "test_ema.py", "test_onnx.py", "test_bench_throughput.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -175,7 +175,11 @@ def test_the_quick_start_clearly_beats_an_untrained_detector(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_in_a_detection_run_then_the_same_command_is_bitwise_identical(tmp_path):
-    extra = {"checkpoint.every_steps": 3, "data.augment.scale_jitter": "[0.8,1.25]", "data.augment.iou_crop": "true"}
+    # with every seeded draw detection has: the per-sample augmentation, the per-batch multi-scale side, the
+    # repeat-factor epoch (53 positions for 48 images) and the aspect-ratio grouping of the order
+    extra = {"checkpoint.every_steps": 3, "data.augment.scale_jitter": "[0.8,1.25]", "data.augment.iou_crop": "true",
+             "data.augment.multiscale_sizes": "[48,56,64]", "data.repeat_factor_threshold": 0.5,
+             "data.aspect_ratio_group_factor": 3}
     ref = run_cli("train", "-", *det_args(tmp_path, "ref", **extra))
     assert ref.returncode == 0, ref.stderr[-2000:]
     args = det_args(tmp_path, "run", **extra)
@@ -188,3 +192,21 @@ def test_sigkill_in_a_detection_run_then_the_same_command_is_bitwise_identical(t
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+# Faster R-CNN v2's box head runs four 256-channel convolutions on 512 sampled RoIs per image whatever the image
+# size (~5 s per image and update on one CPU core): its run is one update of one image
+@pytest.mark.parametrize("recipe, batch", [pytest.param("fasterrcnn_coco", 1, marks=pytest.mark.slow),
+                                           ("retinanet_coco", 2)])
+def test_the_coco_recipes_run_their_keys_on_generated_scenes(recipe, batch, tmp_path):
+    """configs/<recipe>.yaml as written (SGD, the step schedule with its warm-up, aspect-ratio grouping, the
+    ResNet-50 FPN v2 detector), only the data and the sizes made tiny: an update or two and an evaluation."""
+    res = run_cli("train", ROOT / "configs" / f"{recipe}.yaml", "data.format=generated",
+                  "data.generated.variant=detection", "data.generated.train_per_class=2",
+                  "data.generated.val_per_class=1", "data.generated.test_per_class=1", "data.image_size=64",
+                  f"data.root={tmp_path / 'gen'}", "data.num_workers=0", "train.mixed_precision=no",
+                  f"train.batch_size={batch}", f"train.max_steps={3 - batch}", "train.progress_bar=false",
+                  "eval.batch_size=2", f"run.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "aspect-ratio grouping (factor 3)" in res.stdout and f"total_updates={3 - batch}" in res.stdout
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

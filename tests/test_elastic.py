@@ -189,6 +189,70 @@ def test_packed_shards_resumed_on_another_process_count_train_each_sample_once(t
     assert train_rows(tmp_path / "run") == train_rows(ref_run)
 
 
+def mixed_aspect_coco(root: Path, per_split: dict) -> Path:
+    """A COCO folder of flat images in three shapes (48x32, 32x48, 48x20: three aspect-ratio groups of factor 1),
+    a box or two each; category 3 (a rare one) in every seventh image only, so that its images repeat."""
+    import numpy as np
+    from PIL import Image
+
+    shapes = [(48, 32), (32, 48), (48, 20)]
+    for split, count in per_split.items():
+        folder = root / split
+        folder.mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(count):
+            w, h = shapes[i % 3]
+            arr = np.full((h, w, 3), 60 + 7 * (i % 20), dtype=np.uint8)
+            arr[4:20, 6:22] = (200, 40, 40)
+            Image.fromarray(arr).save(folder / f"{i:03d}.png")
+            images.append({"id": i, "file_name": f"{i:03d}.png", "width": w, "height": h})
+            annotations.append({"id": 2 * i + 1, "image_id": i, "category_id": 3 if i % 7 == 0 else 1,
+                                "bbox": [6, 4, 16, 16]})
+            if i % 2:
+                annotations.append({"id": 2 * i + 2, "image_id": i, "category_id": 2, "bbox": [24, 2, 6, 6]})
+        (folder / "annotations.json").write_text(json.dumps({
+            "images": images, "annotations": annotations,
+            "categories": [{"id": c, "name": n} for c, n in ((1, "a"), (2, "b"), (3, "rare"))]}))
+    return root
+
+
+@pytest.mark.slow
+def test_a_grouped_repeat_factor_detection_run_resumed_on_another_process_count_trains_each_position_once(tmp_path):
+    """Detection's samplers (trainer/data/detection_order.py) through real processes: aspect-ratio groups and
+    repeat factors make the epoch's order, stopped on 2 processes and resumed on 1 it is trained exactly as an
+    uninterrupted run trains it, and every rank's batch of a full global batch holds one aspect-ratio group."""
+    from trainer.data.detection_order import aspect_ratio_groups
+
+    root = mixed_aspect_coco(tmp_path / "coco", {"train": 42, "val": 3})
+
+    def args_of(tmp, run, **extra):
+        base = {"task": "detection", "data.format": "coco", "data.root": str(root), "data.image_size": 48,
+                "data.num_workers": 0, "data.aspect_ratio_group_factor": 1, "data.repeat_factor_threshold": 0.5,
+                "model.name": "retinanet_small", "model.detection.max_size": 48, "train.epochs": 2,
+                "train.batch_size": 4, "train.global_batch_size": 4, "train.progress_bar": "false",
+                "train.log_every_steps": 2, "optim.name": "adamw", "optim.lr": 0.002, "eval.every_epochs": 0,
+                "run.dir": str(tmp / run), **extra}
+        return [f"{k}={v}" for k, v in base.items()]
+
+    expected, ref_run = reference(tmp_path, args_of)
+    first = launch(args_of(tmp_path, "run"), 2, tmp_path / "trace", "sigterm_at_update", 4)
+    assert "stopped on request" in first.stdout, first.stdout[-1500:] + first.stderr[-1500:]
+    second = launch(args_of(tmp_path, "run"), 1, tmp_path / "trace")
+    assert second.returncode == 0, second.stdout[-1500:] + second.stderr[-1500:]
+    got = trained(tmp_path / "trace")
+    assert got == expected
+    # the 6 images of the rare category at r = sqrt(0.5 / (6 / 42)) = 1.87 (categories 1 and 2, in 36 and 21
+    # images, at r = 1): 42 + round(6 x 0.87) = 47 positions an epoch, each image at least once
+    assert all(len(v) == 47 and set(v) == set(range(42)) for v in got.values()) and got[0] != got[1]
+    groups = aspect_ratio_groups([48, 32, 48] * 14, [32, 48, 20] * 14, 1)
+    assert sorted(set(groups)) == [1, 2, 3]
+    for _, steps in read_trace(tmp_path / "trace"):
+        for (epoch, position), ranks in steps.items():
+            if position + 4 <= 47 - 3 * 4:  # not among the blocks left open at the end of the epoch
+                assert all(len({groups[i] for i in mine}) == 1 for mine in ranks.values())
+    assert train_rows(tmp_path / "run") == train_rows(ref_run)
+
+
 def test_a_changed_global_batch_is_refused_in_one_line_and_allowed_re_plans_the_schedule(tmp_path):
     args = classify_args(tmp_path, "run", **{"train.global_batch_size": "null", "train.batch_size": 8})
     first = launch(args, 1, tmp_path / "trace", "sigterm_at_update", 6)

@@ -1,6 +1,7 @@
 """Whole runs through the CLI, as a user runs them: train, then eval and predict from the exported model."""
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -144,6 +145,84 @@ def test_same_command_on_a_finished_run_changes_nothing(binary_run):
         "data.generated.train_per_class": 400, "data.generated.val_per_class": 31}), f"run.dir={run_dir}")
     assert res.returncode == 0 and "already complete" in res.stdout, res.stdout + res.stderr
     assert (run_dir / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_finished_run_whose_model_was_deleted_exports_it_again(tiny, tmp_path):
+    """A user who deleted model/ runs the same command and gets the same final model back (from the final
+    checkpoint, through the write gate), instead of "nothing to do"."""
+    command = ["train", "-", *tiny(**{"train.max_steps": 3, "eval.every_epochs": 0})]
+    assert run_cli(*command).returncode == 0
+    model = tmp_path / "run" / "model"
+    first = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file() and p.suffix != ".png"}
+    shutil.rmtree(model)
+    again = run_cli(*command)
+    assert again.returncode == 0, again.stderr
+    assert "exported again from the final checkpoint" in again.stdout and "already complete" in again.stdout
+    assert "nothing to do" not in again.stdout, again.stdout
+    redone = {p.relative_to(model): p.read_bytes() for p in model.rglob("*") if p.is_file() and p.suffix != ".png"}
+    assert redone == first  # the weights, model.json (metrics included) and eval.json, byte for byte
+    assert (model / "plots" / "confusion_matrix.png").is_file()
+    third = run_cli(*command)  # now whole again: nothing to do
+    assert "nothing to do" in third.stdout and "exported again" not in third.stdout, third.stdout
+
+
+def test_exporting_again_keeps_a_users_file_and_never_writes_through_a_link(tiny, tmp_path):
+    """The re-export goes through the write gate: a file of the user's in model/ stays, and a model/ that is a link
+    to a folder of the user's is refused in one line, that folder left as it was."""
+    command = ["train", "-", *tiny(**{"train.max_steps": 2, "eval.every_epochs": 0})]
+    assert run_cli(*command).returncode == 0
+    model = tmp_path / "run" / "model"
+    shutil.rmtree(model)
+    model.mkdir()
+    (model / "notes.txt").write_text("mine")
+    again = run_cli(*command)
+    assert again.returncode == 0 and "exported again" in again.stdout, again.stdout + again.stderr
+    assert (model / "notes.txt").read_text() == "mine" and (model / "model.safetensors").is_file()
+    shutil.rmtree(model)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("the user's")
+    model.symlink_to(elsewhere)
+    linked = run_cli(*command)
+    assert linked.returncode == 2 and len(linked.stderr.strip().splitlines()) == 1, linked.stdout + linked.stderr
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.txt"] and model.is_symlink()
+
+
+def test_eval_of_a_folder_of_class_folders_scores_every_image(binary_run, tmp_path):
+    """`trainer eval --model RUN data.root=FOLDER` on class folders without train/val/test scores every image of
+    it (not the seeded 10% hold-out), and says which split and how many images it scored."""
+    tmp, run_dir, _ = binary_run
+    flat = tmp_path / "flat"
+    shutil.copytree(tmp / "gen-binary" / "val", flat)  # cross/ and square/, 62 images
+    n = sum(1 for p in flat.rglob("*.png"))
+    res = run_cli("eval", "--model", str(run_dir), "data.format=imagefolder", f"data.root={flat}",
+                  "--output", str(tmp_path / "all.json"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "all.json").read_text())["num_samples"] == n == 62
+    assert f"scoring the all split of imagefolder at {flat}: {n} images" in res.stdout, res.stdout
+    held_out = run_cli("eval", "--model", str(run_dir), "data.format=imagefolder", f"data.root={flat}",
+                       "eval.split=val", "--output", str(tmp_path / "val.json"))
+    assert held_out.returncode == 0, held_out.stderr
+    scored = json.loads((tmp_path / "val.json").read_text())["num_samples"]
+    assert scored < n and f"scoring the val split of imagefolder at {flat}: {scored} images" in held_out.stdout
+
+
+def test_which_split_eval_scores_by_default(tmp_path):
+    """Whole: a folder of class folders named on the command line. Its hold-out: the folder the run trained on (else
+    training images would be scored), a folder with train/ (it has splits), or eval.split given."""
+    from trainer.config import DataCfg
+    from trainer.evaluate import eval_split
+
+    flat, split = tmp_path / "flat", tmp_path / "split"
+    for folder in (flat / "cat", flat / "dog", split / "train" / "cat"):
+        folder.mkdir(parents=True)
+    as_given = DataCfg(format="imagefolder", root=str(flat))
+    assert eval_split(as_given, "val", False, None)[0] == "all"
+    assert eval_split(as_given, "val", False, str(tmp_path / "elsewhere"))[0] == "all"
+    assert eval_split(as_given, "val", False, str(flat))[0] == "val"  # the run's own training folder
+    assert eval_split(as_given, "test", True, None)[0] == "test"  # eval.split=test said
+    assert eval_split(DataCfg(format="imagefolder", root=str(split)), "val", False, None)[0] == "val"
+    assert eval_split(DataCfg(format="masks", root=str(flat)), "val", False, None)[0] == "val"
 
 
 def test_refuses_a_non_empty_folder_that_is_not_a_run(tiny, tmp_path):

@@ -20,7 +20,7 @@ def test_an_unknown_logger_is_refused_naming_the_key_and_the_valid_names(tmp_pat
     res = run_cli("train", "-", *tiny_overrides(tmp_path, **{"tracking.log_with": "[tensorboard,neptune]"}))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
-    assert lines[0] == "error: tracking.log_with: unknown logger 'neptune'; valid: mlflow, tensorboard, wandb"
+    assert lines[0] == "error: tracking.log_with: unknown logger 'neptune'; valid: comet_ml, mlflow, tensorboard, wandb"
     assert not (tmp_path / "run").exists()
 
 
@@ -117,3 +117,74 @@ def test_tensorboard_and_mlflow_hold_metrics_jsonl_across_a_sigkill_and_resume(t
         for m in history:
             assert m.value == by_step[m.step], (tag, m.step)
     assert "plots/training_curves.png" in [a.path for a in client.list_artifacts(run_id, "plots")]
+
+
+def test_mlflow_logs_into_the_store_the_user_names_and_not_into_the_run(tmp_path, monkeypatch):
+    """tracking.mlflow_uri: a file store of the user's own (MLflow 3 refused one without MLFLOW_ALLOW_FILE_STORE,
+    a traceback after the run had started), shared by runs: it holds this run's rows, the run folder none."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    store = (tmp_path / "shared store").resolve().as_uri()  # a space: the URI is quoted, the folder is not
+    args = tiny_overrides(tmp_path, **{"train.max_steps": 3, "train.log_every_steps": 1, "eval.every_epochs": 0,
+                                       "tracking.log_with": "[mlflow]", "tracking.mlflow_uri": store,
+                                       "tracking.mlflow_experiment": "mine"})
+    done = run_cli("train", "-", *args)  # its environment is this one: without MLFLOW_ALLOW_FILE_STORE
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "run"
+    assert (tmp_path / "shared store").is_dir() and not (run / "mlflow").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this reader's own opt-in
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    assert [r.info.run_name for r in runs] == ["run"]
+    expected = jsonl_scalars(run, skip=("throughput",))
+    assert expected["train/loss"].keys() == {1, 2, 3}
+    for tag, by_step in expected.items():
+        assert {m.step: m.value for m in client.get_metric_history(runs[0].info.run_id, tag)} == by_step, tag
+
+
+def comet_archive(run_dir: Path) -> tuple:
+    """The metrics ({tag: {step: value}}), parameters and image names of the run's Comet offline archives (one zip
+    per start in <run>/comet_ml/: experiment.json and messages.json, a JSON message per line), and their
+    experiment ids."""
+    import zipfile
+
+    metrics, params, images, ids = {}, {}, [], set()
+    for archive in sorted((run_dir / "comet_ml").glob("*.zip")):
+        with zipfile.ZipFile(archive) as zf:
+            if not zf.namelist():  # a start killed by SIGKILL: Comet zips its messages only when it ends
+                continue
+            ids.add(json.loads(zf.read("experiment.json"))["offline_id"])
+            for line in zf.read("messages.json").decode().splitlines():
+                message = json.loads(line)
+                payload = message["payload"]
+                if message["type"] == "metric_msg":
+                    metric = payload["metric"]
+                    by_step = metrics.setdefault(metric["metricName"], {})
+                    assert metric["step"] not in by_step, f"{metric['metricName']}: step {metric['step']} twice"
+                    by_step[metric["step"]] = metric["metricValue"]
+                elif message["type"] == "parameter_msg":  # "params" for a list value, "param" otherwise
+                    param = payload.get("param") or payload["params"]
+                    params[param["paramName"]] = param["paramValue"]
+                elif message["type"] == "file_upload" and payload.get("upload_type") == "visualization":
+                    images.append(payload["additional_params"]["figName"])
+    return metrics, params, images, ids
+
+
+def test_comet_offline_holds_metrics_jsonl_inside_the_run(tmp_path, monkeypatch):
+    """tracking.log_with=[comet_ml]: Comet's offline archive in <run>/comet_ml/ (nothing sent, nothing written
+    outside the run: its automatic logging off) holds every number of every metrics.jsonl row, the config and
+    the plots."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where Comet would keep a config of its own
+    args = tiny_overrides(tmp_path, **{"train.epochs": 2, "train.log_every_steps": 2,
+                                       "tracking.log_with": "[comet_ml]"})
+    done = run_cli("train", "-", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "run"
+    metrics, params, images, ids = comet_archive(run)
+    assert len(ids) == 1
+    assert metrics.pop("process duration")  # Comet's own, at the end (seconds), whatever the settings
+    assert metrics == jsonl_scalars(run)  # JSON both sides: the same floats, throughput included
+    assert params["train.epochs"] == 2 and params["tracking.log_with"] == ["comet_ml"]
+    assert "plots/training_curves" in images
+    assert not [p for p in (tmp_path / "home").rglob("*") if "comet" in p.name.lower()]  # (matplotlib's cache is)

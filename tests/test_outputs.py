@@ -257,21 +257,23 @@ def test_removing_a_tree_deletes_only_the_trainers_files_and_empty_folders(tmp_p
 
 def test_the_loggers_folders_are_the_runs_own_and_a_users_file_beside_them_stays(tmp_path):
     """tracking.log_with's libraries write for the run (outputs.LIVE_TREES): TensorBoard's event files, MLflow's
-    file store. An overwrite removes them; a user's file in those folders is kept."""
+    file store, Comet's offline archives. An overwrite removes them; a user's file in those folders is kept."""
     run = Folder(tmp_path, "train", owner="run")
     written = {"tensorboard/events.out.tfevents.1796510268.vm.19804.0": "events",
                "mlflow/0/meta.yaml": "default experiment", "mlflow/98950568/meta.yaml": "experiment",
-               "mlflow/98950568/22cbe533/metrics/train/loss": "1 0.5 2", "mlflow/98950568/22cbe533/params/seed": "0"}
+               "mlflow/98950568/22cbe533/metrics/train/loss": "1 0.5 2", "mlflow/98950568/22cbe533/params/seed": "0",
+               "comet_ml/91c468627ff9418595786c40f1058ffe-gNZqIT.zip": "archive"}
     for rel, text in written.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     (tmp_path / "mlflow" / ".trash").mkdir()
     run.write("config.yaml", "the run's")  # the folder claimed as a run: its ledger names the owner
     assert all(run.owns(rel) for rel in written), [rel for rel in written if not run.owns(rel)]
-    mine = users(tmp_path, {"tensorboard/my_notes.txt": "n", "mlflow/my_notes.txt": "m"})
+    mine = users(tmp_path, {"tensorboard/my_notes.txt": "n", "mlflow/my_notes.txt": "m",
+                            "comet_ml/my_notes.txt": "c"})
     assert not any(run.owns(rel) for rel in mine)
     deleted, kept = run.remove_tree()
-    assert deleted == 4  # config.yaml, the event file, the two experiments' folders
+    assert deleted == 5  # config.yaml, the event file, the two experiments' folders, the archive
     # an empty folder is no file: left, like W&B's empty wandb/ (MLflow's store reuses it)
     assert sorted(p.name for p in (tmp_path / "mlflow").iterdir()) == [".trash", "my_notes.txt"]
     assert sorted(kept) == sorted(mine)

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import debug_launcher
 from PIL import Image
 from torch import nn
 
-from tests.conftest import PYTHONPATH, ROOT, assert_same_run, run_cli
+from tests.conftest import PYTHONPATH, ROOT, assert_same_run, rows, run_cli
 
 C, S = 4, 8  # classes (the last absent from every target), network input side
 IGNORE = 255
@@ -222,9 +223,11 @@ def test_the_quick_start_beats_a_per_pixel_colour_rule_by_a_wide_margin(tmp_path
 
 @pytest.mark.slow
 def test_sigkill_in_a_segmentation_run_then_the_same_command_is_bitwise_identical(tmp_path):
-    ref = run_cli("train", "-", *seg_args(tmp_path, "ref", **{"checkpoint.every_steps": 3}))
+    # scale jitter both ways (its draws seeded by sample) and the poly schedule (a pure function of the update)
+    extra = {"checkpoint.every_steps": 3, "data.augment.scale_range": "[0.5,2.0]", "optim.schedule": "poly"}
+    ref = run_cli("train", "-", *seg_args(tmp_path, "ref", **extra))
     assert ref.returncode == 0, ref.stderr[-2000:]
-    args = seg_args(tmp_path, "run", **{"checkpoint.every_steps": 3})
+    args = seg_args(tmp_path, "run", **extra)
     driver = ROOT / "tests" / "fault_driver.py"
     killed = subprocess.run([sys.executable, str(driver), "train", "-", *args], capture_output=True, text=True,
                             timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "FAULT": "kill_at_update",
@@ -234,3 +237,21 @@ def test_sigkill_in_a_segmentation_run_then_the_same_command_is_bitwise_identica
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
     assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_the_voc_recipe_runs_its_keys_on_generated_scenes(tmp_path):
+    """configs/deeplabv3_voc.yaml as written (poly schedule, scale jitter 0.5-2 with its crop, DeepLabV3 with the
+    aux loss), only the data and the sizes made tiny and the GPU-only keys off: two updates and an evaluation."""
+    res = run_cli("train", ROOT / "configs" / "deeplabv3_voc.yaml", "data.format=generated",
+                  "data.generated.variant=segmentation", "data.generated.train_per_class=1",
+                  "data.generated.val_per_class=1", "data.generated.test_per_class=1", "data.image_size=32",
+                  f"data.root={tmp_path / 'gen'}", "data.num_workers=0", "model.sync_bn=false",
+                  "train.mixed_precision=no", "train.batch_size=2", "train.max_steps=2", "train.progress_bar=false",
+                  f"run.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "total_updates=2" in res.stdout and (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["optim"]["schedule"] == "poly" and saved["data"]["augment"]["scale_range"] == [0.5, 2.0]
+    # the second (last) update's lr on the poly curve: 0.02 x (1 - 1/2)^0.9
+    last = [r for r in rows(tmp_path / "run") if r["type"] == "train"][-1]
+    assert last["step"] == 2 and last["lr"] == pytest.approx(0.02 * 0.5 ** 0.9)

@@ -19,28 +19,38 @@ USAGE_EXAMPLES = """examples:
   accelerate launch --multi_gpu --num_processes 2 -m trainer train configs/quickstart_binary.yaml
   torchrun --nproc_per_node 2 -m trainer train configs/quickstart_binary.yaml
   trainer eval --model runs/my-run data.root=/data/images eval.split=test
+  trainer train configs/quickstart_segmentation.yaml
+  trainer train configs/detection_folder.yaml data.root=/data/coco
   trainer predict --model runs/my-run/model images/ --output preds.csv
   trainer export --model runs/my-run --format onnx --output my-run.onnx --images images/
 """
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="trainer", description="Distributed CNN image-classification trainer",
+    p = argparse.ArgumentParser(prog="trainer", description="Distributed trainer for CNN image models: binary, multi-class and multi-label\n"
+                                "classification, semantic segmentation and object detection, on one or many\n"
+                                "processes (CPU or GPU).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=USAGE_EXAMPLES)
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model from a recipe plus key=value overrides")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           description="`trainer COMMAND --help` says more about each")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:  # its line in `trainer --help` heads its own help
+        return sub.add_parser(name, help=text, description=text)
+    t = command("train", "train a model from a recipe plus key=value overrides into a run directory; the same "
+                       "command again resumes it from its latest checkpoint")
     t.add_argument("recipe", help="YAML recipe (configs/*.yaml), or - for the defaults")
     t.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=0.01 train.epochs=5")
     t.add_argument("--resume", metavar="PATH", help="resume from this checkpoint folder or run folder "
                    "(same as run.resume=PATH; by default an existing run.dir resumes from its latest checkpoint)")
-    e = sub.add_parser("eval", help="evaluate an exported model on a dataset split; writes eval.json")
+    e = command("eval", "score an exported model on a dataset split (a folder of class folders without "
+                       "train/val/test: every image) and write eval.json with its plots")
     e.add_argument("--model", required=True, help="a run folder or an exported model folder")
     e.add_argument("--output", help="where to write eval.json, its plots in plots/ beside it (default: the model's "
                    "run folder)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --output file (and plots beside "
                    "it) that the trainer did not write")
     e.add_argument("overrides", nargs="*", help="key=value for data.* and eval.*, e.g. eval.split=test")
-    pk = sub.add_parser("pack", help="pack an image, masks, COCO or multi-label CSV folder into a few large shards "
+    pk = command("pack", "pack an image, masks, COCO or multi-label CSV folder into a few large shards "
                         "(data.format=shards): one file per few hundred MB instead of one per image; resumable, "
                         "every image checked once")
     pk.add_argument("src", help="the image folder (train/ [val/ test/] of class folders, or class folders), a "
@@ -53,20 +63,21 @@ def _parser() -> argparse.ArgumentParser:
                     "index.json) instead of stopping at the first")
     pk.add_argument("overrides", nargs="*", help="data.csv.KEY=VALUE: a multi-label CSV folder's columns and "
                     "separator, as training from the folder reads them")
-    w = sub.add_parser("sweep", help="expand a sweep file into runs: a SLURM job array or local runs")
-    w.add_argument("sweep_file")
+    w = command("sweep", "expand a sweep file into runs: a SLURM job array or local runs")
+    w.add_argument("sweep_file", help="a sweep file: a recipe and the config keys to vary (configs/sweeps/)")
     w.add_argument("--dir", help="sweep folder (default sweeps/<name>)")
     how = w.add_mutually_exclusive_group(required=True)
     how.add_argument("--slurm", metavar="SCRIPT", help="submit as a job array of this sbatch script, "
                      "e.g. slurm/train.sbatch or slurm/train_cpu.sbatch")
     how.add_argument("--local", action="store_true", help="run the tasks here, one after another")
     w.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch argument (repeatable)")
-    a = sub.add_parser("sweep-args", help=argparse.SUPPRESS)  # used by slurm/lib.sh: one task's arguments
+    a = sub.add_parser("sweep-args")  # used by slurm/lib.sh: one task's arguments (no help: not listed)
     a.add_argument("sweep_dir")
     a.add_argument("index", type=int)
-    u = sub.add_parser("tune", help="hyperparameter search with Optuna: workers pull trials from one study, "
+    u = command("tune", "hyperparameter search with Optuna: workers pull trials from one study, "
                        "the pruner stops bad trials early, a preempted trial continues as the same trial")
-    u.add_argument("tune_file")
+    u.add_argument("tune_file", help="a tune file: a recipe, the search space, sampler and pruner "
+                   "(configs/tunes/)")
     u.add_argument("overrides", nargs="*", help="key=value applied to every trial (after the tune file's overrides)")
     u.add_argument("--dir", help="tune folder (default tunes/<name>)")
     how = u.add_mutually_exclusive_group(required=True)
@@ -77,16 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--storage", metavar="URL", help="an Optuna RDB URL (postgresql://..., mysql://...) instead "
                    "of the journal file in the tune folder")
     u.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch argument (repeatable)")
-    k = sub.add_parser("tune-worker", help=argparse.SUPPRESS)  # one worker: `trainer tune` and slurm/lib.sh start it
+    k = sub.add_parser("tune-worker")  # one worker: `trainer tune` and slurm/lib.sh start it (not listed)
     k.add_argument("tune_dir")
     k.add_argument("--worker-id", required=True)
     k.add_argument("--worker-index", type=int, default=0)
-    c = sub.add_parser("collect", help="table of a sweep's runs or a tune's trials (best metric, values, status), "
+    c = command("collect", "table of a sweep's runs or a tune's trials (best metric, values, status), "
                        "best first; for a tune also best.yaml and plots")
-    c.add_argument("sweep_dir", metavar="DIR")
+    c.add_argument("sweep_dir", metavar="DIR", help="a sweep folder (sweeps/<name>) or a tune folder (tunes/<name>)")
     c.add_argument("--metric", help="rank by this metric (default: each run's eval.monitor)")
-    r = sub.add_parser("predict", help="predictions for image files: a CSV (classification), index PNGs "
-                       "(segmentation) or a JSON of boxes (detection)")
+    r = command("predict", "predictions for image files: a CSV (classification, multi-label), "
+                       "index PNGs (segmentation) or a JSON of boxes (detection)")
     r.add_argument("--model", required=True, help="a run folder or an exported model folder")
     r.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or @list.txt")
     r.add_argument("--output", required=True, help="classification: the CSV file to write; segmentation: the "
@@ -94,12 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overlay", action="store_true", help="segmentation: also a colour overlay beside each mask")
     r.add_argument("--draw", help="detection: also each image with its boxes drawn, as a JPEG in this folder")
     r.add_argument("--score-threshold", type=float, help="detection: override the model's score threshold")
-    r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--threshold", type=float, help="binary: override the model's decision threshold")
+    r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    r.add_argument("--threshold", type=float, help="binary: override the model's decision threshold; "
+                   "multi-label: one threshold for every class")
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --output file that the trainer "
                    "did not write (never an input)")
-    x = sub.add_parser("export", help="an exported model as an ONNX file (logits of a normalised float32 NCHW "
+    x = command("export", "an exported model as an ONNX file (logits of a normalised float32 NCHW "
                        "batch), checked against PyTorch with ONNX Runtime before it is written")
     x.add_argument("--model", required=True, help="a run folder or an exported model folder")
     x.add_argument("--format", required=True, choices=["onnx"])

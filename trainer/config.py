@@ -24,7 +24,7 @@ VERIFY_MODES = ("header", "full", "off")  # data.verify_images
 # tracking.log_with: accelerate's trackers the trainer drives, each with the module it imports and the pip
 # package that provides it (mlflow-skinny: MLflow's client without its server and UI, all accelerate's tracker needs)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
-            "wandb": ("wandb", "wandb")}
+            "wandb": ("wandb", "wandb"), "comet_ml": ("comet_ml", "comet_ml")}
 
 
 # ---- ranges: every number in the schema says which values it takes, next to its default ----
@@ -112,12 +112,24 @@ class AugmentCfg:
     # detection: each image rescaled by a factor drawn from [min, max] of its own size before the detector's
     # own resize (null = off), and SSD's random IoU crop (a zoom that keeps objects whole)
     scale_jitter: Optional[List[float]] = ranged(None, "(0, inf)")
-    iou_crop: bool = False
+    iou_crop: bool = False  # detection: SSD's random IoU crop (see scale_jitter above)
+    # segmentation and detection: scale jitter both ways, [min, max] (null = off; torchvision's references: 0.5-2):
+    # each training image resized by a factor drawn from it (segmentation: of the S x S training frame;
+    # detection: of the image fitted into S x S, aspect kept), padded right/bottom to S x S where smaller (the
+    # mean colour; masks data.ignore_index) and randomly cropped to S x S, S = data.image_size; boxes clipped,
+    # those under 1 px dropped. Replaces the resize + crop_padding / random_resized_crop of segmentation;
+    # a detector's own resize is skipped in training (evaluation still resizes to model.detection.min_size)
+    scale_range: Optional[List[float]] = ranged(None, "(0, inf)")
+    # detection: multi-scale training, the short side of each micro-step's images drawn from this list (px; the
+    # long side capped at model.detection.max_size; the detector's own resize skipped in training), seeded by
+    # (seed, epoch, batch position); evaluation at model.detection.min_size. torchvision's "multiscale" preset:
+    # [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]. null = off
+    multiscale_sizes: Optional[List[int]] = ranged(None, "[1, inf)")
     # classification, data.loader=workers: a policy of torchvision.transforms.v2 on the uint8 image, after the
     # crop and flip; randaugment takes the two numbers below (torchvision's defaults)
     auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment", "augmix"] = "none"
-    randaugment_num_ops: int = ranged(2, "[1, 16]")
-    randaugment_magnitude: int = ranged(9, "[0, 30]")  # of 31 levels
+    randaugment_num_ops: int = ranged(2, "[1, 16]")  # auto_augment=randaugment: operations per image
+    randaugment_magnitude: int = ranged(9, "[0, 30]")  # auto_augment=randaugment: strength, of 31 levels
     # classification: probability that a rectangle of each image is replaced by noise, after normalisation
     # (Zhong et al.; timm's --reprob); 0 = off
     random_erasing: float = ranged(0.0, "[0, 1]")
@@ -125,9 +137,9 @@ class AugmentCfg:
     # when both are on, each mixed batch uses CutMix with probability mix_switch_prob, else mixup; a batch is
     # mixed at all with probability mix_prob. Targets become soft (loss.label_smoothing applies to them).
     mixup_alpha: float = ranged(0.0, "[0, inf)")
-    cutmix_alpha: float = ranged(0.0, "[0, inf)")
-    mix_prob: float = ranged(1.0, "[0, 1]")
-    mix_switch_prob: float = ranged(0.5, "[0, 1]")
+    cutmix_alpha: float = ranged(0.0, "[0, inf)")  # CutMix's Beta(alpha, alpha); 0 = off
+    mix_prob: float = ranged(1.0, "[0, 1]")  # probability that a batch is mixed at all
+    mix_switch_prob: float = ranged(0.5, "[0, 1]")  # both on: probability of CutMix, else mixup
 
 
 @dataclass
@@ -136,8 +148,8 @@ class GeneratedCfg:
     # detection: the same scenes with a tight box per shape, written as a COCO folder
     # multilabel: the same scenes, each image labelled with the kinds of shape visible in it (a CSV per split)
     variant: Literal["binary", "multiclass", "segmentation", "detection", "multilabel"] = "multiclass"
-    train_per_class: int = ranged(1000, "[1, inf)")
-    val_per_class: int = ranged(150, "[1, inf)")
+    train_per_class: int = ranged(1000, "[1, inf)")  # training images per class
+    val_per_class: int = ranged(150, "[1, inf)")  # validation images per class
     test_per_class: int = ranged(150, "[0, inf)")  # 0 = no test split
     # the data is a pure function of (variant, counts, image_size, seed); numpy's SeedSequence takes no negative
     seed: int = ranged(0, "[0, inf)")
@@ -148,14 +160,14 @@ class CsvCfg:
     """data.format=multilabel: the columns of each split's CSV (the Kaggle/fastai convention by default)."""
     image_column: str = "image"  # the image's path, relative to the CSV's folder (or absolute)
     labels_column: str = "labels"  # the class names of the image, joined by `separator`; empty = no label
-    separator: str = " "
+    separator: str = " "  # between the class names of one cell
 
 
 @dataclass
 class DataCfg:
     format: Literal["imagefolder", "cifar10", "cifar100", "generated", "masks", "voc", "coco", "voc_detection",
                     "shards", "multilabel"] = \
-        "generated"
+        "generated"  # where the images come from and how they are laid out (see data.root)
     # imagefolder: a folder with train/ (+ val/, + test/) or a single folder of class folders;
     # cifar: torchvision's root (holds cifar-10-batches-py/); generated: where the images are written
     # (default data/generated/<variant>-<size>px-seed<seed>-v<format> under the current directory);
@@ -174,9 +186,21 @@ class DataCfg:
     # takes 8-bit values only, and none that is a class's index
     ignore_index: int = ranged(255, "[0, 255]")
     class_names: Optional[List[str]] = None  # masks: class names by index (instead of ROOT/classes.txt)
-    voc_year: str = "2012"
+    voc_year: str = "2012"  # voc, voc_detection: the year of VOCdevkit/VOC<year>
     download: bool = False  # cifar only: fetch from the internet when absent
     image_size: int = ranged(32, "[1, inf)")  # side in pixels of the square network input
+    # classification and multi-label: how an image becomes that input in evaluation, `trainer predict`, the ONNX
+    # export's check and training without random_resized_crop (timm's names; trainer/data/datasets.py `Fit`):
+    # squash = both sides resized to image_size / crop_pct; center = the shorter side resized to image_size /
+    # crop_pct, aspect kept; then the centre image_size square is kept. Each null = the pretrained weights' own
+    # (model.weights: torchvision's weights.transforms(), timm's pretrained_cfg), else squash, crop_pct 1 (no crop)
+    # and bilinear (antialiased). Recorded in model.json
+    crop_mode: Optional[Literal["squash", "center"]] = None
+    # the fraction of the resized side the centre crop keeps (ResNet-50's IMAGENET1K_V2: 224 / 232; timm's
+    # default 0.875); 1 = no crop
+    crop_pct: Optional[float] = ranged(None, "(0, 1]")
+    # of that resize and of RandomResizedCrop
+    interpolation: Optional[Literal["bilinear", "bicubic", "nearest"]] = None
     # used when there is no val/ folder: a seeded, stratified split of train. 0 = train on all of train and
     # validate on test/ (CIFAR: the test set), as the classic recipes do; then evaluate only at the end
     # (eval.every_epochs=0) so the test split never steers training
@@ -185,7 +209,7 @@ class DataCfg:
     # per channel, of pixel values in [0, 1]; null = measured on the training images. A std is at most 0.5
     # there (1 leaves the scale as is): the ranges refuse 0-255-scale values such as 123.7 or 58.4
     mean: Optional[List[float]] = ranged(None, "[0, 1]")
-    std: Optional[List[float]] = ranged(None, "(0, 1]")
+    std: Optional[List[float]] = ranged(None, "(0, 1]")  # per channel, as mean; null = measured
     # DataLoader workers per process (persistent: started once per run); 0 = loaded in the main process
     num_workers: int = ranged(2, "[0, inf)")
     prefetch_factor: int = ranged(2, "[1, inf)")  # batches each worker loads ahead
@@ -219,6 +243,14 @@ class DataCfg:
     # (recorded in model.json)
     exif_orientation: bool = True
     sampler: Literal["random", "weighted"] = "random"  # weighted: class-balanced draw with replacement
+    # detection: aspect-ratio grouping, torchvision's --aspect-ratio-group-factor (its reference uses 3): images
+    # in 2k + 2 groups of width/height, each global batch drawn from one group (trainer/data/detection_order.py);
+    # 0 = off
+    aspect_ratio_group_factor: int = ranged(0, "[0, inf)")
+    # detection: repeat-factor sampling for rare categories (LVIS: 0.001): an image is repeated
+    # max(1, sqrt(t / f_c)) times per epoch in expectation, f_c the fraction of training images holding its
+    # rarest category (stochastic rounding, each epoch the same length); null = off
+    repeat_factor_threshold: Optional[float] = ranged(None, "(0, 1]")
     augment: AugmentCfg = field(default_factory=AugmentCfg)
     generated: GeneratedCfg = field(default_factory=GeneratedCfg)
     csv: CsvCfg = field(default_factory=CsvCfg)
@@ -248,15 +280,19 @@ class DetectionModelCfg:
 
 @dataclass
 class ModelCfg:
-    name: str = "multiclass_cnn"
+    name: str = "multiclass_cnn"  # a name of trainer/models.py, a torchvision classifier, timm/<name>, or a task's own
     small_input_stem: Optional[bool] = None  # torchvision models: 3x3 stride-1 stem for small images; null = auto (image_size <= 64)
     pretrained_path: Optional[str] = None  # local .safetensors or .pth state dict; the classifier head is re-initialised
     # pretrained weights by name: DEFAULT, or one of the model's torchvision weights (ResNet50_Weights.IMAGENET1K_V2,
     # or the tag alone), read from torch.hub's cache ($TORCH_HOME/hub/checkpoints, else ~/.cache/torch/...) and
-    # loaded as pretrained_path is; their mean/std are data.mean/std's default
+    # loaded as pretrained_path is; for model.name=timm/<arch>[.<tag>], DEFAULT (the name's tag, else timm's
+    # default one) or a tag (a1_in1k), read as model.safetensors from the Hugging Face cache ($HF_HUB_CACHE, else
+    # $HF_HOME/hub, else ~/.cache/huggingface/hub). Their mean/std, resize, crop and interpolation are the
+    # defaults of data.mean/std/crop_mode/crop_pct/interpolation
     weights: Optional[str] = None
-    weights_download: bool = False  # fetch a missing weights file into that cache (needs network)
-    channels_last: bool = False
+    # fetch a missing weights file into that cache (needs network; never while HF_HUB_OFFLINE is set, for timm's)
+    weights_download: bool = False
+    channels_last: bool = False  # NHWC memory format (faster convolutions with bf16 on GPUs)
     compile: bool = False  # torch.compile the model in place (nn.Module.compile): slower start, maybe faster steps
     # stochastic depth: the drop probability of the last residual block (ConvNeXt, EfficientNet, the ResNets;
     # rising linearly from 0 at the first block, as torchvision and timm do); null = the model's own
@@ -297,9 +333,9 @@ class EarlyStoppingCfg:
 
 @dataclass
 class TrainCfg:
-    epochs: int = ranged(10, "[1, inf)")
+    epochs: int = ranged(10, "[1, inf)")  # passes over the training split
     batch_size: int = ranged(64, "[1, inf)")  # per process; global batch = batch_size x processes x grad_accum_steps
-    grad_accum_steps: int = ranged(1, "[1, inf)")
+    grad_accum_steps: int = ranged(1, "[1, inf)")  # micro-batches per optimizer update
     # the global batch, whatever the allocation: each start derives the accumulation (and, where it must, a
     # smaller per-process batch) from its process count, train.batch_size being the most one process takes.
     # One flag for a job that may be requeued onto another number of GPUs (`batching`); null = off
@@ -310,12 +346,12 @@ class TrainCfg:
     # the largest global L2 norm of the gradients; null = no clipping (a negative norm turned every update
     # around: gradient ascent)
     clip_grad_norm: Optional[float] = ranged(None, "(0, inf)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast dtype; fp16 (with a grad scaler) needs a GPU
     # stop after this many optimizer updates (smoke tests); null = epochs
     max_steps: Optional[int] = ranged(None, "[1, inf)")
     log_every_steps: int = ranged(20, "[1, inf)")  # optimizer updates between metrics.jsonl rows
     device: Literal["auto", "cpu"] = "auto"  # auto = GPU when available
-    progress_bar: bool = True
+    progress_bar: bool = True  # a bar on a terminal; in a log file a plain line per log step either way
     # longest wait for a peer in any collective (start-up included) before failing
     dist_timeout_s: int = ranged(300, "[1, inf)")
     # GPU only: let cuDNN time its algorithms per shape (faster convolutions; results are then not bitwise
@@ -330,16 +366,27 @@ class TrainCfg:
 
 @dataclass
 class OptimCfg:
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw"] = "sgd"  # the optimizer
     lr: float = ranged(0.05, "(0, inf)")  # peak lr per optimizer update (0 would train nothing)
     momentum: float = ranged(0.9, "[0, 1)")  # sgd only; at 1 the velocity never decays
-    nesterov: bool = False
+    nesterov: bool = False  # sgd only: Nesterov momentum
     betas: List[float] = ranged([0.9, 0.999], "[0, 1)")  # adamw only (torch refuses others)
     weight_decay: float = ranged(5e-4, "[0, inf)")  # not applied to norm and bias parameters (unless bias_decay)
-    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    # poly: (1 - progress)^poly_power after the warm-up (torchvision's segmentation reference); one_cycle: torch's
+    # OneCycleLR with max_lr = optim.lr (the one_cycle_* keys; it warms up itself); all counted in updates
+    schedule: Literal["cosine", "linear", "step", "constant", "poly", "one_cycle"] = "cosine"
+    poly_power: float = ranged(0.9, "(0, inf)")  # 0.9: torchvision's segmentation reference and DeepLab's
+    # one_cycle: torch's OneCycleLR's arguments, with its defaults
+    one_cycle_pct_start: float = ranged(0.3, "(0, 1)")  # one_cycle: fraction of the updates rising to optim.lr
+    one_cycle_div_factor: float = ranged(25.0, "[1, inf)")  # one_cycle starts at optim.lr / this
+    one_cycle_final_div_factor: float = ranged(1.0e4, "[1, inf)")  # one_cycle ends at its start / this
+    one_cycle_anneal: Literal["cos", "linear"] = "cos"  # one_cycle's annealing curve, up and down
+    # one_cycle's momentum cycle [base, max] (SGD's momentum, AdamW's beta1): max at the start, base at the lr's
+    # peak, max at the end, replacing optim.momentum / betas[0]; torch's cycle_momentum defaults; null = keep it
+    one_cycle_momentum: Optional[List[float]] = ranged([0.85, 0.95], "[0, 1)")
     warmup_epochs: float = ranged(0.0, "[0, inf)")  # linear warmup, in epochs of optimizer updates
     warmup_start_ratio: float = ranged(0.0, "[0, 1]")  # warmup starts at this fraction of lr (0: from ~0)
-    # cosine / linear floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
+    # cosine / linear / poly floor at the last update, as a fraction of lr (above 1 the "floor" would pass the peak)
     min_lr_ratio: float = ranged(0.0, "[0, 1]")
     step_milestones: List[float] = ranged([], "[0, inf)")  # step schedule: epochs where lr *= step_gamma
     step_gamma: float = ranged(0.1, "(0, 1]")  # a decay: above 1 the lr would climb past the peak optim.lr
@@ -377,7 +424,7 @@ class EmaCfg:
     # short runs: the decay used at EMA update t is min(decay, 1 - (1 + t)^-warmup_power) (timm's warm-up), so
     # the average does not hold on to the random initial weights
     warmup: bool = True
-    warmup_power: float = ranged(0.75, "(0, inf)")
+    warmup_power: float = ranged(0.75, "(0, inf)")  # the power of that warm-up (timm: 3/4)
     every: int = ranged(1, "[1, inf)")  # optimizer updates between EMA updates
     # which weights evaluation scores: ema, raw (the trained weights), or both (raw metrics logged as raw_<name>;
     # eval.monitor may name either, and best/ holds the weights it monitors)
@@ -401,26 +448,31 @@ class EvalCfg:
     # (classification) = airbench94's 6 views: flip, plus flip of the image shifted 1 px up-left and down-right
     # (trainer.models.forward_tta); recorded in model.json, so `trainer eval` and `trainer predict` apply the same
     tta: Literal["none", "flip", "flip_translate"] = "none"
-    split: Literal["val", "test", "train", "all"] = "val"  # which split `trainer eval` scores; all = every image under data.root/<class>/
+    # which split `trainer eval` scores; all = every image under data.root/<class>/, what `trainer eval` scores by
+    # default when the data.root it is given is a folder of class folders without train/ (trainer/evaluate.py)
+    split: Literal["val", "test", "train", "all"] = "val"
 
 
 @dataclass
 class WandbCfg:
-    enabled: bool = False
-    project: str = "cnn-trainer"
-    entity: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    enabled: bool = False  # log to Weights & Biases (the wandb extra); off: wandb is never imported
+    project: str = "cnn-trainer"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; null = your default
+    tags: List[str] = field(default_factory=list)  # W&B run tags
 
 
 @dataclass
 class TrackingCfg:
     # Loggers besides metrics.jsonl (always written: the run's own record), each through accelerate's tracker in
     # its local mode inside the run directory: tensorboard (<run>/tensorboard/), mlflow (<run>/mlflow/, a file
-    # store), wandb (<run>/wandb/; wandb.enabled=true adds it). E.g. tracking.log_with=[tensorboard,mlflow]
+    # store), wandb (<run>/wandb/; wandb.enabled=true adds it), comet_ml (offline: an archive per start in
+    # <run>/comet_ml/, for `comet upload`). E.g. tracking.log_with=[tensorboard,mlflow]
     log_with: List[str] = field(default_factory=list)
-    mlflow_experiment: str = "cnn-trainer"
-    # null = the run's own file store (<run>/mlflow); or a tracking server or database of your own
-    # (http://host:5000, sqlite:///path/mlflow.db), which the trainer then does not manage
+    project: str = "cnn-trainer"  # comet_ml's project name
+    mlflow_experiment: str = "cnn-trainer"  # the MLflow experiment the run is logged under
+    # null = the run's own file store (<run>/mlflow); or a tracking server, database or file store of your own
+    # (http://host:5000, sqlite:///path/mlflow.db, file:///shared/mlruns or a folder), which the trainer then
+    # does not manage
     mlflow_uri: Optional[str] = None
 
 
@@ -621,6 +673,16 @@ def validate(cfg: Config) -> None:
     jitter = cfg.data.augment.scale_jitter
     if jitter is not None and (len(jitter) != 2 or not jitter[0] <= jitter[1]):
         raise ConfigError(f"data.augment.scale_jitter must be [min, max] with min <= max, got {list(jitter)}")
+    scale_range = cfg.data.augment.scale_range
+    if scale_range is not None:
+        if len(scale_range) != 2 or not scale_range[0] <= scale_range[1]:
+            raise ConfigError(f"data.augment.scale_range must be [min, max] with min <= max, got {list(scale_range)}")
+        if cfg.data.augment.random_resized_crop:
+            raise ConfigError("data.augment.scale_range and data.augment.random_resized_crop both choose the scale "
+                              "and crop of a training image: turn one off")
+        if cfg.data.augment.multiscale_sizes:
+            raise ConfigError("data.augment.scale_range and data.augment.multiscale_sizes both size a detector's "
+                              "training images (a fixed square canvas, or a short side per batch): choose one")
     # each task's rules: the data it trains on, the keys only it reads (trainer/tasks, above this module: imported
     # when a config is checked; the package's face imports no torch, so a mistake still fails in 0.3 s)
     from trainer.tasks import check_config as check_task_config
@@ -654,6 +716,12 @@ def validate(cfg: Config) -> None:
         if cfg.data.loader != "workers":
             raise ConfigError("data.decode_device=cuda is for data.loader=workers (data.loader=device decodes the "
                               "split once, at start-up, on the CPU)")
+    if cfg.optim.schedule == "one_cycle" and cfg.optim.warmup_epochs > 0:
+        raise ConfigError(f"optim.warmup_epochs={cfg.optim.warmup_epochs} with optim.schedule=one_cycle: the cycle "
+                          f"warms up itself (optim.one_cycle_pct_start of the updates); set optim.warmup_epochs=0")
+    cycle = cfg.optim.one_cycle_momentum
+    if cycle is not None and (len(cycle) != 2 or not cycle[0] <= cycle[1]):
+        raise ConfigError(f"optim.one_cycle_momentum must be [base, max] with base <= max, got {list(cycle)}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must have 2 values, got {cfg.optim.betas}")
     _validate_regularisation(cfg)

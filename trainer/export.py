@@ -23,12 +23,13 @@ FORMAT = "cnn-trainer-model"
 FORMAT_VERSION = 1
 
 
-def model_card(cfg, mean, std, small_input_stem: bool) -> dict:
+def model_card(cfg, mean, std, small_input_stem: bool, fit=None) -> dict:
     """The fields of model.json that are not the task's (trainer/tasks: `export_meta`): what the network is
-    and how images are read and normalised, so that `trainer eval` and `trainer predict` read them as the
-    training did."""
+    and how images are read, resized (`fit`: trainer.data.datasets.Fit, for the classifiers) and normalised, so
+    that `trainer eval`, `trainer predict` and the ONNX export read them as the training did."""
     return {"architecture": cfg.model.name, "image_size": cfg.data.image_size, "small_input_stem": small_input_stem,
             "mean": list(mean), "std": list(std),
+            **(fit.meta(cfg.data.image_size) if fit is not None else {}),
             "tta": cfg.eval.tta,  # applied by `trainer eval` and `trainer predict` too
             "exif_orientation": cfg.data.exif_orientation,
             # JPEGs decoded at a reduced DCT scale before evaluation's resize (trainer.data.folders.decode_fit)
@@ -102,6 +103,16 @@ def read_meta(model_dir: Path) -> dict:
             raise TrainerError(f"{path}: {key} must be 3 numbers, got {meta[key]}")
     if min(meta["std"]) <= 0:
         raise TrainerError(f"{path}: std must be > 0, got {meta['std']}")
+    from trainer.data.datasets import CROP_MODES, INTERPOLATIONS
+
+    if meta.get("crop_mode", "squash") not in CROP_MODES:
+        raise TrainerError(f"{path}: crop_mode '{meta['crop_mode']}' is not one of {', '.join(CROP_MODES)}")
+    crop_pct = meta.get("crop_pct", 1.0)
+    if isinstance(crop_pct, bool) or not isinstance(crop_pct, (int, float)) or not 0 < crop_pct <= 1:
+        raise TrainerError(f"{path}: crop_pct must be a number in (0, 1], got {crop_pct}")
+    if meta.get("interpolation", "bilinear") not in INTERPOLATIONS:
+        raise TrainerError(f"{path}: interpolation '{meta['interpolation']}' is not one of "
+                           f"{', '.join(INTERPOLATIONS)}")
     if meta.get("tta", "none") not in TTA_MODES:
         raise TrainerError(f"{path}: tta '{meta['tta']}' is not one of {', '.join(TTA_MODES)}")
     return meta

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -37,7 +38,7 @@ from trainer.distributed import agree, check_processes, make_accelerator, print0
 from trainer.evaluation import export_scored, score
 from trainer.models import pretrained_source
 from trainer.monitor import Monitor
-from trainer.optim import lr_at
+from trainer.optim import lr_at, momentum_at, set_momentum
 from trainer.session import build_session
 from trainer.state import TrainState, compare_with_checkpoint
 from trainer.tracking import LossLog, Tracker, TrainLog
@@ -74,13 +75,10 @@ def train(cfg: Config) -> dict:
         with plan:  # the main process holds the run's lock until the end; a failed start leaves nothing behind
             seen = agree(acc, lambda: compare_with_checkpoint(plan, cfg, to_dict(cfg), global_batch), main_only=True,
                          share=True)
-            result = None
+            result, exported = None, False
             if plan.kind != "complete":
                 s = build_session(cfg, acc, say)
-                ts = TrainState(acc, s.core, s.opt, s.extensions, {
-                    "config": to_dict(cfg), "data_fingerprint": s.fingerprint, "architecture": cfg.model.name,
-                    "task": s.task.name, "classes": s.data.classes, "global_batch": global_batch},
-                    cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, s.schedule, s.total_from)
+                ts = train_state(cfg, acc, s, global_batch)
                 if plan.kind == "resume":
                     for note in agree(acc, lambda: ts.restore(plan.checkpoint, plan.in_place,
                                                               cfg.run.allow_config_change)):
@@ -91,8 +89,10 @@ def train(cfg: Config) -> dict:
                 if not ts.loop.done:
                     result = run(cfg, acc, plan, s, ts, say, t_start)
                 s = ts = None  # DDP's model released before the process group (gloo aborts at exit otherwise)
-            if result is None:  # complete: the same command has nothing to do
-                for line in rundir.complete_lines(plan.dir, seen):
+            elif agree(acc, lambda: rundir.model_missing(plan, seen), main_only=True, share=True):
+                exported = re_export(cfg, acc, plan, say, global_batch)
+            if result is None:  # complete: the same command has nothing (more) to do
+                for line in rundir.complete_lines(plan.dir, seen, exported):
                     say(line)
                 summary = plan.dir / "summary.json"
                 result = json.loads(summary.read_text()) if summary.is_file() else {}
@@ -101,6 +101,38 @@ def train(cfg: Config) -> dict:
             return result
     finally:
         preemption.end_startup()
+
+
+def train_state(cfg: Config, acc, s, global_batch: int) -> TrainState:
+    """The state a start restores into and checkpoints from: the session's model, optimizer and extensions,
+    with the identity a checkpoint is compared against."""
+    return TrainState(acc, s.core, s.opt, s.extensions, {
+        "config": to_dict(cfg), "data_fingerprint": s.fingerprint, "architecture": cfg.model.name,
+        "task": s.task.name, "classes": s.data.classes, "global_batch": global_batch},
+        cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, s.schedule, s.total_from)
+
+
+def re_export(cfg: Config, acc, plan, say, global_batch: int) -> bool:
+    """A finished run whose final model (model/) was deleted: exported again from the run's final checkpoint,
+    scored on val as the end of training scored it, through the write gate. The final checkpoint is taken after
+    the last update (and after Lookahead's last pull), so its weights are the ones first exported; nothing else
+    of the run is written. A newest loadable checkpoint that is not the final one (the final one damaged) cannot
+    give the final model: that is said, and nothing is written."""
+    s = build_session(cfg, acc, say)
+    ts = train_state(cfg, acc, s, global_batch)
+    agree(acc, lambda: ts.restore(plan.checkpoint, plan.in_place, False))
+    if not ts.loop.done:
+        say(f"[trainer] {plan.dir / 'model'} is missing and the newest loadable checkpoint ({plan.checkpoint.name}) "
+            f"is not the final one, so the final model cannot be exported again; best/ holds the best model, or "
+            f"pass run.overwrite=true to train the run again")
+        return False
+    scores = score(s.model, s.core, s.val_set, s.task, s.extensions, acc, s.eval_batch, cfg.data.num_workers,
+                   s.memory_format, cfg.eval.tta)
+    agree(acc, lambda: export_scored(plan.out, "model", s.core, s.extensions, s.task, scores, s.card,
+                                     ts.loop.update), main_only=True)
+    say(f"[trainer] {plan.dir / 'model'} was missing: exported again from the final checkpoint "
+        f"{plan.checkpoint.name} (val {scores.headline()})")
+    return True
 
 
 def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
@@ -112,6 +144,9 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
 
     def lr_for(update: int) -> float:  # through this module's `lr_at`: the fault drivers' seam (tests/)
         return lr_at(ts.schedule.position(update), **ts.schedule.kwargs)
+
+    def momentum_for(update: int) -> Optional[float]:  # None unless the schedule cycles it (one_cycle)
+        return momentum_at(ts.schedule.position(update), **ts.schedule.kwargs)
 
     # ---- the run directory is written now that every check has passed ----
     loop.run_ids["wandb"] = agree(acc, lambda: loop.run_ids.get("wandb") or rundir.new_run_id(), main_only=True,
@@ -161,8 +196,11 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
                     ext.before_step(core, epoch)  # e.g. a frozen backbone's gradients dropped: clipping sees the rest
                     if cfg.train.clip_grad_norm is not None:
                         acc.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+                    momentum = momentum_for(loop.update)
                     for group in opt.param_groups:
                         group["lr"] = lr_for(loop.update) * group.get("lr_scale", 1.0)
+                        if momentum is not None:
+                            set_momentum(group, momentum)
                 opt.step()  # a no-op on accumulation micro-batches (accelerate skips it)
                 opt.zero_grad(set_to_none=True)
             loss_log.add(loss, parts)

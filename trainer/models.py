@@ -347,7 +347,8 @@ TIMM_PREFIX = "timm/"
 
 def _timm(name: str) -> Callable:
     def build(num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
-              drop_path: Optional[float] = None, dropout: Optional[float] = None) -> nn.Module:
+              drop_path: Optional[float] = None, dropout: Optional[float] = None,
+              pretrained_state: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
         import timm
 
         if small_input_stem:
@@ -355,6 +356,17 @@ def _timm(name: str) -> Callable:
                               f"{TIMM_PREFIX}{name}); leave it null")
         # timm's own arguments; None leaves the model's default (timm drops None-valued ones)
         kwargs = dict(pretrained=False, num_classes=num_outputs, drop_path_rate=drop_path, drop_rate=dropout)
+        if pretrained_state is not None:  # read without pickle by the caller, loaded by timm's own loader: its
+            # checkpoint filter (a ViT's position embedding resampled to img_size) and its classifier handling
+            # (dropped for another class count); source "" so that timm never looks at the hub itself
+            overlay = dict(state_dict=pretrained_state, source="")
+            cfg = timm.models.get_pretrained_cfg(name)
+            heads = cfg.classifier if cfg is not None else None
+            heads = [heads] if isinstance(heads, str) else list(heads or ())
+            rows = [pretrained_state[f"{h}.weight"].shape[0] for h in heads if f"{h}.weight" in pretrained_state]
+            if rows:  # the file's own class count, not the tag's: a head of this run's size is kept (an export)
+                overlay["num_classes"] = rows[0]
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=overlay)
         try:  # transformers size their position embeddings for the input; the CNNs take no img_size
             return timm.create_model(name, img_size=image_size, **kwargs)
         except TypeError:
@@ -364,6 +376,9 @@ def _timm(name: str) -> Callable:
         except TypeError as err:  # e.g. a net without stochastic depth given model.drop_path
             raise ConfigError(f"model {TIMM_PREFIX}{name} does not take these settings (model.drop_path / "
                               f"model.dropout): {str(err).splitlines()[0]}") from None
+        except RuntimeError as err:  # timm's strict load: a file of another architecture
+            raise ConfigError(f"the pretrained weights do not fit model {TIMM_PREFIX}{name}: "
+                              f"{str(err).splitlines()[0]}") from None
 
     return build
 
@@ -413,6 +428,15 @@ def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_s
     if drop_path and name not in DROP_PATH_MODELS and not name.startswith(TIMM_PREFIX):
         raise ConfigError(f"model.drop_path={drop_path}: model {name} has no stochastic depth; it works with the "
                           f"{', '.join(_RESNET_FAMILY + _TAKES_STOCHASTIC_DEPTH)} models")
+    if pretrained_path and name.startswith(TIMM_PREFIX):  # timm loads it itself (see _timm)
+        state = read_state_dict(pretrained_path)
+        model = builder(num_outputs, image_size=image_size, small_input_stem=small_input_stem, drop_path=drop_path,
+                        dropout=dropout, pretrained_state=state)
+        own = model.state_dict()
+        fresh = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+        verbose(f"loaded {len(own) - len(fresh)} pretrained tensors from {pretrained_path} (timm's loader); "
+                f"re-initialised: {fresh or 'none'}")
+        return model
     model = builder(num_outputs, image_size=image_size, small_input_stem=small_input_stem, drop_path=drop_path,
                     dropout=dropout)
     if pretrained_path:
@@ -486,21 +510,127 @@ def weights_file(name: str, weights: str, download: bool = False, verbose=print)
     return str(path)
 
 
+# ---- timm's pretrained tags (model.weights with model.name=timm/...), from the Hugging Face cache only ----
+
+def timm_pretrained_cfg(name: str, weights: str):
+    """timm's pretrained config of the weights `weights` names for model.name `name` (timm/<arch>[.<tag>]):
+    DEFAULT = the tag in the name, else timm's default tag of the architecture; any other value is a tag
+    (a1_in1k), which must agree with the name's. ConfigError listing the architecture's tags otherwise."""
+    import timm
+
+    arch, _, named_tag = name[len(TIMM_PREFIX):].partition(".")
+    tag = named_tag if weights == "DEFAULT" else weights
+    if named_tag and tag != named_tag:
+        raise ConfigError(f"model.weights={weights}: model.name={name} already names the tag {named_tag}; use "
+                          f"model.weights=DEFAULT (or model.name={TIMM_PREFIX}{arch})")
+    try:
+        cfg = timm.models.get_pretrained_cfg(f"{arch}.{tag}" if tag else arch)
+    except RuntimeError:  # timm's "Invalid pretrained tag"
+        cfg = None
+    if cfg is None or not cfg.hf_hub_id:
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise ConfigError(f"model.weights={weights}: timm has no such weights on the Hugging Face hub for {arch}; "
+                          f"its tags: {', '.join(['DEFAULT', *tags]) if tags else 'none'}")
+    return cfg
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache as huggingface_hub finds it: HF_HUB_CACHE, else HF_HOME/hub, else
+    XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub. Read from the environment now, not from
+    huggingface_hub.constants (fixed when it was first imported)."""
+    import os
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _hf_offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+TIMM_WEIGHTS_FILE = "model.safetensors"  # every timm/ repository on the hub has it; no pickle to run
+
+
+def timm_weights_file(name: str, weights: str, download: bool = False, verbose=print) -> str:
+    """The cached model.safetensors of timm weights `weights` for model.name `name`, in the hub cache's layout
+    (<cache>/models--timm--<arch>.<tag>/snapshots/<revision>/model.safetensors, the revision refs/main names).
+    Never downloads unless `download` (model.weights_download=true) and HF_HUB_OFFLINE is unset: a missing file
+    is one line naming the file, the folder and the command that fetches it on a machine with network."""
+    repo = timm_pretrained_cfg(name, weights).hf_hub_id
+    cache = hf_hub_cache()
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    path = _cached_hub_file(cache, folder, repo)
+    if path is None and download and not _hf_offline():
+        from huggingface_hub import hf_hub_download
+
+        verbose(f"downloading {TIMM_WEIGHTS_FILE} of {repo} into {cache} (model.weights_download=true)")
+        hf_hub_download(repo, TIMM_WEIGHTS_FILE, cache_dir=cache)
+        path = _cached_hub_file(cache, folder, repo)
+    if path is None:
+        why = "HF_HUB_OFFLINE is set" if download and _hf_offline() else (
+            "nothing is downloaded unless model.weights_download=true")
+        fetch = (f"python -c \"from huggingface_hub import hf_hub_download; hf_hub_download('{repo}', "
+                 f"'{TIMM_WEIGHTS_FILE}')\"")
+        raise ConfigError(f"model.weights={weights}: {TIMM_WEIGHTS_FILE} of {repo} is not in {folder}/snapshots/ "
+                          f"({why}); on a machine with network run hf download {repo} {TIMM_WEIGHTS_FILE} (or "
+                          f"{fetch}) and copy ~/.cache/huggingface/hub/{folder.name} into {cache} (or set "
+                          f"HF_HUB_CACHE or HF_HOME)")
+    return path
+
+
+def _cached_hub_file(cache: Path, folder: Path, repo: str) -> Optional[str]:
+    """The cached file through huggingface_hub's own lookup (refs/main -> snapshot), else the one snapshot
+    holding it when refs/ was not copied along; None when absent."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, TIMM_WEIGHTS_FILE, cache_dir=cache)
+    if isinstance(found, str) and Path(found).is_file():
+        return found
+    snapshots = sorted((folder / "snapshots").glob(f"*/{TIMM_WEIGHTS_FILE}"))
+    return str(snapshots[0]) if len(snapshots) == 1 else None
+
+
 def pretrained_source(model_cfg, verbose=print) -> Optional[str]:
     """The file a run's model starts from: model.pretrained_path, or the local file of model.weights."""
+    if model_cfg.weights and model_cfg.name.startswith(TIMM_PREFIX):
+        model_builder(model_cfg.name)  # a timm name that exists (and timm installed), before its weights
+        return timm_weights_file(model_cfg.name, model_cfg.weights, model_cfg.weights_download, verbose)
     if model_cfg.weights:
         return weights_file(model_cfg.name, model_cfg.weights, model_cfg.weights_download, verbose)
     return model_cfg.pretrained_path
 
 
-def weights_normalisation(model_cfg) -> Optional[tuple]:
-    """(mean, std) of model.weights' own preprocessing (torchvision's weights.transforms()), None without
-    weights or where they define none. The default of data.mean / data.std: pretrained features expect them."""
+def weights_preprocessing(model_cfg) -> Optional[dict]:
+    """How model.weights' own training read images: mean, std and, where the weights define them (classifiers),
+    crop_mode, crop_pct and interpolation (the keys of data.* and of trainer.data.datasets.Fit) and the input
+    side they were evaluated at (image_size: reported, never imposed: data.image_size is the user's); None without
+    weights. torchvision: its weights.transforms() (ImageClassification: resize_size, crop_size,
+    interpolation); timm: the tag's pretrained_cfg (what timm.data.resolve_data_config reads). The defaults of
+    those data keys: pretrained features expect them."""
     if not model_cfg.weights:
         return None
+    if model_cfg.name.startswith(TIMM_PREFIX):
+        cfg = timm_pretrained_cfg(model_cfg.name, model_cfg.weights)
+        found = {"mean": list(cfg.mean), "std": list(cfg.std), "image_size": cfg.input_size[-1]}
+        if cfg.crop_pct is not None:  # timm's "border" mode (pad, keep all) is not offered: its centre crop instead
+            found.update(crop_mode="squash" if cfg.crop_mode == "squash" else "center", crop_pct=float(cfg.crop_pct))
+        if cfg.interpolation in ("bilinear", "bicubic", "nearest"):
+            found["interpolation"] = cfg.interpolation
+        return found
     transforms = torchvision_weights(model_cfg.name, model_cfg.weights).transforms()
+    found = {}
     mean, std = getattr(transforms, "mean", None), getattr(transforms, "std", None)
-    return (list(mean), list(std)) if mean is not None and std is not None else None
+    if mean is not None and std is not None:
+        found.update(mean=list(mean), std=list(std))
+    crop, resize = getattr(transforms, "crop_size", None), getattr(transforms, "resize_size", None)
+    if crop and resize:  # ImageClassification: the shorter side to resize_size, then the centre crop_size
+        found.update(crop_mode="center", crop_pct=crop[0] / resize[0],
+                     interpolation=transforms.interpolation.value, image_size=crop[0])
+    return found or None
 
 
 def load_pretrained(model: nn.Module, path: str, verbose=print, what: str = "model.pretrained_path") -> None:

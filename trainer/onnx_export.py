@@ -94,9 +94,9 @@ def sidecar_path(out: Path) -> Path:
 def read_images(paths: Sequence[str], meta: dict) -> torch.Tensor:
     """(N, 3, S, S) float32, each image decoded, resized and normalised as `trainer predict` does (the same
     trainer.data functions, with the model's exif_orientation and mean/std)."""
-    from trainer.data.datasets import eval_transform, fit_size, read_eval_image
+    from trainer.data.datasets import Fit, eval_transform, fit_size, read_eval_image
 
-    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+    transform = eval_transform(meta["image_size"], meta["mean"], meta["std"], Fit.from_meta(meta))
     exif = meta.get("exif_orientation", False)  # as predict: older models did not apply it
     # as predict decodes a classifier's inputs (a segmentation model's it decodes whole: either is an input here)
     fit = fit_size(transform) if meta.get("scaled_decode") else None
@@ -215,7 +215,8 @@ def model_properties(meta: dict, task_fields: dict, source: Path, input_shape: l
         "task": meta["task"], "architecture": meta["architecture"], "classes": list(meta["classes"]),
         "num_outputs": meta["num_outputs"], "image_size": meta["image_size"],
         "mean": list(meta["mean"]), "std": list(meta["std"]),
-        "input": "float32 RGB, resized to image_size x image_size, then (pixel / 255 - mean) / std",
+        "input": _input_text(meta),
+        **({key: meta[key] for key in FIT_KEYS if key in meta}),  # the resize and crop of `input`, as model.json
         "input_layout": "NCHW", "input_dtype": "float32", "input_shape": input_shape,
         "output": "logits", "output_shape": output_shape,
         "probabilities": task_fields.pop("probabilities"),
@@ -225,6 +226,17 @@ def model_properties(meta: dict, task_fields: dict, source: Path, input_shape: l
         "source": str(source),
     }
     return {**props, **task_fields}
+
+
+FIT_KEYS = ("crop_mode", "crop_pct", "interpolation", "resize_size")  # model.json's (datasets.Fit.meta)
+
+
+def _input_text(meta: dict) -> str:
+    """How an image becomes the graph's input, in words: model.json's resize and crop (trainer.data's Fit)."""
+    from trainer.data.datasets import Fit
+
+    return (f"float32 RGB, {Fit.from_meta(meta).describe(meta['image_size'])} (antialiased unless nearest), "
+            f"then (pixel / 255 - mean) / std")
 
 
 def run_onnx(session, batch: torch.Tensor) -> torch.Tensor:

@@ -144,14 +144,26 @@ class Lookahead:
         return None
 
 
-def lr_at(update: int, total_updates: int, peak_lr: float, warmup_updates: int = 0, schedule: str = "cosine",
+def lr_at(update: float, total_updates: int, peak_lr: float, warmup_updates: int = 0, schedule: str = "cosine",
           min_lr_ratio: float = 0.0, milestones: Sequence[int] = (), gamma: float = 0.1,
-          warmup_start_ratio: float = 0.0) -> float:
-    """Learning rate for optimizer update number `update` (0-based) of `total_updates`.
+          warmup_start_ratio: float = 0.0, poly_power: float = 0.9, one_cycle_pct_start: float = 0.3,
+          one_cycle_div_factor: float = 25.0, one_cycle_final_div_factor: float = 1e4,
+          one_cycle_anneal: str = "cos", one_cycle_momentum: Optional[Sequence[float]] = None) -> float:
+    """Learning rate for optimizer update number `update` (0-based; a float where a resume with another global
+    batch re-planned the schedule, `Schedule.position`) of `total_updates`.
 
-    Linear warmup from `warmup_start_ratio x peak` (0: from ~0) over `warmup_updates`, then cosine or linear
-    to `min_lr_ratio x peak` at the last update, step decay at the update `milestones`, or constant.
+    Linear warmup from `warmup_start_ratio x peak` (0: from ~0) over `warmup_updates`, then cosine, linear or
+    polynomial (`poly`: (1 - progress)^poly_power, torch's PolynomialLR over the updates after the warm-up, as
+    torchvision's segmentation reference) to `min_lr_ratio x peak` at the last update, step decay at the update
+    `milestones`, or constant. `one_cycle` is torch's OneCycleLR (two phases, `three_phase=False`) with
+    max_lr = peak: from peak / div_factor up to the peak over the first pct_start of the updates, then down to
+    peak / div_factor / final_div_factor at the last, annealed by cosine or linearly; it is its own warm-up
+    (the config refuses warmup_epochs with it). Its momentum cycle (`one_cycle_momentum`) is `momentum_at`'s:
+    one set of keyword arguments serves both.
     """
+    if schedule == "one_cycle":
+        return _one_cycle(update, total_updates, peak_lr, one_cycle_pct_start, one_cycle_div_factor,
+                          one_cycle_final_div_factor, one_cycle_anneal)
     if warmup_updates > 0 and update < warmup_updates:
         if warmup_start_ratio > 0:
             return peak_lr * (warmup_start_ratio + (1 - warmup_start_ratio) * update / warmup_updates)
@@ -165,7 +177,54 @@ def lr_at(update: int, total_updates: int, peak_lr: float, warmup_updates: int =
     floor = peak_lr * min_lr_ratio
     if schedule == "linear":
         return peak_lr + (floor - peak_lr) * progress
+    if schedule == "poly":
+        return floor + (peak_lr - floor) * (1.0 - progress) ** poly_power
     return floor + (peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def momentum_at(update: float, total_updates: int, schedule: str = "cosine", one_cycle_pct_start: float = 0.3,
+                one_cycle_anneal: str = "cos", one_cycle_momentum: Optional[Sequence[float]] = None,
+                **_lr_only) -> Optional[float]:
+    """The momentum (SGD's, or AdamW's beta1) of update `update`, where the schedule cycles it: one_cycle with
+    `one_cycle_momentum` = (base, max), torch's OneCycleLR with cycle_momentum (max at the start, down to base
+    as the learning rate peaks, back to max at the end). None: the optimizer's own momentum stays. Takes the
+    schedule's keyword arguments (those only `lr_at` reads are ignored)."""
+    if schedule != "one_cycle" or one_cycle_momentum is None:
+        return None
+    base, top = (float(v) for v in one_cycle_momentum)
+    return _one_cycle(update, total_updates, top, one_cycle_pct_start, 1.0, 1.0, one_cycle_anneal, start=top,
+                      peak=base, end=top)
+
+
+def set_momentum(group: dict, momentum: float) -> None:
+    """Momentum into an optimizer parameter group: SGD's momentum, or AdamW's beta1."""
+    if "betas" in group:
+        group["betas"] = (momentum, group["betas"][1])
+    else:
+        group["momentum"] = momentum
+
+
+def _one_cycle(update: float, total_updates: int, max_lr: float, pct_start: float, div_factor: float,
+               final_div_factor: float, anneal: str, start: Optional[float] = None, peak: Optional[float] = None,
+               end: Optional[float] = None) -> float:
+    """torch.optim.lr_scheduler.OneCycleLR's learning rate at its step `update` of `total_updates` (its
+    `_schedule_phases` without the third phase, written out: the phase ends are steps pct_start x total - 1
+    and total - 1); `start`, `peak`, `end` replace the three values (its momentum: max, base, max)."""
+    initial = max_lr / div_factor
+    start = initial if start is None else start
+    peak = max_lr if peak is None else peak
+    end = initial / final_div_factor if end is None else end
+    phases = ((float(pct_start * total_updates) - 1, start, peak), (float(total_updates - 1), peak, end))
+    start_step = 0.0
+    for i, (end_step, start_lr, end_lr) in enumerate(phases):
+        if update <= end_step or i == len(phases) - 1:
+            pct = (update - start_step) / (end_step - start_step) if end_step != start_step else 1.0
+            pct = min(max(pct, 0.0), 1.0)  # past the last update (a resume's rounding) stays at the end
+            if anneal == "linear":
+                return (end_lr - start_lr) * pct + start_lr
+            return end_lr + (start_lr - end_lr) / 2.0 * (math.cos(math.pi * pct) + 1)
+        start_step = end_step
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -219,4 +278,10 @@ def schedule_from(optim_cfg, total_updates: int, updates_per_epoch: int) -> dict
             "warmup_updates": round(optim_cfg.warmup_epochs * updates_per_epoch), "schedule": optim_cfg.schedule,
             "min_lr_ratio": optim_cfg.min_lr_ratio,
             "milestones": [round(e * updates_per_epoch) for e in optim_cfg.step_milestones],
-            "gamma": optim_cfg.step_gamma, "warmup_start_ratio": optim_cfg.warmup_start_ratio}
+            "gamma": optim_cfg.step_gamma, "warmup_start_ratio": optim_cfg.warmup_start_ratio,
+            "poly_power": optim_cfg.poly_power, "one_cycle_pct_start": optim_cfg.one_cycle_pct_start,
+            "one_cycle_div_factor": optim_cfg.one_cycle_div_factor,
+            "one_cycle_final_div_factor": optim_cfg.one_cycle_final_div_factor,
+            "one_cycle_anneal": optim_cfg.one_cycle_anneal,
+            "one_cycle_momentum": (list(optim_cfg.one_cycle_momentum) if optim_cfg.one_cycle_momentum is not None
+                                   else None)}

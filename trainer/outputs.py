@@ -1,7 +1,7 @@
 """One gate for every file the trainer writes, replaces or deletes.
 
 Every command (train, eval, predict, export, pack, sweep, tune, collect, the scan cache, the generated data)
-writes through here, under one policy (RELIABILITY.md; the README's "Your files are never lost"):
+writes through here, under one policy (RELIABILITY.md; docs/checkpoints.md, "Your files are never lost"):
 
 1. Never inside or over an input. `Inputs` holds what a command reads (data roots and annotation files,
    predict's images, folders and @lists, the model folder, a pack's source); a target that is one of them or
@@ -64,9 +64,10 @@ LIVE = {
 }
 # Sub-trees another program writes for the trainer inside its folder (the loggers of tracking.log_with): wholly the
 # trainer's. W&B's run folders; TensorBoard's event files (one per start); MLflow's file store: an experiment per
-# numbered folder (0 is its default one) and its deleted runs' .trash
+# numbered folder (0 is its default one) and its deleted runs' .trash; Comet's offline archives (one per start,
+# <experiment key>-<random>.zip)
 LIVE_TREES = {"run": ("wandb/run-*", "wandb/offline-run-*", "wandb/latest-run", "wandb/debug*.log",
-                      "tensorboard/events.out.tfevents.*", "mlflow/[0-9]*", "mlflow/.trash")}
+                      "tensorboard/events.out.tfevents.*", "mlflow/[0-9]*", "mlflow/.trash", "comet_ml/*.zip")}
 
 
 def _matches(rel: str, patterns: Iterable[str]) -> bool:

@@ -354,18 +354,33 @@ def finish(plan: RunPlan, summary: dict) -> Optional[Path]:
     return drawn
 
 
-def complete_lines(run_dir: Path, seen: dict) -> List[str]:
-    """What a start of a complete run says: it has nothing to do, why it cannot continue if none of its
-    checkpoints loads (`seen`: what trainer.state.compare_with_checkpoint found), what it does not apply."""
-    lines = [f"[trainer] {run_dir} is already complete (update {seen.get('update', '?')}); nothing to do. "
+def model_missing(plan: RunPlan, seen: dict) -> bool:
+    """Main process, on a complete run: its final model (model/) lacks a file the trainer exports and a
+    checkpoint loads under an unchanged config, so the start can export it again (loop.re_export)."""
+    lost = any(not (plan.dir / "model" / name).is_file() for name in MODEL_FILES)
+    return lost and plan.checkpoint is not None and not seen.get("changes") and not seen.get("unloadable")
+
+
+def complete_lines(run_dir: Path, seen: dict, re_exported: bool = False) -> List[str]:
+    """What a start of a complete run says: it has nothing (more) to do (`re_exported`: its final model was
+    exported again), why it cannot continue if none of its checkpoints loads (`seen`: what
+    trainer.state.compare_with_checkpoint found), what it does not apply."""
+    done = "its final model was exported again; nothing more to do" if re_exported else "nothing to do"
+    lines = [f"[trainer] {run_dir} is already complete (update {seen.get('update', '?')}); {done}. "
              f"Pass run.overwrite=true to train it again from scratch"]
     if seen.get("unloadable"):
         lines.append(f"[trainer] {seen['unloadable']}: the run cannot be continued from them; nothing was moved or "
                      f"changed")
+        if any(not (run_dir / "model" / n).is_file() for n in MODEL_FILES):
+            lines.append(f"[trainer] {run_dir / 'model'} is missing and cannot be exported again without a loadable "
+                         f"final checkpoint; {run_dir / 'best'} holds the best model")
     if seen.get("changes"):
         lines.append(f"[trainer] not applied, this config differs from the run's: {'; '.join(seen['changes'])}"
                      + ("" if seen.get("unloadable") else
                         " (run.allow_config_change=true continues training it under them)"))
+        if not seen.get("unloadable") and any(not (run_dir / "model" / n).is_file() for n in MODEL_FILES):
+            lines.append(f"[trainer] {run_dir / 'model'} is missing: the same command without these changes exports "
+                         f"it again from the final checkpoint")
     return lines
 
 

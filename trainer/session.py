@@ -13,13 +13,14 @@ import torch
 
 from trainer.config import eval_batch_size
 from trainer.data import data_fingerprint
+from trainer.data.datasets import Fit
 from trainer.data.loaders import build_train_loader, check_decode_device
 from trainer.data.on_ranks import build_data_on_ranks
 from trainer.distributed import agree
 from trainer.errors import ConfigError
 from trainer.export import model_card
 from trainer.extensions import Extensions, build_extensions
-from trainer.models import TIMM_PREFIX, build_model, check_input_size, pretrained_source, weights_normalisation
+from trainer.models import TIMM_PREFIX, build_model, check_input_size, pretrained_source, weights_preprocessing
 from trainer.monitor import task_metric
 from trainer.optim import Schedule, optimizer_from, schedule_from
 from trainer.tasks import build_task, task_spec
@@ -78,16 +79,17 @@ def build_session(cfg, acc, say: Callable) -> Session:
     if task_spec(cfg.task, cfg.data).fixed_input_size:  # classification; segmentation pads, detection resizes
         agree(acc, lambda: probe_input_size(cfg.model, cfg.data.image_size, small_stem))
     agree(acc, lambda: check_gpu_keys(cfg.model.sync_bn, cfg.data.decode_device, acc.device))
-    # pretrained weights by name normalise as they were trained, unless data.mean/std say otherwise
-    weights_stats = None if cfg.data.mean and cfg.data.std else agree(acc, lambda: weights_normalisation(cfg.model))
-    data_cfg = replace(cfg.data, mean=weights_stats[0], std=weights_stats[1]) if weights_stats else cfg.data
+    # pretrained weights by name read images as they were trained, unless the data section says otherwise
+    image_level = task_spec(cfg.task, cfg.data).fixed_input_size  # the classifiers: resize and crop as evaluated
+    data_cfg = agree(acc, lambda: weights_data(cfg.data, cfg.model, image_level, say))
     # the main process scans first; the start-up checks of the files are split across ranks
     data = build_data_on_ranks(acc, data_cfg, cfg.seed, ("train", "val"), say)
     task_eval = replace(cfg.eval, monitor=task_metric(cfg.eval.monitor))  # the task knows its own metric names
     task = agree(acc, lambda: build_task(cfg.task, data.classes, data.train_counts, cfg.loss, task_eval, cfg.data,
                                          cfg.model, data.category_ids, len(data.datasets["train"])))
     # a bad file met while decoding the split (airbench's whitening reads a sample) ends every rank alike
-    model, loader = agree(acc, lambda: model_and_loader(cfg, acc, data, task, small_stem, say))
+    resolved = replace(cfg, data=data_cfg)  # the loader's first images (airbench's whitening) fit as evaluation's
+    model, loader = agree(acc, lambda: model_and_loader(resolved, acc, data, task, small_stem, say))
     model, opt, memory_format = prepare(model, loader, cfg.model, cfg.optim, cfg.train, acc)
     core = acc.unwrap_model(model)  # the module itself (DDP's wrapper shares its tensors)
     extensions = agree(acc, lambda: build_extensions(cfg, core, acc))
@@ -110,7 +112,31 @@ def build_session(cfg, acc, say: Callable) -> Session:
     return Session(data, task, model, core, opt, loader, memory_format, extensions, small_stem, batches_per_epoch,
                    loader.dealing.end, updates_per_epoch, cfg.train.grad_accum_steps, cfg.train.epochs,
                    cfg.train.max_steps, schedule, data_fingerprint(train_set, data.classes),
-                   model_card(cfg, data.mean, data.std, small_stem), eval_batch_size(cfg), derived)
+                   model_card(cfg, data.mean, data.std, small_stem, Fit.from_cfg(data_cfg) if image_level else None),
+                   eval_batch_size(cfg), derived)
+
+
+def weights_data(data_cfg, model_cfg, image_level: bool, say: Callable):
+    """The data section with model.weights' preprocessing (`weights_preprocessing`) filled in where it says
+    null: data.mean and data.std together, and for classifiers (`image_level`) each of data.crop_mode,
+    data.crop_pct and data.interpolation. data.image_size stays the user's; one line says what was taken."""
+    found = weights_preprocessing(model_cfg) or {}
+    changes = {}
+    if not (data_cfg.mean and data_cfg.std) and "mean" in found:
+        changes.update(mean=found["mean"], std=found["std"])
+    if image_level:
+        changes.update({key: found[key] for key in ("crop_mode", "crop_pct", "interpolation")
+                        if key in found and getattr(data_cfg, key) is None})
+    if not changes:
+        return data_cfg
+    resolved = replace(data_cfg, **changes)
+    fit = Fit.from_cfg(resolved)
+    taken = ", ".join(f"data.{key}" for key in changes)
+    own = found.get("image_size")
+    size = f"; the weights' own input is {own} px" if own and own != data_cfg.image_size else ""
+    say(f"[trainer] model.weights={model_cfg.weights}: {taken} from the weights"
+        + (f" (evaluation: {fit.describe(data_cfg.image_size)}{size})" if image_level else ""))
+    return resolved
 
 
 def probe_input_size(model_cfg, image_size: int, small_stem: bool) -> None:
@@ -143,7 +169,8 @@ def model_and_loader(cfg, acc, data, task, small_stem: bool, say: Callable) -> t
     loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, acc, data.mean, data.std,
                                 len(data.classes), cfg.model.channels_last, say,
                                 drop_last=task.drop_last if cfg.train.drop_last is None else cfg.train.drop_last,
-                                collate=task.collate)
+                                collate=task.collate, resizer=task.train_resizer(cfg.seed),
+                                global_batch=cfg.train.batch_size * acc.num_processes * cfg.train.grad_accum_steps)
     if hasattr(model, "init_from_data") and not pretrained:  # e.g. airbench's whitening filters
         model.init_from_data(loader.first(5000))
     return model, loader

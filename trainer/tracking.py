@@ -1,7 +1,7 @@
 """What is logged into a run directory: metrics.jsonl (the source of truth) and the loggers of tracking.log_with
-(TensorBoard, MLflow, W&B) through accelerate's trackers, and the training rows' bookkeeping (`LossLog`,
-`TrainLog`). trainer.rundir owns the folder and its other files. Only the main process writes; other ranks get
-no-ops, so call sites never branch on rank.
+(TensorBoard, MLflow, W&B, Comet offline) through accelerate's trackers, and the training rows' bookkeeping
+(`LossLog`, `TrainLog`). trainer.rundir owns the folder and its other files. Only the main process writes;
+other ranks get no-ops, so call sites never branch on rank.
 """
 from __future__ import annotations
 
@@ -39,16 +39,36 @@ def _mlflow(cfg, run_dir: Path, loop):
     import mlflow
     from accelerate.tracking import MLflowTracker
 
-    if cfg.tracking.mlflow_uri is None:
+    uri = cfg.tracking.mlflow_uri
+    if uri is None or "://" not in uri or uri.startswith("file:"):
         # MLflow 3 refuses its file store unless told (it prefers SQLite, whose tables take ~9 s to create per
-        # run, and whose locking network file systems do not honour); the file store is what a run folder wants
+        # run, and whose locking network file systems do not honour); the file store is what a run folder wants,
+        # and a file store the user names (a path or file:// URI) is one they chose: without this, a traceback
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     mlflow.set_tracking_uri(cfg.tracking.mlflow_uri or (run_dir / "mlflow").resolve().as_uri())
     return MLflowTracker(cfg.tracking.mlflow_experiment, run_id=loop.run_ids.get("mlflow"), run_name=run_dir.name)
 
 
+def _comet_ml(cfg, run_dir: Path, loop):
+    import comet_ml
+    from accelerate.tracking import CometMLTracker
+
+    # Offline: each start writes one archive into <run>/comet_ml/ (`comet upload FILE.zip` sends it later), under
+    # the experiment key its checkpoints keep, so that every start's archive continues one experiment. Comet's
+    # automatic logging is off: no captured console, code, git patch, environment, CO2 or framework hooks, so
+    # that it records what the trainer logs and nothing leaves the run folder
+    off = dict(log_code=False, log_graph=False, parse_args=False, log_git_metadata=False, log_git_patch=False,
+               log_env_details=False, log_env_gpu=False, log_env_host=False, log_env_cpu=False,
+               log_env_network=False, log_env_disk=False, auto_output_logging=False, auto_param_logging=False,
+               auto_metric_logging=False, auto_log_co2=False)
+    config = comet_ml.ExperimentConfig(offline_directory=str(run_dir / "comet_ml"), name=run_dir.name,
+                                       display_summary_level=0, **off)
+    return CometMLTracker(cfg.tracking.project, online=False, experiment_key=loop.run_ids.get("comet_ml"),
+                          experiment_config=config)
+
+
 # tracking.log_with's names (config.TRACKERS) -> the accelerate tracker of this run, in its local mode
-LOGGERS = {"wandb": _wandb, "tensorboard": _tensorboard, "mlflow": _mlflow}
+LOGGERS = {"wandb": _wandb, "tensorboard": _tensorboard, "mlflow": _mlflow, "comet_ml": _comet_ml}
 
 
 class Tracker:
@@ -77,10 +97,12 @@ class Tracker:
             logger.start()
             if name == "mlflow":
                 loop.run_ids[name] = logger.tracker.info.run_id
+            if name == "comet_ml":
+                loop.run_ids[name] = logger.tracker.get_key()
             if name == "wandb":  # W&B takes the config nested, and a resumed run's changes (allow_val_change)
                 logger.store_init_configuration(to_dict(cfg))
-            elif name == "mlflow" and not continued:  # MLflow refuses to change a parameter: the first start's
-                logger.store_init_configuration(flatten(to_dict(cfg)))
+            elif name in ("mlflow", "comet_ml") and not continued:  # the first start's config (MLflow refuses to
+                logger.store_init_configuration(flatten(to_dict(cfg)))  # change a parameter)
             self.loggers[name] = logger
             self.after_step[name] = seen_step if continued and name != "tensorboard" else -1  # tb: purge_step
 
@@ -121,6 +143,9 @@ class Tracker:
 
             for name, path in files.items():
                 mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent))
+        if "comet_ml" in self.loggers:
+            for name, path in files.items():
+                self.loggers["comet_ml"].tracker.log_image(str(path), name=name, step=step)
 
     def close(self) -> None:
         if self._fh is not None:

@@ -17,7 +17,7 @@ import numpy as np
 from trainer.data import generated
 from trainer.data.coco import (DetectionDataset, check_same_categories, detection_eval_transform,
                                detection_train_transform, read_coco_splits, voc_detection_split)
-from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, measure_mean_std,
+from trainer.data.datasets import (ArrayDataset, EpochWeightedSampler, FileDataset, Fit, measure_mean_std,
                                    set_split_transforms)
 from trainer.data.masks import (VOC_CLASSES, MaskDataset, check_ignore_index, check_masks, mask_eval_transform,
                                 mask_train_transform, read_class_names, scan_mask_folder, voc_pairs, with_val_split)
@@ -157,7 +157,7 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     for split, ds in made.items():  # whatever the path above: never train or evaluate on nothing
         if len(ds) == 0:
             raise DataError(f"the {split} split of {source} is empty")
-    set_split_transforms(made, data_cfg.augment, size, mean, std)
+    set_split_transforms(made, data_cfg.augment, size, mean, std, Fit.from_cfg(data_cfg))
     for ds in made.values():
         ds.scaled_decode = data_cfg.scaled_decode
     if skipped:
@@ -347,7 +347,8 @@ def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -
         mean, std = measure_mean_std(stats, size, seed=data_cfg.split_seed)
     for split, ds in made.items():
         ds.transform = (mask_train_transform(size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
-                                             aug.rrc_min_scale, aug.color_jitter, data_cfg.ignore_index)
+                                             aug.rrc_min_scale, aug.color_jitter, data_cfg.ignore_index,
+                                             aug.scale_range)
                         if split == "train" else mask_eval_transform(size, mean, std))
     return Data(classes=list(classes), datasets=made, mean=list(mean), std=list(std), train_counts=counts,
                 source=f"{fmt} at {root}")
@@ -401,7 +402,7 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
         if split == "train":
             counts = np.bincount(coco.labels[~coco.iscrowd], minlength=coco.num_classes + 1)[1:].tolist()
         transform = (detection_train_transform(aug.hflip, tuple(aug.scale_jitter) if aug.scale_jitter else None,
-                                               aug.iou_crop, aug.color_jitter)
+                                               aug.iou_crop, aug.color_jitter, aug.scale_range, data_cfg.image_size)
                      if split == "train" else detection_eval_transform())
         made[split] = (DetectionDataset(coco, transform, seed=seed) if pack is None else
                        ShardDetectionDataset(coco, pack.shards, rows[split], transform, seed=seed))

@@ -34,6 +34,7 @@ from torchvision.transforms.v2 import functional as TF
 from trainer.data.datasets import SeededDataset, read_image, sample_seed
 from trainer.data.folders import image_error
 from trainer.data.masks import VOC_CLASSES, checked_stored_size, image_orientation
+from trainer.data.scale import scale_crop_steps
 from trainer.errors import DataError
 
 COCO_KEYS = ("images", "annotations", "categories")
@@ -658,12 +659,21 @@ class DetectionTransform:
                                              "labels": out["labels"]}
 
 
+# the padding colour of a scale-jittered canvas (uint8): the detectors' normalisation mean (DETECTOR_MEAN in
+# trainer/data/__init__.py), so padding is 0 once normalised, as the reference's FixedSizeCrop(fill=mean)
+DETECTOR_MEAN_UINT8 = (124, 116, 104)
+
+
 def detection_train_transform(hflip: bool, scale_jitter: Optional[Tuple[float, float]], iou_crop: bool,
-                              color_jitter: float) -> DetectionTransform:
+                              color_jitter: float, scale_range: Optional[Sequence[float]] = None,
+                              image_size: Optional[int] = None) -> DetectionTransform:
     """Training augmentation moving boxes with the pixels: colour jitter (image only), an SSD-style IoU crop
     (boxes whose centre leaves the crop dropped), a scale of the image's own size, a horizontal flip; then
     boxes clamped to the image and those under 1 px wide or high dropped with their labels. No resize to a
-    fixed size: the detectors resize themselves (so a scale here changes the resolution seen, not the size)."""
+    fixed size: the detectors resize themselves (so a scale here changes the resolution seen, not the size).
+    `scale_range` (trainer/data/scale.py): the image fitted into `image_size` squared, scaled by a factor from
+    the range, padded and cropped to that square (the detection reference's "lsj" preset); the detector then
+    skips its own resize in training (Detection.build_model)."""
     steps = []
     if color_jitter > 0:
         steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
@@ -671,6 +681,8 @@ def detection_train_transform(hflip: bool, scale_jitter: Optional[Tuple[float, f
         steps += [_IoUCrop(), v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_labels)]
     if scale_jitter is not None:
         steps.append(RandomRelativeScale(scale_jitter))
+    if scale_range is not None:
+        steps += scale_crop_steps(image_size, scale_range, fit=True, image_fill=DETECTOR_MEAN_UINT8)
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_labels)]

@@ -7,8 +7,10 @@ prefetched. That is what lets an interrupted run resume bit-for-bit.
 from __future__ import annotations
 
 import io
+import math
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import List, Sequence
 
 import numpy as np
@@ -389,19 +391,83 @@ def _to_normalised_tensor(mean, std) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
 
 
-def set_split_transforms(datasets: dict, aug, image_size: int, mean, std) -> None:
-    """Each split's transform: the training split's augmentation (`aug`: the data.augment section), resize and
+CROP_MODES = ("squash", "center")  # timm's crop_mode names (its third, border, pads: not offered here)
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                  "nearest": v2.InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How an image becomes the square `image_size` network input in evaluation, `trainer predict`, the ONNX
+    export's check and training's plain resize (data.crop_mode, data.crop_pct, data.interpolation; model.json
+    records them). The defaults are the trainer's behaviour before pretrained weights brought their own: squash
+    both sides to image_size, bilinear (antialiased), no crop.
+
+    squash: both sides resized to image_size / crop_pct, then the centre image_size x image_size kept;
+    center: the shorter side resized to image_size / crop_pct (aspect kept), then the centre crop. The resized
+    side is floor(image_size / crop_pct) as in timm's transforms_imagenet_eval (plus 1e-6, so that torchvision's
+    224 / (224 / 232) gives its own 232 and not 231 through float rounding)."""
+    crop_mode: str = "squash"
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    def resize_size(self, image_size: int) -> int:
+        return math.floor(image_size / self.crop_pct + 1e-6)
+
+    def steps(self, image_size: int) -> list:
+        """torchvision v2 transforms doing this fit on a uint8 (3, H, W) tensor (CPU or GPU)."""
+        side, mode = self.resize_size(image_size), INTERPOLATIONS[self.interpolation]
+        antialias = self.interpolation != "nearest"  # antialiasing applies to bilinear and bicubic only
+        if self.crop_mode == "center":
+            return [v2.Resize(side, interpolation=mode, antialias=antialias), v2.CenterCrop(image_size)]
+        resize = v2.Resize((side, side), interpolation=mode, antialias=antialias)
+        return [resize] if side == image_size else [resize, v2.CenterCrop(image_size)]
+
+    def is_default(self) -> bool:
+        return self == Fit()
+
+    def meta(self, image_size: int) -> dict:
+        """model.json's fields (resize_size derived: what a program reading the ONNX sidecar resizes to)."""
+        return {"crop_mode": self.crop_mode, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "resize_size": self.resize_size(image_size)}
+
+    def describe(self, image_size: int) -> str:
+        side = self.resize_size(image_size)
+        what = ("shorter side" if self.crop_mode == "center" else "both sides") + f" resized to {side} px"
+        crop = f", centre crop {image_size} px" if self.crop_mode == "center" or side != image_size else ""
+        return f"{what} ({self.interpolation}){crop}"
+
+    @classmethod
+    def from_cfg(cls, data_cfg) -> "Fit":
+        """The data section's keys, each null meaning today's default (the run's start fills them from
+        pretrained weights first: trainer.session)."""
+        own = cls()
+        return cls(data_cfg.crop_mode or own.crop_mode,
+                   data_cfg.crop_pct if data_cfg.crop_pct is not None else own.crop_pct,
+                   data_cfg.interpolation or own.interpolation)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Fit":
+        """model.json's fit; a model exported before these fields existed was squashed, bilinear."""
+        own = cls()
+        return cls(meta.get("crop_mode", own.crop_mode), meta.get("crop_pct", own.crop_pct),
+                   meta.get("interpolation", own.interpolation))
+
+
+def set_split_transforms(datasets: dict, aug, image_size: int, mean, std, fit: Fit = Fit()) -> None:
+    """Each split's transform: the training split's augmentation (`aug`: the data.augment section), `fit` and
     normalise for the others."""
     for split, ds in datasets.items():
         ds.transform = (train_transform(image_size, mean, std, aug.hflip, aug.crop_padding, aug.random_resized_crop,
                                         aug.rrc_min_scale, aug.color_jitter, aug.auto_augment,
-                                        aug.randaugment_num_ops, aug.randaugment_magnitude, aug.random_erasing)
-                        if split == "train" else eval_transform(image_size, mean, std))
+                                        aug.randaugment_num_ops, aug.randaugment_magnitude, aug.random_erasing,
+                                        fit=fit)
+                        if split == "train" else eval_transform(image_size, mean, std, fit))
 
 
-def eval_transform(image_size: int, mean, std):
-    """Resize to the square network input and normalise; the same for eval, predict and the exported model."""
-    return v2.Compose([v2.Resize((image_size, image_size), antialias=True)] + _to_normalised_tensor(mean, std))
+def eval_transform(image_size: int, mean, std, fit: Fit = Fit()):
+    """`fit` to the square network input and normalise; the same for eval, predict and the exported model."""
+    return v2.Compose(fit.steps(image_size) + _to_normalised_tensor(mean, std))
 
 
 class PadCropFlip:
@@ -412,8 +478,10 @@ class PadCropFlip:
 
     takes_rng = True
 
-    def __init__(self, image_size: int, padding: int, hflip: bool, mean, std):
+    def __init__(self, image_size: int, padding: int, hflip: bool, mean, std, fit: Fit = Fit()):
         self.size, self.padding, self.hflip = image_size, padding, hflip
+        # a fit other than the plain squash (pretrained weights' resize + centre crop) runs first, as in eval
+        self.fit = None if fit.is_default() else v2.Compose(fit.steps(image_size))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         # reflect padding as indices: position j of the padded axis reads source row/column reflect[j]
@@ -425,7 +493,9 @@ class PadCropFlip:
         self.reflect = torch.from_numpy(np.where(j > s - 1, 2 * (s - 1) - j, j))
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        if tuple(image.shape[-2:]) != (self.size, self.size):
+        if self.fit is not None:
+            image = self.fit(image)
+        elif tuple(image.shape[-2:]) != (self.size, self.size):
             image = TF.resize(image, [self.size, self.size], antialias=True)
         reflect, mean, std = self._on(image.device)
         rows = cols = reflect[self.padding:self.padding + self.size]
@@ -465,18 +535,21 @@ def augment_policy(name: str, num_ops: int, magnitude: int):
 
 def train_transform(image_size: int, mean, std, hflip: bool, crop_padding: int, random_resized_crop: bool,
                     rrc_min_scale: float, color_jitter: float, auto_augment: str = "none",
-                    randaugment_num_ops: int = 2, randaugment_magnitude: int = 9, random_erasing: float = 0.0):
+                    randaugment_num_ops: int = 2, randaugment_magnitude: int = 9, random_erasing: float = 0.0,
+                    fit: Fit = Fit()):
     """The classification training augmentation: `PadCropFlip` when it is only pad, crop and flip; otherwise
     torchvision's v2 chain: crop, flip, the `auto_augment` policy (uint8), colour jitter, normalisation, then
     random erasing with probability `random_erasing` (a rectangle of per-pixel N(0, 1) noise in normalised
-    units: timm's default --remode pixel)."""
+    units: timm's default --remode pixel). Without the random resized crop, the image is first `fit` as
+    evaluation fits it; with it, the crop takes `fit`'s interpolation."""
     if not random_resized_crop and color_jitter <= 0 and auto_augment == "none" and random_erasing <= 0:
-        return PadCropFlip(image_size, crop_padding, hflip, mean, std)
+        return PadCropFlip(image_size, crop_padding, hflip, mean, std, fit)
     steps = []
     if random_resized_crop:
-        steps.append(v2.RandomResizedCrop(image_size, scale=(rrc_min_scale, 1.0), antialias=True))
+        steps.append(v2.RandomResizedCrop(image_size, scale=(rrc_min_scale, 1.0), antialias=True,
+                                          interpolation=INTERPOLATIONS[fit.interpolation]))
     else:
-        steps.append(v2.Resize((image_size, image_size), antialias=True))
+        steps += fit.steps(image_size)
         if crop_padding > 0:
             steps.append(v2.RandomCrop(image_size, padding=crop_padding, padding_mode="reflect"))
     if hflip:

@@ -26,8 +26,9 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from trainer.data import class_balanced_sampler
-from trainer.data.datasets import eval_transform, init_sample
+from trainer.data.datasets import Fit, eval_transform, init_sample
 from trainer.data.device import to_device_loader
+from trainer.data.detection_order import detection_sampler
 from trainer.data.device_decode import BatchDecoder, collate_encoded
 from trainer.data.mixing import BatchMixer, build_mixer
 from trainer.data.order import Dealing, EpochSteps, rank_batches, shuffled_order
@@ -45,8 +46,9 @@ class WorkerLoader(EpochSteps):
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
                  first_transform, sampler=None, drop_last: bool = False, collate=None,
                  mixer: Optional[BatchMixer] = None, decoder: Optional[BatchDecoder] = None, rank: int = 0,
-                 processes: int = 1):
+                 processes: int = 1, resizer=None):
         self.dataset, self.sampler, self.first_transform, self.mixer = dataset, sampler, first_transform, mixer
+        self.resizer = resizer  # detection's multi-scale training (trainer/data/scale.py), or None
         self.decoder, self.seed, self.rank = decoder, seed, rank
         self.epoch = 0
         self.dealing = Dealing(len(sampler) if sampler is not None else len(dataset), batch_size, processes, drop_last)
@@ -87,6 +89,9 @@ class WorkerLoader(EpochSteps):
         batches = (send_to_device(b, self.device, non_blocking=self.non_blocking) for b in self.dl)
         if self.decoder is not None:
             batches = map(self.decoder, batches)
+        if self.resizer is not None:  # one size per micro-step, seeded by its first global position: any rank
+            firsts = [first for first, _ in self.dealing.steps(start)]
+            batches = (self.resizer(b, self.epoch, first) for b, first in zip(batches, firsts))
         if self.mixer is not None:
             batches = self._mixed(batches, start)
         return self.stepping(zip(ends, batches), len(ends))
@@ -124,10 +129,13 @@ class _DealtBatches:
 
 
 def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerator, mean, std, num_classes: int,
-                       channels_last: bool, say=print, drop_last: bool = False, collate=None):
+                       channels_last: bool, say=print, drop_last: bool = False, collate=None, resizer=None,
+                       global_batch: int = 1):
     """The loader `data.loader` asks for (`data_cfg` is the `data` section). `drop_last`, `collate`: the task's
     (segmentation drops a last batch of one image, which would break BatchNorm in DeepLabV3's pooling branch;
-    detection batches lists of images of different sizes)."""
+    detection batches lists of images of different sizes); `resizer`: the task's per-batch resize (detection's
+    multi-scale training), called with (batch, epoch, first global position of the micro-step); `global_batch`:
+    detection's aspect-ratio groups are of that many images."""
     aug = data_cfg.augment
     mixer = build_mixer(aug, num_classes, seed, accelerator.process_index)  # None unless mixup/CutMix is on
     if mixer is not None:
@@ -142,6 +150,9 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
             f"{accelerator.device} ({loader.images.numel() / 2**20:.0f} MiB) in {time.time() - start:.1f} s")
         return loader
     sampler = class_balanced_sampler(dataset.labels, num_classes, seed) if data_cfg.sampler == "weighted" else None
+    if data_cfg.aspect_ratio_group_factor or data_cfg.repeat_factor_threshold is not None:  # detection's (config)
+        sampler = detection_sampler(dataset.split, seed, data_cfg.aspect_ratio_group_factor, global_batch,
+                                    data_cfg.repeat_factor_threshold, say)
     decoder = None
     check_decode_device(data_cfg.decode_device, accelerator.device)
     if data_cfg.decode_device == "cuda":  # the config allows it for image folders and their shards only
@@ -150,9 +161,10 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
             f"and augmented on {accelerator.device}")
     return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
                         pin_memory=accelerator.device.type == "cuda",
-                        first_transform=eval_transform(data_cfg.image_size, mean, std), sampler=sampler,
+                        first_transform=eval_transform(data_cfg.image_size, mean, std, Fit.from_cfg(data_cfg)),
+                        sampler=sampler,
                         drop_last=drop_last, collate=collate, mixer=mixer, decoder=decoder,
-                        rank=accelerator.process_index, processes=accelerator.num_processes)
+                        rank=accelerator.process_index, processes=accelerator.num_processes, resizer=resizer)
 
 
 def check_decode_device(decode_device: str, device: torch.device) -> None:

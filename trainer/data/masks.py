@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from trainer.data.datasets import SeededDataset, decode_named, open_source, read_bytes, read_image, sample_seed
 from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, ends_complete, image_error
+from trainer.data.scale import scale_crop_steps
 from trainer.errors import DataError
 from trainer.files import read_lines
 
@@ -437,16 +438,23 @@ class _JointTransform:
 
 
 def mask_train_transform(image_size: int, mean, std, hflip: bool, crop_padding: int, random_resized_crop: bool,
-                         rrc_min_scale: float, color_jitter: float, ignore_index: int = 255):
+                         rrc_min_scale: float, color_jitter: float, ignore_index: int = 255,
+                         scale_range: Optional[Sequence[float]] = None):
     """Training augmentation moving image and mask together -> (image float [3,S,S] normalised, mask int64 [S,S]).
 
-    random_resized_crop: RandomResizedCrop(S, scale=(rrc_min_scale, 1)) (scale jitter); else a resize to SxS and,
-    with crop_padding > 0, a constant pad and random crop back to S: the image padded with the mean colour (0
-    once normalised), the mask with ignore_index (a reflected mask would invent labels). Then the flip, and the
+    scale_range (both ways, trainer/data/scale.py): a resize to a square of factor x S, the factor drawn from
+    [min, max], padded right/bottom to S where smaller and randomly cropped to S (torchvision's segmentation
+    reference, in the S x S frame this trainer trains and evaluates in); random_resized_crop:
+    RandomResizedCrop(S, scale=(rrc_min_scale, 1)) (zooms in only); else a resize to SxS and, with
+    crop_padding > 0, a constant pad and random crop back to S. Padding: the image with the mean colour (0 once
+    normalised), the mask with ignore_index (a reflected mask would invent labels). Then the flip, and the
     colour jitter on the image only. Masks are resized NEAREST (v2 never interpolates a Mask).
     """
     steps = []
-    if random_resized_crop:
+    mean_colour = [int(round(255 * v)) for v in mean]  # uint8 image: the fill is on the 0-255 scale
+    if scale_range is not None:
+        steps += scale_crop_steps(image_size, scale_range, fit=False, image_fill=mean_colour, mask_fill=ignore_index)
+    elif random_resized_crop:
         steps.append(v2.RandomResizedCrop(image_size, scale=(rrc_min_scale, 1.0), antialias=True))
     else:
         steps.append(v2.Resize((image_size, image_size), antialias=True))
@@ -454,7 +462,6 @@ def mask_train_transform(image_size: int, mean, std, hflip: bool, crop_padding: 
             if crop_padding >= image_size:
                 raise DataError(f"data.augment.crop_padding={crop_padding} must be smaller than the image side "
                                 f"{image_size}")
-            mean_colour = [int(round(255 * v)) for v in mean]  # uint8 image: the fill is on the 0-255 scale
             steps.append(v2.RandomCrop(image_size, padding=crop_padding, padding_mode="constant",
                                        fill={tv_tensors.Image: mean_colour, tv_tensors.Mask: ignore_index}))
     if hflip:

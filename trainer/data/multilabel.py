@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from trainer.data import generated
-from trainer.data.datasets import FileDataset, measure_mean_std, set_split_transforms
+from trainer.data.datasets import FileDataset, Fit, measure_mean_std, set_split_transforms
 from trainer.data.folders import verify_images
 from trainer.errors import DataError
 
@@ -209,7 +209,7 @@ def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], verbose=pr
             found["train"] = (rows, pack.multi_hot(rows), None)
         stats = made.get("train") or dataset(found["train"][0], found["train"][1])
         mean, std = measure_mean_std(stats, size, seed=data_cfg.split_seed)
-    set_split_transforms(made, aug, size, mean, std)
+    set_split_transforms(made, aug, size, mean, std, Fit.from_cfg(data_cfg))
     for ds in made.values():
         ds.scaled_decode = data_cfg.scaled_decode
     if skipped:

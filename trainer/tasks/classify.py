@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.data.datasets import eval_transform
+from trainer.data.datasets import Fit, eval_transform
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.metrics import scalar_metrics
 from trainer.models import build_model, forward_tta
@@ -97,6 +97,9 @@ class ImageBatches:
         """`drop_path`, `dropout`: None = the model's own (see `trainer.models.build_model`)."""
         return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
                            pretrained_path=pretrained_path, verbose=verbose, drop_path=drop_path, dropout=dropout)
+
+    def train_resizer(self, seed: int) -> None:
+        return None  # every training image has the one input size
 
     @staticmethod
     def loss_parts(model_name: str) -> List[str]:
@@ -235,7 +238,7 @@ class Classification(ImageBatches, ClassificationSpec):
 
     @staticmethod
     def predict_batch(images: list, meta: dict, device) -> tuple:  # each image as evaluation reads it, stacked
-        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"], Fit.from_meta(meta))
         return (torch.stack([transform(image).to(device) for image in images]),)
 
     def prediction_writer(self, output: str, given: Given, overlay: bool = False, draw: Optional[str] = None,

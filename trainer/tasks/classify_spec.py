@@ -55,7 +55,10 @@ class ClassificationSpec:
                         ("model.dropout", cfg.model.dropout is not None),
                         ("model.freeze_backbone_epochs", cfg.model.freeze_backbone_epochs > 0),
                         ("optim.head_lr_scale", cfg.optim.head_lr_scale != 1),
-                        ("optim.layer_decay", cfg.optim.layer_decay is not None)):
+                        ("optim.layer_decay", cfg.optim.layer_decay is not None),
+                        # segmentation and detection resize images and their masks/boxes their own way
+                        ("data.crop_mode", data.crop_mode is not None), ("data.crop_pct", data.crop_pct is not None),
+                        ("data.interpolation", data.interpolation is not None)):
             if on and not image_level:
                 raise ConfigError(f"{key} is for classification models; {trained.title} models do not take it")
         if cfg.eval.positive_class is not None:

@@ -25,10 +25,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
 from trainer.data.coco import DetectionDataset, collate_detection, read_coco
 from trainer.data.generated import GENERATED_CATEGORY_IDS, write_generated_coco
+from trainer.data.scale import MultiScale
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.prediction_files import Given, PredictionFolder, output_path
 from trainer.tasks.detect_metrics import DetectionEvaluator, to_coco_records
@@ -59,6 +61,11 @@ class Detection(DetectionSpec):
     architecture: Optional[str] = None
     # options filled in from data.image_size rather than given: dropped for a model with a fixed input size (SSDlite)
     derived: Tuple[str, ...] = ()
+    # training sizes the images itself (data.augment.scale_range's canvas or multiscale_sizes' short side per
+    # batch): the detector's own resize is skipped in training, as the reference's `_skip_resize` for its "lsj"
+    # and "multiscale" presets; evaluation and prediction still resize to min_size
+    skip_train_resize: bool = False
+    multiscale_sizes: Optional[Tuple[int, ...]] = None
     name = "detection"
     report_plots = PLOTS  # what write_report may draw into plots/
     drop_last = False
@@ -76,8 +83,11 @@ class Detection(DetectionSpec):
         input size derived from data.image_size where not given (`detector_options`)."""
         section = cfg.model.detection
         derived = tuple(k for k in ("min_size", "max_size") if getattr(section, k) is None)
+        aug = cfg.data.augment
+        multiscale = tuple(int(v) for v in aug.multiscale_sizes) if aug.multiscale_sizes else None
         made = cls(list(classes), [int(c) for c in data.category_ids],
-                   detector_options(cfg.model, cfg.data.image_size), derived=derived)
+                   detector_options(cfg.model, cfg.data.image_size), derived=derived,
+                   skip_train_resize=aug.scale_range is not None or multiscale is not None, multiscale_sizes=multiscale)
         check_monitor(made, cfg.eval.monitor or made.default_monitor)
         made.check_model(cfg.model.name)
         return made
@@ -94,7 +104,19 @@ class Detection(DetectionSpec):
             raise ConfigError(f"model.drop_path and model.dropout are for classification models; {name} keeps its own")
         check_name(name)
         self.options, self.architecture = self.resolved(name), name  # what model.json records
-        return build_detection_model(name, self.num_outputs, self.options, pretrained_path, verbose=verbose)
+        model = build_detection_model(name, self.num_outputs, self.options, pretrained_path, verbose=verbose)
+        if self.skip_train_resize:
+            model.transform._skip_resize = True  # torchvision's own switch (GeneralizedRCNNTransform.resize)
+        return model
+
+    def train_resizer(self, seed: int):
+        """Multi-scale training (trainer/data/scale.py), or None."""
+        if self.multiscale_sizes is None:
+            return None
+        if "max_size" not in self.options:
+            raise ConfigError(f"data.augment.multiscale_sizes: {self.architecture} resizes every image to one fixed "
+                              f"size; multi-scale training is for detectors that take model.detection.min_size")
+        return MultiScale(self.multiscale_sizes, self.options["max_size"], seed)
 
     def resolved(self, name: str) -> dict:
         """Every option model `name` takes, as given or its default (model_kwargs); a size derived from
@@ -204,7 +226,12 @@ def validation_losses(net, image: torch.Tensor, target: dict) -> Dict[str, float
     sampling of proposals and RoIs (R-CNN) runs under a torch RNG seeded by the image's split index, forked so
     the training RNG is untouched: the same numbers on any number of processes, and an exact resume."""
     was = {m: m.training for m in net.modules()}
+    # the loss at the size evaluation sees: a detector whose training images the data sizes (_skip_resize,
+    # Detection.skip_train_resize) would otherwise take this image at its own size in training mode
+    sizers = [m for m in net.modules() if isinstance(m, GeneralizedRCNNTransform) and m._skip_resize]
     net.train()
+    for m in sizers:
+        m._skip_resize = False
     for m in net.modules():
         if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Dropout, FrozenBatchNorm2d)):
             m.eval()
@@ -215,4 +242,6 @@ def validation_losses(net, image: torch.Tensor, target: dict) -> Dict[str, float
     finally:
         for m, training in was.items():
             m.train(training)
+        for m in sizers:
+            m._skip_resize = True
     return {k: float(v) for k, v in parts.items()}

@@ -30,9 +30,18 @@ class DetectionSpec:
         averaged test-time augmentation, and no loss.* key (a detector trains with its own loss)."""
         aug = cfg.data.augment
         if trained is not cls:
-            if aug.scale_jitter is not None or aug.iou_crop:
-                raise ConfigError("data.augment.scale_jitter and data.augment.iou_crop are for detection; "
-                                  "classification and segmentation crop with data.augment.random_resized_crop")
+            if aug.scale_jitter is not None or aug.iou_crop or aug.multiscale_sizes is not None:
+                key = "multiscale_sizes" if aug.multiscale_sizes is not None else (
+                    "scale_jitter" if aug.scale_jitter is not None else "iou_crop")
+                raise ConfigError(f"data.augment.{key} is for detection; classification and segmentation crop with "
+                                  f"data.augment.random_resized_crop (segmentation also data.augment.scale_range)")
+            if cfg.data.aspect_ratio_group_factor or cfg.data.repeat_factor_threshold is not None:
+                key = "aspect_ratio_group_factor" if cfg.data.aspect_ratio_group_factor else "repeat_factor_threshold"
+                raise ConfigError(f"data.{key} is a detection sampler; a {trained.title} run samples with "
+                                  f"data.sampler")
+            if aug.scale_range is not None and trained.title != "segmentation":
+                raise ConfigError(f"data.augment.scale_range is for segmentation and detection; a {trained.title} "
+                                  f"model crops with data.augment.random_resized_crop")
             section = cfg.model.detection
             defaults = dataclasses.asdict(type(section)())
             changed = sorted(k for k, v in dataclasses.asdict(section).items() if v != defaults[k])

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from trainer.data.datasets import eval_transform
+from trainer.data.datasets import Fit, eval_transform
 from trainer.errors import ConfigError, DataError, TrainerError
 from trainer.metrics import scalar_metrics
 from trainer.prediction_files import Given, output_path
@@ -136,7 +136,7 @@ class Multilabel(ImageBatches, MultilabelSpec):
 
     @staticmethod
     def predict_batch(images: list, meta: dict, device) -> tuple:  # each image as evaluation reads it, stacked
-        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"])
+        transform = eval_transform(meta["image_size"], meta["mean"], meta["std"], Fit.from_meta(meta))
         return (torch.stack([transform(image).to(device) for image in images]),)
 
     def csv_predictions(self, logits: torch.Tensor) -> tuple:

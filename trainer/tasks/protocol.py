@@ -77,6 +77,10 @@ class TrainingTask(TaskSpec, Protocol):
     def train_loss(self, model, batch, memory_format) -> Tuple[Any, int, dict]:
         """(the loss to backpropagate, samples in this process's batch, {part name: loss part})."""
 
+    def train_resizer(self, seed: int) -> Optional[Callable]:
+        """A per-batch resize of the training batches, called with (batch, epoch, first global position of the
+        micro-step) (detection's multi-scale training), or None."""
+
     def loss_parts(self, model_name: str) -> List[str]:
         """The names of those parts (logged beside the loss; [] for none)."""
 

@@ -24,7 +24,7 @@ from trainer.models import unknown_name
 from trainer.prediction_files import Given, PredictionFolder
 from trainer.tasks.segment_metrics import (confusion_matrix, cross_entropy_loss, dice_loss, metrics_from_confusion,
                                            pixel_class_weights)
-from trainer.tasks.segment_models import SEGMENTATION_MODELS, build_segmentation_model
+from trainer.tasks.segment_models import SEGMENTATION_MODELS, TIMM_PREFIX, build_segmentation_model
 from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_box_options, refuse_threshold
 from trainer.tasks.segment_reports import PLOTS, MaskPredictions, format_segmentation_summary, write_segmentation_report
 from trainer.tasks.segment_spec import SegmentationSpec
@@ -76,7 +76,7 @@ class Segmentation(SegmentationSpec):
         """Any input size (the U-Net pads to its stride; torchvision's models are fully convolutional)."""
         if drop_path or dropout is not None:  # the config refuses them first; a direct caller is told here too
             raise ConfigError(f"model.drop_path and model.dropout are for classification models; {name} keeps its own")
-        if name not in SEGMENTATION_MODELS:
+        if name not in SEGMENTATION_MODELS and not name.startswith(TIMM_PREFIX):  # timm's: checked when built
             raise unknown_name("model.name (a segmentation model)", name, SEGMENTATION_MODELS)
         return build_segmentation_model(name, len(self.classes), pretrained_path, aux_loss=self.aux_weight > 0,
                                         verbose=verbose)
@@ -104,6 +104,9 @@ class Segmentation(SegmentationSpec):
         if "aux" in out and self.aux_weight > 0:
             loss = loss + self.aux_weight * self.pixel_loss(out["aux"], y.long())
         return loss, x.shape[0], {}
+
+    def train_resizer(self, seed: int) -> None:
+        return None  # every training image has the one input size
 
     @staticmethod
     def loss_parts(model_name: str) -> List[str]:

@@ -80,6 +80,76 @@ class UNet(nn.Module):
         return {"out": self.head(y)[..., :h, :w]}
 
 
+# ---- a U-Net decoder on a timm feature backbone (model.name=timm/<arch>) ----
+
+TIMM_PREFIX = "timm/"  # as classification's model.name (trainer.models.TIMM_PREFIX)
+
+
+class TimmUNet(nn.Module):
+    """The U-Net's decoder on the feature maps of a timm model (`timm.create_model(arch, features_only=True)`,
+    every level it offers, e.g. resnet18: strides 2..32, 64..512 channels): from the deepest map up, each step
+    upsamples bilinearly to the next shallower map, concatenates it and applies the U-Net's double conv down to
+    that map's width; then a 1x1 conv to the classes and a bilinear upsampling to the input size.
+
+    The backbone is `self.backbone`, holding the classification model's own module names: a timm classifier's
+    weights (a model.weights tag from the Hugging Face cache, or a model.pretrained_path file) fill it by name
+    ("conv1.weight" -> "backbone.conv1.weight", `load_pretrained`), its head left out. The input is zero-padded
+    at the bottom and right to a multiple of the deepest stride and the logits cropped back, as `UNet`."""
+
+    def __init__(self, arch: str, num_classes: int):
+        super().__init__()
+        import timm
+
+        self.backbone = timm.create_model(arch, features_only=True, pretrained=False)
+        widths, strides = self.backbone.feature_info.channels(), self.backbone.feature_info.reduction()
+        self.stride = max(strides)
+        # up[i] merges the map of level n-1-i with the decoder's deeper output (the deepest map's width first)
+        deeper = widths[-1]
+        blocks = []
+        for width in reversed(widths[:-1]):
+            blocks.append(_double_conv(deeper + width, width))
+            deeper = width
+        self.up = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(deeper, num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, -w % self.stride, 0, -h % self.stride))
+        maps = self.backbone(x)
+        y = maps.pop()
+        for block in self.up:
+            skip = maps.pop()
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = block(torch.cat([y, skip], dim=1))
+        y = F.interpolate(self.head(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return {"out": y[..., :h, :w]}
+
+
+def _timm_unet(name: str) -> Callable[[int, bool], nn.Module]:
+    def build(num_classes: int, aux_loss: bool) -> nn.Module:
+        return TimmUNet(name[len(TIMM_PREFIX):], num_classes)  # no aux head: aux_loss has nothing to switch
+
+    return build
+
+
+def _is_timm_backbone(name: str) -> bool:
+    """model.name=timm/<arch>[.<tag>] of a timm model that offers feature maps (features_only)."""
+    if not name.startswith(TIMM_PREFIX):
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        raise ConfigError(f"model.name={name} needs timm, which is not installed: pip install timm "
+                          f"-c launch/constraints.txt")
+    import timm
+
+    arch = name[len(TIMM_PREFIX):]
+    if not timm.is_model(arch):
+        raise unknown_name("model.name (a timm backbone)", name, [TIMM_PREFIX + n for n in timm.list_models()],
+                           list_all=False)
+    return True
+
+
 # ---- torchvision models ----
 
 
@@ -138,10 +208,13 @@ _MIN_SIDE_AT_BATCH_1: Dict[str, Optional[int]] = {
 
 def min_input_size(name: str, per_process_batch: int = 2) -> int:
     """The smallest square side a train step of model `name` runs at with this many images per process.
-    ConfigError for an unknown name or for a combination no size allows (DeepLabV3 at a batch of 1)."""
+    ConfigError for an unknown name or for a combination no size allows (DeepLabV3 at a batch of 1). A timm
+    backbone (not probed: any of timm's) is padded to its deepest stride, whose map must keep 2 pixels."""
     _check_name(name)
     if per_process_batch >= 2:
         return 1
+    if _is_timm_backbone(name):
+        return TimmUNet(name[len(TIMM_PREFIX):], 1).stride + 1
     side = _MIN_SIDE_AT_BATCH_1[name]
     if side is None:
         raise ConfigError(f"model {name} cannot train with 1 image per process (its ASPP pooling branch "
@@ -150,7 +223,7 @@ def min_input_size(name: str, per_process_batch: int = 2) -> int:
 
 
 def _check_name(name: str) -> None:
-    if name not in SEGMENTATION_MODELS:
+    if name not in SEGMENTATION_MODELS and not _is_timm_backbone(name):
         raise unknown_name("segmentation model", name, SEGMENTATION_MODELS)
 
 
@@ -161,7 +234,7 @@ def build_segmentation_model(name: str, num_classes: int, pretrained_path: Optio
     _check_name(name)
     if num_classes < 1:
         raise ConfigError(f"a segmentation model needs num_classes >= 1, got {num_classes}")
-    model = SEGMENTATION_MODELS[name](num_classes, aux_loss)
+    model = (_timm_unet(name) if name.startswith(TIMM_PREFIX) else SEGMENTATION_MODELS[name])(num_classes, aux_loss)
     if pretrained_path:
         load_pretrained(model, pretrained_path, verbose=verbose)
     return model

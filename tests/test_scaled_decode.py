@@ -275,3 +275,79 @@ def test_grayscale_and_progressive_jpegs_decode_at_a_reduced_scale_too(tmp_path,
     full, scaled = datasets([path], eval_transform(SIZE, [0.0] * 3, [1 / 255] * 3))
     assert jpeg_header(data) is not None and scaled.scaled_sample(0) is not None  # not the full path's fallback
     assert (full[0][0] - scaled[0][0]).abs().mean() < 1.5  # at 1/4: 75 x 100 covers 48
+
+
+# ---- every Fit of the pretrained weights' preprocessing (data.crop_mode, data.crop_pct, data.interpolation) ----
+
+FITS = [  # (crop_mode, crop_pct, interpolation), the size its evaluation first resizes the whole image to
+    (("squash", 1.0, "bilinear"), (SIZE, SIZE)),  # the plain squash: a fixed (h, w) Resize
+    (("squash", 0.75, "bicubic"), (64, 64)),  # squash to 64 x 64, then the centre 48
+    (("center", 0.75, "bilinear"), (64,)),  # the shorter side to 64, aspect kept, then the centre 48
+    (("center", 0.875, "bicubic"), (54,)),
+    (("center", 1.0, "nearest"), (SIZE,)),
+]
+
+
+@pytest.mark.parametrize("fit, first", FITS)
+def test_every_fit_decodes_at_the_largest_scale_that_keeps_its_first_resize(tmp_path, fit, first):
+    """The scale only reduces by a DCT factor that keeps the first Resize's output size (for a shorter-side
+    Resize: the image's shorter side >= its side, so the scale follows the header's size), never more; the
+    transform's own Resize (whatever its interpolation) and crop then apply, close to the full decode's pixels."""
+    from trainer.data.datasets import Fit, fit_size
+    from trainer.data.folders import decode_fit
+
+    transform = eval_transform(SIZE, [0.0] * 3, [1 / 255] * 3, Fit(*fit))
+    assert fit_size(transform) == first
+    need = (first[0], first[0]) if len(first) == 1 else first
+    for width, height, orientation in [(400, 300, 1), (300, 400, 1), (400, 300, 6), (1000, 130, 1), (90, 700, 8)]:
+        data = jpeg_bytes(photo(width, height), orientation)
+        header = jpeg_header(data)
+        up_h, up_w = header.upright_size()
+        image = decode_fit(data, header, first)
+        s = round(up_w / image.shape[-1])
+        assert image.shape[-2:] == (math.ceil(up_h / s), math.ceil(up_w / s))
+        assert min(image.shape[-2:]) >= min(need) and image.shape[-2] >= need[0] and image.shape[-1] >= need[1]
+        assert s == 8 or up_h / (2 * s) < need[0] or up_w / (2 * s) < need[1]  # the next scale would not keep it
+        full, scaled = datasets([write(tmp_path, f"{width}_{orientation}.jpg", data)], transform)
+        assert scaled.scaled_sample(0) is not None and scaled[0][0].shape == (3, SIZE, SIZE)
+        assert (full[0][0] - scaled[0][0]).abs().mean() < 4  # the same content: only the decode's scale differs
+
+
+def test_a_shorter_side_fit_keeps_the_shorter_side_not_the_area():
+    """crop_mode=center on a 1000 x 130 panorama: the shorter side (130) is what Resize(64) maps to 64, so
+    only 1/2 keeps it (65 rows), though 1/8 would keep 125 x 17 pixels' worth of area."""
+    from trainer.data.folders import decode_fit
+
+    data = jpeg_bytes(photo(1000, 130))
+    assert decode_fit(data, jpeg_header(data), (64,)).shape[-2:] == (65, 500)
+    assert decode_fit(data, jpeg_header(data), (66,)).shape[-2:] == (130, 1000)  # 1/2 would give 65 < 66: whole
+
+
+@pytest.mark.parametrize("fit", [f for f, _ in FITS])
+def test_predict_is_the_eval_split_under_every_fit(tmp_path, fit):
+    """`trainer predict` (and the ONNX check: the same eval_fit_size and read_eval_image) of a model trained with
+    data.scaled_decode and a centre crop or shorter-side fit gives its eval split's inputs bit for bit: the
+    split built by build_data from the config, predict's from model.json alone (Fit.from_meta)."""
+    from trainer.config import load_config
+    from trainer.data import build_data
+    from trainer.data.datasets import Fit, eval_fit_size, read_eval_image
+    from trainer.tasks.classify import Classification
+
+    for cls in ("a", "b"):
+        for i in range(3):
+            (tmp_path / "d" / cls).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "d" / cls / f"{i}.jpg").write_bytes(jpeg_bytes(photo(400 - 90 * i, 300, i), 1 + 3 * i))
+    mode, pct, interp = fit
+    cfg = load_config(None, [f"data.root={tmp_path / 'd'}", "data.format=imagefolder", "data.val_fraction=0.5",
+                             f"data.image_size={SIZE}", f"data.crop_mode={mode}", f"data.crop_pct={pct}",
+                             f"data.interpolation={interp}", "data.cache_dir=off"])
+    data = build_data(cfg.data, seed=0, verbose=lambda *_: None)
+    val = data.datasets["val"]
+    meta = {"image_size": SIZE, "mean": data.mean, "std": data.std, "scaled_decode": True,
+            **Fit.from_cfg(cfg.data).meta(SIZE)}
+    fit = eval_fit_size(meta)
+    assert fit is not None and eval_fit_size({**meta, "scaled_decode": False}) is None
+    for i in range(len(val)):
+        assert val.scaled_sample(i) is not None  # the eval split took the scaled path
+        batch, = Classification.predict_batch([read_eval_image(val.paths[i], val.exif_orientation, fit)], meta, "cpu")
+        assert torch.equal(batch[0], val[i][0])

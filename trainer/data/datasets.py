@@ -72,8 +72,9 @@ def read_image(source, exif_orientation: bool, hint: str = "") -> torch.Tensor:
 
 
 def read_eval_image(source, exif_orientation: bool, fit=None) -> torch.Tensor:
-    """An image file as evaluation reads it: read_image, or with `fit` (the (height, width) evaluation resizes
-    to; a model trained with data.scaled_decode) a JPEG decoded at the smallest DCT scale that keeps `fit`
+    """An image file as evaluation reads it: read_image, or with `fit` (what evaluation first resizes to,
+    fit_size: (height, width), or (side,) for a shorter-side resize; a model trained with data.scaled_decode)
+    a JPEG decoded at the smallest DCT scale that keeps `fit`
     (decode_fit), exactly as the eval splits' `scaled_sample` decodes it: `trainer predict` reproduces eval."""
     if fit is None:
         return read_image(source, exif_orientation)
@@ -368,23 +369,36 @@ class EpochWeightedSampler(Sampler):
 
 def first_resize(transform):
     """The first step of a v2 chain when it is what `scaled_sample` can draw before decoding: RandomResizedCrop,
-    or Resize to a fixed (height, width) (evaluation's); None otherwise (PadCropFlip, a short-side Resize...)."""
+    or evaluation's Resize of the whole image (Fit.steps): to a fixed (height, width) (squash, with or without
+    a centre crop after it), or of the shorter side to a length, aspect kept (center); None otherwise
+    (PadCropFlip, a Resize with max_size...). Its interpolation is the Resize's own: the scaled decode only
+    reduces by a DCT scale that keeps the Resize's output size, and the same Resize then applies."""
     steps = getattr(transform, "transforms", None)
     if not isinstance(transform, v2.Compose) or not steps:
         return None
     first = steps[0]
     if isinstance(first, v2.RandomResizedCrop) or (type(first) is v2.Resize and first.max_size is None
-                                                   and len(first.size) == 2):
+                                                   and len(first.size) in (1, 2)):
         return first
     return None
 
 
 def fit_size(transform):
-    """The (height, width) an evaluation transform first resizes the whole image to, when `scaled_sample` decodes
-    its JPEGs at a reduced scale for it (first_resize: a fixed-size Resize); None when it decodes them whole.
-    `trainer predict` asks this of the transform it applies, so that it decodes as the eval splits did."""
+    """The size an evaluation transform first resizes the whole image to, when `scaled_sample` decodes its JPEGs
+    at a reduced scale for it (first_resize): (height, width) for a fixed-size Resize, (side,) for a shorter-side
+    one (decode_fit keeps the shorter side >= side); None when it decodes them whole. `trainer predict` and the
+    ONNX check ask this of the transform they apply (eval_fit_size), so that they decode as the eval splits did."""
     first = first_resize(transform)
     return None if first is None or isinstance(first, v2.RandomResizedCrop) else tuple(first.size)
+
+
+def eval_fit_size(meta: dict):
+    """The `fit` read_eval_image takes for an exported model's inputs: fit_size of its evaluation transform
+    (model.json's image_size, mean, std and Fit), or None when its evaluation decoded whole (no
+    data.scaled_decode recorded). `trainer predict` and the ONNX check both take it from here."""
+    if not meta.get("scaled_decode"):
+        return None
+    return fit_size(eval_transform(meta["image_size"], meta["mean"], meta["std"], Fit.from_meta(meta)))
 
 
 def _to_normalised_tensor(mean, std) -> list:

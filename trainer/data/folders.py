@@ -234,11 +234,14 @@ def decode_fit(data: bytes, header: JpegHeader, size: Sequence[int], exif_orient
     """A JPEG's whole upright image as a (3, H, W) uint8 tensor, decoded at the smallest DCT scale at which it
     still has `size` (height, width) pixels or more: what evaluation's Resize to `size` then shrinks (the eval
     splits with data.scaled_decode, and `trainer predict` of their models: the same function, so both give the
-    same pixels). Scale 1: decode_bytes itself. Raises what Pillow raises for a file it cannot decode."""
+    same pixels). A one-element `size` (side,) is a shorter-side Resize (data.crop_mode=center): the scale keeps
+    the shorter side >= side, i.e. both sides, so it depends on the header's size alone (deterministic).
+    Scale 1: decode_bytes itself. Raises what Pillow raises for a file it cannot decode."""
     from trainer.data.device_decode import upright
 
     height, width = header.upright_size()
-    s = dct_scale(height, width, int(size[0]), int(size[1]))
+    out_h, out_w = (int(size[0]), int(size[0])) if len(size) == 1 else (int(size[0]), int(size[1]))
+    s = dct_scale(height, width, out_h, out_w)
     if s == 1:
         return decode_bytes(data, exif_orientation)
     with Image.open(io.BytesIO(data)) as img:

@@ -7,15 +7,30 @@ For a folder of JPEGs it measures, on the same files and in one run:
   decode      the trainer's decode, file read included (trainer.data.folders.decode_rgb: decode_jpeg for JPEGs)
   sample_pil  the training sample as it was with PIL decoding: PIL image -> the same augmentation (the
               torchvision v2 chain then resizes the PIL image, as before)
-  sample      the trainer's training sample: decode + crop/flip augmentation + normalise (FileDataset[i])
-  loader_wN   the trainer's DataLoader with N workers (collate included), img/s for the whole loader
+  today       the training sample as the trainer made it before data.scaled_decode (issue 34): FileDataset[i]
+              with every JPEG decoded whole and its draws seeded by torch.manual_seed
+  sample      the trainer's training sample with data.scaled_decode=false: decode + crop/flip augmentation +
+              normalise, whole JPEGs (the CPU generator alone seeded: `today` less ~0.2 ms)
+  scaled      the same samples with data.scaled_decode=true: the crop drawn from the header, the JPEG decoded
+              at the smallest DCT scale that keeps it at the output size (trainer.data.folders.decode_region)
+  bare_scaled the decoder's limit for `scaled`: the file read and the decode alone, at the scale each sample's
+              crop gets (whole at scale 1, Pillow's draft below), no crop, resize or normalise
+  dali        (photos, when nvidia-dali is installed) DALI's CPU pipeline on one thread: random-crop decode,
+              resize, flip + normalise, batches of 64 from the file bytes already in memory
+  loader_wN   the trainer's DataLoader with N workers (collate included), img/s for the whole loader (photos:
+              of `today`'s samples)
+  scaled_wN   the same with data.scaled_decode=true
   DEV_decode_wN  with --decode-device DEV: the same batches with data.decode_device's path: N workers only
               read the files, the main process decodes each batch's JPEGs on DEV in one call and augments them
               there (trainer.data.device_decode); loader_wN then copies its batches to DEV too, so both columns
               are batches ready on the device (cuda: nvJPEG; cpu: the same code on libjpeg-turbo, a dry run)
 Each number is the median of --repeats passes. Photo-sized JPEGs are generated when no folder is given for
-them (random 640x480 images, quality 90), so anyone can re-run it.
+them (smooth random 640x480 and 1024x768 images, quality 90), so anyone can re-run it; RandomResizedCrop to
+224 px (scale 0.35-1, the trainer's default). `scaled/sample` and `scaled_w2/loader_w2` are the speed-ups of
+data.scaled_decode over the path before it (`scaled/today` per sample, `scaled_wN/loader_wN` for the whole
+loader), `scaled/bare_scaled` how close a scaled sample comes to its decode alone.
 
+    OMP_NUM_THREADS=1 .venv/bin/python bench/input_pipeline.py --workers 0,2 --photo-count 256
     .venv/bin/python bench/input_pipeline.py --cifar /tmp/cifar/train --limit 5000
     .venv/bin/python bench/input_pipeline.py --smoke
     python bench/input_pipeline.py --decode-device cuda --workers 2,8 --photo-count 1000   # on a GPU
@@ -23,6 +38,7 @@ them (random 640x480 images, quality 90), so anyone can re-run it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -49,14 +65,15 @@ def files_under(folder: Path, limit: int) -> list:
     return [found[i] for i in sorted(rng.permutation(len(found))[:limit])] if len(found) > limit else found
 
 
-def make_photos(into: Path, n: int) -> list:
+def make_photos(into: Path, n: int, width: int = 640, height: int = 480) -> list:
     """`n` photo-sized JPEGs in `into`, inside a tempfile.TemporaryDirectory of main's."""
     into.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
-        base = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)  # smooth-ish content, like a photo, not noise
-        img = Image.fromarray(base).resize((640, 480), Image.BICUBIC)
+        # smooth-ish content, like a photo, not noise: a random grid of 8x8-pixel cells, bicubically upsampled
+        base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((width, height), Image.BICUBIC)
         path = into / "c" / f"{i:05d}.jpg"
         path.parent.mkdir(exist_ok=True)
         img.save(path, quality=90)
@@ -72,6 +89,15 @@ def rate(fn, items, repeats: int) -> float:
             fn(item)
         times.append(time.perf_counter() - start)
     return len(items) / statistics.median(times)
+
+
+class TodayDataset(FileDataset):
+    """FileDataset as it was before data.scaled_decode: every sample seeded by torch.manual_seed."""
+
+    def augment(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return self.transform(image)
 
 
 def pil_sample(dataset: FileDataset, index: int) -> torch.Tensor:
@@ -97,14 +123,33 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
     transform = train_transform(image_size, [0.5] * 3, [0.25] * 3, hflip=True, crop_padding=4,
                                 random_resized_crop=image_size > 64, rrc_min_scale=0.35, color_jitter=0.0)
     dataset = FileDataset([(p, 0) for p in paths], transform, seed=0)
+    scaled = FileDataset([(p, 0) for p in paths], transform, seed=0)
+    scaled.scaled_decode = True
     out["sample_pil"] = rate(lambda i: pil_sample(dataset, i), range(len(dataset)), repeats)
-    out["sample"] = rate(dataset.__getitem__, range(len(dataset)), repeats)
+    if image_size > 64:  # the crop-and-resize training transform: data.scaled_decode's case
+        scales = [crop_scale(scaled, i) for i in range(len(paths))]
+        out["scale_mix"] = {s: scales.count(s) for s in sorted(set(scales))}
+        # one round-robin over the three per-sample paths per repeat: the VM's drift hits them alike
+        today = TodayDataset([(p, 0) for p in paths], transform, seed=0)
+        out.update(side_by_side({"today": today.__getitem__, "sample": dataset.__getitem__,
+                                 "scaled": scaled.__getitem__,
+                                 "bare_scaled": lambda i: bare_decode(paths[i], scales[i])},
+                                range(len(paths)), repeats))
+        out["dali"] = dali_rate(paths, image_size, repeats)
+    else:
+        out["sample"] = rate(dataset.__getitem__, range(len(dataset)), repeats)
     device = torch.device(decode_device or "cpu")
     for w in workers:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=64, shuffle=True, num_workers=w,
-                                             generator=torch.Generator().manual_seed(0))
-        out[f"loader_w{w}"] = rate(lambda _: delivered(loader, lambda b: b[0].to(device), device), [0],
-                                   repeats) * len(dataset)
+        loaders = {f"loader_w{w}": today if image_size > 64 else dataset}
+        if image_size > 64:
+            loaders[f"scaled_w{w}"] = scaled
+        loaders = {name: torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=w,
+                                                     generator=torch.Generator().manual_seed(0))
+                   for name, ds in loaders.items()}
+        # whole passes, alternated per repeat
+        passes = side_by_side({name: (lambda _, dl=dl: delivered(dl, lambda b: b[0].to(device), device))
+                               for name, dl in loaders.items()}, [0], repeats)
+        out.update({name: v * len(dataset) for name, v in passes.items()})
         if decode_device:
             decoder = BatchDecoder(dataset, device)
             encoded = torch.utils.data.DataLoader(decoder.samples, batch_size=64, shuffle=True, num_workers=w,
@@ -113,6 +158,80 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
             out[f"{decode_device}_decode_w{w}"] = rate(lambda _: delivered(encoded, lambda b: decoder(b)[0], device),
                                                        [0], repeats) * len(dataset)
     return out
+
+
+def side_by_side(fns: dict, items, repeats: int) -> dict:
+    """img/s of each function over `items`, the median of `repeats` passes. Interleaved item by item (each
+    function on item 1, then each on item 2, ...): a burst of the VM's other load hits every function alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        spent = dict.fromkeys(fns, 0.0)
+        for item in items:
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn(item)
+                spent[name] += time.perf_counter() - start
+        for name in fns:
+            times[name].append(spent[name])
+    return {name: len(items) / statistics.median(t) for name, t in times.items()}
+
+
+def crop_scale(dataset: FileDataset, index: int) -> int:
+    """The DCT scale divisor data.scaled_decode decodes sample `index` of this epoch at (as scaled_sample
+    draws it: the crop from the header size, under the sample's seed)."""
+    from trainer.data.folders import dct_scale, jpeg_header, stored_box
+
+    first = dataset.transform.transforms[0]
+    header = jpeg_header(dataset.file_bytes(index))
+    height, width = header.upright_size()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed(dataset.seed, dataset.epoch, index))
+        p = first.make_params([torch.empty(0, height, width)])
+    _, _, h, w = stored_box((p["top"], p["left"], p["height"], p["width"]), header.orientation, header.height,
+                            header.width)
+    return dct_scale(h, w, *first.size)
+
+
+def bare_decode(path: str, s: int):
+    """The file read and its decode at 1/s alone: what decode_region calls (decode_bytes whole at s = 1)."""
+    from trainer.data.folders import decode_bytes
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if s == 1:
+        return decode_bytes(data)
+    import io
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (img.width // s, img.height // s))
+        img.load()
+        return img
+
+
+def dali_rate(paths: list, image_size: int, repeats: int) -> Optional[float]:
+    """img/s of DALI's CPU pipeline (one thread) on these JPEGs, or None when nvidia-dali is not installed:
+    random-crop decode (its own draw of RandomResizedCrop's scale range), resize, flip + normalise."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError:
+        return None
+    blobs = [np.fromfile(p, dtype=np.uint8) for p in paths]
+    batch = min(64, len(blobs))
+    batches = [blobs[i:i + batch] for i in range(0, len(blobs) - batch + 1, batch)]
+    feed = itertools.cycle(range(len(batches)))
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)
+    def pipe():
+        jpegs = fn.external_source(source=lambda: batches[next(feed)], batch=True)
+        img = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB, random_area=[0.35, 1.0])
+        img = fn.resize(img, resize_x=image_size, resize_y=image_size, antialias=True)
+        return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3,
+                                        std=[64.0] * 3, mirror=fn.random.coin_flip())
+
+    p = pipe()
+    p.build()
+    p.run()  # warm-up
+    return rate(lambda _: p.run(), range(len(batches)), repeats) * batch
 
 
 def delivered(loader, to_device, device: torch.device) -> int:
@@ -146,23 +265,43 @@ def main() -> None:
         if args.cifar:
             results["cifar_32px"] = measure(files_under(Path(args.cifar), args.limit), 32, args.repeats, workers,
                                             args.decode_device)
-        photos = (files_under(Path(args.photos), args.limit) if args.photos
-                  else make_photos(Path(tmp) / "photos", min(args.photo_count, args.limit)))
-        results["photo_640x480_to_224"] = measure(photos, 224, args.repeats, workers, args.decode_device)
+        if args.photos:
+            results["photos_to_224"] = measure(files_under(Path(args.photos), args.limit), 224, args.repeats,
+                                               workers, args.decode_device)
+        else:
+            for width, height in ((640, 480),) if args.smoke else ((640, 480), (1024, 768)):
+                photos = make_photos(Path(tmp) / f"photos{width}", min(args.photo_count, args.limit), width, height)
+                results[f"photo_{width}x{height}_to_224"] = measure(photos, 224, args.repeats, workers,
+                                                                    args.decode_device)
     results["torch"] = torch.__version__
     results["decode_device"] = args.decode_device
     if args.decode_device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
     results["threads"] = torch.get_num_threads()
-    cols = ["files", "read", "decode_pil", "decode_tv", "decode", "sample_pil", "sample"] + [f"loader_w{w}" for w in workers]
+    cols = (["files", "read", "decode_pil", "decode_tv", "decode", "sample_pil", "today", "sample", "scaled",
+             "bare_scaled",
+             "dali"] + [f"{kind}_w{w}" for w in workers for kind in ("loader", "scaled")])
     if args.decode_device:
         cols += [f"{args.decode_device}_decode_w{w}" for w in workers]
     lines = ["| images | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    ratios = []
     for key, r in results.items():
         if isinstance(r, dict):
-            lines.append(f"| {key} | " + " | ".join(f"{r[c]:.0f}" for c in cols) + " |")
+            lines.append(f"| {key} | " + " | ".join(cell(r.get(c)) for c in cols) + " |")
+            if "scaled" in r:
+                w = max(workers)
+                ratios.append(f"{key}: scaled/today {r['scaled'] / r['today']:.2f}x, scaled/sample "
+                              f"{r['scaled'] / r['sample']:.2f}x, scaled_w{w}/loader_w{w} "
+                              f"{r[f'scaled_w{w}'] / r[f'loader_w{w}']:.2f}x, scaled/bare_scaled "
+                              f"{r['scaled'] / r['bare_scaled']:.2f}, scales (divisor: samples) {r['scale_mix']}"
+                              + (f", scaled/dali {r['scaled'] / r['dali']:.2f}x" if r.get("dali") else ""))
+    lines += [""] + ratios
     write_results(args.out, name, results, "\n".join(lines))
     print("img/s per process (files: count)\n" + "\n".join(lines))
+
+
+def cell(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 if __name__ == "__main__":

@@ -373,6 +373,7 @@ ALLOWED = {
     ("bench/ablation.py", "extract"): MADE_ONCE,
     ("bench/ablation.py", "draw"): MADE_ONCE,
     ("bench/airbench_side_by_side.py", "draw"): MADE_ONCE,
+    ("bench/scaled_decode_accuracy.py", "draw"): MADE_ONCE,
     ("bench/data_scale.py", "write_class"): MADE_ONCE,
     ("bench/dense_shards.py", "draw_dense"): MADE_ONCE,
     ("bench/unet_study.py", "draw_digits"): MADE_ONCE,

@@ -221,6 +221,13 @@ class DataCfg:
     # batches on the GPU with nvJPEG (the workers then only read the files; trainer/data/device_decode.py).
     # For image folders and their shards (classification); evaluation decodes on the CPU either way
     decode_device: Literal["cpu", "cuda"] = "cpu"
+    # data.loader=workers, decode_device=cpu: a JPEG whose sample starts with RandomResizedCrop (training) or
+    # evaluation's resize of the whole image (data.crop_mode squash: both sides; center: the shorter side) is
+    # decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps the crop's pixels at data.image_size, or
+    # the resized sides at least their size, the crop drawn from the header first (trainer.data.folders.
+    # decode_region, decode_fit; BENCHMARKS.md "Scaled JPEG decoding" for the speed and the accuracy); false =
+    # every image decoded whole. PNG, CMYK JPEGs and pad-crop-flip augmentation always decode whole
+    scaled_decode: bool = True
     # check every image-folder training file at start-up (eval splits val/test are always checked):
     # header: open it and parse its header (format, size) and, for JPEG/PNG, look for its end marker; a file
     # failing that is then fully decoded, so a valid one is never refused (BENCHMARKS.md: the cost of each);

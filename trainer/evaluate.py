@@ -63,6 +63,7 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
         cfg.data.crop_mode, cfg.data.crop_pct, cfg.data.interpolation = (fit.crop_mode, fit.crop_pct,
                                                                           fit.interpolation)
     cfg.data.exif_orientation = meta.get("exif_orientation", False)
+    cfg.data.scaled_decode = meta.get("scaled_decode", False)  # older models were evaluated on whole decodes
     task = task_from_meta(meta)
     if output is None and run_dir is None:
         raise ConfigError(f"{model_dir} is an exported model outside a run: its eval.json and plots are its "

@@ -31,7 +31,9 @@ def model_card(cfg, mean, std, small_input_stem: bool, fit=None) -> dict:
             "mean": list(mean), "std": list(std),
             **(fit.meta(cfg.data.image_size) if fit is not None else {}),
             "tta": cfg.eval.tta,  # applied by `trainer eval` and `trainer predict` too
-            "exif_orientation": cfg.data.exif_orientation}
+            "exif_orientation": cfg.data.exif_orientation,
+            # JPEGs decoded at a reduced DCT scale before evaluation's resize (trainer.data.folders.decode_fit)
+            "scaled_decode": cfg.data.scaled_decode}
 
 
 def write_model(model: torch.nn.Module, folder: Path, meta: dict) -> None:

@@ -94,11 +94,13 @@ def sidecar_path(out: Path) -> Path:
 def read_images(paths: Sequence[str], meta: dict) -> torch.Tensor:
     """(N, 3, S, S) float32, each image decoded, resized and normalised as `trainer predict` does (the same
     trainer.data functions, with the model's exif_orientation and mean/std)."""
-    from trainer.data.datasets import Fit, eval_transform, read_image
+    from trainer.data.datasets import Fit, eval_fit_size, eval_transform, read_eval_image
 
     transform = eval_transform(meta["image_size"], meta["mean"], meta["std"], Fit.from_meta(meta))
     exif = meta.get("exif_orientation", False)  # as predict: older models did not apply it
-    return torch.stack([transform(read_image(path, exif)) for path in paths])
+    # as predict decodes a classifier's inputs (a segmentation model's it decodes whole: either is an input here)
+    fit = eval_fit_size(meta)
+    return torch.stack([transform(read_eval_image(path, exif, fit)) for path in paths])
 
 
 def first_images(root: Path, limit: int) -> List[str]:

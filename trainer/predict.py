@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from trainer.data.datasets import read_image
+from trainer.data.datasets import eval_fit_size, read_eval_image
 from trainer.data.folders import describe_skipped, walk_image_files
 from trainer.errors import TrainerError
 from trainer.evaluation import evaluation_threads
@@ -130,9 +130,13 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
         model.to(device)
         exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
         tta = meta.get("tta", "none")  # the model's test-time augmentation, as in training's evaluation
+        # a JPEG decoded at the scale its evaluation decoded it (data.scaled_decode), for the tasks whose images
+        # are only resized to the input (the others map their outputs back onto the image as stored)
+        # (model.json's Fit: its resize and crop, as evaluation's transform and predict_batch apply them)
+        fit = eval_fit_size(meta) if getattr(task, "decodes_to_fit", False) else None
         for start in range(0, len(found.images), batch_size):
             chunk = found.images[start:start + batch_size]
-            raw = [read_image(path, exif) for path, _ in chunk]  # as training's evaluation reads it
+            raw = [read_eval_image(path, exif, fit) for path, _ in chunk]  # as training's evaluation reads it
             batch = task.predict_batch(raw, meta, device)  # resized and normalised as the task's evaluation does
             with evaluation_threads(device):  # as evaluation computes, so predictions reproduce eval.json
                 outputs = task.forward(model, batch, tta)

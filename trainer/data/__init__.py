@@ -158,6 +158,8 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
         if len(ds) == 0:
             raise DataError(f"the {split} split of {source} is empty")
     set_split_transforms(made, data_cfg.augment, size, mean, std, Fit.from_cfg(data_cfg))
+    for ds in made.values():
+        ds.scaled_decode = data_cfg.scaled_decode
     if skipped:
         verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
     return Data(classes=classes, datasets=made, mean=list(mean), std=list(std), train_counts=counts,

@@ -19,13 +19,24 @@ from torch.utils.data import Dataset, Sampler, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.folders import Sample, decode_bytes, image_error
+from trainer.data.folders import Sample, decode_bytes, decode_fit, decode_region, image_error, jpeg_header
 from trainer.errors import ConfigError, DataError
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     # a fixed mixing of the three numbers into 63 bits (numpy's SeedSequence hashes them well)
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_draws(seed: int, cuda: bool = False) -> None:
+    """Seed the global torch generator(s) a sample's transform draws from: the CPU's, and with `cuda` every GPU's
+    too (torch.manual_seed). For the CPU alone only its generator: torch.manual_seed also queues a seed for the
+    GPUs, recording the Python stack to do so, 0.15-0.2 ms a call on this 2-core VM where the generator's own
+    seeding takes ~1 us (2026-12-06); the CPU draws are the same either way."""
+    if cuda:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def init_sample(n: int, count: int, seed: int) -> torch.Tensor:
@@ -58,6 +69,23 @@ def read_image(source, exif_orientation: bool, hint: str = "") -> torch.Tensor:
     """An image file (a path, or a PackedFile) as a (3, H, W) uint8 RGB tensor (decode_rgb), or a DataError
     naming the file: a bare PIL error says nothing about which one."""
     return decode_named(read_bytes(source, hint), exif_orientation, source, hint)
+
+
+def read_eval_image(source, exif_orientation: bool, fit=None) -> torch.Tensor:
+    """An image file as evaluation reads it: read_image, or with `fit` (what evaluation first resizes to,
+    fit_size: (height, width), or (side,) for a shorter-side resize; a model trained with data.scaled_decode)
+    a JPEG decoded at the smallest DCT scale that keeps `fit`
+    (decode_fit), exactly as the eval splits' `scaled_sample` decodes it: `trainer predict` reproduces eval."""
+    if fit is None:
+        return read_image(source, exif_orientation)
+    data = read_bytes(source)
+    header = jpeg_header(data, exif_orientation)
+    if header is not None:
+        try:
+            return decode_fit(data, header, fit, exif_orientation)
+        except Exception:  # a damaged file: the full decode below names it
+            pass
+    return decode_named(data, exif_orientation, source)
 
 
 def decode_named(data: bytes, exif_orientation: bool, name, hint: str = "") -> torch.Tensor:
@@ -94,8 +122,57 @@ class SeededDataset(Dataset):
         """The image as a (3, H, W) uint8 RGB tensor; every transform below takes that."""
         raise NotImplementedError
 
+    # data.scaled_decode: a JPEG whose transform starts with a crop-and-resize is decoded at the smallest DCT
+    # scale that keeps the crop's pixels at the output size (`scaled_sample`); set by build_data
+    scaled_decode = False
+
     def __getitem__(self, index: int):
+        if self.scaled_decode:
+            image = self.scaled_sample(index)
+            if image is not None:
+                return image, self.labels[index]
         return self.augment(self.load(index), index), self.labels[index]
+
+    def scaled_sample(self, index: int):
+        """Sample `index` with its JPEG decoded at a reduced DCT scale (trainer.data.folders.decode_region), or
+        None where the full path (load, then augment) must make it: no file bytes, not a JPEG Pillow can scale,
+        a transform that does not start with a crop-and-resize (first_resize), or a decoder error (the full path
+        then names the file, or stands another file in for it).
+
+        The crop is drawn from the header's size before anything is decoded, by the transform's own first step
+        under the same seed as `augment` (the global torch RNG seeded by (seed, epoch, index)), and the rest of
+        the transform draws on after it: the draws are those of the full path, so what a sample is stays a pure
+        function of (seed, epoch, index), and where the scale is 1 the pixels are the full path's, bit for bit."""
+        first = first_resize(self.transform)
+        if first is None or not hasattr(self, "file_bytes"):
+            return None
+        try:
+            data = self.file_bytes(index)
+        except (OSError, DataError):
+            return None
+        exif = getattr(self, "exif_orientation", True)
+        header = jpeg_header(data, exif)
+        if header is None:
+            return None
+        if not isinstance(first, v2.RandomResizedCrop):  # evaluation's Resize: the whole image, then the chain
+            try:
+                image = decode_fit(data, header, first.size, exif)
+            except Exception:  # Pillow's errors for a damaged file: the full path says what is wrong
+                return None
+            return self.augment(image, index)
+        height, width = header.upright_size()
+        with torch.random.fork_rng(devices=[]):
+            seed_draws(sample_seed(self.seed, self.epoch, index))
+            # its draw needs only the size: a tensor of 0 channels holds no pixel
+            p = first.make_params([torch.empty(0, height, width, dtype=torch.uint8)])
+            try:
+                image = decode_region(data, header, (p["top"], p["left"], p["height"], p["width"]), first.size,
+                                      exif, first.interpolation, first.antialias)
+            except Exception:  # Pillow's errors for a damaged file: the full path says what is wrong
+                return None
+            for step in self.transform.transforms[1:]:
+                image = step(image)
+            return image
 
     def augment(self, image: torch.Tensor, index: int) -> torch.Tensor:
         """The transform of sample `index` in this epoch, on `image` wherever it is (the DataLoader workers' CPU,
@@ -105,7 +182,7 @@ class SeededDataset(Dataset):
         # torchvision's v2 transforms draw their parameters on the CPU generator, AugMix its weights on the
         # image's device: both are seeded here, and both restored after
         with torch.random.fork_rng(devices=[image.device] if image.is_cuda else []):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            seed_draws(sample_seed(self.seed, self.epoch, index), image.is_cuda)
             return self.transform(image) if self.transform is not None else image
 
 
@@ -289,6 +366,40 @@ class EpochWeightedSampler(Sampler):
 
 
 # ---- transforms ----
+
+def first_resize(transform):
+    """The first step of a v2 chain when it is what `scaled_sample` can draw before decoding: RandomResizedCrop,
+    or evaluation's Resize of the whole image (Fit.steps): to a fixed (height, width) (squash, with or without
+    a centre crop after it), or of the shorter side to a length, aspect kept (center); None otherwise
+    (PadCropFlip, a Resize with max_size...). Its interpolation is the Resize's own: the scaled decode only
+    reduces by a DCT scale that keeps the Resize's output size, and the same Resize then applies."""
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, v2.Compose) or not steps:
+        return None
+    first = steps[0]
+    if isinstance(first, v2.RandomResizedCrop) or (type(first) is v2.Resize and first.max_size is None
+                                                   and len(first.size) in (1, 2)):
+        return first
+    return None
+
+
+def fit_size(transform):
+    """The size an evaluation transform first resizes the whole image to, when `scaled_sample` decodes its JPEGs
+    at a reduced scale for it (first_resize): (height, width) for a fixed-size Resize, (side,) for a shorter-side
+    one (decode_fit keeps the shorter side >= side); None when it decodes them whole. `trainer predict` and the
+    ONNX check ask this of the transform they apply (eval_fit_size), so that they decode as the eval splits did."""
+    first = first_resize(transform)
+    return None if first is None or isinstance(first, v2.RandomResizedCrop) else tuple(first.size)
+
+
+def eval_fit_size(meta: dict):
+    """The `fit` read_eval_image takes for an exported model's inputs: fit_size of its evaluation transform
+    (model.json's image_size, mean, std and Fit), or None when its evaluation decoded whole (no
+    data.scaled_decode recorded). `trainer predict` and the ONNX check both take it from here."""
+    if not meta.get("scaled_decode"):
+        return None
+    return fit_size(eval_transform(meta["image_size"], meta["mean"], meta["std"], Fit.from_meta(meta)))
+
 
 def _to_normalised_tensor(mean, std) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]

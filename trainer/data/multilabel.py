@@ -210,6 +210,8 @@ def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], verbose=pr
         stats = made.get("train") or dataset(found["train"][0], found["train"][1])
         mean, std = measure_mean_std(stats, size, seed=data_cfg.split_seed)
     set_split_transforms(made, aug, size, mean, std, Fit.from_cfg(data_cfg))
+    for ds in made.values():
+        ds.scaled_decode = data_cfg.scaled_decode
     if skipped:
         verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
     return Data(classes=list(classes), datasets=made, mean=list(mean), std=list(std), train_counts=counts,

@@ -87,6 +87,10 @@ class ImageBatches:
     with an output per logit; a batch of (images, targets) with one loss, no parts, moved to the device, the
     network (with test-time augmentation) on its images."""
 
+    # `trainer predict` may decode a JPEG at a reduced DCT scale (data.scaled_decode): predict_batch only resizes
+    # each image to the square input, as evaluation does, and no output maps back onto the stored image
+    decodes_to_fit = True
+
     def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
                     pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
                     dropout: Optional[float] = None):

@@ -459,7 +459,7 @@ class EvalCfg:
     best_plots: Literal["end", "every"] = "end"
     # detection: also score the validation loss (metric `loss` and its parts): a second pass of every image with the
     # detector in training mode, which doubled the evaluation's time (bench/eval_epoch.py, BENCHMARKS.md).
-    # Classification and segmentation compute theirs from the logits they already have, at no cost, and ignore it
+    # Classification and segmentation compute theirs from the logits they already have, at no cost: refused there
     detection_loss: bool = False
     # detection: what scores the boxes. pycocotools (the reference, and the tests' oracle) or faster_coco_eval, its
     # C++ port (pip install faster-coco-eval): the same numbers up to the last bits of a float (2e-16 measured),

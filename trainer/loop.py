@@ -69,7 +69,8 @@ def train(cfg: Config) -> dict:
                             share=True)
         # model.weights: found (or, if allowed, fetched) now, so that a missing file is refused before any write
         pretrained = agree(acc, lambda: pretrained_source(cfg.model, say), main_only=True, share=True)
-        inputs = data_inputs(cfg.data).add("model.weights" if cfg.model.weights else "model.pretrained_path", pretrained)
+        inputs = data_inputs(cfg.data).add("model.weights" if cfg.model.weights else "model.pretrained_path",
+                                           pretrained)
         plan = agree(acc, lambda: rundir.open_run(Path(cfg.run.dir), cfg.run.resume, cfg.run.overwrite, inputs),
                      main_only=True, share=True)
         with plan:  # the main process holds the run's lock until the end; a failed start leaves nothing behind
@@ -273,9 +274,11 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
                   "seconds": round(time.time() - t_start, 1),
                   "replaced_images_this_start": log_train.replaced()}
         if best_scores is None and cfg.eval.best_plots == "end" and loop.best["update"] is not None and \
-                (plan.dir / "best" / "model.safetensors").is_file():
+                agree(acc, lambda: (plan.dir / "best" / "model.safetensors").is_file(), main_only=True, share=True):
             # best/ was written by an earlier start of this run (before a resume): its weights scored again (every
-            # rank) for the plots; the metrics are those of its eval.json (an evaluation is exact)
+            # rank) for the plots; the metrics are those of its eval.json (an evaluation is exact). The main rank
+            # looks for the file and every rank follows it: the scoring is collective, and a rank on another node
+            # (no shared run directory seen alike) must not skip it alone
             best_scores = rescore_exported(plan.dir / "best", model, core, s.val_set, task, acc, s.eval_batch,
                                            cfg.data.num_workers, s.memory_format, cfg.eval.tta)
         agree(acc, lambda: end_of_run(plan, tracker, s, loop.update, scores, result, best_scores), main_only=True)

@@ -354,11 +354,16 @@ def finish(plan: RunPlan, summary: dict) -> Optional[Path]:
     return drawn
 
 
+def final_model_lost(run_dir: Path) -> bool:
+    """The run's final model (model/) lacks a file the trainer exports there."""
+    return any(not (run_dir / "model" / name).is_file() for name in MODEL_FILES)
+
+
 def model_missing(plan: RunPlan, seen: dict) -> bool:
     """Main process, on a complete run: its final model (model/) lacks a file the trainer exports and a
     checkpoint loads under an unchanged config, so the start can export it again (loop.re_export)."""
-    lost = any(not (plan.dir / "model" / name).is_file() for name in MODEL_FILES)
-    return lost and plan.checkpoint is not None and not seen.get("changes") and not seen.get("unloadable")
+    return (final_model_lost(plan.dir) and plan.checkpoint is not None and not seen.get("changes")
+            and not seen.get("unloadable"))
 
 
 def complete_lines(run_dir: Path, seen: dict, re_exported: bool = False) -> List[str]:
@@ -371,14 +376,14 @@ def complete_lines(run_dir: Path, seen: dict, re_exported: bool = False) -> List
     if seen.get("unloadable"):
         lines.append(f"[trainer] {seen['unloadable']}: the run cannot be continued from them; nothing was moved or "
                      f"changed")
-        if any(not (run_dir / "model" / n).is_file() for n in MODEL_FILES):
+        if final_model_lost(run_dir):
             lines.append(f"[trainer] {run_dir / 'model'} is missing and cannot be exported again without a loadable "
                          f"final checkpoint; {run_dir / 'best'} holds the best model")
     if seen.get("changes"):
         lines.append(f"[trainer] not applied, this config differs from the run's: {'; '.join(seen['changes'])}"
                      + ("" if seen.get("unloadable") else
                         " (run.allow_config_change=true continues training it under them)"))
-        if not seen.get("unloadable") and any(not (run_dir / "model" / n).is_file() for n in MODEL_FILES):
+        if not seen.get("unloadable") and final_model_lost(run_dir):
             lines.append(f"[trainer] {run_dir / 'model'} is missing: the same command without these changes exports "
                          f"it again from the final checkpoint")
     return lines

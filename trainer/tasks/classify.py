@@ -25,7 +25,8 @@ from trainer.prediction_files import Given, output_path
 from trainer.tasks.classify_metrics import ClassificationEvaluator, class_weights, compute_metrics
 from trainer.tasks.classify_reports import PLOT_FILES, CsvPredictions, format_summary, write_eval_report
 from trainer.tasks.classify_spec import ClassificationSpec, resolve_task
-from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_box_options, refuse_threshold
+from trainer.tasks.protocol import (DataInfo, Example, OneSizeOneLoss, Sections, check_monitor, refuse_box_options,
+                                    refuse_threshold)
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Task:
 
 # ---- the task protocol for binary and multi-class classification (trainer/tasks/protocol.py) ----
 
-class ImageBatches:
+class ImageBatches(OneSizeOneLoss):
     """What the tasks of whole-image targets (classification, multi-label) do alike: a classification network
     with an output per logit; a batch of (images, targets) with one loss, no parts, moved to the device, the
     network (with test-time augmentation) on its images."""
@@ -97,13 +98,6 @@ class ImageBatches:
         """`drop_path`, `dropout`: None = the model's own (see `trainer.models.build_model`)."""
         return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
                            pretrained_path=pretrained_path, verbose=verbose, drop_path=drop_path, dropout=dropout)
-
-    def train_resizer(self, seed: int) -> None:
-        return None  # every training image has the one input size
-
-    @staticmethod
-    def loss_parts(model_name: str) -> List[str]:
-        return []
 
     def to_device(self, batch, device, memory_format=torch.contiguous_format):
         x, y = batch

@@ -123,6 +123,18 @@ class TrainingTask(TaskSpec, Protocol):
         """A tiny case of the task `name`, which the contract test (tests/test_tasks.py) runs every task through."""
 
 
+class OneSizeOneLoss:
+    """The protocol's answer for the tasks whose training batches all have the one input size and whose loss has
+    no parts to log (classification, multi-label, segmentation); detection answers both itself."""
+
+    def train_resizer(self, seed: int) -> None:
+        return None
+
+    @staticmethod
+    def loss_parts(model_name: str) -> List[str]:
+        return []
+
+
 @dataclass(frozen=True)
 class DataInfo:
     """What a task is built from besides the class names: the training split's counts per class (images;

@@ -25,7 +25,8 @@ from trainer.prediction_files import Given, PredictionFolder
 from trainer.tasks.segment_metrics import (confusion_matrix, cross_entropy_loss, dice_loss, metrics_from_confusion,
                                            pixel_class_weights)
 from trainer.tasks.segment_models import SEGMENTATION_MODELS, TIMM_PREFIX, build_segmentation_model
-from trainer.tasks.protocol import DataInfo, Example, Sections, check_monitor, refuse_box_options, refuse_threshold
+from trainer.tasks.protocol import (DataInfo, Example, OneSizeOneLoss, Sections, check_monitor, refuse_box_options,
+                                    refuse_threshold)
 from trainer.tasks.segment_reports import PLOTS, MaskPredictions, format_segmentation_summary, write_segmentation_report
 from trainer.tasks.segment_spec import SegmentationSpec
 
@@ -34,7 +35,7 @@ METRICS = ("miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice", "fwiou"
 
 
 @dataclass
-class Segmentation(SegmentationSpec):
+class Segmentation(OneSizeOneLoss, SegmentationSpec):
     classes: List[str]
     ignore_index: int = 255
     loss_name: str = "ce"  # ce | dice | ce+dice
@@ -104,13 +105,6 @@ class Segmentation(SegmentationSpec):
         if "aux" in out and self.aux_weight > 0:
             loss = loss + self.aux_weight * self.pixel_loss(out["aux"], y.long())
         return loss, x.shape[0], {}
-
-    def train_resizer(self, seed: int) -> None:
-        return None  # every training image has the one input size
-
-    @staticmethod
-    def loss_parts(model_name: str) -> List[str]:
-        return []
 
     # -- evaluation --
 

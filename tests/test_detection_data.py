@@ -444,7 +444,7 @@ def _voc_xml(objects, size=(40, 30)) -> str:
 
 
 def test_voc_detection_split(tmp_path):
-    with pytest.raises(DataError, match="Pascal VOC 2012 not found: no folder .*VOCdevkit/VOC2012.*download"):
+    with pytest.raises(DataError, match="Pascal VOC 2012 not found: looked for .*VOCdevkit/VOC2012.*download"):
         voc_detection_split(tmp_path, "2012", "train")
     voc = tmp_path / "VOCdevkit" / "VOC2012"
     (voc / "ImageSets" / "Main").mkdir(parents=True)

@@ -33,7 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from trainer.data.datasets import SeededDataset, read_image, sample_seed
 from trainer.data.folders import image_error
-from trainer.data.masks import VOC_CLASSES, checked_stored_size, image_orientation
+from trainer.data.masks import VOC_CLASSES, checked_stored_size, image_orientation, open_voc
 from trainer.data.scale import scale_crop_steps
 from trainer.errors import DataError
 
@@ -472,22 +472,9 @@ def voc_detection_split(root, year: str = "2012", image_set: str = "train", verb
     matching it is dropped, not a false positive); training skips them as it skips crowd boxes.
     """
     from torchvision.datasets import VOCDetection
-    from torchvision.datasets.voc import DATASET_YEAR_DICT
 
     year = str(year)
-    where = os.path.join(str(root), DATASET_YEAR_DICT.get(year, {}).get("base_dir", f"VOCdevkit/VOC{year}"))
-    try:
-        voc = VOCDetection(str(root), year=year, image_set=image_set, download=False)
-    except ValueError as err:  # torchvision's verify_str_arg: an unknown year or image set
-        raise DataError(f"Pascal VOC: {err} (year {year!r}, image set {image_set!r})") from None
-    except RuntimeError:  # "Dataset not found or corrupted. You can use download=True ..."
-        raise DataError(f"Pascal VOC {year} not found: no folder {where}; download and extract VOCtrainval (and "
-                        f"for 2007 VOCtest) from http://host.robots.ox.ac.uk/pascal/VOC/ on a machine with internet "
-                        f"and point data.root at the folder holding VOCdevkit/") from None
-    except OSError as err:  # the image-set list is missing
-        raise DataError(f"Pascal VOC {year} under {where} has no {image_set} list: {err.filename} is missing") from None
-    if not voc.images:
-        raise DataError(f"Pascal VOC {year} {image_set} list names no images ({where})")
+    voc, where = open_voc(VOCDetection, root, year, image_set)
     missing = [p for p in voc.annotations if not os.path.isfile(p)]
     if missing:
         raise DataError(f"Pascal VOC {year} {image_set}: {len(missing)} annotation file(s) missing, e.g. {missing[0]} "

@@ -157,31 +157,42 @@ def with_val_split(root, splits: dict, val_fraction: float, split_seed: int) -> 
     return splits
 
 
-def voc_pairs(root, year: str = "2012", image_set: str = "train") -> List[Pair]:
-    """(image, mask) pairs of an existing Pascal VOC copy (root holds VOCdevkit/VOC<year>/), read offline through
-    torchvision's VOCSegmentation: JPEGImages/<id>.jpg with SegmentationClass/<id>.png (palette indices)."""
-    from torchvision.datasets import VOCSegmentation
+def open_voc(dataset_class, root, year: str, image_set: str):
+    """torchvision's VOCSegmentation or VOCDetection (`dataset_class`) over an existing copy (root holds
+    VOCdevkit/VOC<year>/), offline, with each way it can fail said in one line naming the folder or the file;
+    returned with that VOC<year> folder."""
     from torchvision.datasets.voc import DATASET_YEAR_DICT
 
-    where = os.path.join(str(root), DATASET_YEAR_DICT.get(str(year), {}).get("base_dir", f"VOCdevkit/VOC{year}"))
+    year = str(year)
+    where = os.path.join(str(root), DATASET_YEAR_DICT.get(year, {}).get("base_dir", f"VOCdevkit/VOC{year}"))
     try:
-        voc = VOCSegmentation(str(root), year=str(year), image_set=image_set, download=False)
+        voc = dataset_class(str(root), year=year, image_set=image_set, download=False)
     except ValueError as err:  # torchvision's verify_str_arg: an unknown year or image set
-        raise DataError(f"Pascal VOC: {err} (data.voc_year, split {image_set!r})") from None
+        raise DataError(f"Pascal VOC: {err} (data.voc_year {year!r}, split {image_set!r})") from None
     except RuntimeError:  # "Dataset not found or corrupted. You can use download=True ..."
         raise DataError(f"Pascal VOC {year} not found: looked for {where} under data.root={root}; data.download is not "
-                        f"supported for VOC: download and extract it on a machine with internet and point data.root at "
+                        f"supported for VOC: download and extract VOCtrainval (and for 2007 VOCtest) from "
+                        f"http://host.robots.ox.ac.uk/pascal/VOC/ on a machine with internet and point data.root at "
                         f"the folder holding VOCdevkit/") from None
     except OSError as err:  # the image-set list is missing
         raise DataError(f"Pascal VOC {year} under {where} has no {image_set} split list: {err.filename} "
                         f"is missing") from None
+    if not voc.images:
+        raise DataError(f"Pascal VOC {year} {image_set} split lists no images ({where})")
+    return voc, where
+
+
+def voc_pairs(root, year: str = "2012", image_set: str = "train") -> List[Pair]:
+    """(image, mask) pairs of an existing Pascal VOC copy (root holds VOCdevkit/VOC<year>/), read offline through
+    torchvision's VOCSegmentation: JPEGImages/<id>.jpg with SegmentationClass/<id>.png (palette indices)."""
+    from torchvision.datasets import VOCSegmentation
+
+    voc, _ = open_voc(VOCSegmentation, root, year, image_set)
     pairs = list(zip(voc.images, voc.masks))
     missing = [p for pair in pairs for p in pair if not os.path.isfile(p)]
     if missing:
         raise DataError(f"Pascal VOC {year} {image_set}: {len(missing)} listed file(s) missing, e.g. {missing[0]} "
                         f"(an incomplete extraction?)")
-    if not pairs:
-        raise DataError(f"Pascal VOC {year} {image_set} split lists no images ({where})")
     return pairs
 
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.datasets import FileDataset, eval_transform, train_transform
+from trainer.data.datasets import FileDataset, eval_transform, run_steps, train_transform
 from trainer.data.device_decode import upright
 from trainer.data.folders import (DCT_SCALES, EXIF_ORIENTATION, JpegHeader, dct_scale, decode_bytes, decode_region,
                                   jpeg_header, stored_box)
@@ -351,3 +351,20 @@ def test_predict_is_the_eval_split_under_every_fit(tmp_path, fit):
         assert val.scaled_sample(i) is not None  # the eval split took the scaled path
         batch, = Classification.predict_batch([read_eval_image(val.paths[i], val.exif_orientation, fit)], meta, "cpu")
         assert torch.equal(batch[0], val[i][0])
+
+
+@pytest.mark.parametrize("chain", ["rrc", "eval", "jitter", "erasing"])
+def test_run_steps_gives_v2_composes_floats_bit_for_bit(chain):
+    """run_steps computes the closing ToImage, ToDtype, Normalize as plain tensor operations: the same floats as
+    v2.Compose, with the same draws (a chain that does not end with them runs step by step)."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    transform = {"rrc": rrc(), "eval": eval_transform(SIZE, mean, std),
+                 "jitter": train_transform(SIZE, mean, std, True, 0, True, 0.35, 0.4),
+                 "erasing": train_transform(SIZE, mean, std, True, 0, True, 0.35, 0.0, random_erasing=1.0)}[chain]
+    for seed in range(4):
+        image = torch.from_numpy(np.array(photo(90, 70, seed))).permute(2, 0, 1)
+        torch.manual_seed(seed)
+        want = transform(image)
+        torch.manual_seed(seed)
+        got = run_steps(transform.transforms, image)
+        assert got.dtype == torch.float32 and torch.equal(got, want)

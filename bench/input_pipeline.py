@@ -24,6 +24,8 @@ For a folder of JPEGs it measures, on the same files and in one run:
   loader_wN   the trainer's DataLoader with N workers (collate included), img/s for the whole loader (photos:
               of `today`'s samples)
   scaled_wN   the same with data.scaled_decode=true
+  scaled_u8_wN  the same with `scaled_u8`'s uint8 samples: uint8 batches (a quarter of float32's bytes to collate
+              into shared memory), their normalisation left to the device
   DEV_decode_wN  with --decode-device DEV: the same batches with data.decode_device's path: N workers only
               read the files, the main process decodes each batch's JPEGs on DEV in one call and augments them
               there (trainer.data.device_decode); loader_wN then copies its batches to DEV too, so both columns
@@ -152,6 +154,7 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
         loaders = {f"loader_w{w}": today if image_size > 64 else dataset}
         if image_size > 64:
             loaders[f"scaled_w{w}"] = scaled
+            loaders[f"scaled_u8_w{w}"] = uint8  # uint8 batches: what the loader gives if the device normalises
         loaders = {name: torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=w,
                                                      generator=torch.Generator().manual_seed(0))
                    for name, ds in loaders.items()}
@@ -300,7 +303,7 @@ def main() -> None:
     results["threads"] = torch.get_num_threads()
     cols = (["files", "read", "decode_pil", "decode_tv", "decode", "sample_pil", "today", "sample", "scaled",
              "scaled_u8", "region", "bare_scaled",
-             "dali"] + [f"{kind}_w{w}" for w in workers for kind in ("loader", "scaled")])
+             "dali"] + [f"{kind}_w{w}" for w in workers for kind in ("loader", "scaled", "scaled_u8")])
     if args.decode_device:
         cols += [f"{args.decode_device}_decode_w{w}" for w in workers]
     lines = ["| images | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -314,7 +317,8 @@ def main() -> None:
                               f"{r['scaled'] / r['sample']:.2f}x, scaled_w{w}/loader_w{w} "
                               f"{r[f'scaled_w{w}'] / r[f'loader_w{w}']:.2f}x, scaled/bare_scaled "
                               f"{r['scaled'] / r['bare_scaled']:.2f}, region/bare_scaled "
-                              f"{r['region'] / r['bare_scaled']:.2f}, scaled_u8/scaled {r['scaled_u8'] / r['scaled']:.2f}x"
+                              f"{r['region'] / r['bare_scaled']:.2f}, scaled_u8/scaled {r['scaled_u8'] / r['scaled']:.2f}x, "
+                              f"scaled_u8_w{w}/scaled_w{w} {r[f'scaled_u8_w{w}'] / r[f'scaled_w{w}']:.2f}x"
                               f", scales (divisor: samples) {r['scale_mix']}"
                               + (f", scaled/dali {r['scaled'] / r['dali']:.2f}x" if r.get("dali") else ""))
     lines += [""] + ratios

@@ -317,7 +317,8 @@ def main() -> None:
                               f"{r['scaled'] / r['sample']:.2f}x, scaled_w{w}/loader_w{w} "
                               f"{r[f'scaled_w{w}'] / r[f'loader_w{w}']:.2f}x, scaled/bare_scaled "
                               f"{r['scaled'] / r['bare_scaled']:.2f}, region/bare_scaled "
-                              f"{r['region'] / r['bare_scaled']:.2f}, scaled_u8/scaled {r['scaled_u8'] / r['scaled']:.2f}x, "
+                              f"{r['region'] / r['bare_scaled']:.2f}, scaled_u8/scaled "
+                              f"{r['scaled_u8'] / r['scaled']:.2f}x, "
                               f"scaled_u8_w{w}/scaled_w{w} {r[f'scaled_u8_w{w}'] / r[f'scaled_w{w}']:.2f}x"
                               f", scales (divisor: samples) {r['scale_mix']}"
                               + (f", scaled/dali {r['scaled'] / r['dali']:.2f}x" if r.get("dali") else ""))

@@ -169,8 +169,8 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
             f"and augmented on {accelerator.device}")
     # on a GPU, batches of a chain that ends by normalising leave the workers as uint8 and are normalised there:
     # a 64 x 224-px float32 batch took 33 ms to collate into a worker's shared memory, a uint8 one 8.7 ms, and
-    # the normalisation is then the GPU's (this 2-core VM, 2026-12-06, issue 34; on the CPU, the main process
-    # normalising a batch, 22 ms, would cost more than the workers do sample by sample, 6 ms)
+    # the normalisation is then the GPU's (this 2-core VM, 2026-12-06; BENCHMARKS.md, "After the decode"). On the
+    # CPU the main process normalising a batch (22 ms) would cost more than the workers do sample by sample (6 ms)
     normalise = None
     if accelerator.device.type == "cuda" and decoder is None and resizer is None and collate is None:
         normalise = normalising_tail(dataset.transform)

@@ -15,11 +15,17 @@ For a folder of JPEGs it measures, on the same files and in one run:
               at the smallest DCT scale that keeps it at the output size (trainer.data.folders.decode_region)
   bare_scaled the decoder's limit for `scaled`: the file read and the decode alone, at the scale each sample's
               crop gets (whole at scale 1, Pillow's draft below), no crop, resize or normalise
+  region      the file read, the header and decode_region of each sample's crop: the decode and the resize to
+              224 px alone (the crop drawn beforehand), no seeding, draws, flip or normalise
+  scaled_u8   `scaled` without the closing ToImage/ToDtype/Normalize (a uint8 sample, the same draws): what a
+              sample would cost per core if normalisation moved out of it to the batch
   dali        (photos, when nvidia-dali is installed) DALI's CPU pipeline on one thread: random-crop decode,
               resize, flip + normalise, batches of 64 from the file bytes already in memory
   loader_wN   the trainer's DataLoader with N workers (collate included), img/s for the whole loader (photos:
               of `today`'s samples)
   scaled_wN   the same with data.scaled_decode=true
+  scaled_u8_wN  the same with `scaled_u8`'s uint8 samples: uint8 batches (a quarter of float32's bytes to collate
+              into shared memory), their normalisation left to the device
   DEV_decode_wN  with --decode-device DEV: the same batches with data.decode_device's path: N workers only
               read the files, the main process decodes each batch's JPEGs on DEV in one call and augments them
               there (trainer.data.device_decode); loader_wN then copies its batches to DEV too, so both columns
@@ -49,6 +55,7 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -127,12 +134,16 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
     scaled.scaled_decode = True
     out["sample_pil"] = rate(lambda i: pil_sample(dataset, i), range(len(dataset)), repeats)
     if image_size > 64:  # the crop-and-resize training transform: data.scaled_decode's case
-        scales = [crop_scale(scaled, i) for i in range(len(paths))]
+        plans = [crop_plan(scaled, i) for i in range(len(paths))]
+        scales = [s for s, _ in plans]
         out["scale_mix"] = {s: scales.count(s) for s in sorted(set(scales))}
-        # one round-robin over the three per-sample paths per repeat: the VM's drift hits them alike
+        uint8 = FileDataset([(p, 0) for p in paths], v2.Compose(transform.transforms[:-3]), seed=0)
+        uint8.scaled_decode = True
+        # one round-robin over the per-sample paths per repeat: the VM's drift hits them alike
         today = TodayDataset([(p, 0) for p in paths], transform, seed=0)
         out.update(side_by_side({"today": today.__getitem__, "sample": dataset.__getitem__,
-                                 "scaled": scaled.__getitem__,
+                                 "scaled": scaled.__getitem__, "scaled_u8": uint8.__getitem__,
+                                 "region": lambda i: region(paths[i], plans[i][1], image_size),
                                  "bare_scaled": lambda i: bare_decode(paths[i], scales[i])},
                                 range(len(paths)), repeats))
         out["dali"] = dali_rate(paths, image_size, repeats)
@@ -143,6 +154,7 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
         loaders = {f"loader_w{w}": today if image_size > 64 else dataset}
         if image_size > 64:
             loaders[f"scaled_w{w}"] = scaled
+            loaders[f"scaled_u8_w{w}"] = uint8  # uint8 batches: what the loader gives if the device normalises
         loaders = {name: torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=w,
                                                      generator=torch.Generator().manual_seed(0))
                    for name, ds in loaders.items()}
@@ -176,9 +188,10 @@ def side_by_side(fns: dict, items, repeats: int) -> dict:
     return {name: len(items) / statistics.median(t) for name, t in times.items()}
 
 
-def crop_scale(dataset: FileDataset, index: int) -> int:
-    """The DCT scale divisor data.scaled_decode decodes sample `index` of this epoch at (as scaled_sample
-    draws it: the crop from the header size, under the sample's seed)."""
+def crop_plan(dataset: FileDataset, index: int):
+    """The DCT scale divisor data.scaled_decode decodes sample `index` of this epoch at, and its crop box
+    (top, left, height, width) of the upright image, as scaled_sample draws it: from the header size, under the
+    sample's seed."""
     from trainer.data.folders import dct_scale, jpeg_header, stored_box
 
     first = dataset.transform.transforms[0]
@@ -187,9 +200,19 @@ def crop_scale(dataset: FileDataset, index: int) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(sample_seed(dataset.seed, dataset.epoch, index))
         p = first.make_params([torch.empty(0, height, width)])
-    _, _, h, w = stored_box((p["top"], p["left"], p["height"], p["width"]), header.orientation, header.height,
-                            header.width)
-    return dct_scale(h, w, *first.size)
+    box = (p["top"], p["left"], p["height"], p["width"])
+    _, _, h, w = stored_box(box, header.orientation, header.height, header.width)
+    return dct_scale(h, w, *first.size), box
+
+
+def region(path: str, box, size: int) -> torch.Tensor:
+    """The file read, its header and decode_region of `box` to size x size: a scaled sample's decode and
+    resize with none of its draws, flip or normalisation."""
+    from trainer.data.folders import decode_region, jpeg_header
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return decode_region(data, jpeg_header(data), box, (size, size))
 
 
 def bare_decode(path: str, s: int):
@@ -279,8 +302,8 @@ def main() -> None:
         results["gpu"] = torch.cuda.get_device_name()
     results["threads"] = torch.get_num_threads()
     cols = (["files", "read", "decode_pil", "decode_tv", "decode", "sample_pil", "today", "sample", "scaled",
-             "bare_scaled",
-             "dali"] + [f"{kind}_w{w}" for w in workers for kind in ("loader", "scaled")])
+             "scaled_u8", "region", "bare_scaled",
+             "dali"] + [f"{kind}_w{w}" for w in workers for kind in ("loader", "scaled", "scaled_u8")])
     if args.decode_device:
         cols += [f"{args.decode_device}_decode_w{w}" for w in workers]
     lines = ["| images | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -293,7 +316,11 @@ def main() -> None:
                 ratios.append(f"{key}: scaled/today {r['scaled'] / r['today']:.2f}x, scaled/sample "
                               f"{r['scaled'] / r['sample']:.2f}x, scaled_w{w}/loader_w{w} "
                               f"{r[f'scaled_w{w}'] / r[f'loader_w{w}']:.2f}x, scaled/bare_scaled "
-                              f"{r['scaled'] / r['bare_scaled']:.2f}, scales (divisor: samples) {r['scale_mix']}"
+                              f"{r['scaled'] / r['bare_scaled']:.2f}, region/bare_scaled "
+                              f"{r['region'] / r['bare_scaled']:.2f}, scaled_u8/scaled "
+                              f"{r['scaled_u8'] / r['scaled']:.2f}x, "
+                              f"scaled_u8_w{w}/scaled_w{w} {r[f'scaled_u8_w{w}'] / r[f'scaled_w{w}']:.2f}x"
+                              f", scales (divisor: samples) {r['scale_mix']}"
                               + (f", scaled/dali {r['scaled'] / r['dali']:.2f}x" if r.get("dali") else ""))
     lines += [""] + ratios
     write_results(args.out, name, results, "\n".join(lines))

@@ -265,3 +265,31 @@ def test_build_data_passes_the_policy_keys_to_the_training_transform(tmp_path):
     assert steps.index(policy) < [type(t).__name__ for t in steps].index("Normalize") < steps.index(erasing)
     assert not any(type(t).__name__ in ("RandAugment", "RandomErasing")
                    for t in data.datasets["val"].transform.transforms)  # evaluation is never augmented
+
+
+def test_on_a_gpu_the_worker_loader_normalises_uint8_batches_only_where_it_gives_the_same_floats():
+    """build_train_loader leaves normalisation to the device (uint8 samples) on CUDA, for a chain that ends by
+    normalising; with mixup/CutMix the batches mixed after it are the float path's (run here on the CPU)."""
+    from types import SimpleNamespace
+
+    cuda = SimpleNamespace(device=torch.device("cuda"), process_index=0, num_processes=1)
+    cfg = data_cfg(**{"data.num_workers": 0, "data.image_size": 8})
+    rrc = train_transform(8, MEAN, STD, True, 0, True, 0.35, 0.0)
+    chains = {"rrc": rrc, "pad_crop_flip": PadCropFlip(8, 2, True, MEAN, STD),
+              "erasing": train_transform(8, MEAN, STD, True, 0, True, 0.35, 0.0, random_erasing=0.5)}
+    for name, transform in chains.items():
+        ds = ArrayDataset(images(8), [i % CLASSES for i in range(8)], transform, seed=3)
+        loader = build_train_loader(ds, cfg, 4, 3, cuda, MEAN, STD, CLASSES, False, say=lambda *a: None)
+        assert (loader.normalise is not None) == ds.uint8_samples == (name == "rrc"), name
+    cpu = SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
+    ds = ArrayDataset(images(8), [i % CLASSES for i in range(8)], rrc, seed=3)
+    assert build_train_loader(ds, cfg, 4, 3, cpu, MEAN, STD, CLASSES, False, say=lambda *a: None).normalise is None
+    batches = []
+    for normalise in (None, (tuple(MEAN), tuple(STD))):
+        ds = ArrayDataset(images(30), [i % CLASSES for i in range(30)], rrc, seed=3)
+        loader = WorkerLoader(ds, 4, 3, 0, 2, False, None, mixer=mixer(), normalise=normalise)
+        loader.set_epoch(1)
+        batches.append(list(loader.batches()))
+    assert len(batches[0]) == len(batches[1]) == 8
+    for (a, y), (b, z) in zip(*batches):
+        assert torch.equal(a, b) and torch.equal(y, z)

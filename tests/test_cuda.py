@@ -319,6 +319,32 @@ def test_gpu_decode_gives_the_cpu_decoders_batches_within_nvjpeg_rounding(tmp_pa
     assert levels.mean() < 2 and levels.amax(dim=(1, 2, 3)).max() < 48, levels.amax(dim=(1, 2, 3))
 
 
+def test_uint8_batches_normalised_on_the_gpu_hold_the_cpu_workers_floats():
+    """build_train_loader on a GPU leaves the samples uint8 and normalises each batch there: the floats equal,
+    bit for bit, the float samples the workers make on a CPU run (mul, sub and div are IEEE-rounded on both)."""
+    from types import SimpleNamespace
+
+    from tests.test_augment import data_cfg, images
+    from trainer.data.datasets import ArrayDataset, train_transform
+    from trainer.data.loaders import build_train_loader
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    cfg = data_cfg(**{"data.num_workers": 0, "data.image_size": 16})
+    rrc = train_transform(16, mean, std, True, 0, True, 0.35, 0.0)
+    out = []
+    for device in ("cpu", "cuda"):
+        acc = SimpleNamespace(device=torch.device(device), process_index=0, num_processes=1)
+        ds = ArrayDataset(images(12, side=24), [i % 5 for i in range(12)], rrc, seed=3)
+        loader = build_train_loader(ds, cfg, 4, 3, acc, mean, std, 5, False, say=lambda *a: None)
+        loader.prepare(acc)
+        assert (loader.normalise is not None) == ds.uint8_samples == (device == "cuda")
+        loader.set_epoch(1)
+        out.append([(x.cpu(), y.cpu()) for x, y in loader.batches()])
+    assert len(out[0]) == len(out[1]) == 3
+    for (a, y), (b, z) in zip(*out):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b) and torch.equal(y, z)
+
+
 def test_gpu_decode_trains_and_resumes_bitwise_after_sigkill(tmp_path):
     """A JPEG folder trained with data.decode_device=cuda (2 loader workers reading, bf16), killed at update 7 and
     resumed by the same command, ends bitwise equal to an uninterrupted run (train.deterministic=true)."""

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from trainer.data.datasets import FileDataset, eval_transform, train_transform
+from trainer.data.datasets import (FileDataset, eval_transform, normalise_uint8, normalising_tail, run_steps,
+                                   train_transform)
 from trainer.data.device_decode import upright
 from trainer.data.folders import (DCT_SCALES, EXIF_ORIENTATION, JpegHeader, dct_scale, decode_bytes, decode_region,
                                   jpeg_header, stored_box)
@@ -351,3 +352,46 @@ def test_predict_is_the_eval_split_under_every_fit(tmp_path, fit):
         assert val.scaled_sample(i) is not None  # the eval split took the scaled path
         batch, = Classification.predict_batch([read_eval_image(val.paths[i], val.exif_orientation, fit)], meta, "cpu")
         assert torch.equal(batch[0], val[i][0])
+
+
+@pytest.mark.parametrize("chain", ["rrc", "eval", "jitter", "erasing"])
+def test_run_steps_gives_v2_composes_floats_bit_for_bit(chain):
+    """run_steps computes the closing ToImage, ToDtype, Normalize as plain tensor operations: the same floats as
+    v2.Compose, with the same draws (a chain that does not end with them runs step by step)."""
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    transform = {"rrc": rrc(), "eval": eval_transform(SIZE, mean, std),
+                 "jitter": train_transform(SIZE, mean, std, True, 0, True, 0.35, 0.4),
+                 "erasing": train_transform(SIZE, mean, std, True, 0, True, 0.35, 0.0, random_erasing=1.0)}[chain]
+    for seed in range(4):
+        image = torch.from_numpy(np.array(photo(90, 70, seed))).permute(2, 0, 1)
+        torch.manual_seed(seed)
+        want = transform(image)
+        torch.manual_seed(seed)
+        got = run_steps(transform.transforms, image)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        tail = normalising_tail(transform)
+        assert (tail is None) == (chain == "erasing")  # RandomErasing after it: the chain normalises per sample
+        if tail is not None:  # the uint8 sample, normalised as a batch would be: the same floats
+            torch.manual_seed(seed)
+            raw = run_steps(transform.transforms, image, uint8=True)
+            assert raw.dtype == torch.uint8 and torch.equal(normalise_uint8(raw[None], *tail)[0], want)
+
+
+def test_a_loader_that_normalises_batches_gives_the_per_sample_floats(tmp_path):
+    """WorkerLoader's `normalise` (build_train_loader's on a GPU; here on the CPU): uint8 samples from the
+    workers, batches normalised after collation, equal to the float samples' batches, scaled or not."""
+    from trainer.data.loaders import WorkerLoader
+
+    paths = [write(tmp_path, f"{i}.jpg", jpeg_bytes(photo(200, 150, i))) for i in range(10)]
+    transform = rrc()
+    batches = []
+    for normalise in (None, normalising_tail(transform)):
+        _, ds = datasets(paths, transform, seed=3)
+        loader = WorkerLoader(ds, 4, seed=3, num_workers=0, prefetch_factor=2, pin_memory=False,
+                              first_transform=None, normalise=normalise)
+        loader.set_epoch(1)
+        batches.append(list(loader.batches()))
+        assert ds.uint8_samples == (normalise is not None)
+    assert len(batches[0]) == len(batches[1]) == 3
+    for (a, y), (b, z) in zip(*batches):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b) and torch.equal(y, z)

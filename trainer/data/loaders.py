@@ -26,7 +26,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from trainer.data import class_balanced_sampler
-from trainer.data.datasets import Fit, eval_transform, init_sample
+from trainer.data.datasets import Fit, eval_transform, init_sample, normalise_uint8, normalising_tail
 from trainer.data.device import to_device_loader
 from trainer.data.detection_order import detection_sampler
 from trainer.data.device_decode import BatchDecoder, collate_encoded
@@ -46,8 +46,14 @@ class WorkerLoader(EpochSteps):
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int, prefetch_factor: int, pin_memory: bool,
                  first_transform, sampler=None, drop_last: bool = False, collate=None,
                  mixer: Optional[BatchMixer] = None, decoder: Optional[BatchDecoder] = None, rank: int = 0,
-                 processes: int = 1, resizer=None):
+                 processes: int = 1, resizer=None, normalise: Optional[tuple] = None):
         self.dataset, self.sampler, self.first_transform, self.mixer = dataset, sampler, first_transform, mixer
+        # (mean, std): the workers' samples stay uint8 and each (images, targets) batch is normalised where it
+        # goes (normalise_uint8, the floats the samples would have held): a quarter of the bytes to collate,
+        # pin and copy (build_train_loader: on a GPU)
+        self.normalise = normalise
+        if normalise is not None:
+            dataset.uint8_samples = True
         self.resizer = resizer  # detection's multi-scale training (trainer/data/scale.py), or None
         self.decoder, self.seed, self.rank = decoder, seed, rank
         self.epoch = 0
@@ -87,6 +93,8 @@ class WorkerLoader(EpochSteps):
         self.batch_sampler.start = start
         ends = [stop for _, stop in self.dealing.steps(start)]
         batches = (send_to_device(b, self.device, non_blocking=self.non_blocking) for b in self.dl)
+        if self.normalise is not None:
+            batches = ((normalise_uint8(x, *self.normalise), y) for x, y in batches)
         if self.decoder is not None:
             batches = map(self.decoder, batches)
         if self.resizer is not None:  # one size per micro-step, seeded by its first global position: any rank
@@ -159,12 +167,20 @@ def build_train_loader(dataset, data_cfg, batch_size: int, seed: int, accelerato
         decoder = BatchDecoder(dataset, accelerator.device)
         say(f"[trainer] data.decode_device=cuda: the workers read the training files; their JPEGs are decoded "
             f"and augmented on {accelerator.device}")
+    # on a GPU, batches of a chain that ends by normalising leave the workers as uint8 and are normalised there:
+    # a 64 x 224-px float32 batch took 33 ms to collate into a worker's shared memory, a uint8 one 8.7 ms, and
+    # the normalisation is then the GPU's (this 2-core VM, 2026-12-06; BENCHMARKS.md, "After the decode"). On the
+    # CPU the main process normalising a batch (22 ms) would cost more than the workers do sample by sample (6 ms)
+    normalise = None
+    if accelerator.device.type == "cuda" and decoder is None and resizer is None and collate is None:
+        normalise = normalising_tail(dataset.transform)
     return WorkerLoader(dataset, batch_size, seed, data_cfg.num_workers, data_cfg.prefetch_factor,
                         pin_memory=accelerator.device.type == "cuda",
                         first_transform=eval_transform(data_cfg.image_size, mean, std, Fit.from_cfg(data_cfg)),
                         sampler=sampler,
                         drop_last=drop_last, collate=collate, mixer=mixer, decoder=decoder,
-                        rank=accelerator.process_index, processes=accelerator.num_processes, resizer=resizer)
+                        rank=accelerator.process_index, processes=accelerator.num_processes, resizer=resizer,
+                        normalise=normalise)
 
 
 def check_decode_device(decode_device: str, device: torch.device) -> None:

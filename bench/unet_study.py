@@ -76,6 +76,11 @@ ROWS = [
     ("recipe", "recipe, one-cycle, no class weights", [*ONE_CYCLE, "loss.class_weighted=false"]),
     ("recipe", "recipe, one-cycle, no class weights, no hflip", [
         *ONE_CYCLE, "loss.class_weighted=false", "data.augment.hflip=false"]),
+    # more of Dice's balance without the weights' bias towards digits
+    ("recipe", "recipe, one-cycle, no class weights, no hflip, dice_weight 3", [
+        *ONE_CYCLE, "loss.class_weighted=false", "data.augment.hflip=false", "loss.dice_weight=3"]),
+    ("recipe", "recipe, one-cycle, Dice alone (no ce, no class weights), no hflip", [
+        *ONE_CYCLE, "loss.name=dice", "loss.class_weighted=false", "data.augment.hflip=false"]),
 ]
 
 

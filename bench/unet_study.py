@@ -87,6 +87,8 @@ ROWS = [
         *ONE_CYCLE, "loss.class_weighted=false", "data.augment.hflip=false", "loss.dice_weight=3"]),
     ("recipe", "recipe, one-cycle, Dice alone (no ce, no class weights), no hflip", [
         *ONE_CYCLE, "loss.name=dice", "loss.class_weighted=false", "data.augment.hflip=false"]),
+    ("recipe", "recipe, one-cycle, Dice alone (no ce, no class weights)", [
+        *ONE_CYCLE, "loss.name=dice", "loss.class_weighted=false"]),
 ]
 
 

@@ -79,5 +79,5 @@ def test_unet_study_smoke_runs_every_row_on_both_sides(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / "unet-study-smoke.json").read_text())["rows"]
-    assert [r["side"] for r in rows] == ["recipe"] * 7 + ["plain"] * 3
+    assert [r["side"] for r in rows] == ["recipe"] * 7 + ["plain"] * 3 + ["recipe"] * 10
     assert all(0 <= run["miou"] <= 1 and 0 <= run["fg_iou"] <= 1 for r in rows for run in r["runs"])

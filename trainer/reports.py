@@ -66,7 +66,7 @@ def _draw_matrix(ax, values: np.ndarray, classes: list[str], side: float, title:
         for (i, j), v in np.ndenumerate(values):
             # dark cells get white text so the number stays legible on either end of the colour map
             ax.text(j, i, cell.format(v), ha="center", va="center", fontsize=size,
-                    color="white" if v > top / 2 else "black")
+                    color="white" if v > top / 2 else "black").set_in_layout(False)
 
 
 def _set_class_ticks(ax, classes: list[str], side: float) -> None:

@@ -194,7 +194,10 @@ def figure_png(fig) -> bytes:
     """The figure as PNG bytes, and closed (pyplot keeps every open figure alive: long eval loops would leak)."""
     png = io.BytesIO()
     try:
-        fig.savefig(png, dpi=DPI, format="png", bbox_inches="tight")
+        # zlib level 1, not PIL's default 6: the same pixels, files ~15% larger, and encoding was ~half of a
+        # plot's time (the overlay grid: 4.0 s -> 2.2 s; the plots were most of our extra end-to-end time
+        # against torchvision's reference scripts, BENCHMARKS.md "vs_reference")
+        fig.savefig(png, dpi=DPI, format="png", bbox_inches="tight", pil_kwargs={"compress_level": 1})
     finally:
         plt.close(fig)
     return png.getvalue()

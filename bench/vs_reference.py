@@ -9,6 +9,9 @@ ratios ours / reference as JSON + a Markdown table.
     .venv/bin/python bench/vs_reference.py --reference-dir /path/to/vision/references --repeats 3
     .venv/bin/python bench/vs_reference.py --smoke            # tiny sizes, our side only (CI)
 
+Results, the reference files used and the reading: BENCHMARKS.md, "End to end against torchvision's reference
+scripts".
+
 --reference-dir holds segmentation/train.py and detection/train.py (a checkout of pytorch/vision's
 references/ folder); nothing of it lives in this repo. The reference runs with this interpreter through a small
 shim written into the work folder at run time, which changes no file of the checkout and only:

@@ -377,6 +377,8 @@ ALLOWED = {
     ("bench/data_scale.py", "write_class"): MADE_ONCE,
     ("bench/dense_shards.py", "draw_dense"): MADE_ONCE,
     ("bench/unet_study.py", "draw_digits"): MADE_ONCE,
+    ("bench/vs_reference.py", "draw_voc"): MADE_ONCE,
+    ("bench/vs_reference.py", "draw_coco"): MADE_ONCE,
     ("bench/data_scale.py", "noisy_jpegs"): IN_MEMORY,
     ("bench/dense_shards.py", "_mask_png"): IN_MEMORY,
     ("bench/data_scale.py", "first_step"): "into a tempfile.mkdtemp folder main made for this measurement and removes",

@@ -279,3 +279,32 @@ def test_a_killed_run_leaves_a_usable_best_and_the_resumed_end_draws_the_final_b
     assert drawn == ["confusion_matrix.png", "pr_curve.png", "roc_curve.png"]
     for name in drawn:
         assert (best / "plots" / name).read_bytes() == (tmp_path / "ref" / "plots" / name).read_bytes(), name
+
+
+def test_the_final_scorings_report_is_copied_into_best_not_drawn_again(tmp_path):
+    """When the final evaluation was also the best (eval.best_plots=end), best/ gets model/'s report byte for
+    byte (a report is a pure function of the scores) instead of a second drawing of every plot, which was most
+    of the end of a run (BENCHMARKS.md, bench/vs_reference.py); best/'s own weights and model.json stay."""
+    from trainer.evaluation import Scores, write_best_report
+
+    out = Folder(tmp_path / "run", "train")
+    with out.replacing("model") as tmp:
+        (tmp / "plots").mkdir()
+        for rel, data in {"model.safetensors": b"final", "model.json": b"{}", "eval.json": b'{"miou": 0.5}',
+                          "plots/confusion_matrix.png": b"png bytes"}.items():
+            (tmp / rel).write_bytes(data)
+    with out.replacing("best") as tmp:
+        best_files = {"model.safetensors": b"best", "model.json": b'{"step": 4}', "eval.json": b'{"miou": 0.5}'}
+        for rel, data in best_files.items():
+            (tmp / rel).write_bytes(data)
+
+    class NoDrawing:
+        def write_report(self, *args):
+            raise AssertionError("best/'s report drawn again")
+
+    write_best_report(out, "best", NoDrawing(), Scores({"miou": 0.5}, None, {}), report_of="model")
+    best = tmp_path / "run" / "best"
+    assert sorted(str(p.relative_to(best)) for p in best.rglob("*") if not p.name.startswith(".")) == \
+        ["eval.json", "model.json", "model.safetensors", "plots", "plots/confusion_matrix.png"]
+    assert (best / "plots" / "confusion_matrix.png").read_bytes() == b"png bytes"
+    assert (best / "model.safetensors").read_bytes() == b"best" and (best / "model.json").read_bytes() == b'{"step": 4}'

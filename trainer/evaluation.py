@@ -147,11 +147,21 @@ def rescore_exported(folder: Path, model, core, dataset, task, accelerator, batc
     return Scores(metrics, outputs, scalar_metrics(metrics))
 
 
-def write_best_report(out, target: str, task, scores: Scores) -> None:
+def write_best_report(out, target: str, task, scores: Scores, report_of: Optional[str] = None) -> None:
     """Main process, at the end of a run: the folder `target` (best) again, its weights and model.json as they
     are, with the task's whole report (eval.json and plots) of `scores`, its scoring; one rename through the
-    write gate, like every export."""
+    write gate, like every export. `report_of`: a folder of the run (model) whose report is of these very
+    scores (the final evaluation was the best), copied byte for byte instead of drawn again: a report is a pure
+    function of the scores, and drawing the plots was most of the end of a run (BENCHMARKS.md, vs_reference)."""
     with out.replacing(target, fsync=True) as tmp:
         for name in ("model.safetensors", "model.json"):  # as export_scored wrote them: the bytes, unchanged
             (tmp / name).write_bytes((out.root / target / name).read_bytes())
-        task.write_report(tmp, scores.metrics, scores.outputs)
+        if report_of is None:
+            task.write_report(tmp, scores.metrics, scores.outputs)
+            return
+        source = out.root / report_of
+        for path in sorted(source.rglob("*")):
+            rel = path.relative_to(source)
+            if path.is_file() and str(rel) not in ("model.safetensors", "model.json"):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(path.read_bytes())

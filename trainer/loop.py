@@ -298,8 +298,8 @@ def end_of_run(plan, tracker: Tracker, s, update: int, scores, summary: dict, be
     when its plots were left to the end), the training curves, then summary.json (from then on the same command
     says the run is complete); the plots to the loggers that take images."""
     export_scored(plan.out, "model", s.core, s.extensions, s.task, scores, s.card, update)
-    if best_scores is not None:
-        write_best_report(plan.out, "best", s.task, best_scores)
+    if best_scores is not None:  # the final scoring was the best: model/'s report is best/'s, copied, not redrawn
+        write_best_report(plan.out, "best", s.task, best_scores, report_of="model" if best_scores is scores else None)
     curves = rundir.finish(plan, summary)
     tracker.log_images({"plots/training_curves": curves or plan.dir / "plots" / "none",
                         **{f"plots/{p.stem}": p for p in sorted((plan.dir / "model" / "plots").glob("*.png"))}},

@@ -65,9 +65,8 @@ from trainer.outputs import Folder, Inputs, open_folder
 VERSION = 1
 INDEX, PLAN, ROWS = "index.json", ".plan.json", "rows.arrow"
 MAX_SHARD_MB = 1024
-# --quality of the JPEGs --max-side re-encodes: the jpeg_quality FFCV's ImageNet packs are written with
-# (write_imagenet.py --cfg.jpeg_quality=90 at --cfg.max_resolution=256, as litData's benchmarks/ffcv/README.md
-# runs it), and the quality of the bench's generated photos
+# --quality of the JPEGs --max-side re-encodes: the quality of FFCV's ImageNet packs (libffcv/ffcv-imagenet's
+# README: `write_dataset.sh 400 0.10 90`, "quality=90 JPEGs" at a 400 px maximum side), and of the bench's photos
 DEFAULT_QUALITY = 90
 MAX_OPEN_SHARDS = 256  # per process (each DataLoader worker): ImageNet packs into ~550 shards of 256 MiB
 READ_THREADS = 8  # reads overlap (latency-bound on a network file system); PIL's decode releases the GIL

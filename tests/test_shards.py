@@ -682,3 +682,16 @@ def test_a_shrunk_pack_trains(photo_folder, tmp_path):
                   "data.num_workers=0", "train.progress_bar=false", f"run.dir={tmp_path / 'run'}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_a_multilabel_folder_packs_shrunk_with_its_label_sets(multilabel_folder, tmp_path):
+    import io
+
+    from PIL import Image
+
+    shards.pack(multilabel_folder, tmp_path / "packed", say=quiet, max_side=8)  # its images are 16 px
+    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train",), verbose=quiet)
+    a = build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, splits=("train",), verbose=quiet)
+    assert a.datasets["train"].labels.tolist() == b.datasets["train"].labels.tolist()
+    with Image.open(io.BytesIO(b.datasets["train"].file_bytes(0))) as img:
+        assert (img.format, img.size) == ("JPEG", (8, 8))

@@ -6,7 +6,7 @@ serve slowly and their administrators ration (../shared/docs/tuning-and-data-at-
 hundred large files cost a few hundred.
 
 Format: Arrow IPC files (pyarrow), each holding about `shard_mb` of images in rows of three columns: `image`
-(the file's bytes exactly as they were: nothing re-encoded), `label` (int64) and `path` (relative to SRC):
+(the file's bytes exactly as they were: nothing re-encoded, unless --max-side below), `label` (int64) and `path` (relative to SRC):
 any Arrow tool reads them. A segmentation folder's rows also hold `mask` (the mask PNG's bytes) and
 `mask_path`, and its label is 0; the index keeps its class names (classes.txt) and says `"kind": "masks"`.
 A multi-label CSV folder's rows (kind "multilabel", label 0) also hold `labels`: the indices of the row's

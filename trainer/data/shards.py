@@ -6,9 +6,10 @@ serve slowly and their administrators ration (../shared/docs/tuning-and-data-at-
 hundred large files cost a few hundred.
 
 Format: Arrow IPC files (pyarrow), each holding about `shard_mb` of images in rows of three columns: `image`
-(the file's bytes exactly as they were: nothing re-encoded, unless --max-side below), `label` (int64) and `path` (relative to SRC):
-any Arrow tool reads them. A segmentation folder's rows also hold `mask` (the mask PNG's bytes) and
-`mask_path`, and its label is 0; the index keeps its class names (classes.txt) and says `"kind": "masks"`.
+(the file's bytes exactly as they were: nothing re-encoded, unless --max-side below), `label` (int64) and
+`path` (relative to SRC): any Arrow tool reads them. A segmentation folder's rows also hold `mask` (the
+mask PNG's bytes) and `mask_path`, and its label is 0; the index keeps its class names (classes.txt) and
+says `"kind": "masks"`.
 A multi-label CSV folder's rows (kind "multilabel", label 0) also hold `labels`: the indices of the row's
 classes (list<int32>, in the index's class order; empty for an image with no label), so that reading the pack
 needs no CSV.
@@ -133,7 +134,8 @@ def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None, shrink: Optional[
         for split, entry in annotations.items():
             listing.update(f"{split}\0{entry['images']}\0".encode("utf-8", "surrogateescape"))
             listing.update(hashlib.sha256(Path(entry["source"]).read_bytes()).digest())
-    def new_part():
+
+    def new_part():  # a shard's digest, begun with the flags it is shrunk by (none: as before the option)
         return hashlib.sha256(json.dumps(shrink, sort_keys=True).encode() if shrink else b"")
 
     for split, items in splits.items():
@@ -185,7 +187,8 @@ def _shrunk(data: bytes, max_side: int, quality: int) -> bytes:
     img = load_rgb(io.BytesIO(data), exif_orientation=True)
     width, height = img.size
     scale = max_side / max(width, height)
-    size = (max_side, max(1, round(height * scale))) if width >= height else (max(1, round(width * scale)), max_side)
+    size = ((max_side, max(1, round(height * scale))) if width >= height
+            else (max(1, round(width * scale)), max_side))
     buf = io.BytesIO()
     img.resize(size, Image.Resampling.LANCZOS).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

@@ -21,9 +21,14 @@ For a folder of JPEGs it measures, on the same files and in one run:
               sample would cost per core if normalisation moved out of it to the batch
   dali        (photos, when nvidia-dali is installed) DALI's CPU pipeline on one thread: random-crop decode,
               resize, flip + normalise, batches of 64 from the file bytes already in memory
+  packed      (photos) the trainer's training sample (data.scaled_decode=true, its default) from a pack of the
+              same files made with `trainer pack --max-side 320` (trainer.data.shards: longer side 320, so
+              640x480 and 1024x768 are stored as 320x240 JPEGs of quality 90): what pre-shrinking at pack time
+              saves per sample, the 224-px crops then taken from 320x240 pixels (no longer the same pixels)
   loader_wN   the trainer's DataLoader with N workers (collate included), img/s for the whole loader (photos:
               of `today`'s samples)
   scaled_wN   the same with data.scaled_decode=true
+  packed_wN   the same with `packed`'s samples (from the shards)
   scaled_u8_wN  the same with `scaled_u8`'s uint8 samples: uint8 batches (a quarter of float32's bytes to collate
               into shared memory), their normalisation left to the device
   DEV_decode_wN  with --decode-device DEV: the same batches with data.decode_device's path: N workers only
@@ -34,7 +39,8 @@ Each number is the median of --repeats passes. Photo-sized JPEGs are generated w
 them (smooth random 640x480 and 1024x768 images, quality 90), so anyone can re-run it; RandomResizedCrop to
 224 px (scale 0.35-1, the trainer's default). `scaled/sample` and `scaled_w2/loader_w2` are the speed-ups of
 data.scaled_decode over the path before it (`scaled/today` per sample, `scaled_wN/loader_wN` for the whole
-loader), `scaled/bare_scaled` how close a scaled sample comes to its decode alone.
+loader), `scaled/bare_scaled` how close a scaled sample comes to its decode alone; `packed/today` and
+`packed_wN/loader_wN` what a pack with --max-side 320 gives over today's path from the folder.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/input_pipeline.py --workers 0,2 --photo-count 256
     .venv/bin/python bench/input_pipeline.py --cifar /tmp/cifar/train --limit 5000
@@ -119,7 +125,25 @@ def pil_sample(dataset: FileDataset, index: int) -> torch.Tensor:
         return transform(image)  # the v2 chain on the PIL image: PIL's resize
 
 
-def measure(paths: list, image_size: int, repeats: int, workers: list, decode_device: Optional[str] = None) -> dict:
+PACK_MAX_SIDE = 320  # px, the longer side `packed` stores: 640x480 and 1024x768 become 320x240, >= 224 on both
+
+
+def packed_dataset(paths: list, work: Path, transform) -> FileDataset:
+    """The training split of `trainer pack --max-side PACK_MAX_SIDE` of `paths` (one class folder), packed into
+    `work` (a folder of main's tempfile.TemporaryDirectory), as data.format=shards builds it."""
+    from trainer.data.shards import ShardDataset, pack, read_packed
+
+    pack(Path(paths[0]).parents[1], work, say=lambda *_: None, max_side=PACK_MAX_SIDE)
+    packed = read_packed(work)
+    rows = np.array([row for row, _ in packed.found["train"]], dtype=np.int64)
+    dataset = ShardDataset(packed.shards, rows, np.zeros(len(rows), dtype=np.int64), packed.paths.take(rows),
+                           transform, seed=0)
+    dataset.scaled_decode = True  # the trainer's default
+    return dataset
+
+
+def measure(paths: list, image_size: int, repeats: int, workers: list, decode_device: Optional[str] = None,
+            pack_into: Optional[Path] = None) -> dict:
     from torchvision.io import decode_jpeg, read_file
 
     blobs = [read_file(p) for p in paths]
@@ -141,11 +165,14 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
         uint8.scaled_decode = True
         # one round-robin over the per-sample paths per repeat: the VM's drift hits them alike
         today = TodayDataset([(p, 0) for p in paths], transform, seed=0)
-        out.update(side_by_side({"today": today.__getitem__, "sample": dataset.__getitem__,
-                                 "scaled": scaled.__getitem__, "scaled_u8": uint8.__getitem__,
-                                 "region": lambda i: region(paths[i], plans[i][1], image_size),
-                                 "bare_scaled": lambda i: bare_decode(paths[i], scales[i])},
-                                range(len(paths)), repeats))
+        fns = {"today": today.__getitem__, "sample": dataset.__getitem__, "scaled": scaled.__getitem__,
+               "scaled_u8": uint8.__getitem__, "region": lambda i: region(paths[i], plans[i][1], image_size),
+               "bare_scaled": lambda i: bare_decode(paths[i], scales[i])}
+        packed = packed_dataset(paths, pack_into, transform) if pack_into is not None else None
+        if packed is not None:
+            assert len(packed) == len(paths)
+            fns["packed"] = packed.__getitem__
+        out.update(side_by_side(fns, range(len(paths)), repeats))
         out["dali"] = dali_rate(paths, image_size, repeats)
     else:
         out["sample"] = rate(dataset.__getitem__, range(len(dataset)), repeats)
@@ -155,6 +182,8 @@ def measure(paths: list, image_size: int, repeats: int, workers: list, decode_de
         if image_size > 64:
             loaders[f"scaled_w{w}"] = scaled
             loaders[f"scaled_u8_w{w}"] = uint8  # uint8 batches: what the loader gives if the device normalises
+            if packed is not None:
+                loaders[f"packed_w{w}"] = packed
         loaders = {name: torch.utils.data.DataLoader(ds, batch_size=64, shuffle=True, num_workers=w,
                                                      generator=torch.Generator().manual_seed(0))
                    for name, ds in loaders.items()}
@@ -295,7 +324,8 @@ def main() -> None:
             for width, height in ((640, 480),) if args.smoke else ((640, 480), (1024, 768)):
                 photos = make_photos(Path(tmp) / f"photos{width}", min(args.photo_count, args.limit), width, height)
                 results[f"photo_{width}x{height}_to_224"] = measure(photos, 224, args.repeats, workers,
-                                                                    args.decode_device)
+                                                                    args.decode_device,
+                                                                    Path(tmp) / f"packed{width}")
     results["torch"] = torch.__version__
     results["decode_device"] = args.decode_device
     if args.decode_device == "cuda":
@@ -303,7 +333,8 @@ def main() -> None:
     results["threads"] = torch.get_num_threads()
     cols = (["files", "read", "decode_pil", "decode_tv", "decode", "sample_pil", "today", "sample", "scaled",
              "scaled_u8", "region", "bare_scaled",
-             "dali"] + [f"{kind}_w{w}" for w in workers for kind in ("loader", "scaled", "scaled_u8")])
+             "packed", "dali"] + [f"{kind}_w{w}" for w in workers for kind in ("loader", "scaled", "scaled_u8",
+                                                                                  "packed")])
     if args.decode_device:
         cols += [f"{args.decode_device}_decode_w{w}" for w in workers]
     lines = ["| images | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -321,7 +352,10 @@ def main() -> None:
                               f"{r['scaled_u8'] / r['scaled']:.2f}x, "
                               f"scaled_u8_w{w}/scaled_w{w} {r[f'scaled_u8_w{w}'] / r[f'scaled_w{w}']:.2f}x"
                               f", scales (divisor: samples) {r['scale_mix']}"
-                              + (f", scaled/dali {r['scaled'] / r['dali']:.2f}x" if r.get("dali") else ""))
+                              + (f", scaled/dali {r['scaled'] / r['dali']:.2f}x" if r.get("dali") else "")
+                              + (f", packed/today {r['packed'] / r['today']:.2f}x, packed/scaled "
+                                 f"{r['packed'] / r['scaled']:.2f}x, packed_w{w}/loader_w{w} "
+                                 f"{r[f'packed_w{w}'] / r[f'loader_w{w}']:.2f}x" if r.get("packed") else ""))
     lines += [""] + ratios
     write_results(args.out, name, results, "\n".join(lines))
     print("img/s per process (files: count)\n" + "\n".join(lines))

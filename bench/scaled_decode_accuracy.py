@@ -7,6 +7,10 @@ prints and writes a table of test accuracy and wall time per run.
         --test-per-class 100 --epochs 6 --seeds 0,1
     .venv/bin/python bench/scaled_decode_accuracy.py --smoke    # a few generated JPEGs: checks the script only
 
+With --max-side N it asks the same of `trainer pack --max-side N` (issue 34, images stored pre-shrunk): the
+folder (`folder`) against a pack of it whose images are stored with their longer side N (`packedN`, train and
+test splits alike, as a pack is used), both with data.scaled_decode=true (the default).
+
 Data: the first --per-class training images of each CIFAR-10 class and the first --test-per-class of each test
 class, upsampled (bicubic) from 32 to --side px and written as JPEGs (quality 90) under --work: never into the
 source, and never committed. Recipe: configs/small_cnn_cifar10_cpu.yaml with RandomResizedCrop (scale 0.35-1)
@@ -67,11 +71,11 @@ def generated_jpegs(out: Path) -> Path:
     return made_once(out, {"made_by": "bench/scaled_decode_accuracy.py", "smoke": True}, draw)
 
 
-def run_one(scaled: bool, seed: int, base: list, work: Path, threads: int) -> dict:
-    name = f"{'scaled' if scaled else 'whole'}-seed{seed}"
+def run_one(variant: str, overrides: list, seed: int, base: list, work: Path, threads: int) -> dict:
+    name = f"{variant}-seed{seed}"
     run_dir = work / "runs" / name
-    cmd = [sys.executable, "-m", "trainer", "train", *base, f"run.dir={run_dir}", "run.overwrite=true",
-           "train.progress_bar=false", f"seed={seed}", f"data.scaled_decode={str(scaled).lower()}"]
+    cmd = [sys.executable, "-m", "trainer", "train", *base, *overrides, f"run.dir={run_dir}", "run.overwrite=true",
+           "train.progress_bar=false", f"seed={seed}"]
     start = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"})
@@ -79,21 +83,21 @@ def run_one(scaled: bool, seed: int, base: list, work: Path, threads: int) -> di
     if res.returncode != 0:
         raise SystemExit(f"run {name} failed:\n{res.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"run": name, "scaled_decode": scaled, "seed": seed, "test_accuracy": summary["final"]["accuracy"],
+    return {"run": name, "variant": variant, "seed": seed, "test_accuracy": summary["final"]["accuracy"],
             "test_loss": summary["final"]["loss"], "wall_s": round(wall, 1), "updates": summary["updates"]}
 
 
-def table(rows: list, n_test: int) -> str:
-    lines = ["| data.scaled_decode | seed | test accuracy | test loss | wall |", "|---|---|---|---|---|"]
+def table(rows: list, n_test: int, variants) -> str:
+    lines = ["| variant | seed | test accuracy | test loss | wall |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {str(r['scaled_decode']).lower()} | {r['seed']} | {100 * r['test_accuracy']:.2f}% | "
+        lines.append(f"| {r['variant']} | {r['seed']} | {100 * r['test_accuracy']:.2f}% | "
                      f"{r['test_loss']:.4f} | {r['wall_s'] / 60:.1f} min |")
-    for scaled in (False, True):
-        accs = [r["test_accuracy"] for r in rows if r["scaled_decode"] == scaled]
+    for variant in variants:
+        accs = [r["test_accuracy"] for r in rows if r["variant"] == variant]
         if accs:
             mean = sum(accs) / len(accs)
             se = (mean * (1 - mean) / n_test) ** 0.5
-            lines.append(f"| {str(scaled).lower()} | mean | {100 * mean:.2f}% | (binomial s.e. of one run "
+            lines.append(f"| {variant} | mean | {100 * mean:.2f}% | (binomial s.e. of one run "
                          f"{100 * se:.2f} points) | |")
     return "\n".join(lines)
 
@@ -112,10 +116,13 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2, help="data.num_workers")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--recipe", default="configs/small_cnn_cifar10_cpu.yaml")
+    p.add_argument("--max-side", type=int, help="compare the folder with its trainer pack --max-side N instead of "
+                   "whole with scaled decoding")
     p.add_argument("--smoke", action="store_true", help="generated JPEGs, one epoch: checks the script only")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    name = "scaled-decode-accuracy" + ("-smoke" if args.smoke else "")
+    name = ("scaled-decode-accuracy" + (f"-max-side{args.max_side}" if args.max_side else "")
+            + ("-smoke" if args.smoke else ""))
     check_results(args.work, result_files(name), option="--work")
     if args.smoke:
         data, n_test, epochs, seeds, workers = generated_jpegs(args.work / "smoke-jpegs"), 18, 1, seeds[:1], 0
@@ -131,13 +138,21 @@ def main(argv=None) -> None:
             "data.augment.random_resized_crop=true", f"data.num_workers={workers}", "checkpoint.every_epochs=0"]
     if args.smoke:
         base.append("train.batch_size=16")
+    variants = {"whole": ["data.scaled_decode=false"], "scaled": ["data.scaled_decode=true"]}
+    if args.max_side:
+        from trainer.data.shards import pack
+
+        packed = args.work / f"{data.name}-packed{args.max_side}"  # resumes, or does nothing, when run again
+        pack(data, packed, max_side=args.max_side)
+        variants = {"folder": ["data.scaled_decode=true"],
+                    f"packed{args.max_side}": ["data.format=shards", f"data.root={packed}", "data.scaled_decode=true"]}
     rows = []
     for seed in seeds:
-        for scaled in (False, True):  # interleaved: the VM's load drifts over the runs alike
-            rows.append(run_one(scaled, seed, base, args.work, args.threads))
+        for variant, overrides in variants.items():  # interleaved: the VM's load drifts over the runs alike
+            rows.append(run_one(variant, overrides, seed, base, args.work, args.threads))
             print(f"[scaled-decode-accuracy] {rows[-1]['run']}: test accuracy {100 * rows[-1]['test_accuracy']:.2f}% "
                   f"in {rows[-1]['wall_s']} s", flush=True)
-    md = table(rows, n_test)
+    md = table(rows, n_test, variants)
     print(md)
     write_results(args.work, name, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, md,
                   option="--work")

@@ -61,6 +61,7 @@ RUN_BY = [
     (r"trainer predict --model runs/RUN \S+ --output preds\.json .*", ("tests/test_detection.py::test_predict_draws_neither_into_the_input_folder_nor_over_a_users_file",)),
     (r"trainer export --model runs/RUN --format onnx .*", ("tests/test_onnx.py::test_cli_export_matches_trainer_predict",)),
     (r"trainer pack \S+ \S+", ("tests/test_shards.py::test_training_from_shards_equals_training_from_the_folder",)),
+    (r"trainer pack \S+ \S+ --max-side \d+", ("tests/test_shards.py::test_a_shrunk_pack_trains",)),
     (r"trainer train configs/imagefolder\.yaml data\.format=shards data\.root=\S+",
      ("tests/test_shards.py::test_training_from_shards_equals_training_from_the_folder",)),
     (r"accelerate launch --multi_gpu --num_processes 2 -m trainer train configs/quickstart_binary\.yaml",

@@ -584,3 +584,114 @@ def test_a_multilabel_folder_with_its_own_columns_packs_with_data_csv_overrides(
     for split in ("train", "val"):
         assert a.datasets[split].labels.tolist() == b.datasets[split].labels.tolist()
     assert a.datasets["train"].labels.sum(1).max() > 1  # the separator was read: several labels in a row
+
+
+# ---- --max-side: images stored pre-shrunk ----
+
+def _photo(path: Path, width: int, height: int, orientation: int = 1) -> None:
+    """A JPEG whose left half is red and right half blue as stored (an EXIF turn moves them), optionally
+    tagged with an EXIF Orientation as phone cameras store photos."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, :width // 2, 0] = 255
+    pixels[:, width // 2:, 2] = 255
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=95, exif=exif)
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    root = tmp_path / "photos"
+    make_folder(root / "train", ("cat", "dog"), 3, ext=".png", size=(24, 20))  # within --max-side: kept as is
+    _photo(root / "train" / "cat" / "wide.jpg", 200, 100)
+    _photo(root / "train" / "dog" / "turned.jpg", 120, 60, orientation=6)  # upright: 60 wide, 120 high
+    return root
+
+
+def test_max_side_stores_large_images_shrunk_upright_and_small_ones_byte_for_byte(photo_folder, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data.folders import decode_bytes, load_rgb
+
+    index = shards.pack(photo_folder, tmp_path / "packed", say=quiet, max_side=64)
+    assert index["shrink"] == {"max_side": 64, "quality": 90}
+    pack = shards.read_packed(tmp_path / "packed")
+    stored = {pack.paths[row]: pack.shards.image_bytes(row) for row, _ in pack.found["train"]}
+    for name in ("cat/0.png", "cat/2.png", "dog/1.png"):
+        assert stored[f"train/{name}"] == (photo_folder / "train" / name).read_bytes()
+    with Image.open(io.BytesIO(stored["train/cat/wide.jpg"])) as img:
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (64, 32))  # longer side 64, aspect 2:1
+    turned = stored["train/dog/turned.jpg"]
+    with Image.open(io.BytesIO(turned)) as img:
+        assert img.size == (32, 64) and img.getexif().get(0x0112, 1) == 1  # stored upright, no tag to apply
+    upright = np.asarray(load_rgb(photo_folder / "train" / "dog" / "turned.jpg").resize((32, 64)), dtype=float)
+    shrunk = decode_bytes(turned).permute(1, 2, 0).numpy().astype(float)
+    assert np.abs(shrunk - upright).mean() < 8  # the upright picture, JPEG's loss aside (values 0-255)
+    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train",), verbose=quiet)
+    assert b.datasets["train"][0][0].shape == (3, 16, 16)
+
+
+def test_a_pack_shrunk_with_other_flags_is_not_resumed_nor_redone(photo_folder, tmp_path, monkeypatch):
+    real = shards._write_shard
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "_write_shard", dies)
+    dest = tmp_path / "packed"
+    with pytest.raises(KeyboardInterrupt):
+        shards.pack(photo_folder, dest, say=quiet, max_side=64)
+    monkeypatch.setattr(shards, "_write_shard", real)
+    with pytest.raises(DataError, match=r"cut short that was made with --max-side 64 --quality 90, not no "
+                                        r"--max-side: run it again with the same flags"):
+        shards.pack(photo_folder, dest, say=quiet)
+    with pytest.raises(DataError, match="made with --max-side 64 --quality 90, not --max-side 64 --quality 80"):
+        shards.pack(photo_folder, dest, say=quiet, max_side=64, quality=80)
+    notes = []
+    shards.pack(photo_folder, dest, say=notes.append, max_side=64)  # the same flags: it resumes
+    assert any("resuming" in n for n in notes) and (dest / "index.json").is_file()
+    with pytest.raises(DataError, match="already holds these files packed with --max-side 64 --quality 90, not "
+                                        "--max-side 32"):
+        shards.pack(photo_folder, dest, say=quiet, max_side=32)
+    notes = []
+    shards.pack(photo_folder, dest, say=notes.append, max_side=64)
+    assert "nothing to do" in notes[-1]
+
+
+def test_max_side_is_refused_for_masks_folders_and_quality_without_it(masks_folder, photo_folder, tmp_path):
+    with pytest.raises(DataError, match="--max-side shrinks images of class folders and multi-label CSV folders "
+                                        "only; .* is a masks folder"):
+        shards.pack(masks_folder, tmp_path / "packed", say=quiet, max_side=16)
+    with pytest.raises(DataError, match="give --max-side too"):
+        shards.pack(photo_folder, tmp_path / "packed", say=quiet, quality=80)
+    assert not (tmp_path / "packed").exists() or not any((tmp_path / "packed").glob("*.arrow"))
+
+
+def test_a_shrunk_pack_trains(photo_folder, tmp_path):
+    assert run_cli("pack", photo_folder, tmp_path / "packed", "--max-side", "48", "--quality", "85").returncode == 0
+    res = run_cli("train", "-", "data.format=shards", f"data.root={tmp_path / 'packed'}", "data.val_fraction=0.25",
+                  "data.image_size=16", "model.name=small_cnn", "train.epochs=1", "train.batch_size=4",
+                  "data.num_workers=0", "train.progress_bar=false", f"run.dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_a_multilabel_folder_packs_shrunk_with_its_label_sets(multilabel_folder, tmp_path):
+    import io
+
+    from PIL import Image
+
+    shards.pack(multilabel_folder, tmp_path / "packed", say=quiet, max_side=8)  # its images are 16 px
+    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train",), verbose=quiet)
+    a = build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, splits=("train",), verbose=quiet)
+    assert a.datasets["train"].labels.tolist() == b.datasets["train"].labels.tolist()
+    with Image.open(io.BytesIO(b.datasets["train"].file_bytes(0))) as img:
+        assert (img.format, img.size) == ("JPEG", (8, 8))

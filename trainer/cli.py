@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     pk.add_argument("dest", help="a new or empty folder for the shards (or one a cut-short pack left: it resumes)")
     pk.add_argument("--shard-mb", type=float, default=256, help="images per shard, in MiB of files (default 256, "
                     "at most 1024)")
+    pk.add_argument("--max-side", type=int, metavar="N", help="store every image whose longer side exceeds N "
+                    "pixels shrunk to N (aspect kept, EXIF orientation applied) as a JPEG, so that training decodes "
+                    "fewer pixels (as FFCV's max_resolution); smaller images keep their bytes. Class folders and "
+                    "multi-label CSV folders only (default: every image as it is)")
+    pk.add_argument("--quality", type=int, help="the JPEG quality (1-100) of the images --max-side shrinks "
+                    "(default 90)")
     pk.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (listed in "
                     "index.json) instead of stopping at the first")
     pk.add_argument("overrides", nargs="*", help="data.csv.KEY=VALUE: a multi-label CSV folder's columns and "
@@ -215,7 +221,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "pack":
             from trainer.data.shards import pack
 
-            pack(args.src, args.dest, args.shard_mb, args.skip_bad_images, csv_cfg=pack_csv(args.overrides))
+            pack(args.src, args.dest, args.shard_mb, args.skip_bad_images, csv_cfg=pack_csv(args.overrides),
+                 max_side=args.max_side, quality=args.quality)
         elif args.command == "sweep":
             from trainer import sweep
 

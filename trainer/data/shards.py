@@ -6,9 +6,10 @@ serve slowly and their administrators ration (../shared/docs/tuning-and-data-at-
 hundred large files cost a few hundred.
 
 Format: Arrow IPC files (pyarrow), each holding about `shard_mb` of images in rows of three columns: `image`
-(the file's bytes exactly as they were: nothing re-encoded), `label` (int64) and `path` (relative to SRC):
-any Arrow tool reads them. A segmentation folder's rows also hold `mask` (the mask PNG's bytes) and
-`mask_path`, and its label is 0; the index keeps its class names (classes.txt) and says `"kind": "masks"`.
+(the file's bytes exactly as they were: nothing re-encoded, unless --max-side below), `label` (int64) and
+`path` (relative to SRC): any Arrow tool reads them. A segmentation folder's rows also hold `mask` (the
+mask PNG's bytes) and `mask_path`, and its label is 0; the index keeps its class names (classes.txt) and
+says `"kind": "masks"`.
 A multi-label CSV folder's rows (kind "multilabel", label 0) also hold `labels`: the indices of the row's
 classes (list<int32>, in the index's class order; empty for an image with no label), so that reading the pack
 needs no CSV.
@@ -30,6 +31,12 @@ split the shards with their rows and bytes, the files left out as unreadable. Un
 `.plan.json` says which files go into which shard, so a pack cut short (or stopped by an unreadable file,
 fixed since) is resumed by the same command: a finished shard is kept when it holds the files planned for it
 (each records the digest of their names, labels and sizes), and written again otherwise.
+
+`--max-side N` (image folders and multi-label CSV folders) stores every image whose longer side exceeds N
+pixels shrunk to N, re-encoded as a JPEG (`_shrunk`): the decoder, which bounds the samples per core at photo
+sizes (BENCHMARKS.md, issue 34), then has fewer pixels to decode at every epoch. FFCV's `max_resolution` does
+the same. Images within N keep their bytes. The plan and the index record it (`shrink`), so a cut-short pack
+resumes only with the same flags.
 """
 from __future__ import annotations
 
@@ -44,9 +51,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from trainer.data.datasets import PathTable, SeededDataset, read_image
-from trainer.data.folders import _check_one, lost_class_message, scan_imagefolder
+from trainer.data.folders import _check_one, image_error, load_rgb, lost_class_message, scan_imagefolder
 from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
 from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
 from trainer.data.multilabel import SPLIT_FILES, check_classes, read_multilabel_splits
@@ -58,6 +66,9 @@ from trainer.outputs import Folder, Inputs, open_folder
 VERSION = 1
 INDEX, PLAN, ROWS = "index.json", ".plan.json", "rows.arrow"
 MAX_SHARD_MB = 1024
+# --quality of the JPEGs --max-side re-encodes: the quality of FFCV's ImageNet packs (libffcv/ffcv-imagenet's
+# README: `write_dataset.sh 400 0.10 90`, "quality=90 JPEGs" at a 400 px maximum side), and of the bench's photos
+DEFAULT_QUALITY = 90
 MAX_OPEN_SHARDS = 256  # per process (each DataLoader worker): ImageNet packs into ~550 shards of 256 MiB
 READ_THREADS = 8  # reads overlap (latency-bound on a network file system); PIL's decode releases the GIL
 
@@ -108,10 +119,11 @@ def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List
             annotations)
 
 
-def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None) -> Tuple[dict, Dict[str, List[Item]]]:
+def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None, shrink: Optional[dict] = None
+          ) -> Tuple[dict, Dict[str, List[Item]]]:
     """Which files go into which shard: consecutive rows of a split until the shard holds `shard_mb`. A pure
     function of the listing, so a resumed pack makes the same shards. Returns the plan and the scanned rows of
-    each split."""
+    each split. `shrink` (--max-side's) is part of each shard's digest: a shard of other flags is never kept."""
     classes, splits, annotations = _scan(src, kind, csv_cfg)
     limit = shard_mb * 2**20
     plan = {"version": VERSION, "kind": kind, "source": str(src.resolve()), "classes": classes,
@@ -122,14 +134,18 @@ def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None) -> Tuple[dict, Di
         for split, entry in annotations.items():
             listing.update(f"{split}\0{entry['images']}\0".encode("utf-8", "surrogateescape"))
             listing.update(hashlib.sha256(Path(entry["source"]).read_bytes()).digest())
+
+    def new_part():  # a shard's digest, begun with the flags it is shrunk by (none: as before the option)
+        return hashlib.sha256(json.dumps(shrink, sort_keys=True).encode() if shrink else b"")
+
     for split, items in splits.items():
-        shards, start, size, part = [], 0, 0, hashlib.sha256()
+        shards, start, size, part = [], 0, 0, new_part()
         for i, (files, label) in enumerate(items):
             sizes = [os.stat(path).st_size for path in files]
             nbytes = sum(sizes)
             if size and size + nbytes > limit:
                 shards.append((start, i, part.hexdigest()))
-                start, size, part = i, 0, hashlib.sha256()
+                start, size, part = i, 0, new_part()
             # an image folder's as before; a multi-label row's label is its classes, e.g. "(0, 2)"
             line = f"{split}\0{os.path.relpath(files[0], src)}\0{label}\0{sizes[0]}"
             line += "".join(f"\0{os.path.relpath(path, src)}\0{n}" for path, n in zip(files[1:], sizes[1:])) + "\n"
@@ -159,10 +175,30 @@ class PackedFile:
         return self.name
 
 
-def _read(files: Tuple[str, ...]) -> Tuple[List[bytes], str, str]:
+def _shrunk(data: bytes, max_side: int, quality: int) -> bytes:
+    """An image file's bytes as --max-side stores them: the same bytes when its longer side is at most
+    `max_side` pixels, else a JPEG (`quality`) of it turned upright by its EXIF orientation (the tag is not
+    kept: the pixels are upright), as RGB (what training decodes any image to), its longer side `max_side`
+    and its aspect kept. Pillow's Lanczos filter, which averages over the whole footprint of each output
+    pixel when shrinking (antialiased, unlike a plain bilinear sample). Raises what PIL raises on a bad file."""
+    with Image.open(io.BytesIO(data)) as img:  # the header's size; an EXIF turn swaps it, the longer side stays
+        if max(img.size) <= max_side:
+            return data
+    img = load_rgb(io.BytesIO(data), exif_orientation=True)
+    width, height = img.size
+    scale = max_side / max(width, height)
+    size = ((max_side, max(1, round(height * scale))) if width >= height
+            else (max(1, round(width * scale)), max_side))
+    buf = io.BytesIO()
+    img.resize(size, Image.Resampling.LANCZOS).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _read(files: Tuple[str, ...], shrink: Optional[dict] = None) -> Tuple[List[bytes], str, str]:
     """The row's files' bytes, why they are bad ("" if they decode) and the error line naming the file at
     fault. A full decode: every image is checked once; a mask must be a single-channel image of indices (its
-    values are checked by the training's start, which knows the classes)."""
+    values are checked by the training's start, which knows the classes). `shrink` ({"max_side", "quality"}):
+    the image as _shrunk stores it."""
     data = []
     for k, path in enumerate(files):
         try:
@@ -174,6 +210,12 @@ def _read(files: Tuple[str, ...]) -> Tuple[List[bytes], str, str]:
     why = _check_one(io.BytesIO(data[0]))
     if why:
         return [], why, f"cannot read image {files[0]}: {why}"
+    if shrink:
+        try:
+            data[0] = _shrunk(data[0], shrink["max_side"], shrink["quality"])
+        except Exception as err:  # decoded above: a failure here is PIL's resize or encode, named with the file
+            why = image_error(err)
+            return [], why, f"cannot shrink image {files[0]}: {why}"
     if len(files) > 1:
         try:
             read_mask(PackedFile(files[1], lambda: data[1]))
@@ -217,11 +259,12 @@ def _contents(data) -> dict:
 
 
 def _write_shard(out: Folder, target: Path, src: Path, items: Sequence[Item], skip_bad: bool, listing: str,
-                 fix: str) -> dict:
-    """One shard of `items`; a bad image stops it (`fix`: what the user can do) unless `skip_bad`."""
+                 fix: str, shrink: Optional[dict] = None) -> dict:
+    """One shard of `items`; a bad image stops it (`fix`: what the user can do) unless `skip_bad`. `shrink`:
+    --max-side's images (_shrunk)."""
     pa = _pyarrow()
     with ThreadPoolExecutor(READ_THREADS) as pool:
-        read = list(pool.map(_read, [files for files, _ in items]))
+        read = list(pool.map(lambda files: _read(files, shrink), [files for files, _ in items]))
     lines = [line for _, why, line in read if why]
     bad = [[os.path.relpath(files[0], src), why] for (files, _), (_, why, _) in zip(items, read) if why]
     if bad and not skip_bad:
@@ -301,15 +344,30 @@ def _layout(src: Path) -> str:
     return "masks" if masks else "coco" if coco else "classes"
 
 
-def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, csv_cfg=None) -> dict:
+def _shrink_flags(shrink: Optional[dict]) -> str:
+    """How a pack's `shrink` reads on the command line that made it."""
+    return f"--max-side {shrink['max_side']} --quality {shrink['quality']}" if shrink else "no --max-side"
+
+
+def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, csv_cfg=None,
+         max_side: Optional[int] = None, quality: Optional[int] = None) -> dict:
     """Pack the image folder, masks folder, COCO folder or multi-label CSV folder `src` into shards in `dest`;
     returns the index. Resumable: run it again. `csv_cfg`: a multi-label folder's data.csv (the defaults if
-    None)."""
+    None). `max_side` (pixels): images whose longer side exceeds it are stored shrunk to it, as JPEGs of
+    `quality` (_shrunk; DEFAULT_QUALITY if None); image folders and multi-label CSV folders only."""
     _pyarrow()
     src, dest = Path(src), Path(dest)
     if not 0 < shard_mb <= MAX_SHARD_MB:
         raise DataError(f"--shard-mb must be in (0, {MAX_SHARD_MB}], got {shard_mb} (an Arrow binary column holds "
                         f"at most 2 GiB)")
+    if max_side is not None and max_side < 1:
+        raise DataError(f"--max-side must be a positive number of pixels, got {max_side}")
+    if quality is not None and max_side is None:
+        raise DataError("--quality is the JPEG quality of the images --max-side shrinks: give --max-side too")
+    quality = DEFAULT_QUALITY if quality is None else quality
+    if not 1 <= quality <= 100:
+        raise DataError(f"--quality must be in [1, 100] (a JPEG quality), got {quality}")
+    shrink = {"max_side": max_side, "quality": quality} if max_side is not None else None
     # DEST: new, empty, or a pack's own (one cut short resumes); never inside the folder packed
     out = open_folder(dest, "pack", "pack", "DEST", Inputs([("the folder packed", src)]), what="a pack of the trainer")
     kind = _layout(src)
@@ -318,23 +376,39 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     if kind == "coco" and skip_bad:
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
                         f"name them; fix or remove the bad ones (and their annotations)")
-    plan, splits = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg())
+    if shrink and kind in ("masks", "coco"):  # their masks and boxes are in the stored image's pixels
+        raise DataError(f"--max-side shrinks images of class folders and multi-label CSV folders only; {src} is a "
+                        f"{'masks' if kind == 'masks' else 'COCO'} folder, whose "
+                        f"{'masks' if kind == 'masks' else 'boxes'} would have to be shrunk with it: pack it "
+                        f"without --max-side")
+    plan, splits = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg(), shrink)
+    if shrink:  # absent without --max-side: a plan or index of before the option reads the same
+        plan["shrink"] = shrink
     fix = ("fix or replace it (its annotations name it)" if kind == "coco"
            else "fix or remove it, or pack with --skip-bad-images")
     if (dest / INDEX).is_file():
         index = read_json(dest / INDEX)
+        if index.get("listing") == plan["listing"] and index.get("shrink") != shrink:
+            raise DataError(f"{dest} already holds these files packed with {_shrink_flags(index.get('shrink'))}, not "
+                            f"{_shrink_flags(shrink)}: choose another DEST, or delete it to pack again")
         if index.get("listing") == plan["listing"]:
             say(f"[pack] {dest} already holds these files, packed: nothing to do")
             return index
         raise DataError(f"{dest} already holds a packed dataset of other files (its index.json): choose another "
                         f"DEST, or delete it to pack again")
+    if (dest / PLAN).is_file() and out.owns(PLAN):  # a resume keeps the shards made with the first flags
+        before = read_json(dest / PLAN).get("shrink")
+        if before != shrink:
+            raise DataError(f"{dest} holds a pack cut short that was made with {_shrink_flags(before)}, not "
+                            f"{_shrink_flags(shrink)}: run it again with the same flags to resume it, or delete "
+                            f"{dest} to pack again")
     out.clean_leftovers()  # the temporaries of a pack killed while writing a shard
     if (dest / PLAN).is_file():  # a cut-short pack (or one stopped by a bad file, fixed since): shards that
         # still hold what is planned for them are kept, any other is written again
         say(f"[pack] resuming the unfinished pack in {dest}")
     out.write_json(PLAN, plan)
     total = sum(shard["end"] - shard["first"] for v in plan["splits"].values() for shard in v)
-    index = {key: plan[key] for key in ("version", "kind", "source", "classes", "shard_mb", "listing")
+    index = {key: plan[key] for key in ("version", "kind", "source", "classes", "shard_mb", "listing", "shrink")
              if key in plan}
     for split, entry in plan.get("annotations", {}).items():  # as they were read: training reads them again
         out.write(entry["file"], Path(entry["source"]).read_bytes(), fsync=True)
@@ -353,7 +427,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
             entry = _finished(target, shard) if out.owns(target.name) else None
             if entry is None:
                 entry = _write_shard(out, target, src, splits[split][shard["first"]:shard["end"]], skip_bad,
-                                     shard["listing"], fix)
+                                     shard["listing"], fix, shrink)
             contents = entry.pop("contents")
             skipped += contents["skipped"]
             if kind == "multilabel":  # a class is kept by any row holding it
@@ -386,7 +460,8 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
             out.remove(stale.name)  # only a shard the pack wrote: never a file of the user's
     what = {"masks": "images with masks", "coco": "images with COCO annotations",
             "multilabel": "images with label sets"}.get(kind, "images")
-    say(f"[pack] {len(rows['label'])} {what} of {len(index['classes'])} classes in "
+    say(f"[pack] {len(rows['label'])} {what} of {len(index['classes'])} classes"
+        + (f" (longer sides above {max_side} px shrunk to it)" if shrink else "") + " in "
         f"{sum(len(v) for v in index['splits'].values())} shard(s) in {dest}"
         + (f"; {len(skipped)} unreadable file(s) left out, e.g. {skipped[0][0]}" if skipped else ""))
     return index

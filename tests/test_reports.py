@@ -284,7 +284,8 @@ def test_a_killed_run_leaves_a_usable_best_and_the_resumed_end_draws_the_final_b
 def test_the_final_scorings_report_is_copied_into_best_not_drawn_again(tmp_path):
     """When the final evaluation was also the best (eval.best_plots=end), best/ gets model/'s report byte for
     byte (a report is a pure function of the scores) instead of a second drawing of every plot, which was most
-    of the end of a run (BENCHMARKS.md, bench/vs_reference.py); best/'s own weights and model.json stay."""
+    of the end of a run (BENCHMARKS.md, bench/vs_reference.py); best/'s own weights and model.json stay, and
+    only the report's files are copied: a user's file in model/ does not turn up in best/."""
     from trainer.evaluation import Scores, write_best_report
 
     out = Folder(tmp_path / "run", "train")
@@ -293,12 +294,15 @@ def test_the_final_scorings_report_is_copied_into_best_not_drawn_again(tmp_path)
         for rel, data in {"model.safetensors": b"final", "model.json": b"{}", "eval.json": b'{"miou": 0.5}',
                           "plots/confusion_matrix.png": b"png bytes"}.items():
             (tmp / rel).write_bytes(data)
+    (tmp_path / "run" / "model" / "my_notes.txt").write_bytes(b"a user's file")  # not the report's: stays put
     with out.replacing("best") as tmp:
         best_files = {"model.safetensors": b"best", "model.json": b'{"step": 4}', "eval.json": b'{"miou": 0.5}'}
         for rel, data in best_files.items():
             (tmp / rel).write_bytes(data)
 
     class NoDrawing:
+        report_plots = ("confusion_matrix.png", "per_class_iou.png")  # the second not drawn in model/
+
         def write_report(self, *args):
             raise AssertionError("best/'s report drawn again")
 
@@ -307,4 +311,5 @@ def test_the_final_scorings_report_is_copied_into_best_not_drawn_again(tmp_path)
     assert sorted(str(p.relative_to(best)) for p in best.rglob("*") if not p.name.startswith(".")) == \
         ["eval.json", "model.json", "model.safetensors", "plots", "plots/confusion_matrix.png"]
     assert (best / "plots" / "confusion_matrix.png").read_bytes() == b"png bytes"
+    assert (tmp_path / "run" / "model" / "my_notes.txt").read_bytes() == b"a user's file"
     assert (best / "model.safetensors").read_bytes() == b"best" and (best / "model.json").read_bytes() == b'{"step": 4}'

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from trainer.distributed import gather_to_main, sync_buffers
 from trainer.errors import TrainerError
 from trainer.metrics import headline, scalar_metrics
+from trainer.tasks import report_files
 
 
 def batch_share(n: int, batch_size: int, rank: int, world: int) -> list:
@@ -159,9 +160,10 @@ def write_best_report(out, target: str, task, scores: Scores, report_of: Optiona
         if report_of is None:
             task.write_report(tmp, scores.metrics, scores.outputs)
             return
+        # only the files the task's report writes: anything else in that folder is not this report's (a user's
+        # file put there must not turn up in best/ as if the trainer had made it)
         source = out.root / report_of
-        for path in sorted(source.rglob("*")):
-            rel = path.relative_to(source)
-            if path.is_file() and str(rel) not in ("model.safetensors", "model.json"):
+        for rel in report_files(task):
+            if (source / rel).is_file():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).write_bytes(path.read_bytes())
+                (tmp / rel).write_bytes((source / rel).read_bytes())

@@ -666,13 +666,100 @@ def test_a_pack_shrunk_with_other_flags_is_not_resumed_nor_redone(photo_folder, 
     assert "nothing to do" in notes[-1]
 
 
-def test_max_side_is_refused_for_masks_folders_and_quality_without_it(masks_folder, photo_folder, tmp_path):
-    with pytest.raises(DataError, match="--max-side shrinks images of class folders and multi-label CSV folders "
-                                        "only; .* is a masks folder"):
-        shards.pack(masks_folder, tmp_path / "packed", say=quiet, max_side=16)
+def test_quality_without_max_side_is_refused(photo_folder, tmp_path):
     with pytest.raises(DataError, match="give --max-side too"):
         shards.pack(photo_folder, tmp_path / "packed", say=quiet, quality=80)
     assert not (tmp_path / "packed").exists() or not any((tmp_path / "packed").glob("*.arrow"))
+
+
+# a bright box (x0, y0, x1, y1: pixel edges) in a 120x80 stored picture, and in its mask
+BOX = (12, 8, 36, 24)
+
+
+def _boxed_pair(root: Path, name: str, size, orientation: int = 1) -> None:
+    """A JPEG that is black but for a white BOX, optionally tagged with an EXIF orientation, and its palette
+    mask: class 1 on the box, 0 elsewhere, the ignore index 255 on the box's outer ring of pixels; drawn on the
+    stored pixels, as masks are."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = size
+    x0, y0, x1, y1 = BOX
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[y0:y1, x0:x1] = 255
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[y0 - 1:y1 + 1, x0 - 1:x1 + 1] = 255
+    mask[y0:y1, x0:x1] = 1
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    for sub in ("images", "masks"):
+        (root / "train" / sub).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(root / "train" / "images" / f"{name}.jpg", quality=95, exif=exif)
+    indices = Image.fromarray(mask)
+    indices.putpalette([0, 0, 0, 200, 30, 30] + [0, 0, 0] * 253 + [255, 255, 255])  # VOC-like: 255 white
+    indices.save(root / "train" / "masks" / f"{name}.png")
+
+
+def _extent(where) -> tuple:
+    """(x0, y0, x1, y1) pixel edges of the True pixels of an (H, W) array."""
+    import numpy as np
+
+    ys, xs = np.nonzero(np.asarray(where))
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_a_masks_folder_packs_shrunk_with_its_masks_resized_nearest_to_the_upright_image(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "seg"
+    _boxed_pair(root, "a-wide", (120, 80))
+    _boxed_pair(root, "b-turned", (120, 80), orientation=6)  # upright: 80 wide, 120 high
+    _boxed_pair(root, "c-small", (48, 40))  # within --max-side: image and mask keep their bytes
+    (root / "classes.txt").write_text("background\nbox\n")
+    shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
+    kw = {"task": "segmentation", "data.val_fraction": 0.34}
+    a = build_data(data_cfg(root, "masks", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    seen = set()
+    for split in ("train", "val"):
+        da, db = a.datasets[split], b.datasets[split]
+        for i in range(len(db)):
+            name = Path(db.paths[i]).stem
+            seen.add(name)
+            image, mask = db.load(i), db.load_mask(i)
+            assert tuple(image.shape[1:]) == tuple(mask.shape)
+            stored = db.shards.mask_bytes(int(db.rows[i]))
+            if name == "c-small":
+                assert db.shards.image_bytes(int(db.rows[i])) == (root / "train" / "images" / "c-small.jpg").read_bytes()
+                assert stored == (root / "train" / "masks" / "c-small.png").read_bytes()
+                continue
+            assert tuple(image.shape[1:]) == ((40, 60) if name == "a-wide" else (60, 40))  # (H, W): longer side 60
+            with Image.open(io.BytesIO(stored)) as png:  # a palette PNG still, its palette kept
+                assert png.mode == "P" and png.getpalette()[3:6] == [200, 30, 30]
+            # the folder's upright mask, resized NEAREST to the shrunk size: the same labels, none blended
+            upright = Image.fromarray(da.load_mask(i).numpy().astype(np.uint8))
+            expected = np.asarray(upright.resize((image.shape[2], image.shape[1]), Image.Resampling.NEAREST))
+            assert (mask.numpy() == expected).all() and set(np.unique(expected)) == {0, 1, 255}
+            # the box where the image is bright, within a pixel of where the mask says class 1
+            bright = image.float().mean(0).numpy() > 127
+            assert np.abs(np.subtract(_extent(bright), _extent(mask.numpy() == 1))).max() <= 1
+    assert seen == {"a-wide", "b-turned", "c-small"}
+
+
+def test_a_mask_not_its_images_size_is_refused_when_packed_shrunk(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "seg"
+    _boxed_pair(root, "a", (120, 80))
+    (root / "classes.txt").write_text("background\nbox\n")
+    mask = root / "train" / "masks" / "a.png"
+    Image.new("L", (80, 120)).save(mask)
+    with pytest.raises(DataError, match=f"mask {mask} is 80x120 \\(WxH\\) but its image .*a.jpg is 120x80"):
+        shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
 
 
 def test_a_shrunk_pack_trains(photo_folder, tmp_path):

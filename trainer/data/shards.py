@@ -54,9 +54,10 @@ import torch
 from PIL import Image
 
 from trainer.data.datasets import PathTable, SeededDataset, read_image
-from trainer.data.folders import _check_one, image_error, load_rgb, lost_class_message, scan_imagefolder
+from trainer.data.folders import decode_checked, image_error, lost_class_message, scan_imagefolder
 from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
-from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
+from trainer.data.masks import (LAYOUT, ORIENT_MASK, QUARTER_TURNS, MaskDataset, image_orientation,
+                                mask_size_error, read_class_names, read_mask_file, scan_pairs)
 from trainer.data.multilabel import SPLIT_FILES, check_classes, read_multilabel_splits
 from trainer.config import CsvCfg
 from trainer.errors import DataError, TrainerError
@@ -175,22 +176,46 @@ class PackedFile:
         return self.name
 
 
-def _shrunk(data: bytes, max_side: int, quality: int) -> bytes:
-    """An image file's bytes as --max-side stores them: the same bytes when its longer side is at most
-    `max_side` pixels, else a JPEG (`quality`) of it turned upright by its EXIF orientation (the tag is not
-    kept: the pixels are upright), as RGB (what training decodes any image to), its longer side `max_side`
-    and its aspect kept. Pillow's Lanczos filter, which averages over the whole footprint of each output
-    pixel when shrinking (antialiased, unlike a plain bilinear sample). Raises what PIL raises on a bad file."""
-    with Image.open(io.BytesIO(data)) as img:  # the header's size; an EXIF turn swaps it, the longer side stays
-        if max(img.size) <= max_side:
-            return data
-    img = load_rgb(io.BytesIO(data), exif_orientation=True)
-    width, height = img.size
+def _shrunk_size(width: int, height: int, max_side: int) -> Optional[Tuple[int, int]]:
+    """The (width, height) in pixels that --max-side stores an upright image of `width` x `height` at: its longer
+    side `max_side`, its aspect kept; None when its longer side is within `max_side` (it keeps its bytes). Also
+    what a COCO pack's annotations are scaled to (_shrunk_annotations), from the image headers' sizes."""
+    if max(width, height) <= max_side:
+        return None
     scale = max_side / max(width, height)
-    size = ((max_side, max(1, round(height * scale))) if width >= height
+    return ((max_side, max(1, round(height * scale))) if width >= height
             else (max(1, round(width * scale)), max_side))
+
+
+def _shrunk(img: Image.Image, size: Tuple[int, int], quality: int) -> bytes:
+    """An image as --max-side stores it: `img` (RGB, turned upright by its EXIF orientation, as decode_checked
+    gives it; the tag is not kept: the pixels are upright) resized to `size` (_shrunk_size) with Pillow's Lanczos
+    filter, which averages over the whole footprint of each output pixel when shrinking (antialiased, unlike a
+    plain bilinear sample), as a JPEG of `quality`."""
     buf = io.BytesIO()
     img.resize(size, Image.Resampling.LANCZOS).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _shrunk_mask(mask: np.ndarray, how: dict, orientation: int, size: Tuple[int, int]) -> bytes:
+    """The mask of an image _shrunk stores: `mask` (read_mask_file's class indices, in the stored frame, and
+    `how`, its mode and palette) turned by its image's EXIF `orientation` as training turns it (the shrunk image
+    is stored upright, without the tag), then resized to the shrunk image's `size` NEAREST (a class index or the
+    ignore index is never blended with its neighbours), as a PNG of the mask's own mode (a palette mask keeps its
+    palette and transparency)."""
+    if orientation in ORIENT_MASK:
+        mask = ORIENT_MASK[orientation](mask)
+    if how["mode"] == "1":
+        mask = mask.astype(bool)  # PIL's mode 1 again
+    elif how["mode"] == "I" and mask.size and 0 <= mask.min() <= mask.max() <= 65535:
+        mask = mask.astype(np.uint16)  # a PNG holds 16 bits at most, and Pillow writes no 32-bit PNG: the same values
+    img = Image.fromarray(np.ascontiguousarray(mask))
+    img = img.resize(size, Image.Resampling.NEAREST)
+    if how["palette"] is not None:
+        img.putpalette(how["palette"])  # an L image of the indices becomes a P image with the palette
+    kept = {} if how["transparency"] is None else {"transparency": how["transparency"]}
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kept)
     return buf.getvalue()
 
 
@@ -198,7 +223,9 @@ def _read(files: Tuple[str, ...], shrink: Optional[dict] = None) -> Tuple[List[b
     """The row's files' bytes, why they are bad ("" if they decode) and the error line naming the file at
     fault. A full decode: every image is checked once; a mask must be a single-channel image of indices (its
     values are checked by the training's start, which knows the classes). `shrink` ({"max_side", "quality"}):
-    the image as _shrunk stores it."""
+    the image as _shrunk stores it, from the same decode that checks it, and its mask as _shrunk_mask stores
+    it; with `shrink`, a mask must be its image's size (training's start checks it too, but a shrunk pair
+    would hide it)."""
     data = []
     for k, path in enumerate(files):
         try:
@@ -207,20 +234,42 @@ def _read(files: Tuple[str, ...], shrink: Optional[dict] = None) -> Tuple[List[b
         except OSError as err:
             why = f"{type(err).__name__}: {err.strerror or err}"
             return [], why, f"cannot read {'mask' if k else 'image'} {path}: {why}"
-    why = _check_one(io.BytesIO(data[0]))
+    original = data[0]
+    # upright as training decodes it when shrinking (the stored pixels are then upright); orientation cannot
+    # make a file bad, so the check is the same either way
+    img, why = decode_checked(io.BytesIO(original), exif_orientation=bool(shrink))
     if why:
         return [], why, f"cannot read image {files[0]}: {why}"
-    if shrink:
+    upright = img.size  # (width, height)
+    size = _shrunk_size(*upright, shrink["max_side"]) if shrink else None
+    if size:
         try:
-            data[0] = _shrunk(data[0], shrink["max_side"], shrink["quality"])
+            data[0] = _shrunk(img, size, shrink["quality"])
         except Exception as err:  # decoded above: a failure here is PIL's resize or encode, named with the file
             why = image_error(err)
             return [], why, f"cannot shrink image {files[0]}: {why}"
+    del img  # a decoded photo: not held while its mask is read
     if len(files) > 1:
         try:
-            read_mask(PackedFile(files[1], lambda: data[1]))
+            mask, how = read_mask_file(PackedFile(files[1], lambda: data[1]))
         except DataError as err:
             return [], str(err), str(err)
+        if shrink:
+            try:
+                orientation = image_orientation(original)  # what training turns the mask by
+            except Exception as err:
+                why = image_error(err)
+                return [], why, f"cannot read image {files[0]}: {why}"
+            stored = upright[::-1] if orientation in QUARTER_TURNS else upright
+            why = mask_size_error(files[0], files[1], stored, (mask.shape[1], mask.shape[0]), lambda: orientation)
+            if why:
+                return [], why, why
+            if size:
+                try:
+                    data[1] = _shrunk_mask(mask, how, orientation, size)
+                except Exception as err:
+                    why = image_error(err)
+                    return [], why, f"cannot shrink mask {files[1]}: {why}"
     return data, "", ""
 
 
@@ -376,11 +425,6 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     if kind == "coco" and skip_bad:
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
                         f"name them; fix or remove the bad ones (and their annotations)")
-    if shrink and kind in ("masks", "coco"):  # their masks and boxes are in the stored image's pixels
-        raise DataError(f"--max-side shrinks images of class folders and multi-label CSV folders only; {src} is a "
-                        f"{'masks' if kind == 'masks' else 'COCO'} folder, whose "
-                        f"{'masks' if kind == 'masks' else 'boxes'} would have to be shrunk with it: pack it "
-                        f"without --max-side")
     plan, splits = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg(), shrink)
     if shrink:  # absent without --max-side: a plan or index of before the option reads the same
         plan["shrink"] = shrink

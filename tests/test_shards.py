@@ -762,6 +762,100 @@ def test_a_mask_not_its_images_size_is_refused_when_packed_shrunk(tmp_path):
         shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
 
 
+def _boxed_coco(root: Path) -> dict:
+    """A COCO folder (train/annotations.json) of three JPEGs, black but for a white BOX in their upright frame
+    (one of them stored turned, with EXIF orientation 6, as phones store photos), each box annotated four ways:
+    bbox + polygon, compressed RLE (a crowd), uncompressed RLE, and with keypoints at two of its corners."""
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    images, annotations = [], []
+    for k, (name, (width, height), orientation) in enumerate([("a-wide.jpg", (120, 80), 1),
+                                                                ("b-turned.jpg", (80, 120), 6),
+                                                                ("c-small.jpg", (48, 40), 1)]):
+        x0, y0, x1, y1 = BOX
+        pixels = np.zeros((height, width, 3), dtype=np.uint8)
+        pixels[y0:y1, x0:x1] = 255
+        upright = Image.fromarray(pixels)
+        exif = Image.Exif()
+        if orientation == 6:  # stored a quarter turn anticlockwise; the tag says to turn it back clockwise
+            exif[0x0112] = 6
+            upright = upright.transpose(Image.Transpose.ROTATE_90)
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        upright.save(root / "train" / name, quality=95, exif=exif)
+        images.append({"id": k + 1, "file_name": name, "width": width, "height": height})
+        inside = np.zeros((height, width), dtype=np.uint8)
+        inside[y0:y1, x0:x1] = 1
+        rle = coco_mask.encode(np.asfortranarray(inside))
+        flat = inside.ravel(order="F")  # uncompressed RLE: run lengths down the columns, zeros first
+        runs = np.diff(np.r_[0, np.flatnonzero(np.diff(flat)) + 1, flat.size]).tolist()
+        bbox = [x0, y0, x1 - x0, y1 - y0]
+        common = {"image_id": k + 1, "category_id": 1, "bbox": bbox, "area": float(inside.sum())}
+        annotations += [
+            {**common, "id": 10 * k + 1, "iscrowd": 0, "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+             "keypoints": [x0, y0, 2, x1, y1, 2, 0, 0, 0], "num_keypoints": 2},
+            {**common, "id": 10 * k + 2, "iscrowd": 1,
+             "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}},
+            {**common, "id": 10 * k + 3, "iscrowd": 0,
+             "segmentation": {"size": [height, width], "counts": ([0] if flat[0] else []) + runs}}]
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "box", "keypoints": ["top-left", "bottom-right", "unused"]}]}
+    (root / "train" / "annotations.json").write_text(json.dumps(coco))
+    return coco
+
+
+def test_a_coco_folder_packs_shrunk_with_its_boxes_masks_keypoints_and_sizes_scaled(tmp_path):
+    import numpy as np
+    from pycocotools import mask as coco_mask
+
+    from trainer.data.datasets import read_image
+
+    root = tmp_path / "coco"
+    before = _boxed_coco(root)
+    shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
+    pack = shards.read_packed(tmp_path / "packed")
+    notes = []
+    coco, rows = shards.read_packed_coco(pack, "train", verbose=notes.append)
+    assert not notes  # no "not the size the annotations state": width and height are the stored image's
+    after = json.loads((tmp_path / "packed" / "train-annotations.json").read_text())
+    assert [(im["width"], im["height"]) for im in after["images"]] == [(60, 40), (40, 60), (48, 40)]
+    assert after["annotations"][-3:] == before["annotations"][-3:]  # c-small's: within --max-side, as they were
+    assert pack.shards.image_bytes(int(rows[2])) == (root / "train" / "c-small.jpg").read_bytes()
+    by_image = {}
+    for ann in after["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    for i in range(len(coco)):
+        image = read_image(pack.shards.image_file(int(rows[i]), coco.paths[i]), True)
+        assert (coco.widths[i], coco.heights[i]) == (image.shape[2], image.shape[1])  # the reader's = the decoded
+        bright = _extent(image.float().mean(0).numpy() > 127)
+        for box in coco.annotations(i).boxes:  # XYXY, as training reads them
+            assert np.abs(np.subtract(box, bright)).max() <= 1, (coco.paths[i], box, bright)
+        height, width = image.shape[1:]
+        for ann in by_image[int(coco.image_ids[i])]:
+            segmentation = ann["segmentation"]
+            if isinstance(segmentation, list):
+                rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+                assert np.abs(np.subtract(ann["keypoints"][:6:3], bright[::2])).max() <= 1  # x of both corners
+                assert np.abs(np.subtract(ann["keypoints"][1:6:3], bright[1::2])).max() <= 1  # and their y
+            else:
+                assert segmentation["size"] == [height, width]
+                rle = (segmentation if isinstance(segmentation["counts"], str)  # c-small's uncompressed one is kept
+                       else coco_mask.frPyObjects(segmentation, height, width))
+            assert np.abs(np.subtract(_extent(coco_mask.decode(rle)), bright)).max() <= 1
+            assert ann["area"] == pytest.approx(coco_mask.area(rle), rel=0.1)
+
+
+def test_a_coco_rle_not_its_images_size_is_refused_when_packed_shrunk(tmp_path):
+    root = tmp_path / "coco"
+    coco = _boxed_coco(root)
+    coco["annotations"][1]["segmentation"]["size"] = [40, 60]
+    (root / "train" / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"annotation 2: its segmentation cannot be scaled .*the RLE's size is 60x40 "
+                                        r"\(WxH\), its image's 120x80"):
+        shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
+
+
 def test_a_shrunk_pack_trains(photo_folder, tmp_path):
     assert run_cli("pack", photo_folder, tmp_path / "packed", "--max-side", "48", "--quality", "85").returncode == 0
     res = run_cli("train", "-", "data.format=shards", f"data.root={tmp_path / 'packed'}", "data.val_fraction=0.25",

@@ -32,11 +32,14 @@ split the shards with their rows and bytes, the files left out as unreadable. Un
 fixed since) is resumed by the same command: a finished shard is kept when it holds the files planned for it
 (each records the digest of their names, labels and sizes), and written again otherwise.
 
-`--max-side N` (image folders and multi-label CSV folders) stores every image whose longer side exceeds N
-pixels shrunk to N, re-encoded as a JPEG (`_shrunk`): the decoder, which bounds the samples per core at photo
-sizes (BENCHMARKS.md, issue 34), then has fewer pixels to decode at every epoch. FFCV's `max_resolution` does
-the same. Images within N keep their bytes. The plan and the index record it (`shrink`), so a cut-short pack
-resumes only with the same flags.
+`--max-side N` stores every image whose longer side exceeds N pixels shrunk to N, re-encoded as a JPEG
+(`_shrunk`): the decoder, which bounds the samples per core at photo sizes (BENCHMARKS.md, issue 34), then has
+fewer pixels to decode at every epoch. FFCV's `max_resolution` does the same. Images within N keep their bytes
+(and their masks and annotations theirs). What is in a shrunk image's pixels follows it: its mask (masks
+folders) is turned by the image's EXIF orientation and resized NEAREST to the same size (`_shrunk_mask`); its
+COCO annotations (boxes, polygons, RLE masks, keypoints, areas, the image's width and height) are scaled in a
+copy of the annotation file (`_shrunk_annotations`). The plan and the index record the flags (`shrink`), so a
+cut-short pack resumes only with the same flags.
 """
 from __future__ import annotations
 
@@ -91,41 +94,43 @@ def _pyarrow():
 
 # ---- packing ----
 
-def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List[Item]], dict]:
+def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List[Item]], dict, dict]:
     """The class names and each split's rows of `src`: (image,) and its label for class folders (sorted by
     class, then path); (image, mask) and 0 for a masks folder (sorted by image path, as its training reads);
     (image,) and 0 for a COCO folder, in the order of its annotation file's images, whose annotation files
     (read and checked here as a training start reads them) go into the pack beside the shards: the third
     value says which, per split: {"file": name in DEST, "source": path, "images": image folder relative to
-    src}."""
+    src}; the fourth, a COCO folder's image sizes per split ([I, 2] width, height as training reads them, in the
+    annotation file's image order: what --max-side scales its annotations from)."""
     if kind == "classes":
         classes, splits = scan_imagefolder(src)
         return classes, {split: [((path,), label) for path, label in samples]
-                         for split, samples in splits.items()}, {}
+                         for split, samples in splits.items()}, {}, {}
     if kind == "multilabel":  # read and checked as a training start reads the folder (its data.csv: csv_cfg)
         splits = [split for split, name in SPLIT_FILES.items() if (src / name).is_file()]
         classes, found = read_multilabel_splits(src, csv_cfg, splits)
         check_classes(classes, found["train"][1], src / SPLIT_FILES["train"])
         return classes, {split: [((path,), tuple(np.flatnonzero(targets[r]).tolist())) for r, path in enumerate(paths)]
-                         for split, (paths, targets, _) in found.items()}, {}
+                         for split, (paths, targets, _) in found.items()}, {}, {}
     if kind == "masks":
         return read_class_names(src, None), {split: [(pair, 0) for pair in scan_pairs(src / split)]
-                                             for split in ("train", "val", "test") if (src / split).is_dir()}, {}
+                                             for split in ("train", "val", "test") if (src / split).is_dir()}, {}, {}
     found = find_coco_splits(src, ["train"], optional=["val", "test"])
     coco = {split: read_coco(ann, images, verbose=lambda *_: None) for split, (ann, images) in found.items()}
     check_same_categories(coco)
     annotations = {split: {"file": f"{split}-annotations.json", "source": str(ann),
                            "images": os.path.relpath(images, src)} for split, (ann, images) in found.items()}
     return (coco["train"].class_names, {split: [((path,), 0) for path in c.paths] for split, c in coco.items()},
-            annotations)
+            annotations, {split: np.stack([c.widths, c.heights], axis=1) for split, c in coco.items()})
 
 
 def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None, shrink: Optional[dict] = None
-          ) -> Tuple[dict, Dict[str, List[Item]]]:
+          ) -> Tuple[dict, Dict[str, List[Item]], dict]:
     """Which files go into which shard: consecutive rows of a split until the shard holds `shard_mb`. A pure
-    function of the listing, so a resumed pack makes the same shards. Returns the plan and the scanned rows of
-    each split. `shrink` (--max-side's) is part of each shard's digest: a shard of other flags is never kept."""
-    classes, splits, annotations = _scan(src, kind, csv_cfg)
+    function of the listing, so a resumed pack makes the same shards. Returns the plan, the scanned rows of
+    each split and a COCO folder's image sizes (_scan's). `shrink` (--max-side's) is part of each shard's
+    digest: a shard of other flags is never kept."""
+    classes, splits, annotations, image_sizes = _scan(src, kind, csv_cfg)
     limit = shard_mb * 2**20
     plan = {"version": VERSION, "kind": kind, "source": str(src.resolve()), "classes": classes,
             "shard_mb": shard_mb, "splits": {}}
@@ -158,7 +163,7 @@ def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None, shrink: Optional[
         plan["splits"][split] = [{"file": f"{split}-{k:05d}.arrow", "first": a, "end": b, "listing": digest}
                                  for k, (a, b, digest) in enumerate(shards)]
     plan["listing"] = listing.hexdigest()
-    return plan, splits
+    return plan, splits, image_sizes
 
 
 class PackedFile:
@@ -217,6 +222,64 @@ def _shrunk_mask(mask: np.ndarray, how: dict, orientation: int, size: Tuple[int,
     buf = io.BytesIO()
     img.save(buf, format="PNG", **kept)
     return buf.getvalue()
+
+
+def _shrunk_annotations(data: bytes, sizes: np.ndarray, max_side: int, source: str) -> bytes:
+    """A COCO annotation file (its bytes, read and checked by read_coco) in the pixels of the images --max-side
+    stores: for every image it shrinks, its `width` and `height` become the stored size, and its annotations
+    are scaled, x by new_w / old_w and y by new_h / old_h, `old` being the size training reads (`sizes`, [I, 2]
+    in the file's image order: after the EXIF orientation, the frame read_coco takes boxes in) and `new` its
+    _shrunk_size: `bbox`, polygon `segmentation`s, RLE ones (_shrunk_rle), `keypoints` (the x and y of each
+    triple) and `area` (by both scales). The annotations of images within max_side, and every other key, are
+    left as they were. `source`: the file, for messages."""
+    coco = json.loads(data)
+    scale = {}  # image id -> (x scale, y scale, old (width, height), new (width, height))
+    for im, (width, height) in zip(coco["images"], sizes.tolist()):
+        size = _shrunk_size(width, height, max_side)
+        if size:
+            im["width"], im["height"] = size
+            scale[int(im["id"])] = (size[0] / width, size[1] / height, (width, height), size)
+    for ann in coco["annotations"]:
+        if int(ann["image_id"]) not in scale:
+            continue
+        sx, sy, old, new = scale[int(ann["image_id"])]
+        key = "bbox"
+        try:
+            x, y, w, h = ann["bbox"]
+            ann["bbox"] = [x * sx, y * sy, w * sx, h * sy]
+            key = "area"
+            if ann.get("area") is not None:
+                ann["area"] = ann["area"] * sx * sy
+            key = "segmentation"
+            segmentation = ann.get("segmentation")
+            if isinstance(segmentation, list):  # polygons: [x1, y1, x2, y2, ...] each
+                ann[key] = [[v * (sy if k % 2 else sx) for k, v in enumerate(polygon)] for polygon in segmentation]
+            elif isinstance(segmentation, dict):
+                ann[key] = _shrunk_rle(segmentation, old, new)
+            key = "keypoints"
+            if isinstance(ann.get("keypoints"), list):  # [x, y, visibility] triples; (0, 0, 0): not labelled
+                ann[key] = [v * sx if k % 3 == 0 else v * sy if k % 3 == 1 else v for k, v in enumerate(ann[key])]
+        except (TypeError, ValueError, KeyError) as err:
+            raise DataError(f"{source}: annotation {ann.get('id')}: its {key} cannot be scaled to its image's stored "
+                            f"size for --max-side ({type(err).__name__}: {err})") from None
+    return json.dumps(coco).encode()
+
+
+def _shrunk_rle(segmentation: dict, old: Tuple[int, int], new: Tuple[int, int]) -> dict:
+    """A COCO RLE segmentation ({"size": [h, w], "counts": compressed string, or uncompressed list}) of an image
+    of `old` (width, height) as the mask of its shrunk image of `new`: decoded by pycocotools, resized NEAREST
+    (a pixel is in or out, never half), encoded again (compressed). Its size must be its image's: else it is
+    not in the frame the boxes are in, and scaling it to the image would be a guess."""
+    from pycocotools import mask as coco_mask
+
+    height, width = segmentation["size"]
+    if (width, height) != tuple(old):
+        raise ValueError(f"the RLE's size is {width}x{height} (WxH), its image's {old[0]}x{old[1]}")
+    rle = (coco_mask.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list)
+           else segmentation)
+    pixels = Image.fromarray(coco_mask.decode(rle)).resize(new, Image.Resampling.NEAREST)
+    encoded = coco_mask.encode(np.asfortranarray(np.asarray(pixels, dtype=np.uint8)))
+    return {"size": [new[1], new[0]], "counts": encoded["counts"].decode("ascii")}
 
 
 def _read(files: Tuple[str, ...], shrink: Optional[dict] = None) -> Tuple[List[bytes], str, str]:
@@ -403,7 +466,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     """Pack the image folder, masks folder, COCO folder or multi-label CSV folder `src` into shards in `dest`;
     returns the index. Resumable: run it again. `csv_cfg`: a multi-label folder's data.csv (the defaults if
     None). `max_side` (pixels): images whose longer side exceeds it are stored shrunk to it, as JPEGs of
-    `quality` (_shrunk; DEFAULT_QUALITY if None); image folders and multi-label CSV folders only."""
+    `quality` (_shrunk; DEFAULT_QUALITY if None), with their masks or COCO annotations in the shrunk pixels."""
     _pyarrow()
     src, dest = Path(src), Path(dest)
     if not 0 < shard_mb <= MAX_SHARD_MB:
@@ -425,7 +488,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     if kind == "coco" and skip_bad:
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
                         f"name them; fix or remove the bad ones (and their annotations)")
-    plan, splits = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg(), shrink)
+    plan, splits, image_sizes = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg(), shrink)
     if shrink:  # absent without --max-side: a plan or index of before the option reads the same
         plan["shrink"] = shrink
     fix = ("fix or replace it (its annotations name it)" if kind == "coco"
@@ -455,7 +518,10 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     index = {key: plan[key] for key in ("version", "kind", "source", "classes", "shard_mb", "listing", "shrink")
              if key in plan}
     for split, entry in plan.get("annotations", {}).items():  # as they were read: training reads them again
-        out.write(entry["file"], Path(entry["source"]).read_bytes(), fsync=True)
+        data = Path(entry["source"]).read_bytes()
+        if shrink:  # in the pixels of the images as stored
+            data = _shrunk_annotations(data, image_sizes[split], shrink["max_side"], entry["source"])
+        out.write(entry["file"], data, fsync=True)
         index.setdefault("annotations", {})[split] = {"file": entry["file"], "images": entry["images"]}
     index["splits"], skipped, done = {}, [], 0
     rows = {"shard": [], "offset": [], "length": [], "label": [], "path": []}  # every row, in index order

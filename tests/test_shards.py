@@ -732,9 +732,9 @@ def test_a_masks_folder_packs_shrunk_with_its_masks_resized_nearest_to_the_uprig
             seen.add(name)
             image, mask = db.load(i), db.load_mask(i)
             assert tuple(image.shape[1:]) == tuple(mask.shape)
-            stored = db.shards.mask_bytes(int(db.rows[i]))
+            stored, row = db.shards.mask_bytes(int(db.rows[i])), int(db.rows[i])
             if name == "c-small":
-                assert db.shards.image_bytes(int(db.rows[i])) == (root / "train" / "images" / "c-small.jpg").read_bytes()
+                assert db.shards.image_bytes(row) == (root / "train" / "images" / "c-small.jpg").read_bytes()
                 assert stored == (root / "train" / "masks" / "c-small.png").read_bytes()
                 continue
             assert tuple(image.shape[1:]) == ((40, 60) if name == "a-wide" else (60, 40))  # (H, W): longer side 60
@@ -748,6 +748,33 @@ def test_a_masks_folder_packs_shrunk_with_its_masks_resized_nearest_to_the_uprig
             bright = image.float().mean(0).numpy() > 127
             assert np.abs(np.subtract(_extent(bright), _extent(mask.numpy() == 1))).max() <= 1
     assert seen == {"a-wide", "b-turned", "c-small"}
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "1", "I;16"])
+def test_a_shrunk_mask_keeps_its_mode_and_only_its_own_values(mode):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data.masks import read_mask_file
+
+    values = {"L": [0, 3, 255], "P": [0, 3, 255], "1": [0, 1], "I;16": [0, 3, 1000]}[mode]
+    mask = np.array(values, dtype=np.uint16)[np.random.default_rng(0).integers(0, len(values), (30, 40))]
+    img = Image.fromarray(mask.astype(bool) if mode == "1" else mask.astype(np.uint16 if mode == "I;16" else np.uint8))
+    if mode == "P":
+        img.putpalette([7, 8, 9] * 256)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    indices, how = read_mask_file(shards.PackedFile("m.png", buf.getvalue))
+    shrunk = shards._shrunk_mask(indices, how, 6, (15, 20))  # turned a quarter (EXIF 6): 30 wide, 40 high
+    with Image.open(io.BytesIO(shrunk)) as out:
+        assert out.mode == mode and out.size == (15, 20)
+        assert mode != "P" or out.getpalette()[:6] == [7, 8, 9, 7, 8, 9]
+        got = np.array(out).astype(np.int64)
+    upright = Image.fromarray(np.rot90(mask, -1).astype(np.int32))  # what EXIF 6 shows
+    expected = np.asarray(upright.resize((15, 20), Image.Resampling.NEAREST))
+    assert (got == expected).all() and set(np.unique(got)) <= set(values)
 
 
 def test_a_mask_not_its_images_size_is_refused_when_packed_shrunk(tmp_path):

@@ -213,7 +213,7 @@ def _shrunk_mask(mask: np.ndarray, how: dict, orientation: int, size: Tuple[int,
     if how["mode"] == "1":
         mask = mask.astype(bool)  # PIL's mode 1 again
     elif how["mode"] == "I" and mask.size and 0 <= mask.min() <= mask.max() <= 65535:
-        mask = mask.astype(np.uint16)  # a PNG holds 16 bits at most, and Pillow writes no 32-bit PNG: the same values
+        mask = mask.astype(np.uint16)  # the same values: a PNG holds 16 bits at most (Pillow writes no mode I PNG)
     img = Image.fromarray(np.ascontiguousarray(mask))
     img = img.resize(size, Image.Resampling.NEAREST)
     if how["palette"] is not None:

@@ -852,6 +852,9 @@ def test_a_coco_folder_packs_shrunk_with_its_boxes_masks_keypoints_and_sizes_sca
     by_image = {}
     for ann in after["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
+    with pytest.raises(DataError, match="already holds these files packed with --max-side 60 --quality 90, not no "
+                                        "--max-side"):  # the flags are recorded as for any pack
+        shards.pack(root, tmp_path / "packed", say=quiet)
     for i in range(len(coco)):
         image = read_image(pack.shards.image_file(int(rows[i]), coco.paths[i]), True)
         assert (coco.widths[i], coco.heights[i]) == (image.shape[2], image.shape[1])  # the reader's = the decoded

@@ -381,6 +381,7 @@ ALLOWED = {
     ("bench/vs_reference.py", "draw_coco"): MADE_ONCE,
     ("bench/data_scale.py", "noisy_jpegs"): IN_MEMORY,
     ("trainer/data/shards.py", "_shrunk"): IN_MEMORY,
+    ("trainer/data/shards.py", "_shrunk_mask"): IN_MEMORY,
     ("bench/dense_shards.py", "_mask_png"): IN_MEMORY,
     ("bench/data_scale.py", "first_step"): "into a tempfile.mkdtemp folder main made for this measurement and removes",
     ("bench/data_scale.py", "main"): "removes the tempfile.mkdtemp folders it made",

@@ -666,13 +666,224 @@ def test_a_pack_shrunk_with_other_flags_is_not_resumed_nor_redone(photo_folder, 
     assert "nothing to do" in notes[-1]
 
 
-def test_max_side_is_refused_for_masks_folders_and_quality_without_it(masks_folder, photo_folder, tmp_path):
-    with pytest.raises(DataError, match="--max-side shrinks images of class folders and multi-label CSV folders "
-                                        "only; .* is a masks folder"):
-        shards.pack(masks_folder, tmp_path / "packed", say=quiet, max_side=16)
+def test_quality_without_max_side_is_refused(photo_folder, tmp_path):
     with pytest.raises(DataError, match="give --max-side too"):
         shards.pack(photo_folder, tmp_path / "packed", say=quiet, quality=80)
     assert not (tmp_path / "packed").exists() or not any((tmp_path / "packed").glob("*.arrow"))
+
+
+# a bright box (x0, y0, x1, y1: pixel edges) in a 120x80 stored picture, and in its mask
+BOX = (12, 8, 36, 24)
+
+
+def _boxed_pair(root: Path, name: str, size, orientation: int = 1) -> None:
+    """A JPEG that is black but for a white BOX, optionally tagged with an EXIF orientation, and its palette
+    mask: class 1 on the box, 0 elsewhere, the ignore index 255 on the box's outer ring of pixels; drawn on the
+    stored pixels, as masks are."""
+    import numpy as np
+    from PIL import Image
+
+    width, height = size
+    x0, y0, x1, y1 = BOX
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[y0:y1, x0:x1] = 255
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[y0 - 1:y1 + 1, x0 - 1:x1 + 1] = 255
+    mask[y0:y1, x0:x1] = 1
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    for sub in ("images", "masks"):
+        (root / "train" / sub).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(root / "train" / "images" / f"{name}.jpg", quality=95, exif=exif)
+    indices = Image.fromarray(mask)
+    indices.putpalette([0, 0, 0, 200, 30, 30] + [0, 0, 0] * 253 + [255, 255, 255])  # VOC-like: 255 white
+    indices.save(root / "train" / "masks" / f"{name}.png")
+
+
+def _extent(where) -> tuple:
+    """(x0, y0, x1, y1) pixel edges of the True pixels of an (H, W) array."""
+    import numpy as np
+
+    ys, xs = np.nonzero(np.asarray(where))
+    return xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+
+
+def test_a_masks_folder_packs_shrunk_with_its_masks_resized_nearest_to_the_upright_image(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "seg"
+    _boxed_pair(root, "a-wide", (120, 80))
+    _boxed_pair(root, "b-turned", (120, 80), orientation=6)  # upright: 80 wide, 120 high
+    _boxed_pair(root, "c-small", (48, 40))  # within --max-side: image and mask keep their bytes
+    (root / "classes.txt").write_text("background\nbox\n")
+    shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
+    kw = {"task": "segmentation", "data.val_fraction": 0.34}
+    a = build_data(data_cfg(root, "masks", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    seen = set()
+    for split in ("train", "val"):
+        da, db = a.datasets[split], b.datasets[split]
+        for i in range(len(db)):
+            name = Path(db.paths[i]).stem
+            seen.add(name)
+            image, mask = db.load(i), db.load_mask(i)
+            assert tuple(image.shape[1:]) == tuple(mask.shape)
+            stored, row = db.shards.mask_bytes(int(db.rows[i])), int(db.rows[i])
+            if name == "c-small":
+                assert db.shards.image_bytes(row) == (root / "train" / "images" / "c-small.jpg").read_bytes()
+                assert stored == (root / "train" / "masks" / "c-small.png").read_bytes()
+                continue
+            assert tuple(image.shape[1:]) == ((40, 60) if name == "a-wide" else (60, 40))  # (H, W): longer side 60
+            with Image.open(io.BytesIO(stored)) as png:  # a palette PNG still, its palette kept
+                assert png.mode == "P" and png.getpalette()[3:6] == [200, 30, 30]
+            # the folder's upright mask, resized NEAREST to the shrunk size: the same labels, none blended
+            upright = Image.fromarray(da.load_mask(i).numpy().astype(np.uint8))
+            expected = np.asarray(upright.resize((image.shape[2], image.shape[1]), Image.Resampling.NEAREST))
+            assert (mask.numpy() == expected).all() and set(np.unique(expected)) == {0, 1, 255}
+            # the box where the image is bright, within a pixel of where the mask says class 1
+            bright = image.float().mean(0).numpy() > 127
+            assert np.abs(np.subtract(_extent(bright), _extent(mask.numpy() == 1))).max() <= 1
+    assert seen == {"a-wide", "b-turned", "c-small"}
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "1", "I;16"])
+def test_a_shrunk_mask_keeps_its_mode_and_only_its_own_values(mode):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from trainer.data.masks import read_mask_file
+
+    values = {"L": [0, 3, 255], "P": [0, 3, 255], "1": [0, 1], "I;16": [0, 3, 1000]}[mode]
+    mask = np.array(values, dtype=np.uint16)[np.random.default_rng(0).integers(0, len(values), (30, 40))]
+    img = Image.fromarray(mask.astype(bool) if mode == "1" else mask.astype(np.uint16 if mode == "I;16" else np.uint8))
+    if mode == "P":
+        img.putpalette([7, 8, 9] * 256)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    indices, how = read_mask_file(shards.PackedFile("m.png", buf.getvalue))
+    shrunk = shards._shrunk_mask(indices, how, 6, (15, 20))  # turned a quarter (EXIF 6): 30 wide, 40 high
+    with Image.open(io.BytesIO(shrunk)) as out:
+        assert out.mode == mode and out.size == (15, 20)
+        assert mode != "P" or out.getpalette()[:6] == [7, 8, 9, 7, 8, 9]
+        got = np.array(out).astype(np.int64)
+    upright = Image.fromarray(np.rot90(mask, -1).astype(np.int32))  # what EXIF 6 shows
+    expected = np.asarray(upright.resize((15, 20), Image.Resampling.NEAREST))
+    assert (got == expected).all() and set(np.unique(got)) <= set(values)
+
+
+def test_a_mask_not_its_images_size_is_refused_when_packed_shrunk(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "seg"
+    _boxed_pair(root, "a", (120, 80))
+    (root / "classes.txt").write_text("background\nbox\n")
+    mask = root / "train" / "masks" / "a.png"
+    Image.new("L", (80, 120)).save(mask)
+    with pytest.raises(DataError, match=f"mask {mask} is 80x120 \\(WxH\\) but its image .*a.jpg is 120x80"):
+        shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
+
+
+def _boxed_coco(root: Path) -> dict:
+    """A COCO folder (train/annotations.json) of three JPEGs, black but for a white BOX in their upright frame
+    (one of them stored turned, with EXIF orientation 6, as phones store photos), each box annotated four ways:
+    bbox + polygon, compressed RLE (a crowd), uncompressed RLE, and with keypoints at two of its corners."""
+    import numpy as np
+    from PIL import Image
+    from pycocotools import mask as coco_mask
+
+    images, annotations = [], []
+    for k, (name, (width, height), orientation) in enumerate([("a-wide.jpg", (120, 80), 1),
+                                                                ("b-turned.jpg", (80, 120), 6),
+                                                                ("c-small.jpg", (48, 40), 1)]):
+        x0, y0, x1, y1 = BOX
+        pixels = np.zeros((height, width, 3), dtype=np.uint8)
+        pixels[y0:y1, x0:x1] = 255
+        upright = Image.fromarray(pixels)
+        exif = Image.Exif()
+        if orientation == 6:  # stored a quarter turn anticlockwise; the tag says to turn it back clockwise
+            exif[0x0112] = 6
+            upright = upright.transpose(Image.Transpose.ROTATE_90)
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        upright.save(root / "train" / name, quality=95, exif=exif)
+        images.append({"id": k + 1, "file_name": name, "width": width, "height": height})
+        inside = np.zeros((height, width), dtype=np.uint8)
+        inside[y0:y1, x0:x1] = 1
+        rle = coco_mask.encode(np.asfortranarray(inside))
+        flat = inside.ravel(order="F")  # uncompressed RLE: run lengths down the columns, zeros first
+        runs = np.diff(np.r_[0, np.flatnonzero(np.diff(flat)) + 1, flat.size]).tolist()
+        bbox = [x0, y0, x1 - x0, y1 - y0]
+        common = {"image_id": k + 1, "category_id": 1, "bbox": bbox, "area": float(inside.sum())}
+        annotations += [
+            {**common, "id": 10 * k + 1, "iscrowd": 0, "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+             "keypoints": [x0, y0, 2, x1, y1, 2, 0, 0, 0], "num_keypoints": 2},
+            {**common, "id": 10 * k + 2, "iscrowd": 1,
+             "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}},
+            {**common, "id": 10 * k + 3, "iscrowd": 0,
+             "segmentation": {"size": [height, width], "counts": ([0] if flat[0] else []) + runs}}]
+    coco = {"images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "box", "keypoints": ["top-left", "bottom-right", "unused"]}]}
+    (root / "train" / "annotations.json").write_text(json.dumps(coco))
+    return coco
+
+
+def test_a_coco_folder_packs_shrunk_with_its_boxes_masks_keypoints_and_sizes_scaled(tmp_path):
+    import numpy as np
+    from pycocotools import mask as coco_mask
+
+    from trainer.data.datasets import read_image
+
+    root = tmp_path / "coco"
+    before = _boxed_coco(root)
+    shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
+    pack = shards.read_packed(tmp_path / "packed")
+    notes = []
+    coco, rows = shards.read_packed_coco(pack, "train", verbose=notes.append)
+    assert not notes  # no "not the size the annotations state": width and height are the stored image's
+    after = json.loads((tmp_path / "packed" / "train-annotations.json").read_text())
+    assert [(im["width"], im["height"]) for im in after["images"]] == [(60, 40), (40, 60), (48, 40)]
+    assert after["annotations"][-3:] == before["annotations"][-3:]  # c-small's: within --max-side, as they were
+    assert pack.shards.image_bytes(int(rows[2])) == (root / "train" / "c-small.jpg").read_bytes()
+    by_image = {}
+    for ann in after["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    with pytest.raises(DataError, match="already holds these files packed with --max-side 60 --quality 90, not no "
+                                        "--max-side"):  # the flags are recorded as for any pack
+        shards.pack(root, tmp_path / "packed", say=quiet)
+    for i in range(len(coco)):
+        image = read_image(pack.shards.image_file(int(rows[i]), coco.paths[i]), True)
+        assert (coco.widths[i], coco.heights[i]) == (image.shape[2], image.shape[1])  # the reader's = the decoded
+        bright = _extent(image.float().mean(0).numpy() > 127)
+        for box in coco.annotations(i).boxes:  # XYXY, as training reads them
+            assert np.abs(np.subtract(box, bright)).max() <= 1, (coco.paths[i], box, bright)
+        height, width = image.shape[1:]
+        for ann in by_image[int(coco.image_ids[i])]:
+            segmentation = ann["segmentation"]
+            if isinstance(segmentation, list):
+                rle = coco_mask.merge(coco_mask.frPyObjects(segmentation, height, width))
+                assert np.abs(np.subtract(ann["keypoints"][:6:3], bright[::2])).max() <= 1  # x of both corners
+                assert np.abs(np.subtract(ann["keypoints"][1:6:3], bright[1::2])).max() <= 1  # and their y
+            else:
+                assert segmentation["size"] == [height, width]
+                rle = (segmentation if isinstance(segmentation["counts"], str)  # c-small's uncompressed one is kept
+                       else coco_mask.frPyObjects(segmentation, height, width))
+            assert np.abs(np.subtract(_extent(coco_mask.decode(rle)), bright)).max() <= 1
+            assert ann["area"] == pytest.approx(coco_mask.area(rle), rel=0.1)
+
+
+def test_a_coco_rle_not_its_images_size_is_refused_when_packed_shrunk(tmp_path):
+    root = tmp_path / "coco"
+    coco = _boxed_coco(root)
+    coco["annotations"][1]["segmentation"]["size"] = [40, 60]
+    (root / "train" / "annotations.json").write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"annotation 2: its segmentation cannot be scaled .*the RLE's size is 60x40 "
+                                        r"\(WxH\), its image's 120x80"):
+        shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
 
 
 def test_a_shrunk_pack_trains(photo_folder, tmp_path):

@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                     "at most 1024)")
     pk.add_argument("--max-side", type=int, metavar="N", help="store every image whose longer side exceeds N "
                     "pixels shrunk to N (aspect kept, EXIF orientation applied) as a JPEG, so that training decodes "
-                    "fewer pixels (as FFCV's max_resolution); smaller images keep their bytes. Class folders and "
-                    "multi-label CSV folders only (default: every image as it is)")
+                    "fewer pixels (as FFCV's max_resolution); smaller images keep their bytes. A masks folder's masks "
+                    "are resized with their images (nearest), a COCO folder's annotations scaled to them (default: "
+                    "every image as it is)")
     pk.add_argument("--quality", type=int, help="the JPEG quality (1-100) of the images --max-side shrinks "
                     "(default 90)")
     pk.add_argument("--skip-bad-images", action="store_true", help="leave unreadable files out (listed in "

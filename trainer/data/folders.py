@@ -444,15 +444,20 @@ def image_error(err: Exception) -> str:
     return f"{type(err).__name__}: " + re.sub(r"\s*<(_io\.[^<>]*|[^<>]* object at 0x[0-9a-fA-F]+)>", "", str(err))
 
 
-def _check_one(path: str) -> str:
-    """"" if the file decodes, else why not."""
+def decode_checked(path, exif_orientation: bool = False) -> Tuple[Optional[Image.Image], str]:
+    """(the file decoded as load_rgb decodes it, "") if it decodes, else (None, why not): the full check of a
+    file, whose decode a caller may keep (trainer pack --max-side shrinks it) instead of decoding it again."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's "palette images with transparency" note; we convert anyway
-            load_rgb(path, exif_orientation=False)  # decodability only; orientation cannot make a file bad
-        return ""
+            return load_rgb(path, exif_orientation=exif_orientation), ""
     except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
-        return image_error(err)
+        return None, image_error(err)
+
+
+def _check_one(path: str) -> str:
+    """"" if the file decodes, else why not."""
+    return decode_checked(path)[1]  # decodability only; orientation cannot make a file bad
 
 
 # What a complete file of these formats ends with: a JPEG's end-of-image marker, a PNG's IEND chunk (in its

@@ -14,7 +14,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 ORIENT_MASK = {2: lambda m: m[:, ::-1], 3: lambda m: m[::-1, ::-1], 4: lambda m: m[::-1],
                5: lambda m: m.T, 6: lambda m: np.rot90(m, -1), 7: lambda m: m[::-1, ::-1].T,
                8: lambda m: np.rot90(m, 1)}
+QUARTER_TURNS = (5, 6, 7, 8)  # the EXIF orientations that swap an image's width and height
 
 
 # ---- finding pairs ----
@@ -203,6 +204,12 @@ def read_mask(path) -> np.ndarray:
     its stored frame.
 
     Palette images (mode P) give their indices, never their colours; 1-bit masks give 0/1."""
+    return read_mask_file(path)[0]
+
+
+def read_mask_file(path) -> Tuple[np.ndarray, dict]:
+    """read_mask's indices, and what writing them again as the same file needs (trainer pack --max-side
+    does): {"mode": PIL's, "palette": a P mask's palette (else None), "transparency": its PNG's (else None)}."""
     try:
         with open_source(path) as fh, Image.open(fh) as img:
             mode = img.mode
@@ -213,11 +220,32 @@ def read_mask(path) -> np.ndarray:
                 raise DataError(f"mask {path} has mode {mode}: masks must be single-channel PNGs of class indices "
                                 f"(mode L or P, or 16-bit)")
             arr = np.array(img)
+            how = {"mode": mode, "palette": img.getpalette() if mode == "P" else None,
+                   "transparency": img.info.get("transparency")}
     except DataError:
         raise
     except Exception as err:  # PIL raises many types for a bad file: name it
         raise DataError(f"cannot read mask {path}: {image_error(err)}") from None
-    return arr.astype(np.uint8) if arr.dtype == bool else arr
+    return (arr.astype(np.uint8) if arr.dtype == bool else arr), how
+
+
+def mask_size_error(image_path, mask_path, image_size: Tuple[int, int], mask_size: Tuple[int, int],
+                    orientation: Callable[[], int]) -> str:
+    """"" when a mask is its image's stored size (width, height), else the line saying that it is not;
+    `orientation()`: the image's EXIF orientation, asked only then (a quarter turn explains a swapped size)."""
+    if mask_size == image_size:
+        return ""
+    # the image's orientation turns both at load, so the stored sizes must agree whatever it is
+    why = (f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image_path} is "
+           f"{image_size[0]}x{image_size[1]}")
+    try:
+        turned = orientation() in QUARTER_TURNS
+    except Exception:
+        turned = False
+    if turned and mask_size == image_size[::-1]:
+        why += (" as stored (its EXIF orientation turns it to the mask's size): draw masks on the stored pixels, "
+                "which the image's orientation then turns with it, or save the image upright")
+    return why
 
 
 def _png_may_hold_orientation(fh) -> bool:
@@ -297,18 +325,9 @@ def _check_pair(pair: Pair, num_classes: int, ignore_index: int):
         return None, str(err)
     except Exception as err:
         return None, f"cannot read image {image_path}: {image_error(err)}"
-    mask_size = (mask.shape[1], mask.shape[0])
-    if mask_size != image_size:
-        # the image's orientation turns both at load, so the stored sizes must agree whatever it is
-        why = (f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image_path} is "
-               f"{image_size[0]}x{image_size[1]}")
-        try:
-            turned = image_orientation(image_path) in (5, 6, 7, 8)
-        except Exception:
-            turned = False
-        if turned and mask_size == image_size[::-1]:
-            why += (" as stored (its EXIF orientation turns it to the mask's size): draw masks on the stored pixels, "
-                    "which the image's orientation then turns with it, or save the image upright")
+    why = mask_size_error(image_path, mask_path, image_size, (mask.shape[1], mask.shape[0]),
+                          lambda: image_orientation(image_path))
+    if why:
         return None, why
     if mask.dtype.kind == "u" or (mask.min() >= 0 and mask.max() <= 65535):  # uint8/16, or int32 in 16 bits
         hist = np.bincount(mask.ravel(), minlength=num_classes)

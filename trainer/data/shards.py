@@ -32,11 +32,14 @@ split the shards with their rows and bytes, the files left out as unreadable. Un
 fixed since) is resumed by the same command: a finished shard is kept when it holds the files planned for it
 (each records the digest of their names, labels and sizes), and written again otherwise.
 
-`--max-side N` (image folders and multi-label CSV folders) stores every image whose longer side exceeds N
-pixels shrunk to N, re-encoded as a JPEG (`_shrunk`): the decoder, which bounds the samples per core at photo
-sizes (BENCHMARKS.md, issue 34), then has fewer pixels to decode at every epoch. FFCV's `max_resolution` does
-the same. Images within N keep their bytes. The plan and the index record it (`shrink`), so a cut-short pack
-resumes only with the same flags.
+`--max-side N` stores every image whose longer side exceeds N pixels shrunk to N, re-encoded as a JPEG
+(`_shrunk`): the decoder, which bounds the samples per core at photo sizes (BENCHMARKS.md, issue 34), then has
+fewer pixels to decode at every epoch. FFCV's `max_resolution` does the same. Images within N keep their bytes
+(and their masks and annotations theirs). What is in a shrunk image's pixels follows it: its mask (masks
+folders) is turned by the image's EXIF orientation and resized NEAREST to the same size (`_shrunk_mask`); its
+COCO annotations (boxes, polygons, RLE masks, keypoints, areas, the image's width and height) are scaled in a
+copy of the annotation file (`_shrunk_annotations`). The plan and the index record the flags (`shrink`), so a
+cut-short pack resumes only with the same flags.
 """
 from __future__ import annotations
 
@@ -54,9 +57,10 @@ import torch
 from PIL import Image
 
 from trainer.data.datasets import PathTable, SeededDataset, read_image
-from trainer.data.folders import _check_one, image_error, load_rgb, lost_class_message, scan_imagefolder
+from trainer.data.folders import decode_checked, image_error, lost_class_message, scan_imagefolder
 from trainer.data.coco import CocoSplit, DetectionDataset, check_same_categories, find_coco_splits, read_coco
-from trainer.data.masks import LAYOUT, MaskDataset, read_class_names, read_mask, scan_pairs
+from trainer.data.masks import (LAYOUT, ORIENT_MASK, QUARTER_TURNS, MaskDataset, image_orientation,
+                                mask_size_error, read_class_names, read_mask_file, scan_pairs)
 from trainer.data.multilabel import SPLIT_FILES, check_classes, read_multilabel_splits
 from trainer.config import CsvCfg
 from trainer.errors import DataError, TrainerError
@@ -90,41 +94,43 @@ def _pyarrow():
 
 # ---- packing ----
 
-def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List[Item]], dict]:
+def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List[Item]], dict, dict]:
     """The class names and each split's rows of `src`: (image,) and its label for class folders (sorted by
     class, then path); (image, mask) and 0 for a masks folder (sorted by image path, as its training reads);
     (image,) and 0 for a COCO folder, in the order of its annotation file's images, whose annotation files
     (read and checked here as a training start reads them) go into the pack beside the shards: the third
     value says which, per split: {"file": name in DEST, "source": path, "images": image folder relative to
-    src}."""
+    src}; the fourth, a COCO folder's image sizes per split ([I, 2] width, height as training reads them, in the
+    annotation file's image order: what --max-side scales its annotations from)."""
     if kind == "classes":
         classes, splits = scan_imagefolder(src)
         return classes, {split: [((path,), label) for path, label in samples]
-                         for split, samples in splits.items()}, {}
+                         for split, samples in splits.items()}, {}, {}
     if kind == "multilabel":  # read and checked as a training start reads the folder (its data.csv: csv_cfg)
         splits = [split for split, name in SPLIT_FILES.items() if (src / name).is_file()]
         classes, found = read_multilabel_splits(src, csv_cfg, splits)
         check_classes(classes, found["train"][1], src / SPLIT_FILES["train"])
         return classes, {split: [((path,), tuple(np.flatnonzero(targets[r]).tolist())) for r, path in enumerate(paths)]
-                         for split, (paths, targets, _) in found.items()}, {}
+                         for split, (paths, targets, _) in found.items()}, {}, {}
     if kind == "masks":
         return read_class_names(src, None), {split: [(pair, 0) for pair in scan_pairs(src / split)]
-                                             for split in ("train", "val", "test") if (src / split).is_dir()}, {}
+                                             for split in ("train", "val", "test") if (src / split).is_dir()}, {}, {}
     found = find_coco_splits(src, ["train"], optional=["val", "test"])
     coco = {split: read_coco(ann, images, verbose=lambda *_: None) for split, (ann, images) in found.items()}
     check_same_categories(coco)
     annotations = {split: {"file": f"{split}-annotations.json", "source": str(ann),
                            "images": os.path.relpath(images, src)} for split, (ann, images) in found.items()}
     return (coco["train"].class_names, {split: [((path,), 0) for path in c.paths] for split, c in coco.items()},
-            annotations)
+            annotations, {split: np.stack([c.widths, c.heights], axis=1) for split, c in coco.items()})
 
 
 def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None, shrink: Optional[dict] = None
-          ) -> Tuple[dict, Dict[str, List[Item]]]:
+          ) -> Tuple[dict, Dict[str, List[Item]], dict]:
     """Which files go into which shard: consecutive rows of a split until the shard holds `shard_mb`. A pure
-    function of the listing, so a resumed pack makes the same shards. Returns the plan and the scanned rows of
-    each split. `shrink` (--max-side's) is part of each shard's digest: a shard of other flags is never kept."""
-    classes, splits, annotations = _scan(src, kind, csv_cfg)
+    function of the listing, so a resumed pack makes the same shards. Returns the plan, the scanned rows of
+    each split and a COCO folder's image sizes (_scan's). `shrink` (--max-side's) is part of each shard's
+    digest: a shard of other flags is never kept."""
+    classes, splits, annotations, image_sizes = _scan(src, kind, csv_cfg)
     limit = shard_mb * 2**20
     plan = {"version": VERSION, "kind": kind, "source": str(src.resolve()), "classes": classes,
             "shard_mb": shard_mb, "splits": {}}
@@ -157,7 +163,7 @@ def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None, shrink: Optional[
         plan["splits"][split] = [{"file": f"{split}-{k:05d}.arrow", "first": a, "end": b, "listing": digest}
                                  for k, (a, b, digest) in enumerate(shards)]
     plan["listing"] = listing.hexdigest()
-    return plan, splits
+    return plan, splits, image_sizes
 
 
 class PackedFile:
@@ -175,30 +181,114 @@ class PackedFile:
         return self.name
 
 
-def _shrunk(data: bytes, max_side: int, quality: int) -> bytes:
-    """An image file's bytes as --max-side stores them: the same bytes when its longer side is at most
-    `max_side` pixels, else a JPEG (`quality`) of it turned upright by its EXIF orientation (the tag is not
-    kept: the pixels are upright), as RGB (what training decodes any image to), its longer side `max_side`
-    and its aspect kept. Pillow's Lanczos filter, which averages over the whole footprint of each output
-    pixel when shrinking (antialiased, unlike a plain bilinear sample). Raises what PIL raises on a bad file."""
-    with Image.open(io.BytesIO(data)) as img:  # the header's size; an EXIF turn swaps it, the longer side stays
-        if max(img.size) <= max_side:
-            return data
-    img = load_rgb(io.BytesIO(data), exif_orientation=True)
-    width, height = img.size
+def _shrunk_size(width: int, height: int, max_side: int) -> Optional[Tuple[int, int]]:
+    """The (width, height) in pixels that --max-side stores an upright image of `width` x `height` at: its longer
+    side `max_side`, its aspect kept; None when its longer side is within `max_side` (it keeps its bytes). Also
+    what a COCO pack's annotations are scaled to (_shrunk_annotations), from the image headers' sizes."""
+    if max(width, height) <= max_side:
+        return None
     scale = max_side / max(width, height)
-    size = ((max_side, max(1, round(height * scale))) if width >= height
+    return ((max_side, max(1, round(height * scale))) if width >= height
             else (max(1, round(width * scale)), max_side))
+
+
+def _shrunk(img: Image.Image, size: Tuple[int, int], quality: int) -> bytes:
+    """An image as --max-side stores it: `img` (RGB, turned upright by its EXIF orientation, as decode_checked
+    gives it; the tag is not kept: the pixels are upright) resized to `size` (_shrunk_size) with Pillow's Lanczos
+    filter, which averages over the whole footprint of each output pixel when shrinking (antialiased, unlike a
+    plain bilinear sample), as a JPEG of `quality`."""
     buf = io.BytesIO()
     img.resize(size, Image.Resampling.LANCZOS).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def _shrunk_mask(mask: np.ndarray, how: dict, orientation: int, size: Tuple[int, int]) -> bytes:
+    """The mask of an image _shrunk stores: `mask` (read_mask_file's class indices, in the stored frame, and
+    `how`, its mode and palette) turned by its image's EXIF `orientation` as training turns it (the shrunk image
+    is stored upright, without the tag), then resized to the shrunk image's `size` NEAREST (a class index or the
+    ignore index is never blended with its neighbours), as a PNG of the mask's own mode (a palette mask keeps its
+    palette and transparency)."""
+    if orientation in ORIENT_MASK:
+        mask = ORIENT_MASK[orientation](mask)
+    if how["mode"] == "1":
+        mask = mask.astype(bool)  # PIL's mode 1 again
+    elif how["mode"] == "I" and mask.size and 0 <= mask.min() <= mask.max() <= 65535:
+        mask = mask.astype(np.uint16)  # the same values: a PNG holds 16 bits at most (Pillow writes no mode I PNG)
+    img = Image.fromarray(np.ascontiguousarray(mask))
+    img = img.resize(size, Image.Resampling.NEAREST)
+    if how["palette"] is not None:
+        img.putpalette(how["palette"])  # an L image of the indices becomes a P image with the palette
+    kept = {} if how["transparency"] is None else {"transparency": how["transparency"]}
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kept)
+    return buf.getvalue()
+
+
+def _shrunk_annotations(data: bytes, sizes: np.ndarray, max_side: int, source: str) -> bytes:
+    """A COCO annotation file (its bytes, read and checked by read_coco) in the pixels of the images --max-side
+    stores: for every image it shrinks, its `width` and `height` become the stored size, and its annotations
+    are scaled, x by new_w / old_w and y by new_h / old_h, `old` being the size training reads (`sizes`, [I, 2]
+    in the file's image order: after the EXIF orientation, the frame read_coco takes boxes in) and `new` its
+    _shrunk_size: `bbox`, polygon `segmentation`s, RLE ones (_shrunk_rle), `keypoints` (the x and y of each
+    triple) and `area` (by both scales). The annotations of images within max_side, and every other key, are
+    left as they were. `source`: the file, for messages."""
+    coco = json.loads(data)
+    scale = {}  # image id -> (x scale, y scale, old (width, height), new (width, height))
+    for im, (width, height) in zip(coco["images"], sizes.tolist()):
+        size = _shrunk_size(width, height, max_side)
+        if size:
+            im["width"], im["height"] = size
+            scale[int(im["id"])] = (size[0] / width, size[1] / height, (width, height), size)
+    for ann in coco["annotations"]:
+        if int(ann["image_id"]) not in scale:
+            continue
+        sx, sy, old, new = scale[int(ann["image_id"])]
+        key = "bbox"
+        try:
+            x, y, w, h = ann["bbox"]
+            ann["bbox"] = [x * sx, y * sy, w * sx, h * sy]
+            key = "area"
+            if ann.get("area") is not None:
+                ann["area"] = ann["area"] * sx * sy
+            key = "segmentation"
+            segmentation = ann.get("segmentation")
+            if isinstance(segmentation, list):  # polygons: [x1, y1, x2, y2, ...] each
+                ann[key] = [[v * (sy if k % 2 else sx) for k, v in enumerate(polygon)] for polygon in segmentation]
+            elif isinstance(segmentation, dict):
+                ann[key] = _shrunk_rle(segmentation, old, new)
+            key = "keypoints"
+            if isinstance(ann.get("keypoints"), list):  # [x, y, visibility] triples; (0, 0, 0): not labelled
+                ann[key] = [v * sx if k % 3 == 0 else v * sy if k % 3 == 1 else v for k, v in enumerate(ann[key])]
+        except (TypeError, ValueError, KeyError) as err:
+            raise DataError(f"{source}: annotation {ann.get('id')}: its {key} cannot be scaled to its image's stored "
+                            f"size for --max-side ({type(err).__name__}: {err})") from None
+    return json.dumps(coco).encode()
+
+
+def _shrunk_rle(segmentation: dict, old: Tuple[int, int], new: Tuple[int, int]) -> dict:
+    """A COCO RLE segmentation ({"size": [h, w], "counts": compressed string, or uncompressed list}) of an image
+    of `old` (width, height) as the mask of its shrunk image of `new`: decoded by pycocotools, resized NEAREST
+    (a pixel is in or out, never half), encoded again (compressed). Its size must be its image's: else it is
+    not in the frame the boxes are in, and scaling it to the image would be a guess."""
+    from pycocotools import mask as coco_mask
+
+    height, width = segmentation["size"]
+    if (width, height) != tuple(old):
+        raise ValueError(f"the RLE's size is {width}x{height} (WxH), its image's {old[0]}x{old[1]}")
+    rle = (coco_mask.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list)
+           else segmentation)
+    pixels = Image.fromarray(coco_mask.decode(rle)).resize(new, Image.Resampling.NEAREST)
+    encoded = coco_mask.encode(np.asfortranarray(np.asarray(pixels, dtype=np.uint8)))
+    return {"size": [new[1], new[0]], "counts": encoded["counts"].decode("ascii")}
 
 
 def _read(files: Tuple[str, ...], shrink: Optional[dict] = None) -> Tuple[List[bytes], str, str]:
     """The row's files' bytes, why they are bad ("" if they decode) and the error line naming the file at
     fault. A full decode: every image is checked once; a mask must be a single-channel image of indices (its
     values are checked by the training's start, which knows the classes). `shrink` ({"max_side", "quality"}):
-    the image as _shrunk stores it."""
+    the image as _shrunk stores it, from the same decode that checks it, and its mask as _shrunk_mask stores
+    it; with `shrink`, a mask must be its image's size (training's start checks it too, but a shrunk pair
+    would hide it)."""
     data = []
     for k, path in enumerate(files):
         try:
@@ -207,20 +297,42 @@ def _read(files: Tuple[str, ...], shrink: Optional[dict] = None) -> Tuple[List[b
         except OSError as err:
             why = f"{type(err).__name__}: {err.strerror or err}"
             return [], why, f"cannot read {'mask' if k else 'image'} {path}: {why}"
-    why = _check_one(io.BytesIO(data[0]))
+    original = data[0]
+    # upright as training decodes it when shrinking (the stored pixels are then upright); orientation cannot
+    # make a file bad, so the check is the same either way
+    img, why = decode_checked(io.BytesIO(original), exif_orientation=bool(shrink))
     if why:
         return [], why, f"cannot read image {files[0]}: {why}"
-    if shrink:
+    upright = img.size  # (width, height)
+    size = _shrunk_size(*upright, shrink["max_side"]) if shrink else None
+    if size:
         try:
-            data[0] = _shrunk(data[0], shrink["max_side"], shrink["quality"])
+            data[0] = _shrunk(img, size, shrink["quality"])
         except Exception as err:  # decoded above: a failure here is PIL's resize or encode, named with the file
             why = image_error(err)
             return [], why, f"cannot shrink image {files[0]}: {why}"
+    del img  # a decoded photo: not held while its mask is read
     if len(files) > 1:
         try:
-            read_mask(PackedFile(files[1], lambda: data[1]))
+            mask, how = read_mask_file(PackedFile(files[1], lambda: data[1]))
         except DataError as err:
             return [], str(err), str(err)
+        if shrink:
+            try:
+                orientation = image_orientation(original)  # what training turns the mask by
+            except Exception as err:
+                why = image_error(err)
+                return [], why, f"cannot read image {files[0]}: {why}"
+            stored = upright[::-1] if orientation in QUARTER_TURNS else upright
+            why = mask_size_error(files[0], files[1], stored, (mask.shape[1], mask.shape[0]), lambda: orientation)
+            if why:
+                return [], why, why
+            if size:
+                try:
+                    data[1] = _shrunk_mask(mask, how, orientation, size)
+                except Exception as err:
+                    why = image_error(err)
+                    return [], why, f"cannot shrink mask {files[1]}: {why}"
     return data, "", ""
 
 
@@ -354,7 +466,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     """Pack the image folder, masks folder, COCO folder or multi-label CSV folder `src` into shards in `dest`;
     returns the index. Resumable: run it again. `csv_cfg`: a multi-label folder's data.csv (the defaults if
     None). `max_side` (pixels): images whose longer side exceeds it are stored shrunk to it, as JPEGs of
-    `quality` (_shrunk; DEFAULT_QUALITY if None); image folders and multi-label CSV folders only."""
+    `quality` (_shrunk; DEFAULT_QUALITY if None), with their masks or COCO annotations in the shrunk pixels."""
     _pyarrow()
     src, dest = Path(src), Path(dest)
     if not 0 < shard_mb <= MAX_SHARD_MB:
@@ -376,12 +488,7 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     if kind == "coco" and skip_bad:
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
                         f"name them; fix or remove the bad ones (and their annotations)")
-    if shrink and kind in ("masks", "coco"):  # their masks and boxes are in the stored image's pixels
-        raise DataError(f"--max-side shrinks images of class folders and multi-label CSV folders only; {src} is a "
-                        f"{'masks' if kind == 'masks' else 'COCO'} folder, whose "
-                        f"{'masks' if kind == 'masks' else 'boxes'} would have to be shrunk with it: pack it "
-                        f"without --max-side")
-    plan, splits = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg(), shrink)
+    plan, splits, image_sizes = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg(), shrink)
     if shrink:  # absent without --max-side: a plan or index of before the option reads the same
         plan["shrink"] = shrink
     fix = ("fix or replace it (its annotations name it)" if kind == "coco"
@@ -411,7 +518,10 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     index = {key: plan[key] for key in ("version", "kind", "source", "classes", "shard_mb", "listing", "shrink")
              if key in plan}
     for split, entry in plan.get("annotations", {}).items():  # as they were read: training reads them again
-        out.write(entry["file"], Path(entry["source"]).read_bytes(), fsync=True)
+        data = Path(entry["source"]).read_bytes()
+        if shrink:  # in the pixels of the images as stored
+            data = _shrunk_annotations(data, image_sizes[split], shrink["max_side"], entry["source"])
+        out.write(entry["file"], data, fsync=True)
         index.setdefault("annotations", {})[split] = {"file": entry["file"], "images": entry["images"]}
     index["splits"], skipped, done = {}, [], 0
     rows = {"shard": [], "offset": [], "length": [], "label": [], "path": []}  # every row, in index order

@@ -353,6 +353,7 @@ ALLOWED = {
     ("trainer/tasks/classify_reports.py", "write_eval_report"): STAGING,
     ("trainer/reports.py", "start_report"): STAGING,
     ("trainer/reports.py", "figure_png"): "savefig into memory (a BytesIO)",
+    ("trainer/reports.py", "png_bytes"): IN_MEMORY,
     ("trainer/reports.py", "save_figure"): STAGING,
     ("trainer/tasks/segment_reports.py", "write_segmentation_report"): STAGING,
     ("trainer/tasks/detect_reports.py", "write_detection_report"): STAGING,

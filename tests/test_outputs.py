@@ -355,6 +355,7 @@ ALLOWED = {
     ("trainer/reports.py", "figure_png"): "savefig into memory (a BytesIO)",
     ("trainer/reports.py", "png_bytes"): IN_MEMORY,
     ("trainer/reports.py", "save_figure"): STAGING,
+    ("trainer/reports.py", "save_pixels"): STAGING,
     ("trainer/tasks/segment_reports.py", "write_segmentation_report"): STAGING,
     ("trainer/tasks/detect_reports.py", "write_detection_report"): STAGING,
     ("trainer/tasks/detect_reports.py", "draw_boxes"): STAGING + " (predict's PredictionFolder)",

@@ -21,7 +21,8 @@ matplotlib.use("Agg")  # reports are written on headless nodes; never try to ope
 import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
 import numpy as np  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
-from PIL import Image  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from trainer.metrics import is_number  # noqa: E402
 
@@ -232,6 +233,42 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     png = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb)).save(png, format="png", compress_level=1)
     return png.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- picture grids
+
+GRID_TITLE_POINTS = 9  # the panel titles' size, as the matplotlib grids these replace had them
+GRID_MARGIN_PX = 8  # around each panel
+
+
+def panel_grid(rows: list, cell_px: int) -> np.ndarray:
+    """Rows of (title, (H, W, 3) uint8 picture) panels as one RGB picture on white: each picture scaled to fit a
+    `cell_px` square (aspect kept, centred) under its title. Composed with PIL, not as matplotlib axes: a grid of
+    8 x 3 axes cost ~0.8 s, most of it building the axes (the overlay grids of every segmentation and detection
+    report: BENCHMARKS.md "vs_reference")."""
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), round(GRID_TITLE_POINTS * DPI / 72))
+    title_px = round(1.6 * font.size)
+    columns = max((len(row) for row in rows), default=0)
+    step_x, step_y = cell_px + 2 * GRID_MARGIN_PX, title_px + cell_px + 2 * GRID_MARGIN_PX
+    grid = Image.new("RGB", (columns * step_x, len(rows) * step_y), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        for c, (title, picture) in enumerate(row):
+            panel = Image.fromarray(np.ascontiguousarray(picture))
+            scale = cell_px / max(panel.width, panel.height)
+            panel = panel.resize((max(1, round(panel.width * scale)), max(1, round(panel.height * scale))),
+                                 Image.Resampling.BILINEAR)
+            x, y = c * step_x + GRID_MARGIN_PX, r * step_y + GRID_MARGIN_PX
+            draw.text((x + cell_px // 2, y + title_px // 2), title, fill="black", font=font, anchor="mm")
+            grid.paste(panel, (x + (cell_px - panel.width) // 2, y + title_px + (cell_px - panel.height) // 2))
+    return np.asarray(grid)
+
+
+def save_pixels(rgb: np.ndarray, path: Path) -> None:
+    """(H, W, 3) uint8 pixels as a PNG into a staging folder of the write gate, which places it whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(rgb))
 
 
 def save_figure(fig, path: Path) -> None:

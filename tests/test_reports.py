@@ -314,16 +314,21 @@ def test_the_final_scorings_report_is_copied_into_best_not_drawn_again(tmp_path)
 def test_a_plot_is_cropped_to_its_artists_and_a_legend_beyond_the_figure_grows_the_image(tmp_path):
     import matplotlib.pyplot as plt
 
-    from trainer.reports import DPI, figure_png
+    from trainer.reports import DPI, CellText, figure_png
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.set_aspect("equal")  # a square axes in a 4 x 3 figure: white bands left and right, cropped away
-    ax.plot([0, 1], [0, 1], label="a line")
-    with Image.open(io.BytesIO(figure_png(fig))) as img:
-        assert img.height <= 3 * DPI + 2 and img.width < 4 * DPI - 20, img.size
+    ax.imshow(np.zeros((2, 2)), cmap="Blues", vmin=0, vmax=1)
+    plain = np.asarray(Image.open(io.BytesIO(figure_png(fig))))
+    assert plain.shape[0] <= 3 * DPI + 2 and plain.shape[1] < 4 * DPI - 20, plain.shape
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_aspect("equal")
+    ax.imshow(np.zeros((2, 2)), cmap="Blues", vmin=0, vmax=1)
+    numbered = np.asarray(Image.open(io.BytesIO(figure_png(fig, [CellText(ax, 0, 0, "42", "black", 10)]))))
+    assert numbered.shape == plain.shape and (numbered != plain).any()  # the number drawn, the layout unchanged
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.plot([0, 1], [0, 1], label="a line with a long legend entry")
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    with Image.open(io.BytesIO(figure_png(fig))) as img:
+    with Image.open(io.BytesIO(figure_png(fig, [CellText(ax, 0.5, 0.5, "0.50", "black", 7)]))) as img:
         assert img.width > 4 * DPI, img.size
     assert not plt.get_fignums()  # both closed
 

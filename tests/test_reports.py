@@ -3,6 +3,7 @@ metrics.jsonl, and the terminal summary. Metrics dicts are built by hand so thes
 trainer.metrics."""
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -313,3 +314,42 @@ def test_the_final_scorings_report_is_copied_into_best_not_drawn_again(tmp_path)
     assert (best / "plots" / "confusion_matrix.png").read_bytes() == b"png bytes"
     assert (tmp_path / "run" / "model" / "my_notes.txt").read_bytes() == b"a user's file"
     assert (best / "model.safetensors").read_bytes() == b"best" and (best / "model.json").read_bytes() == b'{"step": 4}'
+
+
+def test_a_plot_is_cropped_to_its_artists_and_a_legend_beyond_the_figure_grows_the_image(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from trainer.reports import DPI, CellText, figure_png
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_aspect("equal")  # a square axes in a 4 x 3 figure: white bands left and right, cropped away
+    ax.imshow(np.zeros((2, 2)), cmap="Blues", vmin=0, vmax=1)
+    plain = np.asarray(Image.open(io.BytesIO(figure_png(fig))))
+    assert plain.shape[0] <= 3 * DPI + 2 and plain.shape[1] < 4 * DPI - 20, plain.shape
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_aspect("equal")
+    ax.imshow(np.zeros((2, 2)), cmap="Blues", vmin=0, vmax=1)
+    numbered = np.asarray(Image.open(io.BytesIO(figure_png(fig, [CellText(ax, 0, 0, "42", "black", 10)]))))
+    assert numbered.shape == plain.shape and (numbered != plain).any()  # the number drawn, the layout unchanged
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1], label="a line with a long legend entry")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    with Image.open(io.BytesIO(figure_png(fig, [CellText(ax, 0.5, 0.5, "0.50", "black", 7)]))) as img:
+        assert img.width > 4 * DPI, img.size
+    assert not plt.get_fignums()  # both closed
+
+
+def test_the_picture_grids_hold_every_panel_at_the_cell_size(tmp_path):
+    import torch
+
+    from trainer.reports import panel_grid
+    from trainer.tasks.segment_reports import plot_overlays
+    tall, wide = np.full((40, 20, 3), 200, np.uint8), np.zeros((10, 30, 3), np.uint8)
+    grid = panel_grid([[("tall", tall), ("wide", wide)], [("one", wide)]], cell_px=60)
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[1] == 2 * (60 + 16)
+    assert grid.shape[0] == 2 * (grid.shape[0] // 2)  # two rows of the same height
+    assert (grid[: grid.shape[0] // 2, :76] == 200).sum() >= 30 * 60 * 3  # the tall picture, scaled to 60 px high
+    g = torch.Generator().manual_seed(0)
+    samples = [(torch.randn(3, 64, 48, generator=g), torch.randint(0, 3, (64, 48), generator=g),
+                torch.randint(0, 3, (64, 48), generator=g)) for _ in range(2)]
+    plot_overlays(samples, ["bg", "a", "b"], tmp_path / "overlays.png")
+    assert_valid_png(tmp_path / "overlays.png")

@@ -88,7 +88,10 @@ def train(cfg: Config) -> dict:
                         f"sample {ts.loop.sample_in_epoch} of the epoch's {s.epoch_samples})")
                 seen = {"update": ts.loop.update}
                 if not ts.loop.done:
-                    result = run(cfg, acc, plan, s, ts, say, t_start)
+                    try:
+                        result = run(cfg, acc, plan, s, ts, say, t_start)
+                    finally:
+                        s.loader.close()
                 s = ts = None  # DDP's model released before the process group (gloo aborts at exit otherwise)
             elif agree(acc, lambda: rundir.model_missing(plan, seen), main_only=True, share=True):
                 exported = re_export(cfg, acc, plan, say, global_batch)

@@ -8,11 +8,12 @@ Everything here only reads what it is given and writes files.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import matplotlib
 
@@ -20,7 +21,9 @@ matplotlib.use("Agg")  # reports are written on headless nodes; never try to ope
 
 import matplotlib.pyplot as plt  # noqa: E402  (must come after matplotlib.use)
 import numpy as np  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from trainer.metrics import is_number  # noqa: E402
 
@@ -45,14 +48,15 @@ def plot_confusion_matrix(cm: list[list[int]], classes: list[str], path: Path) -
     n = len(classes)
     side = min(max(4.5, 0.28 * n + 2.5), 16.0)  # inches per panel: grows with the class count, then caps
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 2, side + 1), layout="constrained")
-    _draw_matrix(axes[0], counts, classes, side, "Counts", "{:.0f}")
-    _draw_matrix(axes[1], row_normalise(counts), classes, side, "Row-normalised (fraction of true class)", "{:.2f}",
-                 vmax=1.0)
-    save_figure(fig, path)
+    texts = _draw_matrix(axes[0], counts, classes, side, "Counts", "{:.0f}")
+    texts += _draw_matrix(axes[1], row_normalise(counts), classes, side, "Row-normalised (fraction of true class)",
+                          "{:.2f}", vmax=1.0)
+    save_figure(fig, path, texts)
 
 
 def _draw_matrix(ax, values: np.ndarray, classes: list[str], side: float, title: str, cell: str,
-                 vmax: Optional[float] = None) -> None:
+                 vmax: Optional[float] = None) -> list:
+    """The panel, and its cell numbers as `CellText`s (drawn on its pixels by `figure_png`)."""
     n = len(classes)
     top = vmax if vmax is not None else max(float(values.max(initial=0)), 1.0)
     image = ax.imshow(values, cmap="Blues", vmin=0, vmax=top, interpolation="nearest")
@@ -61,12 +65,12 @@ def _draw_matrix(ax, values: np.ndarray, classes: list[str], side: float, title:
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     _set_class_ticks(ax, classes, side)
-    if n <= CM_NUMBERS_MAX_CLASSES:
-        size = 10 if n <= 10 else 7
-        for (i, j), v in np.ndenumerate(values):
-            # dark cells get white text so the number stays legible on either end of the colour map
-            ax.text(j, i, cell.format(v), ha="center", va="center", fontsize=size,
-                    color="white" if v > top / 2 else "black").set_in_layout(False)
+    if n > CM_NUMBERS_MAX_CLASSES:
+        return []
+    size = 10 if n <= 10 else 7
+    # dark cells get white text so the number stays legible on either end of the colour map
+    return [CellText(ax, j, i, cell.format(v), "white" if v > top / 2 else "black", size)
+            for (i, j), v in np.ndenumerate(values)]
 
 
 def _set_class_ticks(ax, classes: list[str], side: float) -> None:
@@ -190,24 +194,125 @@ def _to_plain(obj):
     return obj
 
 
-def figure_png(fig) -> bytes:
-    """The figure as PNG bytes, and closed (pyplot keeps every open figure alive: long eval loops would leak)."""
-    png = io.BytesIO()
+class CellText(NamedTuple):
+    """A short text centred on (x, y) in `ax`'s data coordinates, `points` high: what a plot has hundreds of
+    (the confusion matrix's cell numbers), drawn by `figure_png` onto the figure's pixels with PIL in the
+    figure's own font rather than as matplotlib Text artists (882 of them, for 21 classes, were ~0.8 s of the
+    matrix's ~1.25 s). Not part of the layout, as the artists were not (set_in_layout(False))."""
+    ax: object
+    x: float
+    y: float
+    text: str
+    colour: str
+    points: float
+
+
+def figure_png(fig, texts: Sequence[CellText] = ()) -> bytes:
+    """The figure, with `texts` over it, as PNG bytes, cropped to its artists plus savefig's pad as
+    `bbox_inches="tight"` crops it, and closed (pyplot keeps every open figure alive: long eval loops would
+    leak)."""
     try:
-        # zlib level 1, not PIL's default 6: the same pixels, files ~15% larger, and encoding was ~half of a
-        # plot's time (the overlay grid: 4.0 s -> 2.2 s; the plots were most of our extra end-to-end time
-        # against torchvision's reference scripts, BENCHMARKS.md "vs_reference")
-        fig.savefig(png, dpi=DPI, format="png", bbox_inches="tight", pil_kwargs={"compress_level": 1})
+        # Drawn once on the figure's Agg canvas and cropped here: savefig with a layout engine or a tight bbox
+        # draws the whole figure twice (a dry pass, then the real one), which was ~20% of a plot's time (the
+        # 21-class confusion matrix 1.5 s -> 1.3 s, the overlay grid 1.0 s -> 0.8 s; the plots are most of our
+        # end-to-end fixed cost against torchvision's reference scripts, BENCHMARKS.md "vs_reference")
+        fig.set_dpi(DPI)
+        fig.canvas.draw()
+        box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, from the bottom left
+        width, height = fig.get_size_inches()
+        if box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height:
+            rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3]  # the facecolour is opaque: alpha is all 255
+            if texts:
+                rgb = _draw_texts(rgb, texts)
+            pad = plt.rcParams["savefig.pad_inches"]  # inches, as savefig's tight box pads
+            rows, cols = rgb.shape[:2]
+            # pixel edges of the padded box; where the pad reaches past the canvas it is filled with the facecolour
+            top, bottom = round((height - box.y1 - pad) * DPI), round((height - box.y0 + pad) * DPI)
+            left, right = round((box.x0 - pad) * DPI), round((box.x1 + pad) * DPI)
+            inside = rgb[max(0, top):min(rows, bottom), max(0, left):min(cols, right)]
+            face = np.rint(np.asarray(fig.get_facecolor()[:3]) * 255).astype(np.uint8)
+            grown = np.empty((bottom - top, right - left, 3), dtype=np.uint8)
+            grown[:] = face
+            grown[max(0, -top):max(0, -top) + inside.shape[0], max(0, -left):max(0, -left) + inside.shape[1]] = inside
+            return png_bytes(grown)
+        # an artist beyond the figure's edge (a legend beside the axes): savefig grows the image to the box (given,
+        # not "tight", which would measure it again); the texts as artists, which it draws with the rest
+        for t in texts:
+            t.ax.text(t.x, t.y, t.text, ha="center", va="center", fontsize=t.points, color=t.colour,
+                      clip_on=False).set_in_layout(False)
+        png = io.BytesIO()
+        fig.savefig(png, dpi=DPI, format="png", bbox_inches=box.padded(plt.rcParams["savefig.pad_inches"]),
+                    pil_kwargs={"compress_level": 1})
+        return png.getvalue()
     finally:
         plt.close(fig)
+
+
+def _draw_texts(rgb: np.ndarray, texts: Sequence[CellText]) -> np.ndarray:
+    """`texts` drawn onto a copy of the whole canvas's pixels (display coordinates: from the bottom left)."""
+    picture = Image.fromarray(np.ascontiguousarray(rgb))
+    draw = ImageDraw.Draw(picture)
+    for t in texts:
+        x, y = t.ax.transData.transform((t.x, t.y))
+        draw.text((x, picture.height - y), t.text, fill=t.colour, font=_font(t.points), anchor="mm")
+    return np.asarray(picture)
+
+
+@functools.lru_cache(maxsize=8)
+def _font(points: float):
+    """matplotlib's default font (DejaVu Sans, shipped with it) at `points`, as PIL draws it at DPI."""
+    return ImageFont.truetype(font_manager.findfont(font_manager.FontProperties()), points * DPI / 72)
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 pixels as PNG bytes, at zlib level 1, not PIL's default 6: the same pixels, files ~15%
+    larger, and encoding was ~half of a plot's time (the overlay grid: 4.0 s -> 2.2 s)."""
+    png = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(png, format="png", compress_level=1)
     return png.getvalue()
 
 
-def save_figure(fig, path: Path) -> None:
+# ------------------------------------------------------------------------------------------- picture grids
+
+GRID_TITLE_POINTS = 9  # the panel titles' size, as the matplotlib grids these replace had them
+GRID_MARGIN_PX = 8  # around each panel
+
+
+def panel_grid(rows: list, cell_px: int) -> np.ndarray:
+    """Rows of (title, (H, W, 3) uint8 picture) panels as one RGB picture on white: each picture scaled to fit a
+    `cell_px` square (aspect kept, centred) under its title. Composed with PIL, not as matplotlib axes: a grid of
+    8 x 3 axes cost ~0.8 s, most of it building the axes (the overlay grids of every segmentation and detection
+    report: BENCHMARKS.md "vs_reference")."""
+    font = _font(GRID_TITLE_POINTS)
+    title_px = round(1.6 * font.size)
+    columns = max((len(row) for row in rows), default=0)
+    step_x, step_y = cell_px + 2 * GRID_MARGIN_PX, title_px + cell_px + 2 * GRID_MARGIN_PX
+    grid = Image.new("RGB", (columns * step_x, len(rows) * step_y), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        for c, (title, picture) in enumerate(row):
+            panel = Image.fromarray(np.ascontiguousarray(picture))
+            scale = cell_px / max(panel.width, panel.height)
+            panel = panel.resize((max(1, round(panel.width * scale)), max(1, round(panel.height * scale))),
+                                 Image.Resampling.BILINEAR)
+            x, y = c * step_x + GRID_MARGIN_PX, r * step_y + GRID_MARGIN_PX
+            draw.text((x + cell_px // 2, y + title_px // 2), title, fill="black", font=font, anchor="mm")
+            grid.paste(panel, (x + (cell_px - panel.width) // 2, y + title_px + (cell_px - panel.height) // 2))
+    return np.asarray(grid)
+
+
+def save_pixels(rgb: np.ndarray, path: Path) -> None:
+    """(H, W, 3) uint8 pixels as a PNG into a staging folder of the write gate, which places it whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(rgb))
+
+
+def save_figure(fig, path: Path, texts: Sequence[CellText] = ()) -> None:
     """A plot into a staging folder of the write gate, which places it whole (never half a PNG)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(figure_png(fig))
+    path.write_bytes(figure_png(fig, texts))
 
 
 def fmt(value) -> str:

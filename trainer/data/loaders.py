@@ -75,6 +75,15 @@ class WorkerLoader(EpochSteps):
     def __len__(self) -> int:
         return self.dealing.steps_per_epoch()
 
+    def close(self) -> None:
+        # The persistent workers' iterator, shut down now rather than by the garbage collector at teardown
+        # (accelerate's free_memory runs gc.collect): shut down from inside a collection, the worker did not exit
+        # and the DataLoader waited out its 5 s join timeout before killing it (the bench's 8-image run with 1
+        # worker: 5.5 s at teardown, 0.06 s when closed here). torch has no public close for persistent workers.
+        iterator, self.dl._iterator = getattr(self.dl, "_iterator", None), None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # the order's and the mixer's seeds
         self.dataset.set_epoch(epoch)  # per-sample augmentation seeds

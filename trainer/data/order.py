@@ -126,3 +126,6 @@ class EpochSteps(DataLoaderStateMixin):
                 yield step
         finally:
             self.end()
+
+    def close(self) -> None:
+        """Stops what the loader keeps running between epochs (WorkerLoader: its persistent workers)."""

@@ -15,13 +15,14 @@ from PIL import Image, ImageDraw
 
 from trainer.outputs import Folder
 from trainer.prediction_files import PredictionFolder
-from trainer.reports import fmt, save_figure, start_report
+from trainer.reports import fmt, panel_grid, save_figure, save_pixels, start_report
 
 import matplotlib.pyplot as plt  # noqa: E402  (after trainer.reports, which sets the headless backend)
 
 PLOTS = ("pr_curves.png", "boxes.png")  # what write_detection_report may draw into plots/
 DRAW_MIN_SCORE = 0.3  # boxes drawn in pictures (not scored): the model keeps low scores for mAP, too many to see
 GT_COLOUR, PRED_COLOUR = (0, 200, 0), (230, 30, 30)
+BOXES_CELL_PX = 380  # each panel of the boxes grid: two to a row
 
 
 def plot_pr_curves(curves: dict, path: Path, per_class: Optional[dict] = None) -> None:
@@ -59,18 +60,15 @@ def _predicted(det: dict, classes: list):
 
 def plot_boxes(samples: list, split, classes: list, path: Path) -> None:
     """One row per image: ground truth (green; crowd/difficult boxes too), predictions scoring >= 0.3 (red)."""
-    fig, axes = plt.subplots(len(samples), 2, figsize=(8, 4 * len(samples)), squeeze=False, layout="constrained")
-    for r, (index, image, det) in enumerate(samples):
+    rows = []
+    for index, image, det in samples:
         rgb = _rgb(image)
         ann = split.annotations(index)
         truth = _draw(rgb, ann.boxes, GT_COLOUR, [classes[int(k) - 1] for k in ann.labels])
         boxes, labels = _predicted(det, classes)
-        for c, (title, panel) in enumerate((("ground truth", truth), ("prediction (score >= 0.3)",
-                                                                      _draw(rgb, boxes, PRED_COLOUR, labels)))):
-            axes[r][c].imshow(panel)
-            axes[r][c].set_title(title, fontsize=9)
-            axes[r][c].axis("off")
-    save_figure(fig, path)
+        rows.append([("ground truth", np.asarray(truth)),
+                     ("prediction (score >= 0.3)", np.asarray(_draw(rgb, boxes, PRED_COLOUR, labels)))])
+    save_pixels(panel_grid(rows, BOXES_CELL_PX), path)
 
 
 def draw_boxes(image, det: dict, classes: list, path: Path) -> None:

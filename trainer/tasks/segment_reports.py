@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from trainer.prediction_files import PredictionFolder
-from trainer.reports import fmt, plot_confusion_matrix, save_figure, start_report
+from trainer.reports import fmt, panel_grid, plot_confusion_matrix, save_figure, save_pixels, start_report
 
 import matplotlib.pyplot as plt  # noqa: E402  (after trainer.reports, which sets the headless backend)
 
 PLOTS = ("confusion_matrix.png", "iou_per_class.png", "overlays.png")
 OVERLAY_ALPHA = 0.5
+OVERLAY_CELL_PX = 280  # each panel of the overlay grid: three to a row
 
 
 def palette(num_classes: int) -> np.ndarray:
@@ -68,19 +69,15 @@ def plot_iou_per_class(metrics: dict, classes: list, path: Path) -> None:
 
 def plot_overlays(samples: list, classes: list, path: Path) -> None:
     """One row per image: the image, its ground truth over it, the prediction over it (original size)."""
-    rows = len(samples)
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False, layout="constrained")
-    for r, (image, target, pred) in enumerate(samples):
+    rows = []
+    for image, target, pred in samples:
         rgb = image.permute(1, 2, 0).numpy()  # normalised: stretched back to [0, 255] for display
         rgb = ((rgb - rgb.min()) / max(float(rgb.max() - rgb.min()), 1e-6) * 255).astype(np.uint8)
         h, w = target.shape
         rgb = np.asarray(Image.fromarray(rgb).resize((w, h)))
-        for c, (title, panel) in enumerate((("image", rgb), ("ground truth", overlay(rgb, target.numpy(), len(classes))),
-                                            ("prediction", overlay(rgb, pred.numpy(), len(classes))))):
-            axes[r][c].imshow(panel)
-            axes[r][c].set_title(title, fontsize=9)
-            axes[r][c].axis("off")
-    save_figure(fig, path)
+        rows.append([("image", rgb), ("ground truth", overlay(rgb, target.numpy(), len(classes))),
+                     ("prediction", overlay(rgb, pred.numpy(), len(classes)))])
+    save_pixels(panel_grid(rows, OVERLAY_CELL_PX), path)
 
 
 def write_segmentation_report(out_dir, metrics: dict, outputs: dict, classes: list, name: str = "eval.json") -> None:

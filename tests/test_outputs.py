@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,46 @@ with Folder(Path({str(tmp_path)!r}), "train", owner="run").replacing("model") as
     assert unchanged_files(tmp_path, mine)
     assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER, "model"]  # no temporary left
     assert Folder(tmp_path, "train", owner="run").owns("model/model.json")
+
+
+def test_a_second_process_replacing_a_folder_mid_swap_waits_for_the_swap_and_succeeds(tmp_path):
+    """Sweep tasks on several nodes may draw one generated dataset at once (ensure_generated): a child stops for
+    2 s right after renaming its new model/ into place; the parent replacing model/ meanwhile must not take the
+    child's files for a user's (in place but not yet recorded), and both end well."""
+    flag = tmp_path / "swapped"
+    out = tmp_path / "out"
+    script = f"""
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from trainer.outputs import Folder
+renames = []
+real = os.rename
+def rename(a, b):
+    real(a, b)
+    renames.append(b)
+    if len(renames) == 1:
+        Path({str(flag)!r}).write_text("")
+        time.sleep(2)
+os.rename = rename
+with Folder(Path({str(out)!r}), "train", owner="run").replacing("model") as tmp:
+    (tmp / "model.json").write_text("child")
+"""
+    child = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        for _ in range(3000):
+            if flag.exists() or child.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert flag.exists(), "the child never swapped"
+        with Folder(out, "train", owner="run").replacing("model") as tmp:
+            (tmp / "model.json").write_text("parent")
+        assert child.wait(60) == 0
+    finally:
+        child.kill()
+    assert (out / "model" / "model.json").read_text() == "parent"
+    assert Folder(out, "train", owner="run").owns("model/model.json")
+    assert sorted(p.name for p in out.iterdir()) == [LEDGER, "model"]  # no temporary left
 
 
 def test_a_temporary_is_removed_only_once_its_process_is_gone_and_a_lookalike_never(tmp_path):

@@ -721,6 +721,7 @@ class Folder:
             self._make_parents(rel, ledger)
             tmp, old = self._temp(rel), self._temp(rel, "old")
             ledger.pending[tmp] = me()
+        swapped = False
         try:
             (self.root / tmp).mkdir()
             yield self.root / tmp
@@ -731,23 +732,34 @@ class Folder:
                 fsync_dir(self.root / tmp)
             new = {r: identity(path, self.by) for path, r in _walk(self.root / tmp)}
             new_dirs = {p.relative_to(self.root / tmp).as_posix() for p in (self.root / tmp).rglob("*") if p.is_dir()}
-            self.ledger = Ledger.read(self.root) or self.ledger
-            ours = {r[len(rel) + 1:]: e for r, e in self.ledger.files.items()
-                    if r.startswith(rel + "/") and unchanged(self.root / r, e)}
-            clash = [f"{rel}/{r}" for r in new if os.path.lexists(target / r) and r not in ours] + \
-                    [f"{rel}/{d}" for d in new_dirs if os.path.lexists(target / d) and not (target / d).is_dir()]
-            if clash:
-                raise TrainerError(f"{self.option}: {self.root / clash[0]} was not written by the trainer (or changed "
-                                   f"since), and replacing {target} would replace it; it is left as it is: move it away")
+            # Check, swap and record under one hold of the ledger's lock: a second process replacing the same
+            # folder at once (sweep tasks drawing one generated dataset) must see either the folder before this
+            # swap or the swap recorded, never the new files in place but not yet in the ledger.
             with self._changing() as ledger:
+                ours = {r[len(rel) + 1:]: e for r, e in ledger.files.items()
+                        if r.startswith(rel + "/") and unchanged(self.root / r, e)}
+                clash = [f"{rel}/{r}" for r in new if os.path.lexists(target / r) and r not in ours] + \
+                        [f"{rel}/{d}" for d in new_dirs if os.path.lexists(target / d) and not (target / d).is_dir()]
+                if clash:
+                    raise TrainerError(f"{self.option}: {self.root / clash[0]} was not written by the trainer (or "
+                                       f"changed since), and replacing {target} would replace it; it is left as it "
+                                       f"is: move it away")
                 ledger.pending[old] = {**me(), "replaces": rel, "ours": ours, "new": new,
                                        "new_dirs": sorted(new_dirs)}
-            if os.path.lexists(target):
-                os.rename(target, self.root / old)
-            os.rename(self.root / tmp, target)
-            if fsync:
-                fsync_dir(target.parent)
+                ledger.save(self.root)  # the swap's record on disk before the renames: a kill is finished later
+                if os.path.lexists(target):
+                    os.rename(target, self.root / old)
+                os.rename(self.root / tmp, target)
+                if fsync:
+                    fsync_dir(target.parent)
+                swapped = True
+                ledger.pending.pop(tmp, None)
+                self._finish_swap(ledger, old)
         except BaseException as err:
+            if swapped:  # carrying the user's files cut short: no roll-back, the next writer here finishes it
+                if isinstance(err, OSError):
+                    raise disk_error(err, target) from None
+                raise
             shutil.rmtree(self.root / tmp, ignore_errors=True)
             if os.path.lexists(self.root / old) and not os.path.lexists(target):  # cut between the two renames
                 os.rename(self.root / old, target)
@@ -756,12 +768,6 @@ class Folder:
             if isinstance(err, OSError):
                 raise disk_error(err, target) from None
             raise
-        try:
-            with self._changing() as ledger:
-                ledger.pending.pop(tmp, None)
-                self._finish_swap(ledger, old)
-        except OSError as err:  # carrying the user's files cut short: the next writer here finishes it
-            raise disk_error(err, target) from None
 
     def _finish_swap(self, ledger: Ledger, old: str) -> None:
         """After `replacing` renamed the new version into place (also after a kill, from the pending record):

@@ -604,9 +604,17 @@ class Folder:
                 if fsync:
                     fh.flush()
                     os.fsync(fh.fileno())
-            os.replace(self.root / temp, target)
-            if fsync:
-                fsync_dir(target.parent)
+            # Checked again, placed and recorded under one hold of the ledger's lock: another process writing
+            # the same file meanwhile is then either not yet placed or already recorded, never taken for a user's.
+            with self._changing() as ledger:
+                problem = self.problem(rel)
+                if problem is not None:
+                    raise TrainerError(f"{self.option}: {problem}; it is left as it is")
+                os.replace(self.root / temp, target)
+                if fsync:
+                    fsync_dir(target.parent)
+                ledger.pending.pop(temp, None)
+                ledger.files[rel] = identity(target, self.by, data)
         except BaseException as err:  # also a stop request raised mid-write: never leave the temporary
             (self.root / temp).unlink(missing_ok=True)
             self._forget(temp)
@@ -614,9 +622,6 @@ class Folder:
             if isinstance(err, OSError):
                 raise disk_error(err, target) from None
             raise
-        with self._changing() as ledger:
-            ledger.pending.pop(temp, None)
-            ledger.files[rel] = identity(target, self.by, data)
         return target
 
     def write_json(self, rel: str, obj, fsync: bool = False) -> Path:
@@ -680,6 +685,7 @@ class Folder:
                     with open(self.root / stage / rel, "rb") as fh:
                         os.fsync(fh.fileno())
             with self._changing() as ledger:
+                self.check(placed)  # again under the lock, which every placing holds: none is half-recorded now
                 for rel in placed:  # recorded as they land: a failure part-way leaves them ours
                     self._make_parents(rel, ledger)
                     os.replace(self.root / stage / rel, self.root / rel)

@@ -362,6 +362,10 @@ class TrainCfg:
     # deterministic and not benchmarking; cuBLAS's fixed workspace), so that a resumed GPU run can match an
     # uninterrupted one bit for bit; slower. CPU kernels here are deterministic already.
     deterministic: bool = False
+    # Linux (glibc): memory a step frees stays with the process for the next step, instead of being given back
+    # to the system and faulted in again (glibc's malloc tunables; trainer/host_memory.py). Less system time on
+    # CPU (BENCHMARKS.md, "Host memory kept between steps"); the process holds its peak until the run ends.
+    keep_freed_memory: bool = True
     early_stopping: EarlyStoppingCfg = field(default_factory=EarlyStoppingCfg)
 
 

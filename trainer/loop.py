@@ -31,7 +31,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from trainer import preemption, rundir
+from trainer import host_memory, preemption, rundir
 from trainer.config import Config, batching, to_dict, to_yaml
 from trainer.data import data_inputs
 from trainer.distributed import agree, check_processes, make_accelerator, print0
@@ -51,6 +51,8 @@ def train(cfg: Config) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
+    # before the first step and before the loader's workers fork (they inherit it): see trainer/host_memory.py
+    kept = cfg.train.keep_freed_memory and host_memory.keep_freed_memory()
     try:
         # ---- setup: processes, seeds ----
         acc = make_accelerator(cfg.train.device, cfg.train.mixed_precision, cfg.train.grad_accum_steps,
@@ -105,6 +107,8 @@ def train(cfg: Config) -> dict:
             return result
     finally:
         preemption.end_startup()
+        if kept:
+            host_memory.give_back_kept_memory()
 
 
 def train_state(cfg: Config, acc, s, global_batch: int) -> TrainState:

@@ -2,9 +2,12 @@
 references/segmentation/train.py (lraspp_mobilenet_v3_large on a VOC layout) and references/detection/train.py
 (fasterrcnn_mobilenet_v3_large_320_fpn on a COCO layout), run unmodified from a checkout the user names, and
 through `trainer train`, alternating, several repeats. Per run: wall time from process start to exit, CPU time
-of the process tree (getrusage(RUSAGE_CHILDREN) before and after: the run's own, its loader workers' and any
-other child's it waited for), and the final accuracy each side prints or writes. Writes the medians and the
-ratios ours / reference as JSON + a Markdown table.
+of the process tree (wait4's rusage of the run: its own, its loader workers' and any other child's it waited
+for), of it the system time, the minor page faults and the largest resident set, and the final accuracy each
+side prints or writes. Writes the medians and the ratios ours / reference as JSON + a Markdown table.
+--reference-env NAME=VALUE sets an environment variable for the reference's runs only: glibc's malloc tunables
+give it what train.keep_freed_memory gives ours (trainer/host_memory.py), to see how much of a difference is
+that setting.
 
     .venv/bin/python bench/vs_reference.py --reference-dir /path/to/vision/references --repeats 3
     .venv/bin/python bench/vs_reference.py --smoke            # tiny sizes, our side only (CI)
@@ -66,11 +69,11 @@ import argparse
 import json
 import os
 import re
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -199,22 +202,27 @@ def ours_command(task: str, args, data: Path, run_dir: Path) -> list:
 
 
 def run_measured(cmd: list, log: Path, env: dict, cwd: Path, timeout: float) -> tuple:
-    """(wall seconds, CPU seconds of the process tree, output) of one run; Failed if it did not exit 0."""
+    """(wall seconds, the process tree's rusage, output) of one run; Failed if it did not exit 0. The rusage is
+    wait4's for this run alone (the run and the loader workers it waited for): CPU, system time, minor page
+    faults, the largest resident set of any of them."""
     with fresh_log(bench_folder(log.parent, "--work"), log.name) as f:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
         wall = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        if wall >= timeout and rc < 0:
+            rc = "timeout"
     text = log.read_text(errors="replace")
     if rc != 0:
         tail = [line for line in text.splitlines() if line.strip()][-1:] or ["(no output)"]
         raise Failed(f"exit {rc}: {tail[0][:300]} (log: {log})")
-    return wall, cpu, text
+    return wall, usage, text
 
 
 def defined_mean(ious: list) -> float:
@@ -273,6 +281,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers on both sides")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of both sides")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for the reference's runs only (repeatable), e.g. glibc's malloc "
+                        "tunables (MALLOC_MMAP_MAX_=0, MALLOC_TRIM_THRESHOLD_=...) to give it what "
+                        "train.keep_freed_memory gives ours")
     p.add_argument("--repeats", type=int, default=3, help="rounds of (reference, ours), the first side alternating")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -292,6 +304,10 @@ def main() -> None:
             if not (ref / t / "train.py").is_file():
                 fail(f"--reference-dir {args.reference_dir}: no {t}/train.py there (expected a checkout of "
                      f"pytorch/vision's references/ folder)")
+    bad = [e for e in args.reference_env if "=" not in e or not e.split("=", 1)[0]]
+    if bad:
+        fail(f"--reference-env {bad[0]}: give NAME=VALUE")
+    reference_env = dict(e.split("=", 1) for e in args.reference_env)
     if args.train_images < 2 * args.batch_size:
         fail(f"--train-images {args.train_images}: need at least 2 batches of --batch-size {args.batch_size}")
     name = "vs-reference" + ("-smoke" if args.smoke else "")
@@ -307,7 +323,8 @@ def main() -> None:
         for task in tasks:
             data = make_data(task, work, args)
             sides = ["reference", "ours"] if ref else ["ours"]
-            runs = {s: {"wall_s": [], "cpu_s": [], "accuracy": [], "error": None} for s in sides}
+            runs = {s: {"wall_s": [], "cpu_s": [], "sys_s": [], "faults_m": [], "peak_rss_mb": [], "accuracy": [],
+                        "error": None} for s in sides}
             for i in range(args.repeats):
                 order = sides if i % 2 == 0 else sides[::-1]  # alternate who goes first: drift hits both alike
                 for side in order:
@@ -317,22 +334,28 @@ def main() -> None:
                     out = work / f"{task}-{side}-r{i + 1}"
                     try:
                         if side == "reference":
-                            wall, cpu, text = run_measured(reference_command(task, args, ref, data, out),
-                                                           work / f"{out.name}.log", env, work, args.timeout)
+                            wall, usage, text = run_measured(reference_command(task, args, ref, data, out),
+                                                             work / f"{out.name}.log", {**env, **reference_env},
+                                                             work, args.timeout)
                             acc = reference_accuracy(task, text)
                         else:
-                            wall, cpu, _ = run_measured(ours_command(task, args, data, out), work / f"{out.name}.log",
-                                                        env, ROOT, args.timeout)
+                            wall, usage, _ = run_measured(ours_command(task, args, data, out),
+                                                          work / f"{out.name}.log", env, ROOT, args.timeout)
                             acc = ours_accuracy(task, out)
                     except Failed as err:
                         r["error"] = str(err)
                         print(f"{task} repeat {i + 1}: {side} FAILED: {err}", flush=True)
                         continue
+                    cpu = usage.ru_utime + usage.ru_stime
                     r["wall_s"].append(round(wall, 3))
                     r["cpu_s"].append(round(cpu, 3))
+                    r["sys_s"].append(round(usage.ru_stime, 3))
+                    r["faults_m"].append(round(usage.ru_minflt / 1e6, 3))
+                    r["peak_rss_mb"].append(round(usage.ru_maxrss / 1024))  # KiB on Linux
                     r["accuracy"].append(round(acc, 5))
                     print(f"{task} repeat {i + 1}: {side:9s} wall {wall:7.1f} s  cpu {cpu:7.1f} s  "
-                          f"accuracy {acc:.4f}", flush=True)
+                          f"system {usage.ru_stime:6.1f} s  faults {usage.ru_minflt / 1e6:5.2f} M  "
+                          f"peak RSS {usage.ru_maxrss / 1024:6.0f} MB  accuracy {acc:.4f}", flush=True)
             subs = {str(data): "$DATA", str(work): "$WORK", sys.executable: "python", str(ROOT): "$REPO"}
             if ref:
                 subs[str(ref)] = "$REFERENCES"
@@ -344,8 +367,9 @@ def main() -> None:
                                                                   work / f"{task}-reference-rN"), subs)
                              if ref else None}}
 
-    rows = ["| task | model | side | wall s median (min-max) | CPU s median (min-max) | accuracy median (min-max) "
-            "| wall ours/ref | CPU ours/ref |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| task | model | side | wall s median (min-max) | CPU s median (min-max) | system s median | "
+            "page faults M median | peak RSS MB median | accuracy median (min-max) | wall ours/ref | CPU ours/ref |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, res in results.items():
         runs = res["runs"]
         ratio = {}
@@ -355,6 +379,8 @@ def main() -> None:
                 res[f"{key}_ratio"] = round(ratio[key], 3)
         for side, r in runs.items():
             cells = [task, res["model"], side, median_range(r["wall_s"], 1), median_range(r["cpu_s"], 1),
+                     *[f"{statistics.median(r[k]):.{d}f}" if r[k] else "" for k, d in
+                       (("sys_s", 1), ("faults_m", 2), ("peak_rss_mb", 0))],
                      median_range(r["accuracy"], 4)]
             if r["error"]:
                 cells[3] = f"failed: {r['error'][:80]}"
@@ -362,7 +388,8 @@ def main() -> None:
                       f"{ratio['cpu_s']:.2f}x" if side == "ours" and "cpu_s" in ratio else ""]
             rows.append("| " + " | ".join(cells) + " |")
     settings = {k: getattr(args, k) for k in ("train_images", "val_images", "image_size", "epochs", "batch_size",
-                                              "seg_lr", "det_lr", "workers", "threads", "seed", "repeats")}
+                                              "seg_lr", "det_lr", "workers", "threads", "seed", "repeats",
+                                              "reference_env")}
     path = write_results(args.out, name, {"settings": settings, "tasks": results}, "\n".join(rows))
     print("\n".join(rows))
     print(f"wrote {path} and {path.with_suffix('.json')}")

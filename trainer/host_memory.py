@@ -5,8 +5,8 @@ gradients; lraspp's logits for 4 images at 480 px alone are 4 x 21 x 480 x 480 f
 defaults every block above the mmap threshold (at most 32 MB) is mapped on its own and unmapped when freed, and
 free memory at the heap's top is given back past the trim threshold, so each step faults the same pages in
 again, every one zeroed by the kernel: system time the reference scripts pay too. Kept, the pages are reused.
-Measured on bench/vs_reference.py's segmentation run (BENCHMARKS.md, "Host memory kept between steps"): page
-faults 7.9 M -> 1.6 M and system time 16.7 s -> 4.4-4.7 s of a 90 s run, peak memory +9-11%.
+Measured on bench/vs_reference.py's runs (BENCHMARKS.md, "Host memory kept between steps"): segmentation's
+page faults 7.9 M -> 1.6 M and system time 16.7 s -> 4.2 s of a 75-90 s run; peak memory +10-13%.
 
 These are glibc's own tunables (mallopt), the knob PyTorch's CPU performance notes turn by preloading jemalloc
 or tcmalloc, with nothing to install. Another C library (musl, macOS's): nothing changes. DataLoader workers

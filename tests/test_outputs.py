@@ -184,16 +184,11 @@ def test_replacing_a_folder_keeps_the_users_files_at_any_depth(tmp_path):
     assert (tmp_path / "model" / "model.json").read_text() == "the user's" and unchanged_files(tmp_path, mine)
 
 
-@pytest.mark.parametrize("cut_after", [1, 2])
-def test_a_swap_killed_between_or_after_its_renames_is_finished_by_the_next_writer(tmp_path, cut_after):
-    """A child process replaces model/ and is killed after its first or second rename; the next command's
-    clean-up restores the old version or finishes the new one, and every user file is there."""
-    run = Folder(tmp_path, "train", owner="run")
-    with run.replacing("model") as tmp:
-        (tmp / "model.json").write_text("v1")
-    mine = users(tmp_path, {"model/plots/my_plot.png": "plot", "model/notes.txt": "n"})
-    script = f"""
-import os, sys
+def _swap_script(root: Path, text: str, nth: int, at_rename: str) -> str:
+    """A child process's script: replace root/model/ with a model.json holding `text`, running the statement
+    `at_rename` right after its `nth` rename."""
+    return f"""
+import os, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
 from trainer.outputs import Folder
@@ -202,13 +197,23 @@ real = os.rename
 def rename(a, b):
     real(a, b)
     renames.append(b)
-    if len(renames) == {cut_after}:
-        os.kill(os.getpid(), 9)
+    if len(renames) == {nth}:
+        {at_rename}
 os.rename = rename
-with Folder(Path({str(tmp_path)!r}), "train", owner="run").replacing("model") as tmp:
-    (tmp / "model.json").write_text("v2")
+with Folder(Path({str(root)!r}), "train", owner="run").replacing("model") as tmp:
+    (tmp / "model.json").write_text({text!r})
 """
-    res = subprocess.run([sys.executable, "-c", script])
+
+
+@pytest.mark.parametrize("cut_after", [1, 2])
+def test_a_swap_killed_between_or_after_its_renames_is_finished_by_the_next_writer(tmp_path, cut_after):
+    """A child process replaces model/ and is killed after its first or second rename; the next command's
+    clean-up restores the old version or finishes the new one, and every user file is there."""
+    run = Folder(tmp_path, "train", owner="run")
+    with run.replacing("model") as tmp:
+        (tmp / "model.json").write_text("v1")
+    mine = users(tmp_path, {"model/plots/my_plot.png": "plot", "model/notes.txt": "n"})
+    res = subprocess.run([sys.executable, "-c", _swap_script(tmp_path, "v2", cut_after, "os.kill(os.getpid(), 9)")])
     assert res.returncode == -signal.SIGKILL
     lines = Folder(tmp_path, "train", owner="run").clean_leftovers()
     assert len(lines) == 1
@@ -224,24 +229,8 @@ def test_a_second_process_replacing_a_folder_mid_swap_waits_for_the_swap_and_suc
     child's files for a user's (in place but not yet recorded), and both end well."""
     flag = tmp_path / "swapped"
     out = tmp_path / "out"
-    script = f"""
-import os, sys, time
-from pathlib import Path
-sys.path.insert(0, {str(ROOT)!r})
-from trainer.outputs import Folder
-renames = []
-real = os.rename
-def rename(a, b):
-    real(a, b)
-    renames.append(b)
-    if len(renames) == 1:
-        Path({str(flag)!r}).write_text("")
-        time.sleep(2)
-os.rename = rename
-with Folder(Path({str(out)!r}), "train", owner="run").replacing("model") as tmp:
-    (tmp / "model.json").write_text("child")
-"""
-    child = subprocess.Popen([sys.executable, "-c", script])
+    pause = f"Path({str(flag)!r}).write_text(''); time.sleep(2)"
+    child = subprocess.Popen([sys.executable, "-c", _swap_script(out, "child", 1, pause)])
     try:
         for _ in range(3000):
             if flag.exists() or child.poll() is not None:

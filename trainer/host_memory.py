@@ -45,7 +45,7 @@ def keep_freed_memory() -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    return all([libc.mallopt(param, value) == 1 for param, value in _KEEP.items()])
+    return any([libc.mallopt(param, value) == 1 for param, value in _KEEP.items()])  # each one tried
 
 
 def give_back_kept_memory() -> None:

@@ -52,8 +52,9 @@ def test_a_run_keeps_freed_memory_for_its_next_step_and_gives_it_back_at_its_end
     res = run_forked([f"run.dir={tmp_path / 'run'}", *overrides], script=driver, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.split("RESULT ", 1)[1])
-    pages = (96 << 20) // 4096
-    assert out["default"] > pages // 2  # glibc's defaults: the buffer is mapped afresh and faulted in each step
+    # glibc's defaults: the buffer is mapped afresh and faulted in each step (24,576 faults of 4 KiB pages here;
+    # fewer where transparent huge pages are always on, so the test compares, not counts)
+    assert out["default"] > 0
     assert len(out["in_run"]) == 1  # the run with train.keep_freed_memory=false changed nothing to undo
-    assert out["in_run"][0] < pages // 20  # kept: reused without faulting in again
+    assert out["in_run"][0] * 20 < out["default"]  # kept: reused without faulting in again
     assert out["given_back_mib"][0] > 48  # at the run's end the kept memory goes back to the system

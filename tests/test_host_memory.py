@@ -1,6 +1,6 @@
 """A training process keeps the memory a step frees for the next step (trainer/host_memory.py), and gives it
-back when the run ends: measured as page faults of a step-sized buffer allocated again, in a process of its own
-(the test process keeps glibc's defaults)."""
+back when the run ends; `trainer eval` and `trainer predict` likewise between batches. Measured as page faults
+of a step-sized buffer allocated again, in a process of its own (the test process keeps glibc's defaults)."""
 import json
 import platform
 
@@ -12,6 +12,8 @@ DRIVER = """
 import json, resource, sys
 import torch
 from trainer import host_memory, train
+from trainer.evaluate import run_eval
+from trainer.predict import predict_files
 
 def faults_of_a_step():
     '''Page faults of a 96 MiB buffer (a step's largest: above glibc's 32 MiB mmap threshold) written once,
@@ -29,23 +31,34 @@ def faults_of_a_step():
 def resident_mib():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2 ** 20
 
-out = {"default": faults_of_a_step()}
+out = {"default": faults_of_a_step(), "in_run": {}, "given_back_mib": {}}
 give_back = host_memory.give_back_kept_memory
-def measured_give_back():  # the state at the run's end, then what undoing it gives back
-    out.setdefault("in_run", []).append(faults_of_a_step())
+command = None
+def measured_give_back():  # the state at the command's end, then what undoing it gives back
+    out["in_run"][command] = faults_of_a_step()
     before = resident_mib()
     give_back()
-    out.setdefault("given_back_mib", []).append(before - resident_mib())
+    out["given_back_mib"][command] = before - resident_mib()
 host_memory.give_back_kept_memory = measured_give_back
+args = dict(a.split("=", 1) for a in sys.argv[1:])
 for keep in ("true", "false"):
-    train("configs/quickstart_multiclass.yaml", [*sys.argv[1:], f"run.dir={sys.argv[1].split('=', 1)[1]}-{keep}",
+    command = f"train {keep}"
+    train("configs/quickstart_multiclass.yaml", [*sys.argv[1:], f"run.dir={args['run.dir']}-{keep}",
                                                   f"train.keep_freed_memory={keep}"])
+model = f"{args['run.dir']}-true/model"
+for keep in ("true", "false"):  # the run's own setting (true), then the command's override
+    command = f"eval {keep}"
+    run_eval(model, [] if keep == "true" else ["train.keep_freed_memory=false"],
+             output=f"{args['run.dir']}-eval-{keep}.json")
+    command = f"predict {keep}"
+    predict_files(model, [args["data.root"]], f"{args['run.dir']}-predict-{keep}.csv",
+                  keep_freed_memory=keep == "true")
 print("RESULT " + json.dumps(out))
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc tunables: this C library is not glibc")
-def test_a_run_keeps_freed_memory_for_its_next_step_and_gives_it_back_at_its_end(tmp_path, tiny):
+def test_train_eval_and_predict_keep_freed_memory_while_they_run_and_give_it_back_at_their_end(tmp_path, tiny):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     overrides = [o for o in tiny(**{"train.max_steps": 2}) if not o.startswith("run.dir=")]
@@ -55,6 +68,9 @@ def test_a_run_keeps_freed_memory_for_its_next_step_and_gives_it_back_at_its_end
     # glibc's defaults: the buffer is mapped afresh and faulted in each step (24,576 faults of 4 KiB pages here;
     # fewer where transparent huge pages are always on, so the test compares, not counts)
     assert out["default"] > 0
-    assert len(out["in_run"]) == 1  # the run with train.keep_freed_memory=false changed nothing to undo
-    assert out["in_run"][0] * 20 < out["default"]  # kept: reused without faulting in again
-    assert out["given_back_mib"][0] > 48  # at the run's end the kept memory goes back to the system
+    # the commands told not to keep (train.keep_freed_memory=false, its override in eval, predict's
+    # --give-back-memory) changed nothing to undo
+    assert sorted(out["in_run"]) == ["eval true", "predict true", "train true"]
+    for command, faults in out["in_run"].items():
+        assert faults * 20 < out["default"], command  # kept: reused without faulting in again
+        assert out["given_back_mib"][command] > 48, command  # at the command's end the memory goes back

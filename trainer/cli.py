@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --output file that the trainer "
                    "did not write (never an input)")
+    r.add_argument("--give-back-memory", action="store_true", help="give memory each batch frees back to the "
+                   "system (glibc's defaults) instead of keeping it for the next batch, as train.keep_freed_memory"
+                   "=false does for training: a lower peak, more system time")
     x = command("export", "an exported model as an ONNX file (logits of a normalised float32 NCHW "
                        "batch), checked against PyTorch with ONNX Runtime before it is written")
     x.add_argument("--model", required=True, help="a run folder or an exported model folder")
@@ -273,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
             n = predict_files(args.model, args.inputs, args.output, args.batch_size, args.threshold, args.device,
                               overlay=args.overlay, draw=args.draw, score_threshold=args.score_threshold,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, keep_freed_memory=not args.give_back_memory)
             print(f"[predict] {n} images -> {args.output}")
         elif args.command == "export":
             from trainer.onnx_export import DEFAULT_OPSET, describe, export_onnx

@@ -365,6 +365,7 @@ class TrainCfg:
     # Linux (glibc): memory a step frees stays with the process for the next step, instead of being given back
     # to the system and faulted in again (glibc's malloc tunables; trainer/host_memory.py). Less system time on
     # CPU (BENCHMARKS.md, "Host memory kept between steps"); the process holds its peak until the run ends.
+    # `trainer eval` reads it too (the run's value, or the command's override), for its forward passes.
     keep_freed_memory: bool = True
     early_stopping: EarlyStoppingCfg = field(default_factory=EarlyStoppingCfg)
 

@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
+from trainer import host_memory
 from trainer.config import eval_batch_size, load_config, load_yaml
 from trainer.data import data_inputs
 from trainer.data.datasets import Fit
@@ -89,7 +90,8 @@ def run_eval(model_path: str, overrides: List[str], output: Optional[str] = None
     model.to(acc.device)
     # the model's own test-time augmentation (model.json), unless this command says eval.tta=...
     tta = cfg.eval.tta if said("eval.tta") else meta.get("tta", "none")
-    metrics, outputs = evaluate(model, dataset, task, acc, eval_batch_size(cfg), cfg.data.num_workers, tta=tta)
+    with host_memory.kept(cfg.train.keep_freed_memory):  # the run's setting, or this command's override
+        metrics, outputs = evaluate(model, dataset, task, acc, eval_batch_size(cfg), cfg.data.num_workers, tta=tta)
 
     def write() -> dict:
         report = {"model": str(model_dir), "architecture": meta["architecture"], "task": meta["task"],

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 # mallopt's parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
@@ -57,3 +58,16 @@ def give_back_kept_memory() -> None:
     for param, value in _DEFAULTS.items():
         libc.mallopt(param, value)
     libc.malloc_trim(0)
+
+
+@contextmanager
+def kept(on: bool = True) -> Iterator[bool]:
+    """Freed memory kept for the block's duration (if `on`), glibc's defaults again after it; yields whether
+    the setting took. For a command that runs one block (`trainer eval`, `trainer predict`): an evaluation's
+    forward passes free and allocate the same large activations per batch as training's steps do."""
+    held = on and keep_freed_memory()
+    try:
+        yield held
+    finally:
+        if held:
+            give_back_kept_memory()

@@ -9,6 +9,7 @@ from typing import Iterable, List, Optional
 
 import torch
 
+from trainer import host_memory
 from trainer.data.datasets import eval_fit_size, read_eval_image
 from trainer.data.folders import describe_skipped, walk_image_files
 from trainer.errors import TrainerError
@@ -111,8 +112,10 @@ def check_predict_args(output: str, batch_size: int, threshold: Optional[float],
 @torch.no_grad()
 def predict_files(model_path: str, inputs: List[str], output: str, batch_size: int = 64,
                   threshold: Optional[float] = None, device: str = "cpu", overlay: bool = False,
-                  draw: Optional[str] = None, score_threshold: Optional[float] = None, overwrite: bool = False) -> int:
-    """Predictions for every input image, written as the model's task writes them; returns the image count."""
+                  draw: Optional[str] = None, score_threshold: Optional[float] = None, overwrite: bool = False,
+                  keep_freed_memory: bool = True) -> int:
+    """Predictions for every input image, written as the model's task writes them; returns the image count.
+    keep_freed_memory: as training's key of that name (trainer/host_memory.py), for this call."""
     check_predict_args(output, batch_size, threshold, device)
     if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:  # NaN fails this too
         raise TrainerError(f"--score-threshold must be in [0, 1], got {score_threshold}")
@@ -123,28 +126,35 @@ def predict_files(model_path: str, inputs: List[str], output: str, batch_size: i
     # checked here, before the model is loaded: never over an input or a file predict did not write
     writer = task.prediction_writer(output, found, overlay, draw, overwrite)
     try:
-        model, meta = load_exported(model_path,
-                                    {"score_thresh": score_threshold} if score_threshold is not None else None)
-        if threshold is not None:
-            task.threshold = threshold
-        model.to(device)
-        exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
-        tta = meta.get("tta", "none")  # the model's test-time augmentation, as in training's evaluation
-        # a JPEG decoded at the scale its evaluation decoded it (data.scaled_decode), for the tasks whose images
-        # are only resized to the input (the others map their outputs back onto the image as stored)
-        # (model.json's Fit: its resize and crop, as evaluation's transform and predict_batch apply them)
-        fit = eval_fit_size(meta) if getattr(task, "decodes_to_fit", False) else None
-        for start in range(0, len(found.images), batch_size):
-            chunk = found.images[start:start + batch_size]
-            raw = [read_eval_image(path, exif, fit) for path, _ in chunk]  # as training's evaluation reads it
-            batch = task.predict_batch(raw, meta, device)  # resized and normalised as the task's evaluation does
-            with evaluation_threads(device):  # as evaluation computes, so predictions reproduce eval.json
-                outputs = task.forward(model, batch, tta)
-            writer.add(chunk, outputs, [tuple(image.shape[-2:]) for image in raw], raw)
-        return writer.close()
+        with host_memory.kept(keep_freed_memory):
+            return predict_all(model_path, found, writer, task, batch_size, threshold, device, score_threshold)
     except OSError as err:
         writer.abort()
         raise disk_error(err, output) from None
     except BaseException:
         writer.abort()  # nothing half-written: --output stays as it was
         raise
+
+
+def predict_all(model_path: str, found: Given, writer, task, batch_size: int, threshold: Optional[float],
+                device: str, score_threshold: Optional[float]) -> int:
+    """The model loaded and run over `found`'s images batch by batch into `writer`; returns the image count."""
+    model, meta = load_exported(model_path,
+                                {"score_thresh": score_threshold} if score_threshold is not None else None)
+    if threshold is not None:
+        task.threshold = threshold
+    model.to(device)
+    exif = meta.get("exif_orientation", False)  # as the model was trained (older models: not applied)
+    tta = meta.get("tta", "none")  # the model's test-time augmentation, as in training's evaluation
+    # a JPEG decoded at the scale its evaluation decoded it (data.scaled_decode), for the tasks whose images
+    # are only resized to the input (the others map their outputs back onto the image as stored)
+    # (model.json's Fit: its resize and crop, as evaluation's transform and predict_batch apply them)
+    fit = eval_fit_size(meta) if getattr(task, "decodes_to_fit", False) else None
+    for start in range(0, len(found.images), batch_size):
+        chunk = found.images[start:start + batch_size]
+        raw = [read_eval_image(path, exif, fit) for path, _ in chunk]  # as training's evaluation reads it
+        batch = task.predict_batch(raw, meta, device)  # resized and normalised as the task's evaluation does
+        with evaluation_threads(device):  # as evaluation computes, so predictions reproduce eval.json
+            outputs = task.forward(model, batch, tta)
+        writer.add(chunk, outputs, [tuple(image.shape[-2:]) for image in raw], raw)
+    return writer.close()

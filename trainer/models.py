@@ -5,7 +5,7 @@ the loss applies its own, numerically stable, one).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -78,6 +78,15 @@ class LinearModel(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(x, 1))
+
+
+@runtime_checkable
+class InitFromData(Protocol):
+    """A model whose first weights are computed from training images before the first step (AirbenchNet's
+    whitening filters): the session calls `init_from_data` with up to 5,000 normalised training images, unless
+    the weights come from a file (they hold the computed filters already)."""
+
+    def init_from_data(self, images: torch.Tensor) -> None: ...
 
 
 class AirbenchNet(nn.Module):
@@ -418,7 +427,7 @@ def unknown_name(key: str, name: str, valid, list_all: bool = True) -> ConfigErr
 
 
 def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_stem: Optional[bool] = None,
-                pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                pretrained_path: Optional[str] = None, log=print, drop_path: Optional[float] = None,
                 dropout: Optional[float] = None) -> nn.Module:
     """`drop_path`: stochastic depth, the drop probability of the last residual block (0 = off); `dropout`:
     before the classifier head (0 = off). None = the model's own (torchvision's defaults, see `_torchvision`).
@@ -434,13 +443,13 @@ def build_model(name: str, num_outputs: int, image_size: int = 32, small_input_s
                         dropout=dropout, pretrained_state=state)
         own = model.state_dict()
         fresh = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
-        verbose(f"loaded {len(own) - len(fresh)} pretrained tensors from {pretrained_path} (timm's loader); "
+        log(f"loaded {len(own) - len(fresh)} pretrained tensors from {pretrained_path} (timm's loader); "
                 f"re-initialised: {fresh or 'none'}")
         return model
     model = builder(num_outputs, image_size=image_size, small_input_stem=small_input_stem, drop_path=drop_path,
                     dropout=dropout)
     if pretrained_path:
-        load_pretrained(model, pretrained_path, verbose)
+        load_pretrained(model, pretrained_path, log)
     return model
 
 
@@ -489,7 +498,7 @@ def torchvision_weights(name: str, weights: str):
     return enum[tag]
 
 
-def weights_file(name: str, weights: str, download: bool = False, verbose=print) -> str:
+def weights_file(name: str, weights: str, download: bool = False, log=print) -> str:
     """The local file of torchvision weights `weights` for model `name`: torch.hub's cache (TORCH_HOME, else
     ~/.cache/torch, then hub/checkpoints/), under the last part of the weights' url, as torchvision's own
     builders look for it. Never downloads unless `download` (model.weights_download=true): a missing file is one
@@ -500,7 +509,7 @@ def weights_file(name: str, weights: str, download: bool = False, verbose=print)
     folder = Path(torch.hub.get_dir()) / "checkpoints"
     path = folder / entry.url.rsplit("/", 1)[-1]
     if not path.is_file() and download:
-        verbose(f"downloading {entry.url} to {folder} (model.weights_download=true)")
+        log(f"downloading {entry.url} to {folder} (model.weights_download=true)")
         torch.hub.load_state_dict_from_url(entry.url, progress=False, check_hash=True, weights_only=True)
     if not path.is_file():
         fetch = f"python -c \"import torch.hub; torch.hub.load_state_dict_from_url('{entry.url}')\""
@@ -555,7 +564,7 @@ def _hf_offline() -> bool:
 TIMM_WEIGHTS_FILE = "model.safetensors"  # every timm/ repository on the hub has it; no pickle to run
 
 
-def timm_weights_file(name: str, weights: str, download: bool = False, verbose=print) -> str:
+def timm_weights_file(name: str, weights: str, download: bool = False, log=print) -> str:
     """The cached model.safetensors of timm weights `weights` for model.name `name`, in the hub cache's layout
     (<cache>/models--timm--<arch>.<tag>/snapshots/<revision>/model.safetensors, the revision refs/main names).
     Never downloads unless `download` (model.weights_download=true) and HF_HUB_OFFLINE is unset: a missing file
@@ -567,7 +576,7 @@ def timm_weights_file(name: str, weights: str, download: bool = False, verbose=p
     if path is None and download and not _hf_offline():
         from huggingface_hub import hf_hub_download
 
-        verbose(f"downloading {TIMM_WEIGHTS_FILE} of {repo} into {cache} (model.weights_download=true)")
+        log(f"downloading {TIMM_WEIGHTS_FILE} of {repo} into {cache} (model.weights_download=true)")
         hf_hub_download(repo, TIMM_WEIGHTS_FILE, cache_dir=cache)
         path = _cached_hub_file(cache, folder, repo)
     if path is None:
@@ -594,13 +603,13 @@ def _cached_hub_file(cache: Path, folder: Path, repo: str) -> Optional[str]:
     return str(snapshots[0]) if len(snapshots) == 1 else None
 
 
-def pretrained_source(model_cfg, verbose=print) -> Optional[str]:
+def pretrained_source(model_cfg, log=print) -> Optional[str]:
     """The file a run's model starts from: model.pretrained_path, or the local file of model.weights."""
     if model_cfg.weights and model_cfg.name.startswith(TIMM_PREFIX):
         model_builder(model_cfg.name)  # a timm name that exists (and timm installed), before its weights
-        return timm_weights_file(model_cfg.name, model_cfg.weights, model_cfg.weights_download, verbose)
+        return timm_weights_file(model_cfg.name, model_cfg.weights, model_cfg.weights_download, log)
     if model_cfg.weights:
-        return weights_file(model_cfg.name, model_cfg.weights, model_cfg.weights_download, verbose)
+        return weights_file(model_cfg.name, model_cfg.weights, model_cfg.weights_download, log)
     return model_cfg.pretrained_path
 
 
@@ -633,7 +642,7 @@ def weights_preprocessing(model_cfg) -> Optional[dict]:
     return found or None
 
 
-def load_pretrained(model: nn.Module, path: str, verbose=print, what: str = "model.pretrained_path") -> None:
+def load_pretrained(model: nn.Module, path: str, log=print, what: str = "model.pretrained_path") -> None:
     """Load a local state dict without running code: .safetensors, or a .pth read with weights_only=True.
 
     Tensors whose shape differs (the classifier head for another class count, a changed stem) are left
@@ -649,7 +658,7 @@ def load_pretrained(model: nn.Module, path: str, verbose=print, what: str = "mod
         raise ConfigError(f"{what} {path} does not fit model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     model.load_state_dict({**own, **kept})
-    verbose(f"loaded {len(kept)} pretrained tensors from {path}; re-initialised (shape differs): {reinit or 'none'}")
+    log(f"loaded {len(kept)} pretrained tensors from {path}; re-initialised (shape differs): {reinit or 'none'}")
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ from trainer.distributed import agree
 from trainer.errors import ConfigError
 from trainer.export import model_card
 from trainer.extensions import Extensions, build_extensions
-from trainer.models import TIMM_PREFIX, build_model, check_input_size, pretrained_source, weights_preprocessing
+from trainer.models import (TIMM_PREFIX, InitFromData, build_model, check_input_size, pretrained_source,
+                            weights_preprocessing)
 from trainer.monitor import task_metric
 from trainer.optim import Schedule, optimizer_from, schedule_from
 from trainer.tasks import build_task, task_spec
@@ -144,7 +145,7 @@ def probe_input_size(model_cfg, image_size: int, small_stem: bool) -> None:
     so that the real model's initial weights stay those of the seed."""
     with torch.random.fork_rng(devices=[]):
         check_input_size(build_model(model_cfg.name, 2, image_size=image_size, small_input_stem=small_stem,
-                                     verbose=lambda *_: None, drop_path=model_cfg.drop_path, dropout=model_cfg.dropout),
+                                     log=lambda *_: None, drop_path=model_cfg.drop_path, dropout=model_cfg.dropout),
                          model_cfg.name, image_size)
 
 
@@ -164,14 +165,14 @@ def model_and_loader(cfg, acc, data, task, small_stem: bool, say: Callable) -> t
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} x {acc.num_processes} process(es) = "
                           f"{global_batch} is larger than the training split ({len(train_set)} images)")
     pretrained = pretrained_source(cfg.model, say)  # model.pretrained_path, or model.weights' local file
-    model = task.build_model(cfg.model.name, cfg.data.image_size, small_stem, pretrained, verbose=say,
+    model = task.build_model(cfg.model.name, cfg.data.image_size, small_stem, pretrained, log=say,
                              drop_path=cfg.model.drop_path, dropout=cfg.model.dropout)
     loader = build_train_loader(train_set, cfg.data, cfg.train.batch_size, cfg.seed, acc, data.mean, data.std,
                                 len(data.classes), cfg.model.channels_last, say,
                                 drop_last=task.drop_last if cfg.train.drop_last is None else cfg.train.drop_last,
                                 collate=task.collate, resizer=task.train_resizer(cfg.seed),
                                 global_batch=cfg.train.batch_size * acc.num_processes * cfg.train.grad_accum_steps)
-    if hasattr(model, "init_from_data") and not pretrained:  # e.g. airbench's whitening filters
+    if isinstance(model, InitFromData) and not pretrained:  # e.g. airbench's whitening filters
         model.init_from_data(loader.first(5000))
     return model, loader
 

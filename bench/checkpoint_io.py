@@ -51,7 +51,7 @@ def main() -> None:
     can_drop = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK) and not args.smoke
     rows = []
     for name in args.models:
-        model = build_model(name, 1000 if name.startswith("resnet") else 10, image_size=224, verbose=lambda *_: None)
+        model = build_model(name, 1000 if name.startswith("resnet") else 10, image_size=224, log=lambda *_: None)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model(torch.randn(2, 3, 64, 64)).sum().backward()
         opt.step()  # the optimizer state exists (exp_avg, exp_avg_sq)

@@ -216,7 +216,7 @@ def worker_memory(root: Path) -> dict:
 
     cfg = load_config(None, ["data.format=imagefolder", f"data.root={root}", "data.verify_images=false",
                              "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
-    dataset = build_data(cfg.data, 0, ("train",), verbose=lambda *_: None).datasets["train"]
+    dataset = build_data(cfg.data, 0, ("train",), log=lambda *_: None).datasets["train"]
 
     class Touch(torch.utils.data.Dataset):  # what a worker reads per sample, without decoding the file
         def __len__(self):
@@ -247,7 +247,7 @@ extra = ["data.verify_images=off"] if fmt == "imagefolder" else []
 cfg = load_config(None, [f"data.format={fmt}", f"data.root={root}", "data.mean=[0.5,0.5,0.5]",
                          "data.std=[0.25,0.25,0.25]", *extra])
 collate = {"classes": None, "masks": collate_masks, "coco": collate_detection}[kind]
-ds = build_data(cfg.data, 0, ("train",), verbose=lambda *_: None).datasets["train"]
+ds = build_data(cfg.data, 0, ("train",), log=lambda *_: None).datasets["train"]
 # decoded, not augmented (a detection dataset always has a transform: its eval one, the image as floats)
 ds.transform = detection_eval_transform() if kind == "coco" else None
 order = np.random.default_rng(0).permutation(len(ds))[:n].tolist()  # a shuffled epoch's order

@@ -402,7 +402,7 @@ def flops_per_image(model_name: str, image_size: int, classes: int = 4) -> float
 
     from trainer.models import build_model
 
-    model = build_model(model_name, classes, image_size=image_size, verbose=lambda *a: None)
+    model = build_model(model_name, classes, image_size=image_size, log=lambda *a: None)
     x = torch.randn(2, 3, image_size, image_size)  # 2 images: BatchNorm in training mode, as when training
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()

@@ -74,7 +74,7 @@ def plain_side(args, data_root: Path) -> float:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # the trainer's train.cudnn_benchmark default
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    data = build_data(cfg.data, 0, ("train",), verbose=lambda *a: None)
+    data = build_data(cfg.data, 0, ("train",), log=lambda *a: None)
     if args.loader == "device":  # the trainer's own device-resident batches, so the data cost is identical
         aug = cfg.data.augment
         device_loader = to_device_loader(data.datasets["train"], cfg.data.image_size, device,

@@ -121,10 +121,10 @@ def measure_one(args, row: dict) -> None:
     if detection:
         return measure_detector(args, row, device)
     if segmentation:  # pixel cross-entropy on every pixel (+ 0.5 x the auxiliary head's, as trained)
-        model = build_segmentation_model(row["model"], args.num_classes, verbose=lambda *a: None).to(device)
+        model = build_segmentation_model(row["model"], args.num_classes, log=lambda *a: None).to(device)
     else:
         model = build_model(row["model"], args.num_classes, image_size=args.image_size, small_input_stem=None,
-                            verbose=lambda *a: None).to(device)
+                            log=lambda *a: None).to(device)
     row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,) + ((args.image_size,) * 2 if segmentation else ()),
@@ -161,7 +161,7 @@ def measure_detector(args, row: dict, device) -> None:
         model_kwargs(row["model"], size)
     except Exception:  # a fixed input size (SSDlite 320)
         size = {}
-    model = build_detection_model(row["model"], args.num_classes + 1, size, verbose=lambda *a: None).to(device)
+    model = build_detection_model(row["model"], args.num_classes + 1, size, log=lambda *a: None).to(device)
     row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
     g = torch.Generator().manual_seed(0)
     s = args.image_size

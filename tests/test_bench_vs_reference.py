@@ -43,7 +43,7 @@ def test_the_coco_layout_reads_the_same_in_pycocotools_and_ours_with_a_polygon_p
 
     bench_module().draw_coco(tmp_path, {"train": 3, "val": 2}, 32, seed=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["annotations", "train2017", "val2017"]
-    ours = read_coco_splits(tmp_path, ["train", "val"], verbose=lambda *a: None)
+    ours = read_coco_splits(tmp_path, ["train", "val"], log=lambda *a: None)
     for split, n in (("train", 3), ("val", 2)):
         theirs = COCO(str(tmp_path / "annotations" / f"instances_{split}2017.json"))
         assert len(theirs.getImgIds()) == len(ours[split]) == n

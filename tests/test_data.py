@@ -118,7 +118,7 @@ def test_bad_image_names_the_file(tmp_path):
 def test_bad_images_skipped_and_counted(tmp_path):
     bad = _with_bad_files(tmp_path / "d")
     data = build_data(_data_cfg(tmp_path / "d", **{"data.skip_bad_images": "true", "data.val_fraction": 0.2}),
-                      seed=0, verbose=lambda *_: None)
+                      seed=0, log=lambda *_: None)
     assert sorted(data.skipped) == sorted(bad)
     assert len(data.datasets["train"]) + len(data.datasets["val"]) == 10
 
@@ -435,7 +435,7 @@ def test_build_data_passes_exif_orientation_to_every_split(tmp_path):
     make_folder(tmp_path / "d", ("a", "b"), 4)
     for flag in (True, False):
         data = build_data(_data_cfg(tmp_path / "d", **{"data.val_fraction": 0.25, "data.exif_orientation": flag}),
-                          seed=0, splits=("train", "val"), verbose=lambda *_: None)
+                          seed=0, splits=("train", "val"), log=lambda *_: None)
         assert [ds.exif_orientation for ds in data.datasets.values()] == [flag, flag]
 
 
@@ -480,7 +480,7 @@ def test_scan_follows_linked_folders_once_and_never_loops(tmp_path):
 def test_build_data_reports_skipped_links_in_one_line(tmp_path):
     root = _linked_tree(tmp_path)
     lines = []
-    data = build_data(_data_cfg(root, **{"data.val_fraction": 0.2}), seed=0, verbose=lines.append)
+    data = build_data(_data_cfg(root, **{"data.val_fraction": 0.2}), seed=0, log=lines.append)
     assert len(data.datasets["train"]) + len(data.datasets["val"]) == 10  # 8 real files, 2 more paths to them
     notes = [line for line in lines if "skipped" in line]
     assert len(notes) == 1 and "\n" not in notes[0]
@@ -585,7 +585,7 @@ def test_skipping_bad_images_never_drops_a_class_silently(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"not an image")
     with pytest.raises(DataError, match=rf"class 'b' has no readable training image left.*{bad[0]}"):
-        build_data(_data_cfg(root, **{"data.skip_bad_images": "true"}), seed=0, verbose=lambda *_: None)
+        build_data(_data_cfg(root, **{"data.skip_bad_images": "true"}), seed=0, log=lambda *_: None)
 
 
 def _with_bad_val_file(root: Path) -> Path:
@@ -613,7 +613,7 @@ def test_bad_eval_image_fails_at_start_even_without_verify_images(tmp_path):
 
 def test_bad_eval_image_is_skipped_and_counted_with_skip_bad_images(tmp_path):
     truncated = _with_bad_val_file(tmp_path / "d")
-    data = build_data(_data_cfg(tmp_path / "d", **{"data.skip_bad_images": "true"}), seed=0, verbose=lambda *_: None)
+    data = build_data(_data_cfg(tmp_path / "d", **{"data.skip_bad_images": "true"}), seed=0, log=lambda *_: None)
     assert data.skipped == [str(truncated)] and len(data.datasets["val"]) == 4
 
 
@@ -626,7 +626,7 @@ def test_generated_data_is_not_verified(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.data, "verify_images", fail)
     cfg = load_config(None, ["data.format=generated", f"data.root={tmp_path / 'g'}", "data.generated.train_per_class=3",
                              "data.generated.val_per_class=1", "data.generated.test_per_class=0"]).data
-    data = build_data(cfg, seed=0, verbose=lambda *_: None)
+    data = build_data(cfg, seed=0, log=lambda *_: None)
     assert len(data.datasets["val"]) > 0
 
 

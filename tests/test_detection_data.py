@@ -53,7 +53,7 @@ def _quiet(_msg):
 # ---- reading COCO ----
 
 def test_read_coco_maps_noncontiguous_ids_both_ways_and_keeps_empty_images(tmp_path):
-    split = read_coco(_coco(tmp_path), tmp_path, verbose=_quiet)
+    split = read_coco(_coco(tmp_path), tmp_path, log=_quiet)
     assert split.categories == [(1, "cat"), (3, "dog"), (90, "zebra")]
     assert [split.label_of(c) for c in (1, 3, 90)] == [1, 2, 3]
     assert [split.category_id_of(k) for k in (1, 2, 3)] == [1, 3, 90]
@@ -74,14 +74,14 @@ def test_read_coco_maps_noncontiguous_ids_both_ways_and_keeps_empty_images(tmp_p
 
 def test_ids_beyond_64_bits_and_crowd_flags_that_are_not_0_or_1_are_one_line_and_null_is_no_crowd(tmp_path):
     annotations = [{"id": 11, "image_id": 10, "category_id": 3, "bbox": [2, 3, 10, 5], "iscrowd": None}]
-    split = read_coco(_coco(tmp_path, annotations=annotations), tmp_path, verbose=_quiet)
+    split = read_coco(_coco(tmp_path, annotations=annotations), tmp_path, log=_quiet)
     assert split.annotations(0).iscrowd.tolist() == [False]  # some exporters write null for "not a crowd"
     for key, value in (("iscrowd", "no"), ("iscrowd", 2), ("id", 2 ** 63)):
         with pytest.raises(DataError, match=f"annotation .*{key if key != 'id' else 2 ** 63}"):
-            read_coco(_coco(tmp_path, annotations=[{**annotations[0], key: value}]), tmp_path, verbose=_quiet)
+            read_coco(_coco(tmp_path, annotations=[{**annotations[0], key: value}]), tmp_path, log=_quiet)
     for bad in (2 ** 64, -2 ** 63 - 1):
         with pytest.raises(DataError, match=f"category #0 .*{bad} does not fit in 64 bits"):
-            read_coco(_coco(tmp_path, categories=[{"id": bad, "name": "big"}, *CATS]), tmp_path, verbose=_quiet)
+            read_coco(_coco(tmp_path, categories=[{"id": bad, "name": "big"}, *CATS]), tmp_path, log=_quiet)
 
 
 def _rewrite(path: Path, change) -> Path:
@@ -120,7 +120,7 @@ A11 = r"annotation 11 \(image 10, .*a.png\): "  # how an annotation is named: it
 def test_bad_coco_raises_one_line_naming_file_and_annotation(tmp_path, change, expected):
     path = _rewrite(_coco(tmp_path), change)
     with pytest.raises(DataError) as err:
-        read_coco(path, tmp_path, verbose=_quiet)
+        read_coco(path, tmp_path, log=_quiet)
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg
     assert re.search(expected, msg), msg
@@ -141,7 +141,7 @@ def test_not_json_and_not_an_object(tmp_path):
 def test_bad_count_is_reported(tmp_path):
     anns = [{"id": k, "image_id": 10, "category_id": 1, "bbox": [1, 1, 0, 1]} for k in (5, 6, 7)]
     with pytest.raises(DataError, match=r"annotation 5 .* \(and 2 more such annotation\(s\)\)"):
-        read_coco(_coco(tmp_path, annotations=anns), tmp_path, verbose=_quiet)
+        read_coco(_coco(tmp_path, annotations=anns), tmp_path, log=_quiet)
 
 
 def test_small_overhang_is_clipped_and_reported_once(tmp_path):
@@ -149,7 +149,7 @@ def test_small_overhang_is_clipped_and_reported_once(tmp_path):
             {"id": 2, "image_id": 10, "category_id": 1, "bbox": [35, 25, 6.9, 6]},  # 1.9 px right, 1 px below
             {"id": 3, "image_id": 10, "category_id": 1, "bbox": [5, 5, 5, 5]}]
     said = []
-    split = read_coco(_coco(tmp_path, annotations=anns), tmp_path, verbose=said.append)
+    split = read_coco(_coco(tmp_path, annotations=anns), tmp_path, log=said.append)
     np.testing.assert_allclose(split.annotations(0).boxes, [[0, 2, 8.5, 7], [35, 25, 40, 30], [5, 5, 10, 10]])
     assert len(said) == 1 and "2 box(es)" in said[0] and "annotation 1 " in said[0] and "clipped" in said[0]
 
@@ -165,14 +165,14 @@ def test_real_size_wins_over_the_stated_one_and_exif_turns_it(tmp_path):
               {"id": 30, "file_name": "c.jpg", "width": 40, "height": 30}]
     anns = [{"id": 1, "image_id": 30, "category_id": 1, "bbox": [1, 1, 28, 38]}]  # fits 30x40, not 40x30
     said = []
-    split = read_coco(_coco(tmp_path, images=images, annotations=anns), tmp_path, verbose=said.append)
+    split = read_coco(_coco(tmp_path, images=images, annotations=anns), tmp_path, log=said.append)
     assert split.widths.tolist() == [40, 50, 30] and split.heights.tolist() == [30, 20, 40]
     assert len(said) == 1 and "2 image(s)" in said[0] and "b.png is 50x20" in said[0] and "EXIF" in said[0]
     ds = DetectionDataset(split)
     image, target = ds[2]
     assert image.shape == (3, 40, 30) and target["orig_size"] == (40, 30)  # decoded turned, like the sizes
     with pytest.raises(DataError, match=r"annotation 1 \(image 30, .*c.jpg\): .* beyond the bottom edge of its 40x30"):
-        read_coco(tmp_path / "annotations.json", tmp_path, verbose=_quiet, exif_orientation=False)  # stored frame
+        read_coco(tmp_path / "annotations.json", tmp_path, log=_quiet, exif_orientation=False)  # stored frame
 
 
 # ---- finding splits ----
@@ -196,7 +196,7 @@ def test_find_plain_roboflow_and_2017_layouts_and_files_override(tmp_path):
         _image(coco / split / "b.png")
     found = find_coco_splits(coco, ["train", "val"])
     assert found["val"] == (coco / "annotations" / "instances_val2017.json", coco / "val2017")
-    splits = read_coco_splits(coco, ["train", "val"], verbose=_quiet)
+    splits = read_coco_splits(coco, ["train", "val"], log=_quiet)
     assert splits["val"].paths[0] == str(coco / "val2017" / "a.png")
     own = {"val": {"annotations": str(a / "val" / "annotations.json"), "images": str(a / "val")}}
     assert find_coco_splits(coco, ["train", "val"], files=own)["val"] == (a / "val" / "annotations.json", a / "val")
@@ -226,15 +226,15 @@ def test_splits_must_share_categories(tmp_path):
     _coco(tmp_path / "val", categories=[{"id": 1, "name": "cat"}, {"id": 3, "name": "wolf"},
                                         {"id": 90, "name": "zebra"}, {"id": 4, "name": "owl"}])
     with pytest.raises(DataError, match="id 3 is 'dog' in train but 'wolf' in val; ids only in val: \\[4\\]"):
-        read_coco_splits(tmp_path, ["train", "val"], verbose=_quiet)
-    same = {k: read_coco(tmp_path / "train" / "annotations.json", tmp_path / "train", verbose=_quiet) for k in "ab"}
+        read_coco_splits(tmp_path, ["train", "val"], log=_quiet)
+    same = {k: read_coco(tmp_path / "train" / "annotations.json", tmp_path / "train", log=_quiet) for k in "ab"}
     check_same_categories(same)
 
 
 # ---- dataset and transforms ----
 
 def test_crowd_boxes_never_reach_the_target(tmp_path):
-    split = read_coco(_coco(tmp_path), tmp_path, verbose=_quiet)
+    split = read_coco(_coco(tmp_path), tmp_path, log=_quiet)
     for transform in (detection_train_transform(True, None, False, 0.0), detection_eval_transform()):
         image, target = DetectionDataset(split, transform)[0]
         assert image.dtype == torch.float32 and image.shape == (3, 30, 40) and 0 <= image.min() <= image.max() <= 1
@@ -254,7 +254,7 @@ def test_a_detection_batch_crosses_from_a_worker_as_three_tensors_and_arrives_as
 
     from multiprocessing.reduction import ForkingPickler  # with the tensor reducers torch registers
 
-    split = read_coco(_coco(tmp_path), tmp_path, verbose=_quiet)
+    split = read_coco(_coco(tmp_path), tmp_path, log=_quiet)
     ds = DetectionDataset(split, detection_train_transform(True, (0.5, 1.5), False, 0.0))  # sizes differ
     batch = collate_detection([ds[i] for i in (0, 1, 0)])  # image 1 has no box
     assert len({tuple(x.shape) for x in batch[0]}) > 1
@@ -333,7 +333,7 @@ def test_colour_jitter_touches_the_image_only_and_empty_targets_survive():
 
 def test_augmentation_is_a_pure_function_of_seed_epoch_index(tmp_path):
     write_generated_coco(tmp_path, 32, seed=3, counts={"train": 3})
-    split = read_coco(tmp_path / "train" / "annotations.json", tmp_path / "train", verbose=_quiet)
+    split = read_coco(tmp_path / "train" / "annotations.json", tmp_path / "train", log=_quiet)
     transform = detection_train_transform(True, (0.5, 1.5), True, 0.3)
 
     def item(ds, epoch, index):
@@ -394,7 +394,7 @@ def test_generated_set_is_deterministic_with_tight_boxes(tmp_path):
 def test_read_coco_round_trips_the_generated_folder(tmp_path):
     write_generated_coco(tmp_path, 40, seed=1, counts={"train": 5, "val": 3})
     said = []
-    splits = read_coco_splits(tmp_path, ["train", "val"], verbose=said.append)
+    splits = read_coco_splits(tmp_path, ["train", "val"], log=said.append)
     assert said == []  # nothing clipped, every size as stated
     assert {k: len(v) for k, v in splits.items()} == {"train": 5, "val": 3}
     data = json.loads((tmp_path / "train/annotations.json").read_text())
@@ -416,7 +416,7 @@ def test_ground_truth_dict_scores_its_own_boxes_perfectly(tmp_path):
     from pycocotools.cocoeval import COCOeval
 
     write_generated_coco(tmp_path, 48, seed=2, counts={"val": 6})
-    split = read_coco(tmp_path / "val/annotations.json", tmp_path / "val", verbose=_quiet)
+    split = read_coco(tmp_path / "val/annotations.json", tmp_path / "val", log=_quiet)
     gt = split.to_coco_gt()
     assert [im["id"] for im in gt["images"]] == list(range(6))  # the targets' image_id
     assert [a["id"] for a in gt["annotations"]] == list(range(1, len(split.boxes) + 1))
@@ -455,7 +455,7 @@ def test_voc_detection_split(tmp_path):
     (voc / "Annotations" / "2008_000001.xml").write_text(
         _voc_xml([("dog", 0, (5, 6, 20, 25)), ("person", 1, (1, 1, 10, 10))]))
     (voc / "Annotations" / "2008_000002.xml").write_text(_voc_xml([]))
-    split = voc_detection_split(tmp_path, "2012", "train", verbose=_quiet)
+    split = voc_detection_split(tmp_path, "2012", "train", log=_quiet)
     assert split.categories == [(k, name) for k, name in enumerate(VOC_CLASSES) if k > 0]
     assert split.image_ids.tolist() == [2008000001, 2008000002]
     a = split.annotations(0)
@@ -467,7 +467,7 @@ def test_voc_detection_split(tmp_path):
     assert target["labels"].tolist() == [VOC_CLASSES.index("dog")]
     (voc / "Annotations" / "2008_000002.xml").write_text(_voc_xml([("unicorn", 0, (1, 1, 5, 5))]))
     with pytest.raises(DataError, match="2008_000002.xml: object #0 is a 'unicorn'"):
-        voc_detection_split(tmp_path, "2012", "train", verbose=_quiet)
+        voc_detection_split(tmp_path, "2012", "train", log=_quiet)
     (voc / "Annotations" / "2008_000002.xml").write_text(_voc_xml([("cat", 0, (1, 1, 80, 5))]))
     with pytest.raises(DataError, match="object #0 of .*2008_000002.xml: box .* right edge"):
-        voc_detection_split(tmp_path, "2012", "train", verbose=_quiet)
+        voc_detection_split(tmp_path, "2012", "train", log=_quiet)

@@ -252,9 +252,9 @@ def test_detector_checkpoint_loads_by_name(tmp_path, offline):
     path = tmp_path / "det.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     messages = []
-    same = build_detection_model("retinanet_small", 3, pretrained_path=str(path), verbose=messages.append)
+    same = build_detection_model("retinanet_small", 3, pretrained_path=str(path), log=messages.append)
     assert all(torch.equal(v, same.state_dict()[k]) for k, v in source.state_dict().items())
-    other = build_detection_model("retinanet_small", 6, pretrained_path=str(path), verbose=messages.append)
+    other = build_detection_model("retinanet_small", 6, pretrained_path=str(path), log=messages.append)
     assert "head.classification_head.cls_logits" in messages[-1]  # another class count: that conv is fresh
     first_conv = "backbone.stages.0.0.0.weight"
     assert torch.equal(other.state_dict()[first_conv], source.state_dict()[first_conv])
@@ -268,7 +268,7 @@ def test_classification_backbone_file_fills_the_body(tmp_path, offline):
     torch.save(classifier.state_dict(), path)
     messages = []
     model = build_detection_model("fasterrcnn_mobilenet_v3_large_320_fpn", 3, pretrained_path=str(path),
-                                  verbose=messages.append)
+                                  log=messages.append)
     body = model.backbone.body.state_dict()
     for key, value in classifier.state_dict().items():
         if key.startswith("features."):
@@ -459,7 +459,7 @@ def test_the_validation_loss_is_scored_only_on_request():
         example = Detection.example("retinanet_small", tmp)  # 7 generated images of 32 px
         task = Detection(example.classes, list(example.category_ids))
         torch.manual_seed(0)
-        model = task.build_model("retinanet_small", 32, verbose=lambda *_: None)
+        model = task.build_model("retinanet_small", 32, log=lambda *_: None)
         acc = make_accelerator("cpu", "no")
         plain, _ = evaluate(model, example.dataset, task, acc, 4)
         task.validation_loss = True

@@ -1484,7 +1484,7 @@ def test_a_training_file_corrupted_after_the_scan_is_replaced_and_a_killed_run_s
     make_folder(data / "val", per_class=2)
     run = {"train.epochs": 3, "train.batch_size": 4, "data.num_workers": 2, "checkpoint.every_steps": 2,
            "train.log_every_steps": 2, "data.verify_images": "header"}  # 24 images: 6 updates an epoch
-    build_data(load_config(None, folder_args(data, "scan", **run)).data, seed=0, verbose=lambda *_: None)
+    build_data(load_config(None, folder_args(data, "scan", **run)).data, seed=0, log=lambda *_: None)
     broken = data / "train" / "dog" / "3.png"
     size = broken.stat().st_size
     broken.write_bytes(b"\0" * size)  # rewritten in place: the cached header check still says it is fine

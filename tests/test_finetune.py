@@ -116,7 +116,7 @@ def test_classification_task_passes_them_on():
     from trainer.tasks.classify import Classification
 
     task = Classification.from_meta({"task": "multiclass", "classes": ["a", "b", "c"]})
-    model = task.build_model("resnet18", 32, None, None, verbose=lambda *_: None, drop_path=0.4, dropout=0.1)
+    model = task.build_model("resnet18", 32, None, None, log=lambda *_: None, drop_path=0.4, dropout=0.1)
     assert max(getattr(m, "drop_path", 0) for m in model.modules()) == pytest.approx(0.4)
     with pytest.raises(ConfigError, match="model.drop_path"):
         task.build_model("small_cnn", 32, drop_path=0.4)

@@ -24,7 +24,7 @@ def cfg_for(root: Path, cache: Path, **kw):
 
 
 def build(cfg, notes=None):
-    return build_data(cfg, seed=0, verbose=(notes.append if notes is not None else lambda *_: None))
+    return build_data(cfg, seed=0, log=(notes.append if notes is not None else lambda *_: None))
 
 
 def summary(data) -> dict:

@@ -94,7 +94,7 @@ def test_pretrained_from_local_file_reinitialises_head(tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
     torch.save(src.state_dict(), tmp_path / "w.pth")
     for f in ("w.safetensors", "w.pth"):
-        dst = build_model("resnet18", 3, image_size=32, pretrained_path=str(tmp_path / f), verbose=lambda *_: None)
+        dst = build_model("resnet18", 3, image_size=32, pretrained_path=str(tmp_path / f), log=lambda *_: None)
         assert torch.equal(dst.conv1.weight, src.conv1.weight)
         assert dst.fc.weight.shape == (3, 512)
 

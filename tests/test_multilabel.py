@@ -206,7 +206,7 @@ def build(root: Path, *extra):
     from trainer.data import build_data
 
     cfg = load_config(None, ["data.format=multilabel", f"data.root={root}", "data.image_size=16", *extra])
-    return build_data(cfg.data, 0, ("train", "val"), verbose=lambda *_: None)
+    return build_data(cfg.data, 0, ("train", "val"), log=lambda *_: None)
 
 
 def test_a_csv_folder_reads_its_label_sets_with_classes_from_the_union_of_train(tmp_path):
@@ -231,7 +231,7 @@ def test_an_image_folder_holding_train_csv_is_read_as_a_multilabel_folder(tmp_pa
     root = csv_folder(tmp_path / "d")
     cfg = load_config(None, ["data.format=imagefolder", f"data.root={root}", "data.image_size=16"])
     assert task_spec(cfg.task, cfg.data).title == "multilabel"
-    assert build_data(cfg.data, 0, ("train", "val"), verbose=lambda *_: None).classes == ["bird", "cat", "dog"]
+    assert build_data(cfg.data, 0, ("train", "val"), log=lambda *_: None).classes == ["bird", "cat", "dog"]
 
 
 def test_predicted_labels_are_the_classes_at_their_thresholds_and_one_threshold_sets_all():

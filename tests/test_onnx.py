@@ -106,7 +106,7 @@ def test_every_classification_model_exports_with_parity(name, tmp_path):
 
 def test_segmentation_unet_exports_main_head_with_dynamic_size(tmp_path):
     torch.manual_seed(0)
-    net = with_real_statistics(build_segmentation_model("unet", 3, verbose=lambda *_: None))
+    net = with_real_statistics(build_segmentation_model("unet", 3, log=lambda *_: None))
     folder = tmp_path / "model"
     export_model(net, folder, {"architecture": "unet", "task": "segmentation", "num_outputs": 3,
                                "classes": ["background", "cat", "dog"], "image_size": 32, "mean": [0.5] * 3,

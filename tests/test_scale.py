@@ -142,7 +142,7 @@ def test_multiscale_sizes_in_the_loader_follow_the_position_so_a_resume_and_ever
     from trainer.data.loaders import WorkerLoader
 
     write_generated_coco(tmp_path, 32, seed=0, counts={"train": 12})
-    split = read_coco(tmp_path / "train" / "annotations.json", tmp_path / "train", verbose=lambda *_: None)
+    split = read_coco(tmp_path / "train" / "annotations.json", tmp_path / "train", log=lambda *_: None)
     resize = MultiScale([24, 40, 56], max_size=100, seed=9)
 
     def sides(start, rank=0, processes=1, batch=4):

@@ -215,7 +215,7 @@ def test_build_data_sets_the_key_on_every_split(tmp_path):
     for on in (True, False):
         cfg = load_config(None, [f"data.root={tmp_path / 'd'}", "data.format=imagefolder", "data.val_fraction=0.34",
                                  f"data.scaled_decode={str(on).lower()}", "data.cache_dir=off"])
-        data = build_data(cfg.data, seed=0, verbose=lambda *_: None)
+        data = build_data(cfg.data, seed=0, log=lambda *_: None)
         assert {split: ds.scaled_decode for split, ds in data.datasets.items()} == {"train": on, "val": on}
 
 
@@ -257,7 +257,7 @@ def test_packed_shards_decode_their_jpeg_bytes_at_the_same_scale_as_the_folder(t
     def data(root, fmt):
         cfg = load_config(None, [f"data.root={root}", f"data.format={fmt}", f"data.image_size={SIZE}",
                                  "data.augment.random_resized_crop=true", "data.cache_dir=off"])
-        return build_data(cfg.data, seed=0, verbose=lambda *_: None)
+        return build_data(cfg.data, seed=0, log=lambda *_: None)
 
     a, b = data(tmp_path / "d", "imagefolder"), data(tmp_path / "packed", "shards")
     for split in ("train", "val"):
@@ -342,7 +342,7 @@ def test_predict_is_the_eval_split_under_every_fit(tmp_path, fit):
     cfg = load_config(None, [f"data.root={tmp_path / 'd'}", "data.format=imagefolder", "data.val_fraction=0.5",
                              f"data.image_size={SIZE}", f"data.crop_mode={mode}", f"data.crop_pct={pct}",
                              f"data.interpolation={interp}", "data.cache_dir=off"])
-    data = build_data(cfg.data, seed=0, verbose=lambda *_: None)
+    data = build_data(cfg.data, seed=0, log=lambda *_: None)
     val = data.datasets["val"]
     meta = {"image_size": SIZE, "mean": data.mean, "std": data.std, "scaled_decode": True,
             **Fit.from_cfg(cfg.data).meta(SIZE)}

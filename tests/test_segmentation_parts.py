@@ -118,7 +118,7 @@ def test_pretrained_other_class_count(name, tmp_path, offline):
     path = tmp_path / "five.safetensors"
     save_file(saved, str(path))
     messages = []
-    model = build_segmentation_model(name, 3, pretrained_path=str(path), verbose=messages.append)
+    model = build_segmentation_model(name, 3, pretrained_path=str(path), log=messages.append)
     own = model.state_dict()
     differ = {k for k in own if own[k].shape != saved[k].shape}
     assert differ == HEADS[name]
@@ -153,7 +153,7 @@ def test_pretrained_backbone_only(layout, tmp_path, offline):
         save_file(file_state, str(path))
     messages = []
     model = build_segmentation_model("lraspp_mobilenet_v3_large", 3, pretrained_path=str(path),
-                                     verbose=messages.append)
+                                     log=messages.append)
     own, src = model.state_dict(), _state(source)
     assert all(torch.equal(own[k], src[k]) for k in backbone)
     head = [k for k in own if k.startswith("classifier.") and own[k].is_floating_point()]

@@ -50,8 +50,8 @@ def test_shards_give_the_folders_datasets_images_and_fingerprint(folder, tmp_pat
             shutil.move(folder / "val", tmp_path / "val-aside")
             shutil.rmtree(tmp_path / "packed")
             shards.pack(folder, tmp_path / "packed", shard_mb=0.008, say=quiet)
-        a = build_data(data_cfg(folder, "imagefolder", **kw), seed=0, splits=splits, verbose=quiet)
-        b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=splits, verbose=quiet)
+        a = build_data(data_cfg(folder, "imagefolder", **kw), seed=0, splits=splits, log=quiet)
+        b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=splits, log=quiet)
         assert (a.classes, a.train_counts, a.mean, a.std) == (b.classes, b.train_counts, b.mean, b.std)
         for split in splits:
             da, db = a.datasets[split], b.datasets[split]
@@ -95,7 +95,7 @@ def test_a_cut_short_pack_resumes_keeping_its_finished_shards(folder, tmp_path, 
         shards.pack(folder, cut, shard_mb=0.008, say=quiet)
     assert not (cut / "index.json").exists() and (cut / ".plan.json").is_file()
     with pytest.raises(DataError, match="not a packed dataset .*cut short: run the same trainer pack again"):
-        build_data(data_cfg(cut, "shards"), seed=0, verbose=quiet)
+        build_data(data_cfg(cut, "shards"), seed=0, log=quiet)
     kept = {name: (cut / name).stat().st_mtime_ns for name in written}
     monkeypatch.setattr(shards, "_write_shard", real)
     notes = []
@@ -122,7 +122,7 @@ def test_every_image_is_checked_once_when_packed(folder, tmp_path):
     bad.write_bytes(bad.read_bytes()[:300])
     index = shards.pack(folder, tmp_path / "b", shard_mb=0.008, skip_bad=True, say=quiet)
     assert [path for path, _ in index["skipped"]] == ["train/dog/3.jpg"]
-    data = build_data(data_cfg(tmp_path / "b", "shards"), seed=0, verbose=quiet)
+    data = build_data(data_cfg(tmp_path / "b", "shards"), seed=0, log=quiet)
     assert len(data.datasets["train"]) == 3 * 14 - 1 and "train/dog/3.jpg" not in list(data.datasets["train"].paths)
 
 
@@ -136,21 +136,21 @@ def test_a_class_whose_every_image_is_bad_is_refused_when_packed_and_when_traini
     lost = "class 'eel' has no readable training image left: {} dropped all 14 of its files, e.g. {}"
     in_folder = lost.format("data.skip_bad_images=true", folder / "train/eel/0.jpg")
     with pytest.raises(DataError, match=re.escape(in_folder)):
-        build_data(data_cfg(folder, "imagefolder", **{"data.skip_bad_images": "true"}), seed=0, verbose=quiet)
+        build_data(data_cfg(folder, "imagefolder", **{"data.skip_bad_images": "true"}), seed=0, log=quiet)
     with pytest.raises(DataError, match=re.escape(lost.format("--skip-bad-images", "train/eel/0.jpg"))
                        + ".*the same trainer pack again"):
         shards.pack(folder, tmp_path / "packed", shard_mb=0.008, skip_bad=True, say=quiet)
     assert not (tmp_path / "packed" / "index.json").exists()  # no pack to train from
     with pytest.raises(DataError, match="a pack was cut short"):
-        build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, verbose=quiet)
+        build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, log=quiet)
     # a pack made before pack refused it: training from it is refused as the folder path refuses
     monkeypatch.setattr(shards, "_check_every_class_kept", lambda *a: None)
     index = shards.pack(folder, tmp_path / "older", shard_mb=0.008, skip_bad=True, say=quiet)
     assert len(index["skipped"]) == 14
     with pytest.raises(DataError, match=re.escape(lost.format("trainer pack --skip-bad-images", "train/eel/0.jpg"))
                        + r" \(the shards at .*older hold none of its images\)"):
-        build_data(data_cfg(tmp_path / "older", "shards"), seed=0, verbose=quiet)
-    data = build_data(data_cfg(tmp_path / "older", "shards"), seed=0, splits=("val",), verbose=quiet)
+        build_data(data_cfg(tmp_path / "older", "shards"), seed=0, log=quiet)
+    data = build_data(data_cfg(tmp_path / "older", "shards"), seed=0, splits=("val",), log=quiet)
     assert len(data.datasets["val"]) == 3 * 4  # scoring a split of it is no training: not refused
 
 @pytest.mark.parametrize("damage, message", [
@@ -175,7 +175,7 @@ def test_a_damaged_pack_is_one_line_naming_the_shard(folder, tmp_path, damage, m
     else:
         (dest / "rows.arrow").unlink()
     with pytest.raises(DataError, match=message):
-        build_data(data_cfg(dest, "shards"), seed=0, verbose=quiet)
+        build_data(data_cfg(dest, "shards"), seed=0, log=quiet)
 
 
 def test_pack_refuses_to_write_into_its_source_or_over_other_files(folder, tmp_path):
@@ -196,8 +196,8 @@ def test_pack_refuses_to_write_into_its_source_or_over_other_files(folder, tmp_p
 def test_a_process_keeps_a_bounded_number_of_shards_open(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "MAX_OPEN_SHARDS", 2)
     shards.pack(folder, tmp_path / "packed", shard_mb=0.004, say=quiet)
-    a = build_data(data_cfg(folder, "imagefolder"), seed=0, verbose=quiet).datasets["train"]
-    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, verbose=quiet).datasets["train"]
+    a = build_data(data_cfg(folder, "imagefolder"), seed=0, log=quiet).datasets["train"]
+    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, log=quiet).datasets["train"]
     assert len(set(b.shards.shard.tolist())) > 4
     for i in list(range(len(b))) + list(range(len(b)))[::-1]:  # every shard, opened and closed again
         assert a.load(i).equal(b.load(i))
@@ -208,8 +208,8 @@ def test_the_device_loader_reads_shards_as_it_reads_the_folder(folder, tmp_path)
     from trainer.data.device import decode_split
 
     shards.pack(folder, tmp_path / "packed", shard_mb=0.008, say=quiet)
-    a = build_data(data_cfg(folder, "imagefolder"), seed=0, verbose=quiet).datasets["train"]
-    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, verbose=quiet).datasets["train"]
+    a = build_data(data_cfg(folder, "imagefolder"), seed=0, log=quiet).datasets["train"]
+    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, log=quiet).datasets["train"]
     assert decode_split(a, 16).equal(decode_split(b, 16))
 
 
@@ -251,9 +251,9 @@ def test_a_masks_folder_packs_into_shards_that_give_its_images_masks_and_fingerp
             shutil.rmtree(tmp_path / "packed")
             shards.pack(masks_folder, tmp_path / "packed", shard_mb=0.01, say=quiet)
         (masks_folder / "classes.txt").rename(tmp_path / "classes-aside")  # the pack holds the class names itself
-        b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=splits, verbose=quiet)
+        b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=splits, log=quiet)
         (tmp_path / "classes-aside").rename(masks_folder / "classes.txt")
-        a = build_data(data_cfg(masks_folder, "masks", **kw), seed=0, splits=splits, verbose=quiet)
+        a = build_data(data_cfg(masks_folder, "masks", **kw), seed=0, splits=splits, log=quiet)
         assert (a.classes, a.train_counts, a.mean, a.std) == (b.classes, b.train_counts, b.mean, b.std)
         for split in splits:
             da, db = a.datasets[split], b.datasets[split]
@@ -279,7 +279,7 @@ def test_a_bad_mask_is_named_when_packed_and_a_bad_value_when_training_starts(ma
     shards.pack(masks_folder, tmp_path / "packed", shard_mb=0.01, say=quiet)  # resumes the pack cut short
     cfg = data_cfg(tmp_path / "packed", "shards", task="segmentation")
     with pytest.raises(DataError, match=r"mask train/masks/\S+ \(in the shards at .*packed\) has value 9"):
-        build_data(cfg, seed=0, splits=("train", "val"), verbose=quiet)
+        build_data(cfg, seed=0, splits=("train", "val"), log=quiet)
     mask.write_bytes(good)
 
 
@@ -320,9 +320,9 @@ def test_a_coco_folder_packs_into_shards_that_give_its_images_boxes_and_fingerpr
     assert (tmp_path / "packed" / "train-annotations.json").read_bytes() == \
         (coco_folder / "train" / "annotations.json").read_bytes()  # the annotation file as it was
     kw = {"task": "detection", "data.image_size": 64}
-    a = build_data(data_cfg(coco_folder, "coco", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    a = build_data(data_cfg(coco_folder, "coco", **kw), seed=0, splits=("train", "val"), log=quiet)
     shutil.move(coco_folder, tmp_path / "aside")  # the shards alone
-    b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=("train", "val"), log=quiet)
     for i in range(len(b.datasets["train"])):
         b.datasets["train"][i]  # every image read from the shards, the folder out of the way
     shutil.move(tmp_path / "aside", coco_folder)
@@ -352,7 +352,7 @@ def test_a_coco_pack_notices_changed_annotations_and_names_a_missing_annotation_
     (tmp_path / "packed" / "val-annotations.json").unlink()
     with pytest.raises(DataError, match="val-annotations.json is missing"):
         build_data(data_cfg(tmp_path / "packed", "shards", task="detection"), seed=0, splits=("train", "val"),
-                   verbose=quiet)
+                   log=quiet)
 
 
 @pytest.mark.slow
@@ -383,7 +383,7 @@ def test_an_image_damaged_in_its_shard_after_the_start_is_one_line_naming_it_and
                "multilabel": (multilabel_folder, {"task": "multilabel"})}[kind]
     dest = tmp_path / "packed"
     shards.pack(src, dest, shard_mb=1, say=quiet)
-    ds = build_data(data_cfg(dest, "shards", **kw), seed=0, splits=("train",), verbose=quiet).datasets["train"]
+    ds = build_data(data_cfg(dest, "shards", **kw), seed=0, splits=("train",), log=quiet).datasets["train"]
     i = len(ds) - 1
     row = int(ds.rows[i])
     pack = ds.shards
@@ -422,9 +422,9 @@ def test_a_multilabel_folder_packs_into_shards_that_give_its_images_targets_and_
     assert index["kind"] == "multilabel" and len(index["splits"]["train"]) > 1 and set(index["splits"]) == \
         {"train", "val", "test"}
     splits = ("train", "val", "test")
-    a = build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, splits=splits, verbose=quiet)
+    a = build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, splits=splits, log=quiet)
     shutil.move(multilabel_folder, tmp_path / "aside")  # the shards alone: no CSV, no image file
-    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=splits, verbose=quiet)
+    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=splits, log=quiet)
     for split in splits:
         for i in range(len(b.datasets[split])):
             b.datasets[split][i]  # every image read from the shards, the folder out of the way
@@ -441,7 +441,7 @@ def test_a_multilabel_folder_packs_into_shards_that_give_its_images_targets_and_
     assert data_fingerprint(a.datasets["train"], a.classes) == data_fingerprint(b.datasets["train"], b.classes)
     # scoring one split (trainer eval): the model's statistics, and no training split needed
     c = build_data(ml_cfg(tmp_path / "packed", "shards", **{"data.mean": a.mean, "data.std": a.std}), seed=0,
-                   splits=("test",), verbose=quiet)
+                   splits=("test",), log=quiet)
     assert c.datasets["test"].labels.tolist() == a.datasets["test"].labels.tolist()
 
 
@@ -474,7 +474,7 @@ def test_a_cut_short_multilabel_pack_resumes_and_another_label_set_writes_its_sh
     (multilabel_folder / "train.csv").write_text("\n".join(train) + "\n")
     shards.pack(multilabel_folder, cut, shard_mb=0.004, say=quiet)
     assert (cut / "train-00000.arrow").stat().st_mtime_ns != kept["train-00000.arrow"]
-    data = build_data(ml_cfg(cut, "shards"), seed=0, splits=("train",), verbose=quiet)
+    data = build_data(ml_cfg(cut, "shards"), seed=0, splits=("train",), log=quiet)
     assert data.datasets["train"].labels[0].tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
@@ -496,7 +496,7 @@ def test_a_multilabel_folder_is_checked_when_packed_as_when_training_and_nothing
         with (multilabel_folder / "classes.txt").open("a") as fh:
             fh.write("star\n")
     with pytest.raises(DataError, match=message):
-        build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, verbose=quiet)
+        build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, log=quiet)
     with pytest.raises(DataError, match=message):
         shards.pack(multilabel_folder, tmp_path / "packed", shard_mb=0.004, say=quiet)
     assert not (tmp_path / "packed").exists()
@@ -512,8 +512,8 @@ def test_an_unreadable_multilabel_image_is_named_when_packed_and_skipped_as_the_
     index = shards.pack(multilabel_folder, tmp_path / "b", shard_mb=0.004, skip_bad=True, say=quiet)
     assert [path for path, _ in index["skipped"]] == [name]
     kw = {"data.skip_bad_images": "true", "data.verify_images": "full"}
-    a = build_data(ml_cfg(multilabel_folder, "multilabel", **kw), seed=0, verbose=quiet)
-    b = build_data(ml_cfg(tmp_path / "b", "shards"), seed=0, verbose=quiet)
+    a = build_data(ml_cfg(multilabel_folder, "multilabel", **kw), seed=0, log=quiet)
+    b = build_data(ml_cfg(tmp_path / "b", "shards"), seed=0, log=quiet)
     assert len(b.datasets["train"]) == len(a.datasets["train"]) == 4 * 6 - 1
     assert b.datasets["train"].labels.tolist() == a.datasets["train"].labels.tolist()
     assert (a.train_counts, a.mean, a.std) == (b.train_counts, b.mean, b.std)
@@ -579,8 +579,8 @@ def test_a_multilabel_folder_with_its_own_columns_packs_with_data_csv_overrides(
     res = run_cli("pack", str(multilabel_folder), str(tmp_path / "packed"), *[f"{k}={v}" for k, v in keys.items()],
                   "--shard-mb", "0.004")  # (argparse takes the positional overrides before an option)
     assert res.returncode == 0, res.stderr[-2000:]
-    a = build_data(ml_cfg(multilabel_folder, "multilabel", **keys), seed=0, splits=("train", "val"), verbose=quiet)
-    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train", "val"), verbose=quiet)
+    a = build_data(ml_cfg(multilabel_folder, "multilabel", **keys), seed=0, splits=("train", "val"), log=quiet)
+    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train", "val"), log=quiet)
     for split in ("train", "val"):
         assert a.datasets[split].labels.tolist() == b.datasets[split].labels.tolist()
     assert a.datasets["train"].labels.sum(1).max() > 1  # the separator was read: several labels in a row
@@ -635,7 +635,7 @@ def test_max_side_stores_large_images_shrunk_upright_and_small_ones_byte_for_byt
     upright = np.asarray(load_rgb(photo_folder / "train" / "dog" / "turned.jpg").resize((32, 64)), dtype=float)
     shrunk = decode_bytes(turned).permute(1, 2, 0).numpy().astype(float)
     assert np.abs(shrunk - upright).mean() < 8  # the upright picture, JPEG's loss aside (values 0-255)
-    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train",), verbose=quiet)
+    b = build_data(data_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train",), log=quiet)
     assert b.datasets["train"][0][0].shape == (3, 16, 16)
 
 
@@ -722,8 +722,8 @@ def test_a_masks_folder_packs_shrunk_with_its_masks_resized_nearest_to_the_uprig
     (root / "classes.txt").write_text("background\nbox\n")
     shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
     kw = {"task": "segmentation", "data.val_fraction": 0.34}
-    a = build_data(data_cfg(root, "masks", **kw), seed=0, splits=("train", "val"), verbose=quiet)
-    b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=("train", "val"), verbose=quiet)
+    a = build_data(data_cfg(root, "masks", **kw), seed=0, splits=("train", "val"), log=quiet)
+    b = build_data(data_cfg(tmp_path / "packed", "shards", **kw), seed=0, splits=("train", "val"), log=quiet)
     seen = set()
     for split in ("train", "val"):
         da, db = a.datasets[split], b.datasets[split]
@@ -843,7 +843,7 @@ def test_a_coco_folder_packs_shrunk_with_its_boxes_masks_keypoints_and_sizes_sca
     shards.pack(root, tmp_path / "packed", say=quiet, max_side=60)
     pack = shards.read_packed(tmp_path / "packed")
     notes = []
-    coco, rows = shards.read_packed_coco(pack, "train", verbose=notes.append)
+    coco, rows = shards.read_packed_coco(pack, "train", log=notes.append)
     assert not notes  # no "not the size the annotations state": width and height are the stored image's
     after = json.loads((tmp_path / "packed" / "train-annotations.json").read_text())
     assert [(im["width"], im["height"]) for im in after["images"]] == [(60, 40), (40, 60), (48, 40)]
@@ -901,8 +901,8 @@ def test_a_multilabel_folder_packs_shrunk_with_its_label_sets(multilabel_folder,
     from PIL import Image
 
     shards.pack(multilabel_folder, tmp_path / "packed", say=quiet, max_side=8)  # its images are 16 px
-    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train",), verbose=quiet)
-    a = build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, splits=("train",), verbose=quiet)
+    b = build_data(ml_cfg(tmp_path / "packed", "shards"), seed=0, splits=("train",), log=quiet)
+    a = build_data(ml_cfg(multilabel_folder, "multilabel"), seed=0, splits=("train",), log=quiet)
     assert a.datasets["train"].labels.tolist() == b.datasets["train"].labels.tolist()
     with Image.open(io.BytesIO(b.datasets["train"].file_bytes(0))) as img:
         assert (img.format, img.size) == ("JPEG", (8, 8))

@@ -21,7 +21,7 @@ TINY = ["timm/resnet10t", "timm/mobilenetv3_small_050", "timm/efficientnet_b0", 
 @pytest.mark.parametrize("name", TINY)
 def test_a_timm_model_builds_runs_and_splits_into_backbone_and_head(name):
     size = 32
-    model = build_model(name, 5, image_size=size, verbose=lambda *_: None, drop_path=0.1, dropout=0.2)
+    model = build_model(name, 5, image_size=size, log=lambda *_: None, drop_path=0.1, dropout=0.2)
     model.eval()
     assert model(torch.randn(2, 3, size, size)).shape == (2, 5)
     levels = model_levels(model, name, "model.layer_decay")
@@ -31,7 +31,7 @@ def test_a_timm_model_builds_runs_and_splits_into_backbone_and_head(name):
 
 
 def test_timm_arguments_reach_the_model():
-    model = build_model("timm/mobilenetv3_small_050", 3, verbose=lambda *_: None, drop_path=0.1, dropout=0.3)
+    model = build_model("timm/mobilenetv3_small_050", 3, log=lambda *_: None, drop_path=0.1, dropout=0.3)
     assert model.drop_rate == 0.3
     assert max(b.drop_path.drop_prob for b in model.modules() if hasattr(b, "drop_path")
                and hasattr(b.drop_path, "drop_prob")) == pytest.approx(0.1, abs=0.02)
@@ -130,12 +130,12 @@ def test_timm_weights_are_found_in_the_hub_cache_by_tag_and_loaded_by_timm(name,
     source, path = place_timm_weights(hf_cache)
     assert timm_weights_file(name, weights) == str(path)
     said = []
-    model = build_model(name, 3, image_size=64, pretrained_path=str(path), verbose=said.append)
+    model = build_model(name, 3, image_size=64, pretrained_path=str(path), log=said.append)
     assert torch.equal(model.conv1[0].weight, source.conv1[0].weight)
     assert torch.equal(model.layer4[0].bn2.running_var, source.layer4[0].bn2.running_var)
     assert model.fc.weight.shape == (3, 512)  # timm's loader drops the 1000-class head for 3 classes
     assert "re-initialised: ['fc.bias', 'fc.weight']" in said[0]
-    same = build_model(name, 1000, image_size=64, pretrained_path=str(path), verbose=said.append)
+    same = build_model(name, 1000, image_size=64, pretrained_path=str(path), log=said.append)
     assert torch.equal(same.fc.weight, source.fc.weight) and "re-initialised: none" in said[1]  # a head that fits
 
 
@@ -188,7 +188,7 @@ def test_a_timm_backbone_segments_any_size_and_takes_a_classifiers_weights_by_na
     source, _ = place_timm_weights(hf_cache)
     said = []
     model = build_segmentation_model("timm/resnet10t", 3, timm_weights_file("timm/resnet10t", "DEFAULT"),
-                                     verbose=said.append)
+                                     log=said.append)
     assert torch.equal(model.backbone.conv1[0].weight, source.conv1[0].weight)
     assert torch.equal(model.backbone.layer4[0].bn2.running_mean, source.layer4[0].bn2.running_mean)
     assert "not in the file: ['head.*', 'up.*']" in said[0] and "fit no name: ['fc']" in said[0]

@@ -46,7 +46,7 @@ def test_weights_are_found_by_name_and_loaded(spelling, torch_home):
     source, path = place_weights(torch_home, "resnet18", torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
     assert weights_file("resnet18", spelling) == str(path)
     model = build_model("resnet18", 3, image_size=224, pretrained_path=weights_file("resnet18", spelling),
-                        verbose=lambda *_: None)
+                        log=lambda *_: None)
     assert torch.equal(model.conv1.weight, source.conv1.weight)
     assert torch.equal(model.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
     assert model.fc.weight.shape == (3, 512)  # the head for 3 classes: re-initialised

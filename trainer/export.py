@@ -126,7 +126,7 @@ def load_exported(path: str, detection_options: Optional[dict] = None) -> Tuple[
         meta = {**meta, "model_kwargs": {**meta["model_kwargs"], **detection_options}}
     try:
         model = task_from_meta(meta).build_model(meta["architecture"], meta["image_size"],
-                                                 meta.get("small_input_stem"), verbose=lambda *_: None)
+                                                 meta.get("small_input_stem"), log=lambda *_: None)
     except TrainerError as err:
         raise TrainerError(f"{model_dir / 'model.json'}: {err}") from None
     state = load_safetensors(model_dir / "model.safetensors", "model weights")

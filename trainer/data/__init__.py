@@ -65,7 +65,7 @@ def _load_cifar(fmt: str, root: Optional[str], download: bool):
     return train, test, root
 
 
-def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), verbose=print,
+def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), log=print,
                scan: Optional["FolderScan"] = None) -> Data:
     """Datasets for `splits` (any of train/val/test); errors name the path or key at fault. `scan`: scan_files'
     result when already made (build_data_on_ranks: the checks it holds were split across the processes)."""
@@ -73,7 +73,7 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     size = data_cfg.image_size
     builder = BUILDERS.get(data_targets(data_cfg))  # images with masks or boxes (else labels: below)
     if builder is not None:
-        return builder(data_cfg, seed, splits, verbose)
+        return builder(data_cfg, seed, splits, log)
     if fmt in ("cifar10", "cifar100"):
         train_set, test_set, root = _load_cifar(fmt, data_cfg.root, data_cfg.download)
         classes = list(train_set.classes)
@@ -122,7 +122,7 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
         counts, mean, std = _train_stats(data_cfg, made, found, len(classes), shard_split)
         source = f"shards at {root}"
     else:
-        scan = scan if scan is not None else scan_files(data_cfg, splits, verbose)
+        scan = scan if scan is not None else scan_files(data_cfg, splits, log)
         root, classes, found, manifest = scan.root, scan.classes, scan.found, scan.manifest
         skipped = []
         made = {}
@@ -137,7 +137,7 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
                         known = find_bad_images(samples, full)
                         if manifest is not None:
                             manifest.record(samples, full, known)
-                            save_scan(scan, verbose)  # before a bad file stops the start: found once
+                            save_scan(scan, log)  # before a bad file stops the start: found once
                     good, bad = verify_images(samples, data_cfg.skip_bad_images, known_bad=known)
                     skipped += bad
                     if not good:
@@ -161,7 +161,7 @@ def build_data(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"), ve
     for ds in made.values():
         ds.scaled_decode = data_cfg.scaled_decode
     if skipped:
-        verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
+        log(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
     return Data(classes=classes, datasets=made, mean=list(mean), std=list(std), train_counts=counts,
                 skipped=skipped, source=source)
 
@@ -177,7 +177,7 @@ class FolderScan:
     cache: Optional[Path] = None  # where the manifest is cached (None: data.cache_dir=off)
 
 
-def scan_files(data_cfg, splits: Sequence[str], verbose=print) -> FolderScan:
+def scan_files(data_cfg, splits: Sequence[str], log=print) -> FolderScan:
     """The files of an image folder or of the generated dataset (which it writes first if missing), from the
     cached scan when nothing changed; errors name the missing or empty split."""
     fmt = data_cfg.format
@@ -207,12 +207,12 @@ def scan_files(data_cfg, splits: Sequence[str], verbose=print) -> FolderScan:
             walk_skipped.extend(manifest.skipped)
         classes, found = imagefolder_splits(root, data_cfg.val_fraction, data_cfg.split_seed, scanned=scanned)
         if found.get("val") is not None and found.get("val") is found.get("test"):
-            verbose(f"data.val_fraction=0 and no val/ folder: validating on {root}/test")
+            log(f"data.val_fraction=0 and no val/ folder: validating on {root}/test")
     scan = FolderScan(Path(root), classes, found, manifest, cache)
     if manifest is not None and manifest.changed:
-        save_scan(scan, verbose)
+        save_scan(scan, log)
     if walk_skipped:
-        verbose(f"{describe_skipped(walk_skipped)} (under {root})")
+        log(f"{describe_skipped(walk_skipped)} (under {root})")
     _check_splits(root, found, splits, data_cfg.val_fraction)
     return scan
 
@@ -265,12 +265,12 @@ def unchecked(scan: FolderScan, data_cfg, splits: Sequence[str]) -> List[Tuple[s
     return todo
 
 
-def save_scan(scan: FolderScan, verbose) -> None:
+def save_scan(scan: FolderScan, log) -> None:
     """Cache the manifest (when data.cache_dir is not off); a cache that cannot be written is a note, not an error."""
     if scan.cache is not None and scan.manifest is not None:
         problem = save_manifest(scan.cache, scan.manifest)
         if problem:
-            verbose(f"note: {problem}")
+            log(f"note: {problem}")
 
 
 def check_mask_classes(split: str, root, classes: Sequence[str], pixels: Sequence[int], ignore_index: int) -> None:
@@ -287,7 +287,7 @@ def check_mask_classes(split: str, root, classes: Sequence[str], pixels: Sequenc
                     f"(which counts nowhere): nothing to {'learn' if split == 'train' else 'score'}{hint}")
 
 
-def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -> Data:
+def build_mask_data(data_cfg, seed: int, splits: Sequence[str], log=print) -> Data:
     """Images with masks of class indices (segmentation): a masks folder, Pascal VOC, the generated
     segmentation variant, or a masks folder packed into shards. Every mask of every requested split is checked
     at start-up (sizes, values, mode: ~0.3 ms per 64-px mask); `train_counts` are the training split's pixels
@@ -359,7 +359,7 @@ def build_mask_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -
 DETECTOR_MEAN, DETECTOR_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) -> Data:
+def build_box_data(data_cfg, seed: int, splits: Sequence[str], log=print) -> Data:
     """Images with boxes (detection): a COCO folder, Pascal VOC's XML boxes, the generated detection variant, or
     a COCO folder packed into shards. Every annotation and every image header of each requested split is checked
     at start-up (one line naming the file and annotation at fault); `train_counts` are the training split's
@@ -371,7 +371,7 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
     exif = data_cfg.exif_orientation
     if fmt == "voc_detection":
         root = data_cfg.root or "data/voc"
-        found = {split: voc_detection_split(root, data_cfg.voc_year, split, verbose=verbose, exif_orientation=exif)
+        found = {split: voc_detection_split(root, data_cfg.voc_year, split, log=log, exif_orientation=exif)
                  for split in splits}
         check_same_categories(found)
     elif fmt == "shards":  # a COCO folder packed by `trainer pack`: its annotation files, its images by row
@@ -379,7 +379,7 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
         pack = read_packed(root)
         found = {}
         for split in splits:
-            found[split], rows[split] = read_packed_coco(pack, split, verbose=verbose, exif_orientation=exif)
+            found[split], rows[split] = read_packed_coco(pack, split, log=log, exif_orientation=exif)
         check_same_categories(found)
     else:
         if fmt == "generated":
@@ -390,7 +390,7 @@ def build_box_data(data_cfg, seed: int, splits: Sequence[str], verbose=print) ->
                                        {k: v for k, v in per_split.items() if v > 0})
         else:
             root = data_cfg.root
-        found = read_coco_splits(root, list(splits), files=data_cfg.coco_files, verbose=verbose, exif_orientation=exif)
+        found = read_coco_splits(root, list(splits), files=data_cfg.coco_files, log=log, exif_orientation=exif)
     made, counts = {}, []
     for split in splits:
         coco = found[split]

@@ -185,7 +185,7 @@ def _first(bad: np.ndarray, what: str, describe: Callable[[int], str], source: s
 def _build_split(source: str, categories: List[Tuple[int, str]], paths: List[str], image_ids: np.ndarray,
                  stated: np.ndarray, ann_ids: np.ndarray, image_rows: np.ndarray, labels: np.ndarray,
                  xywh: np.ndarray, iscrowd: np.ndarray, area: np.ndarray, describe: Callable[[int], str],
-                 describe_image: Callable[[int], str], verbose, exif_orientation: bool, threads: int,
+                 describe_image: Callable[[int], str], log, exif_orientation: bool, threads: int,
                  sources: Optional[Sequence] = None) -> CocoSplit:
     """Check the boxes (size, then against the real image sizes read from the headers), clip small overhangs,
     and pack the annotations per image. `stated` [I, 2] holds the file's (width, height), -1 where unknown;
@@ -205,7 +205,7 @@ def _build_split(source: str, categories: List[Tuple[int, str]], paths: List[str
         n_turned = int((differ & turned).sum())
         by_exif = (f"; {n_turned} of them only because the file's EXIF orientation turns it a quarter: their boxes "
                    f"are taken to be in the turned (shown) frame" if n_turned else "")
-        verbose(f"{source}: {int(differ.sum())} image(s) are not the size the annotations state, e.g. "
+        log(f"{source}: {int(differ.sum())} image(s) are not the size the annotations state, e.g. "
                 f"{paths[i]} is {widths[i]}x{heights[i]} (WxH), stated {stated[i, 0]}x{stated[i, 1]}; using the real "
                 f"size (boxes are in real pixels, nothing is rescaled){by_exif}")
 
@@ -229,7 +229,7 @@ def _build_split(source: str, categories: List[Tuple[int, str]], paths: List[str
     clipped = (beyond > 0).any(axis=1)
     if clipped.any():
         k = int(np.flatnonzero(clipped)[0])
-        verbose(f"{source}: {int(clipped.sum())} box(es) overhang their image by up to max({OVERHANG_FRACTION:.0%} of "
+        log(f"{source}: {int(clipped.sum())} box(es) overhang their image by up to max({OVERHANG_FRACTION:.0%} of "
                 f"the side, {OVERHANG_MIN_PX:g} px) and were clipped to it, e.g. {describe(k)}")
 
     area = np.where(np.isnan(area), w * h, area)
@@ -281,7 +281,7 @@ def _duplicate(ids: np.ndarray) -> Optional[int]:
     return int(ids[dup.min()]) if len(dup) else None
 
 
-def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True, threads: int = 4,
+def read_coco(json_path, image_dir, log=print, exif_orientation: bool = True, threads: int = 4,
               open_image: Optional[Callable[[str], object]] = None) -> CocoSplit:
     """Read and check one COCO detection file; `file_name`s are relative to image_dir. See the module doc and
     _build_split for what is checked; images without annotations are kept, in file order. `open_image`: what
@@ -371,7 +371,7 @@ def read_coco(json_path, image_dir, verbose=print, exif_orientation: bool = True
     return _build_split(
         src, categories, paths, image_ids, stated, ann_ids, image_rows, cpos + 1, xywh, iscrowd, area,
         describe=lambda k: f"annotation {ann_ids[k]} (image {ann_image[k]}, {paths[image_rows[k]]})",
-        describe_image=lambda i: f"image id {image_ids[i]} in {src}", verbose=verbose,
+        describe_image=lambda i: f"image id {image_ids[i]} in {src}", log=log,
         exif_orientation=exif_orientation, threads=threads,
         sources=None if open_image is None else [open_image(p) for p in paths])
 
@@ -450,10 +450,10 @@ def check_same_categories(splits: Dict[str, CocoSplit]) -> None:
 
 
 def read_coco_splits(root, splits: Sequence[str], files: Optional[dict] = None, optional: Sequence[str] = (),
-                     verbose=print, exif_orientation: bool = True) -> Dict[str, CocoSplit]:
+                     log=print, exif_orientation: bool = True) -> Dict[str, CocoSplit]:
     """find_coco_splits, read_coco on each, check_same_categories: the one call a data builder needs."""
     found = find_coco_splits(root, splits, files, optional)
-    out = {split: read_coco(ann, images, verbose=verbose, exif_orientation=exif_orientation)
+    out = {split: read_coco(ann, images, log=log, exif_orientation=exif_orientation)
            for split, (ann, images) in found.items()}
     check_same_categories(out)
     return out
@@ -461,7 +461,7 @@ def read_coco_splits(root, splits: Sequence[str], files: Optional[dict] = None, 
 
 # ---- Pascal VOC ----
 
-def voc_detection_split(root, year: str = "2012", image_set: str = "train", verbose=print,
+def voc_detection_split(root, year: str = "2012", image_set: str = "train", log=print,
                         exif_orientation: bool = True) -> CocoSplit:
     """An existing Pascal VOC copy (root holds VOCdevkit/VOC<year>/) as a CocoSplit, read offline through
     torchvision's VOCDetection (its file lists and XML parsing): categories are the 20 classes with ids 1..20.
@@ -516,7 +516,7 @@ def voc_detection_split(root, year: str = "2012", image_set: str = "train", verb
         np.arange(1, len(rows) + 1), rows_arr, np.asarray(labels, dtype=np.int64), xywh,
         np.asarray(difficult, dtype=bool), np.full(len(rows), np.nan),
         describe=lambda k: f"object #{xml_of[k]} of {voc.annotations[rows[k]]}",
-        describe_image=lambda i: f"listed in ImageSets/Main/{image_set}.txt", verbose=verbose,
+        describe_image=lambda i: f"listed in ImageSets/Main/{image_set}.txt", log=log,
         exif_orientation=exif_orientation, threads=4)
 
 

@@ -143,7 +143,7 @@ def check_mode(verify_images: str, split: str) -> Optional[bool]:
     return verify_images != "header"
 
 
-def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], verbose=print):
+def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], log=print):
     """The Data of a multi-label CSV folder (or the generated multilabel variant, written first if missing, or
     such a folder packed by trainer pack); `train_counts` are the training split's positive images per class
     (pos_weight from them: the task)."""
@@ -213,6 +213,6 @@ def build_multilabel_data(data_cfg, seed: int, splits: Sequence[str], verbose=pr
     for ds in made.values():
         ds.scaled_decode = data_cfg.scaled_decode
     if skipped:
-        verbose(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
+        log(f"skipped {len(skipped)} unreadable image(s) (data.skip_bad_images=true), e.g. {skipped[0]}")
     return Data(classes=list(classes), datasets=made, mean=list(mean), std=list(std), train_counts=counts,
                 skipped=skipped, source=f"{fmt} at {root}")

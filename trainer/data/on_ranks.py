@@ -22,13 +22,13 @@ from trainer.distributed import agree, main_first, shard_bounds
 from trainer.targets import data_targets
 
 
-def build_data_on_ranks(acc, data_cfg, seed: int, splits: Sequence[str], verbose) -> Data:
+def build_data_on_ranks(acc, data_cfg, seed: int, splits: Sequence[str], log) -> Data:
     """build_data on every rank of `acc`, the file checks split across them (image folders; any other source
     is built by the main rank first, then by the others: it may write the generated dataset)."""
     if (acc.num_processes == 1 or data_cfg.format != "imagefolder" or "all" in splits
             or data_targets(data_cfg) != "labels"):  # a CSV folder given as an image folder: multilabel's builder
-        return main_first(acc, lambda: build_data(data_cfg, seed, splits, verbose=verbose))
-    scan = main_first(acc, lambda: scan_files(data_cfg, splits, verbose))
+        return main_first(acc, lambda: build_data(data_cfg, seed, splits, log=log))
+    scan = main_first(acc, lambda: scan_files(data_cfg, splits, log))
     todo = agree(acc, lambda: unchecked(scan, data_cfg, splits), main_only=True, share=True)
     if todo:
         def check_my_share() -> Dict[str, Dict[str, str]]:
@@ -43,5 +43,5 @@ def build_data_on_ranks(acc, data_cfg, seed: int, splits: Sequence[str], verbose
         for split, full in todo:
             bad = {path: why for share in shares for path, why in share[split].items()}
             scan.manifest.record(scan.found[split], full, bad)
-        agree(acc, lambda: save_scan(scan, verbose), main_only=True)
-    return agree(acc, lambda: build_data(data_cfg, seed, splits, verbose=verbose, scan=scan))
+        agree(acc, lambda: save_scan(scan, log), main_only=True)
+    return agree(acc, lambda: build_data(data_cfg, seed, splits, log=log, scan=scan))

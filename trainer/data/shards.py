@@ -116,7 +116,7 @@ def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List
         return read_class_names(src, None), {split: [(pair, 0) for pair in scan_pairs(src / split)]
                                              for split in ("train", "val", "test") if (src / split).is_dir()}, {}, {}
     found = find_coco_splits(src, ["train"], optional=["val", "test"])
-    coco = {split: read_coco(ann, images, verbose=lambda *_: None) for split, (ann, images) in found.items()}
+    coco = {split: read_coco(ann, images, log=lambda *_: None) for split, (ann, images) in found.items()}
     check_same_categories(coco)
     annotations = {split: {"file": f"{split}-annotations.json", "source": str(ann),
                            "images": os.path.relpath(images, src)} for split, (ann, images) in found.items()}
@@ -704,7 +704,7 @@ class Packed(NamedTuple):
         return out
 
 
-def read_packed_coco(pack: Packed, split: str, verbose=print, exif_orientation: bool = True
+def read_packed_coco(pack: Packed, split: str, log=print, exif_orientation: bool = True
                      ) -> Tuple[CocoSplit, np.ndarray]:
     """A split of a packed COCO folder, read and checked as read_coco reads the folder's (the image headers
     from the shards), and the row of each of its images."""
@@ -724,7 +724,7 @@ def read_packed_coco(pack: Packed, split: str, verbose=print, exif_orientation: 
     def open_image(path: str) -> PackedFile:
         return pack.shards.image_file(row_of(path), path)
 
-    coco = read_coco(pack.shards.root / entry["file"], entry["images"], verbose=verbose,
+    coco = read_coco(pack.shards.root / entry["file"], entry["images"], log=log,
                      exif_orientation=exif_orientation, open_image=open_image)
     return coco, np.array([row_of(path) for path in coco.paths], dtype=np.int64)
 

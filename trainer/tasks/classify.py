@@ -93,11 +93,11 @@ class ImageBatches(OneSizeOneLoss):
     decodes_to_fit = True
 
     def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                    pretrained_path: Optional[str] = None, log=print, drop_path: Optional[float] = None,
                     dropout: Optional[float] = None):
         """`drop_path`, `dropout`: None = the model's own (see `trainer.models.build_model`)."""
         return build_model(name, self.num_outputs, image_size=image_size, small_input_stem=small_input_stem,
-                           pretrained_path=pretrained_path, verbose=verbose, drop_path=drop_path, dropout=dropout)
+                           pretrained_path=pretrained_path, log=log, drop_path=drop_path, dropout=dropout)
 
     def to_device(self, batch, device, memory_format=torch.contiguous_format):
         x, y = batch

@@ -106,13 +106,13 @@ class Detection(DetectionSpec):
                    meta.get("architecture"))
 
     def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                    pretrained_path: Optional[str] = None, log=print, drop_path: Optional[float] = None,
                     dropout: Optional[float] = None):
         if drop_path or dropout is not None:  # the config refuses them first; a direct caller is told here too
             raise ConfigError(f"model.drop_path and model.dropout are for classification models; {name} keeps its own")
         check_name(name)
         self.options, self.architecture = self.resolved(name), name  # what model.json records
-        model = build_detection_model(name, self.num_outputs, self.options, pretrained_path, verbose=verbose)
+        model = build_detection_model(name, self.num_outputs, self.options, pretrained_path, log=log)
         if self.skip_train_resize:
             model.transform._skip_resize = True  # torchvision's own switch (GeneralizedRCNNTransform.resize)
         return model
@@ -216,7 +216,7 @@ class Detection(DetectionSpec):
         """A generated COCO split of 7 images of 32 px (its first 6 as the training batch)."""
         write_generated_coco(Path(tmp) / "coco", 32, 0, {"val": 7})
         split = Path(tmp) / "coco" / "val"
-        dataset = DetectionDataset(read_coco(split / "annotations.json", split, verbose=lambda *_: None))
+        dataset = DetectionDataset(read_coco(split / "annotations.json", split, log=lambda *_: None))
         return Example(list(GENERATED_CATEGORY_IDS), "retinanet_small", {"data.format": "coco", "data.image_size": 32},
                        collate_detection([dataset[i] for i in range(6)]), dataset, [dataset[0][0], dataset[1][0]],
                        "preds.json", list(GENERATED_CATEGORY_IDS.values()))

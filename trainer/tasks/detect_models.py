@@ -338,7 +338,7 @@ def loss_part_names(name: str) -> List[str]:
 
 
 def build_detection_model(name: str, num_classes: int, options: Optional[dict] = None,
-                          pretrained_path: Optional[str] = None, verbose=print) -> nn.Module:
+                          pretrained_path: Optional[str] = None, log=print) -> nn.Module:
     """Model `name` for `num_classes` classes INCLUDING the background (K + 1), built without any download,
     with `options` (see the module docstring and `model_kwargs`); weights from a local `pretrained_path` where
     given, then trainable_backbone_layers applied."""
@@ -348,13 +348,13 @@ def build_detection_model(name: str, num_classes: int, options: Optional[dict] =
                           f"got {num_classes}")
     model = DETECTION_MODELS[name](num_classes, kw)
     if pretrained_path:
-        load_detection_pretrained(model, name, pretrained_path, verbose=verbose)
+        load_detection_pretrained(model, name, pretrained_path, log=log)
     if kw.get("trainable_backbone_layers", 0) < _DEFAULTS[name].get("trainable_backbone_layers", 0):
         freeze_backbone_stages(model, _BACKBONE_KIND[name], kw["trainable_backbone_layers"])
     return model
 
 
-def load_detection_pretrained(model: nn.Module, name: str, path: str, verbose=print) -> None:
+def load_detection_pretrained(model: nn.Module, name: str, path: str, log=print) -> None:
     """Weights from a local file, by name and shape (segment_models.load_pretrained: a tensor that fits nowhere
     keeps its fresh initialisation, and the message lists it).
 
@@ -368,11 +368,11 @@ def load_detection_pretrained(model: nn.Module, name: str, path: str, verbose=pr
     own = model.state_dict()
     state = read_state_dict(path)
     if name not in _BACKBONE_KIND or any(k in own for k in state):
-        load_pretrained(model, path, verbose=verbose)
+        load_pretrained(model, path, log=log)
         return
     holder = nn.Module()  # body's tensors under "backbone.", where load_pretrained looks for a backbone's names
     holder.backbone = model.backbone.body
-    load_pretrained(holder, path, verbose=lambda msg: verbose(f"backbone weights: {msg}"))
+    load_pretrained(holder, path, log=lambda msg: log(f"backbone weights: {msg}"))
 
 
 def _frozen(module: nn.Module) -> nn.Module:

@@ -68,7 +68,7 @@ class TrainingTask(TaskSpec, Protocol):
         """The task of an exported model (model.json), for `trainer eval`, `predict` and `export`."""
 
     def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                    pretrained_path: Optional[str] = None, log=print, drop_path: Optional[float] = None,
                     dropout: Optional[float] = None): ...
 
     def metric_names(self) -> List[str]:

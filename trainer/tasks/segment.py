@@ -72,7 +72,7 @@ class Segmentation(OneSizeOneLoss, SegmentationSpec):
         return cls(list(meta["classes"]), meta.get("ignore_index", 255))
 
     def build_model(self, name: str, image_size: int, small_input_stem: Optional[bool] = None,
-                    pretrained_path: Optional[str] = None, verbose=print, drop_path: Optional[float] = None,
+                    pretrained_path: Optional[str] = None, log=print, drop_path: Optional[float] = None,
                     dropout: Optional[float] = None):
         """Any input size (the U-Net pads to its stride; torchvision's models are fully convolutional)."""
         if drop_path or dropout is not None:  # the config refuses them first; a direct caller is told here too
@@ -80,7 +80,7 @@ class Segmentation(OneSizeOneLoss, SegmentationSpec):
         if name not in SEGMENTATION_MODELS and not name.startswith(TIMM_PREFIX):  # timm's: checked when built
             raise unknown_name("model.name (a segmentation model)", name, SEGMENTATION_MODELS)
         return build_segmentation_model(name, len(self.classes), pretrained_path, aux_loss=self.aux_weight > 0,
-                                        verbose=verbose)
+                                        log=log)
 
     def metric_names(self) -> List[str]:
         return list(METRICS)

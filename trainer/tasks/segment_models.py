@@ -228,7 +228,7 @@ def _check_name(name: str) -> None:
 
 
 def build_segmentation_model(name: str, num_classes: int, pretrained_path: Optional[str] = None,
-                             aux_loss: bool = True, verbose=print) -> nn.Module:
+                             aux_loss: bool = True, log=print) -> nn.Module:
     """Model `name` with `num_classes` output channels (background counts as a class), built without any
     download; weights from a local `pretrained_path` where given (see `load_pretrained`)."""
     _check_name(name)
@@ -236,7 +236,7 @@ def build_segmentation_model(name: str, num_classes: int, pretrained_path: Optio
         raise ConfigError(f"a segmentation model needs num_classes >= 1, got {num_classes}")
     model = (_timm_unet(name) if name.startswith(TIMM_PREFIX) else SEGMENTATION_MODELS[name])(num_classes, aux_loss)
     if pretrained_path:
-        load_pretrained(model, pretrained_path, verbose=verbose)
+        load_pretrained(model, pretrained_path, log=log)
     return model
 
 
@@ -261,7 +261,7 @@ def _modules(keys) -> List[str]:
     return modules if len(modules) <= 8 else sorted({m.split(".", 1)[0] + ".*" for m in modules})
 
 
-def load_pretrained(model: nn.Module, path: str, verbose=print) -> None:
+def load_pretrained(model: nn.Module, path: str, log=print) -> None:
     """Fill every tensor of `model` that the file has under the same name (see `_candidate_names`) and shape;
     the rest (a classifier head for another class count, the heads when only a backbone is given) keeps its
     fresh initialisation. Reports the counts and the re-initialised modules; a file that fills nothing is a
@@ -283,7 +283,7 @@ def load_pretrained(model: nn.Module, path: str, verbose=print) -> None:
                           f"(its {len(state)} tensors start {sorted(state)[:3]}; the model's start {list(own)[:3]})")
     model.load_state_dict({**own, **loaded})  # strict: every key of the model is given
     reinit = [k for k in own if k not in loaded]
-    verbose(f"loaded {len(loaded)} of {len(own)} tensors from {path}; "
+    log(f"loaded {len(loaded)} of {len(own)} tensors from {path}; "
             f"re-initialised {len(reinit)} (shape differs: {_modules(wrong_shape) or 'none'}; "
             f"not in the file: {_modules(k for k in reinit if k not in wrong_shape) or 'none'})"
             + (f"; {len(unused)} tensors of the file fit no name: {_modules(unused)}" if unused else ""))

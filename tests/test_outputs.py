@@ -355,6 +355,130 @@ def test_two_commands_writing_into_one_folder_keep_each_others_records(tmp_path)
     assert len(Ledger.read(tmp_path).files) == 80
 
 
+
+def _take_and_hold(lock_path: str, log: str, start: float) -> None:
+    from trainer.outputs import LOCK_WAIT_S, LockFile
+    while time.time() < start:  # every taker at the dead holder's lock at once
+        pass
+    lock = LockFile(Path(lock_path), LOCK_WAIT_S)
+    while lock.try_acquire() is not None:
+        time.sleep(0.001)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"+")
+    time.sleep(0.005)
+    os.write(fd, b"-")
+    os.close(fd)
+    lock.release()
+
+
+def test_takers_of_a_killed_holders_lock_never_hold_it_two_at_once(tmp_path):
+    """Six processes find the ledger's lock of a killed holder at the same instant: each judges it stale, and
+    one breaking it must never remove the lock another taker took meanwhile (which gave two holders at once:
+    lost records, a torn ledger). Each holder logs + on entry and - on leaving: never two + in a row."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    lock, log = tmp_path / "x.lock", tmp_path / "log"
+    ctx = multiprocessing.get_context("fork")
+    overlaps = 0
+    for _ in range(25):
+        lock.write_text(f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}, "proc_start": "1", "token": "d"}}')
+        log.write_text("")
+        start = time.time() + 0.05
+        procs = [ctx.Process(target=_take_and_hold, args=(str(lock), str(log), start)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert [proc.exitcode for proc in procs] == [0] * 6
+        overlaps += "++" in log.read_text()
+        assert log.read_text().count("+") == 6
+    assert overlaps == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]  # no lock and no break file left
+
+
+_KILL_AT_PLACING = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import trainer.outputs as outputs
+real = os.replace
+def replace(a, b):  # killed right before or right after the rename that places a file
+    if not str(b).endswith(outputs.LEDGER) and {before}:
+        os.kill(os.getpid(), 9)
+    real(a, b)
+    if not str(b).endswith(outputs.LEDGER):
+        os.kill(os.getpid(), 9)
+os.replace = replace
+out = outputs.Folder(Path({folder!r}), "predict")
+if {staged}:
+    with out.staged() as stage:
+        for name in ("a.png", "b.png"):
+            (stage / name).write_text("v2")
+else:
+    out.write("a.png", "v2")
+"""
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["write", "staged"])
+@pytest.mark.parametrize("before", [True, False], ids=["before-rename", "after-rename"])
+def test_a_kill_at_a_placing_rename_leaves_the_file_the_trainers_on_either_side(tmp_path, staged, before):
+    """Preempted by SIGKILL as a new version lands: whichever version the file holds, the rerun replaces it as
+    its own (it was taken for a user's when killed after the rename, before the ledger's save)."""
+    Folder(tmp_path, "predict").write("a.png", "v1")
+    script = _KILL_AT_PLACING.format(root=str(ROOT), folder=str(tmp_path), staged=staged, before=before)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    assert (tmp_path / "a.png").read_text() == ("v1" if before else "v2")
+    rerun = Folder(tmp_path, "predict")
+    rerun.clean_leftovers()
+    assert rerun.owns("a.png")
+    rerun.write("a.png", "v3")
+    assert (tmp_path / "a.png").read_text() == "v3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEDGER, "a.png"]  # the temporaries went
+
+
+def test_replacing_refuses_a_target_that_became_a_link_or_a_file_while_it_was_written(tmp_path):
+    """The user puts a link to their own folder (or a file) where model/ was, while its new version is being
+    written: the swap is refused, and nothing of theirs moves (it used to empty the linked folder into the run)."""
+    mine = tmp_path / "my_models"
+    users(mine, {"weights.bin": "w", "sub/notes.txt": "n"})
+    run = Folder(tmp_path / "run", "train", owner="run")
+    with run.replacing("model") as tmp:
+        (tmp / "model.json").write_text("v1")
+    with pytest.raises(TrainerError, match="is a link"):
+        with run.replacing("model") as tmp:
+            (tmp / "model.json").write_text("v2")
+            subprocess.run(["rm", "-r", str(tmp_path / "run" / "model")], check=True)
+            (tmp_path / "run" / "model").symlink_to(mine)
+    assert tree(mine) == {"sub/notes.txt": b"n", "weights.bin": b"w"}
+    (tmp_path / "run" / "model").unlink()
+    with pytest.raises(TrainerError, match="is a file where a folder goes"):
+        with run.replacing("model") as tmp:
+            (tmp / "model.json").write_text("v3")
+            (tmp_path / "run" / "model").write_text("the user's")
+    assert (tmp_path / "run" / "model").read_text() == "the user's"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LEDGER, "model"]  # no temporary left
+
+
+def test_another_hosts_staging_folder_is_live_while_anything_below_it_changes(tmp_path, monkeypatch):
+    """A predict on another node fills its staging folder's sub-folders for over an hour (the folder's own
+    time then stays old): a writer here must not take it for a dead one's and delete it; once nothing below
+    it has changed for an hour, it is removed."""
+    out = Folder(tmp_path, "predict")
+    out.write("x.txt", "x")
+    ledger = Ledger.read(tmp_path)
+    stage = ".stage.cnn-trainer-stage-1-abcd"
+    ledger.pending[stage] = {"host": "another-node", "pid": 1, "proc_start": None}
+    ledger.save(tmp_path)
+    users(tmp_path / stage, {"cls/img0.png": "p"})
+    hour_ago = time.time() - 7200
+    os.utime(tmp_path / stage, (hour_ago, hour_ago))
+    Folder(tmp_path, "predict").clean_leftovers()
+    assert (tmp_path / stage / "cls" / "img0.png").exists()
+    for path in [tmp_path / stage / "cls" / "img0.png", tmp_path / stage / "cls", tmp_path / stage]:
+        os.utime(path, (hour_ago, hour_ago))
+    Folder(tmp_path, "predict").clean_leftovers()
+    assert not (tmp_path / stage).exists()
+
 # ---- one gate: nothing else writes ----
 
 # The calls that write, rename or delete files. Outside the gate (and files.py's primitives it calls) each

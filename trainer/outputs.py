@@ -49,6 +49,7 @@ FORMAT = "cnn-trainer-files"
 GATE_FILES = (LEDGER, LEDGER_LOCK, LEDGER_TEMP)  # the gate's own, in every folder it writes into
 LOCK_WAIT_S = 60.0  # a ledger is held for milliseconds; this long means its holder is stuck or gone
 STALE_TEMP_S = 3600.0  # a temporary of a process on another host, untouched this long, belongs to a dead one
+BREAK_STALE_S = 10.0  # a lock's break file is held for microseconds: this old, its maker was killed holding it
 
 # What each kind of folder owns by name alone: files its commands rewrite or append to constantly (a log, a
 # lock refreshed by a heartbeat, the leases of tune workers on several nodes, files SLURM's shell scripts write),
@@ -167,7 +168,8 @@ class LockFile:
 
     def try_acquire(self) -> Optional[dict]:
         """Take it and return None; or return the live holder's record."""
-        for _ in range(5):
+        deadline = time.time() + BREAK_STALE_S + 1  # past a break file a killed breaker left
+        while time.time() < deadline:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -188,7 +190,8 @@ class LockFile:
 
     def _holder_if_alive(self) -> Optional[dict]:
         try:
-            text, mtime = self.path.read_text(), self.path.stat().st_mtime
+            st = os.stat(self.path)
+            text = self.path.read_text()
         except FileNotFoundError:
             return None  # released meanwhile: try again
         try:
@@ -196,15 +199,44 @@ class LockFile:
         except ValueError:
             holder = {}  # being written this instant, or cut by a crash: judged by its age
         gone = process_gone(holder) if isinstance(holder, dict) else None
-        if gone is False or (gone is None and time.time() - mtime < self.stale_after_s):
+        if gone is False or (gone is None and time.time() - st.st_mtime < self.stale_after_s):
             return holder if isinstance(holder, dict) else {}
-        stale = self.path.with_name(f"{self.path.name}.stale-{self.token}")
-        try:
-            os.rename(self.path, stale)  # of several takers that saw it stale, one renames it
-        except FileNotFoundError:
-            return None
-        stale.unlink(missing_ok=True)
+        if not self._break(st, holder.get("token") if isinstance(holder, dict) else None):
+            time.sleep(0.002)  # another taker is breaking it: look again in a moment
         return None
+
+    def _break(self, judged: os.stat_result, token: Optional[str]) -> bool:
+        """Remove the lock judged stale, and no other. Of several takers that judged it so, only the one that
+        creates its break file (named for that lock: its holder's token, or its inode and time) may remove it,
+        and only while the file at the path is still that lock: another taker may have removed it and a live
+        holder taken the path since. Renaming it away instead let a second breaker move the new holder's lock
+        (two holders at once). A break file is held for microseconds; one older than BREAK_STALE_S was left
+        by a breaker killed in between and is removed. False if another taker is breaking it."""
+        mark = token if isinstance(token, str) and token.isalnum() else f"{judged.st_ino}-{judged.st_mtime_ns}"
+        breaker = self.path.with_name(f"{self.path.name}.break-{mark}")
+        try:
+            os.close(os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:
+                if time.time() - os.stat(breaker).st_mtime > BREAK_STALE_S:
+                    breaker.unlink()
+            except FileNotFoundError:
+                pass
+            return False
+        except OSError as err:
+            raise disk_error(err, breaker) from None
+        try:
+            st = os.stat(self.path)
+            same = (st.st_ino, st.st_mtime_ns) == (judged.st_ino, judged.st_mtime_ns)
+            if token is not None and same:
+                same = json.loads(self.path.read_text()).get("token") == token
+            if same:
+                self.path.unlink()
+        except (FileNotFoundError, ValueError, AttributeError):
+            pass  # gone or changed meanwhile: not the lock judged stale
+        finally:
+            breaker.unlink(missing_ok=True)
+        return True
 
     def release(self) -> None:
         try:
@@ -243,7 +275,22 @@ def identity(path: Path, by: str, data: Optional[bytes] = None) -> dict:
 
 def unchanged(path: Path, entry: dict) -> bool:
     """`path` still holds what the trainer wrote there: a regular file with the recorded size and modification
-    time, or (copied without its times, `cp -r`) the recorded bytes."""
+    time, or (copied without its times, `cp -r`) the recorded bytes. An entry recorded while its file was being
+    replaced (`placing`) also matches the version it replaces, which a kill before the rename leaves."""
+    was = entry.get("was")
+    return _holds(path, entry) or (isinstance(was, dict) and _holds(path, was))
+
+
+def placing(new: dict, old: Optional[dict], path: Path) -> dict:
+    """The entry recorded for a file about to be renamed over `path`, saved before the rename: the new file's
+    identity, and the trainer's version it replaces (if `path` holds one), so that the file is the trainer's
+    whichever side of the rename a kill falls on."""
+    if old is None or old.get("live") or not _holds(path, old):
+        return new
+    return {**new, "was": {k: v for k, v in old.items() if k != "was"}}
+
+
+def _holds(path: Path, entry: dict) -> bool:
     try:
         st = os.lstat(path)
     except OSError:
@@ -406,6 +453,27 @@ def _walk(root: Path, below: str = "") -> Iterator[Tuple[Path, str]]:
             yield from _walk(root, rel)
         else:
             yield Path(entry.path), rel
+
+
+def _changed_within(path: Path, seconds: float) -> bool:
+    """Whether `path` or, for a folder, anything below it (links not followed) was modified in the last
+    `seconds`: a writer filling a staging folder's sub-folders changes no time of the folder itself. Stops at
+    the first recent one."""
+    since = time.time() - seconds
+    try:
+        if os.lstat(path).st_mtime > since:
+            return True
+    except OSError:
+        return False
+    if path.is_dir() and not path.is_symlink():
+        for top, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    if os.lstat(os.path.join(top, name)).st_mtime > since:
+                        return True
+                except OSError:
+                    pass
+    return False
 
 
 def _delete(path: Path) -> None:
@@ -604,17 +672,29 @@ class Folder:
                 if fsync:
                     fh.flush()
                     os.fsync(fh.fileno())
-            # Checked again, placed and recorded under one hold of the ledger's lock: another process writing
+            new = identity(self.root / temp, self.by, data)  # a rename keeps the size and modification time
+            # Checked again, recorded and placed under one hold of the ledger's lock: another process writing
             # the same file meanwhile is then either not yet placed or already recorded, never taken for a user's.
+            # Recorded before the rename: a kill right after it leaves the file recorded, not a user's.
             with self._changing() as ledger:
                 problem = self.problem(rel)
                 if problem is not None:
                     raise TrainerError(f"{self.option}: {problem}; it is left as it is")
-                os.replace(self.root / temp, target)
+                old = ledger.files.get(rel)
+                ledger.files[rel] = placing(new, old, target)
+                ledger.save(self.root)
+                try:
+                    os.replace(self.root / temp, target)
+                except OSError:  # not placed: the record as it was
+                    if old is None:
+                        del ledger.files[rel]
+                    else:
+                        ledger.files[rel] = old
+                    raise
                 if fsync:
                     fsync_dir(target.parent)
                 ledger.pending.pop(temp, None)
-                ledger.files[rel] = identity(target, self.by, data)
+                ledger.files[rel] = new
         except BaseException as err:  # also a stop request raised mid-write: never leave the temporary
             (self.root / temp).unlink(missing_ok=True)
             self._forget(temp)
@@ -684,12 +764,18 @@ class Folder:
                 for rel in placed:
                     with open(self.root / stage / rel, "rb") as fh:
                         os.fsync(fh.fileno())
+            # hashed before the lock is taken (a rename keeps each file's size and time): the hold is only the
+            # renames, however many files and however large
+            new = {rel: identity(self.root / stage / rel, self.by) for rel in placed}
             with self._changing() as ledger:
                 self.check(placed)  # again under the lock, which every placing holds: none is half-recorded now
-                for rel in placed:  # recorded as they land: a failure part-way leaves them ours
+                for rel in placed:  # recorded before they land: a kill part-way leaves every one the trainer's
                     self._make_parents(rel, ledger)
+                    ledger.files[rel] = placing(new[rel], ledger.files.get(rel), self.root / rel)
+                ledger.save(self.root)
+                for rel in placed:
                     os.replace(self.root / stage / rel, self.root / rel)
-                    ledger.files[rel] = identity(self.root / rel, self.by)
+                    ledger.files[rel] = new[rel]
                 for rel in set(stale) - set(placed):
                     entry = ledger.files.get(rel)
                     if entry is not None and unchanged(self.root / rel, entry):
@@ -742,6 +828,9 @@ class Folder:
             # folder at once (sweep tasks drawing one generated dataset) must see either the folder before this
             # swap or the swap recorded, never the new files in place but not yet in the ledger.
             with self._changing() as ledger:
+                problem = self.problem(rel, folder=True)  # again: it may have become a link or a file meanwhile
+                if problem is not None:
+                    raise TrainerError(f"{self.option}: {problem}; it is left as it is")
                 ours = {r[len(rel) + 1:]: e for r, e in ledger.files.items()
                         if r.startswith(rel + "/") and unchanged(self.root / r, e)}
                 clash = [f"{rel}/{r}" for r in new if os.path.lexists(target / r) and r not in ours] + \
@@ -784,6 +873,9 @@ class Folder:
         if not target.is_dir() or target.is_symlink():
             raise TrainerError(f"{old_path} holds the old version of {target}, which is no longer a folder; move what "
                                f"you need out of it, then start again")
+        if old_path.is_symlink():  # a link is never emptied (rule 5): the swap never moves one there
+            raise TrainerError(f"{old_path} is a link where the old version of {target} should be; the trainer "
+                               f"leaves it as it is: remove it, then start again")
         ledger.forget_below(rel)
         for r, entry in record["new"].items():
             if unchanged(target / r, entry):
@@ -884,11 +976,8 @@ class Folder:
             for name, holder in sorted(ledger.pending.items()):
                 path = self.root / name
                 gone = process_gone(holder)
-                if gone is None:  # another host: gone once its temporary has not changed for an hour
-                    try:
-                        gone = time.time() - os.lstat(path).st_mtime > STALE_TEMP_S
-                    except OSError:
-                        gone = True
+                if gone is None:  # another host: gone once nothing in its temporary has changed for an hour
+                    gone = not _changed_within(path, STALE_TEMP_S)
                 if not gone:
                     continue
                 if "replaces" in holder and os.path.lexists(path):

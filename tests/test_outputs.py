@@ -396,6 +396,54 @@ def test_takers_of_a_killed_holders_lock_never_hold_it_two_at_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log"]  # no lock and no break file left
 
 
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import trainer.outputs as outputs
+outputs.LOCK_BEAT_S = 0.2
+with outputs._ledger_locked(Path({folder!r})):
+    Path({flag!r}).write_text("")
+    time.sleep(3)
+"""
+
+
+def test_a_long_hold_of_a_ledger_stays_live_and_a_stuck_one_is_named(tmp_path, monkeypatch):
+    """A holder placing a million files holds the ledger for about a minute: its heartbeat keeps the lock fresh,
+    so a writer on another host waits for it instead of breaking it as a dead holder's (here: a 3 s hold, locks
+    stale after 1 s). A holder that stops (SIGSTOP) stops refreshing, and a writer here says so in one line."""
+    import trainer.outputs as outputs
+    monkeypatch.setattr(outputs, "LOCK_WAIT_S", 1.0)
+
+    def hold():
+        flag = tmp_path / "held"
+        flag.unlink(missing_ok=True)
+        child = subprocess.Popen([sys.executable, "-c", _HOLD.format(root=str(ROOT), folder=str(tmp_path),
+                                                                     flag=str(flag))])
+        while not flag.exists():
+            assert child.poll() is None, "the holder ended before it held the lock"
+            time.sleep(0.01)
+        return child
+
+    child = hold()
+    with monkeypatch.context() as other_host:
+        other_host.setattr(outputs.socket, "gethostname", lambda: "another-node")
+        start = time.time()
+        with outputs._ledger_locked(tmp_path):
+            waited = time.time() - start
+    assert child.wait(30) == 0
+    assert waited > 2, "the live holder's lock was broken as stale"
+    child = hold()
+    try:
+        child.send_signal(signal.SIGSTOP)
+        with pytest.raises(TrainerError, match=f"process {child.pid} .* has not refreshed it for over 1 s"):
+            with outputs._ledger_locked(tmp_path):
+                pass
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.wait(30)
+
 _KILL_AT_PLACING = """
 import os, sys
 from pathlib import Path

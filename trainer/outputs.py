@@ -34,6 +34,7 @@ import os
 import secrets
 import shutil
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,7 +48,12 @@ LEDGER_LOCK = ".cnn-trainer-files.lock"
 LEDGER_TEMP = ".cnn-trainer-files.json.tmp"
 FORMAT = "cnn-trainer-files"
 GATE_FILES = (LEDGER, LEDGER_LOCK, LEDGER_TEMP)  # the gate's own, in every folder it writes into
-LOCK_WAIT_S = 60.0  # a ledger is held for milliseconds; this long means its holder is stuck or gone
+# A ledger is held for milliseconds, up to about a minute to place a million files; its holder refreshes the
+# lock's time every LOCK_BEAT_S while it holds it, so a lock not refreshed for LOCK_WAIT_S has a holder that is
+# stuck or gone. A waiter gives up after LOCK_WAIT_MAX_S however live the holder (never a hang).
+LOCK_BEAT_S = 5.0
+LOCK_WAIT_S = 60.0
+LOCK_WAIT_MAX_S = 3600.0
 STALE_TEMP_S = 3600.0  # a temporary of a process on another host, untouched this long, belongs to a dead one
 BREAK_STALE_S = 10.0  # a lock's break file is held for microseconds: this old, its maker was killed holding it
 
@@ -246,20 +252,74 @@ class LockFile:
             pass
 
 
+class _Heartbeat:
+    """One daemon thread per process that refreshes the time of every ledger lock the process holds, every
+    LOCK_BEAT_S: a long hold stays fresh, so a writer on another host does not take it for a dead holder's
+    and a writer here waits for it instead of giving up."""
+
+    def __init__(self):
+        self._held: set = set()
+        self._guard = threading.Lock()
+        self._pid: Optional[int] = None  # the process whose thread runs: a forked child starts its own
+
+    def hold(self, path: Path) -> None:
+        with self._guard:
+            self._held.add(path)
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._beat, name="ledger-lock-heartbeat", daemon=True).start()
+
+    def release(self, path: Path) -> None:
+        with self._guard:
+            self._held.discard(path)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(LOCK_BEAT_S)
+            with self._guard:
+                held = list(self._held)
+            for path in held:
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass
+
+    def forked(self) -> None:  # in a forked child: none of the parent's holds, no thread yet, a free guard
+        self._held, self._guard, self._pid = set(), threading.Lock(), None
+
+
+_HEARTBEAT = _Heartbeat()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_HEARTBEAT.forked)
+
+
+def _lock_age(path: Path) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
 @contextmanager
 def _ledger_locked(root: Path) -> Iterator[None]:
     """Hold the ledger of `root` while reading, changing and writing it: two commands writing into one folder
     at once (two predicts, tune workers on several nodes) keep each other's records."""
     lock = LockFile(root / LEDGER_LOCK, stale_after_s=LOCK_WAIT_S)
-    deadline = time.time() + LOCK_WAIT_S
-    while lock.try_acquire() is not None:
-        if time.time() > deadline:
-            raise TrainerError(f"{root / LEDGER_LOCK} has been held for over {LOCK_WAIT_S:.0f} s by a process "
-                               f"that still runs; if none of the trainer's commands is writing there, delete it")
+    deadline = time.time() + LOCK_WAIT_MAX_S
+    while (holder := lock.try_acquire()) is not None:
+        stuck = _lock_age(lock.path) > LOCK_WAIT_S  # a live holder refreshes it every LOCK_BEAT_S
+        if stuck or time.time() > deadline:
+            raise TrainerError(f"{lock.path} is held by process {holder.get('pid', '?')} on host "
+                               f"{holder.get('host', '?')}, which still runs but "
+                               + (f"has not refreshed it for over {LOCK_WAIT_S:.0f} s (stuck?)" if stuck else
+                                  f"has held it for over {LOCK_WAIT_MAX_S:.0f} s")
+                               + "; if none of the trainer's commands is writing there, delete it")
         time.sleep(0.01)
+    _HEARTBEAT.hold(lock.path)
     try:
         yield
     finally:
+        _HEARTBEAT.release(lock.path)
         lock.release()
 
 

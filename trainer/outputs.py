@@ -18,8 +18,11 @@ writes through here, under one policy (RELIABILITY.md; docs/checkpoints.md, "You
 5. Links are followed for reading, never for writing or deleting. The output named may itself be a link
    (runs/ on a scratch file system); a link below it, where a write would pass through or land, is refused,
    and a link is never removed or emptied.
-6. A temporary is recorded in the ledger before it exists. What a killed command left is removed by the next
-   command that writes there once its process is gone; nothing else is ever removed as "left over".
+6. A temporary is recorded in the ledger before it exists, and a file placed by a rename before the rename
+   (with the version it replaces). What a killed command left is removed by the next command that writes there
+   once its process is gone; nothing else is ever removed as "left over".
+7. Commands writing into one folder at once change its ledger one at a time, under its lock (`LockFile`,
+   refreshed while held); a lock whose holder is gone is taken over by exactly one waiter.
 
 Writers that produce files through a library (safetensors, matplotlib, PIL, Arrow) write into a staging folder
 the gate made (`Folder.staged`, `Folder.replacing`). It holds only the trainer's files, so they write there

@@ -19,8 +19,8 @@ from accelerate.utils import set_seed
 from tests import test_checkpoint
 from tests.conftest import assert_same_run, make_folder, run_cli
 from trainer.data.datasets import FileDataset, train_transform
-from trainer.data.device_decode import BatchDecoder, EncodedBatch, exif_orientation, upright
-from trainer.data.folders import decode_jpeg_rgb
+from trainer.data.device_decode import BatchDecoder, EncodedBatch, upright
+from trainer.data.folders import decode_jpeg_rgb, jpeg_bytes_orientation
 from trainer.data.loaders import WorkerLoader, build_train_loader
 from trainer.distributed import make_accelerator
 from trainer.errors import ConfigError
@@ -44,15 +44,15 @@ def pixels(seed: int, size=(20, 14)) -> np.ndarray:
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_upright_turns_a_photo_as_the_cpu_decoder_does(orientation):
     data = jpeg(pixels(orientation), orientation)
-    assert exif_orientation(data) == orientation
+    assert jpeg_bytes_orientation(data) == orientation
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     as_stored = decode_jpeg_rgb(raw, exif_orientation=False)
     assert torch.equal(upright(as_stored, orientation), decode_jpeg_rgb(raw, exif_orientation=True))
 
 
 def test_a_header_without_exif_or_not_an_image_reads_as_upright():
-    assert exif_orientation(jpeg(pixels(0))) == 1
-    assert exif_orientation(b"\xff\xd8\xff not a jpeg at all") == 1
+    assert jpeg_bytes_orientation(jpeg(pixels(0))) == 1
+    assert jpeg_bytes_orientation(b"\xff\xd8\xff not a jpeg at all") == 1
 
 
 def folder(tmp_path, n=14):

@@ -395,3 +395,72 @@ def test_a_loader_that_normalises_batches_gives_the_per_sample_floats(tmp_path):
     assert len(batches[0]) == len(batches[1]) == 3
     for (a, y), (b, z) in zip(*batches):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b) and torch.equal(y, z)
+
+
+def _tiff_orientation(orientation: int, endian: str = "<", long: bool = False) -> bytes:
+    """An Exif APP1 payload holding only the Orientation tag, as a SHORT (the standard) or a LONG."""
+    import struct
+    value = struct.pack(endian + "I", orientation) if long else struct.pack(endian + "HH", orientation, 0)
+    entry = struct.pack(endian + "HHI", EXIF_ORIENTATION, 4 if long else 3, 1) + value
+    return (b"Exif\x00\x00" + (b"II" if endian == "<" else b"MM") + struct.pack(endian + "HI", 42, 8)
+            + struct.pack(endian + "H", 1) + entry + struct.pack(endian + "I", 0))
+
+
+def _with_app1(data: bytes, payloads) -> bytes:
+    import struct
+    return data[:2] + b"".join(b"\xff\xe1" + struct.pack(">H", len(p) + 2) + p for p in payloads) + data[2:]
+
+
+XMP_ORIENTATION_6 = (b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x='adobe:ns:meta/'><rdf:RDF xmlns:rdf="
+                     b"'http://www.w3.org/1999/02/22-rdf-syntax-ns#'><rdf:Description xmlns:tiff="
+                     b"'http://ns.adobe.com/tiff/1.0/' tiff:Orientation='6'/></rdf:RDF></x:xmpmeta>")
+
+
+@pytest.mark.parametrize("case", ["xmp-before-exif", "long-tag", "xmp-only"])
+def test_every_decode_of_a_jpeg_turns_it_by_one_rule(tmp_path, case):
+    """A JPEG's EXIF Orientation read one way everywhere (folders.jpeg_orientation): torchvision's own reader
+    missed an Exif segment after an XMP one and a tag stored as a LONG, while the header of the scaled decode
+    read them, so a crop drawn on the turned size was cut from the unturned image (up to 96% of a sample zero
+    padding); PIL's exif_transpose, which trainer pack used, also took XMP's orientation, which nothing else did."""
+    from trainer.data.folders import decode_fit, decode_jpeg_rgb, jpeg_bytes_orientation, load_rgb
+    from trainer.data.masks import image_orientation
+
+    plain = jpeg_bytes(photo(400, 300))
+    data, want = {"xmp-before-exif": (_with_app1(plain, [XMP_ORIENTATION_6, _tiff_orientation(6)]), 6),
+                  "long-tag": (_with_app1(plain, [_tiff_orientation(8, ">", long=True)]), 8),
+                  "xmp-only": (_with_app1(plain, [XMP_ORIENTATION_6]), 1)}[case]
+    assert jpeg_header(data).orientation == jpeg_bytes_orientation(data) == image_orientation(data) == want
+    as_stored = decode_jpeg_rgb(torch.frombuffer(bytearray(data), dtype=torch.uint8), False)
+    whole = decode_bytes(data)
+    assert torch.equal(whole, upright(as_stored, want))  # torchvision's decode, turned by the rule
+    assert load_rgb(io.BytesIO(data)).size == (whole.shape[2], whole.shape[1])  # PIL's (trainer pack's) alike
+    header = jpeg_header(data)
+    assert decode_fit(data, header, (75, 75)).shape[-2:] == tuple(s // 4 for s in whole.shape[-2:])  # 1/4, turned
+    # every training sample, on both paths, as from the same pixels with the tag written the standard way
+    standard = jpeg_bytes(photo(400, 300), want)
+    odd = datasets([write(tmp_path, "odd.jpg", data)], rrc(SIZE))
+    same = datasets([write(tmp_path, "standard.jpg", standard)], rrc(SIZE))
+    for epoch in range(12):  # crops whose scale is 1 and crops decoded smaller
+        for got, expected in zip(odd, same):
+            got.set_epoch(epoch)
+            expected.set_epoch(epoch)
+            assert torch.equal(got[0][0], expected[0][0]), epoch
+
+
+def test_an_eval_decode_is_not_stretched_by_the_last_partial_block():
+    """decode_fit at 1/8 of a 1801-px-wide image: the last decoded column stands for one stored column only.
+    Kept, it stretched the image by 7/8 of a decoded pixel towards the right; dropped, a sharp edge at 90% of
+    the width lies where the full decode puts it, within a fifth of an output pixel."""
+    from trainer.data.folders import decode_fit
+
+    pixels = np.zeros((1801, 1801, 3), np.uint8)
+    pixels[:, 1621:] = 255  # 1621 = 90% of the width
+    data = jpeg_bytes(Image.fromarray(pixels))
+    header = jpeg_header(data)
+    scaled = decode_fit(data, header, (224, 224))
+    assert scaled.shape[-2:] == (225, 225)  # 1/8: 225.125 -> 225, not ceil's 226
+    edge = []
+    for image in (decode_bytes(data), scaled):
+        out = TF.resize(image, [224, 224], antialias=True).float().mean((0, 1))
+        edge.append(224 - float((out / 255).sum()))  # where the bright band starts, in output pixels
+    assert abs(edge[0] - edge[1]) < 0.2

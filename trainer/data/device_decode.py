@@ -20,7 +20,6 @@ PIL can, names a file nothing can read, or (training) replaces it by another fil
 """
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -28,25 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from trainer.data.folders import JPEG_MAGIC
+from trainer.data.folders import JPEG_MAGIC, jpeg_bytes_orientation
 from trainer.errors import DataError
-
-ORIENTATION_TAG = 0x0112  # EXIF Orientation: 1 upright; 2-8 the mirrorings and turns a camera records
-
-
-def exif_orientation(data: bytes) -> int:
-    """The EXIF Orientation of a JPEG's bytes (1 when it has none, or none that can be read): from the header
-    only, nothing is decoded. torchvision's CUDA decoder does not apply it (its apply_exif_orientation is for
-    the CPU), so `upright` does it after."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as img:
-            warnings.simplefilter("ignore")
-            return int(img.getexif().get(ORIENTATION_TAG, 1))
-    except Exception:  # a header PIL cannot parse: the decoder will say what is wrong with the file
-        return 1
-
 
 def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """A (C, H, W) image as stored, turned as its EXIF `orientation` says (PIL's ImageOps.exif_transpose, which
@@ -100,7 +82,7 @@ class EncodedSamples(Dataset):
             data = b""  # gone since the start-up check: load() below names it, or stands in for it
         if data[:3] != JPEG_MAGIC:
             return index, self.dataset.load(index), 1
-        orientation = exif_orientation(data) if self.dataset.exif_orientation else 1
+        orientation = jpeg_bytes_orientation(data) if self.dataset.exif_orientation else 1
         return index, torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation
 
 

@@ -69,12 +69,66 @@ UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTAT
                     7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
 
 
+# what turns each orientation upright (PIL's exif_transpose's own table)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def jpeg_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation (2-8; 1 for none) of an opened JPEG: the tag of its Exif segment, wherever that lies
+    among its APP1 segments and however the tag is typed (Pillow's EXIF parser), nothing else. The one rule of
+    every JPEG decode here (torchvision's and PIL's, the scaled and the GPU decodes, the masks' turn, `trainer
+    pack`), so that all turn a file alike: torchvision's own reader takes only the first APP1 segment (an XMP
+    one before the Exif one hides the tag) and a tag stored as a LONG reads 0, and PIL's getexif() and
+    exif_transpose also take XMP's tiff:Orientation when the Exif has none."""
+    return _orientation_of(img.info.get("exif"))
+
+
+def jpeg_bytes_orientation(data) -> int:
+    """jpeg_orientation of a JPEG's bytes (or any buffer of them: a uint8 array), from its header's segments
+    alone: the payload Pillow keeps as info["exif"] (the first APP1 segment that starts "Exif\0\0"), found by
+    walking the segments' lengths up to the scan: ~3 us, where opening the file in Pillow takes ~40 us, longer
+    than decoding a CIFAR-size JPEG. 1 for a header that cannot be walked (the decoder then names the fault)."""
+    view = memoryview(data).cast("B")
+    pos, end = 2, len(view)
+    while pos + 4 <= end and view[pos] == 0xFF:
+        marker = view[pos + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan: past the header
+            break
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+        else:
+            length = view[pos + 2] << 8 | view[pos + 3]
+            if marker == 0xE1 and view[pos + 4:pos + 10] == b"Exif\x00\x00":
+                return _orientation_of(bytes(view[pos + 4:pos + 2 + length]))
+            pos += 2 + length
+    return 1
+
+
+def _orientation_of(exif_segment: Optional[bytes]) -> int:
+    if not exif_segment:
+        return 1
+    exif = Image.Exif()
+    try:
+        exif.load(exif_segment)
+    except Exception:  # a damaged Exif block: as if it had none (the image itself may still decode)
+        return 1
+    value = exif.get(EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and value in UPRIGHT else 1
+
+
 def load_rgb(path, exif_orientation: bool = True) -> Image.Image:
     """A file path or object, decoded fully by PIL as 8-bit RGB (`to_rgb`), turned upright by its EXIF
     Orientation tag (JPEG, TIFF, PNG, WebP) unless `exif_orientation` is false; then the stored pixels."""
     with Image.open(path) as img:
         orientation = img.getexif().get(EXIF_ORIENTATION, 1)
         img.load()
+        if exif_orientation and img.format == "JPEG":  # by the one rule of every JPEG decode (jpeg_orientation)
+            turn = jpeg_orientation(img)
+            return to_rgb(img.transpose(UPRIGHT[turn]) if turn in UPRIGHT else img)
         if exif_orientation:
             ImageOps.exif_transpose(img, in_place=True)  # no copy when there is no tag
         elif orientation in UNDO_ORIENTATION and img.getexif().get(EXIF_ORIENTATION, 1) == 1:
@@ -88,13 +142,23 @@ JPEG_MAGIC = b"\xff\xd8\xff"  # how a JPEG starts, whatever its file name says
 
 def decode_jpeg_rgb(data, exif_orientation: bool):
     """torchvision's libjpeg-turbo decoder, always to 3-channel RGB (grayscale and CMYK converted); `data`
-    is one uint8 tensor of file bytes or a list of them (one batched call). With `exif_orientation` the
-    EXIF Orientation tag is applied, as PIL's `ImageOps.exif_transpose` does (equal pixels, tested)."""
+    is one uint8 tensor of file bytes or a list of them (one batched call). With `exif_orientation` each is
+    turned upright by its EXIF Orientation as `jpeg_orientation` reads it, as PIL's `ImageOps.exif_transpose`
+    turns it (equal pixels, tested); not by torchvision's own reading of the tag (see jpeg_orientation)."""
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    from trainer.data.device_decode import upright
 
     with warnings.catch_warnings():  # torchvision 0.29 announces a move of its decoders to torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif_orientation)
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=False)
+    if not exif_orientation:
+        return images
+
+    def turned(image: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:  # a view where it can (no copy)
+        return upright(image, jpeg_bytes_orientation(raw.numpy()))
+
+    return [turned(image, raw) for image, raw in zip(images, data)] if isinstance(data, list) else turned(images, data)
 
 
 def decode_rgb(path: str, exif_orientation: bool = True) -> torch.Tensor:
@@ -152,8 +216,7 @@ def jpeg_header(data: bytes, exif_orientation: bool = True) -> Optional[JpegHead
             with Image.open(io.BytesIO(data)) as img:
                 if img.format != "JPEG" or img.mode not in SCALABLE_MODES:
                     return None
-                orientation = img.getexif().get(EXIF_ORIENTATION, 1) if exif_orientation else 1
-                return JpegHeader(img.width, img.height, orientation if orientation in UNDO_ORIENTATION else 1)
+                return JpegHeader(img.width, img.height, jpeg_orientation(img) if exif_orientation else 1)
     except Exception:  # PIL raises many types for a bad header: the full path names the file and the error
         return None
 
@@ -248,6 +311,10 @@ def decode_fit(data: bytes, header: JpegHeader, size: Sequence[int], exif_orient
         img.draft("RGB", (header.width // s, header.height // s))
         img.load()
         pixels = np.array(img if img.mode == "RGB" else img.convert("RGB"))
+    # the last decoded row and column stand for the image's last H mod s (W mod s) rows (columns) alone: kept
+    # only where those are at least half of s, as decode_region rounds its edges, so that the image is not
+    # stretched by up to (s - 1) / s of a decoded pixel towards its bottom and right
+    pixels = pixels[:int(header.height / s + 0.5), :int(header.width / s + 0.5)]
     return upright(torch.from_numpy(pixels).permute(2, 0, 1), header.orientation).contiguous()
 
 

@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from trainer.data.datasets import SeededDataset, decode_named, open_source, read_bytes, read_image, sample_seed
-from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, ends_complete, image_error
+from trainer.data.folders import EXIF_ORIENTATION, JPEG_MAGIC, ends_complete, image_error, jpeg_orientation
 from trainer.data.scale import scale_crop_steps
 from trainer.errors import DataError
 from trainer.files import read_lines
@@ -273,18 +273,14 @@ def image_orientation(path) -> int:
     """The EXIF orientation (1-8; 1 = none) that decode_rgb applies to this image file (a path, a PackedFile or the
     file's bytes), read without decoding it.
 
-    JPEGs: the EXIF tag only (what torchvision's decode_jpeg applies). Other formats: what PIL's getexif finds,
+    JPEGs: folders.jpeg_orientation, the rule of every JPEG decode. Other formats: what PIL's getexif finds,
     as load_rgb reads it."""
     with open_source(path) as fh:
         start = fh.read(8)
         if start[:3] == JPEG_MAGIC:
             fh.seek(0)
             with Image.open(fh) as img:
-                if "exif" not in img.info:
-                    return 1
-                exif = Image.Exif()
-                exif.load(img.info["exif"])
-                return int(exif.get(EXIF_ORIENTATION, 1))
+                return jpeg_orientation(img)
         if start == b"\x89PNG\r\n\x1a\n" and not _png_may_hold_orientation(fh):
             return 1
         fh.seek(0)

@@ -246,7 +246,11 @@ def _shrunk_annotations(data: bytes, sizes: np.ndarray, max_side: int, source: s
         key = "bbox"
         try:
             x, y, w, h = ann["bbox"]
-            ann["bbox"] = [x * sx, y * sy, w * sx, h * sy]
+            # a box ending inside its image ends inside the shrunk one: (x + w) * sx may round one float step
+            # past the new width, which the reader would then report as an overhang it clipped
+            right = min((x + w) * sx, new[0]) if x + w <= old[0] else (x + w) * sx
+            bottom = min((y + h) * sy, new[1]) if y + h <= old[1] else (y + h) * sy
+            ann["bbox"] = [x * sx, y * sy, right - x * sx, bottom - y * sy]
             key = "area"
             if ann.get("area") is not None:
                 ann["area"] = ann["area"] * sx * sy

@@ -927,3 +927,19 @@ def test_a_box_ending_at_its_images_border_ends_at_the_shrunk_border_not_past_it
         x, y, w, h = ann["bbox"]
         assert x + w <= im["width"] and y + h <= im["height"], (im, ann)
         assert x + w > im["width"] - 1e-6 and y + h > im["height"] - 1e-6  # still at the border
+
+
+def test_a_coco_pack_that_rewrites_sizes_says_what_the_folder_would_have_said(tmp_path):
+    """--max-side writes each shrunk image's stored size into the pack's annotations, so training from the pack
+    can no longer see that the folder's file stated another (here the photo's unturned size, while its boxes
+    are taken in the turned frame): the pack says it, as a training start from the folder does."""
+    root = tmp_path / "coco"
+    coco = _boxed_coco(root)
+    coco["images"][1]["width"], coco["images"][1]["height"] = 120, 80  # b-turned.jpg as stored, not as shown
+    (root / "train" / "annotations.json").write_text(json.dumps(coco))
+    said = []
+    shards.pack(root, tmp_path / "plain", say=said.append)
+    assert not any("turned (shown) frame" in line for line in said)  # training from this pack says it itself
+    shards.pack(root, tmp_path / "shrunk", say=said.append, max_side=60)
+    assert [line for line in said if "b-turned.jpg is 80x120 (WxH), stated 120x80" in line
+            and "turned (shown) frame" in line]

@@ -94,14 +94,15 @@ def _pyarrow():
 
 # ---- packing ----
 
-def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List[Item]], dict, dict]:
+def _scan(src: Path, kind: str, csv_cfg=None, log=None) -> Tuple[List[str], Dict[str, List[Item]], dict, dict]:
     """The class names and each split's rows of `src`: (image,) and its label for class folders (sorted by
     class, then path); (image, mask) and 0 for a masks folder (sorted by image path, as its training reads);
     (image,) and 0 for a COCO folder, in the order of its annotation file's images, whose annotation files
     (read and checked here as a training start reads them) go into the pack beside the shards: the third
     value says which, per split: {"file": name in DEST, "source": path, "images": image folder relative to
     src}; the fourth, a COCO folder's image sizes per split ([I, 2] width, height as training reads them, in the
-    annotation file's image order: what --max-side scales its annotations from)."""
+    annotation file's image order: what --max-side scales its annotations from). `log`: where read_coco's notes
+    go (none by default: training from the pack reads the annotations again and says them then)."""
     if kind == "classes":
         classes, splits = scan_imagefolder(src)
         return classes, {split: [((path,), label) for path, label in samples]
@@ -116,7 +117,7 @@ def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List
         return read_class_names(src, None), {split: [(pair, 0) for pair in scan_pairs(src / split)]
                                              for split in ("train", "val", "test") if (src / split).is_dir()}, {}, {}
     found = find_coco_splits(src, ["train"], optional=["val", "test"])
-    coco = {split: read_coco(ann, images, log=lambda *_: None) for split, (ann, images) in found.items()}
+    coco = {split: read_coco(ann, images, log=log or (lambda *_: None)) for split, (ann, images) in found.items()}
     check_same_categories(coco)
     annotations = {split: {"file": f"{split}-annotations.json", "source": str(ann),
                            "images": os.path.relpath(images, src)} for split, (ann, images) in found.items()}
@@ -124,13 +125,13 @@ def _scan(src: Path, kind: str, csv_cfg=None) -> Tuple[List[str], Dict[str, List
             annotations, {split: np.stack([c.widths, c.heights], axis=1) for split, c in coco.items()})
 
 
-def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None, shrink: Optional[dict] = None
+def _plan(src: Path, shard_mb: float, kind: str, csv_cfg=None, shrink: Optional[dict] = None, log=None
           ) -> Tuple[dict, Dict[str, List[Item]], dict]:
     """Which files go into which shard: consecutive rows of a split until the shard holds `shard_mb`. A pure
     function of the listing, so a resumed pack makes the same shards. Returns the plan, the scanned rows of
     each split and a COCO folder's image sizes (_scan's). `shrink` (--max-side's) is part of each shard's
     digest: a shard of other flags is never kept."""
-    classes, splits, annotations, image_sizes = _scan(src, kind, csv_cfg)
+    classes, splits, annotations, image_sizes = _scan(src, kind, csv_cfg, log)
     limit = shard_mb * 2**20
     plan = {"version": VERSION, "kind": kind, "source": str(src.resolve()), "classes": classes,
             "shard_mb": shard_mb, "splits": {}}
@@ -492,7 +493,10 @@ def pack(src, dest, shard_mb: float = 256, skip_bad: bool = False, say=print, cs
     if kind == "coco" and skip_bad:
         raise DataError(f"--skip-bad-images cannot leave images of a COCO folder out ({src}): its annotation files "
                         f"name them; fix or remove the bad ones (and their annotations)")
-    plan, splits, image_sizes = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg(), shrink)
+    # with --max-side the pack's annotations state the stored sizes, so what read_coco notes of the folder's
+    # (sizes that differ from the files', boxes in the turned frame) is said now: training cannot say it later
+    plan, splits, image_sizes = _plan(src, shard_mb, kind, csv_cfg if csv_cfg is not None else CsvCfg(), shrink,
+                                      log=say if shrink else None)
     if shrink:  # absent without --max-side: a plan or index of before the option reads the same
         plan["shrink"] = shrink
     fix = ("fix or replace it (its annotations name it)" if kind == "coco"

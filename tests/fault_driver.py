@@ -4,6 +4,10 @@ in the product). Usage: FAULT=kind FAULT_AT=n python tests/fault_driver.py train
 kinds (n = the update counted from 1, as in metrics.jsonl's "step"):
   kill_at_update      SIGKILL while update n is being computed (when its learning rate is asked for)
   kill_during_save    SIGKILL after the first file of the checkpoint of update n is written
+  kill_between_renames  SIGKILL after the checkpoint folder of update n already on disk is renamed aside to be
+                      replaced by its new version (saved again under its name), before that one lands
+  kill_after_rename   SIGKILL right after the checkpoint of update n is renamed into place, before the gate's
+                      ledger records it
   kill_during_eval    SIGKILL in the middle of the evaluation that follows update n
   kill_during_export  SIGKILL after model.safetensors of the final export is written (n unused)
   sigterm_at_update   a real preemption signal (SIGTERM) during update n
@@ -86,6 +90,19 @@ def save_file(tensors, path, *a, **k):
 
 
 C.save_file = save_file
+original_rename = os.rename
+
+
+def rename(src, dst, *a, **k):
+    original_rename(src, dst, *a, **k)
+    name = f"step-{AT:08d}"
+    if KIND == "kill_between_renames" and str(src).endswith(f"checkpoints/{name}") and f".{name}.old-" in str(dst):
+        die()
+    if KIND == "kill_after_rename" and str(dst).endswith(f"checkpoints/{name}") and f".{name}.tmp-" in str(src):
+        die()
+
+
+os.rename = rename  # the gate's folder swap (outputs.Folder.replacing) renames with it
 original_evaluate = V.evaluate
 
 

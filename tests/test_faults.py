@@ -219,6 +219,22 @@ def test_a_damaged_checkpoint_or_pointer_falls_back_and_deletes_nothing(referenc
     assert_same_run(reference(1), run_dir)
 
 
+@pytest.mark.parametrize("fault", ["kill_between_renames", "kill_after_rename"])
+def test_a_kill_inside_a_checkpoints_swap_resumes_from_it_and_ends_bitwise_identical(reference, tmp_path, fault):
+    """RUN saves update 10 mid-epoch and again at the epoch's end, replacing step-10 under its own name. Killed
+    between the swap's two renames, no folder was named step-10 (its old version aside), so the next start found
+    no checkpoint and refused the run (or restarted it); killed right after the first step-10 landed, before the
+    ledger recorded it, the next start took it for a user's folder and refused every later start. The start now
+    puts the old version back, or finishes the swap, before it looks for checkpoints."""
+    args = args_for(tmp_path, "run")
+    killed = run_driver(args, fault, 10)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    res = run_train(args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"resuming from {tmp_path / 'run'}/checkpoints/step-00000010" in res.stdout, res.stdout[-2000:]
+    assert_same_run(reference(1), tmp_path / "run")
+
+
 def test_no_loadable_checkpoint_with_outputs_is_refused_and_nothing_changes(interrupted, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(interrupted, run_dir)

@@ -902,7 +902,7 @@ class Folder:
                     raise TrainerError(f"{self.option}: {self.root / clash[0]} was not written by the trainer (or "
                                        f"changed since), and replacing {target} would replace it; it is left as it "
                                        f"is: move it away")
-                ledger.pending[old] = {**me(), "replaces": rel, "ours": ours, "new": new,
+                ledger.pending[old] = {**me(), "replaces": rel, "from": tmp, "ours": ours, "new": new,
                                        "new_dirs": sorted(new_dirs)}
                 ledger.save(self.root)  # the swap's record on disk before the renames: a kill is finished later
                 if os.path.lexists(target):
@@ -1043,8 +1043,8 @@ class Folder:
                     gone = not _changed_within(path, STALE_TEMP_S)
                 if not gone:
                     continue
-                if "replaces" in holder and os.path.lexists(path):
-                    target = self.root / holder["replaces"]
+                target = self.root / holder["replaces"] if "replaces" in holder else None
+                if target is not None and os.path.lexists(path):
                     if not os.path.lexists(target):
                         os.rename(path, target)  # the swap was cut between its two renames: put the old one back
                         lines.append(f"restored {target} from an interrupted replacement")
@@ -1052,6 +1052,13 @@ class Folder:
                     else:
                         self._finish_swap(ledger, name)
                         lines.append(f"finished an interrupted replacement of {target}")
+                    continue
+                new_from = holder.get("from")  # the new version's temporary name (records of older versions: none)
+                if target is not None and new_from and not os.path.lexists(self.root / new_from) and \
+                        target.is_dir() and not target.is_symlink():
+                    # no old version, and the new one was renamed into place before the kill: its files recorded
+                    self._finish_swap(ledger, name)
+                    lines.append(f"finished an interrupted replacement of {target}")
                     continue
                 if os.path.lexists(path):
                     _delete(path)

@@ -203,6 +203,9 @@ def _decide(plan: RunPlan, resume: Optional[str], overwrite: bool) -> None:
         return
     if not ours:
         return  # empty or just made: a new run
+    if plan.out.ledger.pending:  # a start killed mid-swap (a checkpoint written again under its name): its old
+        # version put back or its new one finished before looking for checkpoints, which would otherwise miss it
+        plan.notes += plan.out.clean_leftovers()
     found, damaged = find_checkpoint(run_dir / "checkpoints")
     plan.damaged = damaged
     if (run_dir / "summary.json").is_file():

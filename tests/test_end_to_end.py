@@ -383,3 +383,14 @@ def test_flip_tta_is_recorded_and_applied_by_eval_and_predict(tmp_path):
         expected = Task("multiclass", 4).probabilities(forward_tta(model, x, "flip"))[0]
     got = torch.tensor([float(row[f"prob_{c}"]) for c in meta["classes"]])
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_a_finished_run_exports_its_model_again_under_another_global_batch(tiny, tmp_path):
+    """Re-exporting a complete run's deleted model/ only reads its final weights: a command with another batch
+    size (the run is complete, so nothing is trained) exports it again instead of refusing the batch change."""
+    assert run_cli("train", "-", *tiny(**{"train.max_steps": 3, "eval.every_epochs": 0})).returncode == 0
+    shutil.rmtree(tmp_path / "run" / "model")
+    again = run_cli("train", "-", *tiny(**{"train.max_steps": 3, "eval.every_epochs": 0, "train.batch_size": 8}))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "exported again from the final checkpoint" in again.stdout
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

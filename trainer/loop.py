@@ -128,7 +128,7 @@ def re_export(cfg: Config, acc, plan, say, global_batch: int) -> bool:
     give the final model: that is said, and nothing is written."""
     s = build_session(cfg, acc, say)
     ts = train_state(cfg, acc, s, global_batch)
-    agree(acc, lambda: ts.restore(plan.checkpoint, plan.in_place, False))
+    agree(acc, lambda: ts.restore(plan.checkpoint, plan.in_place, False, weights_only=True))
     if not ts.loop.done:
         say(f"[trainer] {plan.dir / 'model'} is missing and the newest loadable checkpoint ({plan.checkpoint.name}) "
             f"is not the final one, so the final model cannot be exported again; best/ holds the best model, or "
@@ -176,6 +176,9 @@ def run(cfg: Config, acc, plan, s, ts: TrainState, say, t_start: float) -> dict:
     # ---- what the periodic blocks use ----
     loss_log = LossLog(acc, loop.log, loop.update, task.loss_parts(cfg.model.name))
     monitor = Monitor(cfg.eval.monitor, cfg.train.early_stopping, task, loop)
+    if monitor.changed_from:
+        say(f"[trainer] eval.monitor is {monitor.name}, was {monitor.changed_from}: best/ and early stopping start "
+            f"afresh from this start's evaluations")
     # a bar on a terminal; in a log file (SLURM, CI) a plain line per log step instead
     show_bar = acc.is_main_process and cfg.train.progress_bar and sys.stderr.isatty()
     log_train = TrainLog(acc, tracker, loss_log, loop, lr_for, s.train_set, say, show_bar)

@@ -127,16 +127,18 @@ class TrainState:
 
         agree(acc, write, main_only=True)
 
-    def restore(self, path: Path, in_place: bool, allow_config_change: bool) -> List[str]:
+    def restore(self, path: Path, in_place: bool, allow_config_change: bool, weights_only: bool = False) -> List[str]:
         """Every rank: the checkpoint at `path` into the model, optimizer, extensions, scaler, RNG and loop state,
         checked against this run's identity first. `in_place`: the run's own checkpoint (its log and logger runs
-        continue); else another run's weights and position (run.resume). Returns the notes to print."""
+        continue); else another run's weights and position (run.resume). `weights_only`: nothing will be trained
+        from it (a complete run's final model exported again), so a changed global batch does not matter.
+        Returns the notes to print."""
         acc, identity = self.acc, self.identity
         ckpt = read_checkpoint(path)
         check_compatible(ckpt, identity["architecture"], identity["task"], identity["classes"], self.core)
         before = saved_global_batch(ckpt["state"])
         change = batch_change(ckpt["state"], path, identity["global_batch"])
-        if change and not allow_config_change:
+        if change and not (allow_config_change or weights_only):
             raise ConfigError(change)
         if not in_place and "config" in ckpt["state"] and not allow_config_change:
             changes = config_changes(ckpt["state"]["config"], identity["config"])
@@ -176,8 +178,10 @@ class TrainState:
             self.replanned = (f"global batch {before} -> {identity['global_batch']} at update {loop.update}: the "
                               f"checkpoint (of an earlier version) holds no schedule; this start's own applies")
             notes.append(self.replanned)
-        if not in_place:  # weights and position from another run; this run keeps its own log and logger runs
+        if not in_place:  # weights and position from another run; this run keeps its own log and logger runs,
+            # and its own best and early stopping: measured from its own evaluations (best/ is this run's)
             loop.metrics_rows, loop.run_ids, loop.done = 0, {}, False
+            loop.best, loop.stale_evals, loop.reference, loop.stopped_early = LoopState().best, 0, None, None
         if loop.done and allow_config_change:  # a finished run continued under a changed config
             loop.done = False
         self.loop = loop

@@ -93,8 +93,12 @@ finish() {
   local rc=$1
   if [ -n "${TRAINER_STATUS_FILE:-}" ]; then
     mkdir -p "$(dirname "$TRAINER_STATUS_FILE")"
+    # whole or not at all: written beside it, then renamed over it (`trainer collect` may read it meanwhile);
+    # the temporary's name is a status file's too (status/*.json: the sweep folder's own, never a user's)
+    local tmp
+    tmp="$(dirname "$TRAINER_STATUS_FILE")/.tmp-$$-$(basename "$TRAINER_STATUS_FILE")"
     printf '{"exit_code": %d, "job": "%s", "restart": %d, "stop_requested": %d}\n' \
-      "$rc" "$JOB_KEY" "${SLURM_RESTART_COUNT:-0}" "$STOP_REQUESTED" > "$TRAINER_STATUS_FILE"
+      "$rc" "$JOB_KEY" "${SLURM_RESTART_COUNT:-0}" "$STOP_REQUESTED" > "$tmp" && mv -f "$tmp" "$TRAINER_STATUS_FILE"
   fi
   if [ "$rc" -eq 3 ] || { [ "$STOP_REQUESTED" -eq 1 ] && [ "$rc" -ne 0 ]; }; then
     echo "[slurm] requeueing ${JOB_KEY} (trainer exit ${rc}); it resumes from its latest checkpoint" >&2

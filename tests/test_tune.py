@@ -442,3 +442,62 @@ def test_the_workers_of_a_grid_share_its_numbering_and_cover_it_once(tmp_path, m
     drawn = worker_starts(tmp_path, monkeypatch, "grid", [0, 1, 2, 1, 0, 3], trials=6)
     assert sorted(tuple(sorted(p.items())) for p in drawn) == sorted(
         (("optim.lr", lr), ("optim.weight_decay", wd)) for lr in (0.1, 0.01, 0.001) for wd in (0.0, 0.05))
+
+
+def test_a_trial_another_worker_takes_over_while_it_is_listed_is_not_failed(tmp_path, monkeypatch):
+    """Workers started together after all died race for the stale leases. One that read a lease just as another
+    renamed it to itself (gone under its old name, not yet listed under the new one) saw its trial without a
+    lease and failed it, though it had just been taken over (19 of 20 rounds of 6 takers, in a review)."""
+    from trainer import tune
+    from trainer.outputs import Folder
+
+    spec = {"name": "t", "direction": "maximize", "sampler": "random", "pruner": "none", "storage": None,
+            "parameters": {"optim.lr": {"type": "float", "low": 0.001, "high": 0.1, "log": False}}}
+    (tmp_path / "trials").mkdir()
+    study = tune.open_study(tmp_path, spec, seed=0)
+    trial = study.ask()
+    out = Folder(tmp_path, "tune", owner="tune")
+    out.claim()
+    out.write_json("leases/dead.json", {"trial": trial.number, "trial_id": trial._trial_id, "worker": "dead"})
+    read = tune.read_json
+
+    def racing(path, *args, **kwargs):  # worker B takes the lease over just as worker C reads it
+        if Path(path).name == "dead.json" and Path(path).exists():
+            out.move("leases/dead.json", "leases/B.json")
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "read_json", racing)
+    assert tune._take_over(tmp_path, out, study, "C", stale_after_s=0) is None
+    assert study.trials[0].state.name == "RUNNING"
+    assert not (tmp_path / "trials" / "0000.json").exists()
+
+
+def test_collect_reads_a_sweeps_cut_status_file_as_no_status(tmp_path):
+    """A task's status file cut by a kill (written by slurm/lib.sh before it wrote it whole) no longer stops
+    `trainer collect` with a JSON traceback: that task's status is unknown, the others are listed."""
+    from trainer.sweep import collect
+
+    root = tmp_path / "sweep"
+    (root / "status").mkdir(parents=True)
+    tasks = [{"index": i, "run_dir": str(root / "runs" / f"{i:03d}"), "values": {"optim.lr": lr}}
+             for i, lr in enumerate((0.1, 0.01))]
+    (root / "tasks.json").write_text(json.dumps(tasks))
+    (root / "status" / "0.json").write_text("")
+    (root / "status" / "1.json").write_text('{"exit_code": 1, "job": "7_1", "restart": 0, "stop_requested": 0}\n')
+    rows = {row["task"]: row["status"] for row in collect(str(root))}
+    assert rows == {0: "not started", 1: "failed (exit 1)"}
+
+
+def test_a_lease_from_another_host_waits_for_its_trainers_run_lock_to_go_stale(tmp_path):
+    """A trial taken over from a dead node before its trainer's run lock counts as stale there (another host's:
+    rundir.STALE_AFTER_S without a heartbeat) found the run directory in use and was failed for good, with
+    stale_after_s below that; a lease of this host's worker is judged by stale_after_s alone."""
+    from trainer import rundir, tune
+
+    (tmp_path / "leases").mkdir()
+    (tmp_path / "leases" / "far.pid").write_text(json.dumps({"pid": 4242, "host": "node7"}))
+    (tmp_path / "leases" / "near.pid").write_text(json.dumps({"pid": 4242, "host": os.uname().nodename}))
+    assert tune._stale_after(tmp_path, "far", 60) == rundir.STALE_AFTER_S + rundir.HEARTBEAT_S
+    assert tune._stale_after(tmp_path, "unknown", 60) == rundir.STALE_AFTER_S + rundir.HEARTBEAT_S
+    assert tune._stale_after(tmp_path, "far", 3600) == 3600
+    assert tune._stale_after(tmp_path, "near", 60) == 60

@@ -31,6 +31,7 @@ import numpy as np
 from trainer.config import load_config, load_spec_file
 from trainer.data import data_inputs
 from trainer.errors import ConfigError, TrainerError
+from trainer.files import read_json
 from trainer.slurm_submit import submit_array
 from trainer.outputs import Folder, Inputs, open_folder
 from trainer.tasks import TASKS
@@ -165,7 +166,7 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
         run_dir = Path(task["run_dir"])
         summary_path = run_dir / "summary.json"
         status_path = root / "status" / f"{task['index']}.json"
-        exit_info = json.loads(status_path.read_text()) if status_path.is_file() else None
+        exit_info = read_json(status_path) or None  # absent, or cut (a status written before the atomic one)
         row = {"task": task["index"], "status": "not started", "monitor": None, "value": None,
                "final_accuracy": None, **{k: v for k, v in task["values"].items()}, "run_dir": str(run_dir)}
         if summary_path.is_file():
@@ -175,7 +176,7 @@ def collect(sweep_dir: str, metric: Optional[str] = None) -> List[dict]:
             best = summary.get("best") or {}
             row.update(status="done", monitor=monitor, value=best.get(monitor),
                        final_accuracy=(summary.get("final") or {}).get("accuracy"))
-        elif exit_info is not None and exit_info["exit_code"] not in (0, 3):
+        elif exit_info is not None and exit_info.get("exit_code") not in (0, 3, None):
             row["status"] = f"failed (exit {exit_info['exit_code']})"
         elif (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").is_file():
             row["status"] = "unfinished"

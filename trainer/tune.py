@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
+from trainer import rundir
 from trainer.config import load_config, load_spec_file
 from trainer.errors import ConfigError, TrainerError
 from trainer.data import data_inputs
@@ -435,15 +436,13 @@ def _take_over(root: Path, out: Folder, study, worker_id: str, stale_after_s: fl
     trying, one wins) and continue the trial. A RUNNING trial without any lease that old is failed."""
     optuna = _optuna()
     now = time.time()
-    leased = set()
     for lease in sorted((root / "leases").glob("*.json")):
         held = read_json(lease) or {}
-        leased.add(held.get("trial"))
         try:
             age = now - lease.stat().st_mtime
         except FileNotFoundError:
             continue
-        if lease.stem == worker_id or age < stale_after_s:
+        if lease.stem == worker_id or age < _stale_after(root, lease.stem, stale_after_s):
             continue
         try:
             out.move(f"leases/{lease.name}", f"leases/{worker_id}.json")
@@ -453,6 +452,7 @@ def _take_over(root: Path, out: Folder, study, worker_id: str, stale_after_s: fl
         print(f"[tune] worker {worker_id}: taking over trial {held.get('trial')} from worker {lease.stem} "
               f"(no heartbeat for {age:.0f} s)", flush=True)
         return held
+    leased = _leased_trials(root)  # listed again now: a lease renamed by another taker since is under its new name
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         started = t.datetime_start.timestamp() if t.datetime_start else now
         if t.number not in leased and now - started > stale_after_s:
@@ -460,6 +460,42 @@ def _take_over(root: Path, out: Folder, study, worker_id: str, stale_after_s: fl
             _record(out, t.number, {"state": "failed", "reason": "its worker left without a lease and did not "
                                     f"come back within stale_after_s={stale_after_s}"})
     return None
+
+
+def _stale_after(root: Path, worker: str, stale_after_s: float) -> float:
+    """How old `worker`'s lease must be to be taken over. From another host, also long enough for the run lock
+    its trainer left (rundir.STALE_AFTER_S, judged by its age there too): a takeover before it would find the
+    run directory in use and fail the trial it came to resume. A worker whose host is not known counts as
+    another host's."""
+    if (read_json(root / "leases" / f"{worker}.pid") or {}).get("host") == os.uname().nodename:
+        return stale_after_s
+    return max(stale_after_s, rundir.STALE_AFTER_S + rundir.HEARTBEAT_S)
+
+
+def _leased_trials(root: Path) -> set:
+    """The trials the leases name, from one listing in which every lease could be read: a lease renamed by a
+    takeover while it was listed (gone under its old name, not yet seen under its new one) lists them again,
+    so that its trial is not taken for one without a worker."""
+    trials: set = set()
+    for _ in range(20):
+        trials, vanished = set(), False
+        for lease in sorted((root / "leases").glob("*.json")):
+            try:
+                text = lease.read_text()
+            except FileNotFoundError:
+                vanished = True
+                continue
+            except OSError:
+                text = ""
+            try:
+                held = json.loads(text)
+            except ValueError:  # being written, or emptied: names no trial
+                held = {}
+            trials.add(held.get("trial") if isinstance(held, dict) else None)
+        if not vanished:
+            break
+        time.sleep(0.05)
+    return trials
 
 
 def _record(out: Folder, number: int, outcome: dict) -> None:

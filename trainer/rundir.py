@@ -165,7 +165,8 @@ class RunPlan:
 
 def open_run(run_dir: Path, resume: Optional[str], overwrite: bool, inputs: Inputs) -> RunPlan:
     """Main process only: check the place, lock it, and decide what this start is. Writes only the lock
-    (and the folder, if absent); leaving the plan's `with` block after a failure undoes both."""
+    (and the folder, if absent), and finishes or undoes a folder swap a killed start left (the trainer's own
+    files, as any next writer would); leaving the plan's `with` block after a failure undoes the first two."""
     run_dir = Path(run_dir)
     check_location(run_dir, inputs)
     if os.path.lexists(run_dir) and not run_dir.is_dir():

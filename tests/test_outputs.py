@@ -405,16 +405,17 @@ import trainer.outputs as outputs
 outputs.LOCK_BEAT_S = 0.2
 with outputs._ledger_locked(Path({folder!r})):
     Path({flag!r}).write_text("")
-    time.sleep(3)
+    time.sleep(4)
 """
 
 
 def test_a_long_hold_of_a_ledger_stays_live_and_a_stuck_one_is_named(tmp_path, monkeypatch):
     """A holder placing a million files holds the ledger for about a minute: its heartbeat keeps the lock fresh,
-    so a writer on another host waits for it instead of breaking it as a dead holder's (here: a 3 s hold, locks
-    stale after 1 s). A holder that stops (SIGSTOP) stops refreshing, and a writer here says so in one line."""
+    so a writer on another host waits for it instead of breaking it as a dead holder's (here: a 4 s hold, locks
+    stale after 1.5 s, refreshed every 0.2 s). A holder that stops (SIGSTOP) stops refreshing, and a writer here
+    says so in one line."""
     import trainer.outputs as outputs
-    monkeypatch.setattr(outputs, "LOCK_WAIT_S", 1.0)
+    monkeypatch.setattr(outputs, "LOCK_WAIT_S", 1.5)
 
     def hold():
         flag = tmp_path / "held"
@@ -433,11 +434,11 @@ def test_a_long_hold_of_a_ledger_stays_live_and_a_stuck_one_is_named(tmp_path, m
         with outputs._ledger_locked(tmp_path):
             waited = time.time() - start
     assert child.wait(30) == 0
-    assert waited > 2, "the live holder's lock was broken as stale"
+    assert waited > 3, "the live holder's lock was broken as stale"
     child = hold()
     try:
         child.send_signal(signal.SIGSTOP)
-        with pytest.raises(TrainerError, match=f"process {child.pid} .* has not refreshed it for over 1 s"):
+        with pytest.raises(TrainerError, match=f"process {child.pid} .* has not refreshed it for over 2 s"):
             with outputs._ledger_locked(tmp_path):
                 pass
     finally:

@@ -297,6 +297,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{_error_prefix()} {known}", file=sys.stderr)
         _leave(2)
     except RuntimeError as err:
+        stop = _stop_behind(err)
+        if stop is not None:  # raised inside a threading primitive (a reader pool's submit), which then failed
+            _stopped_in_startup(stop)
         from trainer.distributed import peer_failure
 
         message = peer_failure(err)
@@ -308,13 +311,29 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except StopRequested as err:
-        if _rank() == 0:
-            print(f"[trainer] stopped on request during start-up ({err}); nothing is left half-written. "
-                  f"Run the same command to start again", file=sys.stderr)
-        # at once: the interpreter's teardown (torch's modules, a reader pool's threads finishing their files)
-        # took another 1.0-2.5 s of the scheduler's grace here after the line, and there is nothing to save;
-        # the exit hooks skipped write none of our files (PIL, logging, torch's caches, thread pools)
-        _leave(EXIT_STOPPED, at_once=True)
+        _stopped_in_startup(err)
+
+
+def _stop_behind(err: BaseException):
+    """The StopRequested an exception was raised while handling, if any: a stop request raised by the signal
+    handler inside threading's own lock code leaves it broken, and what surfaces is its RuntimeError."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, StopRequested):
+            return err
+        seen.add(id(err))
+        err = err.__context__
+    return None
+
+
+def _stopped_in_startup(err: StopRequested) -> None:
+    if _rank() == 0:
+        print(f"[trainer] stopped on request during start-up ({err}); nothing is left half-written. "
+              f"Run the same command to start again", file=sys.stderr)
+    # at once: the interpreter's teardown (torch's modules, a reader pool's threads finishing their files)
+    # took another 1.0-2.5 s of the scheduler's grace here after the line, and there is nothing to save;
+    # the exit hooks skipped write none of our files (PIL, logging, torch's caches, thread pools)
+    _leave(EXIT_STOPPED, at_once=True)
 
 
 if __name__ == "__main__":
